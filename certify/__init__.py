@@ -1,0 +1,30 @@
+"""Certification: pure, jitted maths of the feature and prediction certificates, and CLIs.
+
+The design card's calls, e.g. ``certify.fcsb(params, x, encoder=..., sigma=0.25, eps=0.5,
+key=key)``. Implementation lives in private modules, re-exported here (optax style).
+"""
+
+from certify._bounds import BOUNDS
+from certify._bounds import lower_confidence_bound
+from certify._closed_form import fcsb_from_score
+from certify._closed_form import radius_from_score
+from certify._feature import DEFAULT_ALPHA
+from certify._feature import FeatureCertificate
+from certify._feature import REFERENCES
+from certify._feature import certified_radius
+from certify._feature import fcsb
+from certify._feature import gaussian_robustness_score
+from certify._feature import score_deficits
+from certify._prediction import ABSTAIN
+from certify._prediction import CosinePrototypeHead
+from certify._prediction import LinearHead
+from certify._prediction import angle_margin
+from certify._prediction import certified_accuracy
+from certify._prediction import certified_prediction
+from certify._prediction import check_prototypes
+from certify._prediction import clopper_pearson_lower
+from certify._prediction import prediction_radius
+from certify._prediction import prototype_logit_bounds
+from certify._prediction import rs_certify_from_counts
+from certify._prediction import rs_predict_from_counts
+from certify._prediction import unit_prototypes

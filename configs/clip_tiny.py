@@ -1,0 +1,31 @@
+r"""A tiny random-init CLIP vision tower for smoke runs on CPU (runs in seconds).
+
+  python -m certify.run --config configs/clip_tiny.py
+
+32 px images, patch 8 (16 patches), width 32, 2 layers, 2 heads, projection 16; weights
+are a random init seeded by ``config.encoder.seed``, so the numbers mean nothing beyond
+exercising the pipeline. ``--config.encoder.feature=patch_tokens`` gives [B, 16, 32].
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  del arg  # no variants yet
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.encoder = ml_collections.ConfigDict(dict(
+      name="clip",
+      checkpoint=config_dict.placeholder(str),  # None: random init of `architecture`
+      architecture=dict(  # HF CLIPVisionConfig fields (vision-only model)
+          hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+          image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu",
+          layer_norm_eps=1e-5),
+      seed=0,
+      dtype="float32",
+      feature="pooled",
+      layer=-1,
+      resolution=32,
+  ))
+  return config

@@ -1,0 +1,7 @@
+"""fsjax: certified feature-space robustness for the vision encoders of multimodal LLMs."""
+
+from fsjax import efficientnet
+from fsjax import encoders
+from fsjax import smoothing
+
+__version__ = "0.1.0"

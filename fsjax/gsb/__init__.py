@@ -1,0 +1,44 @@
+"""Gaussian Smoothness Booster (GSB), paper Section 4 and Appendix A.2.
+
+A denoiser D before the frozen encoder and a residual smoothness mapper M after it,
+trained one after the other to raise the Gaussian robustness score that the certificate
+depends on (method.md section 4):
+
+* :class:`Denoiser`: the conditional U-Net D(x_noisy, sigma).
+* :class:`SmoothnessMapper`: the residual mapper M(z, sigma) (Eq. 10).
+* losses: :func:`reconstruction_loss` (Eq. 7), :func:`robustness_loss` (Eq. 8),
+  :func:`denoiser_loss` (Eq. 9), :func:`mapper_robustness_loss` (Eq. 11),
+  :func:`identity_loss` and :func:`statistics_loss` (Eq. 12), :func:`mapper_loss` (Eq. 13).
+* :class:`BoostedEncoder`: ``normalise(M(g(D(x, sigma)), sigma))`` (Eq. 14), any subset.
+* :func:`default_gsb_config`, :func:`build_denoiser`, :func:`build_mapper`.
+"""
+
+from fsjax.gsb.boosted import BoostedEncoder
+from fsjax.gsb.boosted import build_denoiser
+from fsjax.gsb.boosted import build_mapper
+from fsjax.gsb.boosted import default_gsb_config
+from fsjax.gsb.denoiser import Denoiser
+from fsjax.gsb.losses import denoiser_loss
+from fsjax.gsb.losses import identity_loss
+from fsjax.gsb.losses import mapper_loss
+from fsjax.gsb.losses import mapper_robustness_loss
+from fsjax.gsb.losses import reconstruction_loss
+from fsjax.gsb.losses import robustness_loss
+from fsjax.gsb.losses import statistics_loss
+from fsjax.gsb.mapper import SmoothnessMapper
+
+__all__ = [
+    "BoostedEncoder",
+    "Denoiser",
+    "SmoothnessMapper",
+    "build_denoiser",
+    "build_mapper",
+    "default_gsb_config",
+    "denoiser_loss",
+    "identity_loss",
+    "mapper_loss",
+    "mapper_robustness_loss",
+    "reconstruction_loss",
+    "robustness_loss",
+    "statistics_loss",
+]

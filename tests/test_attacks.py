@@ -1,0 +1,251 @@
+"""Tests of fsjax.attacks on a toy patch encoder (8x8 images, a few steps each)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsjax import attacks
+from fsjax import encoders
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ToyEncoder(encoders.Encoder):
+  """2x2 patches -> tanh(linear) tokens: ``[B, 8, 8, 3] -> [B, 16, 6]``."""
+
+  resolution: int = 8
+
+  def tokens(self, params, x, *, sigma=None):
+    x = encoders.resize(x, self.resolution) - 0.5
+    b = x.shape[0]
+    t = x.reshape(b, 4, 2, 4, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, 16, 12)
+    return jnp.tanh(t @ params["w"] + params["b"])
+
+
+def _toy_params(seed):
+  rng = np.random.default_rng(seed)
+  return {"w": jnp.asarray(rng.normal(size=(12, 6)) * 0.8, jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(6,)) * 0.1, jnp.float32)}
+
+
+def _numpy_features(params, x):
+  """Independent numpy forward of ToyEncoder, unit-normalised: ``[B, 96]``."""
+  x = np.asarray(x, np.float64) - 0.5
+  b = x.shape[0]
+  t = x.reshape(b, 4, 2, 4, 2, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, 16, 12)
+  z = np.tanh(t @ np.asarray(params["w"], np.float64) + np.asarray(params["b"])).reshape(b, -1)
+  return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+ENC, ENC2 = ToyEncoder(), ToyEncoder()
+PARAMS, PARAMS2 = _toy_params(0), _toy_params(1)
+X = jnp.asarray(np.random.default_rng(2).uniform(size=(2, 8, 8, 3)), jnp.float32)
+TARGET = jnp.asarray(np.random.default_rng(3).uniform(size=(2, 8, 8, 3)), jnp.float32)
+KEY = jax.random.key(0)
+
+
+def _cos(a, b):
+  return np.sum(a * b, -1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Budget and pixel range, every attack.
+# ---------------------------------------------------------------------------------------
+
+CASES = {
+    "pgd_linf": lambda: attacks.pgd(PARAMS, X, encoder=ENC, eps=0.03, step_size=0.02,
+                                    steps=5, key=KEY),
+    "pgd_l2": lambda: attacks.pgd(PARAMS, X, TARGET, encoder=ENC, norm="l2", eps=0.3,
+                                  step_size=0.2, steps=3, key=KEY),
+    "attackvlm": lambda: attacks.run("attackvlm", PARAMS, X, TARGET, encoder=ENC, eps=0.03,
+                                     step_size=0.02, steps=5),
+    "mattack": lambda: attacks.run("mattack", (PARAMS, PARAMS2), X, TARGET,
+                                   encoder=(ENC, ENC2), eps=0.03, step_size=0.02, steps=3,
+                                   key=KEY),
+    "foa": lambda: attacks.run("foa", (PARAMS, PARAMS2), X, TARGET, encoder=(ENC, ENC2),
+                               eps=0.03, step_size=0.02, steps=3, key=KEY, num_clusters=4,
+                               kmeans_iterations=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_budget_and_pixel_range(name):
+  x_adv = np.asarray(CASES[name]())
+  x = np.asarray(X)
+  assert x_adv.shape == x.shape and np.all(np.isfinite(x_adv))
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  delta = (x_adv - x).reshape(len(x), -1)
+  if name == "pgd_l2":
+    assert np.all(np.linalg.norm(delta, axis=-1) <= 0.3 * (1 + 1e-6))
+  else:
+    assert np.abs(delta).max() <= 0.03 + 1e-7
+  assert np.abs(delta).max() > 0.01  # The attack moved.
+
+
+# ---------------------------------------------------------------------------------------
+# PGD does what it says.
+# ---------------------------------------------------------------------------------------
+
+# Same static options as the budget cases above: no extra compilation.
+def test_pgd_untargeted_lowers_feature_cosine():
+  x_adv = attacks.pgd(PARAMS, X, encoder=ENC, eps=16 / 255, step_size=2 / 255, steps=5,
+                      key=KEY)
+  fcs = _cos(_numpy_features(PARAMS, x_adv), _numpy_features(PARAMS, X))
+  assert np.all(fcs < 0.99), fcs
+  np.testing.assert_allclose(
+      attacks.feature_cosine_similarity(PARAMS, x_adv, X, encoder=ENC), fcs, atol=1e-5)
+
+
+def test_targeted_pgd_raises_cosine_to_target():
+  # attackvlm is pgd(target, norm="linf", random_start=False).
+  x_adv = attacks.attackvlm(PARAMS, X, TARGET, encoder=ENC, eps=16 / 255,
+                            step_size=2 / 255, steps=5)
+  f_t = _numpy_features(PARAMS, TARGET)
+  before, after = _cos(_numpy_features(PARAMS, X), f_t), _cos(_numpy_features(PARAMS, x_adv), f_t)
+  assert np.all(after > before + 0.01), (before, after)
+
+
+def test_pgd_eot_runs_and_is_deterministic_for_a_key():
+  kw = dict(encoder=ENC, eps=0.05, step_size=0.02, steps=2, sigma=0.1, eot_samples=2,
+            random_start=False)
+  a = attacks.pgd(PARAMS, X, key=KEY, **kw)
+  b = attacks.pgd(PARAMS, X, key=KEY, **kw)
+  c = attacks.pgd(PARAMS, X, key=jax.random.key(1), **kw)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+  assert np.all(np.isfinite(a))
+
+
+# ---------------------------------------------------------------------------------------
+# FOA's local alignment against numpy k-means and numpy Sinkhorn.
+# ---------------------------------------------------------------------------------------
+
+def _numpy_kmeans(p, k, iterations):
+  idx = [0]
+  d2 = np.sum((p - p[0]) ** 2, -1)
+  for _ in range(1, k):
+    i = int(np.argmax(d2))
+    idx.append(i)
+    d2 = np.minimum(d2, np.sum((p - p[i]) ** 2, -1))
+  c = p[idx].copy()
+  for _ in range(iterations):
+    assign = np.argmin(np.sum((p[:, None] - c[None]) ** 2, -1), -1)
+    sizes = np.bincount(assign, minlength=k).astype(float)
+    for j in range(k):
+      if sizes[j] > 0:
+        c[j] = p[assign == j].mean(0)
+  return c, sizes, assign
+
+
+def _numpy_sinkhorn_cost(ca, wa, cb, wb, eps):
+  na = ca / np.linalg.norm(ca, axis=-1, keepdims=True)
+  nb = cb / np.linalg.norm(cb, axis=-1, keepdims=True)
+  cost = 1 - na @ nb.T
+  kernel = np.exp(-cost / eps)
+  u, v = np.ones_like(wa), np.ones_like(wb)
+  for _ in range(5000):
+    u = wa / (kernel @ v)
+    v = wb / (kernel.T @ u)
+  plan = u[:, None] * kernel * v[None, :]
+  return np.sum(plan * cost)
+
+
+def test_local_alignment_loss_matches_numpy():
+  rng = np.random.default_rng(4)
+  a = rng.normal(size=(1, 12, 5))
+  b = rng.normal(size=(1, 12, 5)) + 0.3
+  got = attacks.local_alignment_loss(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32),
+                                     num_clusters=3, iterations=4, epsilon=0.1)
+  ca, sa, _ = _numpy_kmeans(a[0], 3, 4)
+  cb, sb, _ = _numpy_kmeans(b[0], 3, 4)
+  want = _numpy_sinkhorn_cost(ca, sa / sa.sum(), cb, sb / sb.sum(), 0.1)
+  np.testing.assert_allclose(got[0], want, atol=1e-3)
+  centres, sizes, assign = attacks.kmeans(jnp.asarray(a[0], jnp.float32), 3, iterations=4)
+  np.testing.assert_allclose(centres, ca, atol=1e-5)
+  np.testing.assert_array_equal(sizes, sa)
+  np.testing.assert_array_equal(assign, _numpy_kmeans(a[0], 3, 4)[2])
+
+
+def test_kmeans_gradient_flows_through_means_only():
+  p = np.random.default_rng(5).normal(size=(10, 4))
+  _, sizes, assign = _numpy_kmeans(p, 3, 4)
+  jac = jax.jacobian(lambda q: attacks.kmeans(q, 3, iterations=4)[0])(
+      jnp.asarray(p, jnp.float32))  # [k, D, N, D]
+  # d centre_j / d point_n = [assign_n = j] / size_j * I: the assignments are constants.
+  want = (np.eye(3)[assign].T / sizes[:, None])[:, None, :, None] * np.eye(4)[None, :, None, :]
+  np.testing.assert_allclose(jac, want, atol=1e-6)
+
+
+def test_dynamic_ensemble_weights_match_formula():
+  cur = np.array([[0.5, 0.2], [0.4, 0.9]])
+  prev = np.array([[0.25, 0.2], [0.4, 0.3]])
+  r = cur / prev
+  want = 2 * np.exp(r) / np.exp(r).sum(0)
+  np.testing.assert_allclose(attacks.dynamic_ensemble_weights(jnp.asarray(cur),
+                                                              jnp.asarray(prev)), want,
+                             rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# RandomResizedCrop.
+# ---------------------------------------------------------------------------------------
+
+def test_crop_boxes_within_bounds():
+  boxes = np.asarray(attacks.sample_crop_boxes(KEY, 512, 16, 12, scale=(0.5, 0.9)))
+  top, left, h, w = boxes.T
+  area = h * w / (16 * 12)
+  assert area.min() >= 0.5 - 1e-5 and area.max() <= 0.9 + 1e-5
+  assert np.all(w / h >= 3 / 4 - 1e-5) and np.all(w / h <= 4 / 3 + 1e-5)
+  assert np.all(top >= 0) and np.all(left >= 0)
+  assert np.all(top + h <= 16 + 1e-4) and np.all(left + w <= 12 + 1e-4)
+
+
+def test_crop_geometry_identity_and_differentiability():
+  x = jnp.asarray(np.random.default_rng(6).uniform(size=(1, 8, 8, 3)), jnp.float32)
+  full = jnp.array([[0.0, 0.0, 8.0, 8.0]])
+  np.testing.assert_allclose(attacks.crop_and_resize(x, full), x, atol=1e-6)
+  # A horizontal ramp x[i, j] = j: output column j samples input column
+  # left + (j + 0.5) * w / W - 0.5 (half-pixel centres), exactly, away from the border.
+  ramp = jnp.broadcast_to(jnp.arange(8.0)[None, None, :, None], (1, 8, 8, 3))
+  out = np.asarray(attacks.crop_and_resize(ramp, jnp.array([[2.0, 3.0, 4.0, 4.0]])))
+  j = np.arange(1, 7)
+  np.testing.assert_allclose(out[0, 5, j, 0], 3 + (j + 0.5) / 2 - 0.5, atol=1e-5)
+  # Bilinear weights of each output pixel sum to 1, so the pixel gradient sums to the
+  # sum of the output weights.
+  r = jnp.asarray(np.random.default_rng(7).uniform(size=(1, 8, 8, 3)), jnp.float32)
+  box = attacks.sample_crop_boxes(KEY, 1, 8, 8)
+  g = jax.grad(lambda z: jnp.sum(attacks.crop_and_resize(z, box) * r))(x)
+  assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
+  np.testing.assert_allclose(g.sum(), r.sum(), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics and bad input.
+# ---------------------------------------------------------------------------------------
+
+def test_metrics():
+  pred, label = np.array([1, 2, 10, 10]), np.array([1, 3, 3, 10])
+  assert float(attacks.accuracy(pred, label)) == 0.5
+  assert float(attacks.attack_success_rate(pred, 10)) == 0.5
+  assert float(attacks.attack_success_rate(pred, np.array([10, 2, 0, 0]))) == 0.25
+  fcs = attacks.feature_cosine_similarity(PARAMS, X, TARGET, encoder=ENC)
+  np.testing.assert_allclose(fcs, _cos(_numpy_features(PARAMS, X), _numpy_features(PARAMS, TARGET)),
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: attacks.run("fgsm", PARAMS, X, encoder=ENC), "not known"),
+    (lambda: attacks.pgd(PARAMS, X, encoder=ENC, eps=-0.1, key=KEY), "eps"),
+    (lambda: attacks.pgd(PARAMS, X, encoder=ENC, steps=0, key=KEY), "steps"),
+    (lambda: attacks.pgd(PARAMS, X, encoder=ENC, norm="l1", key=KEY), "norm"),
+    (lambda: attacks.pgd(PARAMS, X, encoder=ENC, eot_samples=4, key=KEY), "sigma"),
+    (lambda: attacks.mattack(PARAMS, X, TARGET, encoder=ENC), "key"),
+    (lambda: attacks.foa(PARAMS, X, None, encoder=ENC, key=KEY), "targeted"),
+    (lambda: attacks.mattack(PARAMS, X, TARGET, encoder=ENC, key=KEY, scale=(0.5, 1.5)),
+     "scale"),
+])
+def test_bad_input_raises(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()

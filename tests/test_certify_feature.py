@@ -1,0 +1,189 @@
+"""The feature certificate end to end on a toy encoder: soundness, determinism, errors."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import certify
+from certify import _feature
+from fsjax import smoothing
+
+KEY = jax.random.PRNGKey(0)
+
+
+def _images(b=2, seed=3):
+  return jax.random.uniform(jax.random.PRNGKey(seed), (b, 8, 8, 3), minval=0.2, maxval=0.8)
+
+
+def test_robustness_score_matches_direct_monte_carlo(toy):
+  enc, params = toy
+  x = _images()
+  n, sigma = 200, 0.25
+  got = certify.gaussian_robustness_score(params, x, encoder=enc, sigma=sigma, n=n, key=KEY,
+                                          chunk_size=32)
+  # Independent computation with the documented noise: sample i uses fold_in(key, i).
+  clean = np.asarray(enc(params, x))
+  scores = []
+  for i in range(n):
+    d = sigma * jax.random.normal(jax.random.fold_in(KEY, i), x.shape)
+    f = np.asarray(enc(params, x + d))
+    scores.append((1 + np.sum(f * clean, -1)) / 2)
+  np.testing.assert_allclose(got, np.mean(scores, 0), atol=2e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64])
+def test_results_do_not_depend_on_chunk_size(toy, chunk_size):
+  enc, params = toy
+  x = _images()
+  ref = certify.score_deficits(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20,
+                               chunk_size=16)
+  got = certify.score_deficits(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20,
+                               chunk_size=chunk_size)
+  for r in ref:
+    for b in ref[r]:
+      # Same samples; only the summation order differs (float32 rounding).
+      np.testing.assert_allclose(got[r][b], ref[r][b], rtol=2e-5, atol=2e-6, err_msg=f"{r}/{b}")
+
+
+def test_results_do_not_depend_on_device_count(toy, tmp_path):
+  enc, params = toy
+  x = _images()
+  ref = certify.score_deficits(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20,
+                               chunk_size=8)
+  script = textwrap.dedent(f"""
+      import json, jax, numpy as np, certify, sys
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      from conftest import ToyEncoder, toy_params
+      assert jax.local_device_count() == 8, jax.local_device_count()
+      x = jax.random.uniform(jax.random.PRNGKey(3), (2, 8, 8, 3), minval=0.2, maxval=0.8)
+      d = certify.score_deficits(toy_params(), x, encoder=ToyEncoder(resolution=8), sigma=0.5,
+                                 key=jax.random.PRNGKey(0), n=100, n0=20, chunk_size=8)
+      print(json.dumps({{r: {{b: np.asarray(v).tolist() for b, v in d[r].items() if b != "direction"}} for r in d}}))
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  for r in got:
+    for b in got[r]:
+      np.testing.assert_allclose(got[r][b], ref[r][b], rtol=2e-5, atol=2e-6, err_msg=f"{r}/{b}")
+
+
+def test_one_compilation_for_repeated_calls(toy):
+  enc, params = toy
+  before = _feature._score_deficits._cache_size()
+  for seed in range(3):
+    certify.fcsb(params, _images(seed=seed), encoder=enc, sigma=0.25, eps=0.1,
+                 key=jax.random.PRNGKey(seed), n=50, n0=10, alpha=0.01)
+  assert _feature._score_deficits._cache_size() == before + 1
+
+
+def test_fcsb_fields_and_vacuous_cosine(toy):
+  enc, params = toy
+  cert = certify.fcsb(params, _images(), encoder=enc, sigma=0.25, eps=[0.0, 0.25, 5.0],
+                      key=KEY, n=200, n0=20, alpha=0.01)
+  assert cert.inner_product_bound.shape == (2, 3) and cert.is_certificate
+  assert np.all(np.diff(np.asarray(cert.inner_product_bound), axis=1) < 0)  # decreasing in eps
+  # eps = 5 sigma... far: the inner-product bound is negative and the cosine is vacuous (-1).
+  assert not np.any(cert.certified[:, 2]) and np.all(cert.cosine_bound[:, 2] == -1.0)
+  np.testing.assert_allclose(jnp.linalg.norm(cert.direction, axis=-1), 1.0, atol=1e-5)
+  point = certify.fcsb(params, _images(), encoder=enc, sigma=0.25, eps=0.25, key=KEY, n=200,
+                       n0=20, bound="point")
+  assert not point.is_certificate
+  assert np.all(point.inner_product_bound >= cert.inner_product_bound[:, 1])
+
+
+def test_mean_direction_dominates_clean_on_same_samples(toy):
+  """||mean f|| >= <mean f, f(x)> (Cauchy-Schwarz): the mean-direction plug-in score is never
+  below the clean one when both use the same samples."""
+  enc, params = toy
+  x = _images(4)
+  f_s = smoothing.smoothed_features(params, x, encoder=enc, sigma=0.5, n=300, key=KEY)
+  clean = enc(params, x)
+  s_mean = (1 + jnp.linalg.norm(f_s, axis=-1)) / 2
+  s_clean = (1 + jnp.sum(f_s * clean, -1)) / 2
+  s_direct = certify.gaussian_robustness_score(params, x, encoder=enc, sigma=0.5, n=300, key=KEY)
+  np.testing.assert_allclose(s_clean, s_direct, atol=1e-5)
+  assert np.all(s_mean >= s_clean - 1e-6)
+
+
+def test_mean_reference_not_worse_than_clean_two_stage(toy):
+  enc, params = toy
+  d = certify.score_deficits(params, _images(4), encoder=enc, sigma=0.5, key=KEY, n=2000,
+                             n0=200, bounds=("bernstein",))
+  # Two-stage: u is estimated from n0 samples, so "never worse" holds up to Monte Carlo error.
+  assert np.all(d["mean"]["bernstein"] <= d["clean"]["bernstein"] + 2e-3)
+
+
+@pytest.mark.parametrize("reference", ["clean", "mean"])
+def test_soundness_against_gradient_attack(toy, reference):
+  """A large-n estimate of <f_s(x'), u> at an adversarial x' never falls below the bound."""
+  enc, params = toy
+  x = _images(3)
+  sigma, eps, alpha = 0.25, 0.3, 0.001
+  cert = certify.fcsb(params, x, encoder=enc, sigma=sigma, eps=eps, key=KEY, n=2000, n0=100,
+                      alpha=alpha, reference=reference, bound="bernstein")
+  u = cert.direction
+  # Attack: l2 PGD on <f_s(x'), u> with a fixed batch of 64 noise draws (an EOT estimate).
+  deltas = sigma * jax.random.normal(jax.random.PRNGKey(9), (64,) + x.shape)
+
+  def objective(xa):
+    f = jax.vmap(lambda d: enc(params, xa + d))(deltas).mean(0)
+    return jnp.sum(f * u)
+
+  grad = jax.grad(objective)
+  xa = x
+  for _ in range(20):
+    g = grad(xa)
+    g = g / jnp.linalg.norm(g.reshape(3, -1), axis=1)[:, None, None, None]
+    xa = xa - 0.05 * g
+    delta = xa - x
+    norm = jnp.linalg.norm(delta.reshape(3, -1), axis=1)[:, None, None, None]
+    xa = x + delta * jnp.minimum(1.0, eps / norm)
+  assert np.all(np.linalg.norm(np.asarray(xa - x).reshape(3, -1), axis=1) <= eps * (1 + 1e-5))
+  n_check = 20_000
+  f_adv = smoothing.smoothed_features(params, xa, encoder=enc, sigma=sigma, n=n_check,
+                                      key=jax.random.PRNGKey(77), chunk_size=500)
+  measured = np.sum(np.asarray(f_adv) * np.asarray(u), -1)
+  clean_inner = np.sum(np.asarray(smoothing.smoothed_features(
+      params, x, encoder=enc, sigma=sigma, n=n_check, key=jax.random.PRNGKey(78),
+      chunk_size=500)) * np.asarray(u), -1)
+  assert np.all(measured < clean_inner)  # the attack did something
+  mc_error = 4.0 / np.sqrt(n_check)  # |<f, u>| <= 1: a generous 4-sigma Monte Carlo margin
+  assert np.all(measured >= np.asarray(cert.inner_product_bound) - mc_error), (
+      measured, cert.inner_product_bound)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sigma=0.0), "sigma"), (dict(sigma=-1.0), "sigma"), (dict(eps=-0.1), "eps"),
+    (dict(n=1), "n must"), (dict(n0=0), "n0"), (dict(alpha=0.0), "alpha"),
+    (dict(alpha=1.0), "alpha"), (dict(bound="chernoff"), "bound"),
+    (dict(reference="target"), "reference"),
+])
+def test_bad_arguments(toy, kwargs, match):
+  enc, params = toy
+  args = dict(sigma=0.25, eps=0.1, n=10, n0=5, alpha=0.01)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    certify.fcsb(params, _images(), encoder=enc, key=KEY, **args)
+
+
+@pytest.mark.parametrize("x, match", [
+    (np.full((1, 8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.full((1, 8, 8, 3), 200.0, np.float32), "255"),
+    (np.zeros((8, 8, 3), np.float32), "shape"),
+    (np.zeros((1, 8, 8, 1), np.float32), "shape"),
+    (np.zeros((1, 8, 8, 3), np.uint8), "dtype"),
+])
+def test_bad_images(toy, x, match):
+  enc, params = toy
+  with pytest.raises(ValueError, match=match):
+    certify.fcsb(params, x, encoder=enc, sigma=0.25, eps=0.1, key=KEY, n=10, n0=5)

@@ -1,0 +1,362 @@
+"""Tests of fsjax.gsb: the denoiser, the smoothness mapper, the losses, BoostedEncoder."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from fsjax import encoders
+from fsjax import gsb
+
+
+def n_params(tree) -> int:
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+def perturb(params, key, scale=0.5):
+  """Adds N(0, scale^2) to every parameter (damping included)."""
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(
+      treedef, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearEncoder(encoders.Encoder):
+  """Toy frozen encoder: a fixed linear map of the flattened image to N tokens of dim D."""
+
+  num_tokens: int = 1
+  dim: int = 8
+
+  def tokens(self, params, x, *, sigma=None):
+    x = encoders.resize(x, self.resolution)
+    z = x.reshape(x.shape[0], -1) @ params
+    return z.reshape(x.shape[0], self.num_tokens, self.dim)
+
+  def init(self, key):
+    return jax.random.normal(key, (self.resolution**2 * 3, self.num_tokens * self.dim))
+
+
+TINY_DENOISER = dict(width=8, channel_mults=(1, 2), blocks_per_level=1, emb_dim=16,
+                     num_groups=4)
+TINY_MAPPER = dict(num_blocks=2, num_heads=2, mlp_ratio=2.0, kernel_size=3, sigma_hidden=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Denoiser.
+# ---------------------------------------------------------------------------------------
+
+
+def test_denoiser_default_size_is_about_10_mb():
+  d = gsb.build_denoiser(ml_collections.ConfigDict())
+  shapes = jax.eval_shape(d.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)), 0.25)
+  megabytes = 4 * n_params(shapes) / 1e6  # float32
+  assert 8.0 < megabytes < 12.0, megabytes
+
+
+def test_denoiser_shapes_and_identity_at_init():
+  d = gsb.build_denoiser(ml_collections.ConfigDict())  # default width
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3)) + 0.2  # leaves [0, 1]
+  params = d.init(jax.random.key(1), x, 0.25)["params"]
+  out = d.apply({"params": params}, x, jnp.array([0.1, 0.5]))
+  assert out.shape == (2, 16, 16, 3) and out.dtype == jnp.float32
+  # The output conv is zero-initialised: D starts as x_noisy + 0.
+  np.testing.assert_array_equal(out, x)
+  out = d.apply({"params": perturb(params, jax.random.key(2), 0.05)}, x, 0.25)
+  assert np.all(np.isfinite(out)) and not np.allclose(out, x)
+
+
+def test_denoiser_rejects_bad_shapes():
+  d = gsb.Denoiser(**TINY_DENOISER)
+  with pytest.raises(ValueError, match="divisible by 2"):
+    d.init(jax.random.key(0), jnp.zeros((1, 7, 8, 3)), 0.1)
+  with pytest.raises(ValueError, match="sigma"):
+    d.init(jax.random.key(0), jnp.zeros((2, 8, 8, 3)), jnp.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------
+# Mapper.
+# ---------------------------------------------------------------------------------------
+
+
+def test_mapper_parameter_count_by_hand():
+  dim, hidden, k, s, blocks = 8, 16, 3, 4, 2
+  sigma_mlp = lambda out: (s + s) + (s * out + out)  # Dense(1 -> s), Dense(s -> out)
+  per_block = (sigma_mlp(2 * dim)  # film_in: gamma, beta
+               + sigma_mlp(2 * dim)  # film_out: gamma_c, beta_c
+               + sigma_mlp(2)  # a, b
+               + (dim * hidden + hidden + hidden * dim + dim)  # MLP
+               + (k * dim + dim)  # depthwise conv
+               + dim)  # damping lambda_c
+  attention = 4 * dim * dim + 4 * dim  # q, k, v, out, first block only
+  m = gsb.SmoothnessMapper(**TINY_MAPPER)
+  params = m.init(jax.random.key(0), jnp.zeros((1, 3, dim)), 0.1)["params"]
+  assert n_params(params) == blocks * per_block + attention == 1316
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_mapper_default_shapes(num_tokens):
+  m = gsb.build_mapper(ml_collections.ConfigDict(), token_dim=64)
+  z = jax.random.normal(jax.random.key(0), (2, num_tokens, 64))
+  params = m.init(jax.random.key(1), z, 0.25)["params"]
+  assert sorted(params) == ["block_0", "block_1", "block_2"]
+  assert "attention" in params["block_0"] and "attention" not in params["block_1"]
+  out = m.apply({"params": params}, z, 0.25)
+  assert out.shape == z.shape and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mapper_is_exact_identity_at_sigma_zero(dtype):
+  m = gsb.SmoothnessMapper(**TINY_MAPPER, dtype=dtype)
+  z = 3.0 * jax.random.normal(jax.random.key(0), (4, 3, 8))
+  params = m.init(jax.random.key(1), z, 0.1)["params"]
+  for p in [params, perturb(params, jax.random.key(2), 1.0)]:
+    out = m.apply({"params": p}, z, 0.0)
+    np.testing.assert_array_equal(out, z)
+    assert float(gsb.identity_loss(out, z)) == 0.0
+    # Per-example sigma: only the sigma = 0 rows are left unchanged.
+    out = m.apply({"params": p}, z, jnp.array([0.0, 0.5, 0.0, 1.0]))
+    np.testing.assert_array_equal(out[::2], z[::2])
+    assert np.all(np.any(out[1::2] != z[1::2], axis=(1, 2)))
+
+
+def test_mapper_gradients_finite_at_sigma_zero():
+  m = gsb.SmoothnessMapper(**TINY_MAPPER)
+  z = jax.random.normal(jax.random.key(0), (2, 1, 8))  # N = 1, pooled features
+  params = perturb(m.init(jax.random.key(1), z, 0.1)["params"], jax.random.key(2))
+
+  def f(p, z, sigma):
+    return jnp.sum(jnp.sin(m.apply({"params": p}, z, sigma)))
+
+  g_p, g_z, g_s = jax.grad(f, argnums=(0, 1, 2))(params, z, 0.0)
+  for leaf in jax.tree.leaves(g_p):
+    # M(z, 0) = z whatever the parameters, so its parameter gradient is exactly 0.
+    np.testing.assert_array_equal(leaf, 0.0)
+  np.testing.assert_allclose(g_z, np.cos(z), rtol=1e-6)  # d/dz sum(sin(z))
+  assert np.isfinite(g_s)
+  # Also a zero feature (u = 0, LayerNorm of a constant) stays NaN-free.
+  g_p, g_z = jax.grad(f, argnums=(0, 1))(params, jnp.zeros((2, 1, 8)), 0.3)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves((g_p, g_z)))
+
+
+def test_mapper_residual_size_at_init_and_after_perturbing_damping():
+  # One block at init: a = b = 1, gamma_c = 1, beta_c = 0, so r = sigma * d * lambda_c
+  # with unit d and lambda_c = 1e-3 (Eq. A.31-A.32): ||r|| = 1e-3 * sigma per token.
+  m = gsb.SmoothnessMapper(num_blocks=1, num_heads=2, sigma_hidden=4)
+  z = jax.random.normal(jax.random.key(0), (3, 4, 8))
+  params = m.init(jax.random.key(1), z, 0.1)["params"]
+  sigma = jnp.array([0.1, 0.25, 0.5])
+  r = m.apply({"params": params}, z, sigma) - z
+  np.testing.assert_allclose(np.linalg.norm(r, axis=-1),
+                             np.broadcast_to(1e-3 * sigma[:, None], (3, 4)), rtol=1e-3)
+  params["block_0"]["damping"] = jnp.full((8,), 0.5)
+  out = m.apply({"params": params}, z, 0.5)
+  assert np.all(np.linalg.norm(out - z, axis=-1) > 0.2)
+
+
+def test_mapper_rejects_bad_inputs():
+  m = gsb.SmoothnessMapper(**TINY_MAPPER)
+  with pytest.raises(ValueError, match=r"\[B, N, D\]"):
+    m.init(jax.random.key(0), jnp.zeros((2, 8)), 0.1)
+  with pytest.raises(ValueError, match="num_heads"):
+    m.init(jax.random.key(0), jnp.zeros((2, 1, 7)), 0.1)
+  with pytest.raises(ValueError, match="num_heads"):
+    gsb.build_mapper(ml_collections.ConfigDict(), token_dim=36)
+
+
+# ---------------------------------------------------------------------------------------
+# Losses, against numpy.
+# ---------------------------------------------------------------------------------------
+
+
+def np_one_minus_cos(a, b):
+  a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+  cos = np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+  return np.mean(1 - cos)
+
+
+def np_stat(m, c):
+  return (np.mean((m.mean(0) - c.mean(0)) ** 2) + np.mean((m.std(0) - c.std(0)) ** 2))
+
+
+RNG = np.random.default_rng(0)
+IMG_D, IMG_C = RNG.uniform(size=(3, 4, 4, 3)), RNG.uniform(size=(3, 4, 4, 3))
+F_D, F_C = RNG.normal(size=(3, 2, 5)), RNG.normal(size=(3, 2, 5))
+Z_M, Z_C, Z_ID = RNG.normal(size=(6, 2, 5)), RNG.normal(size=(6, 2, 5)), RNG.normal(size=(6, 2, 5))
+
+
+def test_reconstruction_and_robustness_losses():
+  np.testing.assert_allclose(gsb.reconstruction_loss(IMG_D, IMG_C),
+                             np.sum((IMG_D - IMG_C) ** 2) / IMG_D.size, rtol=1e-6)
+  np.testing.assert_allclose(gsb.robustness_loss(F_D, F_C), np_one_minus_cos(F_D, F_C),
+                             rtol=1e-6)
+  # Cosine over the flattened [N * D] feature: 1 - cos of a vector with itself is 0,
+  # with its negative 2, whatever its scale.
+  np.testing.assert_allclose(gsb.robustness_loss(3 * F_C, F_C), 0.0, atol=1e-6)
+  np.testing.assert_allclose(gsb.robustness_loss(-F_C, F_C), 2.0, rtol=1e-6)
+  with pytest.raises(ValueError, match="same shape"):
+    gsb.robustness_loss(F_D, F_C[:2])
+
+
+def test_denoiser_loss():
+  loss, parts = gsb.denoiser_loss(IMG_D, IMG_C, F_D, F_C, lam_rob=0.3)
+  rec = np.mean((IMG_D - IMG_C) ** 2)
+  rob = np_one_minus_cos(F_D, F_C)
+  np.testing.assert_allclose(parts["rec"], rec, rtol=1e-6)
+  np.testing.assert_allclose(parts["rob"], rob, rtol=1e-6)
+  np.testing.assert_allclose(loss, rec + 0.3 * rob, rtol=1e-6)
+
+
+def test_mapper_losses():
+  np.testing.assert_allclose(gsb.mapper_robustness_loss(Z_M, Z_C), np_one_minus_cos(Z_M, Z_C),
+                             rtol=1e-6)
+  np.testing.assert_allclose(gsb.identity_loss(Z_ID, Z_C), np.mean((Z_ID - Z_C) ** 2),
+                             rtol=1e-6)
+  np.testing.assert_allclose(gsb.statistics_loss(Z_M, Z_C), np_stat(Z_M, Z_C), rtol=1e-5)
+  # Batches of different sizes (noise draws); identical batches have zero loss.
+  np.testing.assert_allclose(gsb.statistics_loss(Z_M[:4], Z_C), np_stat(Z_M[:4], Z_C),
+                             rtol=1e-5)
+  np.testing.assert_allclose(gsb.statistics_loss(Z_C, Z_C), 0.0, atol=1e-12)
+  loss, parts = gsb.mapper_loss(Z_M, Z_ID, Z_C, lam_id=0.5, lam_stat=2.0)
+  expected = (np_one_minus_cos(Z_M, Z_C) + 0.5 * np.mean((Z_ID - Z_C) ** 2)
+              + 2.0 * np_stat(Z_M, Z_C))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  assert sorted(parts) == ["id", "mrob", "stat"]
+
+
+def test_statistics_loss_gradient_finite_for_batch_of_one():
+  g = jax.grad(gsb.statistics_loss)(jnp.asarray(Z_M[:1]), jnp.asarray(Z_C))
+  assert np.all(np.isfinite(g))
+
+
+# ---------------------------------------------------------------------------------------
+# A few optimiser steps lower L_D and L_M.
+# ---------------------------------------------------------------------------------------
+
+
+def _fit(loss_fn, params, steps, lr):
+  opt = optax.adam(lr)
+  state = opt.init(params)
+
+  @jax.jit
+  def step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, state = opt.update(grads, state)
+    return optax.apply_updates(params, updates), state, loss
+
+  losses = []
+  for _ in range(steps):
+    params, state, loss = step(params, state)
+    losses.append(float(loss))
+  return losses + [float(loss_fn(params))]
+
+
+def test_denoiser_training_lowers_denoiser_loss():
+  base = LinearEncoder(resolution=8, dim=8)
+  enc = gsb.BoostedEncoder(base, denoiser=gsb.Denoiser(**TINY_DENOISER))
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  params = enc.init_params(k1, base.init(k2))
+  x = jax.random.uniform(k3, (4, 8, 8, 3))
+  sigma = 0.25
+  x_noisy = x + sigma * jax.random.normal(jax.random.key(4), x.shape)
+  f_clean = base(params["encoder"], x)
+
+  def loss_fn(trainable):
+    p = {**params, "denoiser": trainable}
+    denoised = enc.denoise(p, x_noisy, sigma=sigma)  # unclipped, for L_rec
+    return gsb.denoiser_loss(denoised, x, enc(p, x_noisy, sigma=sigma), f_clean)[0]
+
+  losses = _fit(loss_fn, params["denoiser"], steps=15, lr=3e-3)
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_mapper_training_lowers_mapper_loss():
+  m = gsb.SmoothnessMapper(**TINY_MAPPER)
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  # Clean tokens on a 2-D subspace of R^8: noise off it is what M can learn to remove.
+  basis = jax.random.normal(k1, (2, 8))
+  z_clean = jax.random.normal(k2, (16, 3, 2)) @ basis
+  z_noisy = z_clean + 0.5 * jax.random.normal(k3, z_clean.shape)
+  params = m.init(jax.random.key(4), z_clean, 0.5)["params"]
+
+  def loss_fn(p):
+    mapped_noisy = m.apply({"params": p}, z_noisy, 0.5)
+    mapped_clean = m.apply({"params": p}, z_clean, 0.0)
+    return gsb.mapper_loss(mapped_noisy, mapped_clean, z_clean)[0]
+
+  losses = _fit(loss_fn, params, steps=30, lr=1e-2)
+  assert losses[-1] < 0.8 * losses[0], losses
+
+
+# ---------------------------------------------------------------------------------------
+# BoostedEncoder and the config.
+# ---------------------------------------------------------------------------------------
+
+
+def test_boosted_without_modules_is_the_base_encoder():
+  base = LinearEncoder(resolution=8, num_tokens=2, dim=4)
+  enc = gsb.BoostedEncoder(base)
+  w = base.init(jax.random.key(0))
+  x = jax.random.uniform(jax.random.key(1), (3, 8, 8, 3))
+  assert enc.resolution == 8
+  np.testing.assert_array_equal(enc.tokens({"encoder": w}, x), base.tokens(w, x))
+  np.testing.assert_array_equal(enc({"encoder": w}, x), base(w, x))
+
+
+def test_boosted_output_and_clipping():
+  base = LinearEncoder(resolution=8, num_tokens=2, dim=4)
+  enc = gsb.BoostedEncoder(base, denoiser=gsb.Denoiser(**TINY_DENOISER),
+                           mapper=gsb.SmoothnessMapper(num_blocks=1, num_heads=2))
+  params = enc.init_params(jax.random.key(0), base.init(jax.random.key(1)))
+  assert sorted(params) == ["denoiser", "encoder", "mapper"]
+  x = jax.random.uniform(jax.random.key(2), (3, 8, 8, 3))
+  x_noisy = x + 0.5 * jax.random.normal(jax.random.key(3), x.shape)
+  f = enc(params, x_noisy, sigma=jnp.array([0.5, 0.5, 0.25]))
+  assert f.shape == (3, 8) and f.dtype == jnp.float32
+  np.testing.assert_allclose(np.linalg.norm(f, axis=-1), 1.0, rtol=1e-6)
+  # D starts as the identity and M is the identity at sigma = 0, so the boosted
+  # encoder is then g(clip(x_noisy, 0, 1)).
+  np.testing.assert_allclose(enc.tokens(params, x_noisy, sigma=0.0),
+                             base.tokens(params["encoder"], np.clip(x_noisy, 0, 1)),
+                             rtol=1e-6)
+  # Inputs above the encoder's resolution are resized before the denoiser.
+  big = jax.image.resize(x, (3, 16, 16, 3), "bilinear")
+  assert enc.tokens(params, big, sigma=0.25).shape == (3, 2, 4)
+
+
+def test_boosted_params_and_sigma_errors():
+  base = LinearEncoder(resolution=8, dim=4)
+  w = base.init(jax.random.key(0))
+  enc = gsb.BoostedEncoder(base, mapper=gsb.SmoothnessMapper(num_blocks=1, num_heads=2))
+  params = enc.init_params(jax.random.key(1), w)
+  assert sorted(params) == ["encoder", "mapper"]
+  x = jnp.zeros((1, 8, 8, 3))
+  with pytest.raises(ValueError, match="keys"):
+    enc.tokens({"encoder": w}, x, sigma=0.1)  # mapper params missing
+  with pytest.raises(ValueError, match="keys"):
+    enc.tokens({**params, "denoiser": {}}, x, sigma=0.1)  # no denoiser here
+  with pytest.raises(ValueError, match="keys"):
+    gsb.BoostedEncoder(base).tokens(w, x)  # bare base params
+  with pytest.raises(ValueError, match="sigma is required"):
+    enc(params, x)
+  with pytest.raises(ValueError, match="Encoder"):
+    gsb.BoostedEncoder("clip")
+
+
+def test_config_and_factories():
+  c = gsb.default_gsb_config()
+  assert (c.lam_rob, c.lam_id, c.lam_stat, c.mapper.num_blocks) == (1.0, 1.0, 1.0, 3)
+  config = ml_collections.ConfigDict()
+  config.gsb = gsb.default_gsb_config()
+  config.gsb.denoiser.width = 16
+  config.gsb.mapper.num_blocks = 2
+  config.gsb.mapper.dtype = "bfloat16"
+  d, m = gsb.build_denoiser(config), gsb.build_mapper(config, token_dim=64)
+  assert (d.width, d.channel_mults, m.num_blocks, m.dtype) == (16, (1, 2, 4), 2, jnp.bfloat16)
+  config.gsb.mapper.num_block = 2  # typo
+  with pytest.raises(ValueError, match="num_block"):
+    gsb.build_mapper(config, token_dim=64)
