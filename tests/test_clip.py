@@ -92,7 +92,7 @@ def _openclip_state_dict(hf):
   out = {}
 
   def tower(src, dst):
-    for i in range(hf.config.vision_config.num_hidden_layers):
+    for i in range(len(getattr(hf, src).encoder.layers)):
       s, d = f"{src}.encoder.layers.{i}.", f"{dst}transformer.resblocks.{i}."
       for part in ("weight", "bias"):
         out[d + f"attn.in_proj_{part}"] = np.concatenate(
@@ -375,7 +375,7 @@ def test_build_clip_tiny():
   f = jax.jit(enc)(params, x)
   assert f.shape == (3, 16)
   np.testing.assert_allclose(np.linalg.norm(f, axis=-1), 1.0, rtol=1e-5)
-  config.encoder.feature, config.encoder.layer, config.encoder.dtype = "patch_tokens", -2, "bfloat16"
+  config.encoder.update(feature="patch_tokens", layer=-2, dtype="bfloat16")
   enc, params = encoders.build(config.encoder)
   assert jax.eval_shape(enc.tokens, params, x).shape == (3, 16, 32)
 

@@ -106,10 +106,11 @@ def test_resize_range_shape_and_gray_to_rgb(data_dir, fmnist_test):
   np.testing.assert_array_equal(batch["label"], ref_labels[:8])
   assert 0.0 <= image.min() and image.max() <= 1.0
   np.testing.assert_array_equal(image[..., 0], image[..., 2])
-  # A 2x upscale keeps the mean brightness and, block-averaged, the pixels.
+  # A 2x upscale keeps the mean brightness (up to bicubic overshoot clipped
+  # at 0 and 1) and, block-averaged, the pixels.
   blocks = image[..., 0].reshape(8, 28, 2, 28, 2).mean(axis=(2, 4))
   np.testing.assert_allclose(blocks.mean(axis=(1, 2)),
-                             ref_images[:8].mean(axis=(1, 2)) / 255, atol=2e-3)
+                             ref_images[:8].mean(axis=(1, 2)) / 255, atol=5e-3)
   assert np.abs(blocks - ref_images[:8] / 255).mean() < 0.03
 
 

@@ -233,8 +233,9 @@ def _openclip_config(state, *, hidden_act, head_width, origin) -> model_lib.CLIP
   return model_lib.CLIPConfig(vision, text, projection_dim=projection_dim)
 
 
-_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn/out_proj",
-                   "mlp.c_fc": "mlp/fc1", "mlp.c_proj": "mlp/fc2"}
+_OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                   "attn.out_proj": "self_attn/out_proj", "mlp.c_fc": "mlp/fc1",
+                   "mlp.c_proj": "mlp/fc2"}
 _OPENCLIP_TOP = {
     "visual.class_embedding": "vision_model/embeddings/class_embedding",
     "visual.positional_embedding": "vision_model/embeddings/position_embedding/embedding",

@@ -41,8 +41,8 @@ def text_prototypes(model: model_lib.CLIP, params, checkpoint_dir: str | os.Path
   if not class_names or not templates or any("{}" not in t for t in templates):
     raise ValueError("class_names must be non-empty and templates non-empty, each with one '{}'.")
   import transformers  # pylint: disable=g-import-not-at-top  (heavy; only needed here)
-  tokenizer = transformers.CLIPTokenizer.from_pretrained(
-      checkpoint._resolve(checkpoint_dir), local_files_only=True)  # pylint: disable=protected-access
+  directory = checkpoint._resolve(checkpoint_dir)  # pylint: disable=protected-access
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(directory, local_files_only=True)
   if text_config.eos_token_id != 2 and tokenizer.eos_token_id != text_config.eos_token_id:
     # Pooling looks for eos_token_id: a mismatch would silently pool at position 0.
     raise ValueError(f"tokenizer eos id {tokenizer.eos_token_id} differs from the model's "

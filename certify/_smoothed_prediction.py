@@ -1,0 +1,132 @@
+"""Certified predictions by Monte Carlo: FS with cosine prototypes, and the RS baseline.
+
+* :func:`certify_prediction` (method.md section 3, Appendix A.3): n0 samples give the mean
+  direction u and the predicted class ``argmax_k <u, w_k>``; n fresh samples give the
+  lower confidence bound of ``h_u(x)``; the closed-form radius
+  ``sigma * (Phi^-1(h_LCB) - Phi^-1((1 + cos(Delta/2)) / 2))`` follows.
+* :func:`rs_certify` / :func:`rs_predict`: Cohen et al.'s CERTIFY / PREDICT with a linear
+  head on the unit feature of x + delta as the base classifier (locuslab/smoothing core.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from certify import _feature
+from certify import _prediction
+from fsjax import encoders as encoders_lib
+from fsjax import smoothing
+
+
+def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
+                       prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
+                       n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
+                       bound: str = "bernstein",
+                       chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+  """FS-certified prediction of a cosine-prototype head (Theorem A.3.2, closed-form radius).
+
+  Args:
+    params: encoder parameters.
+    x: ``[B, H, W, 3]`` images in [0, 1].
+    encoder: the encoder (base or GSB-boosted).
+    prototypes: ``[K, D]`` unit prototypes (learned, or CLIP zero-shot text embeddings).
+    sigma: noise level > 0.
+    key: PRNG key.
+    n0: samples that choose the mean direction and the class.
+    n: fresh samples for the lower confidence bound of h_u(x).
+    alpha: failure probability.
+    bound: confidence bound ("bernstein", "betting", "hoeffding"; "point" is not a
+      certificate).
+    chunk_size: samples per vectorised chunk.
+
+  Returns:
+    ``(predicted_class [B], radius [B])``: class -1 (abstain) where not certified even at
+    radius 0; radius is the l2 radius within which the prediction provably cannot change.
+  """
+  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound,
+                              chunk_size=chunk_size)
+  encoders_lib.check_images(x)
+  feature = jax.eval_shape(lambda p, x: encoder(p, x, sigma=sigma), params, jnp.asarray(x))
+  _prediction.check_prototypes(prototypes, feature.shape[-1])  # before any Monte Carlo
+  deficits = _feature.score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n,
+                                     n0=n0, alpha=alpha, bounds=(bound,), chunk_size=chunk_size)
+  u = deficits["mean"]["direction"]
+  cls, delta = _prediction.angle_margin(u, prototypes)
+  cls, radius = _prediction.certified_prediction(delta, cls, sigma=sigma,
+                                                 deficit=deficits["mean"][bound])
+  return np.asarray(cls), np.asarray(radius)
+
+
+def _head_counts(features, kernel, bias):
+  logits = features @ kernel + bias  # [B, k, K]; LinearHead = Dense on the unit feature
+  return {"counts": jax.nn.one_hot(jnp.argmax(logits, -1), kernel.shape[-1], dtype=jnp.int32)}
+
+
+@functools.partial(jax.jit, static_argnames=("encoder", "n", "first_index", "chunk_size"))
+def _class_counts(params, x, key, sigma, kernel, bias, *, encoder, n, first_index, chunk_size):
+  return smoothing.monte_carlo_sum(
+      params, x, key, (kernel, bias), encoder=encoder, sigma=sigma, n=n, chunk_size=chunk_size,
+      statistic=_head_counts, first_index=first_index)["counts"]
+
+
+def _linear_head(head: Any) -> tuple[jax.Array, jax.Array]:
+  """Kernel and bias of a :class:`certify.LinearHead`'s variables."""
+  try:
+    dense = head["params"]["dense"] if "params" in head else head["dense"]
+    return jnp.asarray(dense["kernel"], jnp.float32), jnp.asarray(dense["bias"], jnp.float32)
+  except (KeyError, TypeError) as e:
+    raise ValueError("head must be the variables of certify.LinearHead: "
+                     "{'params': {'dense': {'kernel': [D, K], 'bias': [K]}}}") from e
+
+
+def class_counts(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
+                 head: Any, sigma: float, n: int, key: jax.Array, first_index: int = 0,
+                 chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> np.ndarray:
+  """Counts ``[B, K]`` of the linear head's predictions on ``x + delta_i``, ``i < n``."""
+  encoders_lib.check_images(x)
+  smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
+  kernel, bias = _linear_head(head)
+  counts = _class_counts(params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma), kernel,
+                         bias, encoder=encoder, n=int(n), first_index=int(first_index),
+                         chunk_size=int(chunk_size))
+  return np.asarray(counts)
+
+
+def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
+               head: Any, sigma: float, key: jax.Array, n0: int = 100, n: int = 10_000,
+               alpha: float = _feature.DEFAULT_ALPHA,
+               chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+  """Randomized smoothing CERTIFY (Cohen et al. 2019) with a linear head on f(x + delta).
+
+  n0 samples select the class, n fresh samples give the one-sided Clopper-Pearson bound
+  pA; radius ``sigma * Phi^-1(pA)``; abstain (-1) when pA <= 1/2.
+
+  Args:
+    head: variables of :class:`certify.LinearHead` on the encoder's unit features.
+    Other arguments as in :func:`certify_prediction`.
+
+  Returns:
+    ``(predicted_class [B], radius [B])``, class -1 where it abstains.
+  """
+  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size)
+  counts0 = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n0, key=key,
+                         chunk_size=chunk_size)
+  counts = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n, key=key,
+                        first_index=n0, chunk_size=chunk_size)
+  return _prediction.rs_certify_from_counts(counts0, counts, sigma=sigma, alpha=alpha)
+
+
+def rs_predict(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
+               head: Any, sigma: float, key: jax.Array, n: int = 100,
+               alpha: float = _feature.DEFAULT_ALPHA,
+               chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> np.ndarray:
+  """Randomized smoothing PREDICT: the top class, or -1 when a binomial test can't tell."""
+  _feature.check_certify_args(sigma=sigma, n=n, alpha=alpha, chunk_size=chunk_size)
+  counts = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n, key=key,
+                        chunk_size=chunk_size)
+  return _prediction.rs_predict_from_counts(counts, alpha=alpha)
