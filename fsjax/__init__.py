@@ -1,5 +1,6 @@
 """fsjax: certified feature-space robustness for the vision encoders of multimodal LLMs."""
 
+from fsjax import clip
 from fsjax import efficientnet
 from fsjax import encoders
 from fsjax import smoothing

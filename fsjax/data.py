@@ -174,7 +174,8 @@ _EMBEDDED_EXAMPLES = {"fashion_mnist": _fashion_mnist,
 
 def prepare(name: str, *,
             data_dir: str | os.PathLike[str] | None = None,
-            manual_dir: str | os.PathLike[str] | None = None):
+            manual_dir: str | os.PathLike[str] | None = None,
+            split: str | None = None):
   """Builds a TFDS dataset once (when missing) and returns its builder.
 
   Args:
@@ -183,13 +184,15 @@ def prepare(name: str, *,
       ``~/.cache/fsjax/tensorflow_datasets``.
     manual_dir: for ``imagenet2012`` only: the folder holding the ILSVRC-2012
       tars; needed only while ImageNet is not yet prepared under `data_dir`.
+    split: for ``imagenet2012`` only: a split whose tar must be in
+      `manual_dir` (``"train"`` or ``"validation"``); None = either.
 
   Returns:
     The ``tfds.core.DatasetBuilder`` of the prepared dataset.
   """
   tfds, data_dir = _tfds(), _data_dir(data_dir)
   if name == "imagenet2012":
-    return _prepare_imagenet(data_dir, manual_dir)
+    return _prepare_imagenet(data_dir, manual_dir, split)
   if name not in _EMBEDDED_EXAMPLES:
     raise ValueError(f"prepare: unknown dataset name={name!r}; known TFDS sets: "
                      f"{', '.join(EMBEDDED + ('imagenet2012',))}.")
@@ -206,7 +209,7 @@ def prepare(name: str, *,
   return tfds.builder_from_directory(path)
 
 
-def _prepare_imagenet(data_dir: pathlib.Path, manual_dir):
+def _prepare_imagenet(data_dir: pathlib.Path, manual_dir, split: str | None):
   tfds = _tfds()
   builder = tfds.builder("imagenet2012", data_dir=data_dir)
   if not builder.is_prepared():
@@ -217,10 +220,13 @@ def _prepare_imagenet(data_dir: pathlib.Path, manual_dir):
           f"manual_dir=<folder with {tars}> to prepare it (about 150 GB, "
           "hours); it is never downloaded.")
     manual_dir = pathlib.Path(manual_dir).expanduser()
-    if not any((manual_dir / t).is_file() for t in IMAGENET_TARS.values()):
+    # TFDS prepares the splits whose tars are present, all at once.
+    needed = [IMAGENET_TARS[split]] if split in IMAGENET_TARS else list(
+        IMAGENET_TARS.values())
+    if not any((manual_dir / t).is_file() for t in needed):
       raise FileNotFoundError(
-          f"imagenet2012: manual_dir={manual_dir} holds none of {tars}; "
-          "download them from https://image-net.org (login needed).")
+          f"imagenet2012: manual_dir={manual_dir} lacks {' or '.join(needed)}; "
+          "download the tars from https://image-net.org (login needed).")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir)),
         file_format="array_record")
@@ -274,8 +280,10 @@ class _FolderSource:
   def __init__(self, root: pathlib.Path, class_names: list[str]):
     self._root, self._paths, labels = root, [], []
     for label, class_name in enumerate(class_names):
-      paths = sorted(p for p in (root / class_name).rglob("*")
-                     if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+      paths = sorted(
+          p for p in (root / class_name).rglob("*")
+          if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+          and not any(part.startswith(".") for part in p.relative_to(root).parts))
       self._paths += paths
       labels += [label] * len(paths)
     self._labels = np.array(labels, np.int64)
@@ -323,8 +331,9 @@ def _source(name: str, split: str, data_dir, manual_dir):
     return _folder(name[len("folder:"):], split)
   if name not in EMBEDDED + ("imagenet2012",):
     raise ValueError(f"Unknown dataset name={name!r}; known: {', '.join(KNOWN)}.")
-  builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir)
   base_split = re.sub(r"\[.*\]$", "", split)
+  builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir,
+                    split=base_split)
   if base_split not in builder.info.splits:
     raise ValueError(f"Unknown split={split!r} for {name}; available: "
                      f"{', '.join(sorted(builder.info.splits))}.")

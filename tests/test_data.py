@@ -179,6 +179,7 @@ def test_folder_dataset(tmp_path):
   _write_png(tmp_path / "dogs" / "sub" / "b.PNG",
              rng.integers(0, 256, (8, 8, 3), np.uint8))
   (tmp_path / "dogs" / "notes.txt").write_text("not an image")
+  _write_png(tmp_path / "dogs" / ".ipynb_checkpoints" / "c.png", gray)  # Hidden.
   ds = data.load(f"folder:{tmp_path}", split="train", image_size=16,
                  batch_size=2, shuffle=False)
   assert ds.class_names == ["cats", "dogs"] and ds.num_examples == 5
@@ -248,5 +249,9 @@ def test_missing_sources(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="manual_dir"):
     _load("imagenet2012", tmp_path / "c", split="validation")
   with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_val.tar"):
+    _load("imagenet2012", tmp_path / "c", split="validation",
+          manual_dir=tmp_path / "empty")
+  (tmp_path / "empty" / "ILSVRC2012_img_train.tar").touch()
+  with pytest.raises(FileNotFoundError, match="lacks ILSVRC2012_img_val.tar"):
     _load("imagenet2012", tmp_path / "c", split="validation",
           manual_dir=tmp_path / "empty")

@@ -1,0 +1,1 @@
+"""Training loops and their entry points (python -m train.gsb, python -m train.head)."""
