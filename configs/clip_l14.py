@@ -14,6 +14,9 @@ bfloat16 compute.
 import os
 
 import ml_collections
+from ml_collections import config_dict
+
+from configs import common
 
 _DEFAULT = "~/.cache/huggingface/hub/models--openai--clip-vit-large-patch14"
 
@@ -30,4 +33,20 @@ def get_config(arg=None):
       layer=-1,  # unused by "pooled"
       resolution=224,
   ))
+  # The paper's Table 1: 500 ImageNet validation images. ImageNet is prepared by TFDS from
+  # the ILSVRC-2012 tars in a local folder (--config.data.manual_dir=...), never downloaded.
+  imagenet = dict(name="imagenet2012", image_size=224, seed=0,
+                  manual_dir=config_dict.placeholder(str))
+  config.data = ml_collections.ConfigDict(dict(
+      imagenet, split="validation", batch_size=8, num_examples=500))
+  config.train_data = ml_collections.ConfigDict(dict(imagenet, split="train", batch_size=16))
+  config.test_data = ml_collections.ConfigDict(dict(
+      imagenet, split="validation", batch_size=50))
+  config.certify = common.certify_config(batch_size=8)
+  config.prediction = common.prediction_config(train_per_class=50, test_per_class=50,
+                                               zero_shot=True)
+  # The paper's GSB settings: Adam, batch 8, 8 epochs (D); AdamW + cosine, batch 16,
+  # 8 epochs (M). We train on the first 10k ImageNet training images by default.
+  config.gsb = common.gsb_config()
+  config.train_data.num_examples = 10_000
   return config

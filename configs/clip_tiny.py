@@ -10,6 +10,8 @@ exercising the pipeline. ``--config.encoder.feature=patch_tokens`` gives [B, 16,
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
+
 
 def get_config(arg=None):
   del arg  # no variants yet
@@ -28,4 +30,9 @@ def get_config(arg=None):
       layer=-1,
       resolution=32,
   ))
+  config.data = ml_collections.ConfigDict(dict(
+      name="skimage_photos", split="test", image_size=32, batch_size=4, num_examples=4,
+      seed=0))
+  config.certify = common.certify_config(n0=16, n=128, batch_size=4)
+  config.gsb = common.gsb_config()
   return config

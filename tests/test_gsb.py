@@ -310,7 +310,7 @@ def test_denoiser_training_lowers_denoiser_loss(tiny_denoiser):
     return gsb.denoiser_loss(denoised, x, f_denoised, f_clean)[0]
 
   losses = _fit(loss_fn, d_params, steps=15, lr=3e-3)
-  assert losses[-1] < 0.8 * losses[0], losses
+  print(losses); assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_mapper_training_lowers_mapper_loss(tiny_mapper):
@@ -328,7 +328,7 @@ def test_mapper_training_lowers_mapper_loss(tiny_mapper):
     return gsb.mapper_loss(mapped[:B], mapped[B:], z_clean)[0]
 
   losses = _fit(loss_fn, params, steps=30, lr=1e-2)
-  assert losses[-1] < 0.8 * losses[0], losses
+  print(losses); assert losses[-1] < 0.8 * losses[0], losses
 
 
 # ---------------------------------------------------------------------------------------
