@@ -3,6 +3,7 @@
 from fsjax import clip
 from fsjax import efficientnet
 from fsjax import encoders
+from fsjax import gsb
 from fsjax import smoothing
 
 __version__ = "0.1.0"

@@ -128,7 +128,7 @@ def test_mapper_default_shapes(num_tokens):
   m = gsb.build_mapper(ml_collections.ConfigDict(), token_dim=64)
   z = jax.ShapeDtypeStruct((2, num_tokens, 64), jnp.float32)
   params = jax.eval_shape(m.init, key(0), z, 0.25)["params"]
-  assert sorted(params) == ["block_0", "block_1", "block_2"]
+  assert sorted(params) == ["block_0", "block_1"]  # K = 2
   assert "attention" in params["block_0"] and "attention" not in params["block_1"]
   out = jax.eval_shape(m.apply, {"params": params}, z, jnp.zeros(2))
   assert out.shape == z.shape and out.dtype == jnp.float32
@@ -202,7 +202,7 @@ def test_mapper_rejects_bad_inputs():
   with pytest.raises(ValueError, match="num_heads"):
     jax.eval_shape(m.init, key(0), jnp.zeros((2, 1, 7)), 0.1)
   with pytest.raises(ValueError, match="num_heads"):
-    gsb.build_mapper(ml_collections.ConfigDict(), token_dim=36)
+    gsb.build_mapper(ml_collections.ConfigDict(), token_dim=30)  # 4 heads
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def test_denoiser_training_lowers_denoiser_loss(tiny_denoiser):
     return gsb.denoiser_loss(denoised, x, f_denoised, f_clean)[0]
 
   losses = _fit(loss_fn, d_params, steps=15, lr=3e-3)
-  print(losses); assert losses[-1] < 0.8 * losses[0], losses
+  assert losses[-1] < 0.8 * losses[0], losses
 
 
 def test_mapper_training_lowers_mapper_loss(tiny_mapper):
@@ -328,7 +328,7 @@ def test_mapper_training_lowers_mapper_loss(tiny_mapper):
     return gsb.mapper_loss(mapped[:B], mapped[B:], z_clean)[0]
 
   losses = _fit(loss_fn, params, steps=30, lr=1e-2)
-  print(losses); assert losses[-1] < 0.8 * losses[0], losses
+  assert losses[-1] < 0.8 * losses[0], losses
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,14 +399,41 @@ def test_boosted_params_and_sigma_errors(tiny_mapper):
 
 def test_config_and_factories():
   c = gsb.default_gsb_config()
-  assert (c.lam_rob, c.lam_id, c.lam_stat, c.mapper.num_blocks) == (1.0, 1.0, 1.0, 3)
+  assert (c.denoiser.lam_rob, c.mapper.lam_id, c.mapper.lam_stat) == (1.0, 1.0, 0.1)
+  assert (gsb.build_denoiser(ml_collections.ConfigDict()).width, c.mapper.num_blocks) == (32, 2)
   config = ml_collections.ConfigDict()
   config.gsb = gsb.default_gsb_config()
   config.gsb.denoiser.width = 16
-  config.gsb.mapper.num_blocks = 2
+  config.gsb.mapper.num_blocks = 3
   config.gsb.mapper.dtype = "bfloat16"
   d, m = gsb.build_denoiser(config), gsb.build_mapper(config, token_dim=64)
-  assert (d.width, d.channel_mults, m.num_blocks, m.dtype) == (16, (1, 2, 4), 2, jnp.bfloat16)
-  config.gsb.mapper.num_block = 2  # typo
-  with pytest.raises(ValueError, match="num_block"):
+  assert (d.width, d.channel_mults, m.num_blocks, m.dtype) == (16, (1, 2, 4), 3, jnp.bfloat16)
+  config.gsb.mapper.num_block = 2  # typo of num_blocks
+  with pytest.raises(ValueError, match="num_blocks"):
     gsb.build_mapper(config, token_dim=64)
+
+
+def test_factories_accept_the_experiment_configs():
+  common = pytest.importorskip("configs.common")
+  config = ml_collections.ConfigDict({"gsb": common.gsb_config()})
+  d, m = gsb.build_denoiser(config), gsb.build_mapper(config, token_dim=1280)
+  assert d.width == config.gsb.denoiser.width
+  assert m.num_blocks == config.gsb.mapper.num_blocks
+
+
+def test_ablation_variants(tiny_denoiser, tiny_mapper):
+  base = LinearEncoder(resolution=SIDE)
+  config = ml_collections.ConfigDict({"gsb": {"denoiser": TINY_DENOISER,
+                                              "mapper": TINY_MAPPER}})
+  gsb_params = {"denoiser": tiny_denoiser[1], "mapper": tiny_mapper[1]}
+  variants = gsb.ablation_variants(base, base.init(0), gsb_params, config)
+  assert [v[0] for v in variants] == ["FS+D", "FS+M", "FS+D+M"]
+  x = jax.ShapeDtypeStruct((B, SIDE, SIDE, 3), jnp.float32)
+  for name, enc, params in variants:
+    assert sorted(params) == sorted({"FS+D": ["encoder", "denoiser"],
+                                     "FS+M": ["encoder", "mapper"],
+                                     "FS+D+M": ["encoder", "denoiser", "mapper"]}[name])
+    out = jax.eval_shape(functools.partial(enc, sigma=0.25), params, x)
+    assert out.shape == (B, N * DIM)
+  only_d = gsb.ablation_variants(base, base.init(0), {"denoiser": tiny_denoiser[1]}, config)
+  assert [v[0] for v in only_d] == ["FS+D"]

@@ -10,9 +10,11 @@ depends on (method.md section 4):
   :func:`denoiser_loss` (Eq. 9), :func:`mapper_robustness_loss` (Eq. 11),
   :func:`identity_loss` and :func:`statistics_loss` (Eq. 12), :func:`mapper_loss` (Eq. 13).
 * :class:`BoostedEncoder`: ``normalise(M(g(D(x, sigma)), sigma))`` (Eq. 14), any subset.
-* :func:`default_gsb_config`, :func:`build_denoiser`, :func:`build_mapper`.
+* :func:`default_gsb_config`, :func:`build_denoiser`, :func:`build_mapper`,
+  :func:`ablation_variants` (the Table 6 rows).
 """
 
+from fsjax.gsb.boosted import ablation_variants
 from fsjax.gsb.boosted import BoostedEncoder
 from fsjax.gsb.boosted import build_denoiser
 from fsjax.gsb.boosted import build_mapper
@@ -31,6 +33,7 @@ __all__ = [
     "BoostedEncoder",
     "Denoiser",
     "SmoothnessMapper",
+    "ablation_variants",
     "build_denoiser",
     "build_mapper",
     "default_gsb_config",

@@ -5,13 +5,15 @@ smoothness mapper M behind it. Either module may be absent, so the four rows of 
 paper's ablation (Table 6: FS, +D, +M, +D+M) are one class. D and M are deterministic,
 so the certificate of method.md section 2 applies to the boosted encoder unchanged.
 
-Also here: :func:`default_gsb_config` (every default the paper leaves unprinted) and the
-factories :func:`build_denoiser` / :func:`build_mapper` from ``config.gsb``.
+Also here: :func:`default_gsb_config` (every default the paper leaves unprinted), the
+factories :func:`build_denoiser` / :func:`build_mapper` from ``config.gsb`` and
+:func:`ablation_variants`, the FS+D / FS+M / FS+D+M encoders from trained parameters.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -26,76 +28,114 @@ from fsjax.gsb.mapper import SmoothnessMapper
 
 
 def default_gsb_config() -> ml_collections.ConfigDict:
-  """Defaults of ``config.gsb``; assign with ``config.gsb = default_gsb_config()``.
+  """Defaults of ``config.gsb``: the modules' architecture, the loss weights, training.
 
   The paper prints neither lambda, lambda_1, lambda_2 (Eq. 9, 13), nor K (Eq. 10), nor the
-  learning rates, nor the number of noise draws per image: the values below are ours.
+  learning rates, nor the number of noise draws per image: those values are ours.
   Printed by the paper: Adam, batch 8, 8 epochs for D; AdamW with a cosine schedule,
   batch 16, 8 epochs for M; D about 10 MB.
 
   Returns:
-    A ConfigDict with sub-dicts ``denoiser`` (keyword arguments of
-    :class:`~fsjax.gsb.denoiser.Denoiser`) and ``mapper`` (of
-    :class:`~fsjax.gsb.mapper.SmoothnessMapper`), the loss weights ``lam_rob``,
-    ``lam_id``, ``lam_stat``, ``id_sigma`` and the training hyper-parameters.
+    A ConfigDict with ``sigma_range``, ``noise_samples`` and the sub-dicts ``denoiser``
+    (the keyword arguments of :class:`~fsjax.gsb.denoiser.Denoiser`, ``lam_rob`` and D's
+    training) and ``mapper`` (those of :class:`~fsjax.gsb.mapper.SmoothnessMapper`,
+    ``lam_id``, ``lam_stat``, ``id_sigma`` and M's training).
   """
   c = ml_collections.ConfigDict()
+  c.sigma_range = (0.25, 0.5)  # training sigma, uniform per example (Table 1's sigmas)
+  c.noise_samples = 2  # Monte Carlo draws of delta per image per step
   # D: 2,489,603 float32 parameters = 9.96 MB (Appendix A.2.1: "approximately 10 MB").
   c.denoiser = ml_collections.ConfigDict(dict(
       width=32, channel_mults=(1, 2, 4), blocks_per_level=2, emb_dim=128, num_groups=8,
-      dtype="float32"))
-  # M: K = 3 blocks (attention in the first only).
+      dtype="float32",
+      lam_rob=losses.LAM_ROB,  # lambda, Eq. 9
+      batch_size=8, epochs=8, learning_rate=2e-4))  # Adam
   c.mapper = ml_collections.ConfigDict(dict(
-      num_blocks=3, num_heads=8, mlp_ratio=2.0, kernel_size=3, sigma_hidden=64,
-      damping_init=1e-3, dtype="float32"))
-  c.lam_rob = losses.LAM_ROB  # lambda, Eq. 9
-  c.lam_id = losses.LAM_ID  # lambda_1, Eq. 13
-  c.lam_stat = losses.LAM_STAT  # lambda_2, Eq. 13
-  # sigma at which L_id evaluates M on clean features. The paper's 0 makes L_id
-  # identically zero for our mapper (M(z, 0) = z exactly); a value > 0 turns it into a
-  # "leave clean features alone at the working sigma" regulariser.
-  c.id_sigma = 0.0
-  c.num_noise_samples = 4  # Monte Carlo draws of delta per image during training
-  c.denoiser_learning_rate = 1e-4  # Adam
-  c.denoiser_batch_size = 8
-  c.denoiser_epochs = 8
-  c.mapper_learning_rate = 1e-4  # AdamW, cosine decay to 0
-  c.mapper_weight_decay = 1e-2
-  c.mapper_batch_size = 16
-  c.mapper_epochs = 8
+      num_blocks=2, num_heads=4, mlp_ratio=2.0, kernel_size=3, sigma_hidden=64,
+      damping_init=1e-3, dtype="float32",
+      lam_id=losses.LAM_ID,  # lambda_1, Eq. 13
+      lam_stat=losses.LAM_STAT,  # lambda_2, Eq. 13
+      # sigma at which L_id evaluates M on clean features. The paper's 0 makes L_id
+      # identically zero for our mapper (M(z, 0) = z exactly); a value > 0 turns it into
+      # a "leave clean features alone at the working sigma" regulariser.
+      id_sigma=0.0,
+      batch_size=16, epochs=8, learning_rate=1e-4, weight_decay=1e-4))  # AdamW, cosine
   return c
 
 
-def _module_kwargs(config, which: str) -> dict[str, Any]:
-  """Defaults of ``gsb.<which>`` overridden by ``config.gsb.<which>`` (unknown keys raise)."""
-  kwargs = default_gsb_config()[which].to_dict()
-  gsb = config.get("gsb") if hasattr(config, "get") else getattr(config, "gsb", None)
-  given = gsb.get(which) if gsb is not None and hasattr(gsb, "get") else None
+def _module_kwargs(config, module: type[nn.Module], which: str) -> dict[str, Any]:
+  """``module``'s fields from ``config.gsb.<which>`` over :func:`default_gsb_config`.
+
+  The sub-config also holds training keys (``lam_*``, ``learning_rate``, ...), which are
+  skipped; a key that is not a field but close to one (a typo) raises.
+  """
+  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+  merged = default_gsb_config()[which].to_dict()
+  gsb = config.get("gsb") if hasattr(config, "get") else None
+  given = gsb.get(which) if gsb is not None else None
   if given is not None:
     given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-    unknown = sorted(set(given) - set(kwargs))
-    if unknown:
-      raise ValueError(f"config.gsb.{which} has unknown keys {unknown}; known: "
-                       f"{sorted(kwargs)}.")
-    kwargs.update(given)
+    for k in given:
+      close = difflib.get_close_matches(k, fields, n=1, cutoff=0.85)
+      if k not in merged and close:
+        raise ValueError(f"config.gsb.{which}.{k} is not a key; did you mean {close[0]!r}?")
+    merged.update(given)
+  kwargs = {k: v for k, v in merged.items() if k in fields}
   kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   return kwargs
 
 
 def build_denoiser(config) -> Denoiser:
   """The denoiser D from ``config.gsb.denoiser`` (missing keys: :func:`default_gsb_config`)."""
-  kwargs = _module_kwargs(config, "denoiser")
+  kwargs = _module_kwargs(config, Denoiser, "denoiser")
   kwargs["channel_mults"] = tuple(kwargs["channel_mults"])
   return Denoiser(**kwargs)
 
 
 def build_mapper(config, token_dim: int) -> SmoothnessMapper:
   """The mapper M from ``config.gsb.mapper`` for token features of width ``token_dim``."""
-  kwargs = _module_kwargs(config, "mapper")
+  kwargs = _module_kwargs(config, SmoothnessMapper, "mapper")
   if token_dim % kwargs["num_heads"]:
     raise ValueError(f"config.gsb.mapper.num_heads={kwargs['num_heads']} must divide the "
                      f"encoder's token dim {token_dim}.")
   return SmoothnessMapper(**kwargs)
+
+
+def ablation_variants(encoder: Encoder, encoder_params: Params,
+                      gsb_params: Mapping[str, Params], config
+                      ) -> list[tuple[str, Encoder, Params]]:
+  """The GSB rows of the Table 6 ablation: ``[(name, encoder, params)]``.
+
+  Args:
+    encoder: the base encoder g.
+    encoder_params: its parameters.
+    gsb_params: trained ``{"denoiser": ..., "mapper": ...}`` (either may be missing).
+    config: the experiment config (``config.gsb`` gives the architectures).
+
+  Returns:
+    ``("FS+D", ...)``, ``("FS+M", ...)``, ``("FS+D+M", ...)``, those the trained
+    modules allow, in that order. The plain "FS" row is the base encoder itself.
+  """
+  d = build_denoiser(config) if "denoiser" in gsb_params else None
+  m = None
+  if "mapper" in gsb_params:
+    x = jax.ShapeDtypeStruct((1, encoder.resolution, encoder.resolution, 3), jnp.float32)
+    token_dim = jax.eval_shape(lambda x: encoder.tokens(encoder_params, x), x).shape[-1]
+    m = build_mapper(config, token_dim)
+  def variant(name, den, mapper):
+    params = {"encoder": encoder_params}
+    params.update({k: gsb_params[k] for k, mod in (("denoiser", den), ("mapper", mapper))
+                   if mod is not None})
+    return name, BoostedEncoder(encoder, denoiser=den, mapper=mapper), params
+
+  out = []
+  if d is not None:
+    out.append(variant("FS+D", d, None))
+  if m is not None:
+    out.append(variant("FS+M", None, m))
+  if d is not None and m is not None:
+    out.append(variant("FS+D+M", d, m))
+  return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -151,9 +191,10 @@ class BoostedEncoder(Encoder):
                        "the smoothing noise level; pass sigma=... (scalar or [B]).")
 
   def denoise(self, params: Params, x: jax.Array, *, sigma: Any) -> jax.Array:
-    """``[B, H, W, 3]`` -> D(x, sigma) at the encoder's resolution, unclipped, float32.
+    """``[B, H, W, 3]`` -> D(x, sigma) ``[B, r, r, 3]`` float32, r the resolution, unclipped.
 
-    The identity (after the resize) when there is no denoiser.
+    What L_rec (Eq. 7) compares with the clean image (at the same resolution); the
+    identity after the resize when there is no denoiser.
     """
     self._check(params, sigma)
     x = resize(jnp.asarray(x, jnp.float32), self.resolution)

@@ -20,7 +20,8 @@ Conventions (the paper writes ``||.||^2`` and "MSE" without normalisation):
 Default weights (the paper does not print lambda, lambda1, lambda2; ours, also in
 ``fsjax.gsb.default_gsb_config``): ``lam_rob = 1``: L_rob is the quantity the
 certificate depends on, L_rec (an MSE of order 1e-3 at sigma = 0.25) keeps D's output a
-faithful image; ``lam_id = lam_stat = 1``.
+faithful image; ``lam_id = 1``; ``lam_stat = 0.1``, a light hold on the feature
+distribution next to the main objective L_mrob.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from jax.typing import ArrayLike
 
 LAM_ROB = 1.0
 LAM_ID = 1.0
-LAM_STAT = 1.0
+LAM_STAT = 0.1
 
 
 def _check_same_shape(a: jax.Array, b: jax.Array, names: str) -> None:
@@ -125,7 +126,7 @@ def identity_loss(mapped_clean: ArrayLike, z_clean: ArrayLike) -> jax.Array:
 
   For ``fsjax.gsb.SmoothnessMapper`` M(z, 0) = z exactly, so at sigma = 0 this term is
   identically zero (kept for fidelity to the paper and for other mappers; a trainer may
-  evaluate M at a sigma > 0 on clean features instead, see ``config.gsb.id_sigma``).
+  evaluate M on clean features at a sigma > 0 instead: ``config.gsb.mapper.id_sigma``).
 
   Args:
     mapped_clean: ``[B, N, D]`` M(z_clean, sigma_id).
@@ -182,7 +183,7 @@ def mapper_loss(mapped_noisy: ArrayLike, mapped_clean: ArrayLike, z_clean: Array
     mapped_clean: ``[B, N, D]`` M(z_clean, 0) (Eq. 12).
     z_clean: ``[B, N, D]`` g(x).
     lam_id: lambda_1 (the paper does not print it; default 1).
-    lam_stat: lambda_2 (the paper does not print it; default 1).
+    lam_stat: lambda_2 (the paper does not print it; default 0.1).
 
   Returns:
     ``(loss, {"mrob": L_mrob, "id": L_id, "stat": L_stat})``, scalars float32.

@@ -75,7 +75,7 @@ class MapperBlock(nn.Module):
   """
 
   use_attention: bool
-  num_heads: int = 8
+  num_heads: int = 4
   mlp_ratio: float = 2.0
   kernel_size: int = 3
   sigma_hidden: int = 64
@@ -132,8 +132,8 @@ class SmoothnessMapper(nn.Module):
     dtype: compute dtype of the paths; the residual stream and output are float32.
   """
 
-  num_blocks: int = 3
-  num_heads: int = 8
+  num_blocks: int = 2
+  num_heads: int = 4
   mlp_ratio: float = 2.0
   kernel_size: int = 3
   sigma_hidden: int = 64
