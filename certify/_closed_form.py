@@ -44,10 +44,13 @@ def _check_cos(cos) -> None:
 
 
 def _check_score(score) -> None:
-  s = np.asarray(score)
-  if s.dtype == object or not np.all(np.isfinite(s)) or np.any(s < 0) or np.any(s > 1):
-    raise ValueError("score must be finite and in [0, 1] (a Gaussian robustness score or "
-                     f"its lower confidence bound); got values in [{np.nanmin(s)}, {np.nanmax(s)}].")
+  s = np.asarray(score, np.float64)
+  if not np.all(np.isfinite(s)):
+    raise ValueError("score contains NaN or Inf; a score is a Gaussian robustness score or "
+                     "its lower confidence bound, in [0, 1].")
+  if np.any(s < 0) or np.any(s > 1):
+    raise ValueError("score must be in [0, 1] (a Gaussian robustness score or its lower "
+                     f"confidence bound); got values in [{s.min()}, {s.max()}].")
 
 
 def bound_from_deficit(deficit: jax.Array, eps: jax.Array, sigma) -> jax.Array:

@@ -52,7 +52,8 @@ def encoder_variants(config) -> list[tuple[str, encoders_lib.Encoder, Any]]:
   gsb = config.get("gsb")
   if gsb is not None and gsb.get("checkpoint"):
     from fsjax import gsb as gsb_lib  # pylint: disable=g-import-not-at-top
-    variants += gsb_lib.ablation_variants(encoder, params, gsb.checkpoint, config)
+    variants += gsb_lib.ablation_variants(
+        encoder, params, gsb_lib.checkpoint.load(gsb.checkpoint, config=config), config)
   return variants
 
 

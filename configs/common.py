@@ -40,6 +40,13 @@ def prediction_config(**overrides) -> ml_collections.ConfigDict:
       head_learning_rate=1e-2,
       head_noise=True,      # train heads on noisy (smoothed) features, as Cohen et al.
       zero_shot=False,      # CLIP: prototypes from class-name prompts, no training
+      # Our choices (the paper does not print them):
+      noise_draws=4,        # head_noise: cached noise draws per training image
+      head_batch_size=256,  # examples per Adam step of the heads
+      bound="bernstein",    # FS confidence bound of h_u(x) (certify.certify_prediction)
+      # Table 2's Monte Carlo; None = config.certify.n0 / config.certify.n.
+      n0=config_dict.placeholder(int),
+      n=config_dict.placeholder(int),
   ))
   c.update(overrides)
   return c
@@ -56,5 +63,67 @@ def gsb_config(**overrides) -> ml_collections.ConfigDict:
   c.checkpoint = config_dict.placeholder(str)  # a train.gsb workdir; None = no GSB
   c.log_every = 10
   c.checkpoint_every = 100
+  c.update(overrides)
+  return c
+
+
+def attack_config(**overrides) -> ml_collections.ConfigDict:
+  """``config.attack``: the robustness table (Table 4, classification; ``certify.robustness``).
+
+  The paper's threat model: l_inf 16/255, 300 steps of 1/255, white-box through the
+  smoothing (EOT) and GSB. ``smoothing_n`` and ``eot_samples`` are our choices (the
+  paper's Table 7 compares n = 1 ... 64).
+  """
+  c = ml_collections.ConfigDict(dict(
+      eps=16 / 255,        # l_inf budget (paper)
+      step_size=1 / 255,   # sign-step size (paper)
+      steps=300,           # paper: 300; lower on CPU
+      sigma=0.25,          # smoothing noise level of the smoothed rows
+      smoothing_n=16,      # Monte Carlo samples of the smoothed encoder at evaluation
+      eot_samples=4,       # noise draws per attack step on a smoothed encoder (EOT)
+      data=None,           # a dataset config; None: config.test_data (labelled)
+      num_images=16,       # attacked images (from classes other than target_class)
+      target_class=-1,     # the attacker's target class, held out (-1: the last class)
+      head="auto",         # "auto", "class_mean" or "zero_shot" (CLIP text prototypes)
+      prototype_split="train",  # split of the class-mean prototypes' images
+      prototypes_per_class=10,
+      templates=("a photo of a {}.",),  # zero-shot prompt templates
+      extra_encoders=(),   # more rows: encoder sub-configs with a "label" (FARE, TeCoA)
+      options={},          # per-attack keyword overrides, e.g. {"foa": {"num_clusters": 3}}
+      smooth_extra=True,   # also a smoothed row for every extra encoder
+      batch_size=8,        # images per attack call
+      examples=4,          # images in the PNG strips
+  ))
+  c.update(overrides)
+  return c
+
+
+def audit_config(**overrides) -> ml_collections.ConfigDict:
+  """``config.audit``: the soundness audit of the certificate (``certify.audit``).
+
+  Attack every certificate inside its own radius (l2 PGD + EOT against the certified
+  direction u) and count measured inner products below the certified bound.
+  """
+  c = ml_collections.ConfigDict(dict(
+      data=None,           # a dataset config; None: config.data
+      num_images=config_dict.placeholder(int),  # None: the data's num_examples
+      sigma=0.25,
+      n0=100,
+      n=10_000,
+      alpha=0.001,
+      bound="bernstein",
+      references=("mean", "clean"),
+      cos=0.5,             # radius for cos >= cos (Corollary 3.3) that eps_fractions scale
+      eps_fractions=(0.25, 0.5, 0.75, 1.0),
+      eps=config_dict.placeholder(tuple),  # set: these radii where B >= 0, not fractions
+      steps=20,            # l2 PGD steps
+      step_factor=2.5,     # step = step_factor * eps / steps (Madry et al.)
+      eot_samples=8,       # noise draws per attack step
+      measure_n=10_000,    # fresh samples measuring <f_s(x_adv), u>
+      k_sigma=3.0,         # violation beyond k standard errors of the measurement
+      variants=config_dict.placeholder(tuple),  # None: every variant (FS, FS+D+M, ...)
+      batch_size=16,       # (image, eps) pairs per attack call
+      chunk_size=64,
+  ))
   c.update(overrides)
   return c

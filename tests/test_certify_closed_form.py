@@ -103,7 +103,7 @@ def test_hoeffding_and_bernstein_match_formulas():
 def test_bounds_coverage(a, b):
   """Each LCB exceeds the true mean in at most ~alpha of many repetitions."""
   rng = np.random.default_rng(1)
-  reps, n, alpha = 4000, 200, 0.05
+  reps, n, alpha = 1500, 100, 0.05
   mu = a / (a + b)
   x = rng.beta(a, b, size=(reps, n))
   pilot = rng.beta(a, b, size=(reps, 30))  # independent first stage, as in certification

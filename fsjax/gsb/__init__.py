@@ -12,8 +12,28 @@ depends on (method.md section 4):
 * :class:`BoostedEncoder`: ``normalise(M(g(D(x, sigma)), sigma))`` (Eq. 14), any subset.
 * :func:`default_gsb_config`, :func:`build_denoiser`, :func:`build_mapper`,
   :func:`ablation_variants` (the Table 6 rows).
+* :mod:`fsjax.gsb.checkpoint`: :func:`~fsjax.gsb.checkpoint.load` reads the final D and M
+  parameters of a ``python -m train.gsb`` workdir back.
+
+Training and plugging GSB into certification::
+
+  python -m train.gsb --config configs/default.py --workdir WORKDIR
+  python -m certify.run --config configs/default.py --workdir OUT \
+      --config.gsb.checkpoint=WORKDIR
+
+With ``config.gsb.checkpoint`` set, ``certify.run`` loads the booster
+(``checkpoint.load(WORKDIR, config=config)``, which refuses a booster trained for another
+encoder or architecture) and certifies the Table 6 rows FS, FS+D, FS+M, FS+D+M. Use the
+same config for both commands (at least the same ``config.encoder`` and
+``config.gsb.denoiser`` / ``config.gsb.mapper`` architecture). In code::
+
+  gsb_params = fsjax.gsb.checkpoint.load(WORKDIR, config=config)
+  boosted = fsjax.gsb.BoostedEncoder(encoder, denoiser=fsjax.gsb.build_denoiser(config),
+                                     mapper=fsjax.gsb.build_mapper(config, token_dim))
+  features = boosted({"encoder": encoder_params, **gsb_params}, x + delta, sigma=sigma)
 """
 
+from fsjax.gsb import checkpoint
 from fsjax.gsb.boosted import ablation_variants
 from fsjax.gsb.boosted import BoostedEncoder
 from fsjax.gsb.boosted import build_denoiser
@@ -35,6 +55,7 @@ __all__ = [
     "SmoothnessMapper",
     "ablation_variants",
     "build_denoiser",
+    "checkpoint",
     "build_mapper",
     "default_gsb_config",
     "denoiser_loss",

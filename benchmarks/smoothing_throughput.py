@@ -1,0 +1,461 @@
+r"""Throughput, FLOP/s and memory of fsjax Gaussian smoothing, against a PyTorch loop.
+
+Prints Markdown tables, all measured in one run on one machine:
+
+1. **Matmul peak**: a large ``jnp.dot`` (float32, and bfloat16 inputs with float32
+   accumulation), and ``torch.mm`` for reference; the best of each dtype is the
+   machine's measured peak.
+2. **Smoothing throughput**: samples/s of ``fsjax.smoothing.smoothed_features`` (jitted,
+   timed after compilation and one warm-up call) and of a plain ``transformers`` PyTorch
+   loop doing the same work on the same random-init CLIP vision tower: add Gaussian noise
+   to the [0, 1] images in chunks, CLIP-normalise, run ``CLIPVisionModelWithProjection``
+   under ``torch.inference_mode()``, L2-normalise, accumulate the mean feature. Each
+   row also gives GFLOP/s (FLOPs per sample from XLA's cost analysis of one encoder
+   forward, cross-checked against the analytic count) and the share of the peak of the
+   row's compute dtype. Variants are timed in interleaved rounds, so load changes on a
+   shared machine hit them alike; the table reports the median.
+3. **Memory vs n**: XLA's ``memory_analysis()`` of the compiled two-stage certification
+   (``certify.score_deficits``) on the tiny CLIP of ``configs/clip_tiny.py`` for several n:
+   temp + argument + output bytes stay flat because samples are summed chunk by chunk.
+   Each n is also run for real, with its wall time.
+
+On a GPU (``jax.default_backend() == "gpu"``) the defaults switch to CLIP ViT-L/14 in
+bfloat16 with a chunk-size sweep (128, 256, 512); the torch loop runs there only if
+torch sees CUDA (then in bfloat16 on the GPU). ``benchmarks/gpu_check.sh`` runs that.
+
+  python benchmarks/smoothing_throughput.py              # full CPU run (a few minutes)
+  python benchmarks/smoothing_throughput.py --quick      # tiny everything, < 1 minute
+  python benchmarks/smoothing_throughput.py --model l14 --dtypes bfloat16 \
+      --chunk 128,256,512 --n 8192                        # what the GPU default does
+
+Timings on a shared machine vary by 2x from run to run: compare rows of one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+# Before jax is imported: on a GPU, the torch loop shares the device with JAX, so JAX
+# must not grab 75% of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare checkout
+
+import certify  # noqa: E402
+from fsjax import clip  # noqa: E402
+from fsjax import smoothing  # noqa: E402
+
+# HF CLIPVisionConfig fields (vision tower + projection); hidden_act is quick_gelu, the
+# HF default, on both sides.
+ARCHITECTURES = {
+    # As configs/clip_tiny.py: 32 px, patch 8, width 32, 2 layers, 2 heads, projection 16.
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16),
+    # openai/clip-vit-base-patch16.
+    "b16": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, image_size=224, patch_size=16, projection_dim=512),
+    # openai/clip-vit-large-patch14.
+    "l14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768),
+}
+ARCH_NAMES = {"tiny": "tiny CLIP (32 px)", "b16": "CLIP ViT-B/16", "l14": "CLIP ViT-L/14"}
+JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SIGMA = 0.25
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def log(msg: str) -> None:
+  """Progress to stderr, so that stdout holds only the Markdown report."""
+  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def fmt_bytes(b: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(b) < 1024 or unit == "GiB":
+      return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+    b /= 1024
+  raise AssertionError
+
+
+def timed(fn: Callable[[], Any]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
+  """Times each (already warm) function ``reps`` times, round-robin; seconds per call.
+
+  Round-robin rather than one variant after the other, so that a load change on a
+  shared machine falls on all variants alike.
+  """
+  times = {k: [] for k in fns}
+  for _ in range(reps):
+    for k, fn in fns.items():
+      times[k].append(timed(fn))
+  return times
+
+
+def analytic_vit_flops(arch: dict) -> float:
+  """Matmul FLOPs of one image through a CLIP vision tower + projection (2 per MAC).
+
+  With T = 1 + (S/p)^2 tokens, width D, MLP width M, L layers, projection P:
+    patch embedding  2 (S/p)^2 (3 p^2) D
+    per layer        2 T D (3D)  q, k, v      + 2 T D D  out_proj
+                   + 2 T^2 D     q k^T        + 2 T^2 D  probs v
+                   + 2 T D M     fc1          + 2 T M D  fc2
+                   = 2 T D (4D + 2M) + 4 T^2 D
+    projection       2 D P
+  LayerNorms, softmax, activations and the noise are O(T D) and left out (XLA's count
+  has them: it comes out ~0.3% higher for ViT-B/16).
+  """
+  s, p, d = arch["image_size"], arch["patch_size"], arch["hidden_size"]
+  m, layers, proj = arch["intermediate_size"], arch["num_hidden_layers"], arch["projection_dim"]
+  patches = (s // p) ** 2
+  t = patches + 1
+  per_layer = 2 * t * d * (4 * d + 2 * m) + 4 * t * t * d
+  return 2 * patches * (3 * p * p) * d + layers * per_layer + 2 * d * proj
+
+
+def build_fsjax(arch: dict, dtype: str, seed: int = 0):
+  """Random-init (encoder, params) of a vision-only CLIP, as the "clip" builder does."""
+  config = clip.CLIPConfig.from_hf_dict(dict(arch, model_type="clip_vision_model"))
+  model, params = clip.init(config, seed=seed, dtype=JAX_DTYPES[dtype])
+  return clip.ClipEncoder(resolution=arch["image_size"], model=model), params
+
+
+def count_params(tree) -> int:
+  return sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(tree))
+
+
+def rss_mib() -> float:
+  """Peak resident set size of this process so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -------------------------------------------------------------------------- section 1
+
+
+def matmul_peak(size: int, *, skip_torch: bool, reps: int) -> tuple[str, dict[str, float]]:
+  """Best-of-``reps`` FLOP/s of a ``size``^3 matmul; returns (table, peak per dtype)."""
+  rows, peak = [], {"float32": 0.0, "bfloat16": 0.0}
+  flops = 2.0 * size**3
+  backend = jax.default_backend()
+  for dtype, label in (("float32", "float32"), ("bfloat16", "bfloat16 in, float32 accumulate")):
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), JAX_DTYPES[dtype])
+    fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    fn(a, a).block_until_ready()
+    t = min(timed(lambda: fn(a, a).block_until_ready()) for _ in range(reps))
+    rows.append([f"XLA ({backend}) `jnp.dot`", label, f"{flops / t / 1e9:,.0f}"])
+    peak[dtype] = max(peak[dtype], flops / t)
+  torch_device = _torch_device(skip_torch)
+  if torch_device is not None:
+    import torch  # pylint: disable=g-import-not-at-top
+    for dtype in ("float32", "bfloat16"):
+      a = torch.randn(size, size, device=torch_device).to(getattr(torch, dtype))
+      sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
+      torch.mm(a, a)
+      sync()
+      t = min(timed(lambda: (torch.mm(a, a), sync())) for _ in range(reps))
+      rows.append([f"torch ({torch_device}) `torch.mm`", dtype, f"{flops / t / 1e9:,.0f}"])
+      peak[dtype] = max(peak[dtype], flops / t)
+  table = markdown_table(["matmul", f"dtype ({size}x{size}x{size})", "GFLOP/s"], rows)
+  return table, peak
+
+
+# -------------------------------------------------------------------------- section 2
+
+
+def _torch_device(skip_torch: bool) -> str | None:
+  """Where the torch loop runs: beside JAX on the same kind of device, or nowhere."""
+  if skip_torch:
+    return None
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  backend = jax.default_backend()
+  if backend == "cpu":
+    return "cpu"
+  if backend == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  return None  # torch on the CPU against JAX on an accelerator would be no comparison
+
+
+@dataclasses.dataclass
+class Variant:
+  name: str
+  dtype: str  # compute dtype, picks the peak it is compared with
+  run: Callable[[], Any]  # one smoothing of n samples x batch images (blocks)
+  samples: int  # n * batch
+
+
+def fsjax_variant(arch: dict, dtype: str, *, n: int, batch: int, chunk: int,
+                  x: np.ndarray) -> Variant:
+  encoder, params = build_fsjax(arch, dtype)
+  key = jax.random.key(0)
+  xj = jnp.asarray(x)
+  # The public API, jitted end to end (the smoothing loop is a fori_loop inside it).
+  smooth = jax.jit(lambda p, x, k: smoothing.smoothed_features(
+      p, x, encoder=encoder, sigma=SIGMA, n=n, key=k, chunk_size=chunk))
+  t0 = time.perf_counter()
+  compiled = smooth.lower(params, xj, key).compile()
+  log(f"fsjax {dtype} chunk {chunk}: compiled in {time.perf_counter() - t0:.1f} s")
+  run = lambda: compiled(params, xj, key).block_until_ready()
+  log(f"fsjax {dtype} chunk {chunk}: warm-up run {timed(run):.1f} s")
+  return Variant(f"fsjax {dtype}, chunk {chunk}", dtype, run, n * batch)
+
+
+def torch_variant(arch: dict, dtype: str, *, n: int, batch: int, chunk: int, x: np.ndarray,
+                  device: str) -> Variant | None:
+  """The plain transformers loop; ``dtype`` bfloat16 means autocast on CPU, bf16 weights on GPU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  config = transformers.CLIPVisionConfig(**arch)
+  model = transformers.CLIPVisionModelWithProjection(config).eval().to(device)
+  autocast = contextlib.nullcontext
+  if dtype == "bfloat16":
+    if device == "cuda":
+      model = model.to(torch.bfloat16)
+    else:
+      autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+  mean = torch.tensor(clip.CLIP_MEAN, device=device).view(1, 1, 3, 1, 1)
+  std = torch.tensor(clip.CLIP_STD, device=device).view(1, 1, 3, 1, 1)
+  images = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)  # NCHW
+  model_dtype = next(model.parameters()).dtype
+  generator = torch.Generator(device=device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def smooth(n_samples: int) -> torch.Tensor:
+    generator.manual_seed(0)
+    total = torch.zeros(images.shape[0], arch["projection_dim"], device=device)
+    with torch.inference_mode(), autocast():
+      for start in range(0, n_samples, chunk):
+        k = min(chunk, n_samples - start)
+        noisy = images[None] + SIGMA * torch.randn((k,) + tuple(images.shape), device=device,
+                                                   generator=generator)  # [k, B, 3, S, S]
+        pixels = ((noisy - mean) / std).reshape((-1,) + tuple(images.shape[1:]))
+        emb = model(pixel_values=pixels.to(model_dtype)).image_embeds.float()  # [k B, P]
+        emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        total += emb.reshape(k, images.shape[0], -1).sum(0)
+    sync()
+    return total / n_samples
+
+  try:
+    t = timed(lambda: smooth(chunk))
+  except Exception as e:  # pylint: disable=broad-except
+    log(f"torch {dtype} on {device} failed ({type(e).__name__}: {e}); row skipped")
+    return None
+  log(f"torch {dtype} ({device}): warm-up chunk {t:.1f} s")
+  label = "autocast" if autocast is not contextlib.nullcontext else "weights"
+  name = f"torch {dtype}{f' ({label})' if dtype == 'bfloat16' else ''}, chunk {chunk}"
+  return Variant(name, dtype, lambda: smooth(n), n * batch)
+
+
+def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, batch: int,
+               reps: int, skip_torch: bool, torch_dtypes: list[str], peak: dict[str, float],
+               budget_s: float, started: float) -> str:
+  arch = ARCHITECTURES[arch_name]
+  s = arch["image_size"]
+  x = np.random.default_rng(0).uniform(size=(batch, s, s, 3)).astype(np.float32)
+
+  # FLOPs per sample: XLA's count of one encoder forward (the smoothing loop's own cost
+  # analysis counts a while-loop body once, whatever n), cross-checked analytically.
+  encoder, params = build_fsjax(arch, "float32")
+  cost = jax.jit(encoder).lower(params, jnp.asarray(x[:1])).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost["flops"])
+  analytic = analytic_vit_flops(arch)
+  num_params = count_params(params)
+  del encoder, params
+
+  variants: list[Variant] = []
+  device = _torch_device(skip_torch)
+  if device is not None:
+    for dtype in torch_dtypes:
+      v = torch_variant(arch, dtype, n=n, batch=batch, chunk=chunks[0], x=x, device=device)
+      if v is not None:
+        variants.append(v)
+  for dtype in dtypes:
+    for chunk in chunks:
+      if variants and time.perf_counter() - started > budget_s:
+        log(f"time budget {budget_s:.0f} s spent: skipping fsjax {dtype} chunk {chunk}")
+        continue
+      variants.append(fsjax_variant(arch, dtype, n=n, batch=batch, chunk=chunk, x=x))
+
+  log(f"timing {len(variants)} variants x {reps} interleaved rounds")
+  times = interleaved({v.name: v.run for v in variants}, reps)
+  baseline = next((statistics.median(times[v.name]) / v.samples
+                   for v in variants if v.name.startswith("torch float32")), None)
+  rows = []
+  for v in variants:
+    t = times[v.name]
+    rate = v.samples / statistics.median(t)
+    rates = sorted(v.samples / ti for ti in t)
+    ratio = f"{rate * baseline:.2f}x" if baseline else "n/a"
+    share = rate * flops / peak[v.dtype]
+    rows.append([v.name, f"{rate:,.2f}", f"{rates[0]:,.2f}-{rates[-1]:,.2f}", ratio,
+                 f"{rate * flops / 1e9:,.0f}", f"{100 * share:.0f}%" if share > 0 else "n/a"])
+  title = (f"{ARCH_NAMES[arch_name]} ({num_params / 1e6:.1f}M "
+           f"params), n = {n} samples x {batch} image(s), sigma = {SIGMA}, {reps} interleaved "
+           f"rounds; FLOPs/sample: XLA cost analysis {flops / 1e9:.2f} G, analytic matmuls "
+           f"{analytic / 1e9:.2f} G")
+  table = markdown_table(
+      ["variant", "samples/s (median)", "range", "vs torch float32", "GFLOP/s",
+       "% of peak (same dtype)"], rows)
+  return title + "\n\n" + table
+
+
+# -------------------------------------------------------------------------- section 3
+
+
+def memory_vs_n(sizes: list[int], *, n0: int, chunk: int, run: bool) -> str:
+  """Compiled memory of the two-stage certification for each n, and optionally its run."""
+  arch = ARCHITECTURES["tiny"]
+  encoder, params = build_fsjax(arch, "float32")
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 32, 32, 3)), jnp.float32)
+  key = jax.random.key(0)
+  rows = []
+  for n in sizes:
+    certify_fn = jax.jit(lambda p, x, k, n=n: certify.score_deficits(
+        p, x, encoder=encoder, sigma=SIGMA, key=k, n=n, n0=n0, chunk_size=chunk))
+    compiled = certify_fn.lower(params, x, key).compile()
+    mem = compiled.memory_analysis()
+    total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+             - mem.alias_size_in_bytes)
+    row = [f"{n:,}", fmt_bytes(mem.temp_size_in_bytes), fmt_bytes(mem.argument_size_in_bytes),
+           fmt_bytes(mem.output_size_in_bytes), fmt_bytes(total)]
+    if run:
+      rss0 = rss_mib()
+      t = timed(lambda: jax.block_until_ready(compiled(params, x, key)))
+      row += [f"{t:.2f} s", f"{(n + n0) / t:,.0f}", f"{rss_mib() - rss0:+.0f} MiB"]
+      log(f"memory: n = {n} ran in {t:.2f} s")
+    rows.append(row)
+  header = ["n", "temp", "arguments", "outputs", "total"]
+  if run:
+    header += ["wall time (incl. n0)", "samples/s", "peak RSS growth"]
+  title = (f"`certify.score_deficits` (n0 = {n0} + n samples, all bounds, chunk {chunk}) on "
+           f"the {ARCH_NAMES['tiny']}: XLA `memory_analysis()` of the compiled executable")
+  return title + "\n\n" + markdown_table(header, rows)
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def parse_ints(s: str) -> list[int]:
+  return [int(v) for v in s.split(",") if v]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  gpu = jax.default_backend() == "gpu"
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", choices=sorted(ARCHITECTURES), default=None,
+                 help="throughput model (default: b16 on CPU, l14 on GPU, tiny with --quick)")
+  p.add_argument("--n", type=int, default=None,
+                 help="noise samples per timed smoothing (default 64 on CPU, 8192 on GPU)")
+  p.add_argument("--batch", type=int, default=1, help="images smoothed together")
+  p.add_argument("--chunk", type=parse_ints, default=None,
+                 help="comma-separated chunk sizes to try for fsjax; the torch loop uses the "
+                      "first (default 16 on CPU, 128,256,512 on GPU)")
+  p.add_argument("--dtypes", default=None,
+                 help="fsjax compute dtypes (default float32,bfloat16 on CPU, bfloat16 on GPU)")
+  p.add_argument("--torch-dtypes", default=None,
+                 help="torch loop dtypes (default float32,bfloat16 on CPU, bfloat16 on GPU)")
+  p.add_argument("--reps", type=int, default=None, help="interleaved timing rounds (default 3)")
+  p.add_argument("--sizes", type=parse_ints, default=None,
+                 help="comma-separated n of the memory table (default 1000,10000,100000)")
+  p.add_argument("--no-memory-run", action="store_true",
+                 help="memory table from the compiled executables only, no real runs")
+  p.add_argument("--peak-size", type=int, default=None,
+                 help="matmul side for the peak (default 4096 on CPU, 8192 on GPU)")
+  p.add_argument("--sections", default="peak,throughput,memory",
+                 help="comma-separated subset of peak,throughput,memory")
+  p.add_argument("--skip-torch", action="store_true", help="fsjax rows only")
+  p.add_argument("--budget", type=float, default=None,
+                 help="seconds after which no further fsjax variant is compiled (default: none "
+                      "on CPU, 150 on GPU)")
+  p.add_argument("--quick", action="store_true",
+                 help="smoke test: tiny model and sizes, < 1 minute on CPU")
+  a = p.parse_args(argv)
+  quick = a.quick
+  a.model = a.model or ("tiny" if quick else "l14" if gpu else "b16")
+  a.n = a.n or (64 if quick else 8192 if gpu else 64)
+  a.chunk = a.chunk or ([16] if quick else [128, 256, 512] if gpu else [16])
+  a.dtypes = (a.dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
+  a.torch_dtypes = (a.torch_dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
+  a.reps = a.reps or (2 if quick else 3)
+  a.sizes = a.sizes or ([1000, 10000] if quick else [1000, 10000, 100000])
+  a.peak_size = a.peak_size or (512 if quick else 8192 if gpu else 4096)
+  a.budget = a.budget if a.budget is not None else (150.0 if gpu else float("inf"))
+  a.sections = a.sections.split(",")
+  for d in a.dtypes + a.torch_dtypes:
+    if d not in JAX_DTYPES:
+      p.error(f"dtype {d!r} is not one of {sorted(JAX_DTYPES)}")
+  for s in a.sections:
+    if s not in ("peak", "throughput", "memory"):
+      p.error(f"--sections: unknown section {s!r}")
+  return a
+
+
+def main(argv=None) -> None:
+  args = parse_args(argv)
+  started = time.perf_counter()
+  device = jax.devices()[0]
+  versions = f"jax {jax.__version__}"
+  with contextlib.suppress(ImportError):
+    import torch  # pylint: disable=g-import-not-at-top
+    import transformers  # pylint: disable=g-import-not-at-top
+    versions += (f", torch {torch.__version__} ({torch.get_num_threads()} threads), "
+                 f"transformers {transformers.__version__}")
+  print(f"## fsjax smoothing benchmark\n\n`{' '.join(['python'] + sys.argv)}`\n")
+  print(f"* device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} "
+        f"device(s)), {os.cpu_count()} CPU cores; {versions}")
+  print(f"* load average at start: {os.getloadavg()[0]:.2f}\n")
+
+  peak = {"float32": float("nan"), "bfloat16": float("nan")}
+  if "peak" in args.sections:
+    log(f"matmul peak ({args.peak_size}^3)")
+    table, peak = matmul_peak(args.peak_size, skip_torch=args.skip_torch, reps=3)
+    print("### Matmul peak\n\n" + table + "\n", flush=True)
+  if "throughput" in args.sections:
+    log(f"throughput: {args.model}, n = {args.n}, batch {args.batch}, chunks {args.chunk}")
+    table = throughput(args.model, dtypes=args.dtypes, chunks=args.chunk, n=args.n,
+                       batch=args.batch, reps=args.reps, skip_torch=args.skip_torch,
+                       torch_dtypes=args.torch_dtypes, peak=peak, budget_s=args.budget,
+                       started=started)
+    print("### Smoothing throughput\n\n" + table + "\n", flush=True)
+  if "memory" in args.sections:
+    log(f"memory: n in {args.sizes}")
+    table = memory_vs_n(args.sizes, n0=100, chunk=smoothing.DEFAULT_CHUNK_SIZE,
+                        run=not args.no_memory_run)
+    print("### Memory vs n\n\n" + table + "\n", flush=True)
+  print(f"* load average at end: {os.getloadavg()[0]:.2f}; total wall time "
+        f"{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+  main()

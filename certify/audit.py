@@ -1,0 +1,446 @@
+r"""Soundness audit of the feature certificate: attack it inside its own radius.
+
+  python -m certify.audit --config configs/default.py --workdir /tmp/fsjax_audit
+
+The certificate (method.md section 2; :func:`certify.fcsb`) says: with probability at
+least 1 - alpha over the certification noise, for every ``||x' - x||_2 <= eps``
+
+    <f_s(x'), u>  >=  B(eps) = 2 Phi( Phi^-1(L) - eps / sigma ) - 1,
+
+with u the reference direction (``"mean"``: the stage-1 mean direction; ``"clean"``:
+the paper's u = f(x)) and L the lower confidence bound of h_u(x). This CLI tries to break
+it. For each image, variant and reference it
+
+1. certifies with the same two-stage Monte Carlo as :func:`certify.fcsb`
+   (:func:`certify.score_deficits`, then the closed form: the numbers are identical to
+   ``certify.fcsb(..., key=key)``), which gives L, u and the radius R_c for cos >= c;
+2. picks eps inside the certificate: ``config.audit.eps_fractions`` of R_c (images
+   with R_c <= 0 are not certified at level c and are skipped), or, with
+   ``config.audit.eps`` set, those radii where the cosine is certified (B >= 0);
+3. runs l2 PGD with EOT over the smoothing noise at radius eps, *minimising*
+   ``<mean_j f(x_adv + delta_j), u>`` (the exact quantity bounded, against the fixed
+   direction u; a fresh set of m noise draws every step, random start in the ball,
+   steps of ``step_factor * eps / steps``, the last iterate is kept);
+4. measures ``<f_s(x_adv), u>`` with ``measure_n`` fresh noise samples (independent of
+   the certification and the attack), with its standard error ``se`` (sample standard
+   deviation / sqrt(n));
+5. counts violations: ``raw`` (measured < B) and ``beyond k sigma`` (measured + k se <
+   B, i.e. the Monte Carlo error of the measurement cannot explain it).
+
+A sound certificate may fail on at most a fraction alpha of the *images* (all eps and
+both references of one image share its certification noise), so the expected number of
+images with a real violation is <= alpha * images; the summary prints both rates.
+Raw violations without k-sigma ones are measurement noise: the attack pushed the true
+value to within a few standard errors of B, which a tight certificate allows.
+
+Why a local PGD loop: :func:`fsjax.attacks.pgd` takes its loss against features of a
+reference *image*, computed inside the jitted attack; the audit needs a fixed direction u
+per image (the certificate's), which the attack cannot take as data without a recompile
+per batch. The loop here reuses the attack module's projection, step and start helpers.
+
+Writes ``audit.jsonl`` (one row per image, eps, variant, reference) and ``audit.md``
+(summary, per-fraction table) into the workdir.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import pathlib
+from typing import Any, Sequence
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from certify import _closed_form
+from certify import _feature
+# certify.run defines the --config and --workdir flags every certify CLI shares (absl
+# refuses a flag defined twice, so this module reuses them rather than defining its own).
+from certify import run as run_lib
+from fsjax import data as data_lib
+from fsjax import encoders as encoders_lib
+from fsjax import smoothing
+from fsjax.attacks import _common
+
+# Streams of randomness, folded into the seed's key: certification, attack, measurement
+# never share noise (a measurement that reused the certification samples would be biased).
+_CERTIFY, _ATTACK, _MEASURE = 0, 1, 2
+
+
+def check_audit_config(a) -> None:
+  """Validates ``config.audit`` (errors name the key and the fix), before any jit."""
+  _feature.check_certify_args(sigma=a.sigma, n=a.n, n0=a.n0, alpha=a.alpha, bound=a.bound,
+                              chunk_size=a.chunk_size)
+  if a.bound == "point":
+    raise ValueError("config.audit.bound='point' is the paper's plug-in estimate, not a "
+                     "certificate; audit 'bernstein', 'betting' or 'hoeffding'.")
+  _closed_form._check_cos(a.cos)  # pylint: disable=protected-access
+  if not a.references or any(r not in _feature.REFERENCES for r in a.references):
+    raise ValueError(f"config.audit.references={a.references!r}: use a non-empty subset of "
+                     f"{_feature.REFERENCES}.")
+  if a.eps is None:
+    fr = np.asarray(a.eps_fractions, np.float64)
+    if fr.ndim != 1 or fr.size == 0 or np.any(fr <= 0) or np.any(fr > 1):
+      raise ValueError(f"config.audit.eps_fractions={a.eps_fractions!r} must be fractions in "
+                       "(0, 1] of the certified radius (e.g. (0.25, 0.5, 0.75, 1.0)).")
+  else:
+    eps = np.asarray(a.eps, np.float64)
+    if eps.ndim != 1 or eps.size == 0 or np.any(eps <= 0) or not np.all(np.isfinite(eps)):
+      raise ValueError(f"config.audit.eps={a.eps!r} must be a non-empty list of l2 radii > 0, "
+                       "or None to use eps_fractions of the certified radius.")
+  if isinstance(a.steps, bool) or int(a.steps) != a.steps or a.steps < 1:
+    raise ValueError(f"config.audit.steps={a.steps!r} must be an integer >= 1.")
+  if not a.step_factor > 0:
+    raise ValueError(f"config.audit.step_factor={a.step_factor!r} must be > 0 (the l2 step "
+                     "is step_factor * eps / steps; Madry et al. use 2.5).")
+  if isinstance(a.eot_samples, bool) or int(a.eot_samples) != a.eot_samples \
+      or a.eot_samples < 1:
+    raise ValueError(f"config.audit.eot_samples={a.eot_samples!r} must be an integer >= 1: "
+                     "the attack targets the smoothed feature, an expectation over noise.")
+  smoothing.check_sampling(sigma=a.sigma, n=a.measure_n, chunk_size=a.chunk_size,
+                           name_n="config.audit.measure_n")
+  if a.measure_n < 2:
+    raise ValueError("config.audit.measure_n must be >= 2 (the standard error needs a "
+                     "sample variance).")
+  if not a.k_sigma >= 0:
+    raise ValueError(f"config.audit.k_sigma={a.k_sigma!r} must be >= 0 (e.g. 3).")
+  if int(a.batch_size) != a.batch_size or a.batch_size < 1:
+    raise ValueError(f"config.audit.batch_size={a.batch_size!r} must be an integer >= 1.")
+
+
+# ---------------------------------------------------------------------------------------
+# The attack and the measurement.
+# ---------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("encoder", "steps", "eot_samples"))
+def _attack(params, x, u, eps, step_size, sigma, key, *, encoder, steps, eot_samples):
+  """l2 PGD + EOT minimising ``<mean_j f(x_adv + delta_j), u>``; eps, step ``[B,1,1,1]``."""
+  start_key, loop_key = jax.random.split(key)
+
+  def objective(x_adv, step_key):
+    f = _common.smoothed_features(encoder, params, x_adv, sigma=sigma,
+                                  eot_samples=eot_samples, key=step_key)
+    # Summed over the batch: images do not interact, so each gets its own gradient.
+    return jnp.sum(f * u)
+
+  def body(t, x_adv):
+    grad = jax.grad(objective)(x_adv, jax.random.fold_in(loop_key, t))
+    return _common.project(_common.descent_step(x_adv, grad, step_size, "l2"), x, eps, "l2")
+
+  x0 = _common.random_start(start_key, x, eps, "l2")
+  return jax.lax.fori_loop(0, steps, body, x0)
+
+
+def attack_direction(params: Any, x: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *,
+                     encoder: encoders_lib.Encoder, eps: jax.typing.ArrayLike, sigma: float,
+                     steps: int, eot_samples: int, key: jax.Array,
+                     step_factor: float = 2.5) -> jax.Array:
+  """l2 PGD with EOT against the smoothed feature's inner product with a fixed u.
+
+  Minimises ``<mean_j f(x_adv + delta_j), u>`` (m = ``eot_samples`` fresh draws
+  delta_j ~ N(0, sigma^2 I) per step) over ``||x_adv - x||_2 <= eps``, x_adv in [0, 1];
+  random start in the ball, normalised-gradient steps of ``step_factor * eps / steps``
+  (Madry et al.'s 2.5 eps / steps), the last iterate returned.
+
+  Args:
+    params: encoder parameters.
+    x: ``[B, H, W, 3]`` clean images in [0, 1].
+    u: ``[B, D]`` unit directions (the certificates' references).
+    encoder: the encoder (static; GSB encoders are attacked through D and M).
+    eps: ``[B]`` (or scalar) l2 radii >= 0 in [0, 1] pixel units.
+    sigma: smoothing noise level > 0.
+    steps: PGD steps >= 1.
+    eot_samples: m >= 1.
+    key: PRNG key.
+    step_factor: step length in units of eps / steps.
+
+  Returns:
+    ``[B, H, W, 3]`` adversarial images.
+  """
+  encoders_lib.check_images(x)
+  _common.check_budget(eps=1.0, step_size=step_factor, steps=steps, norm="l2")
+  _common.check_smoothing(sigma=sigma, eot_samples=eot_samples)
+  x = jnp.asarray(x, jnp.float32)
+  eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (x.shape[0],))
+  if np.any(np.asarray(eps) < 0):
+    raise ValueError("eps must be >= 0 for every image.")
+  eps = eps[:, None, None, None]
+  return _attack(params, x, jnp.asarray(u, jnp.float32), eps, eps * (step_factor / steps),
+                 jnp.float32(sigma), key, encoder=encoder, steps=int(steps),
+                 eot_samples=int(eot_samples))
+
+
+@functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
+def _measure(params, x, u, key, sigma, *, encoder, n, chunk_size):
+  # Centre the sums at the base feature's value, so the float32 variance does not cancel.
+  center = jnp.sum(encoder(params, x, sigma=sigma) * u, axis=-1)
+
+  def statistic(features, u, center):
+    d = jnp.einsum("bkd,bd->bk", features, u) - center[:, None]
+    return {"d": d, "d2": d * d}
+
+  total = smoothing.monte_carlo_sum(params, x, key, (u, center), encoder=encoder,
+                                    sigma=sigma, n=n, statistic=statistic,
+                                    chunk_size=chunk_size)
+  mean_d = total["d"] / n
+  var = jnp.maximum(total["d2"] - n * mean_d**2, 0.0) / (n - 1)
+  return center + mean_d, jnp.sqrt(var / n)
+
+
+def measure_inner_product(params: Any, x: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *,
+                          encoder: encoders_lib.Encoder, sigma: float, n: int,
+                          key: jax.Array,
+                          chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE
+                          ) -> tuple[jax.Array, jax.Array]:
+  """Monte Carlo ``<f_s(x), u>`` and its standard error, from n samples.
+
+  Returns:
+    ``([B] mean of <f(x + delta_i), u>, [B] sample std / sqrt(n))``.
+  """
+  encoders_lib.check_images(x)
+  smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
+  if n < 2:
+    raise ValueError(f"n must be >= 2 for a standard error, got {n}.")
+  return _measure(params, jnp.asarray(x, jnp.float32), jnp.asarray(u, jnp.float32), key,
+                  jnp.float32(sigma), encoder=encoder, n=int(n), chunk_size=int(chunk_size))
+
+
+# ---------------------------------------------------------------------------------------
+# One batch of images: certify, choose eps, attack, measure.
+# ---------------------------------------------------------------------------------------
+
+
+def _pad(a: np.ndarray, size: int) -> np.ndarray:
+  """Pads axis 0 to ``size`` by repeating the first row (padded results are dropped)."""
+  if a.shape[0] == size:
+    return a
+  return np.concatenate([a, np.repeat(a[:1], size - a.shape[0], axis=0)])
+
+
+def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
+                 labels: np.ndarray, audit, key: jax.Array, *, name: str = "FS",
+                 first_index: int = 0) -> tuple[list[dict], dict]:
+  """Audits the certificate on a batch of images; returns ``(rows, counts)``.
+
+  Args:
+    encoder: the encoder (a base encoder or a GSB-boosted one).
+    params: its parameters.
+    images: ``[B, H, W, 3]`` in [0, 1].
+    labels: ``[B]`` labels (recorded only).
+    audit: the ``config.audit`` section (see ``configs/common.py``).
+    key: PRNG key; the certify, attack and measure streams are folded from it.
+    name: the variant's name, recorded in the rows.
+    first_index: index of ``images[0]`` in the audited set (recorded).
+
+  Returns:
+    One row per (image, eps, reference) tested, and counts of the images and
+    (image, reference) pairs that were skipped as uncertified.
+  """
+  a = audit
+  sigma = float(a.sigma)
+  b = images.shape[0]
+  out = _feature.score_deficits(params, images, encoder=encoder, sigma=sigma,
+                                key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0,
+                                alpha=a.alpha, bounds=(a.bound,), chunk_size=a.chunk_size)
+  rows, skipped = [], collections.Counter()
+  for r_index, reference in enumerate(a.references):
+    deficit = np.asarray(out[reference][a.bound], np.float64)
+    u = np.asarray(out[reference]["direction"], np.float32)
+    radius = np.asarray(_closed_form.radius_from_deficit(
+        jnp.asarray(deficit, jnp.float32), jnp.float32(sigma), float(a.cos)), np.float64)
+    # The (image, eps) pairs inside the certificate.
+    pairs = []  # (image, eps, fraction or None)
+    for i in range(b):
+      if a.eps is None:
+        if radius[i] <= 0:
+          skipped["uncertified"] += 1
+          continue
+        pairs += [(i, float(f) * radius[i], float(f)) for f in a.eps_fractions]
+      else:
+        eps = np.asarray(a.eps, np.float32)
+        bound = np.asarray(_closed_form.bound_from_deficit(
+            jnp.full(eps.shape, deficit[i], jnp.float32), jnp.asarray(eps), sigma))
+        kept = [(i, float(e), None) for e, bb in zip(eps, bound) if bb >= 0]
+        skipped["uncertified"] += int(not kept)
+        skipped["uncertified_eps"] += len(eps) - len(kept)
+        pairs += kept
+    bs = int(a.batch_size)
+    for start in range(0, len(pairs), bs):
+      chunk = pairs[start:start + bs]
+      idx = np.array([p[0] for p in chunk])
+      eps = np.array([p[1] for p in chunk], np.float32)
+      # Fixed shapes (batch_size) so every chunk reuses one compilation.
+      x_c, u_c, eps_c = (_pad(images[idx], bs), _pad(u[idx], bs), _pad(eps, bs))
+      ck = jax.random.fold_in(key, 1000 * r_index + start // bs + 1)
+      x_adv = attack_direction(params, x_c, u_c, encoder=encoder, eps=eps_c, sigma=sigma,
+                               steps=a.steps, eot_samples=a.eot_samples,
+                               step_factor=a.step_factor,
+                               key=jax.random.fold_in(ck, _ATTACK))
+      measured, se = measure_inner_product(params, x_adv, u_c, encoder=encoder, sigma=sigma,
+                                           n=a.measure_n, chunk_size=a.chunk_size,
+                                           key=jax.random.fold_in(ck, _MEASURE))
+      dist = np.sqrt(np.sum((np.asarray(x_adv) - x_c) ** 2, axis=(1, 2, 3)))
+      bound = np.asarray(_closed_form.bound_from_deficit(
+          jnp.asarray(deficit[idx], jnp.float32), jnp.asarray(eps), sigma), np.float64)
+      measured, se = np.asarray(measured, np.float64), np.asarray(se, np.float64)
+      for j, (i, e, frac) in enumerate(chunk):
+        rows.append({
+            "encoder": name, "image": first_index + int(i), "label": int(labels[i]),
+            "reference": reference, "bound": a.bound, "sigma": sigma,
+            "alpha": float(a.alpha), "cos": float(a.cos), "radius": float(radius[i]),
+            "fraction": frac, "eps": float(e), "perturbation_l2": float(dist[j]),
+            "score_lcb": float(1.0 - deficit[i]),
+            "certified_bound": float(bound[j]), "measured": float(measured[j]),
+            "standard_error": float(se[j]), "margin": float(measured[j] - bound[j]),
+            "violation": bool(measured[j] < bound[j]),
+            "violation_k_sigma": bool(measured[j] + a.k_sigma * se[j] < bound[j])})
+  return rows, dict(skipped)
+
+
+# ---------------------------------------------------------------------------------------
+# Summary and files.
+# ---------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict], *, alpha: float, k_sigma: float,
+              images: int) -> dict[str, Any]:
+  """Counts of pairs and violations, and the rates to compare with alpha."""
+  raw = sum(r["violation"] for r in rows)
+  beyond = sum(r["violation_k_sigma"] for r in rows)
+  bad_images = {(r["encoder"], r["image"]) for r in rows if r["violation_k_sigma"]}
+  tested_images = {(r["encoder"], r["image"]) for r in rows}
+  margins = np.array([r["margin"] for r in rows]) if rows else np.zeros(1)
+  return {
+      "pairs": len(rows),
+      "image_eps_pairs": len({(r["encoder"], r["image"], r["eps"]) for r in rows}),
+      "images": images, "images_tested": len(tested_images),
+      "violations_raw": int(raw), "violations_k_sigma": int(beyond), "k_sigma": k_sigma,
+      "violation_rate_raw": raw / max(len(rows), 1),
+      "violation_rate_k_sigma": beyond / max(len(rows), 1),
+      "images_violated_k_sigma": len(bad_images),
+      "image_violation_rate_k_sigma": len(bad_images) / max(len(tested_images), 1),
+      "alpha": alpha, "expected_images_violated_at_most": alpha * len(tested_images),
+      "min_margin": float(margins.min()), "mean_margin": float(margins.mean()),
+  }
+
+
+def by_fraction(rows: list[dict]) -> list[dict]:
+  """One row per (encoder, reference, fraction or eps): averages and violation counts."""
+  groups = collections.defaultdict(list)
+  for r in rows:
+    level = f"{r['fraction']:g} R" if r["fraction"] is not None else f"{r['eps']:g}"
+    groups[(r["encoder"], r["reference"], level)].append(r)
+  table = []
+  for (enc, ref, level), rs in sorted(groups.items()):
+    table.append({
+        "encoder": enc, "reference": ref, "eps": level, "pairs": len(rs),
+        "mean eps": float(np.mean([r["eps"] for r in rs])),
+        "mean bound B": float(np.mean([r["certified_bound"] for r in rs])),
+        "mean measured": float(np.mean([r["measured"] for r in rs])),
+        "min margin": float(np.min([r["margin"] for r in rs])),
+        "max se": float(np.max([r["standard_error"] for r in rs])),
+        "raw violations": int(sum(r["violation"] for r in rs)),
+        "k-sigma violations": int(sum(r["violation_k_sigma"] for r in rs))})
+  return table
+
+
+def _markdown_table(table: list[dict]) -> str:
+  if not table:
+    return "(no pairs)\n"
+  cols = list(table[0])
+  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table]
+  return "\n".join(lines) + "\n"
+
+
+def report(summary: dict, table: list[dict], audit, skipped: dict) -> str:
+  """The Markdown of ``audit.md``."""
+  s = summary
+  levels = (f"eps = {tuple(audit.eps_fractions)} x the certified radius for cos >= "
+            f"{audit.cos:g}" if audit.eps is None
+            else f"eps in {tuple(audit.eps)} where the cosine is certified (B >= 0)")
+  text = [
+      "# Soundness audit of the feature certificate",
+      "",
+      f"sigma = {audit.sigma:g}, bound = {audit.bound}, alpha = {audit.alpha:g}, "
+      f"n0 = {audit.n0}, n = {audit.n}; {levels}; references {tuple(audit.references)}.",
+      f"Attack: l2 PGD + EOT ({audit.steps} steps of {audit.step_factor:g} eps / steps, "
+      f"{audit.eot_samples} noise draws per step) minimising <f_s(x'), u>; measured with "
+      f"{audit.measure_n} fresh samples.",
+      "",
+      f"* pairs tested (image x eps x reference): **{s['pairs']}** "
+      f"({s['image_eps_pairs']} (image, eps) pairs, {s['images_tested']} of {s['images']} "
+      f"images certified at the level; skipped: {skipped or 'none'})",
+      f"* violations, raw (measured < B): **{s['violations_raw']}** "
+      f"(rate {s['violation_rate_raw']:.4f})",
+      f"* violations beyond {s['k_sigma']:g} standard errors: **{s['violations_k_sigma']}** "
+      f"(rate {s['violation_rate_k_sigma']:.4f}); images with one: "
+      f"{s['images_violated_k_sigma']} (rate {s['image_violation_rate_k_sigma']:.4f}; a "
+      f"sound certificate fails on at most alpha = {s['alpha']:g} of the images, i.e. "
+      f"<= {s['expected_images_violated_at_most']:.3f} expected)",
+      f"* margin measured - B: min {s['min_margin']:.4f}, mean {s['mean_margin']:.4f}",
+      "",
+      _markdown_table(table),
+  ]
+  return "\n".join(text)
+
+
+def _audit_data(config):
+  a = config.audit
+  spec = a.get("data") or config.data
+  spec = dict(spec.items())
+  if a.get("num_images"):
+    spec["num_examples"] = int(a.num_images)
+  return data_lib.from_config(spec)
+
+
+def run(config, workdir: str) -> dict[str, Any]:
+  """Audits every variant on ``config.audit.data`` (default ``config.data``); writes files."""
+  a = config.audit
+  check_audit_config(a)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  variants = run_lib.encoder_variants(config)
+  if a.get("variants"):
+    unknown = sorted(set(a.variants) - {v[0] for v in variants})
+    if unknown:
+      raise ValueError(f"config.audit.variants: {unknown} not among the configured variants "
+                       f"{[v[0] for v in variants]}.")
+    variants = [v for v in variants if v[0] in a.variants]
+  dataset = _audit_data(config)
+  key = jax.random.PRNGKey(config.seed)
+  rows, skipped, offset = [], collections.Counter(), 0
+  with open(workdir / "audit.jsonl", "w") as f:
+    for b, batch in enumerate(tqdm.tqdm(dataset, desc="audit", unit="batch")):
+      for name, encoder, params in variants:
+        batch_rows, batch_skipped = audit_images(
+            encoder, params, batch["image"], batch["label"], a,
+            jax.random.fold_in(key, b), name=name, first_index=offset)
+        skipped.update(batch_skipped)
+        for r in batch_rows:
+          f.write(json.dumps(r) + "\n")
+        rows += batch_rows
+      offset += batch["image"].shape[0]
+  summary = summarise(rows, alpha=float(a.alpha), k_sigma=float(a.k_sigma),
+                      images=offset * len(variants))
+  text = report(summary, by_fraction(rows), a, dict(skipped))
+  (workdir / "audit.md").write_text(text)
+  print(text)
+  return summary
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,206 @@
+r"""The paper's Table 2 (prediction certification): FS cosine prototypes vs RS linear head.
+
+  python -m train.head --config configs/default.py --workdir /tmp/fsjax_default
+  python -m certify.table2 --config configs/default.py --workdir /tmp/fsjax_default
+
+Paper Appendix A.3 and Table 2; method.md section 3. The heads come from
+:mod:`train.head` (same workdir, same config). For each sigma of ``config.certify.sigmas``
+and each test image (``config.test_data`` restricted to the heads' classes,
+``config.prediction.test_per_class`` each):
+
+* FS: :func:`certify.certify_prediction` with the sigma's unit prototypes: the mean
+  direction from ``n0`` samples picks the class, the ``prediction.bound`` lower
+  confidence bound of ``h_u(x)`` from ``n`` fresh samples gives the closed-form radius.
+* RS: :func:`certify.rs_certify` (Cohen et al.'s CERTIFY) with the sigma's linear head as
+  base classifier on ``f(x + delta)``: Clopper-Pearson ``pA``, radius ``sigma Phi^-1(pA)``.
+
+Both methods get the same key for a batch, hence the very same noise samples (common
+random numbers: the comparison is paired). The key of batch ``b`` at sigma is
+``fold_in(fold_in(PRNGKey(config.seed), round(sigma * 1e6)), b)``; batches hold
+``config.certify.batch_size`` images, the last one padded with copies of its last image
+(not reported) so that every call has one shape. ``n0`` / ``n`` are
+``config.prediction.n0`` / ``n`` when set, else ``config.certify``'s; ``alpha`` and
+``chunk_size`` are ``config.certify``'s.
+
+The table reports certified accuracy (:func:`certify.certified_accuracy`: certified class
+== label and radius >= r) at each radius of ``config.prediction.radii``. Writes
+``prediction_results.jsonl`` (one row per image, sigma and method), ``table2.md``,
+``table2.csv`` and ``table2.png`` into the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+import tqdm
+
+import certify
+# Imported for its helpers and its --config/--workdir flags (absl flags are global).
+from certify import run as run_lib
+from train import head as head_lib
+
+METHODS = ("FS", "RS")
+
+
+def prediction_settings(config) -> dict[str, Any]:
+  """``n0``, ``n``, ``alpha``, ``bound``, ``chunk_size`` and ``batch_size`` of Table 2."""
+  p, c = config.prediction, config.certify
+  return {"n0": int(p.get("n0") or c.n0), "n": int(p.get("n") or c.n),
+          "alpha": float(c.alpha), "bound": str(p.get("bound", "bernstein")),
+          "chunk_size": int(c.chunk_size), "batch_size": int(c.batch_size)}
+
+
+def _check_heads(meta: dict, heads: dict, config, encoder_name: str) -> None:
+  """Raises ValueError unless the stored heads fit this config."""
+  num_classes = head_lib.check_num_classes(config.prediction.num_classes)
+  if meta["classes"] != list(range(num_classes)):
+    raise ValueError(f"the heads in the workdir classify {len(meta['classes'])} classes but "
+                     f"config.prediction.num_classes={num_classes}; rerun train.head with "
+                     "this config.")
+  missing = [s for s in config.certify.sigmas if float(s) not in heads]
+  if missing:
+    raise ValueError(f"no heads trained for sigma {missing} (trained: {sorted(heads)}); rerun "
+                     "train.head with the same config.certify.sigmas.")
+  if meta["encoder"] != encoder_name:
+    raise ValueError(f"the heads were trained on encoder variant {meta['encoder']!r} but this "
+                     f"config gives {encoder_name!r}; use the config train.head used.")
+
+
+def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encoder,
+                   heads: dict, sigma: float, key: jax.Array, settings: dict,
+                   progress=None) -> list[dict]:
+  """FS and RS certificates of every image at one sigma; one row per image and method.
+
+  Args:
+    params: encoder parameters.
+    images: ``[N, H, W, 3]`` test images in [0, 1].
+    labels: ``[N]`` labels.
+    encoder: the encoder the heads were trained on.
+    heads: ``{"cosine": variables, "linear": variables}`` of this sigma.
+    sigma: noise level.
+    key: the sigma's key; batch ``b`` uses ``fold_in(key, b)``.
+    settings: :func:`prediction_settings`.
+    progress: an optional tqdm bar, advanced once per batch and method.
+
+  Returns:
+    Rows ``{"method", "sigma", "index", "label", "predicted_class", "radius", "correct"}``
+    plus the Monte Carlo settings.
+  """
+  prototypes = certify.unit_prototypes(heads["cosine"])
+  bs = settings["batch_size"]
+  mc = {k: settings[k] for k in ("n0", "n", "alpha", "chunk_size")}
+  rows = []
+  for b, start in enumerate(range(0, len(images), bs)):
+    x = images[start:start + bs]
+    xp = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)]) if len(x) < bs else x
+    k = jax.random.fold_in(key, b)
+    out = {}
+    out["FS"] = certify.certify_prediction(params, xp, encoder=encoder, prototypes=prototypes,
+                                           sigma=sigma, key=k, bound=settings["bound"], **mc)
+    if progress is not None:
+      progress.update(1)
+    out["RS"] = certify.rs_certify(params, xp, encoder=encoder, head=heads["linear"],
+                                   sigma=sigma, key=k, **mc)
+    if progress is not None:
+      progress.update(1)
+    for method in METHODS:
+      cls, radius = (np.asarray(a)[:len(x)] for a in out[method])
+      for i in range(len(x)):
+        label = int(labels[start + i])
+        rows.append({"method": method, "sigma": float(sigma), "index": start + i,
+                     "label": label, "predicted_class": int(cls[i]),
+                     "radius": float(radius[i]),
+                     "correct": bool(int(cls[i]) == label),
+                     "bound": settings["bound"] if method == "FS" else "clopper-pearson",
+                     "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]})
+  return rows
+
+
+def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -> list[dict]:
+  """Table 2: certified accuracy at each radius, one row per (sigma, method)."""
+  table = []
+  for sigma in sorted({r["sigma"] for r in rows}):
+    for method in METHODS:
+      rs = [r for r in rows if r["sigma"] == sigma and r["method"] == method]
+      acc = np.asarray(certify.certified_accuracy(
+          np.array([r["predicted_class"] for r in rs]), np.array([r["radius"] for r in rs]),
+          np.array([r["label"] for r in rs]), np.asarray(radii, np.float32),
+          num_classes=num_classes))
+      row = {"method": method, "encoder": encoder_name, "sigma": float(sigma),
+             "images": len(rs),
+             "abstain": float(np.mean([r["predicted_class"] == certify.ABSTAIN for r in rs]))}
+      row.update({f"{float(r):g}": float(a) for r, a in zip(radii, acc)})
+      table.append(row)
+  return table
+
+
+def plot(table: list[dict], radii, path: pathlib.Path) -> None:
+  """PNG: certified accuracy against radius; colour per sigma, FS solid, RS dashed."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  sigmas = sorted({r["sigma"] for r in table})
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for row in table:
+    colour = colours[sigmas.index(row["sigma"]) % len(colours)]
+    ax.plot(radii, [row[f"{float(r):g}"] for r in radii],
+            "-" if row["method"] == "FS" else "--", color=colour, marker="o", ms=3,
+            label=f"{row['method']} sigma={row['sigma']:g}")
+  ax.set(xlabel="radius (l2, [0,1] pixels)", ylabel="certified accuracy", ylim=(-0.02, 1.02),
+         title="Table 2: FS (cosine prototypes, solid) vs RS (linear head, dashed)")
+  ax.title.set_fontsize(9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_prediction(config, workdir: str) -> list[dict]:
+  """Certifies the test images with FS and RS at every sigma; writes results; returns the table."""
+  workdir = pathlib.Path(workdir)
+  meta, heads = head_lib.load_heads(workdir)
+  encoder_name, encoder, params = head_lib.head_encoder(config)
+  _check_heads(meta, heads, config, encoder_name)
+  num_classes = len(meta["classes"])
+  settings = prediction_settings(config)
+  images, labels, _ = head_lib.load_subset(config.test_data, num_classes=num_classes,
+                                           per_class=config.prediction.test_per_class)
+  labels = head_lib.check_labels(labels, num_classes)
+  key = jax.random.PRNGKey(config.seed)
+  sigmas = [float(s) for s in config.certify.sigmas]
+  batches = -(-len(images) // settings["batch_size"])
+  rows = []
+  with open(workdir / "prediction_results.jsonl", "w") as f, tqdm.tqdm(
+      total=len(sigmas) * batches * len(METHODS), desc="table2", unit="call") as bar:
+    for sigma in sigmas:
+      k = jax.random.fold_in(key, int(round(sigma * 1e6)))  # as certify.run and train.head
+      for row in certify_images(params, images, labels, encoder=encoder, heads=heads[sigma],
+                                sigma=sigma, key=k, settings=settings, progress=bar):
+        rows.append(row)
+        f.write(json.dumps(row) + "\n")
+      f.flush()
+  radii = [float(r) for r in config.prediction.radii]
+  table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
+  print(f"Table 2: certified accuracy at radius r ({len(images)} images, {num_classes} "
+        f"classes, n0={settings['n0']}, n={settings['n']}, alpha={settings['alpha']:g}, "
+        f"FS bound {settings['bound']})")
+  print(run_lib.write_table(table, workdir, stem="table2"))
+  plot(table, radii, workdir / "table2.png")
+  return table
+
+
+def main(argv):
+  del argv
+  run_prediction(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,138 @@
+"""certify.audit: a small soundness audit finds no violation; its parts check out."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import certify
+from certify import audit
+from configs import clip_tiny
+from configs import common
+from fsjax import smoothing
+
+SIGMA = 0.25
+
+
+def _audit_config(**overrides):
+  a = common.audit_config(sigma=SIGMA, n0=32, n=256, measure_n=512, steps=10,
+                          eot_samples=8, batch_size=8, chunk_size=64)
+  a.update(overrides)
+  return a
+
+
+def _images(seed=0, b=3):
+  return np.random.default_rng(seed).uniform(size=(b, 8, 8, 3)).astype(np.float32)
+
+
+def _numpy_features(params, x):
+  """Independent numpy forward of conftest's ToyEncoder, unit-normalised."""
+  x = np.asarray(x, np.float64).reshape(x.shape[0], -1)
+  z = np.tanh(x @ np.asarray(params["w1"], np.float64)) @ np.asarray(params["w2"], np.float64)
+  z = z + np.asarray(params["b"], np.float64)
+  return z / np.linalg.norm(z, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def toy_audit(toy):
+  encoder, params = toy
+  x = _images()
+  rows, skipped = audit.audit_images(encoder, params, x, np.arange(3), _audit_config(),
+                                     jax.random.PRNGKey(0))
+  return x, rows, skipped
+
+
+def test_small_audit_finds_no_violation(toy_audit):
+  _, rows, skipped = toy_audit
+  # 3 images x 4 fractions x 2 references, all certified at cos >= 0.5 for this encoder.
+  assert not skipped and len(rows) == 24
+  summary = audit.summarise(rows, alpha=0.001, k_sigma=3.0, images=3)
+  assert summary["violations_k_sigma"] == 0
+  assert summary["violations_raw"] == 0
+  for r in rows:
+    assert r["perturbation_l2"] <= r["eps"] * (1 + 1e-5) + 1e-6
+    assert 0 < r["eps"] <= r["radius"] * (1 + 1e-6)
+
+
+def test_bounds_are_certify_fcsb(toy, toy_audit):
+  """The audited bound is exactly certify.fcsb's for the same key (the certify stream)."""
+  encoder, params = toy
+  x, rows, _ = toy_audit
+  a = _audit_config()
+  for reference in ("mean", "clean"):
+    for i in range(3):
+      mine = [r for r in rows if r["reference"] == reference and r["image"] == i]
+      cert = certify.fcsb(params, x, encoder=encoder, sigma=SIGMA,
+                          eps=[r["eps"] for r in mine],
+                          key=jax.random.fold_in(jax.random.PRNGKey(0), audit._CERTIFY),
+                          n=a.n, n0=a.n0, alpha=a.alpha, bound=a.bound, reference=reference)
+      np.testing.assert_allclose([r["certified_bound"] for r in mine],
+                                 np.asarray(cert.inner_product_bound)[i], atol=2e-5)
+      radius = certify.certified_radius(
+          params, x, encoder=encoder, sigma=SIGMA, cos=0.5,
+          key=jax.random.fold_in(jax.random.PRNGKey(0), audit._CERTIFY), n=a.n, n0=a.n0,
+          alpha=a.alpha, bound=a.bound, reference=reference)
+      assert mine[-1]["radius"] == pytest.approx(float(radius[i]), abs=1e-5)
+      # eps = fraction x radius, so the bound at the full radius is the level cos = 0.5.
+      assert mine[-1]["fraction"] == 1.0
+      assert mine[-1]["certified_bound"] == pytest.approx(0.5, abs=1e-4)
+
+
+def test_attack_lowers_the_inner_product(toy):
+  """The audit's attack does its job: <f_s(x'), u> drops well below its clean value."""
+  encoder, params = toy
+  x = _images(1, 8)  # the audit's batch shape: reuses its compilations
+  u = np.asarray(encoder(params, x))
+  key = jax.random.PRNGKey(3)
+  clean, _ = audit.measure_inner_product(params, x, u, encoder=encoder, sigma=SIGMA, n=512,
+                                         key=key)
+  x_adv = audit.attack_direction(params, x, u, encoder=encoder, eps=1.0, sigma=SIGMA,
+                                 steps=10, eot_samples=8, key=key)
+  adv, _ = audit.measure_inner_product(params, x_adv, u, encoder=encoder, sigma=SIGMA,
+                                       n=512, key=key)
+  assert np.all(np.asarray(adv) < np.asarray(clean) - 0.05)
+  dist = np.sqrt(np.sum((np.asarray(x_adv) - x) ** 2, axis=(1, 2, 3)))
+  assert np.all(dist <= 1.0 + 1e-5)
+
+
+def test_measurement_matches_numpy(toy):
+  """Mean and standard error against an independent numpy computation on the same noise."""
+  encoder, params = toy
+  x = _images(2, 8)
+  u = np.random.default_rng(4).normal(size=(8, 16)).astype(np.float32)
+  u /= np.linalg.norm(u, axis=-1, keepdims=True)
+  key, n = jax.random.PRNGKey(5), 512
+  mean, se = audit.measure_inner_product(params, x, u, encoder=encoder, sigma=SIGMA, n=n,
+                                         key=key)
+  noise = np.asarray(jax.vmap(lambda i: smoothing.noise(key, i, x.shape, SIGMA))(
+      jnp.arange(n)))
+  ip = np.stack([np.sum(_numpy_features(params, x + d) * u, -1) for d in noise])  # [n, B]
+  np.testing.assert_allclose(mean, ip.mean(0), atol=1e-5)
+  np.testing.assert_allclose(se, ip.std(0, ddof=1) / np.sqrt(n), rtol=1e-3, atol=1e-7)
+
+
+def test_end_to_end_on_tiny_clip(tmp_path):
+  config = clip_tiny.get_config()
+  with config.unlocked():
+    config.audit.update(n0=16, n=128, measure_n=256, steps=5, eot_samples=4, batch_size=8,
+                        eps_fractions=(0.5, 1.0), num_images=2, references=("mean",))
+    config.data.update(batch_size=2)
+  summary = audit.run(config, str(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / "audit.jsonl").read_text().splitlines()]
+  assert "Soundness audit" in (tmp_path / "audit.md").read_text()
+  assert summary["pairs"] == len(rows) == 2 * summary["images_tested"]
+  assert summary["violations_k_sigma"] == 0
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(bound="point"), "not a certificate"),
+    (dict(eps_fractions=(0.5, 1.5)), "eps_fractions"),
+    (dict(references=("nope",)), "references"),
+    (dict(eot_samples=0), "eot_samples"),
+    (dict(measure_n=1), "measure_n"),
+])
+def test_bad_config_errors(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    audit.check_audit_config(_audit_config(**overrides))

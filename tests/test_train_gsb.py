@@ -1,0 +1,261 @@
+"""Tests of train.gsb (the GSB trainer) and fsjax.gsb.checkpoint (loading its result).
+
+One tiny setting throughout: a toy tanh encoder at 8 px with 2 tokens of dim 8 (registered
+here as ``gsb_test_toy``, so that the trainer builds it from ``config.encoder`` like any
+encoder), a width-8 two-level denoiser, a one-block mapper, 16 LFW-subset images.
+Compilation dominates, so the uninterrupted run is shared by most tests.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from fsjax import encoders
+from fsjax import gsb
+from train import gsb as train_gsb
+
+SIDE, TOKENS, DIM = 8, 2, 8
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TanhEncoder(encoders.Encoder):
+  """Frozen toy encoder: ``tanh(x W1) W2`` as ``[B, 2, dim]`` tokens (not very robust)."""
+
+  def tokens(self, params, x, *, sigma=None):
+    x = encoders.resize(x, self.resolution)
+    h = jnp.tanh(x.reshape(x.shape[0], -1) @ params["w1"])
+    return (h @ params["w2"]).reshape(x.shape[0], TOKENS, -1)
+
+
+@encoders.register("gsb_test_toy")
+def _build_toy(config):
+  rng = np.random.default_rng(config.seed)
+  params = {"w1": rng.normal(size=(SIDE * SIDE * 3, 32)).astype(np.float32) / 4.0,
+            "w2": rng.normal(size=(32, TOKENS * config.dim)).astype(np.float32)}
+  return TanhEncoder(resolution=config.resolution), jax.tree.map(jnp.asarray, params)
+
+
+def tiny_config(data_dir, **gsb_overrides):
+  """16 images; D: 4 batches of 4 x 2 epochs = 8 steps; M: 8 steps; 2 draws per image."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.encoder = ml_collections.ConfigDict(dict(name="gsb_test_toy", seed=0, dim=DIM,
+                                                  resolution=SIDE))
+  config.train_data = ml_collections.ConfigDict(dict(
+      name="lfw_subset", split="train", image_size=SIDE, batch_size=4, num_examples=16,
+      seed=0, data_dir=str(data_dir)))
+  config.gsb = gsb.default_gsb_config()
+  config.gsb.update(checkpoint=None, log_every=1, checkpoint_every=3, noise_samples=2)
+  config.gsb.denoiser.update(width=8, channel_mults=(1, 2), blocks_per_level=1,
+                             emb_dim=16, num_groups=4, batch_size=4, epochs=2,
+                             learning_rate=3e-3)
+  config.gsb.mapper.update(num_blocks=1, num_heads=2, sigma_hidden=8, batch_size=4,
+                           epochs=2, learning_rate=3e-2)
+  for k, v in gsb_overrides.items():
+    stage, key = k.split("__") if "__" in k else (None, k)
+    (config.gsb[stage] if stage else config.gsb)[key] = v
+  return config
+
+
+D_STEPS = M_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  pytest.importorskip("skimage")
+  return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="module")
+def full_run(data_dir, tmp_path_factory):
+  """An uninterrupted run: ``(config, workdir, final params)``."""
+  config = tiny_config(data_dir)
+  workdir = tmp_path_factory.mktemp("gsb_full")
+  return config, workdir, train_gsb.train_and_evaluate(config, str(workdir))
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def metrics(workdir):
+  return [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------
+# Training.
+# ----------------------------------------------------------------------------------------
+
+
+def test_run_writes_config_metrics_and_checkpoints(full_run):
+  config, workdir, params = full_run
+  assert set(params) == {"denoiser", "mapper"}
+  assert json.loads((workdir / "config.json").read_text())["gsb"]["mapper"]["num_blocks"] == 1
+  rows = metrics(workdir)
+  assert [(r["stage"], r["step"]) for r in rows] == (
+      [("denoiser", s) for s in range(1, D_STEPS + 1)]
+      + [("mapper", s) for s in range(1, M_STEPS + 1)])
+  for r in rows:
+    assert {"loss", "grad_norm", "learning_rate", "examples_per_s", "epoch"} <= set(r)
+  assert {"rec", "rob"} <= set(rows[0]) and {"mrob", "id", "stat"} <= set(rows[-1])
+  # L_D = L_rec + lam_rob * L_rob (Eq. 9), as logged.
+  lam = config.gsb.denoiser.lam_rob
+  assert rows[0]["loss"] == pytest.approx(rows[0]["rec"] + lam * rows[0]["rob"], rel=1e-5)
+  # Adam: constant rate; AdamW: cosine decay from the peak to ~0 over the stage.
+  assert all(r["learning_rate"] == pytest.approx(3e-3) for r in rows[:D_STEPS])
+  m_lr = [r["learning_rate"] for r in rows[D_STEPS:]]
+  expected = [3e-2 * 0.5 * (1 + np.cos(np.pi * s / M_STEPS)) for s in range(M_STEPS)]
+  np.testing.assert_allclose(m_lr, expected, rtol=1e-5, atol=1e-9)
+  # Every checkpoint_every (3) steps and at the end, the last two kept.
+  for stage in ("denoiser", "mapper"):
+    assert sorted(int(p.name) for p in (workdir / stage).iterdir() if p.name.isdigit()) == [6, 8]
+
+
+def _fixed_batch_loss(config, stage_name, params, frozen):
+  """The stage's loss on all 16 images, 4 fixed noise keys: an independent evaluation."""
+  encoder, encoder_params = encoders.build(config.encoder)
+  dataset = train_gsb.training_images(config)
+  stages = train_gsb.build_stages(config, encoder, encoder_params, dataset, n_devices=1)
+  stage = stages[stage_name]
+  loss_fn = jax.jit(stage.loss_fn)
+  frozen = {"encoder": encoder_params, **frozen}
+  images = np.concatenate([b["image"] for b in train_gsb.epoch_batches(
+      dataset, batch_size=16, seed=123, epoch=0)])
+  init = stage.init_params()
+  total = {"init": 0.0, "trained": 0.0}
+  for k in range(4):
+    key = jax.random.key(1000 + k)
+    total["init"] += float(loss_fn(init, frozen, images, key)[0]) / 4
+    total["trained"] += float(loss_fn(params, frozen, images, key)[0]) / 4
+  return total
+
+
+def test_training_lowers_both_losses(full_run):
+  config, _, params = full_run
+  d = _fixed_batch_loss(config, "denoiser", params["denoiser"], {})
+  assert d["trained"] < 0.9 * d["init"], d
+  m = _fixed_batch_loss(config, "mapper", params["mapper"],
+                        {"denoiser": params["denoiser"]})
+  assert m["trained"] < 0.99 * m["init"], m
+
+
+def test_resume_reproduces_uninterrupted_run(full_run, data_dir, tmp_path):
+  """Stop in stage 1, resume and stop in stage 2 (across the boundary), resume to the end."""
+  config, full_workdir, full_params = full_run
+  partial = train_gsb.train_and_evaluate(config, str(tmp_path), max_steps=4)
+  assert set(partial) == {"denoiser"}
+  assert sorted(p.name for p in (tmp_path / "denoiser").iterdir() if p.name.isdigit()) == [
+      "3", "4"]
+  partial = train_gsb.train_and_evaluate(config, str(tmp_path), max_steps=D_STEPS + 2)
+  assert_trees_equal(partial["denoiser"], full_params["denoiser"])
+  resumed = train_gsb.train_and_evaluate(config, str(tmp_path))
+  assert_trees_equal(resumed, full_params)
+  # The logs of the pieces are the log of the whole.
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
+  assert strip(metrics(tmp_path)) == strip(metrics(full_workdir))
+
+
+def test_finished_run_only_reports(full_run, capsys):
+  config, workdir, params = full_run
+  before = (workdir / "metrics.jsonl").read_text()
+  again = train_gsb.train_and_evaluate(config, str(workdir))
+  assert "nothing to do" in capsys.readouterr().out
+  assert (workdir / "metrics.jsonl").read_text() == before
+  assert_trees_equal(again, params)
+
+
+def test_restart_with_another_config_is_refused(full_run, data_dir):
+  _, workdir, _ = full_run
+  with pytest.raises(ValueError, match=r"gsb\.denoiser\.width: 8 in the workdir, 16 now"):
+    train_gsb.train_and_evaluate(tiny_config(data_dir, denoiser__width=16), str(workdir))
+
+
+def test_nan_loss_stops_training_loudly(data_dir, tmp_path):
+  config = tiny_config(data_dir, denoiser__learning_rate=float("inf"), checkpoint_every=1)
+  with pytest.raises(FloatingPointError, match=r"stage 'denoiser' at step 1: loss=.*(nan|inf)"):
+    train_gsb.train_and_evaluate(config, str(tmp_path))
+  # Nothing of the diverged step was saved.
+  assert not [p for p in (tmp_path / "denoiser").iterdir() if p.name.isdigit()]
+
+
+def test_bad_options_raise_before_training(data_dir, tmp_path):
+  with pytest.raises(ValueError, match="noise_samples"):
+    train_gsb.train_and_evaluate(tiny_config(data_dir, noise_samples=0), str(tmp_path / "a"))
+  with pytest.raises(ValueError, match="fewer than one batch"):
+    train_gsb.train_and_evaluate(tiny_config(data_dir, mapper__batch_size=32),
+                                 str(tmp_path / "b"))
+
+
+def test_epoch_order_depends_on_seed_plus_epoch_only(data_dir):
+  dataset = train_gsb.training_images(tiny_config(data_dir))
+  order = lambda **kw: [b["label"].tolist() + [float(b["image"].sum())] for b in
+                        train_gsb.epoch_batches(dataset, batch_size=4, **kw)]
+  assert order(seed=0, epoch=1) == order(seed=1, epoch=0)
+  assert order(seed=0, epoch=1)[2:] == order(seed=0, epoch=1, skip=2)
+  assert order(seed=0, epoch=0) != order(seed=0, epoch=1)
+
+
+def test_noisy_copies_repeat_each_image_with_its_own_sigma():
+  x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 8, 8, 3)), jnp.float32)
+  x_rep, x_noisy, sigma = train_gsb.noisy_copies(x, jax.random.key(0), sigma_range=(0.2, 0.4),
+                                                 noise_samples=3)
+  np.testing.assert_array_equal(x_rep, np.repeat(np.asarray(x), 3, axis=0))
+  assert sigma.shape == (6,) and np.all((0.2 <= sigma) & (sigma <= 0.4))
+  assert len(set(np.asarray(sigma).tolist())) == 6
+  delta = np.asarray(x_noisy - x_rep).reshape(6, -1)
+  # Per-copy empirical std of delta tracks its sigma (192 pixels each).
+  np.testing.assert_allclose(delta.std(axis=1), sigma, rtol=0.25)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading the trained booster.
+# ----------------------------------------------------------------------------------------
+
+
+def test_load_gives_the_trainers_features(full_run):
+  config, workdir, params = full_run
+  loaded = gsb.checkpoint.load(workdir, config=config)
+  assert_trees_equal(loaded, params)
+  encoder, encoder_params = encoders.build(config.encoder)
+  boosted = gsb.BoostedEncoder(encoder, denoiser=gsb.build_denoiser(config),
+                               mapper=gsb.build_mapper(config, DIM))
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(3, SIDE, SIDE, 3)), jnp.float32)
+  f = lambda p: np.asarray(boosted({"encoder": encoder_params, **p}, x, sigma=0.3))
+  np.testing.assert_array_equal(f(loaded), f(params))
+  # And the Table 6 rows that certify.run builds from it.
+  names = [v[0] for v in gsb.ablation_variants(encoder, encoder_params, loaded, config)]
+  assert names == ["FS+D", "FS+M", "FS+D+M"]
+
+
+def test_load_errors(full_run, data_dir, tmp_path):
+  config, workdir, _ = full_run
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    gsb.checkpoint.load(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="No GSB checkpoint"):
+    gsb.checkpoint.load(tmp_path)
+  other_encoder = tiny_config(data_dir)
+  other_encoder.encoder.seed = 1
+  with pytest.raises(ValueError, match=r"another encoder: config\.encoder\.seed"):
+    gsb.checkpoint.load(workdir, config=other_encoder)
+  with pytest.raises(ValueError, match="mapper parameters"):
+    gsb.checkpoint.load(workdir, config=tiny_config(data_dir, mapper__num_blocks=2))
+  with pytest.raises(ValueError, match=r"num_groups: trained with 4, given 2"):
+    gsb.checkpoint.load(workdir, config=tiny_config(data_dir, denoiser__num_groups=2))
+
+
+def test_load_rejects_an_encoder_with_another_token_dim(full_run, data_dir):
+  _, workdir, _ = full_run
+  config = tiny_config(data_dir)
+  config.encoder.dim = 2 * DIM
+  with pytest.raises(ValueError, match=r"config\.encoder\.dim: trained with 8, given 16"):
+    gsb.checkpoint.load(workdir, config=config)
+  # The same encoder in another compute dtype is accepted (rounding only).
+  config.encoder.dim, config.encoder.dtype = DIM, "bfloat16"
+  assert set(gsb.checkpoint.load(workdir, config=config)) == {"denoiser", "mapper"}

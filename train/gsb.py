@@ -1,0 +1,552 @@
+r"""Trains the Gaussian Smoothness Booster (GSB), paper Section 4 and Appendix A.2.
+
+  python -m train.gsb --config configs/default.py --workdir /tmp/gsb_default
+  python -m certify.run --config configs/default.py --workdir /tmp/gsb_default \
+      --config.gsb.checkpoint=/tmp/gsb_default
+
+Two stages, one after the other, the encoder g frozen throughout (method.md section 4):
+
+1. the denoiser D: ``L_D = L_rec + lam_rob * L_rob`` (Eq. 7-9), Adam;
+2. the smoothness mapper M, D frozen: ``L_M = L_mrob + lam_id * L_id + lam_stat * L_stat``
+   (Eq. 11-13) on ``z_noisy = g(clip(D(x + delta)))``, ``z_clean = g(x)``; AdamW with a
+   warmup-free cosine decay over the stage's steps.
+
+Each training image gets ``config.gsb.noise_samples`` noise draws per step, each with its
+own sigma drawn uniformly from ``config.gsb.sigma_range`` (the clean targets are repeated
+along the batch axis). Batch sizes and epochs are per stage (``config.gsb.denoiser.*``,
+``config.gsb.mapper.*``); the images are ``config.train_data`` (its ``batch_size`` is
+ignored, the last incomplete batch of an epoch dropped).
+
+What lands in ``workdir``:
+
+* ``config.json``: the config of the run, written when it starts; a restart with a config
+  that differs in what shapes the result (encoder, data, seed, ``gsb``) is refused.
+* ``denoiser/<step>``, ``mapper/<step>``: orbax checkpoints of each stage's train state,
+  every ``config.gsb.checkpoint_every`` steps and at the end of the stage.
+  :func:`fsjax.gsb.checkpoint.load` reads the final parameters back.
+* ``metrics.jsonl``: one JSON object per ``config.gsb.log_every`` steps: stage, step,
+  epoch, the loss and its parts averaged over the interval, gradient norm, learning
+  rate, images per second.
+
+Restarting resumes from the latest checkpoint of either stage and reproduces an
+uninterrupted run exactly: the noise of step s is ``fold_in(stage_key, s)`` and the
+order of epoch e is a permutation seeded by ``config.seed + e``, so the batches already
+done are skipped, not re-drawn. A finished run only reports. A NaN/Inf loss, gradient
+or parameter stops training with the stage, the step and the loss parts, before
+anything of that step is saved.
+
+Data parallel over every local device: the batch is sharded along the mesh axis
+``"data"``, parameters and optimiser state replicated; one jitted update step per stage
+with the train state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+import optax
+import tqdm
+
+from fsjax import data as data_lib
+from fsjax import encoders as encoders_lib
+from fsjax import gsb as gsb_lib
+from fsjax.gsb import losses
+from train import checkpointing
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
+
+STAGES = ("denoiser", "mapper")
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+# config.gsb keys that change neither the result nor the shapes: a restart may change them.
+_RESTART_FREE_KEYS = ("checkpoint", "log_every", "checkpoint_every")
+
+TrainState = dict[str, Any]  # {"step": int32 [], "params": ..., "opt_state": ...}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN or Inf loss, gradient or parameter."""
+
+
+# ----------------------------------------------------------------------------------------
+# Configuration.
+# ----------------------------------------------------------------------------------------
+
+
+def stage_options(config, which: str) -> ml_collections.ConfigDict:
+  """``config.gsb.<which>`` over :func:`fsjax.gsb.default_gsb_config`'s, checked.
+
+  Args:
+    config: the experiment config.
+    which: ``"denoiser"`` or ``"mapper"``.
+
+  Returns:
+    The merged sub-config (architecture, loss weights and training keys).
+  """
+  merged = gsb_lib.default_gsb_config()[which]
+  given = config.gsb.get(which)
+  if given is not None:
+    merged.update(given.to_dict() if hasattr(given, "to_dict") else dict(given))
+  for key in ("batch_size", "epochs"):
+    v = merged[key]
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (key == "batch_size"):
+      raise ValueError(f"config.gsb.{which}.{key} must be an integer >= "
+                       f"{int(key == 'batch_size')}, got {v!r}.")
+  if not merged.learning_rate > 0:
+    raise ValueError(f"config.gsb.{which}.learning_rate must be > 0, got "
+                     f"{merged.learning_rate!r}.")
+  return merged
+
+
+def noise_options(config) -> tuple[tuple[float, float], int]:
+  """``(sigma_range, noise_samples)`` from ``config.gsb``, checked."""
+  defaults = gsb_lib.default_gsb_config()
+  lo, hi = map(float, config.gsb.get("sigma_range", defaults.sigma_range))
+  n = config.gsb.get("noise_samples", defaults.noise_samples)
+  if not 0.0 <= lo <= hi:
+    raise ValueError(f"config.gsb.sigma_range must be (low, high) with 0 <= low <= high, "
+                     f"got {(lo, hi)}.")
+  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+    raise ValueError(f"config.gsb.noise_samples must be an integer >= 1, got {n!r}.")
+  return (lo, hi), int(n)
+
+
+def _comparable(config) -> dict[str, Any]:
+  """The parts of a config that shape a GSB run, as JSON values (tuples are lists)."""
+  c = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+  gsb = {k: v for k, v in c.get("gsb", {}).items() if k not in _RESTART_FREE_KEYS}
+  return {"seed": c.get("seed"), "encoder": c.get("encoder"),
+          "train_data": c.get("train_data"), "gsb": gsb}
+
+
+def _differences(a: Any, b: Any, prefix: str = "config") -> list[str]:
+  if isinstance(a, dict) and isinstance(b, dict):
+    out = []
+    for k in sorted(set(a) | set(b)):
+      out += _differences(a.get(k), b.get(k), f"{prefix}.{k}")
+    return out
+  return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
+
+
+def write_or_check_config(config, workdir: str) -> None:
+  """Writes ``workdir/config.json`` at the first start; on a restart checks it matches."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f)
+    diff = _differences(_comparable(stored), _comparable(config))
+    if diff:
+      raise ValueError(
+          f"workdir {workdir} holds a GSB run started with another config, so it cannot "
+          "be resumed: " + "; ".join(diff) + ". Use a fresh --workdir, or the old config.")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(config.to_json(indent=2))
+  os.replace(path + ".tmp", path)  # atomic: a half-written config.json never exists
+
+
+# ----------------------------------------------------------------------------------------
+# Data: a fixed selection, a deterministic order per epoch, sharded batches.
+# ----------------------------------------------------------------------------------------
+
+
+def training_images(config) -> data_lib.Dataset:
+  """The training selection of ``config.train_data`` (batch size set per stage later)."""
+  c = dict(config.train_data.items())
+  c.update(drop_remainder=True)
+  return data_lib.from_config(c)
+
+
+def batches_per_epoch(dataset: data_lib.Dataset, batch_size: int) -> int:
+  return dataset.num_examples // batch_size
+
+
+def epoch_batches(dataset: data_lib.Dataset, *, batch_size: int, seed: int, epoch: int,
+                  skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """The batches of one epoch, in an order that depends only on ``seed + epoch``.
+
+  The selection itself (which examples) is fixed by ``config.train_data``; each epoch
+  visits it in the order ``np.random.default_rng(seed + epoch).permutation``. The first
+  ``skip`` batches are skipped without being read (resuming mid-epoch).
+  """
+  order = np.random.default_rng(seed + epoch).permutation(dataset.num_examples)
+  indices = dataset.indices[order][skip * batch_size:]
+  return iter(dataclasses.replace(dataset, indices=indices, batch_size=batch_size,
+                                  drop_remainder=True))
+
+
+# ----------------------------------------------------------------------------------------
+# Losses and the update step.
+# ----------------------------------------------------------------------------------------
+
+
+def noisy_copies(x: jax.Array, key: jax.Array, *, sigma_range: tuple[float, float],
+                 noise_samples: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``noise_samples`` noisy copies of each image, each with its own sigma.
+
+  Args:
+    x: ``[B, H, W, 3]`` clean images.
+    key: PRNG key.
+    sigma_range: ``(low, high)``; sigma ~ U(low, high) per copy.
+    noise_samples: n, the draws per image.
+
+  Returns:
+    ``(x_rep, x_noisy, sigma)``: ``[B * n, H, W, 3]`` clean images repeated n times
+    (image i at rows ``i * n ... i * n + n - 1``), ``x_rep + delta`` with
+    ``delta ~ N(0, sigma^2 I)``, and sigma ``[B * n]``.
+  """
+  x_rep = jnp.repeat(x, noise_samples, axis=0)
+  k_sigma, k_delta = jax.random.split(key)
+  sigma = jax.random.uniform(k_sigma, (x_rep.shape[0],), jnp.float32, *sigma_range)
+  delta = sigma[:, None, None, None] * jax.random.normal(k_delta, x_rep.shape, jnp.float32)
+  return x_rep, x_rep + delta, sigma
+
+
+def denoiser_loss_fn(base: encoders_lib.Encoder, denoiser, *, lam_rob: float,
+                     sigma_range, noise_samples: int) -> Callable:
+  """``loss(params, frozen, images, key) -> (L_D, parts)`` for stage 1 (Eq. 7-9).
+
+  ``frozen`` is ``{"encoder": g's params}``. L_rec compares D's UNCLIPPED output with
+  the clean image (its gradient reaches every pixel); L_rob goes through exactly the
+  function that is certified, ``g(clip(D(x + delta)))`` (``BoostedEncoder.tokens``).
+  """
+  boosted = gsb_lib.BoostedEncoder(base, denoiser=denoiser)
+
+  def loss_fn(params, frozen, images, key):
+    x = encoders_lib.resize(images.astype(jnp.float32), base.resolution)
+    x_rep, x_noisy, sigma = noisy_copies(x, key, sigma_range=sigma_range,
+                                         noise_samples=noise_samples)
+    z_clean = jax.lax.stop_gradient(base.tokens(frozen["encoder"], x))
+    p = {"encoder": frozen["encoder"], "denoiser": params}
+    denoised = boosted.denoise(p, x_noisy, sigma=sigma)  # unclipped, for Eq. 7
+    z_denoised = base.tokens(frozen["encoder"], jnp.clip(denoised, 0.0, 1.0))
+    return losses.denoiser_loss(  # Eq. 9
+        denoised, x_rep, z_denoised, jnp.repeat(z_clean, noise_samples, axis=0),
+        lam_rob=lam_rob)
+
+  return loss_fn
+
+
+def mapper_loss_fn(base: encoders_lib.Encoder, denoiser, mapper, *, lam_id: float,
+                   lam_stat: float, id_sigma: float, sigma_range,
+                   noise_samples: int) -> Callable:
+  """``loss(params, frozen, images, key) -> (L_M, parts)`` for stage 2 (Eq. 11-13).
+
+  ``frozen`` is ``{"encoder": ..., "denoiser": ...}`` (no ``"denoiser"`` when D is not
+  trained). ``z_noisy = g(clip(D(x + delta)))`` and ``z_clean = g(x)`` carry no gradient:
+  only M learns. L_id evaluates M on clean features at ``id_sigma`` (Eq. 12 says 0).
+  """
+  front = gsb_lib.BoostedEncoder(base, denoiser=denoiser)
+
+  def loss_fn(params, frozen, images, key):
+    x = encoders_lib.resize(images.astype(jnp.float32), base.resolution)
+    _, x_noisy, sigma = noisy_copies(x, key, sigma_range=sigma_range,
+                                     noise_samples=noise_samples)
+    z_clean = base.tokens(frozen["encoder"], x)
+    z_noisy = front.tokens(frozen, x_noisy, sigma=sigma)
+    z_clean = jnp.repeat(jax.lax.stop_gradient(z_clean), noise_samples, axis=0)
+    z_noisy = jax.lax.stop_gradient(z_noisy)
+    mapped_noisy = mapper.apply({"params": params}, z_noisy, sigma)
+    mapped_clean = mapper.apply({"params": params}, z_clean, id_sigma)
+    return losses.mapper_loss(mapped_noisy, mapped_clean, z_clean,  # Eq. 13
+                              lam_id=lam_id, lam_stat=lam_stat)
+
+  return loss_fn
+
+
+def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
+  """One jitted update ``(state, frozen, images, key) -> (state, metrics)``.
+
+  The state is donated (its buffers are reused for the new state). The noise of the
+  step is ``fold_in(key, step)``: a function of the step alone, so a resumed run draws
+  exactly the noise an uninterrupted one would.
+  """
+  def step(state: TrainState, frozen, images, key):
+    k = jax.random.fold_in(key, state["step"])
+    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], frozen, images, k)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+               # Non-finite parameters are caught at the step that makes them.
+               "param_norm": optax.global_norm(params)}
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  return jax.jit(step, donate_argnums=0)
+
+
+def check_finite(stage: str, step: int, metrics: Mapping[str, float]) -> None:
+  """Raises :class:`NonFiniteLossError` naming the stage, step and loss parts."""
+  if all(math.isfinite(v) for v in metrics.values()):
+    return
+  parts = ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
+  raise NonFiniteLossError(
+      f"GSB training diverged in stage {stage!r} at step {step}: {parts}. Nothing of this "
+      "step was saved; the latest checkpoint is older. Lower "
+      f"config.gsb.{stage}.learning_rate (or check the data for NaN pixels) and restart.")
+
+
+# ----------------------------------------------------------------------------------------
+# A stage: state, optimiser, loop with logging and checkpoints.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stage:
+  """Everything one stage's loop needs."""
+
+  name: str
+  batch_size: int
+  total_steps: int
+  tx: optax.GradientTransformation
+  schedule: Callable[[int], Any]
+  loss_fn: Callable
+  init_params: Callable[[], Any]
+  key: jax.Array  # the stage's noise key; the step's is fold_in(key, step)
+
+
+def _replicated(mesh) -> jax.NamedSharding:
+  return jax.NamedSharding(mesh, jax.P())
+
+
+def init_state(stage: Stage, mesh) -> TrainState:
+  params = stage.init_params()
+  state = {"step": jnp.zeros((), jnp.int32), "params": params,
+           "opt_state": stage.tx.init(params)}
+  return jax.device_put(state, _replicated(mesh))
+
+
+def restore_state(stage: Stage, mngr, mesh) -> TrainState:
+  """The stage's latest checkpoint (replicated), or a fresh state at step 0."""
+  _, state = checkpointing.restore_latest(mngr, init_state(stage, mesh))
+  return state
+
+
+class MetricsWriter:
+  """Appends averaged metrics to ``workdir/metrics.jsonl`` every ``every`` steps."""
+
+  def __init__(self, workdir: str, every: int):
+    self._path = os.path.join(workdir, METRICS_FILE)
+    self._every = every
+    self._sums: dict[str, float] = {}
+    self._count = 0
+    self._t0 = time.perf_counter()
+
+  def reset_clock(self) -> None:
+    self._t0 = time.perf_counter()
+
+  def add(self, stage: Stage, step: int, epoch: int, metrics: Mapping[str, float],
+          images: int) -> dict[str, Any] | None:
+    for k, v in metrics.items():
+      self._sums[k] = self._sums.get(k, 0.0) + v
+    self._count += 1
+    if step % self._every and step != stage.total_steps:
+      return None
+    now = time.perf_counter()
+    row = {"stage": stage.name, "step": step, "epoch": epoch,
+           **{k: v / self._count for k, v in self._sums.items()},
+           "learning_rate": float(stage.schedule(step - 1)),
+           "examples_per_s": self._count * images / max(now - self._t0, 1e-9)}
+    with open(self._path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    self._sums, self._count, self._t0 = {}, 0, now
+    return row
+
+
+def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Dataset,
+              mesh, mngr, seed: int, checkpoint_every: int, writer: MetricsWriter,
+              stop_at: int | None = None) -> TrainState:
+  """Trains a stage from ``state["step"]`` to its end (or to step ``stop_at``).
+
+  Saves every ``checkpoint_every`` steps, at the end and at ``stop_at``.
+  """
+  step = int(state["step"])
+  end = stage.total_steps if stop_at is None else min(stop_at, stage.total_steps)
+  if step >= end:
+    return state
+  update = make_update_step(stage.loss_fn, stage.tx)
+  batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
+  per_epoch = batches_per_epoch(dataset, stage.batch_size)
+  bar = tqdm.tqdm(total=stage.total_steps, initial=step, desc=f"gsb {stage.name}",
+                  unit="step", dynamic_ncols=True)
+  writer.reset_clock()
+  try:
+    while step < end:
+      epoch, skip = divmod(step, per_epoch)
+      for batch in epoch_batches(dataset, batch_size=stage.batch_size, seed=seed,
+                                 epoch=epoch, skip=skip):
+        images = jax.device_put(batch["image"], batch_sharding)
+        state, metrics = update(state, frozen, images, stage.key)
+        step += 1
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(stage.name, step, metrics)  # before anything is saved
+        bar.update(1)
+        row = writer.add(stage, step, epoch, metrics, stage.batch_size)
+        if row is not None:
+          bar.set_postfix(loss=f"{row['loss']:.4g}")
+        if step % checkpoint_every == 0 or step == end:
+          checkpointing.save(mngr, step, state, force=True)
+        if step == end:
+          break
+  finally:
+    bar.close()
+    mngr.wait_until_finished()
+  return state
+
+
+# ----------------------------------------------------------------------------------------
+# The two stages, assembled from the config.
+# ----------------------------------------------------------------------------------------
+
+
+def build_stages(config, encoder: encoders_lib.Encoder, encoder_params,
+                 dataset: data_lib.Dataset, *, n_devices: int) -> dict[str, Stage]:
+  """The denoiser and mapper :class:`Stage` s from the config (checked before any jit)."""
+  sigma_range, noise_samples = noise_options(config)
+  d_opts, m_opts = stage_options(config, "denoiser"), stage_options(config, "mapper")
+  for name, opts in (("denoiser", d_opts), ("mapper", m_opts)):
+    if opts.batch_size % n_devices:
+      raise ValueError(f"config.gsb.{name}.batch_size={opts.batch_size} must be divisible "
+                       f"by the number of devices ({n_devices}): the batch is sharded.")
+    if opts.epochs and dataset.num_examples < opts.batch_size:
+      raise ValueError(f"config.train_data selects {dataset.num_examples} examples, fewer "
+                       f"than one batch of config.gsb.{name}.batch_size={opts.batch_size}.")
+  root = jax.random.key(config.seed)
+  d_init, d_noise = jax.random.split(jax.random.fold_in(root, 0))
+  m_init, m_noise = jax.random.split(jax.random.fold_in(root, 1))
+
+  denoiser = gsb_lib.build_denoiser(config)
+  x = jax.ShapeDtypeStruct((1, encoder.resolution, encoder.resolution, 3), jnp.float32)
+  token_dim = jax.eval_shape(lambda x: encoder.tokens(encoder_params, x), x).shape[-1]
+  mapper = gsb_lib.build_mapper(config, token_dim)
+  train_denoiser = d_opts.epochs > 0
+
+  d_steps = d_opts.epochs * batches_per_epoch(dataset, d_opts.batch_size)
+  d_lr = float(d_opts.learning_rate)
+  m_steps = m_opts.epochs * batches_per_epoch(dataset, m_opts.batch_size)
+  # Warmup-free cosine decay from the peak to 0 over the stage (paper: "cosine schedule").
+  m_schedule = optax.cosine_decay_schedule(float(m_opts.learning_rate), max(m_steps, 1))
+  stages = {
+      "denoiser": Stage(
+          name="denoiser", batch_size=d_opts.batch_size, total_steps=d_steps,
+          tx=optax.adam(d_lr), schedule=lambda step: d_lr,
+          loss_fn=denoiser_loss_fn(encoder, denoiser, lam_rob=float(d_opts.lam_rob),
+                                   sigma_range=sigma_range, noise_samples=noise_samples),
+          init_params=lambda: gsb_lib.BoostedEncoder(encoder, denoiser=denoiser)
+          .init_params(d_init, encoder_params)["denoiser"],
+          key=d_noise),
+      "mapper": Stage(
+          name="mapper", batch_size=m_opts.batch_size, total_steps=m_steps,
+          tx=optax.adamw(m_schedule, weight_decay=float(m_opts.weight_decay)),
+          schedule=m_schedule,
+          loss_fn=mapper_loss_fn(
+              encoder, denoiser if train_denoiser else None, mapper,
+              lam_id=float(m_opts.lam_id), lam_stat=float(m_opts.lam_stat),
+              id_sigma=float(m_opts.id_sigma), sigma_range=sigma_range,
+              noise_samples=noise_samples),
+          init_params=lambda: gsb_lib.BoostedEncoder(encoder, mapper=mapper)
+          .init_params(m_init, encoder_params)["mapper"],
+          key=m_noise),
+  }
+  return stages
+
+
+def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
+                       ) -> dict[str, Any]:
+  """Trains D then M (resuming from ``workdir``); returns the final parameters.
+
+  Args:
+    config: the experiment config (``config.encoder``, ``config.train_data``,
+      ``config.gsb``, ``config.seed``).
+    workdir: where ``config.json``, ``metrics.jsonl`` and the checkpoints live.
+    max_steps: stop (with a checkpoint) once this many update steps, counted over both
+      stages from the start of the run, are done; a later call resumes. None = train to
+      the end. For time-boxed runs and preemption tests.
+
+  Returns:
+    ``{"denoiser": params, "mapper": params}`` as they are when this call stops (a
+    stage with 0 epochs is absent).
+  """
+  workdir = os.path.abspath(workdir)
+  write_or_check_config(config, workdir)
+  encoder, encoder_params = encoders_lib.build(config.encoder)
+  dataset = training_images(config)
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  stages = build_stages(config, encoder, encoder_params, dataset, n_devices=len(devices))
+  d_stage, m_stage = stages["denoiser"], stages["mapper"]
+  encoder_params = jax.device_put(encoder_params, _replicated(mesh))
+  c = config.gsb
+  checkpoint_every = int(c.get("checkpoint_every") or 100)
+  writer = MetricsWriter(workdir, int(c.get("log_every") or 10))
+  managers = {name: checkpointing.manager(workdir, name) for name in STAGES}
+  try:
+    d_done, m_done = (managers[n].latest_step() or 0 for n in STAGES)
+    if d_done > d_stage.total_steps or m_done > m_stage.total_steps:
+      raise ValueError(f"workdir {workdir} holds checkpoints past this config's end "
+                       f"(denoiser {d_done}/{d_stage.total_steps}, mapper "
+                       f"{m_done}/{m_stage.total_steps} steps).")
+    if m_done and d_done != d_stage.total_steps:
+      raise ValueError(f"workdir {workdir}: the mapper stage has started but the denoiser "
+                       f"checkpoint is at step {d_done} of {d_stage.total_steps}.")
+    if (d_done, m_done) == (d_stage.total_steps, m_stage.total_steps):
+      logging.info("train.gsb: %s already holds a finished run (denoiser %d/%d, mapper "
+                   "%d/%d steps); nothing to do.", workdir, d_done, d_stage.total_steps,
+                   m_done, m_stage.total_steps)
+      print(f"train.gsb: {workdir} holds a finished run (denoiser {d_done} steps, mapper "
+            f"{m_done} steps); nothing to do.")
+    logging.info("train.gsb: %d device(s); denoiser %d/%d steps, mapper %d/%d steps done.",
+                 len(devices), d_done, d_stage.total_steps, m_done, m_stage.total_steps)
+
+    out = {}
+    d_state = restore_state(d_stage, managers["denoiser"], mesh)
+    if d_stage.total_steps:
+      d_state = run_stage(d_stage, d_state, frozen={"encoder": encoder_params},
+                          dataset=dataset, mesh=mesh, mngr=managers["denoiser"],
+                          seed=config.seed, checkpoint_every=checkpoint_every,
+                          writer=writer, stop_at=max_steps)
+      out["denoiser"] = d_state["params"]
+    if int(d_state["step"]) < d_stage.total_steps:
+      return out  # stopped by max_steps inside stage 1
+    frozen = {"encoder": encoder_params}
+    if "denoiser" in out:
+      frozen["denoiser"] = out["denoiser"]
+    m_state = restore_state(m_stage, managers["mapper"], mesh)
+    if m_stage.total_steps:
+      m_state = run_stage(m_stage, m_state, frozen=frozen, dataset=dataset, mesh=mesh,
+                          mngr=managers["mapper"], seed=config.seed,
+                          checkpoint_every=checkpoint_every, writer=writer,
+                          stop_at=None if max_steps is None
+                          else max_steps - d_stage.total_steps)
+      out["mapper"] = m_state["params"]
+    return out
+  finally:
+    for mngr in managers.values():
+      checkpointing.close(mngr)
+
+
+def main(argv):
+  del argv
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

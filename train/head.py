@@ -1,0 +1,466 @@
+r"""Trains the prediction heads of Table 2 on the frozen encoder's unit features.
+
+  python -m train.head --config configs/default.py --workdir /tmp/fsjax_default
+  python -m certify.table2 --config configs/default.py --workdir /tmp/fsjax_default
+
+Paper Appendix A.3 and Table 2; method.md section 3. Two heads per sigma of
+``config.certify.sigmas``, both on the unit feature ``f`` of the frozen encoder (the most
+boosted GSB variant, "FS+D+M", when ``config.gsb.checkpoint`` is set; else the base
+encoder):
+
+* the cosine-prototype head (:class:`certify.CosinePrototypeHead`) that FS certifies;
+* the linear head (:class:`certify.LinearHead`), the base classifier of the RS baseline.
+
+Data: ``config.train_data`` restricted to the first ``config.prediction.num_classes``
+class ids, ``train_per_class`` images each. With ``prediction.head_noise`` the heads of
+sigma see ``f(x + delta)``, ``delta ~ N(0, sigma^2 I)``, as Cohen et al. train the RS
+base classifier at the noise it will be smoothed with; the features of
+``prediction.noise_draws`` draws per image are computed once and cached (the encoder is
+frozen, so this is exact, and it is where the time goes), then both heads train on the
+cache for ``head_steps`` Adam steps of cross-entropy. With ``prediction.zero_shot`` (CLIP)
+the prototypes are CLIP's text embeddings of the class names
+(:func:`fsjax.clip.text_prototypes`), not trained: zero-shot CLIP is exactly a
+cosine-prototype head. The RS linear head still trains.
+
+Writes ``workdir/heads/`` (orbax, via :mod:`train.checkpointing`) and the sidecar
+``workdir/heads.json`` (sigmas, classes, dimensions, settings, training losses);
+:func:`load_heads` reads both back for ``certify.table2``. A second run with the same
+settings finds the heads and does not retrain; with other settings it refuses to
+overwrite them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+from typing import Any, Mapping, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import certify
+# certify.run defines the --config and --workdir flags; absl flags are global, so this
+# entry point reads those (flags.FLAGS.config, flags.FLAGS.workdir) instead of
+# defining its own, which would clash whenever both modules are imported.
+from certify import run as certify_run
+from fsjax import data as data_lib
+from fsjax import encoders as encoders_lib
+from train import checkpointing
+
+HEADS_DIR = "heads"  # orbax checkpoints, workdir/heads/<step>
+SIDECAR = "heads.json"  # what the checkpoint holds, in words
+_FEATURE_BATCH = 64  # images per encoder call when caching features (one compilation)
+# Settings that must match for stored heads to be reused (and that certify.table2 checks).
+_SETTINGS = ("encoder", "sigmas", "classes", "dim", "head_noise", "noise_draws",
+             "zero_shot", "steps", "learning_rate", "batch_size", "train_data")
+
+
+# ----------------------------------------------------------------------------------------
+# Config checks, data and the encoder.
+# ----------------------------------------------------------------------------------------
+
+
+def check_num_classes(num_classes: Any) -> int:
+  """``num_classes`` as an int, or ValueError: a prediction needs ``K >= 2`` classes."""
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+    raise ValueError(f"config.prediction.num_classes must be an integer >= 2, got "
+                     f"{num_classes!r}.")
+  if num_classes < 2:
+    raise ValueError(f"config.prediction.num_classes must be >= 2 (a certified prediction "
+                     f"needs a runner-up class), got {num_classes}.")
+  return int(num_classes)
+
+
+def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> np.ndarray:
+  """``labels`` as int32 ``[N]``, or ValueError unless every label is in ``[0, K)``."""
+  lab = np.asarray(labels)
+  if lab.ndim != 1:
+    raise ValueError(f"{name} must have shape [N], got shape {lab.shape}.")
+  if lab.size and not np.issubdtype(lab.dtype, np.integer):
+    raise ValueError(f"{name} must be integer class ids, got dtype {lab.dtype}.")
+  if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), got range "
+                     f"[{lab.min()}, {lab.max()}]; restrict the data to the first "
+                     "num_classes classes (classes=range(num_classes)).")
+  return lab.astype(np.int32)
+
+
+def load_subset(data_config: Mapping[str, Any], *, num_classes: int,
+                per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The first ``num_classes`` class ids of a dataset, ``per_class`` images each.
+
+  ``num_examples`` of ``data_config`` is ignored (it sizes GSB's training set).
+
+  Args:
+    data_config: ``config.train_data`` or ``config.test_data``.
+    num_classes: ``K``; class ids ``0 .. K-1`` are kept.
+    per_class: images per class.
+
+  Returns:
+    ``(images [K * per_class, S, S, 3] float32 in [0, 1], labels [K * per_class] int32,
+    class_names [K])``, in the dataset's seeded order.
+  """
+  num_classes = check_num_classes(num_classes)
+  kwargs = dict(data_config.items())
+  kwargs.pop("num_examples", None)
+  kwargs.update(classes=list(range(num_classes)), per_class=int(per_class))
+  name = kwargs.get("name")
+  try:
+    dataset = data_lib.from_config(kwargs)
+  except ValueError as e:
+    if "out of range" in str(e):
+      raise ValueError(f"config.prediction.num_classes={num_classes} exceeds the classes of "
+                       f"dataset {name!r}: {e}") from e
+    raise
+  batches = list(dataset)
+  images = np.concatenate([b["image"] for b in batches])
+  labels = check_labels(np.concatenate([b["label"] for b in batches]), num_classes)
+  return images, labels, list(dataset.class_names[:num_classes])
+
+
+def head_encoder(config) -> tuple[str, encoders_lib.Encoder, Any]:
+  """``(name, encoder, params)`` the heads sit on: the most boosted variant of Table 6.
+
+  ``certify.run.encoder_variants`` lists "FS", then the GSB variants in the order
+  "FS+D", "FS+M", "FS+D+M" that the trained modules allow; the last is the best.
+  """
+  variants = certify_run.encoder_variants(config)
+  gsb = config.get("gsb")
+  if gsb is not None and gsb.get("checkpoint") and len(variants) == 1:
+    raise ValueError(f"config.gsb.checkpoint={gsb.checkpoint!r} is set but no GSB variant "
+                     "was built from it; check that it is a trained train.gsb workdir, or "
+                     "unset it to use the base encoder.")
+  return variants[-1]
+
+
+# ----------------------------------------------------------------------------------------
+# Features: computed once, cached.
+# ----------------------------------------------------------------------------------------
+
+
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+  """Pads the batch axis to ``size`` by repeating the last image (one jit shape)."""
+  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
+
+
+def unit_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Encoder,
+                  sigma: float, key: jax.Array, draws: int, noise: bool,
+                  batch_size: int = _FEATURE_BATCH) -> np.ndarray:
+  """Unit features ``f(x + delta)`` of ``draws`` noise draws per image (cached for training).
+
+  Draw ``d`` of the images ``[b * batch_size, (b + 1) * batch_size)`` uses the noise
+  ``sigma * normal(fold_in(fold_in(key, d), b))``. The encoder always gets ``sigma`` (a
+  GSB encoder is conditioned on it); ``noise=False`` gives the clean features (one draw).
+
+  Args:
+    params: encoder parameters.
+    images: ``[N, H, W, 3]`` in [0, 1].
+    encoder: the (frozen) encoder.
+    sigma: the smoothing noise level.
+    key: PRNG key.
+    draws: noise draws per image (>= 1).
+    noise: add the noise (else clean features, ``draws`` is taken as 1).
+    batch_size: images per encoder call.
+
+  Returns:
+    ``[draws * N, D]`` float32, draw-major (row ``d * N + i`` is image ``i``).
+  """
+  encoders_lib.check_images(images, name="images")
+  draws = int(draws) if noise else 1
+  if draws < 1:
+    raise ValueError(f"config.prediction.noise_draws must be >= 1, got {draws}.")
+  scale = jnp.float32(sigma if noise else 0.0)
+  out = []
+  for d in range(draws):
+    for b, start in enumerate(range(0, len(images), batch_size)):
+      x = images[start:start + batch_size]
+      z = _features(params, jnp.asarray(_pad(x, batch_size)),
+                    jax.random.fold_in(jax.random.fold_in(key, d), b), scale,
+                    jnp.float32(sigma), encoder=encoder)
+      out.append(np.asarray(z)[:len(x)])
+  return np.concatenate(out)
+
+
+@functools.partial(jax.jit, static_argnames=("encoder",))
+def _features(params, x, key, scale, sigma, *, encoder):
+  return encoder(params, x + scale * jax.random.normal(key, x.shape, jnp.float32), sigma=sigma)
+
+
+# ----------------------------------------------------------------------------------------
+# Heads and their training loop.
+# ----------------------------------------------------------------------------------------
+
+
+def init_heads(key: jax.Array, *, num_classes: int, dim: int) -> dict[str, Any]:
+  """Fresh ``{"cosine": variables, "linear": variables}`` for ``[B, dim]`` features."""
+  k_cos, k_lin = jax.random.split(key)
+  z = jnp.zeros((1, dim), jnp.float32)
+  return {
+      "cosine": certify.CosinePrototypeHead(num_classes, dim).init(k_cos, z),
+      "linear": certify.LinearHead(num_classes).init(k_lin, z),
+  }
+
+
+def _head_modules(num_classes: int, dim: int) -> dict[str, nn.Module]:
+  return {"cosine": certify.CosinePrototypeHead(num_classes, dim),
+          "linear": certify.LinearHead(num_classes)}
+
+
+def _losses(heads, z, labels, *, modules):
+  """Mean cross-entropy and accuracy of each head on ``z [B, D]``."""
+  out = {}
+  for name, variables in heads.items():
+    logits = modules[name].apply(variables, z)
+    out[name] = (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+                 jnp.mean(jnp.argmax(logits, -1) == labels))
+  return out
+
+
+def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
+                learning_rate: float, batch_size: int, key: jax.Array,
+                prototypes: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Trains the cosine-prototype and linear heads on cached unit features.
+
+  Adam on the mean cross-entropy of minibatches drawn with replacement (step ``t`` draws
+  with ``fold_in(key, t)``); both heads in one jitted step (their parameters are
+  disjoint, so this is two independent trainings). A NaN or Inf loss stops training.
+
+  Args:
+    features: ``[N, D]`` unit features.
+    labels: ``[N]`` class ids in ``[0, num_classes)``.
+    num_classes: ``K >= 2``.
+    steps: optimiser steps (>= 1).
+    learning_rate: Adam learning rate.
+    batch_size: examples per step (capped at ``N``).
+    key: PRNG key (initialisation and minibatches).
+    prototypes: ``[K, D]`` fixed unit prototypes (CLIP zero-shot); then the cosine head is
+      not trained, its ``prototypes`` parameter is these.
+
+  Returns:
+    ``(heads, history)``: ``heads = {"cosine": variables, "linear": variables}``;
+    ``history`` has, per head, the full-data ``loss_initial``, ``loss_final`` and
+    ``accuracy_final``, plus ``steps`` and whether the prototypes were ``trained``.
+  """
+  num_classes = check_num_classes(num_classes)
+  z = np.asarray(features, np.float32)
+  if z.ndim != 2:
+    raise ValueError(f"features must have shape [N, D], got shape {z.shape}.")
+  labels = check_labels(labels, num_classes)
+  if len(labels) != len(z):
+    raise ValueError(f"features ({len(z)}) and labels ({len(labels)}) must have the same N.")
+  if not len(z):
+    raise ValueError("features must hold at least one example.")
+  if not np.all(np.isfinite(z)):
+    raise ValueError("features contain NaN or Inf.")
+  if int(steps) != steps or steps < 1:
+    raise ValueError(f"config.prediction.head_steps must be an integer >= 1, got {steps}.")
+  if not learning_rate > 0:
+    raise ValueError(f"config.prediction.head_learning_rate must be > 0, got {learning_rate}.")
+  if int(batch_size) != batch_size or batch_size < 1:
+    raise ValueError(f"config.prediction.head_batch_size must be an integer >= 1, got "
+                     f"{batch_size}.")
+  dim = z.shape[1]
+  modules = _head_modules(num_classes, dim)
+  k_init, k_data = jax.random.split(key)
+  heads = init_heads(k_init, num_classes=num_classes, dim=dim)
+  fixed = {}
+  if prototypes is not None:
+    certify.check_prototypes(prototypes, dim)
+    fixed["cosine"] = {"params": {"prototypes": jnp.asarray(prototypes, jnp.float32)}}
+    del heads["cosine"]
+  tx = optax.adam(learning_rate)
+  state = {"params": heads, "opt_state": tx.init(heads)}
+  z, y = jnp.asarray(z), jnp.asarray(labels)
+  batch_size = min(int(batch_size), len(z))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def train_step(state, step):
+    idx = jax.random.randint(jax.random.fold_in(k_data, step), (batch_size,), 0, len(z))
+
+    def loss_fn(params):
+      losses = _losses(params, z[idx], y[idx], modules=modules)
+      return sum(l for l, _ in losses.values()), losses
+
+    grads, losses = jax.grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state},
+            sum(l for l, _ in losses.values()))
+
+  evaluate = jax.jit(lambda heads: _losses(heads, z, y, modules=modules))
+  initial = evaluate({**state["params"], **fixed})
+  for step in range(int(steps)):
+    state, loss = train_step(state, step)
+    if not np.isfinite(float(loss)):
+      raise FloatingPointError(f"head training loss is {float(loss)} at step {step}; lower "
+                               "config.prediction.head_learning_rate.")
+  heads = {**state["params"], **fixed}
+  final = evaluate(heads)
+  history = {"steps": int(steps), "prototypes_trained": prototypes is None}
+  for name in ("cosine", "linear"):
+    history[name] = {"loss_initial": float(initial[name][0]),
+                     "loss_final": float(final[name][0]),
+                     "accuracy_final": float(final[name][1])}
+  return {"cosine": heads["cosine"], "linear": heads["linear"]}, history
+
+
+# ----------------------------------------------------------------------------------------
+# Zero-shot prototypes (CLIP).
+# ----------------------------------------------------------------------------------------
+
+
+def zero_shot_prototypes(config, encoder: encoders_lib.Encoder, params: Any,
+                         class_names: Sequence[str]) -> jax.Array:
+  """CLIP's text embeddings of "a photo of a {class name}." as unit prototypes ``[K, D]``."""
+  from fsjax import clip  # pylint: disable=g-import-not-at-top
+  from fsjax import gsb  # pylint: disable=g-import-not-at-top
+  if isinstance(encoder, gsb.BoostedEncoder):  # the text tower is the base CLIP's
+    encoder, params = encoder.base, params["encoder"]
+  if not isinstance(encoder, clip.ClipEncoder) or encoder.feature != "pooled":
+    raise ValueError("config.prediction.zero_shot=True needs a CLIP encoder "
+                     "(config.encoder.name='clip') with feature='pooled': text prototypes "
+                     "live in the projected image-text space.")
+  if not config.encoder.get("checkpoint"):
+    raise ValueError("config.prediction.zero_shot=True needs config.encoder.checkpoint (a "
+                     "local CLIP checkpoint with its text tower and tokenizer files).")
+  return clip.text_prototypes(encoder.model, params, config.encoder.checkpoint, class_names)
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoint + sidecar.
+# ----------------------------------------------------------------------------------------
+
+
+def _settings(config, encoder_name: str, dim: int) -> dict[str, Any]:
+  p = config.prediction
+  k = check_num_classes(p.num_classes)
+  td = config.train_data
+  return {
+      "encoder": encoder_name,
+      "sigmas": [float(s) for s in config.certify.sigmas],
+      "classes": list(range(k)),
+      "dim": int(dim),
+      "head_noise": bool(p.head_noise),
+      "noise_draws": int(p.noise_draws) if p.head_noise else 1,
+      "zero_shot": bool(p.zero_shot),
+      "steps": int(p.head_steps),
+      "learning_rate": float(p.head_learning_rate),
+      "batch_size": int(p.head_batch_size),
+      "train_data": {"name": td.name, "split": td.split, "image_size": int(td.image_size),
+                     "seed": int(td.get("seed") or 0), "per_class": int(p.train_per_class)},
+  }
+
+
+def _abstract_heads(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """Zero heads with the structure, shapes and dtypes of the stored ones."""
+  k, d = len(meta["classes"]), int(meta["dim"])
+  one = {"cosine": {"params": {"prototypes": np.zeros((k, d), np.float32)}},
+         "linear": {"params": {"dense": {"kernel": np.zeros((d, k), np.float32),
+                                         "bias": np.zeros((k,), np.float32)}}}}
+  return {"heads": [one for _ in meta["sigmas"]]}
+
+
+def load_heads(workdir: str | os.PathLike) -> tuple[dict[str, Any], dict[float, dict]]:
+  """The heads :func:`train` stored in ``workdir``.
+
+  Returns:
+    ``(meta, heads)``: ``meta`` is the ``heads.json`` sidecar (``sigmas``, ``classes``,
+    ``class_names``, ``dim``, ``encoder``, settings, training ``history``);
+    ``heads[sigma] = {"cosine": variables, "linear": variables}`` for each trained sigma.
+    Certify with ``certify.unit_prototypes(heads[sigma]["cosine"])`` (FS) and
+    ``head=heads[sigma]["linear"]`` (RS).
+  """
+  workdir = pathlib.Path(workdir)
+  sidecar = workdir / SIDECAR
+  if not sidecar.is_file():
+    raise FileNotFoundError(f"no trained heads in {workdir} ({SIDECAR} is missing); run "
+                            f"python -m train.head --config ... --workdir {workdir} first.")
+  meta = json.loads(sidecar.read_text())
+  mngr = checkpointing.manager(str(workdir), HEADS_DIR)
+  try:
+    step, state = checkpointing.restore_latest(mngr, _abstract_heads(meta))
+  finally:
+    checkpointing.close(mngr)
+  if step != meta["step"]:
+    raise ValueError(f"{workdir / HEADS_DIR} holds step {step} but {SIDECAR} describes step "
+                     f"{meta['step']}; the workdir is inconsistent, rerun train.head in a "
+                     "fresh workdir.")
+  heads = {float(s): jax.tree.map(jnp.asarray, h) for s, h in zip(meta["sigmas"], state["heads"])}
+  return meta, heads
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point.
+# ----------------------------------------------------------------------------------------
+
+
+def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
+  """Trains (or finds) the heads of every sigma; writes ``heads/`` and ``heads.json``.
+
+  Returns:
+    ``(meta, heads)`` as :func:`load_heads` returns them.
+  """
+  p = config.prediction
+  num_classes = check_num_classes(p.num_classes)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  name, encoder, params = head_encoder(config)
+  images, labels, class_names = load_subset(config.train_data, num_classes=num_classes,
+                                            per_class=p.train_per_class)
+  x = jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
+  dim = jax.eval_shape(lambda x: encoder(params, x, sigma=1.0), x).shape[-1]
+  settings = _settings(config, name, dim)
+  sidecar = workdir / SIDECAR
+  if sidecar.is_file() or (workdir / HEADS_DIR).exists():
+    old = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    if {k: old.get(k) for k in _SETTINGS} == settings:
+      logging.info("Heads with these settings are already in %s; not retraining.", workdir)
+      return load_heads(workdir)
+    raise ValueError(f"{workdir} already holds heads trained with other settings (or an "
+                     f"incomplete run): delete {workdir / HEADS_DIR} and {sidecar}, or use "
+                     "another workdir.")
+  prototypes = (zero_shot_prototypes(config, encoder, params, class_names)
+                if p.zero_shot else None)
+  key = jax.random.PRNGKey(config.seed)
+  trained, history = [], {}
+  for sigma in settings["sigmas"]:
+    # The same fold-in as certify.run: one key per sigma, whatever the list of sigmas.
+    k_sigma = jax.random.fold_in(key, int(round(sigma * 1e6)))
+    k_feat, k_train = jax.random.split(k_sigma)
+    z = unit_features(params, images, encoder=encoder, sigma=sigma, key=k_feat,
+                      draws=settings["noise_draws"], noise=settings["head_noise"])
+    y = np.tile(labels, len(z) // len(labels))  # draw-major, as unit_features stacks them
+    heads, hist = train_heads(z, y, num_classes=num_classes, steps=settings["steps"],
+                              learning_rate=settings["learning_rate"],
+                              batch_size=settings["batch_size"], key=k_train,
+                              prototypes=prototypes)
+    trained.append(heads)
+    history[str(sigma)] = hist
+    logging.info("sigma %g: %s", sigma, hist)
+  mngr = checkpointing.manager(str(workdir), HEADS_DIR)
+  try:
+    checkpointing.save(mngr, settings["steps"], {"heads": trained}, force=True)
+  finally:
+    checkpointing.close(mngr)
+  meta = {**settings, "step": settings["steps"], "num_classes": num_classes,
+          "class_names": class_names, "train_images": int(len(images)), "history": history}
+  sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+  return meta, dict(zip(settings["sigmas"], trained))
+
+
+def main(argv):
+  del argv
+  meta, _ = train(flags.FLAGS.config, flags.FLAGS.workdir)
+  print(json.dumps(meta["history"], indent=2))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
