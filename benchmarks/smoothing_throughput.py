@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import resource
 import statistics
@@ -99,6 +100,13 @@ def fmt_bytes(b: float) -> str:
   raise AssertionError
 
 
+def fmt_num(v: float) -> str:
+  """Three significant digits or so, with thousands separators for big numbers."""
+  if not np.isfinite(v):
+    return "n/a"
+  return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+
+
 def timed(fn: Callable[[], Any]) -> float:
   t0 = time.perf_counter()
   fn()
@@ -139,15 +147,34 @@ def analytic_vit_flops(arch: dict) -> float:
   return 2 * patches * (3 * p * p) * d + layers * per_layer + 2 * d * proj
 
 
-def build_fsjax(arch: dict, dtype: str, seed: int = 0):
-  """Random-init (encoder, params) of a vision-only CLIP, as the "clip" builder does."""
-  config = clip.CLIPConfig.from_hf_dict(dict(arch, model_type="clip_vision_model"))
-  model, params = clip.init(config, seed=seed, dtype=JAX_DTYPES[dtype])
-  return clip.ClipEncoder(resolution=arch["image_size"], model=model), params
+@functools.lru_cache(maxsize=None)
+def build_fsjax(arch_name: str, dtype: str):
+  """Random-init (encoder, params) of a vision-only CLIP, as the "clip" builder does.
+
+  Cached: a random init of ViT-L/14 takes seconds, and every chunk size reuses it.
+  """
+  config = clip.CLIPConfig.from_hf_dict(
+      dict(ARCHITECTURES[arch_name], model_type="clip_vision_model"))
+  model, params = clip.init(config, seed=0, dtype=JAX_DTYPES[dtype])
+  return clip.ClipEncoder(resolution=config.vision_config.image_size, model=model), params
 
 
 def count_params(tree) -> int:
   return sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(tree))
+
+
+def cpu_description() -> str:
+  """CPU model and its matrix/bf16 extensions (Linux), since they decide the bf16 speed."""
+  try:
+    info = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return "unknown CPU"
+  model = next((l.split(":", 1)[1].strip() for l in info.splitlines()
+                if l.startswith("model name")), "unknown CPU")
+  flags = next((l.split(":", 1)[1].split() for l in info.splitlines()
+                if l.startswith("flags")), [])
+  present = {f: f in flags for f in ("avx512_bf16", "amx_bf16")}
+  return f"{model} ({', '.join(f'{k}: ' + ('yes' if v else 'no') for k, v in present.items())})"
 
 
 def rss_mib() -> float:
@@ -168,7 +195,7 @@ def matmul_peak(size: int, *, skip_torch: bool, reps: int) -> tuple[str, dict[st
     fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     fn(a, a).block_until_ready()
     t = min(timed(lambda: fn(a, a).block_until_ready()) for _ in range(reps))
-    rows.append([f"XLA ({backend}) `jnp.dot`", label, f"{flops / t / 1e9:,.0f}"])
+    rows.append([f"XLA ({backend}) `jnp.dot`", label, fmt_num(flops / t / 1e9)])
     peak[dtype] = max(peak[dtype], flops / t)
   torch_device = _torch_device(skip_torch)
   if torch_device is not None:
@@ -179,7 +206,7 @@ def matmul_peak(size: int, *, skip_torch: bool, reps: int) -> tuple[str, dict[st
       torch.mm(a, a)
       sync()
       t = min(timed(lambda: (torch.mm(a, a), sync())) for _ in range(reps))
-      rows.append([f"torch ({torch_device}) `torch.mm`", dtype, f"{flops / t / 1e9:,.0f}"])
+      rows.append([f"torch ({torch_device}) `torch.mm`", dtype, fmt_num(flops / t / 1e9)])
       peak[dtype] = max(peak[dtype], flops / t)
   table = markdown_table(["matmul", f"dtype ({size}x{size}x{size})", "GFLOP/s"], rows)
   return table, peak
@@ -212,9 +239,9 @@ class Variant:
   samples: int  # n * batch
 
 
-def fsjax_variant(arch: dict, dtype: str, *, n: int, batch: int, chunk: int,
+def fsjax_variant(arch_name: str, dtype: str, *, n: int, batch: int, chunk: int,
                   x: np.ndarray) -> Variant:
-  encoder, params = build_fsjax(arch, dtype)
+  encoder, params = build_fsjax(arch_name, dtype)
   key = jax.random.key(0)
   xj = jnp.asarray(x)
   # The public API, jitted end to end (the smoothing loop is a fori_loop inside it).
@@ -284,13 +311,13 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
 
   # FLOPs per sample: XLA's count of one encoder forward (the smoothing loop's own cost
   # analysis counts a while-loop body once, whatever n), cross-checked analytically.
-  encoder, params = build_fsjax(arch, "float32")
+  # (The count does not depend on the compute dtype.)
+  encoder, params = build_fsjax(arch_name, dtypes[0])
   cost = jax.jit(encoder).lower(params, jnp.asarray(x[:1])).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost["flops"])
   analytic = analytic_vit_flops(arch)
   num_params = count_params(params)
-  del encoder, params
 
   variants: list[Variant] = []
   device = _torch_device(skip_torch)
@@ -300,11 +327,11 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
       if v is not None:
         variants.append(v)
   for dtype in dtypes:
-    for chunk in chunks:
-      if variants and time.perf_counter() - started > budget_s:
+    for i, chunk in enumerate(chunks):
+      if i > 0 and time.perf_counter() - started > budget_s:  # one chunk per dtype at least
         log(f"time budget {budget_s:.0f} s spent: skipping fsjax {dtype} chunk {chunk}")
         continue
-      variants.append(fsjax_variant(arch, dtype, n=n, batch=batch, chunk=chunk, x=x))
+      variants.append(fsjax_variant(arch_name, dtype, n=n, batch=batch, chunk=chunk, x=x))
 
   log(f"timing {len(variants)} variants x {reps} interleaved rounds")
   times = interleaved({v.name: v.run for v in variants}, reps)
@@ -317,12 +344,13 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
     rates = sorted(v.samples / ti for ti in t)
     ratio = f"{rate * baseline:.2f}x" if baseline else "n/a"
     share = rate * flops / peak[v.dtype]
-    rows.append([v.name, f"{rate:,.2f}", f"{rates[0]:,.2f}-{rates[-1]:,.2f}", ratio,
-                 f"{rate * flops / 1e9:,.0f}", f"{100 * share:.0f}%" if share > 0 else "n/a"])
-  title = (f"{ARCH_NAMES[arch_name]} ({num_params / 1e6:.1f}M "
-           f"params), n = {n} samples x {batch} image(s), sigma = {SIGMA}, {reps} interleaved "
-           f"rounds; FLOPs/sample: XLA cost analysis {flops / 1e9:.2f} G, analytic matmuls "
-           f"{analytic / 1e9:.2f} G")
+    rows.append([v.name, fmt_num(rate), f"{fmt_num(rates[0])}-{fmt_num(rates[-1])}", ratio,
+                 fmt_num(rate * flops / 1e9), f"{100 * share:.0f}%" if share > 0 else "n/a"])
+  title = (f"{ARCH_NAMES[arch_name]} ({fmt_num(num_params / 1e6)}M params), n = {n} samples "
+           f"x {batch} image(s), sigma = {SIGMA}, {reps} interleaved rounds. FLOPs per sample: "
+           f"{fmt_num(flops / 1e9)} G from XLA's cost analysis of one encoder forward; "
+           f"{fmt_num(analytic / 1e9)} G analytic (matmuls only, "
+           f"`analytic_vit_flops`). Peak: best measured matmul of the row's dtype.")
   table = markdown_table(
       ["variant", "samples/s (median)", "range", "vs torch float32", "GFLOP/s",
        "% of peak (same dtype)"], rows)
@@ -334,8 +362,7 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
 
 def memory_vs_n(sizes: list[int], *, n0: int, chunk: int, run: bool) -> str:
   """Compiled memory of the two-stage certification for each n, and optionally its run."""
-  arch = ARCHITECTURES["tiny"]
-  encoder, params = build_fsjax(arch, "float32")
+  encoder, params = build_fsjax("tiny", "float32")
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 32, 32, 3)), jnp.float32)
   key = jax.random.key(0)
   rows = []
@@ -434,6 +461,8 @@ def main(argv=None) -> None:
   print(f"## fsjax smoothing benchmark\n\n`{' '.join(['python'] + sys.argv)}`\n")
   print(f"* device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} "
         f"device(s)), {os.cpu_count()} CPU cores; {versions}")
+  if jax.default_backend() == "cpu":
+    print(f"* CPU: {cpu_description()}")
   print(f"* load average at start: {os.getloadavg()[0]:.2f}\n")
 
   peak = {"float32": float("nan"), "bfloat16": float("nan")}

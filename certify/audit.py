@@ -23,8 +23,12 @@ it. For each image, variant and reference it
    steps of ``step_factor * eps / steps``, the last iterate is kept);
 4. measures ``<f_s(x_adv), u>`` with ``measure_n`` fresh noise samples (independent of
    the certification and the attack), with its standard error ``se`` (sample standard
-   deviation / sqrt(n));
-5. counts violations: ``raw`` (measured < B) and ``beyond k sigma`` (measured + k se <
+   deviation / sqrt(n)); with ``screen_n`` set, every pair is first screened with
+   ``screen_n`` samples and only pairs within ``screen_k`` standard errors of B are
+   measured with ``measure_n`` (each row records the n it used);
+5. also measures ``<f_s(x), u>`` at the clean image (``measured_clean``, same n as the
+   screen, or ``measure_n``), so the report shows how far the attack moved it;
+6. counts violations: ``raw`` (measured < B) and ``beyond k sigma`` (measured + k se <
    B, i.e. the Monte Carlo error of the measurement cannot explain it).
 
 A sound certificate may fail on at most a fraction alpha of the *images* (all eps and
@@ -107,6 +111,13 @@ def check_audit_config(a) -> None:
   if a.measure_n < 2:
     raise ValueError("config.audit.measure_n must be >= 2 (the standard error needs a "
                      "sample variance).")
+  if a.get("screen_n") is not None:
+    smoothing.check_sampling(sigma=a.sigma, n=a.screen_n, chunk_size=a.chunk_size,
+                             name_n="config.audit.screen_n")
+    if a.screen_n < 2 or not a.screen_k > 0:
+      raise ValueError(f"config.audit.screen_n={a.screen_n} must be >= 2 and screen_k="
+                       f"{a.screen_k} > 0 (or screen_n=None: measure every pair with "
+                       "measure_n).")
   if not a.k_sigma >= 0:
     raise ValueError(f"config.audit.k_sigma={a.k_sigma!r} must be >= 0 (e.g. 3).")
   if int(a.batch_size) != a.batch_size or a.batch_size < 1:
@@ -223,9 +234,41 @@ def _pad(a: np.ndarray, size: int) -> np.ndarray:
   return np.concatenate([a, np.repeat(a[:1], size - a.shape[0], axis=0)])
 
 
+def _measure_pairs(params, x_adv, u, bound, encoder, a, key):
+  """Measures ``<f_s(x_adv), u>``; returns ``(mean, standard error, samples used)``.
+
+  Without ``a.screen_n`` every pair gets ``a.measure_n`` fresh samples. With it, every
+  pair first gets ``screen_n``; pairs whose screened margin over the bound is below
+  ``screen_k`` standard errors are measured again with ``measure_n`` fresh samples (a
+  cheap screen: a pair 6 standard errors clear of B cannot turn into a violation).
+  """
+  b = x_adv.shape[0]
+  if not a.get("screen_n"):
+    measured, se = measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
+                                         n=a.measure_n, chunk_size=a.chunk_size, key=key)
+    return np.asarray(measured, np.float64), np.asarray(se, np.float64), np.full(
+        b, a.measure_n)
+  measured, se = measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
+                                       n=a.screen_n, chunk_size=a.chunk_size,
+                                       key=jax.random.fold_in(key, 0))
+  measured, se = np.asarray(measured, np.float64), np.asarray(se, np.float64)
+  used = np.full(b, a.screen_n)
+  close = np.flatnonzero(measured - bound < a.screen_k * se)
+  if close.size:
+    m2, se2 = measure_inner_product(
+        params, _pad(np.asarray(x_adv)[close], b), _pad(np.asarray(u)[close], b),
+        encoder=encoder, sigma=a.sigma, n=a.measure_n, chunk_size=a.chunk_size,
+        key=jax.random.fold_in(key, 1))
+    measured[close] = np.asarray(m2, np.float64)[:close.size]
+    se[close] = np.asarray(se2, np.float64)[:close.size]
+    used[close] = a.measure_n
+  return measured, se, used
+
+
 def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
                  labels: np.ndarray, audit, key: jax.Array, *, name: str = "FS",
-                 first_index: int = 0) -> tuple[list[dict], dict]:
+                 first_index: int = 0,
+                 pad_to: int | None = None) -> tuple[list[dict], dict]:
   """Audits the certificate on a batch of images; returns ``(rows, counts)``.
 
   Args:
@@ -237,6 +280,8 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
     key: PRNG key; the certify, attack and measure streams are folded from it.
     name: the variant's name, recorded in the rows.
     first_index: index of ``images[0]`` in the audited set (recorded).
+    pad_to: certify a batch padded to this many images (a smaller last batch then reuses
+      the compilation of the full ones); padded images are dropped.
 
   Returns:
     One row per (image, eps, reference) tested, and counts of the images and
@@ -245,9 +290,10 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
   a = audit
   sigma = float(a.sigma)
   b = images.shape[0]
-  out = _feature.score_deficits(params, images, encoder=encoder, sigma=sigma,
-                                key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0,
-                                alpha=a.alpha, bounds=(a.bound,), chunk_size=a.chunk_size)
+  out = _feature.score_deficits(
+      params, _pad(images, max(pad_to or b, b)), encoder=encoder, sigma=sigma,
+      key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0, alpha=a.alpha,
+      bounds=(a.bound,), chunk_size=a.chunk_size)
   rows, skipped = [], collections.Counter()
   for r_index, reference in enumerate(a.references):
     deficit = np.asarray(out[reference][a.bound], np.float64)
@@ -271,6 +317,17 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
         skipped["uncertified_eps"] += len(eps) - len(kept)
         pairs += kept
     bs = int(a.batch_size)
+    # <f_s(x), u> at the clean image, for the attack's effect (clean - adversarial).
+    clean_n = a.get("screen_n") or a.measure_n
+    certified = sorted({p[0] for p in pairs})
+    clean = {}
+    for start in range(0, len(certified), bs):
+      idx = np.array(certified[start:start + bs])
+      m, _ = measure_inner_product(
+          params, _pad(images[idx], bs), _pad(u[idx], bs), encoder=encoder, sigma=sigma,
+          n=clean_n, chunk_size=a.chunk_size,
+          key=jax.random.fold_in(key, 100_000 + 1000 * r_index + start // bs))
+      clean.update(zip(idx.tolist(), np.asarray(m, np.float64)[:len(idx)].tolist()))
     for start in range(0, len(pairs), bs):
       chunk = pairs[start:start + bs]
       idx = np.array([p[0] for p in chunk])
@@ -282,13 +339,12 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
                                steps=a.steps, eot_samples=a.eot_samples,
                                step_factor=a.step_factor,
                                key=jax.random.fold_in(ck, _ATTACK))
-      measured, se = measure_inner_product(params, x_adv, u_c, encoder=encoder, sigma=sigma,
-                                           n=a.measure_n, chunk_size=a.chunk_size,
-                                           key=jax.random.fold_in(ck, _MEASURE))
-      dist = np.sqrt(np.sum((np.asarray(x_adv) - x_c) ** 2, axis=(1, 2, 3)))
       bound = np.asarray(_closed_form.bound_from_deficit(
-          jnp.asarray(deficit[idx], jnp.float32), jnp.asarray(eps), sigma), np.float64)
-      measured, se = np.asarray(measured, np.float64), np.asarray(se, np.float64)
+          jnp.asarray(_pad(deficit[idx], bs), jnp.float32), jnp.asarray(eps_c), sigma),
+          np.float64)
+      measured, se, used = _measure_pairs(params, x_adv, u_c, bound, encoder, a,
+                                          jax.random.fold_in(ck, _MEASURE))
+      dist = np.sqrt(np.sum((np.asarray(x_adv) - x_c) ** 2, axis=(1, 2, 3)))
       for j, (i, e, frac) in enumerate(chunk):
         rows.append({
             "encoder": name, "image": first_index + int(i), "label": int(labels[i]),
@@ -297,7 +353,9 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
             "fraction": frac, "eps": float(e), "perturbation_l2": float(dist[j]),
             "score_lcb": float(1.0 - deficit[i]),
             "certified_bound": float(bound[j]), "measured": float(measured[j]),
-            "standard_error": float(se[j]), "margin": float(measured[j] - bound[j]),
+            "standard_error": float(se[j]), "measure_n": int(used[j]),
+            "measured_clean": clean[i], "clean_n": int(clean_n),
+            "margin": float(measured[j] - bound[j]),
             "violation": bool(measured[j] < bound[j]),
             "violation_k_sigma": bool(measured[j] + a.k_sigma * se[j] < bound[j])})
   return rows, dict(skipped)
@@ -327,6 +385,10 @@ def summarise(rows: list[dict], *, alpha: float, k_sigma: float,
       "image_violation_rate_k_sigma": len(bad_images) / max(len(tested_images), 1),
       "alpha": alpha, "expected_images_violated_at_most": alpha * len(tested_images),
       "min_margin": float(margins.min()), "mean_margin": float(margins.mean()),
+      "mean_attack_drop": float(np.mean([r["measured_clean"] - r["measured"]
+                                         for r in rows])) if rows else 0.0,
+      "mean_bound_drop": float(np.mean([(2 * r["score_lcb"] - 1) - r["certified_bound"]
+                                        for r in rows])) if rows else 0.0,
   }
 
 
@@ -343,6 +405,7 @@ def by_fraction(rows: list[dict]) -> list[dict]:
         "mean eps": float(np.mean([r["eps"] for r in rs])),
         "mean bound B": float(np.mean([r["certified_bound"] for r in rs])),
         "mean measured": float(np.mean([r["measured"] for r in rs])),
+        "mean clean": float(np.mean([r["measured_clean"] for r in rs])),
         "min margin": float(np.min([r["margin"] for r in rs])),
         "max se": float(np.max([r["standard_error"] for r in rs])),
         "raw violations": int(sum(r["violation"] for r in rs)),
@@ -373,7 +436,10 @@ def report(summary: dict, table: list[dict], audit, skipped: dict) -> str:
       f"n0 = {audit.n0}, n = {audit.n}; {levels}; references {tuple(audit.references)}.",
       f"Attack: l2 PGD + EOT ({audit.steps} steps of {audit.step_factor:g} eps / steps, "
       f"{audit.eot_samples} noise draws per step) minimising <f_s(x'), u>; measured with "
-      f"{audit.measure_n} fresh samples.",
+      f"{audit.measure_n} fresh samples"
+      + (f" (after a screen with {audit.screen_n}: pairs more than {audit.screen_k:g} "
+         "standard errors above B keep the screened value)." if audit.get("screen_n")
+         else "."),
       "",
       f"* pairs tested (image x eps x reference): **{s['pairs']}** "
       f"({s['image_eps_pairs']} (image, eps) pairs, {s['images_tested']} of {s['images']} "
@@ -386,6 +452,9 @@ def report(summary: dict, table: list[dict], audit, skipped: dict) -> str:
       f"sound certificate fails on at most alpha = {s['alpha']:g} of the images, i.e. "
       f"<= {s['expected_images_violated_at_most']:.3f} expected)",
       f"* margin measured - B: min {s['min_margin']:.4f}, mean {s['mean_margin']:.4f}",
+      f"* the attack lowered <f_s, u> by {s['mean_attack_drop']:.4f} on average (clean minus "
+      f"adversarial measurement); the bound allows a drop of {s['mean_bound_drop']:.4f} "
+      "from B(0) = 2 L - 1 on average",
       "",
       _markdown_table(table),
   ]
@@ -422,7 +491,8 @@ def run(config, workdir: str) -> dict[str, Any]:
       for name, encoder, params in variants:
         batch_rows, batch_skipped = audit_images(
             encoder, params, batch["image"], batch["label"], a,
-            jax.random.fold_in(key, b), name=name, first_index=offset)
+            jax.random.fold_in(key, b), name=name, first_index=offset,
+            pad_to=dataset.batch_size)
         skipped.update(batch_skipped)
         for r in batch_rows:
           f.write(json.dumps(r) + "\n")

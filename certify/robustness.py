@@ -25,10 +25,11 @@ Columns per attack (Section 5.2, "Evaluation metrics"):
 * ``ASR``: fraction assigned the attacker's target class.
 ``clean ACC`` is the classifier's accuracy on the clean images.
 
-The task mirrors the paper's (Appendix, "Image classification"): the classifier knows K
-classes; one of them, ``config.attack.target_class`` (default the last), is held out
-as the attacker's target (the paper's class 10, "shark"); attacked images come from
-the other classes, and image i is pushed towards target image i, the i-th image of the
+The task mirrors the paper's (Appendix, "Image classification"): the classifier knows
+the K classes ``config.attack.classes`` (None: all of the dataset's); one of them,
+``config.attack.target_class`` (a class id, or negative: counted from the end of the
+list; default the last), is held out as the attacker's target (the paper's class 10,
+"shark"); attacked images come from the other classes, and image i is pushed towards target image i, the i-th image of the
 target class in the same split (deterministic: the data's seeded order). Every attack
 is targeted; ``pgd`` is fsjax's targeted feature PGD (cosine to the target's feature,
 l_inf, random start).
@@ -199,18 +200,30 @@ def attack_data(config) -> dict[str, Any]:
                               data_dir=spec.get("data_dir"),
                               manual_dir=spec.get("manual_dir")).class_names
   k = len(class_names)
-  if not -k <= c.target_class < k:
-    raise ValueError(f"config.attack.target_class={c.target_class} is out of range for "
-                     f"{spec['name']}, which has {k} classes.")
-  target_class = c.target_class % k
-  others = [i for i in range(k) if i != target_class]
+  classes = list(range(k)) if c.get("classes") is None else [int(i) for i in c.classes]
+  if len(classes) < 2 or len(set(classes)) != len(classes) or not all(
+      0 <= i < k for i in classes):
+    raise ValueError(f"config.attack.classes={c.classes!r} must be >= 2 distinct class ids "
+                     f"of {spec['name']} (0 .. {k - 1}), or None for all classes.")
+  if c.target_class < 0:
+    if c.target_class < -len(classes):
+      raise ValueError(f"config.attack.target_class={c.target_class} is out of range for "
+                       f"the {len(classes)} classes of the classifier.")
+    target_class = classes[c.target_class]
+  elif c.target_class in classes:
+    target_class = int(c.target_class)
+  else:
+    raise ValueError(f"config.attack.target_class={c.target_class} is not one of the "
+                     f"classifier's classes ({spec['name']} has {k}; config.attack.classes="
+                     f"{c.get('classes')}).")
+  others = [i for i in classes if i != target_class]
   x, y, _ = _load(spec, classes=others, num_examples=c.num_images)
   t, _, _ = _load(spec, classes=[target_class], num_examples=c.num_images)
   if len(t) < len(x):
     raise ValueError(f"{spec['name']} split {spec['split']!r} has only {len(t)} images of "
                      f"the target class {target_class}; lower config.attack.num_images.")
   return {"images": x, "labels": y, "targets": t, "target_class": target_class,
-          "class_names": list(class_names), "spec": spec}
+          "classes": classes, "class_names": list(class_names), "spec": spec}
 
 
 def _batches(n: int, size: int):
@@ -270,7 +283,8 @@ def head(model: Model, data: dict, config, key: jax.Array,
     if id(src[0]) not in cache:
       from fsjax import clip  # pylint: disable=g-import-not-at-top
       cache[id(src[0])] = np.asarray(clip.text_prototypes(
-          src[0], src[1], src[2], data["class_names"], templates=tuple(c.templates)))
+          src[0], src[1], src[2], [data["class_names"][i] for i in data["classes"]],
+          templates=tuple(c.templates)))
     return "zero_shot", cache[id(src[0])]
   if c.head == "zero_shot":
     raise ValueError(f"config.attack.head='zero_shot' but {model.label!r} is not a CLIP "
@@ -278,15 +292,11 @@ def head(model: Model, data: dict, config, key: jax.Array,
                      "'auto'.")
   if "prototype_images" not in cache:
     spec = dict(data["spec"], split=c.prototype_split)
-    cache["prototype_images"] = _load(spec, per_class=c.prototypes_per_class)[:2]
+    cache["prototype_images"] = _load(spec, classes=data["classes"],
+                                      per_class=c.prototypes_per_class)[:2]
   x, y = cache["prototype_images"]
   z = features(model, x, c, key)
-  k = len(data["class_names"])
-  missing = sorted(set(range(k)) - set(y.tolist()))
-  if missing:
-    raise ValueError(f"no prototype images of classes {missing} in split "
-                     f"{c.prototype_split!r}.")
-  w = np.stack([z[y == i].mean(0) for i in range(k)])
+  w = np.stack([z[y == i].mean(0) for i in data["classes"]])
   return "class_mean", np.asarray(_unit(jnp.asarray(w)))
 
 
@@ -322,7 +332,7 @@ def run(config, workdir: str, attack: str = ALL) -> list[dict]:
   models = build_models(config)
   data = attack_data(config)
   x, y, t = data["images"], data["labels"], data["targets"]
-  tc = data["target_class"]
+  tc, classes = data["target_class"], np.asarray(data["classes"])
   key = jax.random.PRNGKey(config.seed)
   cache, table, examples = {}, [], {n: {} for n in names}
   with open(workdir / "robustness.jsonl", "w") as f:
@@ -330,14 +340,15 @@ def run(config, workdir: str, attack: str = ALL) -> list[dict]:
       mk = jax.random.fold_in(key, m)
       kind, prototypes = head(model, data, config, jax.random.fold_in(mk, 0), cache)
       z_clean = features(model, x, c, jax.random.fold_in(mk, 1))
-      pred_clean = np.asarray(_predict(jnp.asarray(z_clean), jnp.asarray(prototypes)))
+      # Prototype k is class classes[k]: predictions are dataset class ids.
+      pred_clean = classes[np.asarray(_predict(jnp.asarray(z_clean), jnp.asarray(prototypes)))]
       row = {"model": model.label, "head": kind,
              "clean ACC": float(attacks.accuracy(pred_clean, y))}
       for a, name in enumerate(tqdm.tqdm(names, desc=model.label, unit="attack")):
         # The same attack noise/crops for every model: fold in the attack, not the model.
         adv = attack_model(model, name, x, t, c, jax.random.fold_in(key, 1000 + a))
         z_adv = features(model, adv, c, jax.random.fold_in(mk, 2 + a))
-        pred = np.asarray(_predict(jnp.asarray(z_adv), jnp.asarray(prototypes)))
+        pred = classes[np.asarray(_predict(jnp.asarray(z_adv), jnp.asarray(prototypes)))]
         fcs = np.asarray(_cosine(jnp.asarray(z_adv), jnp.asarray(z_clean)))
         row[f"{name} FCS"] = float(fcs.mean())
         row[f"{name} ACC"] = float(attacks.accuracy(pred, y))

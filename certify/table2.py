@@ -51,9 +51,20 @@ METHODS = ("FS", "RS")
 def prediction_settings(config) -> dict[str, Any]:
   """``n0``, ``n``, ``alpha``, ``bound``, ``chunk_size`` and ``batch_size`` of Table 2."""
   p, c = config.prediction, config.certify
-  return {"n0": int(p.get("n0") or c.n0), "n": int(p.get("n") or c.n),
-          "alpha": float(c.alpha), "bound": str(p.get("bound", "bernstein")),
-          "chunk_size": int(c.chunk_size), "batch_size": int(c.batch_size)}
+  pick = lambda override, default: int(default if override is None else override)
+  settings = {"n0": pick(p.get("n0"), c.n0), "n": pick(p.get("n"), c.n),
+              "alpha": float(c.alpha), "bound": str(p.get("bound", "bernstein")),
+              "chunk_size": int(c.chunk_size), "batch_size": int(c.batch_size)}
+  if settings["bound"] not in certify.BOUNDS:
+    raise ValueError(f"config.prediction.bound must be one of {certify.BOUNDS}, got "
+                     f"{settings['bound']!r}.")
+  if settings["n0"] < 1 or settings["n"] < 2:
+    raise ValueError(f"Table 2 needs n0 >= 1 and n >= 2 noise samples, got "
+                     f"n0={settings['n0']}, n={settings['n']} (config.prediction.n0/n, else "
+                     "config.certify.n0/n).")
+  if settings["batch_size"] < 1:
+    raise ValueError(f"config.certify.batch_size must be >= 1, got {settings['batch_size']}.")
+  return settings
 
 
 def _check_heads(meta: dict, heads: dict, config, encoder_name: str) -> None:
@@ -89,8 +100,9 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     progress: an optional tqdm bar, advanced once per batch and method.
 
   Returns:
-    Rows ``{"method", "sigma", "index", "label", "predicted_class", "radius", "correct"}``
-    plus the Monte Carlo settings.
+    Rows ``{"method", "sigma", "index", "label", "predicted_class", "radius",
+    "certified", "correct"}`` plus the Monte Carlo settings; ``predicted_class`` is -1
+    and ``radius`` 0 where the method abstains.
   """
   prototypes = certify.unit_prototypes(heads["cosine"])
   bs = settings["batch_size"]
@@ -116,6 +128,7 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
         rows.append({"method": method, "sigma": float(sigma), "index": start + i,
                      "label": label, "predicted_class": int(cls[i]),
                      "radius": float(radius[i]),
+                     "certified": bool(int(cls[i]) != certify.ABSTAIN),
                      "correct": bool(int(cls[i]) == label),
                      "bound": settings["bound"] if method == "FS" else "clopper-pearson",
                      "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]})
@@ -128,6 +141,8 @@ def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -
   for sigma in sorted({r["sigma"] for r in rows}):
     for method in METHODS:
       rs = [r for r in rows if r["sigma"] == sigma and r["method"] == method]
+      if not rs:
+        continue
       acc = np.asarray(certify.certified_accuracy(
           np.array([r["predicted_class"] for r in rs]), np.array([r["radius"] for r in rs]),
           np.array([r["label"] for r in rs]), np.asarray(radii, np.float32),
@@ -135,7 +150,8 @@ def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -
       row = {"method": method, "encoder": encoder_name, "sigma": float(sigma),
              "images": len(rs),
              "abstain": float(np.mean([r["predicted_class"] == certify.ABSTAIN for r in rs]))}
-      row.update({f"{float(r):g}": float(a) for r, a in zip(radii, acc)})
+      # Fractions of len(rs) images: 6 digits drop float32 noise (0.65000004 -> 0.65).
+      row.update({f"{float(r):g}": round(float(a), 6) for r, a in zip(radii, acc)})
       table.append(row)
   return table
 
@@ -162,14 +178,26 @@ def plot(table: list[dict], radii, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def run_prediction(config, workdir: str) -> list[dict]:
-  """Certifies the test images with FS and RS at every sigma; writes results; returns the table."""
+def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None = None
+                   ) -> list[dict]:
+  """Certifies the test images with FS and RS at every sigma; writes results; returns the table.
+
+  Args:
+    config: the experiment config (the one ``train.head`` used).
+    workdir: where the heads are and the results go.
+    variant: ``(name, encoder, params)`` to certify with; default
+      ``train.head.head_encoder(config)``. Passing one that is already compiled for
+      saves the compilation (the encoder is a static argument, hashed by identity).
+
+  Returns:
+    The table: one row per (sigma, method) with the certified accuracy at each radius.
+  """
   workdir = pathlib.Path(workdir)
+  settings = prediction_settings(config)
   meta, heads = head_lib.load_heads(workdir)
-  encoder_name, encoder, params = head_lib.head_encoder(config)
+  encoder_name, encoder, params = variant or head_lib.head_encoder(config)
   _check_heads(meta, heads, config, encoder_name)
   num_classes = len(meta["classes"])
-  settings = prediction_settings(config)
   images, labels, _ = head_lib.load_subset(config.test_data, num_classes=num_classes,
                                            per_class=config.prediction.test_per_class)
   labels = head_lib.check_labels(labels, num_classes)
@@ -188,9 +216,11 @@ def run_prediction(config, workdir: str) -> list[dict]:
       f.flush()
   radii = [float(r) for r in config.prediction.radii]
   table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
+  point = (" -- FS rows are point estimates, NOT certificates" if settings["bound"] == "point"
+           else "")
   print(f"Table 2: certified accuracy at radius r ({len(images)} images, {num_classes} "
         f"classes, n0={settings['n0']}, n={settings['n']}, alpha={settings['alpha']:g}, "
-        f"FS bound {settings['bound']})")
+        f"FS bound {settings['bound']}){point}")
   print(run_lib.write_table(table, workdir, stem="table2"))
   plot(table, radii, workdir / "table2.png")
   return table

@@ -49,4 +49,14 @@ def get_config(arg=None):
   # 8 epochs (M). We train on the first 10k ImageNet training images by default.
   config.gsb = common.gsb_config()
   config.train_data.num_examples = 10_000
+  # certify.robustness: the paper's classification task (Appendix): 10 ImageNet classes
+  # plus "shark" (great white shark, 2) as the held-out target; zero-shot text prototypes;
+  # 300 steps, 16/255. FARE / TeCoA rows: add OpenCLIP checkpoints, e.g.
+  #   config.attack.extra_encoders = (dict(config.encoder, label="FARE",
+  #                                        checkpoint="/path/to/fare2.pt"),)
+  config.attack = common.attack_config(
+      classes=(7, 368, 207, 1, 8, 54, 296, 148, 121, 21, 2), target_class=2,
+      num_images=500, smoothing_n=16, eot_samples=4, batch_size=8, head="auto")
+  # certify.audit: 100 ImageNet validation images x 4 fractions x both references.
+  config.audit = common.audit_config(num_images=100, measure_n=10_000, screen_n=256)
   return config

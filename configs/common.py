@@ -83,7 +83,8 @@ def attack_config(**overrides) -> ml_collections.ConfigDict:
       eot_samples=4,       # noise draws per attack step on a smoothed encoder (EOT)
       data=None,           # a dataset config; None: config.test_data (labelled)
       num_images=16,       # attacked images (from classes other than target_class)
-      target_class=-1,     # the attacker's target class, held out (-1: the last class)
+      classes=None,        # class ids the classifier knows; None: all of the dataset's
+      target_class=-1,     # the attacker's target class id, held out (<0: from the end)
       head="auto",         # "auto", "class_mean" or "zero_shot" (CLIP text prototypes)
       prototype_split="train",  # split of the class-mean prototypes' images
       prototypes_per_class=10,
@@ -120,6 +121,8 @@ def audit_config(**overrides) -> ml_collections.ConfigDict:
       step_factor=2.5,     # step = step_factor * eps / steps (Madry et al.)
       eot_samples=8,       # noise draws per attack step
       measure_n=10_000,    # fresh samples measuring <f_s(x_adv), u>
+      screen_n=config_dict.placeholder(int),  # set: screen every pair with screen_n
+      screen_k=6.0,        # samples first; only pairs within screen_k se of B get measure_n
       k_sigma=3.0,         # violation beyond k standard errors of the measurement
       variants=config_dict.placeholder(tuple),  # None: every variant (FS, FS+D+M, ...)
       batch_size=16,       # (image, eps) pairs per attack call

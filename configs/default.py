@@ -29,13 +29,31 @@ def get_config(arg=None):
       seed=0))
   # Images to train GSB and the heads on (and Table 2's test images).
   config.train_data = ml_collections.ConfigDict(dict(
-      name="fashion_mnist", split="train", image_size=64, batch_size=16, num_examples=512,
+      name="fashion_mnist", split="train", image_size=64, batch_size=16, num_examples=320,
       seed=0))
   config.test_data = ml_collections.ConfigDict(dict(
       name="fashion_mnist", split="test", image_size=64, batch_size=50, seed=0))
   config.certify = common.certify_config(n0=64, n=1024, batch_size=8)
   config.prediction = common.prediction_config(train_per_class=50, test_per_class=5)
-  config.gsb = common.gsb_config()
-  config.gsb.denoiser.epochs = 2
-  config.gsb.mapper.epochs = 2
+  config.gsb = common.gsb_config(log_every=5)
+  # GSB training sized to finish in under 10 minutes on 2 CPU cores (`python -m
+  # train.gsb` above): 320 images, 2 noise draws each, a width-8 denoiser (612,803
+  # parameters, a quarter of the paper's 10 MB one) trained 80 steps of 8 images, then
+  # the mapper 40 steps of 16. The learning rates are above the paper-scale defaults
+  # because the runs are this short. Most of the time is the encoder's backward pass in
+  # L_rob (Eq. 8).
+  config.gsb.denoiser.update(width=8, batch_size=8, epochs=2, learning_rate=3e-3)
+  config.gsb.mapper.update(batch_size=16, epochs=2, learning_rate=1e-2)
+  # certify.robustness (Table 4, classification): Fashion-MNIST test images of classes
+  # 0-8 pushed towards class 9 ("Ankle boot"); class-mean prototypes from 10 train images
+  # per class. CPU-sized: 8 images, 20 steps, 2 EOT draws, 8 smoothing samples.
+  config.attack = common.attack_config(
+      steps=20, smoothing_n=8, eot_samples=2, num_images=8, batch_size=8,
+      prototypes_per_class=10)
+  # certify.audit: all 18 skimage photos x 12 fractions of the radius (cos >= 0.5) x both
+  # references, CPU-sized (short attack; pairs screened with 32 samples, close ones
+  # measured with 1024).
+  config.audit = common.audit_config(
+      num_images=18, n0=32, n=256, eps_fractions=tuple(i / 12 for i in range(1, 13)),
+      steps=5, eot_samples=2, measure_n=1024, screen_n=32, batch_size=16, chunk_size=32)
   return config

@@ -52,6 +52,7 @@ def test_small_audit_finds_no_violation(toy_audit):
   assert summary["violations_k_sigma"] == 0
   assert summary["violations_raw"] == 0
   for r in rows:
+    assert r["measured"] <= r["measured_clean"] + 3 * r["standard_error"] + 0.01
     assert r["perturbation_l2"] <= r["eps"] * (1 + 1e-5) + 1e-6
     assert 0 < r["eps"] <= r["radius"] * (1 + 1e-6)
 
@@ -111,6 +112,20 @@ def test_measurement_matches_numpy(toy):
   ip = np.stack([np.sum(_numpy_features(params, x + d) * u, -1) for d in noise])  # [n, B]
   np.testing.assert_allclose(mean, ip.mean(0), atol=1e-5)
   np.testing.assert_allclose(se, ip.std(0, ddof=1) / np.sqrt(n), rtol=1e-3, atol=1e-7)
+
+
+def test_screen_measures_close_pairs_again(toy):
+  """Pairs far above B keep the screen's n; pairs near or below B get measure_n."""
+  encoder, params = toy
+  x = _images(3, 8)
+  u = np.asarray(encoder(params, x))
+  a = _audit_config(screen_n=64, screen_k=6.0)
+  bound = np.where(np.arange(8) < 4, -1.0, 1.0)  # far below / at the maximum of <f_s, u>
+  measured, se, used = audit._measure_pairs(params, x, u, bound, encoder, a,
+                                            jax.random.PRNGKey(7))
+  np.testing.assert_array_equal(used, [64] * 4 + [512] * 4)
+  assert np.all(se[4:] < se[:4])  # 8x the samples: about sqrt(8) smaller errors
+  assert np.all((measured > 0) & (measured <= 1))
 
 
 def test_end_to_end_on_tiny_clip(tmp_path):

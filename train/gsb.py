@@ -24,9 +24,11 @@ What lands in ``workdir``:
 * ``denoiser/<step>``, ``mapper/<step>``: orbax checkpoints of each stage's train state,
   every ``config.gsb.checkpoint_every`` steps and at the end of the stage.
   :func:`fsjax.gsb.checkpoint.load` reads the final parameters back.
-* ``metrics.jsonl``: one JSON object per ``config.gsb.log_every`` steps: stage, step,
-  epoch, the loss and its parts averaged over the interval, gradient norm, learning
-  rate, images per second.
+* ``metrics.jsonl``: one JSON object per ``config.gsb.log_every`` steps (and at the end
+  of a stage or of a run stopped by ``max_steps``): stage, step, epoch, the loss and its
+  parts, gradient and parameter norms averaged over the interval, the learning rate of
+  the interval's last step, and images (not noisy copies) per second, the first
+  interval of a stage including compilation.
 
 Restarting resumes from the latest checkpoint of either stage and reproduces an
 uninterrupted run exactly: the noise of step s is ``fold_in(stage_key, s)`` and the
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging as std_logging
 import math
 import os
 import time
@@ -312,6 +315,7 @@ class Stage:
   """Everything one stage's loop needs."""
 
   name: str
+  cache_key: str  # what the update step is a function of (see update_step)
   batch_size: int
   total_steps: int
   tx: optax.GradientTransformation
@@ -321,21 +325,60 @@ class Stage:
   key: jax.Array  # the stage's noise key; the step's is fold_in(key, step)
 
 
-def _replicated(mesh) -> jax.NamedSharding:
+def data_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh ``("data",)`` over every device: batches split along it."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh) -> jax.NamedSharding:
+  """Parameters and optimiser state: a full copy on every device."""
   return jax.NamedSharding(mesh, jax.P())
+
+
+def batch_sharded(mesh) -> jax.NamedSharding:
+  """Batches: split along their first axis over the ``"data"`` axis."""
+  return jax.NamedSharding(mesh, jax.P("data"))
 
 
 def init_state(stage: Stage, mesh) -> TrainState:
   params = stage.init_params()
   state = {"step": jnp.zeros((), jnp.int32), "params": params,
            "opt_state": stage.tx.init(params)}
-  return jax.device_put(state, _replicated(mesh))
+  return jax.device_put(state, replicated(mesh))
 
 
 def restore_state(stage: Stage, mngr, mesh) -> TrainState:
   """The stage's latest checkpoint (replicated), or a fresh state at step 0."""
-  _, state = checkpointing.restore_latest(mngr, init_state(stage, mesh))
+  if mngr.latest_step() is None:
+    return init_state(stage, mesh)
+  # Restoring needs only the structure: trace the init instead of running (compiling) it.
+  like = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+      jax.eval_shape(lambda: init_state(stage, mesh)))
+  _, state = checkpointing.restore_latest(mngr, like)
   return state
+
+
+# Compiled functions of this process (update steps, inits), by what they are a function
+# of: the encoder's architecture and config.gsb (and, through the cosine schedule, the
+# stage's length); everything else is an argument. So a second run of the same
+# configuration in one process (a resume, the tests) reuses the compilations, whose
+# seconds to minutes would otherwise dominate short runs. The encoder object a cached
+# function holds is built from the same config.encoder; its parameters are an argument.
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(key: str, make: Callable[[], Callable]) -> Callable:
+  if key not in _COMPILED:
+    _COMPILED[key] = make()
+  return _COMPILED[key]
+
+
+def update_step(stage: Stage) -> Callable:
+  """The stage's jitted update step (:func:`make_update_step`), compiled once a process."""
+  return _compiled(f"step/{stage.cache_key}",
+                   lambda: make_update_step(stage.loss_fn, stage.tx))
 
 
 class MetricsWriter:
@@ -352,11 +395,15 @@ class MetricsWriter:
     self._t0 = time.perf_counter()
 
   def add(self, stage: Stage, step: int, epoch: int, metrics: Mapping[str, float],
-          images: int) -> dict[str, Any] | None:
+          images: int, *, last: bool) -> dict[str, Any] | None:
+    """Adds a step's metrics; writes (and returns) the row at a log step or the last one.
+
+    A resumed run's first row averages the steps since the restart only.
+    """
     for k, v in metrics.items():
       self._sums[k] = self._sums.get(k, 0.0) + v
     self._count += 1
-    if step % self._every and step != stage.total_steps:
+    if step % self._every and not last:
       return None
     now = time.perf_counter()
     row = {"stage": stage.name, "step": step, "epoch": epoch,
@@ -380,8 +427,8 @@ def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Data
   end = stage.total_steps if stop_at is None else min(stop_at, stage.total_steps)
   if step >= end:
     return state
-  update = make_update_step(stage.loss_fn, stage.tx)
-  batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
+  update = update_step(stage)
+  batch_sharding = batch_sharded(mesh)
   per_epoch = batches_per_epoch(dataset, stage.batch_size)
   bar = tqdm.tqdm(total=stage.total_steps, initial=step, desc=f"gsb {stage.name}",
                   unit="step", dynamic_ncols=True)
@@ -397,7 +444,7 @@ def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Data
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(stage.name, step, metrics)  # before anything is saved
         bar.update(1)
-        row = writer.add(stage, step, epoch, metrics, stage.batch_size)
+        row = writer.add(stage, step, epoch, metrics, stage.batch_size, last=step == end)
         if row is not None:
           bar.set_postfix(loss=f"{row['loss']:.4g}")
         if step % checkpoint_every == 0 or step == end:
@@ -427,14 +474,20 @@ def build_stages(config, encoder: encoders_lib.Encoder, encoder_params,
     if opts.epochs and dataset.num_examples < opts.batch_size:
       raise ValueError(f"config.train_data selects {dataset.num_examples} examples, fewer "
                        f"than one batch of config.gsb.{name}.batch_size={opts.batch_size}.")
+  c = _comparable(config)
+  m_key = json.dumps({"encoder": c["encoder"], "gsb": c["gsb"]}, sort_keys=True)
+  d_key = json.dumps({"encoder": c["encoder"],  # D's step does not depend on M
+                      "gsb": {k: v for k, v in c["gsb"].items() if k != "mapper"}},
+                     sort_keys=True)
   root = jax.random.key(config.seed)
   d_init, d_noise = jax.random.split(jax.random.fold_in(root, 0))
   m_init, m_noise = jax.random.split(jax.random.fold_in(root, 1))
 
   denoiser = gsb_lib.build_denoiser(config)
-  x = jax.ShapeDtypeStruct((1, encoder.resolution, encoder.resolution, 3), jnp.float32)
-  token_dim = jax.eval_shape(lambda x: encoder.tokens(encoder_params, x), x).shape[-1]
-  mapper = gsb_lib.build_mapper(config, token_dim)
+  image_shape = (1, encoder.resolution, encoder.resolution, 3)
+  token_shape = jax.eval_shape(lambda x: encoder.tokens(encoder_params, x),
+                               jax.ShapeDtypeStruct(image_shape, jnp.float32)).shape
+  mapper = gsb_lib.build_mapper(config, token_shape[-1])
   train_denoiser = d_opts.epochs > 0
 
   d_steps = d_opts.epochs * batches_per_epoch(dataset, d_opts.batch_size)
@@ -444,15 +497,17 @@ def build_stages(config, encoder: encoders_lib.Encoder, encoder_params,
   m_schedule = optax.cosine_decay_schedule(float(m_opts.learning_rate), max(m_steps, 1))
   stages = {
       "denoiser": Stage(
-          name="denoiser", batch_size=d_opts.batch_size, total_steps=d_steps,
+          name="denoiser", cache_key=f"denoiser/{d_steps}/{d_key}",
+          batch_size=d_opts.batch_size, total_steps=d_steps,
           tx=optax.adam(d_lr), schedule=lambda step: d_lr,
           loss_fn=denoiser_loss_fn(encoder, denoiser, lam_rob=float(d_opts.lam_rob),
                                    sigma_range=sigma_range, noise_samples=noise_samples),
-          init_params=lambda: gsb_lib.BoostedEncoder(encoder, denoiser=denoiser)
-          .init_params(d_init, encoder_params)["denoiser"],
+          init_params=lambda: _compiled(f"init/denoiser/{d_key}", lambda: jax.jit(
+              lambda k: denoiser.init(k, jnp.zeros(image_shape), 0.0)["params"]))(d_init),
           key=d_noise),
       "mapper": Stage(
-          name="mapper", batch_size=m_opts.batch_size, total_steps=m_steps,
+          name="mapper", cache_key=f"mapper/{m_steps}/{m_key}",
+          batch_size=m_opts.batch_size, total_steps=m_steps,
           tx=optax.adamw(m_schedule, weight_decay=float(m_opts.weight_decay)),
           schedule=m_schedule,
           loss_fn=mapper_loss_fn(
@@ -460,8 +515,8 @@ def build_stages(config, encoder: encoders_lib.Encoder, encoder_params,
               lam_id=float(m_opts.lam_id), lam_stat=float(m_opts.lam_stat),
               id_sigma=float(m_opts.id_sigma), sigma_range=sigma_range,
               noise_samples=noise_samples),
-          init_params=lambda: gsb_lib.BoostedEncoder(encoder, mapper=mapper)
-          .init_params(m_init, encoder_params)["mapper"],
+          init_params=lambda: _compiled(f"init/mapper/{m_key}", lambda: jax.jit(
+              lambda k: mapper.init(k, jnp.zeros(token_shape), 0.0)["params"]))(m_init),
           key=m_noise),
   }
   return stages
@@ -487,12 +542,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   write_or_check_config(config, workdir)
   encoder, encoder_params = encoders_lib.build(config.encoder)
   dataset = training_images(config)
-  devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  stages = build_stages(config, encoder, encoder_params, dataset, n_devices=len(devices))
+  # Data parallel: GSPMD splits each step along the batch (Auto axes: the encoder and
+  # the GSB modules are plain linen code, written for no particular sharding).
+  mesh = data_mesh()
+  n_devices = mesh.devices.size
+  stages = build_stages(config, encoder, encoder_params, dataset, n_devices=n_devices)
   d_stage, m_stage = stages["denoiser"], stages["mapper"]
-  encoder_params = jax.device_put(encoder_params, _replicated(mesh))
+  encoder_params = jax.device_put(encoder_params, replicated(mesh))
   c = config.gsb
   checkpoint_every = int(c.get("checkpoint_every") or 100)
   writer = MetricsWriter(workdir, int(c.get("log_every") or 10))
@@ -513,7 +569,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
       print(f"train.gsb: {workdir} holds a finished run (denoiser {d_done} steps, mapper "
             f"{m_done} steps); nothing to do.")
     logging.info("train.gsb: %d device(s); denoiser %d/%d steps, mapper %d/%d steps done.",
-                 len(devices), d_done, d_stage.total_steps, m_done, m_stage.total_steps)
+                 n_devices, d_done, d_stage.total_steps, m_done, m_stage.total_steps)
 
     out = {}
     d_state = restore_state(d_stage, managers["denoiser"], mesh)
@@ -542,8 +598,16 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
       checkpointing.close(mngr)
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's INFO lines (several per checkpoint), which bury the progress bar."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 import certify
 # certify.run defines the --config and --workdir flags; absl flags are global, so this
@@ -60,7 +61,7 @@ SIDECAR = "heads.json"  # what the checkpoint holds, in words
 _FEATURE_BATCH = 64  # images per encoder call when caching features (one compilation)
 # Settings that must match for stored heads to be reused (and that certify.table2 checks).
 _SETTINGS = ("encoder", "sigmas", "classes", "dim", "head_noise", "noise_draws",
-             "zero_shot", "steps", "learning_rate", "batch_size", "train_data")
+             "zero_shot", "steps", "learning_rate", "batch_size", "seed", "train_data")
 
 
 # ----------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def _pad(x: np.ndarray, size: int) -> np.ndarray:
 
 def unit_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Encoder,
                   sigma: float, key: jax.Array, draws: int, noise: bool,
-                  batch_size: int = _FEATURE_BATCH) -> np.ndarray:
+                  batch_size: int = _FEATURE_BATCH, desc: str | None = None) -> np.ndarray:
   """Unit features ``f(x + delta)`` of ``draws`` noise draws per image (cached for training).
 
   Draw ``d`` of the images ``[b * batch_size, (b + 1) * batch_size)`` uses the noise
@@ -169,6 +170,7 @@ def unit_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Enco
     draws: noise draws per image (>= 1).
     noise: add the noise (else clean features, ``draws`` is taken as 1).
     batch_size: images per encoder call.
+    desc: show a progress bar with this description.
 
   Returns:
     ``[draws * N, D]`` float32, draw-major (row ``d * N + i`` is image ``i``).
@@ -178,14 +180,18 @@ def unit_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Enco
   if draws < 1:
     raise ValueError(f"config.prediction.noise_draws must be >= 1, got {draws}.")
   scale = jnp.float32(sigma if noise else 0.0)
+  starts = range(0, len(images), batch_size)
   out = []
-  for d in range(draws):
-    for b, start in enumerate(range(0, len(images), batch_size)):
-      x = images[start:start + batch_size]
-      z = _features(params, jnp.asarray(_pad(x, batch_size)),
-                    jax.random.fold_in(jax.random.fold_in(key, d), b), scale,
-                    jnp.float32(sigma), encoder=encoder)
-      out.append(np.asarray(z)[:len(x)])
+  with tqdm.tqdm(total=draws * len(starts), desc=desc, unit="batch",
+                 disable=desc is None) as bar:
+    for d in range(draws):
+      for b, start in enumerate(starts):
+        x = images[start:start + batch_size]
+        z = _features(params, jnp.asarray(_pad(x, batch_size)),
+                      jax.random.fold_in(jax.random.fold_in(key, d), b), scale,
+                      jnp.float32(sigma), encoder=encoder)
+        out.append(np.asarray(z)[:len(x)])
+        bar.update(1)
   return np.concatenate(out)
 
 
@@ -353,6 +359,7 @@ def _settings(config, encoder_name: str, dim: int) -> dict[str, Any]:
       "steps": int(p.head_steps),
       "learning_rate": float(p.head_learning_rate),
       "batch_size": int(p.head_batch_size),
+      "seed": int(config.seed),
       "train_data": {"name": td.name, "split": td.split, "image_size": int(td.image_size),
                      "seed": int(td.get("seed") or 0), "per_class": int(p.train_per_class)},
   }
@@ -435,7 +442,8 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
     k_sigma = jax.random.fold_in(key, int(round(sigma * 1e6)))
     k_feat, k_train = jax.random.split(k_sigma)
     z = unit_features(params, images, encoder=encoder, sigma=sigma, key=k_feat,
-                      draws=settings["noise_draws"], noise=settings["head_noise"])
+                      draws=settings["noise_draws"], noise=settings["head_noise"],
+                      desc=f"features sigma={sigma:g}")
     y = np.tile(labels, len(z) // len(labels))  # draw-major, as unit_features stacks them
     heads, hist = train_heads(z, y, num_classes=num_classes, steps=settings["steps"],
                               learning_rate=settings["learning_rate"],

@@ -76,7 +76,7 @@ def _shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
 def _check_against(params, module, example_args, what: str) -> None:
   """Raises ValueError unless ``params`` has exactly ``module``'s parameter shapes."""
   expected = jax.eval_shape(
-      lambda: module.init(jax.random.key(0), *example_args))["params"]
+      lambda *args: module.init(jax.random.key(0), *args), *example_args)["params"]
   got, want = _shapes(params), _shapes(expected)
   if got != want:
     diff = [f"{k}: checkpoint {got.get(k, 'missing')}, architecture {want.get(k, 'missing')}"

@@ -1,0 +1,155 @@
+"""certify.table2 end to end on the tiny CLIP: files, table, agreement with direct calls."""
+
+import json
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+import certify
+from certify import table2
+from configs import clip_tiny
+from configs import common
+from fsjax import data as data_lib
+from train import head as head_lib
+
+K, TEST_PER_CLASS = 3, 2
+SIGMAS = (0.05, 0.1)
+
+
+def _folder_dataset(root):
+  """Class-coloured 32 px PNGs: 4 train and 2 test images for each of K classes."""
+  rng = np.random.default_rng(0)
+  colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220]])
+  for split, count in (("train", 4), ("test", TEST_PER_CLASS)):
+    for c in range(K):
+      folder = root / split / f"class_{c}"
+      folder.mkdir(parents=True)
+      for i in range(count):
+        img = np.clip(colours[c] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"{i}.png")
+  return root
+
+
+def _config(root):
+  config = clip_tiny.get_config()
+  with config.unlocked():
+    config.encoder.feature = "patch_tokens"  # the random pooled embedding barely varies
+    data = dict(name=f"folder:{root}", image_size=32, batch_size=8, seed=0)
+    config.train_data = ml_collections.ConfigDict(dict(data, split="train"))
+    config.test_data = ml_collections.ConfigDict(dict(data, split="test"))
+    # bound="point" gives FS radii that vary from image to image on this random encoder
+    # (its certified radii are all 0 at such small n), so the comparison below has teeth.
+    config.prediction = common.prediction_config(
+        num_classes=K, train_per_class=4, test_per_class=TEST_PER_CLASS, head_steps=60,
+        head_learning_rate=0.05, noise_draws=2, n0=8, n=32, bound="point")
+    config.certify.update(sigmas=SIGMAS, chunk_size=16, batch_size=4)  # 2 batches, 1 padded
+  return config
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+  config = _config(_folder_dataset(tmp_path_factory.mktemp("folder")))
+  workdir = tmp_path_factory.mktemp("table2")
+  head_lib.train(config, str(workdir))
+  variant = head_lib.head_encoder(config)
+  table = table2.run_prediction(config, str(workdir), variant=variant)
+  rows = [json.loads(l) for l in (workdir / "prediction_results.jsonl").read_text().splitlines()]
+  return config, workdir, table, rows, variant
+
+
+def test_files_written(result):
+  _, workdir, _, rows, _ = result
+  for name in ("prediction_results.jsonl", "table2.md", "table2.csv", "table2.png"):
+    assert (workdir / name).stat().st_size > 0
+  assert len(rows) == len(SIGMAS) * 2 * K * TEST_PER_CLASS
+  # config.prediction.n0/n override config.certify's (16/128 in clip_tiny).
+  assert {(r["n0"], r["n"]) for r in rows} == {(8, 32)}
+  md = (workdir / "table2.md").read_text().splitlines()
+  assert len(md) == 2 + 2 * len(SIGMAS) and "| method |" in md[0]
+
+
+def test_fs_and_rs_rows_per_sigma(result):
+  config, _, table, _, _ = result
+  assert [(r["sigma"], r["method"]) for r in table] == [(s, m) for s in SIGMAS
+                                                        for m in ("FS", "RS")]
+  radii = [f"{r:g}" for r in config.prediction.radii]
+  assert radii[0] == "0" and radii[-1] == "1.5"
+  for row in table:
+    assert row["images"] == K * TEST_PER_CLASS
+    curve = np.array([row[r] for r in radii])
+    assert np.all(np.diff(curve) <= 0) and np.all((0 <= curve) & (curve <= 1))
+
+
+def test_table_is_the_certified_accuracy_of_the_rows(result):
+  config, _, table, rows, _ = result
+  for row in table:
+    rs = [r for r in rows if r["sigma"] == row["sigma"] and r["method"] == row["method"]]
+    for radius in config.prediction.radii:
+      expected = np.mean([r["predicted_class"] == r["label"] and r["radius"] >= radius
+                          for r in rs])
+      assert row[f"{radius:g}"] == pytest.approx(expected)
+    assert row["abstain"] == pytest.approx(np.mean([r["predicted_class"] == -1 for r in rs]))
+
+
+def test_rows_match_direct_certify_calls(result):
+  """Same images, same keys (documented in certify.table2), called directly."""
+  config, workdir, _, rows, (_, encoder, params) = result
+  images, labels, _ = data_lib.load_arrays(
+      config.test_data.name, split="test", image_size=32, classes=range(K),
+      per_class=TEST_PER_CLASS, seed=0)
+  _, heads = head_lib.load_heads(workdir)
+  bs = config.certify.batch_size
+  radii_seen = []
+  for sigma in SIGMAS:
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), int(round(sigma * 1e6)))
+    for b in range(2):
+      x = images[b * bs:(b + 1) * bs]
+      x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])  # the padding
+      k = jax.random.fold_in(key, b)
+      mc = dict(sigma=sigma, key=k, n0=8, n=32, alpha=config.certify.alpha, chunk_size=16)
+      fs = certify.certify_prediction(
+          params, x, encoder=encoder, bound="point",
+          prototypes=certify.unit_prototypes(heads[sigma]["cosine"]), **mc)
+      rs = certify.rs_certify(params, x, encoder=encoder, head=heads[sigma]["linear"], **mc)
+      for method, (cls, radius) in (("FS", fs), ("RS", rs)):
+        got = sorted((r for r in rows if r["sigma"] == sigma and r["method"] == method
+                      and b * bs <= r["index"] < (b + 1) * bs), key=lambda r: r["index"])
+        n_real = len(got)
+        assert n_real == min(bs, K * TEST_PER_CLASS - b * bs)
+        assert [r["label"] for r in got] == list(labels[b * bs:b * bs + n_real])
+        assert [r["predicted_class"] for r in got] == list(np.asarray(cls)[:n_real])
+        np.testing.assert_allclose([r["radius"] for r in got], np.asarray(radius)[:n_real],
+                                   rtol=1e-6)
+        radii_seen += [r["radius"] for r in got]
+  assert len(set(radii_seen)) > 3  # the comparison is not between constants
+
+
+def test_missing_heads_and_mismatched_config_fail_clearly(result, tmp_path):
+  config, workdir, _, _, _ = result
+  with pytest.raises(FileNotFoundError, match="train.head"):
+    table2.run_prediction(config, str(tmp_path))
+  other = config.copy_and_resolve_references()
+  other.certify.sigmas = (0.05, 0.75)
+  with pytest.raises(ValueError, match=r"no heads trained for sigma \[0.75\]"):
+    table2.run_prediction(other, str(workdir))
+  other = config.copy_and_resolve_references()
+  other.prediction.num_classes = 2
+  with pytest.raises(ValueError, match="num_classes=2"):
+    table2.run_prediction(other, str(workdir))
+  other = config.copy_and_resolve_references()
+  other.prediction.bound = "chernoff"
+  with pytest.raises(ValueError, match="prediction.bound"):
+    table2.run_prediction(other, str(workdir))
+
+
+def test_labels_out_of_range_fail_clearly(result):
+  config, _, _, rows, _ = result
+  rs = [r for r in rows if r["method"] == "RS"][:4]
+  with pytest.raises(ValueError, match="labels must lie in"):
+    table2.summarise([dict(r, label=K) for r in rs], [0.0], num_classes=K, encoder_name="FS")
+  with pytest.raises(ValueError, match=r"\[0, num_classes=3\)"):
+    head_lib.check_labels(np.array([0, 5]), K)
+  del config
