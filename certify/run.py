@@ -1,6 +1,7 @@
 r"""The paper's Table 1 (feature certification) for the configured encoder(s).
 
   python -m certify.run --config configs/default.py --workdir /tmp/fsjax_certify
+  python -m certify.run --config configs/default.py --workdir DIR --mode=prediction  # Table 2
 
 For each encoder variant (the base encoder "FS"; with ``config.gsb.checkpoint`` also
 "FS+D", "FS+M", "FS+D+M", the Table 6 ablation), each sigma and each image, one two-stage
@@ -27,22 +28,18 @@ import os
 import pathlib
 from typing import Any, Iterable
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ml_collections import config_flags
 import tqdm
 
 from certify import _closed_form
 from certify import _feature
+from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where results are written.")
 
 
 def encoder_variants(config) -> list[tuple[str, encoders_lib.Encoder, Any]]:
@@ -161,11 +158,16 @@ def run(config, workdir: str) -> list[dict]:
   return table
 
 
-def main(argv):
-  del argv
-  run(_CONFIG.value, _WORKDIR.value)
+def main(config, workdir: str, mode: str = "feature") -> None:
+  if mode == "prediction":
+    from certify import table2  # pylint: disable=g-import-not-at-top
+    table2.run_prediction(config, workdir)
+  else:
+    run(config, workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, workdir_help="Where results are written.", define_extra=lambda: flags.DEFINE_enum(
+      "mode", "feature", ["feature", "prediction"],
+      "feature: Table 1 (and the GSB ablation); prediction: Table 2 (certify.table2; run "
+      "python -m train.head first)."))

@@ -34,15 +34,13 @@ import json
 import pathlib
 from typing import Any
 
-from absl import app
-from absl import flags
 import jax
 import numpy as np
 import tqdm
 
 import certify
-# Imported for its helpers and its --config/--workdir flags (absl flags are global).
 from certify import run as run_lib
+from fsjax import cli
 from train import head as head_lib
 
 METHODS = ("FS", "RS")
@@ -226,11 +224,5 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   return table
 
 
-def main(argv):
-  del argv
-  run_prediction(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(run_prediction, workdir_help="The train.head workdir; results are written there.")

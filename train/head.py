@@ -37,8 +37,6 @@ import os
 import pathlib
 from typing import Any, Mapping, Sequence
 
-from absl import app
-from absl import flags
 from absl import logging
 import flax.linen as nn
 import jax
@@ -48,10 +46,8 @@ import optax
 import tqdm
 
 import certify
-# certify.run defines the --config and --workdir flags; absl flags are global, so this
-# entry point reads those (flags.FLAGS.config, flags.FLAGS.workdir) instead of
-# defining its own, which would clash whenever both modules are imported.
 from certify import run as certify_run
+from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from train import checkpointing
@@ -463,12 +459,10 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
   return meta, dict(zip(settings["sigmas"], trained))
 
 
-def main(argv):
-  del argv
-  meta, _ = train(flags.FLAGS.config, flags.FLAGS.workdir)
+def main(config, workdir: str) -> None:
+  meta, _ = train(config, workdir)
   print(json.dumps(meta["history"], indent=2))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, workdir_help="Where the heads are saved (heads/, heads.json).")
