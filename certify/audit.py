@@ -12,15 +12,17 @@ the paper's u = f(x)) and L the lower confidence bound of h_u(x). This CLI tries
 it. For each image, variant and reference it
 
 1. certifies with the same two-stage Monte Carlo as :func:`certify.fcsb`
-   (:func:`certify.score_deficits`, then the closed form: the numbers are identical to
-   ``certify.fcsb(..., key=key)``), which gives L, u and the radius R_c for cos >= c;
+   (:func:`certify.score_deficits`, then the closed form: for the same key and image
+   batch the numbers are ``certify.fcsb``'s), which gives L, u and the radius R_c for
+   cos >= c;
 2. picks eps inside the certificate: ``config.audit.eps_fractions`` of R_c (images
    with R_c <= 0 are not certified at level c and are skipped), or, with
    ``config.audit.eps`` set, those radii where the cosine is certified (B >= 0);
 3. runs l2 PGD with EOT over the smoothing noise at radius eps, *minimising*
    ``<mean_j f(x_adv + delta_j), u>`` (the exact quantity bounded, against the fixed
    direction u; a fresh set of m noise draws every step, random start in the ball,
-   steps of ``step_factor * eps / steps``, the last iterate is kept);
+   steps of ``step_factor * eps / steps``, the last iterate is kept; x_adv stays in
+   [0, 1] like any image, a subset of the ball the certificate covers);
 4. measures ``<f_s(x_adv), u>`` with ``measure_n`` fresh noise samples (independent of
    the certification and the attack), with its standard error ``se`` (sample standard
    deviation / sqrt(n)); with ``screen_n`` set, every pair is first screened with
@@ -52,10 +54,8 @@ import collections
 import functools
 import json
 import pathlib
-from typing import Any, Sequence
+from typing import Any
 
-from absl import app
-from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,9 +63,8 @@ import tqdm
 
 from certify import _closed_form
 from certify import _feature
-# certify.run defines the --config and --workdir flags every certify CLI shares (absl
-# refuses a flag defined twice, so this module reuses them rather than defining its own).
 from certify import run as run_lib
+from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
@@ -506,11 +505,9 @@ def run(config, workdir: str) -> dict[str, Any]:
   return summary
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+def main(config, workdir: str) -> None:
+  run(config, workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, workdir_help="Where audit.jsonl and audit.md are written.")

@@ -29,10 +29,10 @@ The task mirrors the paper's (Appendix, "Image classification"): the classifier 
 the K classes ``config.attack.classes`` (None: all of the dataset's); one of them,
 ``config.attack.target_class`` (a class id, or negative: counted from the end of the
 list; default the last), is held out as the attacker's target (the paper's class 10,
-"shark"); attacked images come from the other classes, and image i is pushed towards target image i, the i-th image of the
-target class in the same split (deterministic: the data's seeded order). Every attack
-is targeted; ``pgd`` is fsjax's targeted feature PGD (cosine to the target's feature,
-l_inf, random start).
+"shark"); attacked images come from the other classes, and image i is pushed towards
+target image i, the i-th image of the target class in the same split (deterministic:
+the data's seeded order). Every attack is targeted; ``pgd`` is fsjax's targeted feature
+PGD (cosine to the target's feature, l_inf, random start).
 
 Classifier: a cosine-prototype head on the evaluated model's features, prediction
 ``argmax_k <z, w_k>`` (method.md section 3). ``config.attack.head``:
@@ -64,17 +64,17 @@ import numbers
 import pathlib
 from typing import Any, Sequence
 
-from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
-# certify.run defines the --config and --workdir flags every certify CLI shares.
 from certify import run as run_lib
 from fsjax import attacks
+from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
@@ -282,10 +282,19 @@ def head(model: Model, data: dict, config, key: jax.Array,
     src = model.text_source
     if id(src[0]) not in cache:
       from fsjax import clip  # pylint: disable=g-import-not-at-top
-      cache[id(src[0])] = np.asarray(clip.text_prototypes(
-          src[0], src[1], src[2], [data["class_names"][i] for i in data["classes"]],
-          templates=tuple(c.templates)))
-    return "zero_shot", cache[id(src[0])]
+      try:
+        cache[id(src[0])] = np.asarray(clip.text_prototypes(
+            src[0], src[1], src[2], [data["class_names"][i] for i in data["classes"]],
+            templates=tuple(c.templates)))
+      except (ValueError, OSError, ImportError) as e:
+        if c.head == "zero_shot":
+          raise
+        # "auto": e.g. an OpenCLIP file without tokenizer files next to it.
+        logging.warning("%s: no zero-shot prototypes (%s); using class means.",
+                        model.label, e)
+        cache[id(src[0])] = None
+    if cache[id(src[0])] is not None:
+      return "zero_shot", cache[id(src[0])]
   if c.head == "zero_shot":
     raise ValueError(f"config.attack.head='zero_shot' but {model.label!r} is not a CLIP "
                      "checkpoint with a text tower and pooled features; use 'class_mean' or "
@@ -400,13 +409,12 @@ def plot_examples(x, targets, labels, adversarial: dict, class_names: Sequence[s
   plt.close(fig)
 
 
-def main(argv: Sequence[str]) -> None:
-  del argv
-  run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.attack)
+def main(config, workdir: str, attack: str = ALL) -> None:
+  run(config, workdir, attack)
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("attack", ALL, f"One of {sorted(attacks.ATTACKS)}, a comma-separated "
-                      f"list of them, or {ALL!r}.")
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, workdir_help="Where the table, per-image rows and PNG strips are written.",
+          define_extra=lambda: flags.DEFINE_string(
+              "attack", ALL, f"One of {sorted(attacks.ATTACKS)}, a comma-separated list of "
+              f"them, or {ALL!r}."))

@@ -129,3 +129,15 @@ def test_bad_target_class_and_zero_shot_error(tmp_path):
     robustness.attack_data(_config(target_class=10))
   with pytest.raises(ValueError, match="zero_shot"):
     robustness.run(_config(head="zero_shot"), str(tmp_path), "pgd")
+
+
+def test_class_subset_and_target():
+  data = robustness.attack_data(_config(classes=(3, 5, 7), target_class=-1, num_images=6))
+  assert data["target_class"] == 7 and data["classes"] == [3, 5, 7]
+  assert set(data["labels"].tolist()) <= {3, 5} and len(data["targets"]) == 6
+  assert robustness.attack_data(_config(classes=(3, 5, 7), target_class=5))[
+      "target_class"] == 5
+  with pytest.raises(ValueError, match="classes"):
+    robustness.attack_data(_config(classes=(3, 3)))
+  with pytest.raises(ValueError, match="target_class"):
+    robustness.attack_data(_config(classes=(3, 5), target_class=7))
