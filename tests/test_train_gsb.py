@@ -229,6 +229,10 @@ def test_bad_options_raise_before_training(data_dir, tmp_path):
   with pytest.raises(ValueError, match="fewer than one batch"):
     train_gsb.train_and_evaluate(tiny_config(data_dir, mapper__batch_size=32),
                                  str(tmp_path / "b"))
+  with pytest.raises(ValueError, match="max_steps"):
+    train_gsb.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "c"), max_steps=-1)
+  # A refused config leaves no config.json behind to block the corrected one.
+  assert not list(tmp_path.glob("*/config.json"))
 
 
 def test_epoch_order_depends_on_seed_plus_epoch_only(data_dir):

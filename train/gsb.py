@@ -52,26 +52,20 @@ import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
-from absl import app
-from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 import tqdm
 
+from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import gsb as gsb_lib
 from fsjax.gsb import losses
 from train import checkpointing
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 
 STAGES = ("denoiser", "mapper")
 CONFIG_FILE = "config.json"
@@ -105,11 +99,11 @@ def stage_options(config, which: str) -> ml_collections.ConfigDict:
   given = config.gsb.get(which)
   if given is not None:
     merged.update(given.to_dict() if hasattr(given, "to_dict") else dict(given))
-  for key in ("batch_size", "epochs"):
+  for key, minimum in (("batch_size", 1), ("epochs", 0)):
     v = merged[key]
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < (key == "batch_size"):
-      raise ValueError(f"config.gsb.{which}.{key} must be an integer >= "
-                       f"{int(key == 'batch_size')}, got {v!r}.")
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+      raise ValueError(f"config.gsb.{which}.{key} must be an integer >= {minimum}, got "
+                       f"{v!r}.")
   if not merged.learning_rate > 0:
     raise ValueError(f"config.gsb.{which}.learning_rate must be > 0, got "
                      f"{merged.learning_rate!r}.")
@@ -133,8 +127,10 @@ def _comparable(config) -> dict[str, Any]:
   """The parts of a config that shape a GSB run, as JSON values (tuples are lists)."""
   c = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
   gsb = {k: v for k, v in c.get("gsb", {}).items() if k not in _RESTART_FREE_KEYS}
-  return {"seed": c.get("seed"), "encoder": c.get("encoder"),
-          "train_data": c.get("train_data"), "gsb": gsb}
+  # train_data.batch_size is not used here (each stage has its own).
+  data = {k: v for k, v in (c.get("train_data") or {}).items() if k != "batch_size"}
+  return {"seed": c.get("seed"), "encoder": c.get("encoder"), "train_data": data,
+          "gsb": gsb}
 
 
 def _differences(a: Any, b: Any, prefix: str = "config") -> list[str]:
@@ -146,17 +142,24 @@ def _differences(a: Any, b: Any, prefix: str = "config") -> list[str]:
   return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
 
 
-def write_or_check_config(config, workdir: str) -> None:
-  """Writes ``workdir/config.json`` at the first start; on a restart checks it matches."""
+def check_config(config, workdir: str) -> None:
+  """Refuses to resume a run in ``workdir`` that was started with another config."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    stored = json.load(f)
+  diff = _differences(_comparable(stored), _comparable(config))
+  if diff:
+    raise ValueError(
+        f"workdir {workdir} holds a GSB run started with another config, so it cannot "
+        "be resumed: " + "; ".join(diff) + ". Use a fresh --workdir, or the old config.")
+
+
+def write_config(config, workdir: str) -> None:
+  """Writes ``workdir/config.json`` (what :func:`fsjax.gsb.checkpoint.load` reads)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f)
-    diff = _differences(_comparable(stored), _comparable(config))
-    if diff:
-      raise ValueError(
-          f"workdir {workdir} holds a GSB run started with another config, so it cannot "
-          "be resumed: " + "; ".join(diff) + ". Use a fresh --workdir, or the old config.")
     return
   os.makedirs(workdir, exist_ok=True)
   with open(path + ".tmp", "w") as f:
@@ -538,8 +541,10 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
     ``{"denoiser": params, "mapper": params}`` as they are when this call stops (a
     stage with 0 epochs is absent).
   """
+  if max_steps is not None and (isinstance(max_steps, bool) or max_steps < 0):
+    raise ValueError(f"max_steps must be None or an integer >= 0, got {max_steps!r}.")
   workdir = os.path.abspath(workdir)
-  write_or_check_config(config, workdir)
+  check_config(config, workdir)
   encoder, encoder_params = encoders_lib.build(config.encoder)
   dataset = training_images(config)
   # Data parallel: GSPMD splits each step along the batch (Auto axes: the encoder and
@@ -547,6 +552,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   mesh = data_mesh()
   n_devices = mesh.devices.size
   stages = build_stages(config, encoder, encoder_params, dataset, n_devices=n_devices)
+  write_config(config, workdir)  # once the config is known to be valid
   d_stage, m_stage = stages["denoiser"], stages["mapper"]
   encoder_params = jax.device_put(encoder_params, replicated(mesh))
   c = config.gsb
@@ -572,20 +578,19 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
                  n_devices, d_done, d_stage.total_steps, m_done, m_stage.total_steps)
 
     out = {}
-    d_state = restore_state(d_stage, managers["denoiser"], mesh)
-    if d_stage.total_steps:
-      d_state = run_stage(d_stage, d_state, frozen={"encoder": encoder_params},
-                          dataset=dataset, mesh=mesh, mngr=managers["denoiser"],
-                          seed=config.seed, checkpoint_every=checkpoint_every,
-                          writer=writer, stop_at=max_steps)
-      out["denoiser"] = d_state["params"]
-    if int(d_state["step"]) < d_stage.total_steps:
-      return out  # stopped by max_steps inside stage 1
     frozen = {"encoder": encoder_params}
-    if "denoiser" in out:
-      frozen["denoiser"] = out["denoiser"]
-    m_state = restore_state(m_stage, managers["mapper"], mesh)
+    if d_stage.total_steps:
+      d_state = restore_state(d_stage, managers["denoiser"], mesh)
+      d_state = run_stage(d_stage, d_state, frozen=frozen, dataset=dataset, mesh=mesh,
+                          mngr=managers["denoiser"], seed=config.seed,
+                          checkpoint_every=checkpoint_every, writer=writer,
+                          stop_at=max_steps)
+      out["denoiser"] = d_state["params"]
+      if int(d_state["step"]) < d_stage.total_steps:
+        return out  # stopped by max_steps inside stage 1
+      frozen = {**frozen, "denoiser": out["denoiser"]}  # D is final from here on
     if m_stage.total_steps:
+      m_state = restore_state(m_stage, managers["mapper"], mesh)
       m_state = run_stage(m_stage, m_state, frozen=frozen, dataset=dataset, mesh=mesh,
                           mngr=managers["mapper"], seed=config.seed,
                           checkpoint_every=checkpoint_every, writer=writer,
@@ -605,12 +610,10 @@ class _QuietOrbax(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
-def main(argv):
-  del argv
+def main(config, workdir: str) -> None:
   logging.get_absl_handler().addFilter(_QuietOrbax())
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, workdir_help="Where checkpoints, metrics.jsonl and config.json go.")

@@ -47,7 +47,8 @@ def _restore_params(stage_dir: pathlib.Path) -> tuple[int, Any] | None:
   """``(step, params)`` of the latest checkpoint in ``stage_dir``, or None if it has none."""
   mngr = ocp.CheckpointManager(
       stage_dir, item_handlers=ocp.StandardCheckpointHandler(),
-      options=ocp.CheckpointManagerOptions(read_only=True))
+      # Reads only (no save is ever called); read_only=True would log three warnings.
+      options=ocp.CheckpointManagerOptions(create=False))
   try:
     step = mngr.latest_step()
     if step is None:
