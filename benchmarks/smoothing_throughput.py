@@ -3,8 +3,9 @@ r"""Throughput, FLOP/s and memory of fsjax Gaussian smoothing, against a PyTorch
 Prints Markdown tables, all measured in one run on one machine:
 
 1. **Matmul peak**: a large ``jnp.dot`` (float32, and bfloat16 inputs with float32
-   accumulation), and ``torch.mm`` for reference; the best of each dtype is the
-   machine's measured peak.
+   accumulation), and ``torch.mm`` in both dtypes; the best of each dtype is the
+   machine's measured peak. The same matmuls are timed again inside the rounds of
+   table 2, so that its "% of peak" compares numbers taken under the same load.
 2. **Smoothing throughput**: samples/s of ``fsjax.smoothing.smoothed_features`` (jitted,
    timed after compilation and one warm-up call) and of a plain ``transformers`` PyTorch
    loop doing the same work on the same random-init CLIP vision tower: add Gaussian noise
@@ -38,7 +39,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import resource
 import statistics
 import sys
 import time
@@ -177,39 +177,64 @@ def cpu_description() -> str:
   return f"{model} ({', '.join(f'{k}: ' + ('yes' if v else 'no') for k, v in present.items())})"
 
 
-def rss_mib() -> float:
-  """Peak resident set size of this process so far (Linux reports KiB)."""
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # -------------------------------------------------------------------------- section 1
 
 
-def matmul_peak(size: int, *, skip_torch: bool, reps: int) -> tuple[str, dict[str, float]]:
-  """Best-of-``reps`` FLOP/s of a ``size``^3 matmul; returns (table, peak per dtype)."""
-  rows, peak = [], {"float32": 0.0, "bfloat16": 0.0}
-  flops = 2.0 * size**3
+@dataclasses.dataclass
+class Matmul:
+  name: str  # implementation, e.g. "XLA (cpu) `jnp.dot`"
+  dtype: str  # input dtype: the peak of this dtype
+  label: str
+  run: Callable[[], Any]  # `iters` matmuls (blocks)
+  flops: float  # of one run
+
+
+def matmuls(size: int, *, skip_torch: bool) -> list[Matmul]:
+  """Warm ``size``^3 matmuls: XLA float32, XLA bf16 -> f32, and torch.mm in both dtypes.
+
+  On a GPU one run is 10 back-to-back matmuls, so that dispatch does not count.
+  """
   backend = jax.default_backend()
+  iters = 1 if backend == "cpu" else 10
+  flops = 2.0 * size**3 * iters
+  out = []
   for dtype, label in (("float32", "float32"), ("bfloat16", "bfloat16 in, float32 accumulate")):
     a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), JAX_DTYPES[dtype])
     fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     fn(a, a).block_until_ready()
-    t = min(timed(lambda: fn(a, a).block_until_ready()) for _ in range(reps))
-    rows.append([f"XLA ({backend}) `jnp.dot`", label, fmt_num(flops / t / 1e9)])
-    peak[dtype] = max(peak[dtype], flops / t)
+    run = lambda fn=fn, a=a: jax.block_until_ready([fn(a, a) for _ in range(iters)])
+    out.append(Matmul(f"XLA ({backend}) `jnp.dot`", dtype, label, run, flops))
   torch_device = _torch_device(skip_torch)
   if torch_device is not None:
     import torch  # pylint: disable=g-import-not-at-top
+    sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
     for dtype in ("float32", "bfloat16"):
       a = torch.randn(size, size, device=torch_device).to(getattr(torch, dtype))
-      sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
       torch.mm(a, a)
       sync()
-      t = min(timed(lambda: (torch.mm(a, a), sync())) for _ in range(reps))
-      rows.append([f"torch ({torch_device}) `torch.mm`", dtype, fmt_num(flops / t / 1e9)])
-      peak[dtype] = max(peak[dtype], flops / t)
-  table = markdown_table(["matmul", f"dtype ({size}x{size}x{size})", "GFLOP/s"], rows)
-  return table, peak
+      run = lambda a=a: ([torch.mm(a, a) for _ in range(iters)], sync())
+      out.append(Matmul(f"torch ({torch_device}) `torch.mm`", dtype, dtype, run, flops))
+  return out
+
+
+def peak_per_dtype(mms: list[Matmul], times: dict[str, list[float]], reduce=min) -> dict:
+  """Best FLOP/s over implementations, per dtype, from ``times`` keyed by ``mm_key``."""
+  peak = {"float32": float("nan"), "bfloat16": float("nan")}
+  for m in mms:
+    rate = m.flops / reduce(times[mm_key(m)])
+    peak[m.dtype] = rate if not np.isfinite(peak[m.dtype]) else max(peak[m.dtype], rate)
+  return peak
+
+
+def mm_key(m: Matmul) -> str:
+  return f"matmul {m.name} {m.label}"
+
+
+def matmul_table(mms: list[Matmul], size: int, reps: int) -> str:
+  times = interleaved({mm_key(m): m.run for m in mms}, reps)
+  rows = [[m.name, m.label, fmt_num(m.flops / min(times[mm_key(m)]) / 1e9)] for m in mms]
+  return markdown_table(["matmul", f"dtype ({size}x{size}x{size})",
+                         f"GFLOP/s (best of {reps})"], rows)
 
 
 # -------------------------------------------------------------------------- section 2
@@ -303,7 +328,7 @@ def torch_variant(arch: dict, dtype: str, *, n: int, batch: int, chunk: int, x: 
 
 
 def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, batch: int,
-               reps: int, skip_torch: bool, torch_dtypes: list[str], peak: dict[str, float],
+               reps: int, skip_torch: bool, torch_dtypes: list[str], mms: list[Matmul],
                budget_s: float, started: float) -> str:
   arch = ARCHITECTURES[arch_name]
   s = arch["image_size"]
@@ -320,6 +345,7 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
   num_params = count_params(params)
 
   variants: list[Variant] = []
+  skipped: list[str] = []
   device = _torch_device(skip_torch)
   if device is not None:
     for dtype in torch_dtypes:
@@ -330,11 +356,16 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
     for i, chunk in enumerate(chunks):
       if i > 0 and time.perf_counter() - started > budget_s:  # one chunk per dtype at least
         log(f"time budget {budget_s:.0f} s spent: skipping fsjax {dtype} chunk {chunk}")
+        skipped.append(f"fsjax {dtype} chunk {chunk}")
         continue
       variants.append(fsjax_variant(arch_name, dtype, n=n, batch=batch, chunk=chunk, x=x))
 
-  log(f"timing {len(variants)} variants x {reps} interleaved rounds")
-  times = interleaved({v.name: v.run for v in variants}, reps)
+  log(f"timing {len(variants)} variants (+ {len(mms)} matmuls) x {reps} interleaved rounds")
+  # The matmuls ride along in every round: "% of peak" then compares numbers taken under
+  # the same load (a peak measured minutes earlier on a shared machine would not be).
+  fns = {v.name: v.run for v in variants} | {mm_key(m): m.run for m in mms}
+  times = interleaved(fns, reps)
+  peak = peak_per_dtype(mms, times, reduce=statistics.median)
   baseline = next((statistics.median(times[v.name]) / v.samples
                    for v in variants if v.name.startswith("torch float32")), None)
   rows = []
@@ -345,12 +376,17 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
     ratio = f"{rate * baseline:.2f}x" if baseline else "n/a"
     share = rate * flops / peak[v.dtype]
     rows.append([v.name, fmt_num(rate), f"{fmt_num(rates[0])}-{fmt_num(rates[-1])}", ratio,
-                 fmt_num(rate * flops / 1e9), f"{100 * share:.0f}%" if share > 0 else "n/a"])
+                 fmt_num(rate * flops / 1e9),
+                 f"{100 * share:.0f}%" if np.isfinite(share) else "n/a"])
+  peaks = ", ".join(f"{d} {fmt_num(p / 1e9)} GFLOP/s" for d, p in peak.items() if np.isfinite(p))
   title = (f"{ARCH_NAMES[arch_name]} ({fmt_num(num_params / 1e6)}M params), n = {n} samples "
            f"x {batch} image(s), sigma = {SIGMA}, {reps} interleaved rounds. FLOPs per sample: "
            f"{fmt_num(flops / 1e9)} G from XLA's cost analysis of one encoder forward; "
            f"{fmt_num(analytic / 1e9)} G analytic (matmuls only, "
-           f"`analytic_vit_flops`). Peak: best measured matmul of the row's dtype.")
+           f"`analytic_vit_flops`). Peak: the best matmul of the row's dtype, median over "
+           f"the same rounds: {peaks or 'not measured (--sections without peak)'}.")
+  if skipped:
+    title += f" Not run (past the {budget_s:.0f} s --budget): {', '.join(skipped)}."
   table = markdown_table(
       ["variant", "samples/s (median)", "range", "vs torch float32", "GFLOP/s",
        "% of peak (same dtype)"], rows)
@@ -376,14 +412,13 @@ def memory_vs_n(sizes: list[int], *, n0: int, chunk: int, run: bool) -> str:
     row = [f"{n:,}", fmt_bytes(mem.temp_size_in_bytes), fmt_bytes(mem.argument_size_in_bytes),
            fmt_bytes(mem.output_size_in_bytes), fmt_bytes(total)]
     if run:
-      rss0 = rss_mib()
       t = timed(lambda: jax.block_until_ready(compiled(params, x, key)))
-      row += [f"{t:.2f} s", f"{(n + n0) / t:,.0f}", f"{rss_mib() - rss0:+.0f} MiB"]
+      row += [f"{t:.2f} s", f"{(n + n0) / t:,.0f}"]
       log(f"memory: n = {n} ran in {t:.2f} s")
     rows.append(row)
   header = ["n", "temp", "arguments", "outputs", "total"]
   if run:
-    header += ["wall time (incl. n0)", "samples/s", "peak RSS growth"]
+    header += ["wall time, first call (n0 + n)", "samples/s"]
   title = (f"`certify.score_deficits` (n0 = {n0} + n samples, all bounds, chunk {chunk}) on "
            f"the {ARCH_NAMES['tiny']}: XLA `memory_analysis()` of the compiled executable")
   return title + "\n\n" + markdown_table(header, rows)
@@ -465,16 +500,17 @@ def main(argv=None) -> None:
     print(f"* CPU: {cpu_description()}")
   print(f"* load average at start: {os.getloadavg()[0]:.2f}\n")
 
-  peak = {"float32": float("nan"), "bfloat16": float("nan")}
+  mms = []
   if "peak" in args.sections:
     log(f"matmul peak ({args.peak_size}^3)")
-    table, peak = matmul_peak(args.peak_size, skip_torch=args.skip_torch, reps=3)
+    mms = matmuls(args.peak_size, skip_torch=args.skip_torch)
+    table = matmul_table(mms, args.peak_size, reps=3)
     print("### Matmul peak\n\n" + table + "\n", flush=True)
   if "throughput" in args.sections:
     log(f"throughput: {args.model}, n = {args.n}, batch {args.batch}, chunks {args.chunk}")
     table = throughput(args.model, dtypes=args.dtypes, chunks=args.chunk, n=args.n,
                        batch=args.batch, reps=args.reps, skip_torch=args.skip_torch,
-                       torch_dtypes=args.torch_dtypes, peak=peak, budget_s=args.budget,
+                       torch_dtypes=args.torch_dtypes, mms=mms, budget_s=args.budget,
                        started=started)
     print("### Smoothing throughput\n\n" + table + "\n", flush=True)
   if "memory" in args.sections:
