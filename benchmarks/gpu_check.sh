@@ -40,5 +40,7 @@ report=${OUT:-/tmp}/gpu_benchmark.md
 timeout 235 "$PY" benchmarks/smoothing_throughput.py --budget 120 --sections peak,throughput \
   "$@" | tee "$report"
 status=${PIPESTATUS[0]}
-[ "$status" = 124 ] && echo "gpu_check.sh: stopped at the 235 s limit; tables printed above are complete, later ones did not run" >&2
+if [ "$status" = 124 ]; then
+  echo "gpu_check.sh: stopped at 235 s; the tables printed above are complete" >&2
+fi
 exit "$status"

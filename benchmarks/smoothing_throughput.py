@@ -2,8 +2,8 @@ r"""Throughput, FLOP/s and memory of fsjax Gaussian smoothing, against a PyTorch
 
 Prints Markdown tables, all measured in one run on one machine:
 
-1. **Matmul peak**: a large ``jnp.dot`` (float32, and bfloat16 inputs with float32
-   accumulation), and ``torch.mm`` in both dtypes; the best of each dtype is the
+1. **Matmul peak**: a large ``jnp.dot`` (float32; bfloat16 inputs with a float32 or a
+   bfloat16 output), and ``torch.mm`` in both dtypes; the best of each dtype is the
    machine's measured peak. The same matmuls are timed again inside the rounds of
    table 2, so that its "% of peak" compares numbers taken under the same load.
 2. **Smoothing throughput**: samples/s of ``fsjax.smoothing.smoothed_features`` (jitted,
@@ -14,7 +14,9 @@ Prints Markdown tables, all measured in one run on one machine:
    row also gives GFLOP/s (FLOPs per sample from XLA's cost analysis of one encoder
    forward, cross-checked against the analytic count) and the share of the peak of the
    row's compute dtype. Variants are timed in interleaved rounds, so load changes on a
-   shared machine hit them alike; the table reports the median.
+   shared machine hit them alike; ratios are taken within a round, then the median over
+   rounds is reported. On CPU each fsjax row is compiled for each XLA:CPU dot backend
+   of ``CPU_DOTS`` (the default YNNPACK, and oneDNN).
 3. **Memory vs n**: XLA's ``memory_analysis()`` of the compiled two-stage certification
    (``certify.score_deficits``) on the tiny CLIP of ``configs/clip_tiny.py`` for several n:
    temp + argument + output bytes stay flat because samples are summed chunk by chunk.
@@ -39,7 +41,6 @@ import contextlib
 import dataclasses
 import functools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,20 @@ ARCHITECTURES = {
 ARCH_NAMES = {"tiny": "tiny CLIP (32 px)", "b16": "CLIP ViT-B/16", "l14": "CLIP ViT-L/14"}
 JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SIGMA = 0.25
+# XLA:CPU dot backends, as per-compile options. "default" is YNNPACK (ynn_fusion) in jax
+# 0.10.2; "onednn" routes dots to oneDNN instead, the same as running with
+#   XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_onednn=true
+#              --xla_cpu_experimental_onednn_fusion_type=dot"
+# (with bfloat16 operands oneDNN converts them to float32 and runs an f32 matmul).
+# Known crash (jax 0.10.2): in float32, a vmapped multi-head attention whose vmap and
+# batch sizes are both > 1 dies at run time with "partition compile failed" and SIGILL,
+# so the float32 oneDNN rows are skipped for --batch > 1.
+CPU_DOTS = {
+    "default": {},
+    "onednn": {"xla_cpu_experimental_ynn_fusion_type": "",
+               "xla_cpu_use_onednn": True,
+               "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -189,8 +204,9 @@ class Matmul:
   flops: float  # of one run
 
 
-def matmuls(size: int, *, skip_torch: bool) -> list[Matmul]:
-  """Warm ``size``^3 matmuls: XLA float32, XLA bf16 -> f32, and torch.mm in both dtypes.
+def matmuls(size: int, *, skip_torch: bool, cpu_dots: list[str]) -> list[Matmul]:
+  """Warm ``size``^3 matmuls: XLA float32, bf16 -> f32, bf16 -> bf16 (for each CPU dot
+  backend); torch.mm float32 and bfloat16.
 
   On a GPU one run is 10 back-to-back matmuls, so that dispatch does not count.
   """
@@ -198,12 +214,19 @@ def matmuls(size: int, *, skip_torch: bool) -> list[Matmul]:
   iters = 1 if backend == "cpu" else 10
   flops = 2.0 * size**3 * iters
   out = []
-  for dtype, label in (("float32", "float32"), ("bfloat16", "bfloat16 in, float32 accumulate")):
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), JAX_DTYPES[dtype])
-    fn = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-    fn(a, a).block_until_ready()
-    run = lambda fn=fn, a=a: jax.block_until_ready([fn(a, a) for _ in range(iters)])
-    out.append(Matmul(f"XLA ({backend}) `jnp.dot`", dtype, label, run, flops))
+  for dots in cpu_dots if backend == "cpu" else ["default"]:
+    # bf16 -> bf16 is what flax's Dense does with dtype=bfloat16 (no preferred_element_type).
+    for dtype, label, out_dtype in (("float32", "float32", jnp.float32),
+                                    ("bfloat16", "bfloat16 in, float32 out", jnp.float32),
+                                    ("bfloat16", "bfloat16 in, bfloat16 out", None)):
+      a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)),
+                      JAX_DTYPES[dtype])
+      fn = jax.jit(lambda a, b, t=out_dtype: jnp.dot(a, b, preferred_element_type=t))
+      fn = fn.lower(a, a).compile(compiler_options=CPU_DOTS[dots])
+      fn(a, a).block_until_ready()
+      run = lambda fn=fn, a=a: jax.block_until_ready([fn(a, a) for _ in range(iters)])
+      name = f"XLA ({backend}) `jnp.dot`" + (f", {dots} dots" if backend == "cpu" else "")
+      out.append(Matmul(name, dtype, label, run, flops))
   torch_device = _torch_device(skip_torch)
   if torch_device is not None:
     import torch  # pylint: disable=g-import-not-at-top
@@ -217,13 +240,13 @@ def matmuls(size: int, *, skip_torch: bool) -> list[Matmul]:
   return out
 
 
-def peak_per_dtype(mms: list[Matmul], times: dict[str, list[float]], reduce=min) -> dict:
-  """Best FLOP/s over implementations, per dtype, from ``times`` keyed by ``mm_key``."""
-  peak = {"float32": float("nan"), "bfloat16": float("nan")}
-  for m in mms:
-    rate = m.flops / reduce(times[mm_key(m)])
-    peak[m.dtype] = rate if not np.isfinite(peak[m.dtype]) else max(peak[m.dtype], rate)
-  return peak
+def peak_per_round(mms: list[Matmul], times: dict[str, list[float]],
+                   dtype: str) -> np.ndarray:
+  """``[rounds]`` best FLOP/s of the ``dtype`` matmuls in each round (NaN if none)."""
+  rates = [m.flops / np.asarray(times[mm_key(m)]) for m in mms if m.dtype == dtype]
+  if not rates:
+    return np.full(len(next(iter(times.values()))), np.nan)
+  return np.max(rates, axis=0)
 
 
 def mm_key(m: Matmul) -> str:
@@ -265,19 +288,21 @@ class Variant:
 
 
 def fsjax_variant(arch_name: str, dtype: str, *, n: int, batch: int, chunk: int,
-                  x: np.ndarray) -> Variant:
+                  x: np.ndarray, dots: str | None) -> Variant:
+  """``dots``: an XLA:CPU dot backend of ``CPU_DOTS``; None off the CPU."""
   encoder, params = build_fsjax(arch_name, dtype)
   key = jax.random.key(0)
   xj = jnp.asarray(x)
   # The public API, jitted end to end (the smoothing loop is a fori_loop inside it).
   smooth = jax.jit(lambda p, x, k: smoothing.smoothed_features(
       p, x, encoder=encoder, sigma=SIGMA, n=n, key=k, chunk_size=chunk))
+  name = f"fsjax {dtype}{f', {dots} dots' if dots else ''}, chunk {chunk}"
   t0 = time.perf_counter()
-  compiled = smooth.lower(params, xj, key).compile()
-  log(f"fsjax {dtype} chunk {chunk}: compiled in {time.perf_counter() - t0:.1f} s")
+  compiled = smooth.lower(params, xj, key).compile(compiler_options=CPU_DOTS[dots or "default"])
+  log(f"{name}: compiled in {time.perf_counter() - t0:.1f} s")
   run = lambda: compiled(params, xj, key).block_until_ready()
-  log(f"fsjax {dtype} chunk {chunk}: warm-up run {timed(run):.1f} s")
-  return Variant(f"fsjax {dtype}, chunk {chunk}", dtype, run, n * batch)
+  log(f"{name}: warm-up run {timed(run):.1f} s")
+  return Variant(name, dtype, run, n * batch)
 
 
 def torch_variant(arch: dict, dtype: str, *, n: int, batch: int, chunk: int, x: np.ndarray,
@@ -329,7 +354,7 @@ def torch_variant(arch: dict, dtype: str, *, n: int, batch: int, chunk: int, x: 
 
 def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, batch: int,
                reps: int, skip_torch: bool, torch_dtypes: list[str], mms: list[Matmul],
-               budget_s: float, started: float) -> str:
+               cpu_dots: list[str], budget_s: float, started: float) -> str:
   arch = ARCHITECTURES[arch_name]
   s = arch["image_size"]
   x = np.random.default_rng(0).uniform(size=(batch, s, s, 3)).astype(np.float32)
@@ -352,43 +377,52 @@ def throughput(arch_name: str, *, dtypes: list[str], chunks: list[int], n: int, 
       v = torch_variant(arch, dtype, n=n, batch=batch, chunk=chunks[0], x=x, device=device)
       if v is not None:
         variants.append(v)
+  all_dots = cpu_dots if jax.default_backend() == "cpu" else [None]
   for dtype in dtypes:
-    for i, chunk in enumerate(chunks):
-      if i > 0 and time.perf_counter() - started > budget_s:  # one chunk per dtype at least
-        log(f"time budget {budget_s:.0f} s spent: skipping fsjax {dtype} chunk {chunk}")
-        skipped.append(f"fsjax {dtype} chunk {chunk}")
-        continue
-      variants.append(fsjax_variant(arch_name, dtype, n=n, batch=batch, chunk=chunk, x=x))
+    for dots in all_dots:
+      for i, chunk in enumerate(chunks):
+        if i > 0 and time.perf_counter() - started > budget_s:  # one chunk at least
+          what = f"fsjax {dtype}{f', {dots} dots' if dots else ''}, chunk {chunk}"
+          log(f"time budget {budget_s:.0f} s spent: skipping {what}")
+          skipped.append(f"{what} (past the {budget_s:.0f} s --budget)")
+          continue
+        if dots == "onednn" and dtype == "float32" and batch > 1 and min(chunk, n) > 1:
+          skipped.append(f"fsjax {dtype}, onednn dots (crashes for batch > 1, see CPU_DOTS)")
+          continue
+        variants.append(fsjax_variant(arch_name, dtype, n=n, batch=batch, chunk=chunk, x=x,
+                                      dots=dots))
 
   log(f"timing {len(variants)} variants (+ {len(mms)} matmuls) x {reps} interleaved rounds")
   # The matmuls ride along in every round: "% of peak" then compares numbers taken under
   # the same load (a peak measured minutes earlier on a shared machine would not be).
   fns = {v.name: v.run for v in variants} | {mm_key(m): m.run for m in mms}
   times = interleaved(fns, reps)
-  peak = peak_per_dtype(mms, times, reduce=statistics.median)
-  baseline = next((statistics.median(times[v.name]) / v.samples
-                   for v in variants if v.name.startswith("torch float32")), None)
+  # Ratios are taken within each round, then the median over rounds: the load of a shared
+  # machine changes between rounds more than within one.
+  rate = {v.name: v.samples / np.asarray(times[v.name]) for v in variants}  # [rounds]
+  peak = {d: peak_per_round(mms, times, d) for d in JAX_DTYPES} if mms else {}
+  baseline = next((rate[v.name] for v in variants if v.name.startswith("torch float32")), None)
   rows = []
   for v in variants:
-    t = times[v.name]
-    rate = v.samples / statistics.median(t)
-    rates = sorted(v.samples / ti for ti in t)
-    ratio = f"{rate * baseline:.2f}x" if baseline else "n/a"
-    share = rate * flops / peak[v.dtype]
-    rows.append([v.name, fmt_num(rate), f"{fmt_num(rates[0])}-{fmt_num(rates[-1])}", ratio,
-                 fmt_num(rate * flops / 1e9),
+    r = rate[v.name]
+    ratio = f"{np.median(r / baseline):.2f}x" if baseline is not None else "n/a"
+    share = np.median(r * flops / peak[v.dtype]) if mms else np.nan
+    rows.append([v.name, fmt_num(np.median(r)), " ".join(fmt_num(ri) for ri in r), ratio,
+                 fmt_num(np.median(r) * flops / 1e9),
                  f"{100 * share:.0f}%" if np.isfinite(share) else "n/a"])
-  peaks = ", ".join(f"{d} {fmt_num(p / 1e9)} GFLOP/s" for d, p in peak.items() if np.isfinite(p))
+  peaks = ", ".join(f"{d} {' '.join(fmt_num(pi / 1e9) for pi in p)} GFLOP/s"
+                    for d, p in peak.items())
   title = (f"{ARCH_NAMES[arch_name]} ({fmt_num(num_params / 1e6)}M params), n = {n} samples "
            f"x {batch} image(s), sigma = {SIGMA}, {reps} interleaved rounds. FLOPs per sample: "
            f"{fmt_num(flops / 1e9)} G from XLA's cost analysis of one encoder forward; "
            f"{fmt_num(analytic / 1e9)} G analytic (matmuls only, "
-           f"`analytic_vit_flops`). Peak: the best matmul of the row's dtype, median over "
-           f"the same rounds: {peaks or 'not measured (--sections without peak)'}.")
+           f"`analytic_vit_flops`). Ratios and % of peak are medians of per-round values; "
+           f"peak = the best matmul of the row's dtype in the same round: "
+           f"{peaks or 'not measured (--sections without peak)'}.")
   if skipped:
-    title += f" Not run (past the {budget_s:.0f} s --budget): {', '.join(skipped)}."
+    title += f" Not run: {'; '.join(sorted(set(skipped)))}."
   table = markdown_table(
-      ["variant", "samples/s (median)", "range", "vs torch float32", "GFLOP/s",
+      ["variant", "samples/s (median)", "per round", "vs torch float32", "GFLOP/s",
        "% of peak (same dtype)"], rows)
   return title + "\n\n" + table
 
@@ -438,7 +472,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model", choices=sorted(ARCHITECTURES), default=None,
                  help="throughput model (default: b16 on CPU, l14 on GPU, tiny with --quick)")
   p.add_argument("--n", type=int, default=None,
-                 help="noise samples per timed smoothing (default 64 on CPU, 8192 on GPU)")
+                 help="noise samples per timed smoothing (default 32 on CPU, 8192 on GPU)")
   p.add_argument("--batch", type=int, default=1, help="images smoothed together")
   p.add_argument("--chunk", type=parse_ints, default=None,
                  help="comma-separated chunk sizes to try for fsjax; the torch loop uses the "
@@ -447,13 +481,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="fsjax compute dtypes (default float32,bfloat16 on CPU, bfloat16 on GPU)")
   p.add_argument("--torch-dtypes", default=None,
                  help="torch loop dtypes (default float32,bfloat16 on CPU, bfloat16 on GPU)")
-  p.add_argument("--reps", type=int, default=None, help="interleaved timing rounds (default 3)")
+  p.add_argument("--reps", type=int, default=None,
+                 help="interleaved timing rounds (default 5 on CPU, 3 on GPU)")
   p.add_argument("--sizes", type=parse_ints, default=None,
                  help="comma-separated n of the memory table (default 1000,10000,100000)")
   p.add_argument("--no-memory-run", action="store_true",
                  help="memory table from the compiled executables only, no real runs")
   p.add_argument("--peak-size", type=int, default=None,
                  help="matmul side for the peak (default 4096 on CPU, 8192 on GPU)")
+  p.add_argument("--cpu-dots", default="default,onednn",
+                 help="XLA:CPU dot backends for the fsjax rows and XLA matmuls, comma-separated "
+                      f"subset of {','.join(CPU_DOTS)} (ignored off the CPU)")
   p.add_argument("--sections", default="peak,throughput,memory",
                  help="comma-separated subset of peak,throughput,memory")
   p.add_argument("--skip-torch", action="store_true", help="fsjax rows only")
@@ -465,15 +503,19 @@ def parse_args(argv=None) -> argparse.Namespace:
   a = p.parse_args(argv)
   quick = a.quick
   a.model = a.model or ("tiny" if quick else "l14" if gpu else "b16")
-  a.n = a.n or (64 if quick else 8192 if gpu else 64)
+  a.n = a.n or (64 if quick else 8192 if gpu else 32)
   a.chunk = a.chunk or ([16] if quick else [128, 256, 512] if gpu else [16])
   a.dtypes = (a.dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
   a.torch_dtypes = (a.torch_dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
-  a.reps = a.reps or (2 if quick else 3)
+  a.reps = a.reps or (2 if quick else 3 if gpu else 5)
   a.sizes = a.sizes or ([1000, 10000] if quick else [1000, 10000, 100000])
   a.peak_size = a.peak_size or (512 if quick else 8192 if gpu else 4096)
   a.budget = a.budget if a.budget is not None else (150.0 if gpu else float("inf"))
   a.sections = a.sections.split(",")
+  a.cpu_dots = a.cpu_dots.split(",")
+  for d in a.cpu_dots:
+    if d not in CPU_DOTS:
+      p.error(f"--cpu-dots: unknown backend {d!r}; use {','.join(CPU_DOTS)}")
   for d in a.dtypes + a.torch_dtypes:
     if d not in JAX_DTYPES:
       p.error(f"dtype {d!r} is not one of {sorted(JAX_DTYPES)}")
@@ -503,15 +545,15 @@ def main(argv=None) -> None:
   mms = []
   if "peak" in args.sections:
     log(f"matmul peak ({args.peak_size}^3)")
-    mms = matmuls(args.peak_size, skip_torch=args.skip_torch)
+    mms = matmuls(args.peak_size, skip_torch=args.skip_torch, cpu_dots=args.cpu_dots)
     table = matmul_table(mms, args.peak_size, reps=3)
     print("### Matmul peak\n\n" + table + "\n", flush=True)
   if "throughput" in args.sections:
     log(f"throughput: {args.model}, n = {args.n}, batch {args.batch}, chunks {args.chunk}")
     table = throughput(args.model, dtypes=args.dtypes, chunks=args.chunk, n=args.n,
                        batch=args.batch, reps=args.reps, skip_torch=args.skip_torch,
-                       torch_dtypes=args.torch_dtypes, mms=mms, budget_s=args.budget,
-                       started=started)
+                       torch_dtypes=args.torch_dtypes, mms=mms, cpu_dots=args.cpu_dots,
+                       budget_s=args.budget, started=started)
     print("### Smoothing throughput\n\n" + table + "\n", flush=True)
   if "memory" in args.sections:
     log(f"memory: n in {args.sizes}")
