@@ -21,7 +21,7 @@ def certify_config(**overrides) -> ml_collections.ConfigDict:
       alpha=0.001,       # failure probability (Cohen et al.)
       bounds=("point", "hoeffding", "bernstein", "betting"),
       references=("clean", "mean"),
-      chunk_size=64,     # noise samples per vectorised chunk
+      chunk_size=16,     # noise samples per vectorised chunk (16 measured fastest on CPU)
       batch_size=8,      # images per certify call
       distributed=False,  # multi-host: call jax.distributed.initialize() first
   ))
