@@ -6,7 +6,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
 
 import certify
 from certify import table2
@@ -15,22 +14,15 @@ from configs import common
 from fsjax import data as data_lib
 from train import head as head_lib
 
+from test_train_head import make_folder_dataset
+
 K, TEST_PER_CLASS = 3, 2
 SIGMAS = (0.05, 0.1)
 
 
 def _folder_dataset(root):
-  """Class-coloured 32 px PNGs: 4 train and 2 test images for each of K classes."""
-  rng = np.random.default_rng(0)
-  colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220]])
-  for split, count in (("train", 4), ("test", TEST_PER_CLASS)):
-    for c in range(K):
-      folder = root / split / f"class_{c}"
-      folder.mkdir(parents=True)
-      for i in range(count):
-        img = np.clip(colours[c] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i}.png")
-  return root
+  """Class-coloured 32 px PNGs: 4 train and TEST_PER_CLASS test images for each of K classes."""
+  return make_folder_dataset(root, classes=K, per_split=(("train", 4), ("test", TEST_PER_CLASS)))
 
 
 def _config(root):
