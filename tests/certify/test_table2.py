@@ -14,15 +14,8 @@ from configs import common
 from fsjax import data as data_lib
 from train import head as head_lib
 
-from test_train_head import make_folder_dataset
-
 K, TEST_PER_CLASS = 3, 2
 SIGMAS = (0.05, 0.1)
-
-
-def _folder_dataset(root):
-  """Class-coloured 32 px PNGs: 4 train and TEST_PER_CLASS test images for each of K classes."""
-  return make_folder_dataset(root, classes=K, per_split=(("train", 4), ("test", TEST_PER_CLASS)))
 
 
 def _config(root):
@@ -42,8 +35,10 @@ def _config(root):
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory):
-  config = _config(_folder_dataset(tmp_path_factory.mktemp("folder")))
+def result(tmp_path_factory, make_folder_dataset):
+  root = make_folder_dataset(tmp_path_factory.mktemp("folder"), classes=K,
+                             per_split=(("train", 4), ("test", TEST_PER_CLASS)))
+  config = _config(root)
   workdir = tmp_path_factory.mktemp("table2")
   head_lib.train(config, str(workdir))
   variant = head_lib.head_encoder(config)

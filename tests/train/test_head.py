@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
 
 import certify
 from configs import clip_tiny
@@ -16,20 +15,6 @@ from train import head as head_lib
 
 K = 3  # classes of the tiny folder dataset
 D = 16 * 32  # tiny CLIP patch tokens: 16 patches x width 32
-
-
-def make_folder_dataset(root, *, classes=K, per_split=(("train", 4), ("test", 2)), seed=0):
-  """Class-coloured 32 px PNGs under ``root/<split>/<class>/``: easy to separate."""
-  rng = np.random.default_rng(seed)
-  colours = np.array([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]])
-  for split, count in per_split:
-    for c in range(classes):
-      folder = root / split / f"class_{c}"
-      folder.mkdir(parents=True)
-      for i in range(count):
-        img = np.clip(colours[c] + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"{i}.png")
-  return root
 
 
 def tiny_config(root, **prediction):
@@ -49,8 +34,8 @@ def tiny_config(root, **prediction):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  root = make_folder_dataset(tmp_path_factory.mktemp("folder"))
+def trained(tmp_path_factory, make_folder_dataset):
+  root = make_folder_dataset(tmp_path_factory.mktemp("folder"), classes=K)
   config = tiny_config(root)
   workdir = tmp_path_factory.mktemp("heads")
   meta, heads = head_lib.train(config, str(workdir))
