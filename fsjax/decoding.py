@@ -1,0 +1,154 @@
+"""Greedy decoding with a static KV cache, for any decoder-only language model.
+
+One loop for every MLLM of the project (LLaVA's LLaMA, OpenFlamingo's MPT): the model
+supplies a *prefill* (the prompt in one forward pass, filling its cache) and a *step*
+(one new token per row, reading and extending the cache); :func:`greedy_decode` runs the
+``lax.while_loop`` between them. Everything is traceable: call it inside ``jax.jit``
+with ``max_new_tokens`` static, so one compilation serves every prompt of a shape.
+
+The contract of a model's step::
+
+  step(tokens: int32 [B], cache) -> (logits: [B, V], cache)
+
+``tokens`` are the tokens chosen at the previous step (the pad token for rows that have
+finished), ``logits`` the next-token logits after them; the cache is any pytree of
+fixed-shape arrays (it must carry its own write position: the loop never looks inside).
+:class:`KVCache` is such a cache for the usual per-layer keys and values.
+
+The loop reproduces transformers' ``generate(do_sample=False)``: the token is the first
+argmax of the logits; a row is finished once it has emitted any EOS id, and from then on
+it emits ``pad_token_id`` (transformers' ``next_tokens * unfinished + pad * (1 -
+unfinished)``); decoding stops when every row has finished or after ``max_new_tokens``
+tokens. transformers returns the tokens up to that stop; here the output always has
+``max_new_tokens`` columns, the ones after the stop filled with the pad token, and
+``num_steps`` says where transformers would have stopped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+# step(tokens int32 [B], cache) -> (logits [B, V], cache)
+Step = Callable[[jax.Array, PyTree], tuple[jax.Array, PyTree]]
+
+
+def greedy_decode(step: Step, logits: jax.Array, cache: PyTree, *, max_new_tokens: int,
+                  eos_token_id: int | Sequence[int], pad_token_id: int
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Greedy decoding from the prefill's last logits: ``tokens, num_steps``.
+
+  Traceable; ``max_new_tokens``, ``eos_token_id`` and ``pad_token_id`` are Python ints
+  (static). The step is called at most ``max_new_tokens - 1`` times (the first token
+  comes from the prefill's logits), so a cache needs room for the prompt plus
+  ``max_new_tokens - 1`` tokens.
+
+  Args:
+    step: the model's one-token step (see the module docstring).
+    logits: ``[B, V]`` logits of the last prompt position, from the prefill.
+    cache: the cache after the prefill.
+    max_new_tokens: number of tokens to generate (>= 1).
+    eos_token_id: one id or several; a row finishes at the first of them it emits.
+    pad_token_id: what a finished row emits (transformers: ``generation_config.pad_token_id``,
+      which defaults to the first EOS id when the model has no pad token).
+
+  Returns:
+    ``tokens`` int32 ``[B, max_new_tokens]``: the generated ids, each row's EOS kept and
+    followed by ``pad_token_id``; ``num_steps`` int32 scalar: the number of columns
+    transformers returns (``tokens[:, :num_steps]`` equals its new tokens).
+  """
+  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+  eos = jnp.asarray([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                    jnp.int32)
+  if eos.size == 0:
+    raise ValueError("eos_token_id is empty: give at least one end-of-sequence id.")
+  batch = logits.shape[0]
+
+  def choose(logits, done):
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # first maximum, as torch.argmax
+    token = jnp.where(done, jnp.int32(pad_token_id), token)
+    return token, done | jnp.isin(token, eos)
+
+  token, done = choose(logits, jnp.zeros((batch,), bool))
+  tokens = jnp.full((batch, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(token)
+
+  def cond(state):
+    i, _, done, _, _ = state
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    i, token, done, tokens, cache = state
+    logits, cache = step(token, cache)
+    token, done = choose(logits, done)
+    tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, i))
+    return i + 1, token, done, tokens, cache
+
+  num_steps, _, _, tokens, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), token, done, tokens, cache))
+  return tokens, num_steps
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Static-shape keys and values of every layer, and where the next token goes.
+
+  Attributes:
+    keys: ``[L, B, S, H_kv, D_head]`` (S = the static capacity in tokens).
+    values: same shape as ``keys``.
+    mask: bool ``[B, S]``, True where a slot holds a real token (False: empty, or a
+      left-padding position of a shorter prompt).
+    index: int32 scalar, the slot the next token is written to (shared by all rows).
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  mask: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int,
+            head_dim: int, dtype: Any = jnp.float32) -> "KVCache":
+    """A cache of zeros with room for ``capacity`` tokens per row."""
+    shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
+    return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
+               mask=jnp.zeros((batch, capacity), bool), index=jnp.int32(0))
+
+  @property
+  def capacity(self) -> int:
+    return self.keys.shape[2]
+
+  def write(self, layer: int, keys: jax.Array, values: jax.Array
+            ) -> tuple["KVCache", jax.Array, jax.Array]:
+    """Stores ``[B, T, H_kv, D_head]`` keys/values of ``layer`` at ``index``.
+
+    Returns the updated cache and the layer's full keys and values ``[B, S, H_kv, D]``
+    to attend over (mask them with :meth:`attention_mask`). ``index`` is not advanced:
+    call :meth:`advance` once per forward pass, after the last layer.
+    """
+    at = (layer, 0, self.index, 0, 0)
+    k = jax.lax.dynamic_update_slice(self.keys, keys[None].astype(self.keys.dtype), at)
+    v = jax.lax.dynamic_update_slice(self.values, values[None].astype(self.values.dtype), at)
+    return self.replace(keys=k, values=v), k[layer], v[layer]
+
+  def attention_mask(self, valid: jax.Array) -> jax.Array:
+    """Bool ``[B, T, S]``: query ``t`` of this pass may see slot ``s``.
+
+    ``valid`` is bool ``[B, T]``, which of this pass's T tokens are real. A slot is
+    visible if it holds a real token (earlier passes, or this pass's valid tokens) and
+    is not after the query (causal).
+    """
+    t = valid.shape[1]
+    slots = jnp.arange(self.capacity)
+    mask = jax.lax.dynamic_update_slice(self.mask, valid, (0, self.index))
+    causal = slots[None, :] <= (self.index + jnp.arange(t))[:, None]  # [T, S]
+    return mask[:, None, :] & causal[None]
+
+  def advance(self, valid: jax.Array) -> "KVCache":
+    """Records this pass's ``valid`` ``[B, T]`` tokens and moves ``index`` past them."""
+    mask = jax.lax.dynamic_update_slice(self.mask, valid, (0, self.index))
+    return self.replace(mask=mask, index=self.index + valid.shape[1])
