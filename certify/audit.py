@@ -39,10 +39,8 @@ images with a real violation is <= alpha * images; the summary prints both rates
 Raw violations without k-sigma ones are measurement noise: the attack pushed the true
 value to within a few standard errors of B, which a tight certificate allows.
 
-Why a local PGD loop: :func:`fsjax.attacks.pgd` takes its loss against features of a
-reference *image*, computed inside the jitted attack; the audit needs a fixed direction u
-per image (the certificate's), which the attack cannot take as data without a recompile
-per batch. The loop here reuses the attack module's projection, step and start helpers.
+The attack is :func:`fsjax.attacks.pgd` with the certificate's direction u given as
+``reference`` features and ``loss="inner_product"``: the library's one PGD loop.
 
 Writes ``audit.jsonl`` (one row per image, eps, variant, reference) and ``audit.md``
 (summary, per-fraction table) into the workdir.
@@ -51,8 +49,6 @@ Writes ``audit.jsonl`` (one row per image, eps, variant, reference) and ``audit.
 from __future__ import annotations
 
 import collections
-import functools
-import json
 import pathlib
 from typing import Any
 
@@ -63,16 +59,29 @@ import tqdm
 
 from certify import _closed_form
 from certify import _feature
-from certify import run as run_lib
+from certify import report
+from fsjax import attacks
+from fsjax import batching
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
-from fsjax.attacks import _common
+from fsjax import variants as variants_lib
 
 # Streams of randomness, folded into the seed's key: certification, attack, measurement
 # never share noise (a measurement that reused the certification samples would be biased).
 _CERTIFY, _ATTACK, _MEASURE = 0, 1, 2
+
+
+def audit_settings(config) -> Any:
+  """``config.audit`` with its unset Monte Carlo settings (n0, n, alpha, chunk_size)
+  taken from ``config.certify``: the audit certifies as Table 1 does unless told not to."""
+  a = config.audit.copy_and_resolve_references()
+  with a.unlocked():
+    for k in ("n0", "n", "alpha", "chunk_size"):
+      if a.get(k) is None:
+        a[k] = config.certify[k]
+  return a
 
 
 def check_audit_config(a) -> None:
@@ -128,97 +137,23 @@ def check_audit_config(a) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "steps", "eot_samples"))
-def _attack(params, x, u, eps, step_size, sigma, key, *, encoder, steps, eot_samples):
-  """l2 PGD + EOT minimising ``<mean_j f(x_adv + delta_j), u>``; eps, step ``[B,1,1,1]``."""
-  start_key, loop_key = jax.random.split(key)
-
-  def objective(x_adv, step_key):
-    f = _common.smoothed_features(encoder, params, x_adv, sigma=sigma,
-                                  eot_samples=eot_samples, key=step_key)
-    # Summed over the batch: images do not interact, so each gets its own gradient.
-    return jnp.sum(f * u)
-
-  def body(t, x_adv):
-    grad = jax.grad(objective)(x_adv, jax.random.fold_in(loop_key, t))
-    return _common.project(_common.descent_step(x_adv, grad, step_size, "l2"), x, eps, "l2")
-
-  x0 = _common.random_start(start_key, x, eps, "l2")
-  return jax.lax.fori_loop(0, steps, body, x0)
-
-
 def attack_direction(params: Any, x: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *,
                      encoder: encoders_lib.Encoder, eps: jax.typing.ArrayLike, sigma: float,
                      steps: int, eot_samples: int, key: jax.Array,
                      step_factor: float = 2.5) -> jax.Array:
-  """l2 PGD with EOT against the smoothed feature's inner product with a fixed u.
+  """l2 PGD + EOT (:func:`fsjax.attacks.pgd`) minimising ``<f_s(x_adv), u>`` inside eps.
 
-  Minimises ``<mean_j f(x_adv + delta_j), u>`` (m = ``eot_samples`` fresh draws
-  delta_j ~ N(0, sigma^2 I) per step) over ``||x_adv - x||_2 <= eps``, x_adv in [0, 1];
-  random start in the ball, normalised-gradient steps of ``step_factor * eps / steps``
-  (Madry et al.'s 2.5 eps / steps), the last iterate returned.
-
-  Args:
-    params: encoder parameters.
-    x: ``[B, H, W, 3]`` clean images in [0, 1].
-    u: ``[B, D]`` unit directions (the certificates' references).
-    encoder: the encoder (static; GSB encoders are attacked through D and M).
-    eps: ``[B]`` (or scalar) l2 radii >= 0 in [0, 1] pixel units.
-    sigma: smoothing noise level > 0.
-    steps: PGD steps >= 1.
-    eot_samples: m >= 1.
-    key: PRNG key.
-    step_factor: step length in units of eps / steps.
-
-  Returns:
-    ``[B, H, W, 3]`` adversarial images.
+  ``<mean_j f(x_adv + delta_j), u>`` with m = ``eot_samples`` fresh draws per step, over
+  ``||x_adv - x||_2 <= eps`` (one radius per image), x_adv in [0, 1]; random start in the
+  ball, normalised-gradient steps of ``step_factor * eps / steps`` (Madry et al.'s
+  2.5 eps / steps), the last iterate returned.
   """
-  encoders_lib.check_images(x)
-  _common.check_budget(eps=1.0, step_size=step_factor, steps=steps, norm="l2")
-  _common.check_smoothing(sigma=sigma, eot_samples=eot_samples)
-  x = jnp.asarray(x, jnp.float32)
-  eps = jnp.broadcast_to(jnp.asarray(eps, jnp.float32), (x.shape[0],))
-  if np.any(np.asarray(eps) < 0):
-    raise ValueError("eps must be >= 0 for every image.")
-  eps = eps[:, None, None, None]
-  return _attack(params, x, jnp.asarray(u, jnp.float32), eps, eps * (step_factor / steps),
-                 jnp.float32(sigma), key, encoder=encoder, steps=int(steps),
-                 eot_samples=int(eot_samples))
-
-
-@functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
-def _measure(params, x, u, key, sigma, *, encoder, n, chunk_size):
-  # Centre the sums at the base feature's value, so the float32 variance does not cancel.
-  center = jnp.sum(encoder(params, x, sigma=sigma) * u, axis=-1)
-
-  def statistic(features, u, center):
-    d = jnp.einsum("bkd,bd->bk", features, u) - center[:, None]
-    return {"d": d, "d2": d * d}
-
-  total = smoothing.monte_carlo_sum(params, x, key, (u, center), encoder=encoder,
-                                    sigma=sigma, n=n, statistic=statistic,
-                                    chunk_size=chunk_size)
-  mean_d = total["d"] / n
-  var = jnp.maximum(total["d2"] - n * mean_d**2, 0.0) / (n - 1)
-  return center + mean_d, jnp.sqrt(var / n)
-
-
-def measure_inner_product(params: Any, x: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *,
-                          encoder: encoders_lib.Encoder, sigma: float, n: int,
-                          key: jax.Array,
-                          chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE
-                          ) -> tuple[jax.Array, jax.Array]:
-  """Monte Carlo ``<f_s(x), u>`` and its standard error, from n samples.
-
-  Returns:
-    ``([B] mean of <f(x + delta_i), u>, [B] sample std / sqrt(n))``.
-  """
-  encoders_lib.check_images(x)
-  smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
-  if n < 2:
-    raise ValueError(f"n must be >= 2 for a standard error, got {n}.")
-  return _measure(params, jnp.asarray(x, jnp.float32), jnp.asarray(u, jnp.float32), key,
-                  jnp.float32(sigma), encoder=encoder, n=int(n), chunk_size=int(chunk_size))
+  if not step_factor > 0:
+    raise ValueError(f"step_factor={step_factor!r} must be > 0.")
+  eps = np.broadcast_to(np.asarray(eps, np.float32), (np.shape(x)[0],))
+  return attacks.pgd(params, x, encoder=encoder, reference=u, loss="inner_product",
+                     norm="l2", budget=eps, step_size=eps * np.float32(step_factor / steps),
+                     steps=steps, key=key, sigma=sigma, eot_samples=eot_samples)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,14 +161,7 @@ def measure_inner_product(params: Any, x: jax.typing.ArrayLike, u: jax.typing.Ar
 # ---------------------------------------------------------------------------------------
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-  """Pads axis 0 to ``size`` by repeating the first row (padded results are dropped)."""
-  if a.shape[0] == size:
-    return a
-  return np.concatenate([a, np.repeat(a[:1], size - a.shape[0], axis=0)])
-
-
-def _measure_pairs(params, x_adv, u, bound, encoder, a, key):
+def _measure_pairs(params, x_adv, u, certified, encoder, a, key):
   """Measures ``<f_s(x_adv), u>``; returns ``(mean, standard error, samples used)``.
 
   Without ``a.screen_n`` every pair gets ``a.measure_n`` fresh samples. With it, every
@@ -243,19 +171,19 @@ def _measure_pairs(params, x_adv, u, bound, encoder, a, key):
   """
   b = x_adv.shape[0]
   if not a.get("screen_n"):
-    measured, se = measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
+    measured, se = smoothing.measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
                                          n=a.measure_n, chunk_size=a.chunk_size, key=key)
     return np.asarray(measured, np.float64), np.asarray(se, np.float64), np.full(
         b, a.measure_n)
-  measured, se = measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
+  measured, se = smoothing.measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
                                        n=a.screen_n, chunk_size=a.chunk_size,
                                        key=jax.random.fold_in(key, 0))
   measured, se = np.asarray(measured, np.float64), np.asarray(se, np.float64)
   used = np.full(b, a.screen_n)
-  close = np.flatnonzero(measured - bound < a.screen_k * se)
+  close = np.flatnonzero(measured - certified < a.screen_k * se)
   if close.size:
-    m2, se2 = measure_inner_product(
-        params, _pad(np.asarray(x_adv)[close], b), _pad(np.asarray(u)[close], b),
+    m2, se2 = smoothing.measure_inner_product(
+        params, batching.pad_rows(np.asarray(x_adv)[close], b), batching.pad_rows(np.asarray(u)[close], b),
         encoder=encoder, sigma=a.sigma, n=a.measure_n, chunk_size=a.chunk_size,
         key=jax.random.fold_in(key, 1))
     measured[close] = np.asarray(m2, np.float64)[:close.size]
@@ -290,7 +218,7 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
   sigma = float(a.sigma)
   b = images.shape[0]
   out = _feature.score_deficits(
-      params, _pad(images, max(pad_to or b, b)), encoder=encoder, sigma=sigma,
+      params, batching.pad_rows(images, max(pad_to or b, b)), encoder=encoder, sigma=sigma,
       key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0, alpha=a.alpha,
       bounds=(a.bound,), chunk_size=a.chunk_size)
   rows, skipped = [], collections.Counter()
@@ -309,9 +237,9 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
         pairs += [(i, float(f) * radius[i], float(f)) for f in a.eps_fractions]
       else:
         eps = np.asarray(a.eps, np.float32)
-        bound = np.asarray(_closed_form.bound_from_deficit(
+        certified = np.asarray(_closed_form.bound_from_deficit(
             jnp.full(eps.shape, deficit[i], jnp.float32), jnp.asarray(eps), sigma))
-        kept = [(i, float(e), None) for e, bb in zip(eps, bound) if bb >= 0]
+        kept = [(i, float(e), None) for e, bb in zip(eps, certified) if bb >= 0]
         skipped["uncertified"] += int(not kept)
         skipped["uncertified_eps"] += len(eps) - len(kept)
         pairs += kept
@@ -322,8 +250,8 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
     clean = {}
     for start in range(0, len(certified), bs):
       idx = np.array(certified[start:start + bs])
-      m, _ = measure_inner_product(
-          params, _pad(images[idx], bs), _pad(u[idx], bs), encoder=encoder, sigma=sigma,
+      m, _ = smoothing.measure_inner_product(
+          params, batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs), encoder=encoder, sigma=sigma,
           n=clean_n, chunk_size=a.chunk_size,
           key=jax.random.fold_in(key, 100_000 + 1000 * r_index + start // bs))
       clean.update(zip(idx.tolist(), np.asarray(m, np.float64)[:len(idx)].tolist()))
@@ -332,31 +260,31 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
       idx = np.array([p[0] for p in chunk])
       eps = np.array([p[1] for p in chunk], np.float32)
       # Fixed shapes (batch_size) so every chunk reuses one compilation.
-      x_c, u_c, eps_c = (_pad(images[idx], bs), _pad(u[idx], bs), _pad(eps, bs))
+      x_c, u_c, eps_c = (batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs), batching.pad_rows(eps, bs))
       ck = jax.random.fold_in(key, 1000 * r_index + start // bs + 1)
       x_adv = attack_direction(params, x_c, u_c, encoder=encoder, eps=eps_c, sigma=sigma,
                                steps=a.steps, eot_samples=a.eot_samples,
                                step_factor=a.step_factor,
                                key=jax.random.fold_in(ck, _ATTACK))
-      bound = np.asarray(_closed_form.bound_from_deficit(
-          jnp.asarray(_pad(deficit[idx], bs), jnp.float32), jnp.asarray(eps_c), sigma),
+      certified = np.asarray(_closed_form.bound_from_deficit(
+          jnp.asarray(batching.pad_rows(deficit[idx], bs), jnp.float32), jnp.asarray(eps_c), sigma),
           np.float64)
-      measured, se, used = _measure_pairs(params, x_adv, u_c, bound, encoder, a,
+      measured, se, used = _measure_pairs(params, x_adv, u_c, certified, encoder, a,
                                           jax.random.fold_in(ck, _MEASURE))
       dist = np.sqrt(np.sum((np.asarray(x_adv) - x_c) ** 2, axis=(1, 2, 3)))
       for j, (i, e, frac) in enumerate(chunk):
         rows.append({
-            "encoder": name, "image": first_index + int(i), "label": int(labels[i]),
+            "variant": name, "image": first_index + int(i), "label": int(labels[i]),
             "reference": reference, "bound": a.bound, "sigma": sigma,
             "alpha": float(a.alpha), "cos": float(a.cos), "radius": float(radius[i]),
             "fraction": frac, "eps": float(e), "perturbation_l2": float(dist[j]),
             "score_lcb": float(1.0 - deficit[i]),
-            "certified_bound": float(bound[j]), "measured": float(measured[j]),
+            "certified_inner_product": float(certified[j]), "measured": float(measured[j]),
             "standard_error": float(se[j]), "measure_n": int(used[j]),
             "measured_clean": clean[i], "clean_n": int(clean_n),
-            "margin": float(measured[j] - bound[j]),
-            "violation": bool(measured[j] < bound[j]),
-            "violation_k_sigma": bool(measured[j] + a.k_sigma * se[j] < bound[j])})
+            "margin": float(measured[j] - certified[j]),
+            "violation": bool(measured[j] < certified[j]),
+            "violation_k_sigma": bool(measured[j] + a.k_sigma * se[j] < certified[j])})
   return rows, dict(skipped)
 
 
@@ -370,12 +298,12 @@ def summarise(rows: list[dict], *, alpha: float, k_sigma: float,
   """Counts of pairs and violations, and the rates to compare with alpha."""
   raw = sum(r["violation"] for r in rows)
   beyond = sum(r["violation_k_sigma"] for r in rows)
-  bad_images = {(r["encoder"], r["image"]) for r in rows if r["violation_k_sigma"]}
-  tested_images = {(r["encoder"], r["image"]) for r in rows}
+  bad_images = {(r["variant"], r["image"]) for r in rows if r["violation_k_sigma"]}
+  tested_images = {(r["variant"], r["image"]) for r in rows}
   margins = np.array([r["margin"] for r in rows]) if rows else np.zeros(1)
   return {
       "pairs": len(rows),
-      "image_eps_pairs": len({(r["encoder"], r["image"], r["eps"]) for r in rows}),
+      "image_eps_pairs": len({(r["variant"], r["image"], r["eps"]) for r in rows}),
       "images": images, "images_tested": len(tested_images),
       "violations_raw": int(raw), "violations_k_sigma": int(beyond), "k_sigma": k_sigma,
       "violation_rate_raw": raw / max(len(rows), 1),
@@ -386,7 +314,7 @@ def summarise(rows: list[dict], *, alpha: float, k_sigma: float,
       "min_margin": float(margins.min()), "mean_margin": float(margins.mean()),
       "mean_attack_drop": float(np.mean([r["measured_clean"] - r["measured"]
                                          for r in rows])) if rows else 0.0,
-      "mean_bound_drop": float(np.mean([(2 * r["score_lcb"] - 1) - r["certified_bound"]
+      "mean_bound_drop": float(np.mean([(2 * r["score_lcb"] - 1) - r["certified_inner_product"]
                                         for r in rows])) if rows else 0.0,
   }
 
@@ -396,13 +324,13 @@ def by_fraction(rows: list[dict]) -> list[dict]:
   groups = collections.defaultdict(list)
   for r in rows:
     level = f"{r['fraction']:g} R" if r["fraction"] is not None else f"{r['eps']:g}"
-    groups[(r["encoder"], r["reference"], level)].append(r)
+    groups[(r["variant"], r["reference"], level)].append(r)
   table = []
   for (enc, ref, level), rs in sorted(groups.items()):
     table.append({
-        "encoder": enc, "reference": ref, "eps": level, "pairs": len(rs),
+        "variant": enc, "reference": ref, "eps": level, "pairs": len(rs),
         "mean eps": float(np.mean([r["eps"] for r in rs])),
-        "mean bound B": float(np.mean([r["certified_bound"] for r in rs])),
+        "mean bound B": float(np.mean([r["certified_inner_product"] for r in rs])),
         "mean measured": float(np.mean([r["measured"] for r in rs])),
         "mean clean": float(np.mean([r["measured_clean"] for r in rs])),
         "min margin": float(np.min([r["margin"] for r in rs])),
@@ -412,17 +340,7 @@ def by_fraction(rows: list[dict]) -> list[dict]:
   return table
 
 
-def _markdown_table(table: list[dict]) -> str:
-  if not table:
-    return "(no pairs)\n"
-  cols = list(table[0])
-  fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table]
-  return "\n".join(lines) + "\n"
-
-
-def report(summary: dict, table: list[dict], audit, skipped: dict) -> str:
+def audit_markdown(summary: dict, table: list[dict], audit, skipped: dict) -> str:
   """The Markdown of ``audit.md``."""
   s = summary
   levels = (f"eps = {tuple(audit.eps_fractions)} x the certified radius for cos >= "
@@ -455,7 +373,7 @@ def report(summary: dict, table: list[dict], audit, skipped: dict) -> str:
       f"adversarial measurement); the bound allows a drop of {s['mean_bound_drop']:.4f} "
       "from B(0) = 2 L - 1 on average",
       "",
-      _markdown_table(table),
+      report.markdown(table, digits=4),
   ]
   return "\n".join(text)
 
@@ -471,11 +389,11 @@ def _audit_data(config):
 
 def run(config, workdir: str) -> dict[str, Any]:
   """Audits every variant on ``config.audit.data`` (default ``config.data``); writes files."""
-  a = config.audit
+  a = audit_settings(config)
   check_audit_config(a)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  variants = run_lib.encoder_variants(config)
+  variants = variants_lib.encoder_variants(config)
   if a.get("variants"):
     unknown = sorted(set(a.variants) - {v[0] for v in variants})
     if unknown:
@@ -485,7 +403,8 @@ def run(config, workdir: str) -> dict[str, Any]:
   dataset = _audit_data(config)
   key = jax.random.PRNGKey(config.seed)
   rows, skipped, offset = [], collections.Counter(), 0
-  with open(workdir / "audit.jsonl", "w") as f:
+  report.save_config(config, workdir, "audit_config.json")
+  with report.rows(workdir / "audit.jsonl") as write:
     for b, batch in enumerate(tqdm.tqdm(dataset, desc="audit", unit="batch")):
       for name, encoder, params in variants:
         batch_rows, batch_skipped = audit_images(
@@ -494,12 +413,12 @@ def run(config, workdir: str) -> dict[str, Any]:
             pad_to=dataset.batch_size)
         skipped.update(batch_skipped)
         for r in batch_rows:
-          f.write(json.dumps(r) + "\n")
+          write(r)
         rows += batch_rows
       offset += batch["image"].shape[0]
   summary = summarise(rows, alpha=float(a.alpha), k_sigma=float(a.k_sigma),
                       images=offset * len(variants))
-  text = report(summary, by_fraction(rows), a, dict(skipped))
+  text = audit_markdown(summary, by_fraction(rows), a, dict(skipped))
   (workdir / "audit.md").write_text(text)
   print(text)
   return summary

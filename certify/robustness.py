@@ -7,9 +7,9 @@ comma-separated list of them, or ``all``. Rows (models):
 
 * ``original``: the unsmoothed base encoder f.
 * ``smoothed + GSB (FS+D+M)`` when ``config.gsb.checkpoint`` is set (the fullest GSB
-  variant of ``certify.run.encoder_variants``), else ``smoothed`` (FS alone): the
+  variant of ``fsjax.variants.encoder_variants``), else ``smoothed`` (FS alone): the
   smoothed encoder, evaluated as the Monte Carlo mean ``mean_i f(x + delta_i)`` of
-  ``config.attack.smoothing_n`` samples and attacked white-box: every attack averages
+  ``config.attack.n`` samples and attacked white-box: every attack averages
   ``config.attack.eot_samples`` fresh noise draws per step (EOT) and differentiates
   through the denoiser and mapper.
 * one row per encoder sub-config in ``config.attack.extra_encoders`` (each with a
@@ -49,7 +49,7 @@ Classifier: a cosine-prototype head on the evaluated model's features, predictio
   default's stand-in for an MLLM's answer.
 * ``"auto"``: zero-shot where possible, else class means. The ``head`` column says which.
 
-The budget is l_inf ``config.attack.eps`` (16/255) with ``config.attack.steps`` sign
+The budget is l_inf ``config.attack.linf_budget`` (16/255) with ``config.attack.steps`` sign
 steps of ``config.attack.step_size``. Writes ``robustness.md``, ``robustness.csv``,
 ``robustness.jsonl`` (one row per model, attack and image) and ``examples_<attack>.png``
 (clean / adversarial per model / target for a few images) into the workdir.
@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import numbers
 import pathlib
 from typing import Any, Sequence
@@ -72,12 +71,14 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from certify import run as run_lib
+from certify import report
 from fsjax import attacks
+from fsjax import batching
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
+from fsjax import variants as variants_lib
 from fsjax.attacks import _common
 
 ALL = "all"
@@ -119,8 +120,9 @@ def _is_int(value, minimum: int) -> bool:
 
 def check_attack_config(c) -> None:
   """Validates ``config.attack`` before anything is built; errors name the key."""
-  _common.check_budget(eps=c.eps, step_size=c.step_size, steps=c.steps, norm="linf")
-  for key, minimum in (("smoothing_n", 1), ("eot_samples", 0), ("num_images", 1),
+  _common.check_budget(budget=c.linf_budget, step_size=c.step_size, steps=c.steps,
+                       norm="linf")
+  for key, minimum in (("n", 1), ("eot_samples", 0), ("num_images", 1),
                        ("prototypes_per_class", 1), ("batch_size", 1), ("examples", 0)):
     if not _is_int(c[key], minimum):
       raise ValueError(f"config.attack.{key}={c[key]!r} must be an integer >= {minimum}.")
@@ -156,7 +158,7 @@ def _text_source(encoder, params, encoder_config):
 def build_models(config) -> list[Model]:
   """The table's rows, in order (see the module docstring)."""
   c = config.attack
-  variants = run_lib.encoder_variants(config)
+  variants = variants_lib.encoder_variants(config)
   _, base, base_params = variants[0]
   text = _text_source(base, base_params, config.encoder)
   models = [Model("original", base, base_params, False, text)]
@@ -226,17 +228,6 @@ def attack_data(config) -> dict[str, Any]:
           "classes": classes, "class_names": list(class_names), "spec": spec}
 
 
-def _batches(n: int, size: int):
-  for start in range(0, n, size):
-    yield start, min(start + size, n)
-
-
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-  if a.shape[0] == size:
-    return a
-  return np.concatenate([a, np.repeat(a[-1:], size - a.shape[0], axis=0)])
-
-
 @jax.jit
 def _cosine(a, b):
   return _common.cosine(a, b)
@@ -246,12 +237,13 @@ def features(model: Model, x: np.ndarray, c, key: jax.Array) -> np.ndarray:
   """``[N, D]`` features of the model: f(x), or mean_i f(x + delta_i) when smoothed."""
   out = []
   bs = int(c.batch_size)
-  for start, stop in _batches(x.shape[0], bs):
-    xb = _pad(x[start:stop], bs)  # one shape per model: one compilation
+  for sl in batching.batch_slices(x.shape[0], bs):
+    start, stop = sl.start, sl.stop
+    xb = batching.pad_rows(x[sl], bs)  # one shape per model: one compilation
     if model.smoothed:
       z = smoothing.smoothed_features(model.params, xb, encoder=model.encoder, sigma=c.sigma,
-                                      n=c.smoothing_n, key=jax.random.fold_in(key, start),
-                                      chunk_size=c.smoothing_n)
+                                      n=c.n, key=jax.random.fold_in(key, start),
+                                      chunk_size=c.n)
     else:
       z = _base_features(model.params, jnp.asarray(xb, jnp.float32), encoder=model.encoder)
     out.append(np.asarray(z)[:stop - start])
@@ -261,11 +253,6 @@ def features(model: Model, x: np.ndarray, c, key: jax.Array) -> np.ndarray:
 @functools.partial(jax.jit, static_argnames=("encoder",))
 def _base_features(params, x, *, encoder):
   return encoder(params, x)
-
-
-@jax.jit
-def _unit(w):
-  return w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
 
 
 @jax.jit
@@ -306,7 +293,7 @@ def head(model: Model, data: dict, config, key: jax.Array,
   x, y = cache["prototype_images"]
   z = features(model, x, c, key)
   w = np.stack([z[y == i].mean(0) for i in data["classes"]])
-  return "class_mean", np.asarray(_unit(jnp.asarray(w)))
+  return "class_mean", np.asarray(encoders_lib.normalise(jnp.asarray(w)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,15 +306,15 @@ def attack_model(model: Model, name: str, x: np.ndarray, targets: np.ndarray, c,
   """Adversarial images for ``model`` under attack ``name``, batch by batch."""
   out = []
   bs = int(c.batch_size)
-  for start, stop in _batches(x.shape[0], bs):
-    kwargs = dict(eps=c.eps, step_size=c.step_size, steps=c.steps,
-                  key=jax.random.fold_in(key, start))
+  for sl in batching.batch_slices(x.shape[0], bs):
+    kwargs = dict(budget=c.linf_budget, step_size=c.step_size, steps=c.steps,
+                  key=jax.random.fold_in(key, sl.start))
     if model.smoothed:  # white-box through the smoothing: EOT over its noise
       kwargs.update(sigma=c.sigma, eot_samples=c.eot_samples)
     kwargs.update(_as_dict((c.get("options") or {}).get(name) or {}))
-    adv = attacks.run(name, model.params, _pad(x[start:stop], bs),
-                      _pad(targets[start:stop], bs), encoder=model.encoder, **kwargs)
-    out.append(np.asarray(adv)[:stop - start])
+    adv = attacks.run(name, model.params, batching.pad_rows(x[sl], bs),
+                      batching.pad_rows(targets[sl], bs), encoder=model.encoder, **kwargs)
+    out.append(np.asarray(adv)[:sl.stop - sl.start])
   return np.concatenate(out)
 
 
@@ -337,21 +324,21 @@ def run(config, workdir: str, attack: str = ALL) -> list[dict]:
   c = config.attack
   check_attack_config(c)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  report.save_config(config, workdir, "robustness_config.json")
   models = build_models(config)
   data = attack_data(config)
   x, y, t = data["images"], data["labels"], data["targets"]
   tc, classes = data["target_class"], np.asarray(data["classes"])
   key = jax.random.PRNGKey(config.seed)
   cache, table, examples = {}, [], {n: {} for n in names}
-  with open(workdir / "robustness.jsonl", "w") as f:
+  with report.rows(workdir / "robustness.jsonl") as write:
     for m, model in enumerate(models):
       mk = jax.random.fold_in(key, m)
       kind, prototypes = head(model, data, config, jax.random.fold_in(mk, 0), cache)
       z_clean = features(model, x, c, jax.random.fold_in(mk, 1))
       # Prototype k is class classes[k]: predictions are dataset class ids.
       pred_clean = classes[np.asarray(_predict(jnp.asarray(z_clean), jnp.asarray(prototypes)))]
-      row = {"model": model.label, "head": kind,
+      row = {"variant": model.label, "head": kind,
              "clean ACC": float(attacks.accuracy(pred_clean, y))}
       for a, name in enumerate(tqdm.tqdm(names, desc=model.label, unit="attack")):
         # The same attack noise/crops for every model: fold in the attack, not the model.
@@ -364,21 +351,19 @@ def run(config, workdir: str, attack: str = ALL) -> list[dict]:
         row[f"{name} ASR"] = float(attacks.attack_success_rate(pred, tc))
         linf = np.abs(adv - x).reshape(len(x), -1).max(-1)
         for i in range(len(x)):
-          f.write(json.dumps({
-              "model": model.label, "attack": name, "image": i, "label": int(y[i]),
+          write({
+              "variant": model.label, "attack": name, "image": i, "label": int(y[i]),
               "target_label": tc, "pred_clean": int(pred_clean[i]), "pred_adv": int(pred[i]),
-              "fcs": float(fcs[i]), "linf": float(linf[i])}) + "\n")
+              "fcs": float(fcs[i]), "linf": float(linf[i])})
         examples[name][model.label] = (adv[:c.examples], pred[:c.examples])
       table.append(row)
-  text = run_lib.write_table(table, workdir, stem="robustness")
-  header = (f"Table 4 (classification) on {data['spec']['name']} "
-            f"{data['spec']['split']}: {len(x)} images, target class {tc} "
-            f"({data['class_names'][tc]!r}); l_inf eps = {c.eps:.4f} ({c.eps * 255:g}/255), "
-            f"{c.steps} steps of {c.step_size * 255:g}/255; smoothed rows: sigma = "
-            f"{c.sigma:g}, n = {c.smoothing_n} Monte Carlo samples, {c.eot_samples} EOT "
-            "draws per attack step. ACC and ASR are fractions.\n\n")
-  (workdir / "robustness.md").write_text(header + text)
-  print(header + text)
+  caption = (f"Table 4 (classification) on {data['spec']['name']} "
+             f"{data['spec']['split']}: {len(x)} images, target class {tc} "
+             f"({data['class_names'][tc]!r}); l_inf budget {c.linf_budget:.4f} "
+             f"({c.linf_budget * 255:g}/255), {c.steps} steps of {c.step_size * 255:g}/255; "
+             f"smoothed rows: sigma = {c.sigma:g}, n = {c.n} Monte Carlo samples, "
+             f"{c.eot_samples} EOT draws per attack step. ACC and ASR are fractions.")
+  print(report.write_table(table, workdir, "robustness", caption=caption))
   if c.examples:
     for name in names:
       plot_examples(x[:c.examples], t[:c.examples], y[:c.examples], examples[name],
@@ -389,9 +374,7 @@ def run(config, workdir: str, attack: str = ALL) -> list[dict]:
 def plot_examples(x, targets, labels, adversarial: dict, class_names: Sequence[str],
                   path: pathlib.Path, *, title: str) -> None:
   """PNG strip: per image, clean | adversarial for each model | target."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = report.pyplot()
   cols = 2 + len(adversarial)
   fig, axes = plt.subplots(len(x), cols, figsize=(2 * cols, 2.2 * len(x)), squeeze=False)
   for i in range(len(x)):

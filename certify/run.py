@@ -15,54 +15,50 @@ Monte Carlo run gives every bound for both references (``clean``: the paper's u 
   images count as radius 0).
 
 Rows with bound ``point`` are the paper's plug-in estimates, NOT certificates. Writes
-``results.jsonl`` (one row per image, variant, sigma, reference, bound), ``table.md``,
-``table.csv`` and ``fcsb.png`` into the workdir.
+``results.jsonl`` (one row per image, variant, sigma, reference, bound), ``table.md``
+(captioned with alpha, n0, n and the number of images), ``table.csv``, ``config.json``,
+``fcsb.png`` (each variant's tightest valid bound with the mean reference: the headline;
+the other bounds and references in a second panel row) and ``certified.png`` (the share
+of images certified at cos >= ``config.certify.cos`` for radius >= r, per variant) into
+the workdir.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
-import json
-import os
 import pathlib
-from typing import Any, Iterable
+from typing import Iterable
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
 from certify import _closed_form
 from certify import _feature
+from certify import report
+from certify import table2
 from fsjax import cli
 from fsjax import data as data_lib
-from fsjax import encoders as encoders_lib
+from fsjax import smoothing
+from fsjax import variants as variants_lib
 
 
+def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key: jax.Array,
+                   *, first_image: int = 0) -> Iterable[dict]:
+  """Yields one result row per (variant, sigma, image, reference, bound).
 
-def encoder_variants(config) -> list[tuple[str, encoders_lib.Encoder, Any]]:
-  """``[(name, encoder, params)]``: the base encoder, plus the GSB ablation if configured."""
-  encoder, params = encoders_lib.build(config.encoder)
-  variants = [("FS", encoder, params)]
-  gsb = config.get("gsb")
-  if gsb is not None and gsb.get("checkpoint"):
-    from fsjax import gsb as gsb_lib  # pylint: disable=g-import-not-at-top
-    variants += gsb_lib.ablation_variants(
-        encoder, params, gsb_lib.checkpoint.load(gsb.checkpoint, config=config), config)
-  return variants
-
-
-def certify_images(variants, images: np.ndarray, labels: np.ndarray, config,
-                   key: jax.Array) -> Iterable[dict]:
-  """Yields one result row per (variant, sigma, image, reference, bound)."""
+  Certificates come from :func:`certify.score_deficits` (one two-stage Monte Carlo run
+  gives every bound for both references) and the closed forms of Theorem 3.2 /
+  Corollary 3.3 applied to the score *deficit* 1 - L, which keeps float32 precision where
+  L is within 1e-7 of 1 (``certify.fcsb`` computes the same numbers).
+  """
   c = config.certify
   eps = np.asarray(c.eps, np.float32)
-  for v, (name, encoder, params) in enumerate(variants):
+  for name, encoder, params in variants:
     for sigma in c.sigmas:
-      # The same noise for every variant and image batch position: fold in sigma's index.
-      k = jax.random.fold_in(key, int(round(sigma * 1e6)))
+      # The same noise for every variant and image batch position at a sigma.
+      k = smoothing.sigma_key(key, sigma)
       out = _feature.score_deficits(params, images, encoder=encoder, sigma=sigma, key=k,
                                     n=c.n, n0=c.n0, alpha=c.alpha, bounds=tuple(c.bounds),
                                     chunk_size=c.chunk_size)
@@ -72,24 +68,27 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config,
           inner = np.asarray(_closed_form.bound_from_deficit(deficit[:, None], eps, sigma))
           radius = np.asarray(_closed_form.radius_from_deficit(deficit, sigma, c.cos))
           for i in range(images.shape[0]):
-            yield {"encoder": name, "sigma": float(sigma), "reference": reference,
-                   "bound": bound, "certificate": bound != "point",
+            yield {"variant": name, "image": first_image + i, "sigma": float(sigma),
+                   "reference": reference, "bound": bound, "certificate": bound != "point",
                    "label": int(labels[i]), "score": float(1.0 - deficit[i]),
                    "score_deficit": float(deficit[i]),
                    "inner_product_bound": dict(zip(map(float, eps), map(float, inner[i]))),
                    "radius": float(radius[i]), "cos": float(c.cos)}
-    del v
+
+
+def _bound_label(bound: str) -> str:
+  return bound if bound != "point" else "point (estimate)"
 
 
 def summarise(rows: list[dict], eps: Iterable[float]) -> list[dict]:
-  """Averages result rows over images; one summary row per (encoder, sigma, ref, bound)."""
+  """Averages result rows over images; one summary row per (variant, sigma, ref, bound)."""
   groups = collections.defaultdict(list)
   for r in rows:
-    groups[(r["encoder"], r["sigma"], r["reference"], r["bound"])].append(r)
+    groups[(r["variant"], r["sigma"], r["reference"], r["bound"])].append(r)
   table = []
-  for (enc, sigma, ref, bound), rs in groups.items():
-    row = {"encoder": enc, "sigma": sigma, "reference": ref,
-           "bound": bound if bound != "point" else "point (estimate)", "images": len(rs)}
+  for (variant, sigma, ref, bound), rs in groups.items():
+    row = {"variant": variant, "sigma": sigma, "reference": ref,
+           "bound": _bound_label(bound), "images": len(rs)}
     for e in eps:
       b = np.array([r["inner_product_bound"][float(e)] for r in rs])
       row[f"B@{e:g}"] = float(b.mean())
@@ -99,42 +98,99 @@ def summarise(rows: list[dict], eps: Iterable[float]) -> list[dict]:
   return table
 
 
-def write_table(table: list[dict], workdir: pathlib.Path, stem: str = "table") -> str:
-  """Writes ``stem.md`` and ``stem.csv``; returns the Markdown."""
-  cols = list(table[0])
-  fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-  md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  md += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in table]
-  text = "\n".join(md) + "\n"
-  (workdir / f"{stem}.md").write_text(text)
-  with open(workdir / f"{stem}.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=cols)
-    w.writeheader()
-    w.writerows(table)
-  return text
+def headline(table: list[dict]) -> list[dict]:
+  """Per (variant, sigma): the mean-reference row of the valid bound with the largest R.
+
+  With only the clean reference configured, its rows are used. Point estimates are
+  never a headline (they are not certificates).
+  """
+  best = {}
+  for r in table:
+    if r["bound"].startswith("point"):
+      continue
+    key = (r["variant"], r["sigma"])
+    radius = next(v for k, v in r.items() if k.startswith("R("))
+    rank = (r["reference"] == "mean", radius)
+    if key not in best or rank > best[key][0]:
+      best[key] = (rank, r)
+  return [r for _, r in best.values()]
 
 
 def plot(table: list[dict], eps, path: pathlib.Path) -> None:
-  """PNG: average bound B against eps, one panel per sigma, one line per row."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  """PNG: average bound B against eps; top row the headline per variant, bottom the rest.
+
+  One panel column per sigma; one colour per variant (the same in both rows); legends
+  sit outside the axes so they never hide data.
+  """
+  plt = report.pyplot()
   sigmas = sorted({r["sigma"] for r in table})
-  fig, axes = plt.subplots(1, len(sigmas), figsize=(5 * len(sigmas), 4), squeeze=False)
-  for ax, sigma in zip(axes[0], sigmas):
-    for r in table:
-      if r["sigma"] != sigma:
-        continue
-      style = "--" if r["bound"].startswith("point") else "-"
-      ax.plot(eps, [r[f"B@{e:g}"] for e in eps], style, marker="o", ms=3,
-              label=f"{r['encoder']} {r['reference']} {r['bound']}")
-    ax.axhline(0.0, color="gray", lw=0.5)
-    ax.set(title=f"sigma = {sigma:g}", xlabel="eps (l2, [0,1] pixels)",
-           ylabel="average bound on cosine")
-    ax.legend(fontsize=6)
+  variants = list(dict.fromkeys(r["variant"] for r in table))
+  colours = plt.get_cmap("tab10")
+  top = headline(table)
+  fig, axes = plt.subplots(2, len(sigmas), figsize=(5 * len(sigmas) + 2.5, 7.5),
+                           squeeze=False, sharex=True)
+  styles = {"point (estimate)": ":", "hoeffding": "-.", "bernstein": "--", "betting": "-"}
+  for col, sigma in enumerate(sigmas):
+    for row_index, rows, title in ((0, top, "tightest valid bound per variant"),
+                                   (1, table, "every reference and bound")):
+      ax = axes[row_index, col]
+      for r in rows:
+        if r["sigma"] != sigma:
+          continue
+        colour = colours(variants.index(r["variant"]) % 10)
+        label = (r["variant"] if row_index == 0 else
+                 f"{r['variant']} {r['reference']} {r['bound']}")
+        ax.plot(eps, [r[f"B@{e:g}"] for e in eps], styles.get(r["bound"], "-"),
+                color=colour, marker="o" if r["reference"] == "mean" else "x", ms=3,
+                alpha=1.0 if row_index == 0 else 0.8, label=label)
+      ax.axhline(0.0, color="gray", lw=0.5)
+      ax.set(title=f"sigma = {sigma:g}: {title}", ylabel="average bound on cosine")
+      ax.title.set_fontsize(9)
+      if row_index == 1:
+        ax.set_xlabel("eps (l2, [0,1] pixels)")
+      if col == len(sigmas) - 1:
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
+
+
+def plot_certified(rows: list[dict], config, path: pathlib.Path) -> None:
+  """PNG: share of images whose cosine >= cos is certified at radius >= r, per variant.
+
+  Uses each variant's headline bound (mean reference, tightest valid bound); one panel
+  per sigma, the plot certification papers draw.
+  """
+  plt = report.pyplot()
+  table = summarise(rows, config.certify.eps)
+  picks = {(r["variant"], r["sigma"]): (r["reference"], r["bound"]) for r in headline(table)}
+  sigmas = sorted({r["sigma"] for r in rows})
+  fig, axes = plt.subplots(1, len(sigmas), figsize=(5 * len(sigmas) + 2, 3.8), squeeze=False)
+  for ax, sigma in zip(axes[0], sigmas):
+    for (variant, s), (ref, bound) in picks.items():
+      if s != sigma:
+        continue
+      radii = np.array([r["radius"] for r in rows if r["variant"] == variant
+                        and r["sigma"] == sigma and r["reference"] == ref
+                        and r["bound"] == bound])
+      grid = np.linspace(0.0, max(float(radii.max(initial=0.0)), 1e-3) * 1.05, 200)
+      ax.plot(grid, [(radii >= g).mean() for g in grid], label=f"{variant} ({ref}, {bound})")
+    ax.set(title=f"sigma = {sigma:g}", xlabel="radius r (l2, [0,1] pixels)",
+           ylabel=f"share certified, cos >= {config.certify.cos:g}", ylim=(-0.02, 1.02))
+  axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
+def caption(config, images: int) -> str:
+  c = config.certify
+  return ("Table 1: feature certificate, average over images ("
+          + report.monte_carlo_caption(sigma=list(c.sigmas), n0=c.n0, n=c.n, alpha=c.alpha,
+                                       images=images)
+          + "). B@eps: average bound on <f_s(x'), u> for ||x' - x|| <= eps; cert@eps: share "
+          f"with B >= 0; R: average certified radius for cos >= {c.cos:g}. 'point' rows are "
+          "the paper's plug-in estimates, not certificates.")
 
 
 def run(config, workdir: str) -> list[dict]:
@@ -142,25 +198,27 @@ def run(config, workdir: str) -> list[dict]:
   if config.certify.get("distributed"):
     jax.distributed.initialize()
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  variants = encoder_variants(config)
+  report.save_config(config, workdir)
+  variants = variants_lib.encoder_variants(config)
   dataset = data_lib.from_config(config.data)
   key = jax.random.PRNGKey(config.seed)
-  rows = []
-  with open(workdir / "results.jsonl", "w") as f:
+  rows, first = [], 0
+  with report.rows(workdir / "results.jsonl") as write:
     for batch in tqdm.tqdm(dataset, desc="certify", unit="batch"):
-      for row in certify_images(variants, batch["image"], batch["label"], config, key):
+      for row in certify_images(variants, batch["image"], batch["label"], config, key,
+                                first_image=first):
         rows.append(row)
-        f.write(json.dumps(row) + "\n")
+        write(row)
+      first += len(batch["image"])
   table = summarise(rows, config.certify.eps)
-  print(write_table(table, workdir))
+  print(report.write_table(table, workdir, "table", caption=caption(config, first)))
   plot(table, list(config.certify.eps), workdir / "fcsb.png")
+  plot_certified(rows, config, workdir / "certified.png")
   return table
 
 
 def main(config, workdir: str, mode: str = "feature") -> None:
   if mode == "prediction":
-    from certify import table2  # pylint: disable=g-import-not-at-top
     table2.run_prediction(config, workdir)
   else:
     run(config, workdir)

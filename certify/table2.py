@@ -30,7 +30,6 @@ The table reports certified accuracy (:func:`certify.certified_accuracy`: certif
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
@@ -39,9 +38,12 @@ import numpy as np
 import tqdm
 
 import certify
-from certify import run as run_lib
+from certify import report
+from fsjax import batching
 from fsjax import cli
-from train import head as head_lib
+from fsjax import heads as heads_lib
+from fsjax import smoothing
+from fsjax import variants as variants_lib
 
 METHODS = ("FS", "RS")
 
@@ -67,7 +69,7 @@ def prediction_settings(config) -> dict[str, Any]:
 
 def _check_heads(meta: dict, heads: dict, config, encoder_name: str) -> None:
   """Raises ValueError unless the stored heads fit this config."""
-  num_classes = head_lib.check_num_classes(config.prediction.num_classes)
+  num_classes = heads_lib.check_num_classes(config.prediction.num_classes)
   if meta["classes"] != list(range(num_classes)):
     raise ValueError(f"the heads in the workdir classify {len(meta['classes'])} classes but "
                      f"config.prediction.num_classes={num_classes}; rerun train.head with "
@@ -83,7 +85,7 @@ def _check_heads(meta: dict, heads: dict, config, encoder_name: str) -> None:
 
 def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encoder,
                    heads: dict, sigma: float, key: jax.Array, settings: dict,
-                   progress=None) -> list[dict]:
+                   variant: str = "FS", progress=None) -> list[dict]:
   """FS and RS certificates of every image at one sigma; one row per image and method.
 
   Args:
@@ -95,10 +97,11 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     sigma: noise level.
     key: the sigma's key; batch ``b`` uses ``fold_in(key, b)``.
     settings: :func:`prediction_settings`.
+    variant: the encoder variant's name, recorded in the rows.
     progress: an optional tqdm bar, advanced once per batch and method.
 
   Returns:
-    Rows ``{"method", "sigma", "index", "label", "predicted_class", "radius",
+    Rows ``{"method", "variant", "sigma", "image", "label", "predicted_class", "radius",
     "certified", "correct"}`` plus the Monte Carlo settings; ``predicted_class`` is -1
     and ``radius`` 0 where the method abstains.
   """
@@ -108,7 +111,7 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
   rows = []
   for b, start in enumerate(range(0, len(images), bs)):
     x = images[start:start + bs]
-    xp = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)]) if len(x) < bs else x
+    xp = batching.pad_rows(x, bs)
     k = jax.random.fold_in(key, b)
     out = {}
     out["FS"] = certify.certify_prediction(params, xp, encoder=encoder, prototypes=prototypes,
@@ -123,7 +126,8 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
       cls, radius = (np.asarray(a)[:len(x)] for a in out[method])
       for i in range(len(x)):
         label = int(labels[start + i])
-        rows.append({"method": method, "sigma": float(sigma), "index": start + i,
+        rows.append({"method": method, "variant": variant, "sigma": float(sigma),
+                     "image": start + i,
                      "label": label, "predicted_class": int(cls[i]),
                      "radius": float(radius[i]),
                      "certified": bool(int(cls[i]) != certify.ABSTAIN),
@@ -145,7 +149,7 @@ def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -
           np.array([r["predicted_class"] for r in rs]), np.array([r["radius"] for r in rs]),
           np.array([r["label"] for r in rs]), np.asarray(radii, np.float32),
           num_classes=num_classes))
-      row = {"method": method, "encoder": encoder_name, "sigma": float(sigma),
+      row = {"method": method, "variant": encoder_name, "sigma": float(sigma),
              "images": len(rs),
              "abstain": float(np.mean([r["predicted_class"] == certify.ABSTAIN for r in rs]))}
       # Fractions of len(rs) images: 6 digits drop float32 noise (0.65000004 -> 0.65).
@@ -156,9 +160,7 @@ def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -
 
 def plot(table: list[dict], radii, path: pathlib.Path) -> None:
   """PNG: certified accuracy against radius; colour per sigma, FS solid, RS dashed."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   sigmas = sorted({r["sigma"] for r in table})
   colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -184,7 +186,7 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
     config: the experiment config (the one ``train.head`` used).
     workdir: where the heads are and the results go.
     variant: ``(name, encoder, params)`` to certify with; default
-      ``train.head.head_encoder(config)``. Passing one that is already compiled for
+      ``fsjax.variants.most_boosted(config)``, the variant ``train.head`` trains on. Passing one that is already compiled for
       saves the compilation (the encoder is a static argument, hashed by identity).
 
   Returns:
@@ -192,34 +194,36 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   """
   workdir = pathlib.Path(workdir)
   settings = prediction_settings(config)
-  meta, heads = head_lib.load_heads(workdir)
-  encoder_name, encoder, params = variant or head_lib.head_encoder(config)
+  report.save_config(config, workdir, "table2_config.json")
+  meta, heads = heads_lib.load_heads(workdir)
+  encoder_name, encoder, params = variant or variants_lib.most_boosted(config)
   _check_heads(meta, heads, config, encoder_name)
   num_classes = len(meta["classes"])
-  images, labels, _ = head_lib.load_subset(config.test_data, num_classes=num_classes,
+  images, labels, _ = heads_lib.load_subset(config.test_data, num_classes=num_classes,
                                            per_class=config.prediction.test_per_class)
-  labels = head_lib.check_labels(labels, num_classes)
+  labels = heads_lib.check_labels(labels, num_classes)
   key = jax.random.PRNGKey(config.seed)
   sigmas = [float(s) for s in config.certify.sigmas]
   batches = -(-len(images) // settings["batch_size"])
   rows = []
-  with open(workdir / "prediction_results.jsonl", "w") as f, tqdm.tqdm(
+  with report.rows(workdir / "prediction_results.jsonl") as write, tqdm.tqdm(
       total=len(sigmas) * batches * len(METHODS), desc="table2", unit="call") as bar:
     for sigma in sigmas:
-      k = jax.random.fold_in(key, int(round(sigma * 1e6)))  # as certify.run and train.head
+      k = smoothing.sigma_key(key, sigma)  # as certify.run and train.head
       for row in certify_images(params, images, labels, encoder=encoder, heads=heads[sigma],
-                                sigma=sigma, key=k, settings=settings, progress=bar):
+                                sigma=sigma, key=k, settings=settings, variant=encoder_name,
+                                progress=bar):
         rows.append(row)
-        f.write(json.dumps(row) + "\n")
-      f.flush()
+        write(row)
   radii = [float(r) for r in config.prediction.radii]
   table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
   point = (" -- FS rows are point estimates, NOT certificates" if settings["bound"] == "point"
            else "")
-  print(f"Table 2: certified accuracy at radius r ({len(images)} images, {num_classes} "
-        f"classes, n0={settings['n0']}, n={settings['n']}, alpha={settings['alpha']:g}, "
-        f"FS bound {settings['bound']}){point}")
-  print(run_lib.write_table(table, workdir, stem="table2"))
+  caption = ("Table 2: certified accuracy at radius r (" + report.monte_carlo_caption(
+      sigma=sigmas, n0=settings["n0"], n=settings["n"], alpha=settings["alpha"],
+      images=len(images), bound=f"{settings['bound']} (FS)") + f", {num_classes} classes)"
+      + point)
+  print(report.write_table(table, workdir, "table2", caption=caption))
   plot(table, radii, workdir / "table2.png")
   return table
 

@@ -56,7 +56,7 @@ def get_config(arg=None):
   #                                        checkpoint="/path/to/fare2.pt"),)
   config.attack = common.attack_config(
       classes=(7, 368, 207, 1, 8, 54, 296, 148, 121, 21, 2), target_class=2,
-      num_images=500, smoothing_n=16, eot_samples=4, batch_size=8, head="auto")
+      num_images=500, n=16, eot_samples=4, batch_size=8, head="auto")
   # certify.audit: 100 ImageNet validation images x 4 fractions x both references.
   config.audit = common.audit_config(num_images=100, measure_n=10_000, screen_n=256)
   return config

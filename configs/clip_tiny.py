@@ -37,7 +37,7 @@ def get_config(arg=None):
   config.gsb = common.gsb_config()
   # certify.robustness: Fashion-MNIST at 32 px (this config has no test_data), a few steps.
   config.attack = common.attack_config(
-      steps=5, smoothing_n=4, eot_samples=2, num_images=4, batch_size=4,
+      steps=5, n=4, eot_samples=2, num_images=4, batch_size=4,
       prototypes_per_class=2, examples=2,
       data=dict(name="fashion_mnist", split="test", image_size=32, batch_size=4, seed=0))
   # certify.audit: a quick audit on config.data.

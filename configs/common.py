@@ -55,11 +55,31 @@ def prediction_config(**overrides) -> ml_collections.ConfigDict:
 def gsb_config(**overrides) -> ml_collections.ConfigDict:
   """``config.gsb``: the booster's architecture, losses and training (Section 4).
 
-  Built on :func:`fsjax.gsb.default_gsb_config` (which documents what the paper prints
-  and what is our choice), plus where the trained booster lives and how training logs.
+  The same values as :func:`fsjax.gsb.default_gsb_config` (a test keeps them equal),
+  written out here so that configs are data. The paper prints neither lambda,
+  lambda_1, lambda_2 (Eq. 9, 13), nor K (Eq. 10), nor the learning rates, nor the number
+  of noise draws per image: those values are ours. Printed by the paper: Adam, batch 8,
+  8 epochs for D; AdamW with a cosine schedule, batch 16, 8 epochs for M; D about 10 MB.
   """
-  from fsjax import gsb  # pylint: disable=g-import-not-at-top
-  c = gsb.default_gsb_config()
+  c = ml_collections.ConfigDict()
+  c.sigma_range = (0.25, 0.5)  # training sigma, uniform per example (Table 1's sigmas)
+  c.noise_samples = 2  # Monte Carlo draws of delta per image per step
+  # D: 2,489,603 float32 parameters = 9.96 MB (Appendix A.2.1: "approximately 10 MB").
+  c.denoiser = ml_collections.ConfigDict(dict(
+      width=32, channel_mults=(1, 2, 4), blocks_per_level=2, emb_dim=128, num_groups=8,
+      dtype="float32",
+      lam_rob=1.0,  # lambda, Eq. 9
+      batch_size=8, epochs=8, learning_rate=2e-4))  # Adam
+  c.mapper = ml_collections.ConfigDict(dict(
+      num_blocks=2, num_heads=4, mlp_ratio=2.0, kernel_size=3, sigma_hidden=64,
+      damping_init=1e-3, dtype="float32",
+      lam_id=1.0,  # lambda_1, Eq. 13
+      lam_stat=0.1,  # lambda_2, Eq. 13
+      # sigma at which L_id evaluates M on clean features. The paper's 0 makes L_id
+      # identically zero for our mapper (M(z, 0) = z exactly); a value > 0 turns it into
+      # a "leave clean features alone at the working sigma" regulariser.
+      id_sigma=0.0,
+      batch_size=16, epochs=8, learning_rate=1e-4, weight_decay=1e-4))  # AdamW, cosine
   c.checkpoint = config_dict.placeholder(str)  # a train.gsb workdir; None = no GSB
   c.log_every = 10
   c.checkpoint_every = 100
@@ -71,15 +91,16 @@ def attack_config(**overrides) -> ml_collections.ConfigDict:
   """``config.attack``: the robustness table (Table 4, classification; ``certify.robustness``).
 
   The paper's threat model: l_inf 16/255, 300 steps of 1/255, white-box through the
-  smoothing (EOT) and GSB. ``smoothing_n`` and ``eot_samples`` are our choices (the
-  paper's Table 7 compares n = 1 ... 64).
+  smoothing (EOT) and GSB. ``n`` (Monte Carlo samples of a smoothed row's features) and
+  ``eot_samples`` (noise draws per attack step) are our choices (the paper's Table 7
+  compares n = 1 ... 64 and uses n = 8).
   """
   c = ml_collections.ConfigDict(dict(
-      eps=16 / 255,        # l_inf budget (paper)
+      linf_budget=16 / 255,  # l_inf attack budget (paper)
       step_size=1 / 255,   # sign-step size (paper)
       steps=300,           # paper: 300; lower on CPU
       sigma=0.25,          # smoothing noise level of the smoothed rows
-      smoothing_n=16,      # Monte Carlo samples of the smoothed encoder at evaluation
+      n=16,                # Monte Carlo samples of the smoothed encoder at evaluation
       eot_samples=4,       # noise draws per attack step on a smoothed encoder (EOT)
       data=None,           # a dataset config; None: config.test_data (labelled)
       num_images=16,       # attacked images (from classes other than target_class)
@@ -108,11 +129,13 @@ def audit_config(**overrides) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict(dict(
       data=None,           # a dataset config; None: config.data
       num_images=config_dict.placeholder(int),  # None: the data's num_examples
-      sigma=0.25,
-      n0=100,
-      n=10_000,
-      alpha=0.001,
-      bound="bernstein",
+      sigma=0.25,          # the one noise level audited
+      bound="bernstein",   # the one confidence bound audited
+      # None: config.certify's. Set to audit with other Monte Carlo settings.
+      n0=config_dict.placeholder(int),
+      n=config_dict.placeholder(int),
+      alpha=config_dict.placeholder(float),
+      chunk_size=config_dict.placeholder(int),
       references=("mean", "clean"),
       cos=0.5,             # radius for cos >= cos (Corollary 3.3) that eps_fractions scale
       eps_fractions=(0.25, 0.5, 0.75, 1.0),
@@ -126,7 +149,6 @@ def audit_config(**overrides) -> ml_collections.ConfigDict:
       k_sigma=3.0,         # violation beyond k standard errors of the measurement
       variants=config_dict.placeholder(tuple),  # None: every variant (FS, FS+D+M, ...)
       batch_size=16,       # (image, eps) pairs per attack call
-      chunk_size=64,
   ))
   c.update(overrides)
   return c

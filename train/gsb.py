@@ -65,7 +65,7 @@ from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import gsb as gsb_lib
 from fsjax.gsb import losses
-from train import checkpointing
+from fsjax import checkpointing
 
 STAGES = ("denoiser", "mapper")
 CONFIG_FILE = "config.json"

@@ -22,7 +22,7 @@ the prototypes are CLIP's text embeddings of the class names
 (:func:`fsjax.clip.text_prototypes`), not trained: zero-shot CLIP is exactly a
 cosine-prototype head. The RS linear head still trains.
 
-Writes ``workdir/heads/`` (orbax, via :mod:`train.checkpointing`) and the sidecar
+Writes ``workdir/heads/`` (the format of :mod:`fsjax.heads`) and the sidecar
 ``workdir/heads.json`` (sigmas, classes, dimensions, settings, training losses);
 :func:`load_heads` reads both back for ``certify.table2``. A second run with the same
 settings finds the heads and does not retrain; with other settings it refuses to
@@ -33,9 +33,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from absl import logging
 import flax.linen as nn
@@ -46,14 +45,13 @@ import optax
 import tqdm
 
 import certify
-from certify import run as certify_run
+from fsjax import batching
 from fsjax import cli
-from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
-from train import checkpointing
+from fsjax import heads as heads_lib
+from fsjax import smoothing
+from fsjax import variants as variants_lib
 
-HEADS_DIR = "heads"  # orbax checkpoints, workdir/heads/<step>
-SIDECAR = "heads.json"  # what the checkpoint holds, in words
 _FEATURE_BATCH = 64  # images per encoder call when caching features (one compilation)
 # Settings that must match for stored heads to be reused (and that certify.table2 checks).
 _SETTINGS = ("encoder", "sigmas", "classes", "dim", "head_noise", "noise_draws",
@@ -61,91 +59,8 @@ _SETTINGS = ("encoder", "sigmas", "classes", "dim", "head_noise", "noise_draws",
 
 
 # ----------------------------------------------------------------------------------------
-# Config checks, data and the encoder.
-# ----------------------------------------------------------------------------------------
-
-
-def check_num_classes(num_classes: Any) -> int:
-  """``num_classes`` as an int, or ValueError: a prediction needs ``K >= 2`` classes."""
-  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-    raise ValueError(f"config.prediction.num_classes must be an integer >= 2, got "
-                     f"{num_classes!r}.")
-  if num_classes < 2:
-    raise ValueError(f"config.prediction.num_classes must be >= 2 (a certified prediction "
-                     f"needs a runner-up class), got {num_classes}.")
-  return int(num_classes)
-
-
-def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> np.ndarray:
-  """``labels`` as int32 ``[N]``, or ValueError unless every label is in ``[0, K)``."""
-  lab = np.asarray(labels)
-  if lab.ndim != 1:
-    raise ValueError(f"{name} must have shape [N], got shape {lab.shape}.")
-  if lab.size and not np.issubdtype(lab.dtype, np.integer):
-    raise ValueError(f"{name} must be integer class ids, got dtype {lab.dtype}.")
-  if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
-    raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), got range "
-                     f"[{lab.min()}, {lab.max()}]; restrict the data to the first "
-                     "num_classes classes (classes=range(num_classes)).")
-  return lab.astype(np.int32)
-
-
-def load_subset(data_config: Mapping[str, Any], *, num_classes: int,
-                per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """The first ``num_classes`` class ids of a dataset, ``per_class`` images each.
-
-  ``num_examples`` of ``data_config`` is ignored (it sizes GSB's training set).
-
-  Args:
-    data_config: ``config.train_data`` or ``config.test_data``.
-    num_classes: ``K``; class ids ``0 .. K-1`` are kept.
-    per_class: images per class.
-
-  Returns:
-    ``(images [K * per_class, S, S, 3] float32 in [0, 1], labels [K * per_class] int32,
-    class_names [K])``, in the dataset's seeded order.
-  """
-  num_classes = check_num_classes(num_classes)
-  kwargs = dict(data_config.items())
-  kwargs.pop("num_examples", None)
-  kwargs.update(classes=list(range(num_classes)), per_class=int(per_class))
-  name = kwargs.get("name")
-  try:
-    dataset = data_lib.from_config(kwargs)
-  except ValueError as e:
-    if "out of range" in str(e):
-      raise ValueError(f"config.prediction.num_classes={num_classes} exceeds the classes of "
-                       f"dataset {name!r}: {e}") from e
-    raise
-  batches = list(dataset)
-  images = np.concatenate([b["image"] for b in batches])
-  labels = check_labels(np.concatenate([b["label"] for b in batches]), num_classes)
-  return images, labels, list(dataset.class_names[:num_classes])
-
-
-def head_encoder(config) -> tuple[str, encoders_lib.Encoder, Any]:
-  """``(name, encoder, params)`` the heads sit on: the most boosted variant of Table 6.
-
-  ``certify.run.encoder_variants`` lists "FS", then the GSB variants in the order
-  "FS+D", "FS+M", "FS+D+M" that the trained modules allow; the last is the best.
-  """
-  variants = certify_run.encoder_variants(config)
-  gsb = config.get("gsb")
-  if gsb is not None and gsb.get("checkpoint") and len(variants) == 1:
-    raise ValueError(f"config.gsb.checkpoint={gsb.checkpoint!r} is set but no GSB variant "
-                     "was built from it; check that it is a trained train.gsb workdir, or "
-                     "unset it to use the base encoder.")
-  return variants[-1]
-
-
-# ----------------------------------------------------------------------------------------
 # Features: computed once, cached.
 # ----------------------------------------------------------------------------------------
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-  """Pads the batch axis to ``size`` by repeating the last image (one jit shape)."""
-  return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if len(x) < size else x
 
 
 def unit_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Encoder,
@@ -183,7 +98,7 @@ def unit_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Enco
     for d in range(draws):
       for b, start in enumerate(starts):
         x = images[start:start + batch_size]
-        z = _features(params, jnp.asarray(_pad(x, batch_size)),
+        z = _features(params, jnp.asarray(batching.pad_rows(x, batch_size)),
                       jax.random.fold_in(jax.random.fold_in(key, d), b), scale,
                       jnp.float32(sigma), encoder=encoder)
         out.append(np.asarray(z)[:len(x)])
@@ -251,11 +166,11 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     ``history`` has, per head, the full-data ``loss_initial``, ``loss_final`` and
     ``accuracy_final``, plus ``steps`` and whether the prototypes were ``trained``.
   """
-  num_classes = check_num_classes(num_classes)
+  num_classes = heads_lib.check_num_classes(num_classes)
   z = np.asarray(features, np.float32)
   if z.ndim != 2:
     raise ValueError(f"features must have shape [N, D], got shape {z.shape}.")
-  labels = check_labels(labels, num_classes)
+  labels = heads_lib.check_labels(labels, num_classes)
   if len(labels) != len(z):
     raise ValueError(f"features ({len(z)}) and labels ({len(labels)}) must have the same N.")
   if not len(z):
@@ -342,7 +257,7 @@ def zero_shot_prototypes(config, encoder: encoders_lib.Encoder, params: Any,
 
 def _settings(config, encoder_name: str, dim: int) -> dict[str, Any]:
   p = config.prediction
-  k = check_num_classes(p.num_classes)
+  k = heads_lib.check_num_classes(p.num_classes)
   td = config.train_data
   return {
       "encoder": encoder_name,
@@ -361,44 +276,6 @@ def _settings(config, encoder_name: str, dim: int) -> dict[str, Any]:
   }
 
 
-def _abstract_heads(meta: Mapping[str, Any]) -> dict[str, Any]:
-  """Zero heads with the structure, shapes and dtypes of the stored ones."""
-  k, d = len(meta["classes"]), int(meta["dim"])
-  one = {"cosine": {"params": {"prototypes": np.zeros((k, d), np.float32)}},
-         "linear": {"params": {"dense": {"kernel": np.zeros((d, k), np.float32),
-                                         "bias": np.zeros((k,), np.float32)}}}}
-  return {"heads": [one for _ in meta["sigmas"]]}
-
-
-def load_heads(workdir: str | os.PathLike) -> tuple[dict[str, Any], dict[float, dict]]:
-  """The heads :func:`train` stored in ``workdir``.
-
-  Returns:
-    ``(meta, heads)``: ``meta`` is the ``heads.json`` sidecar (``sigmas``, ``classes``,
-    ``class_names``, ``dim``, ``encoder``, settings, training ``history``);
-    ``heads[sigma] = {"cosine": variables, "linear": variables}`` for each trained sigma.
-    Certify with ``certify.unit_prototypes(heads[sigma]["cosine"])`` (FS) and
-    ``head=heads[sigma]["linear"]`` (RS).
-  """
-  workdir = pathlib.Path(workdir)
-  sidecar = workdir / SIDECAR
-  if not sidecar.is_file():
-    raise FileNotFoundError(f"no trained heads in {workdir} ({SIDECAR} is missing); run "
-                            f"python -m train.head --config ... --workdir {workdir} first.")
-  meta = json.loads(sidecar.read_text())
-  mngr = checkpointing.manager(str(workdir), HEADS_DIR)
-  try:
-    step, state = checkpointing.restore_latest(mngr, _abstract_heads(meta))
-  finally:
-    checkpointing.close(mngr)
-  if step != meta["step"]:
-    raise ValueError(f"{workdir / HEADS_DIR} holds step {step} but {SIDECAR} describes step "
-                     f"{meta['step']}; the workdir is inconsistent, rerun train.head in a "
-                     "fresh workdir.")
-  heads = {float(s): jax.tree.map(jnp.asarray, h) for s, h in zip(meta["sigmas"], state["heads"])}
-  return meta, heads
-
-
 # ----------------------------------------------------------------------------------------
 # Entry point.
 # ----------------------------------------------------------------------------------------
@@ -411,23 +288,23 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
     ``(meta, heads)`` as :func:`load_heads` returns them.
   """
   p = config.prediction
-  num_classes = check_num_classes(p.num_classes)
+  num_classes = heads_lib.check_num_classes(p.num_classes)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  name, encoder, params = head_encoder(config)
-  images, labels, class_names = load_subset(config.train_data, num_classes=num_classes,
+  name, encoder, params = variants_lib.most_boosted(config)
+  images, labels, class_names = heads_lib.load_subset(config.train_data, num_classes=num_classes,
                                             per_class=p.train_per_class)
   x = jax.ShapeDtypeStruct((1,) + images.shape[1:], jnp.float32)
   dim = jax.eval_shape(lambda x: encoder(params, x, sigma=1.0), x).shape[-1]
   settings = _settings(config, name, dim)
-  sidecar = workdir / SIDECAR
-  if sidecar.is_file() or (workdir / HEADS_DIR).exists():
+  sidecar = workdir / heads_lib.SIDECAR
+  if sidecar.is_file() or (workdir / heads_lib.HEADS_DIR).exists():
     old = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
     if {k: old.get(k) for k in _SETTINGS} == settings:
       logging.info("Heads with these settings are already in %s; not retraining.", workdir)
-      return load_heads(workdir)
+      return heads_lib.load_heads(workdir)
     raise ValueError(f"{workdir} already holds heads trained with other settings (or an "
-                     f"incomplete run): delete {workdir / HEADS_DIR} and {sidecar}, or use "
+                     f"incomplete run): delete {workdir / heads_lib.HEADS_DIR} and {sidecar}, or use "
                      "another workdir.")
   prototypes = (zero_shot_prototypes(config, encoder, params, class_names)
                 if p.zero_shot else None)
@@ -435,7 +312,7 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
   trained, history = [], {}
   for sigma in settings["sigmas"]:
     # The same fold-in as certify.run: one key per sigma, whatever the list of sigmas.
-    k_sigma = jax.random.fold_in(key, int(round(sigma * 1e6)))
+    k_sigma = smoothing.sigma_key(key, sigma)
     k_feat, k_train = jax.random.split(k_sigma)
     z = unit_features(params, images, encoder=encoder, sigma=sigma, key=k_feat,
                       draws=settings["noise_draws"], noise=settings["head_noise"],
@@ -448,14 +325,9 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
     trained.append(heads)
     history[str(sigma)] = hist
     logging.info("sigma %g: %s", sigma, hist)
-  mngr = checkpointing.manager(str(workdir), HEADS_DIR)
-  try:
-    checkpointing.save(mngr, settings["steps"], {"heads": trained}, force=True)
-  finally:
-    checkpointing.close(mngr)
   meta = {**settings, "step": settings["steps"], "num_classes": num_classes,
           "class_names": class_names, "train_images": int(len(images)), "history": history}
-  sidecar.write_text(json.dumps(meta, indent=2) + "\n")
+  heads_lib.save_heads(workdir, meta, trained)
   return meta, dict(zip(settings["sigmas"], trained))
 
 

@@ -3,7 +3,7 @@
 All attacks are pure, batched, jitted functions of the parameters with the encoder a
 static argument; they take ``[B, H, W, 3]`` images in [0, 1] and return adversarial
 images in [0, 1] within the budget. Every attack has the signature
-``attack(params, x, target, *, encoder, eps=16/255, step_size=1/255, steps=300, key, ...)``
+``attack(params, x, target, *, encoder, budget=16/255, step_size=1/255, steps=300, key, ...)``
 (``target=None`` only for untargeted :func:`pgd`), and :func:`run` dispatches by name:
 
 * ``"pgd"``: feature-space PGD, l_inf or l2, untargeted or targeted, with EOT over the
@@ -50,7 +50,7 @@ def run(name: str, params: Any, x: jax.typing.ArrayLike,
     x: ``[B, H, W, 3]`` clean images in [0, 1].
     target: ``[B, H', W', 3]`` target images (required except for untargeted pgd).
     encoder: the ``Encoder`` under attack (a tuple for an ensemble in mattack/foa).
-    **kwargs: the attack's options (``eps``, ``step_size``, ``steps``, ``key``, ...).
+    **kwargs: the attack's options (``budget``, ``step_size``, ``steps``, ``key``, ...).
 
   Returns:
     ``[B, H, W, 3]`` adversarial images.

@@ -1,12 +1,11 @@
 """What every attack shares: budget checks, the projected step, smoothed features.
 
-Pixels live in [0, 1] (the encoder interface, ``fsjax.encoders``); ``eps`` and ``sigma``
+Pixels live in [0, 1] (the encoder interface, ``fsjax.encoders``); ``budget`` and ``sigma``
 are in those units, the l2 norm taken over all pixels of one image (method.md, Notation).
 """
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -19,29 +18,46 @@ from fsjax import encoders as encoders_lib
 NORMS = ("linf", "l2")
 
 
-def _is_finite_real(value: Any) -> bool:
-  if isinstance(value, (jax.core.Tracer, str, bool)) or np.ndim(value) != 0:
-    return False
+def _finite_reals(value: Any) -> np.ndarray | None:
+  """``value`` as a float64 array of rank <= 1 if it is concrete, real and finite."""
+  if isinstance(value, (jax.core.Tracer, str, bool)) or np.ndim(value) > 1:
+    return None
   try:
-    return math.isfinite(float(value))
+    a = np.asarray(value, np.float64)
   except (TypeError, ValueError):
-    return False
+    return None
+  return a if a.size and np.all(np.isfinite(a)) else None
 
 
-def check_budget(*, eps: Any, step_size: Any, steps: Any, norm: str = "linf") -> None:
-  """Raises ValueError for a budget no attack can honour; runs before any jit."""
+def check_budget(*, budget: Any, step_size: Any, steps: Any, norm: str = "linf",
+                 batch: int | None = None) -> None:
+  """Raises ValueError for a budget no attack can honour; runs before any jit.
+
+  ``budget`` and ``step_size`` are scalars, or ``[B]`` arrays (one per image, ``batch``
+  images) -- e.g. a soundness audit attacks each certificate at its own radius.
+  """
   if norm not in NORMS:
     raise ValueError(f"norm={norm!r} is not a known threat model; use one of {NORMS}.")
-  for name, value in (("eps", eps), ("step_size", step_size)):
-    if not _is_finite_real(value):
-      raise ValueError(f"{name} must be a concrete finite real number, got {value!r}.")
-  if eps < 0:
-    raise ValueError(f"eps={eps} is a negative perturbation budget; pass eps >= 0 "
+  for name, value in (("budget", budget), ("step_size", step_size)):
+    a = _finite_reals(value)
+    if a is None:
+      raise ValueError(f"{name} must be a concrete finite real number (or one per image), "
+                       f"got {value!r}.")
+    if a.ndim == 1 and a.shape[0] != batch:
+      raise ValueError(f"{name} has {a.shape[0]} values but there are {batch} images: pass "
+                       "a scalar or one value per image.")
+  if np.any(np.asarray(budget) < 0):
+    raise ValueError(f"budget={budget} is a negative perturbation budget; pass budget >= 0 "
                      "(e.g. 16 / 255 for the paper's l_inf threat model).")
-  if step_size <= 0:
+  if np.any(np.asarray(step_size) <= 0):
     raise ValueError(f"step_size={step_size} must be > 0 (e.g. 1 / 255).")
   if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
     raise ValueError(f"steps={steps!r} must be an integer >= 1.")
+
+
+def per_image(value: Any, batch: int) -> jax.Array:
+  """A scalar or ``[B]`` budget/step as ``[B, 1, 1, 1]`` float32, to broadcast on images."""
+  return jnp.broadcast_to(jnp.asarray(value, jnp.float32), (batch,))[:, None, None, None]
 
 
 def check_smoothing(*, sigma: Any, eot_samples: Any) -> None:
@@ -133,18 +149,18 @@ def smoothed_features(encoder, params, x: jax.Array, *, sigma, eot_samples: int,
   return smoothed_tokens(encoder, params, x, sigma=sigma, eot_samples=eot_samples, key=key)[0]
 
 
-def project(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
-  """Projects ``x_adv`` onto the eps-ball around ``x``, then clips to [0, 1].
+def project(x_adv: jax.Array, x: jax.Array, budget, norm: str) -> jax.Array:
+  """Projects ``x_adv`` onto the budget ball around ``x``, then clips to [0, 1].
 
   Clipping after the ball projection never leaves the ball: x is in [0, 1], so clipping
   a coordinate only moves it towards x (both in l_inf and in l2).
   """
   if norm == "linf":
-    x_adv = jnp.clip(x_adv, x - eps, x + eps)
+    x_adv = jnp.clip(x_adv, x - budget, x + budget)
   else:
     delta = x_adv - x
     n = jnp.sqrt(jnp.sum(delta**2, axis=(1, 2, 3), keepdims=True))
-    x_adv = x + delta * jnp.minimum(1.0, eps / jnp.maximum(n, 1e-12))
+    x_adv = x + delta * jnp.minimum(1.0, budget / jnp.maximum(n, 1e-12))
   return jnp.clip(x_adv, 0.0, 1.0)
 
 
@@ -156,14 +172,14 @@ def descent_step(x_adv: jax.Array, grad: jax.Array, step_size, norm: str) -> jax
   return x_adv - step_size * grad / jnp.maximum(n, 1e-12)
 
 
-def random_start(key: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
-  """A random point of the eps-ball around ``x`` (uniform per pixel in l_inf; random
-  direction with radius ~ U(0, eps) in l2), clipped to [0, 1]."""
+def random_start(key: jax.Array, x: jax.Array, budget, norm: str) -> jax.Array:
+  """A random point of the budget ball around ``x`` (uniform per pixel in l_inf; random
+  direction with radius ~ U(0, budget) in l2), clipped to [0, 1]."""
   if norm == "linf":
-    delta = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * eps
+    delta = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0) * budget
   else:
     kd, kr = jax.random.split(key)
     d = jax.random.normal(kd, x.shape, x.dtype)
     d = d / jnp.sqrt(jnp.sum(d**2, axis=(1, 2, 3), keepdims=True))
-    delta = d * eps * jax.random.uniform(kr, (x.shape[0], 1, 1, 1), x.dtype)
-  return project(x + delta, x, eps, norm)
+    delta = d * budget * jax.random.uniform(kr, (x.shape[0], 1, 1, 1), x.dtype)
+  return project(x + delta, x, budget, norm)

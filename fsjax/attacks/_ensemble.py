@@ -39,7 +39,7 @@ def dynamic_ensemble_weights(current: jax.Array, previous: jax.Array, *,
 
 
 def mattack(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, *,
-            encoder: Any, eps: float = 16 / 255, step_size: float = 1 / 255,
+            encoder: Any, budget: float = 16 / 255, step_size: float = 1 / 255,
             steps: int = 300, key: jax.Array | None = None,
             scale: tuple[float, float] = (0.5, 0.9),
             ratio: tuple[float, float] = (3 / 4, 4 / 3), sigma: Any = None,
@@ -49,7 +49,7 @@ def mattack(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, 
   Every step draws a fresh RandomResizedCrop of the adversarial image and, independently,
   of the target image (area fraction in ``scale``, aspect in ``ratio``, resized back),
   and takes an l_inf sign step that increases the ensemble mean of
-  ``cos(f_i(crop(x_adv)), f_i(crop(target)))``; then projects onto the eps-ball and
+  ``cos(f_i(crop(x_adv)), f_i(crop(target)))``; then projects onto the budget ball and
   [0, 1]. Starts at ``x``. Defaults are the original's: 300 steps of 1/255 within 16/255.
   With ``sigma`` and ``eot_samples > 0`` every feature is Monte Carlo smoothed as in
   :func:`fsjax.attacks.pgd` (adaptive attack on the smoothed encoder).
@@ -64,7 +64,7 @@ def mattack(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, 
     x: ``[B, H, W, 3]`` clean images in [0, 1].
     target: ``[B, H', W', 3]`` target images in [0, 1].
     encoder: an ``Encoder`` or a tuple of them (the ensemble; static under jit).
-    eps: l_inf budget, >= 0.
+    budget: l_inf budget, >= 0.
     step_size: sign-step size.
     steps: number of steps, >= 1.
     key: PRNG key of the crops (and of the EOT noise).
@@ -76,14 +76,14 @@ def mattack(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, 
   Returns:
     ``[B, H, W, 3]`` adversarial images.
   """
-  return _run(params, x, target, encoder=encoder, eps=eps, step_size=step_size,
+  return _run(params, x, target, encoder=encoder, budget=budget, step_size=step_size,
               steps=steps, key=key, scale=scale, ratio=ratio, sigma=sigma,
               eot_samples=eot_samples, local_weight=0.0, num_clusters=1,
               kmeans_iterations=1, ot_epsilon=0.1, dynamic_weights=False)
 
 
 def foa(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, *,
-        encoder: Any, eps: float = 16 / 255, step_size: float = 1 / 255, steps: int = 300,
+        encoder: Any, budget: float = 16 / 255, step_size: float = 1 / 255, steps: int = 300,
         key: jax.Array | None = None, scale: tuple[float, float] = (0.5, 0.9),
         ratio: tuple[float, float] = (3 / 4, 4 / 3), num_clusters: int = 10,
         kmeans_iterations: int = 20, local_weight: float = 0.2, ot_epsilon: float = 0.1,
@@ -97,7 +97,7 @@ def foa(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, *,
   FOA's ``<P, cos>`` similarity because the plan P sums to 1. The ensemble objective is
   ``mean_i w_i S_i`` with :func:`dynamic_ensemble_weights` (or w = 1 if
   ``dynamic_weights=False``). l_inf sign steps, start at ``x``, projection onto the
-  eps-ball and [0, 1] each step. Defaults are the paper's: 10 clusters, local weight
+  budget ball and [0, 1] each step. Defaults are the paper's: 10 clusters, local weight
   0.2, Sinkhorn epsilon 0.1, 300 steps of 1/255 within 16/255.
 
   Departures from the reference code, all documented: k-means starts from a
@@ -111,7 +111,7 @@ def foa(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, *,
     Alignment, NeurIPS 2025. https://arxiv.org/abs/2505.21494
 
   Args:
-    params, x, target, encoder, eps, step_size, steps, key, scale, ratio, sigma,
+    params, x, target, encoder, budget, step_size, steps, key, scale, ratio, sigma,
       eot_samples: as :func:`mattack`.
     num_clusters: k of the k-means (clamped to the number of tokens).
     kmeans_iterations: Lloyd rounds, >= 1.
@@ -130,18 +130,18 @@ def foa(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, *,
     raise ValueError(f"local_weight={local_weight!r} must be a real number >= 0.")
   if not isinstance(ot_epsilon, numbers.Real) or not ot_epsilon > 0:
     raise ValueError(f"ot_epsilon={ot_epsilon!r} must be > 0 (paper: 0.1).")
-  return _run(params, x, target, encoder=encoder, eps=eps, step_size=step_size,
+  return _run(params, x, target, encoder=encoder, budget=budget, step_size=step_size,
               steps=steps, key=key, scale=scale, ratio=ratio, sigma=sigma,
               eot_samples=eot_samples, local_weight=float(local_weight),
               num_clusters=int(num_clusters), kmeans_iterations=int(kmeans_iterations),
               ot_epsilon=float(ot_epsilon), dynamic_weights=bool(dynamic_weights))
 
 
-def _run(params, x, target, *, encoder, eps, step_size, steps, key, scale, ratio, sigma,
+def _run(params, x, target, *, encoder, budget, step_size, steps, key, scale, ratio, sigma,
          eot_samples, local_weight, num_clusters, kmeans_iterations, ot_epsilon,
          dynamic_weights):
   """Validates everything (before jit), then runs the jitted loop."""
-  _common.check_budget(eps=eps, step_size=step_size, steps=steps, norm="linf")
+  _common.check_budget(budget=budget, step_size=step_size, steps=steps, norm="linf")
   _common.check_smoothing(sigma=sigma, eot_samples=eot_samples)
   _crop.check_crop(scale, ratio)
   _common.check_key(key, why="the random crops")
@@ -151,7 +151,7 @@ def _run(params, x, target, *, encoder, eps, step_size, steps, key, scale, ratio
   _common.check_target(x, target)
   encs, params = _common.as_ensemble(encoder, params)
   return _ensemble_attack(
-      params, jnp.asarray(x, jnp.float32), jnp.asarray(target, jnp.float32), key, eps,
+      params, jnp.asarray(x, jnp.float32), jnp.asarray(target, jnp.float32), key, budget,
       step_size, sigma, local_weight, ot_epsilon, encoders=encs, steps=int(steps),
       eot_samples=int(eot_samples), scale=tuple(map(float, scale)),
       ratio=tuple(map(float, ratio)), local=local_weight > 0,
@@ -162,7 +162,7 @@ def _run(params, x, target, *, encoder, eps, step_size, steps, key, scale, ratio
 @functools.partial(jax.jit, static_argnames=(
     "encoders", "steps", "eot_samples", "scale", "ratio", "local", "num_clusters",
     "kmeans_iterations", "dynamic_weights"))
-def _ensemble_attack(params, x, target, key, eps, step_size, sigma, local_weight,
+def _ensemble_attack(params, x, target, key, budget, step_size, sigma, local_weight,
                      ot_epsilon, *, encoders, steps, eot_samples, scale, ratio, local,
                      num_clusters, kmeans_iterations, dynamic_weights):
   b, h, w, _ = x.shape
@@ -201,7 +201,7 @@ def _ensemble_attack(params, x, target, key, eps, step_size, sigma, local_weight
     boxes = _crop.sample_crop_boxes(k_src, b, h, w, scale=scale, ratio=ratio)
     target_crop = _crop.random_resized_crop(k_tgt, target, scale=scale, ratio=ratio)
     grad, s = jax.grad(loss, has_aux=True)(x_adv, previous, target_crop, boxes, k_noise)
-    x_adv = _common.project(_common.descent_step(x_adv, grad, step_size, "linf"), x, eps,
+    x_adv = _common.project(_common.descent_step(x_adv, grad, step_size, "linf"), x, budget,
                             "linf")
     return x_adv, s
 

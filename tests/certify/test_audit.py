@@ -18,7 +18,7 @@ SIGMA = 0.25
 
 def _audit_config(**overrides):
   a = common.audit_config(sigma=SIGMA, n0=32, n=256, measure_n=512, steps=10,
-                          eot_samples=8, batch_size=8, chunk_size=64)
+                          eot_samples=8, batch_size=8, chunk_size=64, alpha=0.001)
   a.update(overrides)
   return a
 
@@ -69,7 +69,7 @@ def test_bounds_are_certify_fcsb(toy, toy_audit):
                           eps=[r["eps"] for r in mine],
                           key=jax.random.fold_in(jax.random.PRNGKey(0), audit._CERTIFY),
                           n=a.n, n0=a.n0, alpha=a.alpha, bound=a.bound, reference=reference)
-      np.testing.assert_allclose([r["certified_bound"] for r in mine],
+      np.testing.assert_allclose([r["certified_inner_product"] for r in mine],
                                  np.asarray(cert.inner_product_bound)[i], atol=2e-5)
       radius = certify.certified_radius(
           params, x, encoder=encoder, sigma=SIGMA, cos=0.5,
@@ -78,7 +78,7 @@ def test_bounds_are_certify_fcsb(toy, toy_audit):
       assert mine[-1]["radius"] == pytest.approx(float(radius[i]), abs=1e-5)
       # eps = fraction x radius, so the bound at the full radius is the level cos = 0.5.
       assert mine[-1]["fraction"] == 1.0
-      assert mine[-1]["certified_bound"] == pytest.approx(0.5, abs=1e-4)
+      assert mine[-1]["certified_inner_product"] == pytest.approx(0.5, abs=1e-4)
 
 
 def test_attack_lowers_the_inner_product(toy):
@@ -87,11 +87,11 @@ def test_attack_lowers_the_inner_product(toy):
   x = _images(1, 8)  # the audit's batch shape: reuses its compilations
   u = np.asarray(encoder(params, x))
   key = jax.random.PRNGKey(3)
-  clean, _ = audit.measure_inner_product(params, x, u, encoder=encoder, sigma=SIGMA, n=512,
+  clean, _ = smoothing.measure_inner_product(params, x, u, encoder=encoder, sigma=SIGMA, n=512,
                                          key=key)
   x_adv = audit.attack_direction(params, x, u, encoder=encoder, eps=1.0, sigma=SIGMA,
                                  steps=10, eot_samples=8, key=key)
-  adv, _ = audit.measure_inner_product(params, x_adv, u, encoder=encoder, sigma=SIGMA,
+  adv, _ = smoothing.measure_inner_product(params, x_adv, u, encoder=encoder, sigma=SIGMA,
                                        n=512, key=key)
   assert np.all(np.asarray(adv) < np.asarray(clean) - 0.05)
   dist = np.sqrt(np.sum((np.asarray(x_adv) - x) ** 2, axis=(1, 2, 3)))
@@ -105,7 +105,7 @@ def test_measurement_matches_numpy(toy):
   u = np.random.default_rng(4).normal(size=(8, 16)).astype(np.float32)
   u /= np.linalg.norm(u, axis=-1, keepdims=True)
   key, n = jax.random.PRNGKey(5), 512
-  mean, se = audit.measure_inner_product(params, x, u, encoder=encoder, sigma=SIGMA, n=n,
+  mean, se = smoothing.measure_inner_product(params, x, u, encoder=encoder, sigma=SIGMA, n=n,
                                          key=key)
   noise = np.asarray(jax.vmap(lambda i: smoothing.noise(key, i, x.shape, SIGMA))(
       jnp.arange(n)))

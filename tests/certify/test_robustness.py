@@ -42,7 +42,7 @@ def _config(**attack):
   config.test_data = ml_collections.ConfigDict(dict(
       name="fashion_mnist", split="test", image_size=8, batch_size=8, seed=0))
   config.attack = common.attack_config(
-      steps=10, smoothing_n=4, eot_samples=2, num_images=4, batch_size=4,
+      steps=10, n=4, eot_samples=2, num_images=4, batch_size=4,
       prototypes_per_class=4, examples=2)
   config.attack.update(attack)
   return config
@@ -61,7 +61,7 @@ def test_files_written(result):
   for name in ("robustness.md", "robustness.csv", "robustness.jsonl", "examples_pgd.png",
                "examples_foa.png"):
     assert (workdir / name).stat().st_size > 0
-  assert [r["model"] for r in table] == ["original", "smoothed"]
+  assert [r["variant"] for r in table] == ["original", "smoothed"]
   with open(workdir / "robustness.csv") as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 2 and "foa ASR" in rows[0] and rows[0]["head"] == "class_mean"
@@ -81,13 +81,13 @@ def test_metrics_follow_the_per_image_rows(result):
   assert len(rows) == 2 * 2 * 4  # models x attacks x images
   for t in table:
     for attack in ("pgd", "foa"):
-      rs = [r for r in rows if r["model"] == t["model"] and r["attack"] == attack]
+      rs = [r for r in rows if r["variant"] == t["variant"] and r["attack"] == attack]
       assert t[f"{attack} ACC"] == pytest.approx(np.mean([r["pred_adv"] == r["label"]
                                                           for r in rs]))
       assert t[f"{attack} ASR"] == pytest.approx(np.mean([r["pred_adv"] == 9 for r in rs]))
       assert t[f"{attack} FCS"] == pytest.approx(np.mean([r["fcs"] for r in rs]), abs=1e-6)
       for r in rs:
-        assert r["linf"] <= config.attack.eps + 1e-6
+        assert r["linf"] <= config.attack.linf_budget + 1e-6
         assert r["label"] != 9 and r["target_label"] == 9  # the held-out target class
 
 
@@ -101,7 +101,7 @@ def test_fcs_is_the_library_metric(result):
                                 jax.random.fold_in(jax.random.PRNGKey(0), 1000))
   fcs = attacks.feature_cosine_similarity(models[0].params, adv, x, encoder=models[0].encoder)
   rows = [json.loads(l) for l in (workdir / "robustness.jsonl").read_text().splitlines()]
-  mine = [r["fcs"] for r in rows if r["model"] == "original" and r["attack"] == "pgd"]
+  mine = [r["fcs"] for r in rows if r["variant"] == "original" and r["attack"] == "pgd"]
   np.testing.assert_allclose(mine, fcs, atol=1e-5)
 
 
@@ -115,8 +115,8 @@ def test_unknown_attack_errors(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(head="linear"), "head"),
-    (dict(smoothing_n=0), "smoothing_n"),
-    (dict(eps=-1.0), "eps"),
+    (dict(n=0), "config.attack.n="),
+    (dict(linf_budget=-1.0), "budget"),
     (dict(extra_encoders=(dict(name="clip"),)), "label"),
 ])
 def test_bad_config_errors(overrides, match):

@@ -12,6 +12,8 @@ from certify import table2
 from configs import clip_tiny
 from configs import common
 from fsjax import data as data_lib
+from fsjax import heads as heads_lib
+from fsjax import variants as variants_lib
 from train import head as head_lib
 
 K, TEST_PER_CLASS = 3, 2
@@ -41,7 +43,7 @@ def result(tmp_path_factory, make_folder_dataset):
   config = _config(root)
   workdir = tmp_path_factory.mktemp("table2")
   head_lib.train(config, str(workdir))
-  variant = head_lib.head_encoder(config)
+  variant = variants_lib.most_boosted(config)
   table = table2.run_prediction(config, str(workdir), variant=variant)
   rows = [json.loads(l) for l in (workdir / "prediction_results.jsonl").read_text().splitlines()]
   return config, workdir, table, rows, variant
@@ -55,7 +57,8 @@ def test_files_written(result):
   # config.prediction.n0/n override config.certify's (16/128 in clip_tiny).
   assert {(r["n0"], r["n"]) for r in rows} == {(8, 32)}
   md = (workdir / "table2.md").read_text().splitlines()
-  assert len(md) == 2 + 2 * len(SIGMAS) and "| method |" in md[0]
+  assert md[0].startswith("Table 2") and "n0 = 8, n = 32" in md[0]  # the caption
+  assert len(md) == 4 + 2 * len(SIGMAS) and "| method |" in md[2]
 
 
 def test_fs_and_rs_rows_per_sigma(result):
@@ -87,7 +90,7 @@ def test_rows_match_direct_certify_calls(result):
   images, labels, _ = data_lib.load_arrays(
       config.test_data.name, split="test", image_size=32, classes=range(K),
       per_class=TEST_PER_CLASS, seed=0)
-  _, heads = head_lib.load_heads(workdir)
+  _, heads = heads_lib.load_heads(workdir)
   bs = config.certify.batch_size
   radii_seen = []
   for sigma in SIGMAS:
@@ -103,7 +106,7 @@ def test_rows_match_direct_certify_calls(result):
       rs = certify.rs_certify(params, x, encoder=encoder, head=heads[sigma]["linear"], **mc)
       for method, (cls, radius) in (("FS", fs), ("RS", rs)):
         got = sorted((r for r in rows if r["sigma"] == sigma and r["method"] == method
-                      and b * bs <= r["index"] < (b + 1) * bs), key=lambda r: r["index"])
+                      and b * bs <= r["image"] < (b + 1) * bs), key=lambda r: r["image"])
         n_real = len(got)
         assert n_real == min(bs, K * TEST_PER_CLASS - b * bs)
         assert [r["label"] for r in got] == list(labels[b * bs:b * bs + n_real])
@@ -138,5 +141,5 @@ def test_labels_out_of_range_fail_clearly(result):
   with pytest.raises(ValueError, match="labels must lie in"):
     table2.summarise([dict(r, label=K) for r in rs], [0.0], num_classes=K, encoder_name="FS")
   with pytest.raises(ValueError, match=r"\[0, num_classes=3\)"):
-    head_lib.check_labels(np.array([0, 5]), K)
+    heads_lib.check_labels(np.array([0, 5]), K)
   del config

@@ -55,17 +55,17 @@ def _cos(a, b):
 # ---------------------------------------------------------------------------------------
 
 CASES = {
-    "pgd_linf": lambda: attacks.pgd(PARAMS, X, encoder=ENC, eps=0.03, step_size=0.02,
+    "pgd_linf": lambda: attacks.pgd(PARAMS, X, encoder=ENC, budget=0.03, step_size=0.02,
                                     steps=5, key=KEY),
-    "pgd_l2": lambda: attacks.pgd(PARAMS, X, TARGET, encoder=ENC, norm="l2", eps=0.3,
+    "pgd_l2": lambda: attacks.pgd(PARAMS, X, TARGET, encoder=ENC, norm="l2", budget=0.3,
                                   step_size=0.2, steps=3, key=KEY),
-    "attackvlm": lambda: attacks.run("attackvlm", PARAMS, X, TARGET, encoder=ENC, eps=0.03,
+    "attackvlm": lambda: attacks.run("attackvlm", PARAMS, X, TARGET, encoder=ENC, budget=0.03,
                                      step_size=0.02, steps=5),
     "mattack": lambda: attacks.run("mattack", (PARAMS, PARAMS2), X, TARGET,
-                                   encoder=(ENC, ENC2), eps=0.03, step_size=0.02, steps=3,
+                                   encoder=(ENC, ENC2), budget=0.03, step_size=0.02, steps=3,
                                    key=KEY),
     "foa": lambda: attacks.run("foa", (PARAMS, PARAMS2), X, TARGET, encoder=(ENC, ENC2),
-                               eps=0.03, step_size=0.02, steps=3, key=KEY, num_clusters=4,
+                               budget=0.03, step_size=0.02, steps=3, key=KEY, num_clusters=4,
                                kmeans_iterations=3),
 }
 
@@ -90,7 +90,7 @@ def test_budget_and_pixel_range(name):
 
 # Same static options as the budget cases above: no extra compilation.
 def test_pgd_untargeted_lowers_feature_cosine():
-  x_adv = attacks.pgd(PARAMS, X, encoder=ENC, eps=16 / 255, step_size=2 / 255, steps=5,
+  x_adv = attacks.pgd(PARAMS, X, encoder=ENC, budget=16 / 255, step_size=2 / 255, steps=5,
                       key=KEY)
   fcs = _cos(_numpy_features(PARAMS, x_adv), _numpy_features(PARAMS, X))
   assert np.all(fcs < 0.99), fcs
@@ -100,7 +100,7 @@ def test_pgd_untargeted_lowers_feature_cosine():
 
 def test_targeted_pgd_raises_cosine_to_target():
   # attackvlm is pgd(target, norm="linf", random_start=False).
-  x_adv = attacks.attackvlm(PARAMS, X, TARGET, encoder=ENC, eps=16 / 255,
+  x_adv = attacks.attackvlm(PARAMS, X, TARGET, encoder=ENC, budget=16 / 255,
                             step_size=2 / 255, steps=5)
   f_t = _numpy_features(PARAMS, TARGET)
   before, after = _cos(_numpy_features(PARAMS, X), f_t), _cos(_numpy_features(PARAMS, x_adv), f_t)
@@ -108,7 +108,7 @@ def test_targeted_pgd_raises_cosine_to_target():
 
 
 def test_pgd_eot_runs_and_is_deterministic_for_a_key():
-  kw = dict(encoder=ENC, eps=0.05, step_size=0.02, steps=2, sigma=0.1, eot_samples=2,
+  kw = dict(encoder=ENC, budget=0.05, step_size=0.02, steps=2, sigma=0.1, eot_samples=2,
             random_start=False)
   a = attacks.pgd(PARAMS, X, key=KEY, **kw)
   b = attacks.pgd(PARAMS, X, key=KEY, **kw)
@@ -139,11 +139,11 @@ def _numpy_kmeans(p, k, iterations):
   return c, sizes, assign
 
 
-def _numpy_sinkhorn_cost(ca, wa, cb, wb, eps):
+def _numpy_sinkhorn_cost(ca, wa, cb, wb, epsilon):
   na = ca / np.linalg.norm(ca, axis=-1, keepdims=True)
   nb = cb / np.linalg.norm(cb, axis=-1, keepdims=True)
   cost = 1 - na @ nb.T
-  kernel = np.exp(-cost / eps)
+  kernel = np.exp(-cost / epsilon)
   u, v = np.ones_like(wa), np.ones_like(wb)
   for _ in range(5000):
     u = wa / (kernel @ v)
@@ -237,7 +237,7 @@ def test_metrics():
 
 @pytest.mark.parametrize("call, match", [
     (lambda: attacks.run("fgsm", PARAMS, X, encoder=ENC), "not known"),
-    (lambda: attacks.pgd(PARAMS, X, encoder=ENC, eps=-0.1, key=KEY), "eps"),
+    (lambda: attacks.pgd(PARAMS, X, encoder=ENC, budget=-0.1, key=KEY), "budget"),
     (lambda: attacks.pgd(PARAMS, X, encoder=ENC, steps=0, key=KEY), "steps"),
     (lambda: attacks.pgd(PARAMS, X, encoder=ENC, norm="l1", key=KEY), "norm"),
     (lambda: attacks.pgd(PARAMS, X, encoder=ENC, eot_samples=4, key=KEY), "sigma"),

@@ -11,6 +11,8 @@ import pytest
 import certify
 from configs import clip_tiny
 from configs import common
+from fsjax import heads as heads_lib
+from fsjax import variants as variants_lib
 from train import head as head_lib
 
 K = 3  # classes of the tiny folder dataset
@@ -101,8 +103,8 @@ def test_loss_goes_down_on_real_features(trained):
     h = meta["history"]["0.25"][name]
     assert h["loss_final"] < h["loss_initial"]
   # Independently: the trained linear head on clean unit features, in numpy, beats chance.
-  images, labels, _ = head_lib.load_subset(config.train_data, num_classes=K, per_class=4)
-  name, encoder, params = head_lib.head_encoder(config)
+  images, labels, _ = heads_lib.load_subset(config.train_data, num_classes=K, per_class=4)
+  name, encoder, params = variants_lib.most_boosted(config)
   z = np.asarray(encoder(params, jnp.asarray(images)))
   dense = heads[0.25]["linear"]["params"]["dense"]
   assert _cross_entropy(z @ np.asarray(dense["kernel"]) + np.asarray(dense["bias"]),
@@ -112,7 +114,7 @@ def test_loss_goes_down_on_real_features(trained):
 
 def test_heads_restore_identically(trained):
   _, workdir, meta, heads = trained
-  meta2, restored = head_lib.load_heads(workdir)
+  meta2, restored = heads_lib.load_heads(workdir)
   assert meta2 == meta
   assert jax.tree.structure(restored) == jax.tree.structure(heads)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(heads)):
@@ -121,7 +123,7 @@ def test_heads_restore_identically(trained):
 
 def test_prototypes_unit_norm(trained):
   _, workdir, _, _ = trained
-  _, heads = head_lib.load_heads(workdir)
+  _, heads = heads_lib.load_heads(workdir)
   w = np.asarray(certify.unit_prototypes(heads[0.25]["cosine"]), np.float64)
   assert w.shape == (K, D)
   np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Orbax checkpoints shared by the training loops: save every k steps, resume from the latest.
+"""Orbax checkpoints of the trainers and of what they store (GSB, heads): save every k steps, resume from the latest.
 
 One ``CheckpointManager`` per stage folder (``workdir/<name>``), saving a pytree with
 ``StandardSave`` and restoring it with ``StandardRestore`` against the structure of a

@@ -1,0 +1,104 @@
+"""The one report writer of the experiment programs: rows, tables, settings, figures.
+
+Every program writes the same kinds of files into its workdir:
+
+* ``<name>.jsonl``: one JSON row per measured unit (an image, at a variant, sigma, ...),
+  written as it is measured, so an interrupted run keeps what it did;
+* ``<stem>.md`` / ``<stem>.csv``: the summary table, the Markdown with a caption saying
+  what the numbers are (alpha, n0, n, sigma, number of images);
+* ``config.json``: the config the program ran with;
+* PNG figures, drawn with matplotlib's Agg backend (no screen needed).
+
+The column vocabulary (docs/vocabulary in the README): ``variant`` (FS, FS+D, FS+M,
+FS+D+M, or a row label such as "original" / "smoothed"), ``image`` (index in the evaluated
+set), ``sigma``, ``reference`` (clean / mean), ``bound`` (the confidence-bound method:
+point, hoeffding, bernstein, betting, clopper-pearson), ``eps`` (a certified l2 radius),
+``radius`` (the certified radius of an image), ``linf_budget`` (an attack's budget),
+``n0`` / ``n`` (Monte Carlo samples of the two certification stages).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import pathlib
+from typing import Any, Callable, Iterator, Sequence
+
+
+def _format(value: Any, digits: int) -> str:
+  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown(table: Sequence[dict], *, digits: int = 3, caption: str | None = None) -> str:
+  """A Markdown table of ``table``'s rows (columns: the first row's keys, in order)."""
+  lines = [caption, ""] if caption else []
+  if not table:
+    return "\n".join(lines + ["(no rows)"]) + "\n"
+  cols = list(table[0])
+  lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines += ["| " + " | ".join(_format(r[c], digits) for c in cols) + " |" for r in table]
+  return "\n".join(lines) + "\n"
+
+
+def write_table(table: Sequence[dict], workdir: str | pathlib.Path, stem: str, *,
+                caption: str | None = None, digits: int = 3) -> str:
+  """Writes ``stem.md`` (with ``caption``) and ``stem.csv``; returns the Markdown."""
+  workdir = pathlib.Path(workdir)
+  text = markdown(table, digits=digits, caption=caption)
+  (workdir / f"{stem}.md").write_text(text)
+  with open(workdir / f"{stem}.csv", "w", newline="") as f:
+    if table:
+      w = csv.DictWriter(f, fieldnames=list(table[0]))
+      w.writeheader()
+      w.writerows(table)
+  return text
+
+
+@contextlib.contextmanager
+def rows(path: str | pathlib.Path) -> Iterator[Callable[[dict], None]]:
+  """``with rows(workdir / "results.jsonl") as write: write(row)``: one JSON line per row."""
+  with open(path, "w") as f:
+    def write(row: dict) -> None:
+      f.write(json.dumps(row) + "\n")
+      f.flush()
+    yield write
+
+
+def read_rows(path: str | pathlib.Path) -> list[dict]:
+  """The rows of a ``.jsonl`` file written by :func:`rows`."""
+  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+
+
+def save_config(config, workdir: str | pathlib.Path, name: str = "config.json") -> None:
+  """Writes the config a program ran with (``config.to_json_best_effort``) into workdir."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  text = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
+      else json.dumps(dict(config), indent=2, default=str)
+  (workdir / name).write_text(text + "\n")
+
+
+def monte_carlo_caption(*, sigma: Any, n0: int | None, n: int, alpha: float | None,
+                        images: int, bound: str | None = None) -> str:
+  """``"sigma = ..., n0 = ..., n = ..., alpha = ..., bound ..., N images"``."""
+  sigmas = ", ".join(f"{float(s):g}" for s in (sigma if isinstance(sigma, (list, tuple))
+                                               else [sigma]))
+  parts = [f"sigma = {sigmas}"]
+  if n0 is not None:
+    parts.append(f"n0 = {int(n0)}")
+  parts.append(f"n = {int(n)}")
+  if alpha is not None:
+    parts.append(f"alpha = {float(alpha):g}")
+  if bound is not None:
+    parts.append(f"bound {bound}")
+  parts.append(f"{int(images)} images")
+  return ", ".join(parts)
+
+
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (files only, no screen)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt

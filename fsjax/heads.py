@@ -1,0 +1,142 @@
+"""The prediction heads of Table 2: their data, and their format on disk.
+
+``python -m train.head`` trains, per sigma, a cosine-prototype head (certified by FS,
+:func:`certify.certify_prediction`) and a linear head (the RS base classifier,
+:func:`certify.rs_certify`) on the unit features of the frozen encoder, and stores them
+here; ``python -m certify.table2`` reads them back. The format, known only to this module:
+
+* ``WORKDIR/heads/<step>/``: an orbax checkpoint of ``{"heads": [per sigma
+  {"cosine": variables, "linear": variables}]}``;
+* ``WORKDIR/heads.json``: the sidecar saying what the checkpoint holds (sigmas, classes,
+  class names, feature dimension, encoder variant, training settings and history).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsjax import checkpointing
+from fsjax import data as data_lib
+
+HEADS_DIR = "heads"  # orbax checkpoints, workdir/heads/<step>
+SIDECAR = "heads.json"  # what the checkpoint holds, in words
+
+
+def check_num_classes(num_classes: Any) -> int:
+  """``num_classes`` as an int, or ValueError: a prediction needs ``K >= 2`` classes."""
+  if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+    raise ValueError(f"config.prediction.num_classes must be an integer >= 2, got "
+                     f"{num_classes!r}.")
+  if num_classes < 2:
+    raise ValueError(f"config.prediction.num_classes must be >= 2 (a certified prediction "
+                     f"needs a runner-up class), got {num_classes}.")
+  return int(num_classes)
+
+
+def check_labels(labels: Any, num_classes: int, *, name: str = "labels") -> np.ndarray:
+  """``labels`` as int32 ``[N]``, or ValueError unless every label is in ``[0, K)``."""
+  lab = np.asarray(labels)
+  if lab.ndim != 1:
+    raise ValueError(f"{name} must have shape [N], got shape {lab.shape}.")
+  if lab.size and not np.issubdtype(lab.dtype, np.integer):
+    raise ValueError(f"{name} must be integer class ids, got dtype {lab.dtype}.")
+  if lab.size and (lab.min() < 0 or lab.max() >= num_classes):
+    raise ValueError(f"{name} must lie in [0, num_classes={num_classes}), got range "
+                     f"[{lab.min()}, {lab.max()}]; restrict the data to the first "
+                     "num_classes classes (classes=range(num_classes)).")
+  return lab.astype(np.int32)
+
+
+def load_subset(data_config: Mapping[str, Any], *, num_classes: int,
+                per_class: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """The first ``num_classes`` class ids of a dataset, ``per_class`` images each.
+
+  ``num_examples`` of ``data_config`` is ignored (it sizes GSB's training set).
+
+  Args:
+    data_config: ``config.train_data`` or ``config.test_data``.
+    num_classes: ``K``; class ids ``0 .. K-1`` are kept.
+    per_class: images per class.
+
+  Returns:
+    ``(images [K * per_class, S, S, 3] float32 in [0, 1], labels [K * per_class] int32,
+    class_names [K])``, in the dataset's seeded order.
+  """
+  num_classes = check_num_classes(num_classes)
+  kwargs = dict(data_config.items())
+  kwargs.pop("num_examples", None)
+  kwargs.update(classes=list(range(num_classes)), per_class=int(per_class))
+  name = kwargs.get("name")
+  try:
+    dataset = data_lib.from_config(kwargs)
+  except ValueError as e:
+    if "out of range" in str(e):
+      raise ValueError(f"config.prediction.num_classes={num_classes} exceeds the classes of "
+                       f"dataset {name!r}: {e}") from e
+    raise
+  batches = list(dataset)
+  images = np.concatenate([b["image"] for b in batches])
+  labels = check_labels(np.concatenate([b["label"] for b in batches]), num_classes)
+  return images, labels, list(dataset.class_names[:num_classes])
+
+
+def _abstract_heads(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """Zero heads with the structure, shapes and dtypes of the stored ones."""
+  k, d = len(meta["classes"]), int(meta["dim"])
+  one = {"cosine": {"params": {"prototypes": np.zeros((k, d), np.float32)}},
+         "linear": {"params": {"dense": {"kernel": np.zeros((d, k), np.float32),
+                                         "bias": np.zeros((k,), np.float32)}}}}
+  return {"heads": [one for _ in meta["sigmas"]]}
+
+
+def save_heads(workdir: str | os.PathLike, meta: Mapping[str, Any], heads: list[Any]) -> None:
+  """Writes ``heads`` (one ``{"cosine", "linear"}`` per sigma of ``meta["sigmas"]``) + sidecar.
+
+  ``meta`` must hold at least ``sigmas``, ``classes``, ``dim`` and ``step``; it is written
+  as ``heads.json`` after the checkpoint, so a sidecar always describes a whole checkpoint.
+  """
+  workdir = pathlib.Path(workdir)
+  mngr = checkpointing.manager(str(workdir), HEADS_DIR)
+  try:
+    checkpointing.save(mngr, int(meta["step"]), {"heads": list(heads)}, force=True)
+  finally:
+    checkpointing.close(mngr)
+  (workdir / SIDECAR).write_text(json.dumps(dict(meta), indent=2) + "\n")
+
+
+def load_heads(workdir: str | os.PathLike) -> tuple[dict[str, Any], dict[float, dict]]:
+  """The heads :func:`train` stored in ``workdir``.
+
+  Returns:
+    ``(meta, heads)``: ``meta`` is the ``heads.json`` sidecar (``sigmas``, ``classes``,
+    ``class_names``, ``dim``, ``encoder``, settings, training ``history``);
+    ``heads[sigma] = {"cosine": variables, "linear": variables}`` for each trained sigma.
+    Certify with ``certify.unit_prototypes(heads[sigma]["cosine"])`` (FS) and
+    ``head=heads[sigma]["linear"]`` (RS).
+  """
+  workdir = pathlib.Path(workdir)
+  sidecar = workdir / SIDECAR
+  if not sidecar.is_file():
+    raise FileNotFoundError(f"no trained heads in {workdir} ({SIDECAR} is missing); run "
+                            f"python -m train.head --config ... --workdir {workdir} first.")
+  meta = json.loads(sidecar.read_text())
+  mngr = checkpointing.manager(str(workdir), HEADS_DIR)
+  try:
+    step, state = checkpointing.restore_latest(mngr, _abstract_heads(meta))
+  finally:
+    checkpointing.close(mngr)
+  if step != meta["step"]:
+    raise ValueError(f"{workdir / HEADS_DIR} holds step {step} but {SIDECAR} describes step "
+                     f"{meta['step']}; the workdir is inconsistent, rerun train.head in a "
+                     "fresh workdir.")
+  heads = {float(s): jax.tree.map(jnp.asarray, h) for s, h in zip(meta["sigmas"], state["heads"])}
+  return meta, heads
+
+
