@@ -161,7 +161,8 @@ def instruction_examples(images: np.ndarray, labels: Sequence[int], *, seed: int
 
 def load_instructions(*, split: str = "train", image_size: int = 64, per_class: int = 100,
                       seed: int = 0, tasks: Sequence[str] = TASKS,
-                      data_dir: str | os.PathLike | None = None
+                      data_dir: str | os.PathLike | None = None,
+                      dataset: str = "fashion_mnist"
                       ) -> tuple[np.ndarray, np.ndarray, list[Example]]:
   """Fashion-MNIST through ``fsjax.data`` (balanced) and its instruction examples.
 
@@ -172,11 +173,17 @@ def load_instructions(*, split: str = "train", image_size: int = 64, per_class: 
     seed: seed of the selection and of the examples.
     tasks: the tasks (see :func:`instruction_examples`).
     data_dir: TFDS data dir of the embedded sets.
+    dataset: the ``fsjax.data`` name; any set whose labels 0-9 are Fashion-MNIST's
+      classes (e.g. a ``"folder:..."`` of ten class folders in label order).
 
   Returns:
     ``(images float32 [10 * per_class, S, S, 3], labels int32 [10 * per_class],
     examples)``.
   """
-  images, labels, _ = data.load_arrays("fashion_mnist", split=split, image_size=image_size,
-                                       per_class=per_class, seed=seed, data_dir=data_dir)
+  images, labels, class_names = data.load_arrays(
+      dataset, split=split, image_size=image_size, per_class=per_class, seed=seed,
+      data_dir=data_dir)
+  if len(class_names) != len(CLASS_NAMES):
+    raise ValueError(f"dataset={dataset!r} has {len(class_names)} classes; the instruction "
+                     f"data needs Fashion-MNIST's {len(CLASS_NAMES)}.")
   return images, labels, instruction_examples(images, labels, seed=seed, tasks=tasks)
