@@ -38,12 +38,13 @@ Step = Callable[[jax.Array, PyTree], tuple[jax.Array, PyTree]]
 
 
 def greedy_decode(step: Step, logits: jax.Array, cache: PyTree, *, max_new_tokens: int,
-                  eos_token_id: int | Sequence[int], pad_token_id: int
+                  eos_token_id: int | Sequence[int] | jax.Array, pad_token_id: int | jax.Array
                   ) -> tuple[jax.Array, jax.Array]:
   """Greedy decoding from the prefill's last logits: ``tokens, num_steps``.
 
-  Traceable; ``max_new_tokens``, ``eos_token_id`` and ``pad_token_id`` are Python ints
-  (static). The step is called at most ``max_new_tokens - 1`` times (the first token
+  Traceable; ``max_new_tokens`` is a Python int (static); ``eos_token_id`` and
+  ``pad_token_id`` may be ints or (traced) int arrays, so changing them need not
+  recompile. The step is called at most ``max_new_tokens - 1`` times (the first token
   comes from the prefill's logits), so a cache needs room for the prompt plus
   ``max_new_tokens - 1`` tokens.
 
@@ -52,7 +53,8 @@ def greedy_decode(step: Step, logits: jax.Array, cache: PyTree, *, max_new_token
     logits: ``[B, V]`` logits of the last prompt position, from the prefill.
     cache: the cache after the prefill.
     max_new_tokens: number of tokens to generate (>= 1).
-    eos_token_id: one id or several; a row finishes at the first of them it emits.
+    eos_token_id: one id or several (an int, a sequence or a 1-D array); a row finishes
+      at the first of them it emits.
     pad_token_id: what a finished row emits (transformers: ``generation_config.pad_token_id``,
       which defaults to the first EOS id when the model has no pad token).
 
@@ -63,15 +65,15 @@ def greedy_decode(step: Step, logits: jax.Array, cache: PyTree, *, max_new_token
   """
   if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
-  eos = jnp.asarray([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                    jnp.int32)
+  eos = jnp.atleast_1d(jnp.asarray(eos_token_id if not isinstance(eos_token_id, (list, tuple))
+                                   else list(eos_token_id), jnp.int32))
   if eos.size == 0:
     raise ValueError("eos_token_id is empty: give at least one end-of-sequence id.")
   batch = logits.shape[0]
 
   def choose(logits, done):
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # first maximum, as torch.argmax
-    token = jnp.where(done, jnp.int32(pad_token_id), token)
+    token = jnp.where(done, jnp.asarray(pad_token_id, jnp.int32), token)
     return token, done | jnp.isin(token, eos)
 
   token, done = choose(logits, jnp.zeros((batch,), bool))

@@ -1,0 +1,259 @@
+"""A LLaMA decoder in Flax linen, with a static KV cache.
+
+Parameter tree (names follow the Hugging Face LLaMA; dense kernels ``[in, out]``)::
+
+  embed_tokens/embedding                                 [vocab, hidden]
+  layers/{i}/input_layernorm/scale                       [hidden]
+  layers/{i}/self_attn/{q,k,v,o}_proj/kernel (+ bias if attention_bias)
+  layers/{i}/post_attention_layernorm/scale
+  layers/{i}/mlp/{gate,up,down}_proj/kernel  (+ bias if mlp_bias)
+  norm/scale
+
+Everything that shapes the network (eps, rope theta, heads, KV heads, head_dim, biases)
+comes from the checkpoint's config (:meth:`LlamaConfig.from_hf_dict`), never from
+constants: ``LlamaConfig()`` of transformers defaults ``rms_norm_eps`` to 1e-6 while
+LLaVA-1.5 uses 1e-5, and a wrong eps changes greedy tokens (mllm-facts.md).
+
+Precision: matmuls in ``dtype`` (float32 or bfloat16); RMSNorm statistics, rotary
+angles, attention logits and softmax in float32 (as transformers). The LM head (in
+:mod:`fsjax.llava.model`) returns float32 logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fsjax import decoding
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """The fields of HF ``LlamaConfig`` that define the network (same defaults).
+
+  ``num_key_value_heads`` and ``head_dim`` default (None) to ``num_attention_heads`` and
+  ``hidden_size // num_attention_heads``, as in transformers.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  max_position_embeddings: int = 2048
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+  tie_word_embeddings: bool = False
+  bos_token_id: int | None = 1
+  eos_token_id: int | Sequence[int] | None = 2
+  pad_token_id: int | None = None
+
+  def __post_init__(self):
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if isinstance(self.eos_token_id, list):
+      object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+    if self.hidden_act != "silu":
+      raise ValueError(f"text_config.hidden_act={self.hidden_act!r}: only LLaMA's 'silu' "
+                       "(SwiGLU) MLP is implemented.")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"text_config.num_attention_heads={self.num_attention_heads} is not a "
+                       f"multiple of num_key_value_heads={self.num_key_value_heads}.")
+
+  @classmethod
+  def from_hf_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+    """From a ``text_config`` dict of transformers 4 (``rope_theta``) or 5 (``rope_parameters``)."""
+    d = dict(d)
+    if d.get("model_type", "llama") != "llama":
+      raise ValueError(f"text_config.model_type={d['model_type']!r}: only 'llama' language "
+                       "models are implemented.")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+      raise ValueError(f"text_config rope_type={rope_type!r}: only the default rotary embedding "
+                       "(no scaling) is implemented.")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names and k != "rope_theta"},
+               rope_theta=float(theta))
+
+  def to_hf_dict(self) -> dict:
+    """The transformers-5 ``text_config`` dict (what ``save_pretrained`` writes)."""
+    d = dataclasses.asdict(self)
+    d.pop("rope_theta")
+    if isinstance(d["eos_token_id"], tuple):
+      d["eos_token_id"] = list(d["eos_token_id"])
+    return d | {"model_type": "llama",
+                "rope_parameters": {"rope_theta": self.rope_theta, "rope_type": "default"}}
+
+
+class RMSNorm(nn.Module):
+  """LLaMA's RMSNorm: statistics in float32, the weight applied after casting back."""
+
+  eps: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention: ``[B, T, H, D]`` at ``positions`` ``[B, T]``.
+
+  Angles, cos and sin in float32 (transformers' LlamaRotaryEmbedding, "default" type).
+  """
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  x32 = x.astype(jnp.float32)
+  half = jnp.concatenate([-x32[..., d // 2:], x32[..., :d // 2]], axis=-1)
+  return (x32 * jnp.cos(angles) + half * jnp.sin(angles)).astype(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+  """Grouped-query attention with rotary embeddings; logits and softmax in float32."""
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache: decoding.KVCache | None, layer: int):
+    cfg = self.config
+    h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    dense = functools.partial(nn.Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
+                              param_dtype=jnp.float32)
+    b, t, _ = x.shape
+    q = dense(h * hd, name="q_proj")(x).reshape(b, t, h, hd)
+    k = dense(kv * hd, name="k_proj")(x).reshape(b, t, kv, hd)
+    v = dense(kv * hd, name="v_proj")(x).reshape(b, t, kv, hd)
+    q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+    if cache is not None:
+      cache, k, v = cache.write(layer, k, v)  # [B, S, KV, D]: every slot of the cache
+    # Query heads grouped by their KV head: head j uses KV head j // (h / kv), as
+    # transformers' repeat_kv.
+    q = q.reshape(b, t, kv, h // kv, hd)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * hd ** -0.5
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(b, t, h * hd)
+    return dense(cfg.hidden_size, name="o_proj")(out), cache
+
+
+class LlamaMLP(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+    dense = functools.partial(nn.Dense, use_bias=cfg.mlp_bias, dtype=self.dtype,
+                              param_dtype=jnp.float32)
+    y = nn.silu(dense(cfg.intermediate_size, name="gate_proj")(x))
+    y = y * dense(cfg.intermediate_size, name="up_proj")(x)
+    return dense(cfg.hidden_size, name="down_proj")(y)
+
+
+class LlamaDecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, layer):
+    cfg = self.config
+    y = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+    y, cache = LlamaAttention(cfg, self.dtype, name="self_attn")(y, positions, mask, cache, layer)
+    x = x + y
+    y = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+    return x + LlamaMLP(cfg, self.dtype, name="mlp")(y), cache
+
+
+class _Layers(nn.Module):
+  """The ``layers`` scope with children "0", "1", ... (as the HF names)."""
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache):
+    for i in range(self.config.num_hidden_layers):
+      x, cache = LlamaDecoderLayer(self.config, self.dtype, name=str(i))(
+          x, positions, mask, cache, i)
+    return x, cache
+
+
+class LlamaModel(nn.Module):
+  """Token embeddings, the decoder layers and the final norm (HF ``LlamaModel``).
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype; parameters are float32 unless the caller stores them otherwise.
+  """
+
+  config: LlamaConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype,
+                                 embedding_init=nn.initializers.normal(0.02))
+    self.layers = _Layers(cfg, self.dtype)
+    self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """``[B, T]`` ids -> ``[B, T, hidden]`` embeddings in the compute dtype."""
+    return self.embed_tokens(input_ids)
+
+  def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, valid: jax.Array,
+               cache: decoding.KVCache | None = None):
+    """Runs the decoder on ``T`` new positions.
+
+    Args:
+      inputs_embeds: ``[B, T, hidden]``.
+      positions: int ``[B, T]`` rotary positions (left padding: ``cumsum(valid) - 1``).
+      valid: bool ``[B, T]``, False at padding.
+      cache: a :class:`fsjax.decoding.KVCache` (the new keys and values are written at
+        its ``index``, which then advances by T), or None for one causal pass over the
+        T positions (training, scoring).
+
+    Returns:
+      ``(hidden [B, T, hidden] after the final norm, cache)``.
+    """
+    if cache is None:
+      t = valid.shape[1]
+      mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    else:
+      mask = cache.attention_mask(valid)
+    x, new_cache = self.layers(inputs_embeds.astype(self.dtype), positions, mask, cache)
+    if cache is not None:
+      new_cache = new_cache.advance(valid)
+    return self.norm(x), new_cache
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    """Tied LM head: ``x @ embedding.T`` with float32 accumulation -> float32 logits."""
+    table = self.embed_tokens.embedding.astype(self.dtype)
+    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), table,
+                      preferred_element_type=jnp.float32)

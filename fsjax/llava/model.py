@@ -1,0 +1,672 @@
+"""LLaVA-1.5 in Flax: any encoder's tokens -> projector -> LLaMA -> greedy answers.
+
+The model is split where the paper protects it. The *vision side* is any
+:class:`fsjax.encoders.Encoder`: its token view ``[B, T, D]`` are the image features
+(the checkpoint's CLIP tower at ``vision_feature_layer`` with or without CLS, a
+FARE/TeCoA OpenCLIP tower, the GSB-boosted encoder, the smoothed encoder of
+:func:`smoothed_tokens`, an EfficientNet tower...). The *language side*,
+:class:`LlavaLanguageModel`, is the two-layer GELU projector, the LLaMA decoder and the
+LM head; it takes features of any count ``T`` and width ``D`` (the projector's input
+width fixes ``D``; ``T`` must equal the number of ``<image>`` tokens of the prompt).
+
+:class:`Llava` ties both to a tokenizer: ``model.generate(params, images, prompt)`` ->
+strings, with ``params = {"vision": encoder params, "language": language params}``.
+
+The language side's parameter tree (HF LLaVA names, kernels ``[in, out]``)::
+
+  multi_modal_projector/{linear_1, linear_2}/{kernel, bias}
+  language_model/...              (fsjax.llava.llama.LlamaModel)
+  lm_head/kernel                  [hidden, vocab]   (absent when tie_word_embeddings)
+
+Image features are merged into the token embeddings with static shapes: the k-th
+``<image>`` token of a row takes the row's k-th projected feature (transformers'
+``masked_scatter`` with one image per prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsjax import decoding
+from fsjax import encoders as encoders_lib
+from fsjax import smoothing as smoothing_lib
+from fsjax.clip import encoder as clip_encoder
+from fsjax.clip import model as clip_model
+from fsjax.llava import llama
+from fsjax.llava import prompt as prompt_lib
+
+Dtype = Any
+Params = Any
+STRATEGIES = ("default", "full")
+# Smoothed features handed to the projector (see smoothed_tokens).
+SMOOTHED_FEATURES = ("direction", "raw_mean")
+
+# transformers' LlavaConfig() default tower: CLIP ViT-L/14 at 336 px (used when a
+# config.json has no vision_config at all, as transformers does).
+_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, patch_size=14, image_size=336,
+                       num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+  """A LLaVA architecture (the fields of HF ``LlavaConfig`` that matter here).
+
+  Attributes:
+    text_config: the LLaMA decoder.
+    vision_config: the checkpoint's CLIP tower, or None when the vision side is an
+      external encoder (a model trained in this project on another tower).
+    image_token_id: id of the ``<image>`` placeholder token.
+    projector_hidden_act: activation between the projector's two linears (LLaVA: "gelu",
+      the exact erf form).
+    multimodal_projector_bias: whether the projector's linears have biases.
+    vision_feature_layer: hidden state of the CLIP tower fed to the projector (HF
+      convention: -2 = penultimate layer).
+    vision_feature_select_strategy: "default" drops CLS, "full" keeps it.
+    vision_feature_size: width D of the features the projector takes (LLaVA's
+      ``mm_hidden_size``); None means the tower's ``hidden_size``.
+    tie_word_embeddings: LM head = the token embedding matrix.
+  """
+
+  text_config: llama.LlamaConfig
+  vision_config: clip_model.CLIPVisionConfig | None = None
+  image_token_id: int = 32000
+  projector_hidden_act: str = "gelu"
+  multimodal_projector_bias: bool = True
+  vision_feature_layer: int = -2
+  vision_feature_select_strategy: str = "default"
+  vision_feature_size: int | None = None
+  tie_word_embeddings: bool = False
+
+  def __post_init__(self):
+    if self.vision_feature_select_strategy not in STRATEGIES:
+      raise ValueError(f"vision_feature_select_strategy={self.vision_feature_select_strategy!r}"
+                       f" must be one of {STRATEGIES}.")
+    if not isinstance(self.vision_feature_layer, int):
+      raise ValueError(f"vision_feature_layer={self.vision_feature_layer!r}: only one layer is "
+                       "supported (LLaVA-1.5), not a list of layers.")
+    if self.projector_hidden_act not in clip_model._ACTIVATIONS:  # pylint: disable=protected-access
+      raise ValueError(f"projector_hidden_act={self.projector_hidden_act!r} must be one of "
+                       f"{sorted(clip_model._ACTIVATIONS)}.")  # pylint: disable=protected-access
+    if self.vision_feature_size is None and self.vision_config is not None:
+      object.__setattr__(self, "vision_feature_size", self.vision_config.hidden_size)
+
+  @classmethod
+  def from_hf_dict(cls, d: Mapping[str, Any], *, origin: str = "config.json") -> "LlavaConfig":
+    """From a LLaVA ``config.json`` dict (transformers 4 or 5).
+
+    Raises:
+      ValueError: if the dict describes another architecture.
+    """
+    d = dict(d)
+    if d.get("model_type") != "llava":
+      archs = d.get("architectures")
+      raise ValueError(f"{origin} has model_type={d.get('model_type')!r} (architectures "
+                       f"{archs}); fsjax.llava loads LLaVA checkpoints (model_type 'llava', "
+                       "LlavaForConditionalGeneration) only.")
+    text = llama.LlamaConfig.from_hf_dict(d.get("text_config") or {})
+    if "vision_config" not in d:
+      vision = clip_model.CLIPVisionConfig(**_DEFAULT_VISION)
+    elif d["vision_config"] is None:
+      vision = None
+    else:
+      v = dict(d["vision_config"])
+      if v.get("model_type", "clip_vision_model") != "clip_vision_model":
+        raise ValueError(f"{origin}: vision_config.model_type={v['model_type']!r}; only CLIP "
+                         "towers load from a checkpoint (pass encoder= for another tower).")
+      vision = clip_model.CLIPVisionConfig(**{k: val for k, val in (_DEFAULT_VISION | v).items()
+                                              if k in _vision_fields()})
+    image_token = d.get("image_token_id", d.get("image_token_index", 32000))
+    return cls(text_config=text, vision_config=vision, image_token_id=int(image_token),
+               projector_hidden_act=d.get("projector_hidden_act", "gelu"),
+               multimodal_projector_bias=bool(d.get("multimodal_projector_bias", True)),
+               vision_feature_layer=d.get("vision_feature_layer", -2),
+               vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+               vision_feature_size=d.get("mm_hidden_size"),
+               tie_word_embeddings=bool(d.get("tie_word_embeddings",
+                                              text.tie_word_embeddings)))
+
+  def to_hf_dict(self) -> dict:
+    """The transformers-5 ``config.json`` dict of ``LlavaForConditionalGeneration``."""
+    d = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+         "text_config": self.text_config.to_hf_dict(),
+         "image_token_id": self.image_token_id,
+         "projector_hidden_act": self.projector_hidden_act,
+         "multimodal_projector_bias": self.multimodal_projector_bias,
+         "vision_feature_layer": self.vision_feature_layer,
+         "vision_feature_select_strategy": self.vision_feature_select_strategy,
+         "tie_word_embeddings": self.tie_word_embeddings,
+         "mm_hidden_size": self.vision_feature_size}
+    if self.vision_config is None:
+      d["vision_config"] = None  # the vision side is an external encoder
+    else:
+      d["vision_config"] = dataclasses.asdict(self.vision_config) | {
+          "model_type": "clip_vision_model"}
+    return d
+
+
+def _vision_fields() -> set[str]:
+  return {f.name for f in dataclasses.fields(clip_model.CLIPVisionConfig)}
+
+
+class Projector(nn.Module):
+  """``linear_2(act(linear_1(x)))``: encoder features -> LLM embeddings."""
+
+  config: LlavaConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    dense = functools.partial(nn.Dense, cfg.text_config.hidden_size, dtype=self.dtype,
+                              use_bias=cfg.multimodal_projector_bias, param_dtype=jnp.float32)
+    x = dense(name="linear_1")(x.astype(self.dtype))
+    x = clip_model._ACTIVATIONS[cfg.projector_hidden_act](x)  # pylint: disable=protected-access
+    return dense(name="linear_2")(x)
+
+
+class LMHead(nn.Module):
+  """Untied LM head, float32 logits (bf16 matmul with float32 accumulation)."""
+
+  vocab_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.vocab_size),
+                        jnp.float32)
+    return jnp.einsum("btd,dv->btv", x.astype(self.dtype), kernel.astype(self.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def merge_image_features(embeds: jax.Array, image: jax.Array, is_image: jax.Array) -> jax.Array:
+  """Puts row b's k-th image feature at row b's k-th ``<image>`` token (static shapes).
+
+  Args:
+    embeds: ``[B, L, H]`` token embeddings.
+    image: ``[B, T, H]`` projected image features.
+    is_image: bool ``[B, L]``, True at the ``<image>`` tokens (T per row; checked by the
+      caller before jit).
+
+  Returns:
+    ``[B, L, H]``.
+  """
+  index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, image.shape[1] - 1)
+  gathered = jnp.take_along_axis(image, index[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class LlavaLanguageModel(nn.Module):
+  """The language side of LLaVA: projector, LLaMA decoder, LM head.
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype (float32 or bfloat16); norms, softmax and logits are float32.
+  """
+
+  config: LlavaConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.multi_modal_projector = Projector(cfg, self.dtype)
+    self.language_model = llama.LlamaModel(cfg.text_config, self.dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = LMHead(cfg.text_config.vocab_size, self.dtype)
+
+  def _logits(self, hidden):
+    if self.config.tie_word_embeddings:
+      return self.language_model.attend(hidden)
+    return self.lm_head(hidden)
+
+  def __call__(self, input_ids: jax.Array, features: jax.Array, positions: jax.Array,
+               valid: jax.Array, cache: decoding.KVCache | None = None, *,
+               projected: bool = False, last_only: bool = False):
+    """Prefill (or a plain forward): the prompt with its image, in one pass.
+
+    Args:
+      input_ids: int ``[B, L]`` with T ``<image>`` tokens per row.
+      features: ``[B, T, D]`` encoder features, or ``[B, T, hidden]`` already projected
+        when ``projected`` (transformers' ``mm_encoder_outputs``: feature injection).
+      positions: int ``[B, L]`` rotary positions.
+      valid: bool ``[B, L]``, False at left padding.
+      cache: a KV cache to fill, or None.
+      projected: skip the projector.
+      last_only: return the logits of the last position only (``[B, 1, V]``).
+
+    Returns:
+      ``(logits float32 [B, L or 1, vocab], cache)``.
+    """
+    image = features if projected else self.multi_modal_projector(features)
+    embeds = self.language_model.embed(input_ids)
+    embeds = merge_image_features(embeds, image, input_ids == self.config.image_token_id)
+    hidden, cache = self.language_model(embeds, positions, valid, cache)
+    if last_only:
+      hidden = hidden[:, -1:]
+    return self._logits(hidden), cache
+
+  def step(self, tokens: jax.Array, positions: jax.Array, cache: decoding.KVCache):
+    """One decoding step: ``tokens``, ``positions`` int ``[B, 1]`` -> ``(logits [B, 1, V], cache)``."""
+    embeds = self.language_model.embed(tokens)
+    hidden, cache = self.language_model(embeds, positions, jnp.ones(tokens.shape, bool), cache)
+    return self._logits(hidden), cache
+
+
+def language_param_shapes(config: LlavaConfig, *, feature_size: int | None = None) -> dict:
+  """The language side's parameter tree as ``jax.ShapeDtypeStruct`` leaves (no memory)."""
+  d = feature_size or config.vision_feature_size
+  if d is None:
+    raise ValueError("The projector's input width is unknown: give feature_size (the "
+                     "encoder's token width D).")
+  module = LlavaLanguageModel(config)
+  ids = jnp.full((1, 1), config.image_token_id, jnp.int32)
+  return jax.eval_shape(lambda: module.init(
+      jax.random.key(0), ids, jnp.zeros((1, 1, d)), jnp.zeros((1, 1), jnp.int32),
+      jnp.ones((1, 1), bool)))["params"]
+
+
+def init_language(config: LlavaConfig, *, feature_size: int | None = None, seed: int = 0,
+                  dtype: Dtype = jnp.float32, shardings: Any = None) -> dict:
+  """Random language-side parameters (weights N(0, 0.02), biases 0, norm scales 1).
+
+  Drawn by one jitted function, leaf by leaf, directly in ``dtype`` and, if given, with
+  ``shardings`` (a tree like :func:`param_shardings`'), so a 7B tree never passes through
+  the host. For smoke runs and benchmarks; tests load transformers' random models.
+  """
+  shapes = flax.traverse_util.flatten_dict(
+      language_param_shapes(config, feature_size=feature_size), sep="/")
+
+  def draw(key):
+    out = {}
+    for i, (path, leaf) in enumerate(sorted(shapes.items())):
+      name = path.rsplit("/", 1)[-1]
+      if name == "scale":
+        out[path] = jnp.ones(leaf.shape, dtype)
+      elif name == "bias":
+        out[path] = jnp.zeros(leaf.shape, dtype)
+      else:
+        out[path] = (0.02 * jax.random.normal(jax.random.fold_in(key, i), leaf.shape)).astype(dtype)
+    return flax.traverse_util.unflatten_dict(out, sep="/")
+
+  return jax.jit(draw, out_shardings=shardings)(jax.random.key(seed))
+
+
+def clip_tower_encoder(config: LlavaConfig, *, dtype: Dtype = jnp.float32
+                       ) -> clip_encoder.ClipEncoder:
+  """The checkpoint's own tower as an Encoder: hidden state ``vision_feature_layer``,
+  CLS dropped under strategy "default" (transformers' ``get_image_features``)."""
+  if config.vision_config is None:
+    raise ValueError("This LLaVA config has no vision_config: pass the encoder explicitly.")
+  cfg = clip_model.CLIPConfig(config.vision_config, None,
+                              projection_dim=config.vision_config.projection_dim)
+  feature = "patch_tokens" if config.vision_feature_select_strategy == "default" else "tokens"
+  return clip_encoder.ClipEncoder(resolution=config.vision_config.image_size,
+                                  model=clip_model.CLIP(cfg, dtype=dtype), feature=feature,
+                                  layer=config.vision_feature_layer)
+
+
+def token_shape(encoder: encoders_lib.Encoder, params: Params) -> tuple[int, int]:
+  """``(T, D)`` of the encoder's token view, by shape inference (nothing computed)."""
+  s = encoder.resolution
+  out = jax.eval_shape(lambda p, x: encoder.tokens(p, x), params,
+                       jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
+  return out.shape[1], out.shape[2]
+
+
+# ------------------------------------------------------------------------------------------
+# Smoothed image features.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _RawFlat(encoders_lib.Encoder):
+  """The raw token view of ``base`` flattened to ``[B, T * D]`` (no normalisation), so
+  that :func:`fsjax.smoothing_lib.monte_carlo_sum` hands the statistic raw features."""
+
+  base: encoders_lib.Encoder = None
+
+  def __call__(self, params, x, *, sigma=None):
+    z = self.base.tokens(params, x, sigma=sigma)
+    return z.reshape(z.shape[0], -1).astype(jnp.float32)
+
+
+def _smoothing_statistic(raw: jax.Array) -> dict[str, jax.Array]:
+  """Per sample: the unit feature f = g / ||g|| (method.md 1), ||g||, and g itself."""
+  norm = jnp.linalg.norm(raw, axis=-1, keepdims=True)
+  return {"unit": raw / jnp.maximum(norm, 1e-12), "norm": norm, "raw": raw}
+
+
+def smoothed_tokens(params: Params, x: jax.Array, key: jax.Array, sigma, *,
+                    encoder: encoders_lib.Encoder, n: int, features: str = "direction",
+                    chunk_size: int = smoothing_lib.DEFAULT_CHUNK_SIZE) -> jax.Array:
+  """Image features for the projector from the smoothed encoder (traceable).
+
+  The encoder runs ``n`` times on ``x + delta_i`` (the noise of
+  :func:`fsjax.smoothing.noise`, sample ``i`` from ``fold_in(key, i)``), the LLM then runs
+  once on the result. With ``features="direction"`` (default) the result is the
+  direction of the smoothed feature ``f_s(x) = E[f(x + delta)]`` (Eq. 3, f the unit
+  flattened token view), rescaled to the Monte Carlo mean raw norm ``E||g(x + delta)||``
+  so the projector sees features of the scale it was trained on. The *direction* is the
+  certified quantity: the certificate bounds ``cos(f_s(x'), f_s(x))`` (method.md 2, mean
+  reference), and a positive rescaling does not change it; the norm itself is not
+  certified. ``features="raw_mean"`` gives the plain Monte Carlo mean of the raw
+  features ``E[g(x + delta)]``, which is not covered by the certificate.
+
+  Args:
+    params: encoder parameters.
+    x: ``[B, H, W, 3]`` images in [0, 1].
+    key: PRNG key of the noise.
+    sigma: noise level in [0, 1] pixel units.
+    encoder: the (static) encoder; its ``tokens`` view is ``[B, T, D]``.
+    n: noise samples (static; the paper uses 8 at inference).
+    features: "direction" or "raw_mean".
+    chunk_size: samples per vectorised chunk.
+
+  Returns:
+    ``[B, T, D]`` float32.
+  """
+  if features not in SMOOTHED_FEATURES:
+    raise ValueError(f"features={features!r} must be one of {SMOOTHED_FEATURES}.")
+  t_d = jax.eval_shape(lambda p, y: encoder.tokens(p, y, sigma=sigma), params, x).shape[1:]
+  total = smoothing_lib.monte_carlo_sum(params, x, key, encoder=_RawFlat(encoder.resolution, encoder),
+                                    sigma=sigma, n=n, statistic=_smoothing_statistic,
+                                    chunk_size=chunk_size)
+  if features == "raw_mean":
+    z = total["raw"] / n
+  else:
+    f_s = total["unit"] / n  # Eq. 3
+    direction = f_s / jnp.maximum(jnp.linalg.norm(f_s, axis=-1, keepdims=True), 1e-12)
+    z = direction * (total["norm"] / n)
+  return z.reshape((x.shape[0],) + tuple(t_d))
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoothing:
+  """Smoothing settings of a :class:`Llava`'s vision side (see :func:`smoothed_tokens`)."""
+
+  sigma: float
+  n: int = 8
+  features: str = "direction"
+  chunk_size: int = smoothing_lib.DEFAULT_CHUNK_SIZE
+
+  def __post_init__(self):
+    smoothing_lib.check_sampling(sigma=self.sigma, n=self.n, chunk_size=self.chunk_size)
+    if self.features not in SMOOTHED_FEATURES:
+      raise ValueError(f"features={self.features!r} must be one of {SMOOTHED_FEATURES}.")
+
+
+# ------------------------------------------------------------------------------------------
+# Jitted pieces.
+# ------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames="encoder")
+def _encode(params, x, *, encoder):
+  return encoder.tokens(params, x)
+
+
+@functools.partial(jax.jit, static_argnames=("encoder", "n", "features", "chunk_size"))
+def _encode_smoothed(params, x, key, sigma, *, encoder, n, features, chunk_size):
+  return smoothed_tokens(params, x, key, sigma, encoder=encoder, n=n, features=features,
+                         chunk_size=chunk_size)
+
+
+def _positions(valid):
+  return jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "projected"))
+def _forward(module, params, input_ids, valid, features, *, projected):
+  logits, _ = module.apply({"params": params}, input_ids, features, _positions(valid), valid,
+                           projected=projected)
+  return logits
+
+
+@functools.partial(jax.jit, static_argnames=("module", "capacity", "projected"))
+def prefill(module, params, input_ids, valid, features, *, capacity, projected=False):
+  """Jitted prefill into a fresh cache of ``capacity`` tokens per row.
+
+  Returns:
+    ``(logits [B, V] of the last position, cache, positions [B] of the last token)``.
+  """
+  cfg = module.config.text_config
+  cache = decoding.KVCache.empty(num_layers=cfg.num_hidden_layers, batch=input_ids.shape[0],
+                                 capacity=capacity, num_kv_heads=cfg.num_key_value_heads,
+                                 head_dim=cfg.head_dim, dtype=module.dtype)
+  positions = _positions(valid)
+  logits, cache = module.apply({"params": params}, input_ids, features, positions, valid, cache,
+                               projected=projected, last_only=True)
+  return logits[:, 0], cache, positions[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "projected"))
+def _generate(module, params, input_ids, valid, features, eos_token_id, pad_token_id, *,
+              max_new_tokens, projected):
+  logits, cache, last = prefill(module, params, input_ids, valid, features,
+                                capacity=input_ids.shape[1] + max_new_tokens - 1,
+                                projected=projected)
+
+  def step(tokens, state):  # the model's step for fsjax.decoding
+    cache, position = state
+    position = position + 1
+    logits, cache = module.apply({"params": params}, tokens[:, None], position[:, None], cache,
+                                 method="step")
+    return logits[:, 0], (cache, position)
+
+  return decoding.greedy_decode(step, logits, (cache, last), max_new_tokens=max_new_tokens,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+# ------------------------------------------------------------------------------------------
+# The model.
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Llava:
+  """LLaVA = an encoder + the language side + a tokenizer; pure functions of ``params``.
+
+  ``params = {"vision": encoder params, "language": language params}``. Hashed by
+  identity, like encoders.
+
+  Attributes:
+    config: the architecture.
+    encoder: the vision side; its token view gives the image features.
+    tokenizer: a transformers tokenizer (None: only the id-level methods work).
+    dtype: compute dtype of the language side.
+    smoothing: if set, the vision side is the smoothed encoder (:func:`smoothed_tokens`).
+    system_prompt: text put before "USER:" (None: none, as llava-hf's chat template).
+    chat_template: the checkpoint's chat template (jinja), or None for LLaVA-1.5's format.
+    eos_token_id, pad_token_id: generation ids (from generation_config.json).
+  """
+
+  config: LlavaConfig
+  encoder: encoders_lib.Encoder
+  tokenizer: Any = None
+  dtype: Dtype = jnp.float32
+  smoothing: Smoothing | None = None
+  system_prompt: str | None = None
+  chat_template: str | None = None
+  eos_token_id: int | tuple[int, ...] = 2
+  pad_token_id: int = 0
+
+  @functools.cached_property
+  def language(self) -> LlavaLanguageModel:
+    return LlavaLanguageModel(self.config, self.dtype)
+
+  def smoothed(self, sigma: float, *, n: int = 8, features: str = "direction",
+               chunk_size: int = smoothing_lib.DEFAULT_CHUNK_SIZE) -> "Llava":
+    """The same model seeing through the smoothed encoder (n noise samples per image)."""
+    return dataclasses.replace(self, smoothing=Smoothing(sigma, n, features, chunk_size))
+
+  def with_encoder(self, encoder: encoders_lib.Encoder) -> "Llava":
+    """The same language side on another encoder (its token width must fit the projector)."""
+    return dataclasses.replace(self, encoder=encoder)
+
+  # -- vision side --------------------------------------------------------------------------
+
+  def image_features(self, params: Params, images: Any, *, key: jax.Array | None = None
+                     ) -> jax.Array:
+    """``[B, H, W, 3]`` images in [0, 1] -> ``[B, T, D]`` features for the projector."""
+    encoders_lib.check_images(images, name="images")
+    x = jnp.asarray(images, jnp.float32)
+    if self.smoothing is None:
+      return _encode(params["vision"], x, encoder=self.encoder)
+    s = self.smoothing
+    key = jax.random.key(0) if key is None else key
+    z = _encode_smoothed(params["vision"], x, key, jnp.float32(s.sigma), encoder=self.encoder,
+                         n=s.n, features=s.features, chunk_size=s.chunk_size)
+    # The Monte Carlo sum comes back replicated on the smoothing engine's explicit
+    # "samples" mesh; hand the language side a plain replicated array.
+    return jax.device_put(z, jax.NamedSharding(make_mesh(axis="replicated"), jax.P()))
+
+  # -- prompts ------------------------------------------------------------------------------
+
+  def prompt_ids(self, prompt: str | Sequence[str], *, batch: int, num_image_tokens: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts -> left-padded ``(input_ids int32 [B, L], valid bool [B, L])``.
+
+    The chat format of :func:`fsjax.llava.prompt.format_prompt` with this model's system
+    prompt and template; each ``<image>`` expanded to ``num_image_tokens`` tokens, then
+    tokenized, as ``LlavaProcessor`` does.
+    """
+    if self.tokenizer is None:
+      raise ValueError("This model has no tokenizer (the checkpoint directory had no "
+                       "tokenizer files): pass token ids to generate_ids instead.")
+    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != batch:
+      raise ValueError(f"prompt: got {len(prompts)} prompts for {batch} images; pass one "
+                       "string (used for every image) or one per image.")
+    if self.chat_template is None:
+      texts = [prompt_lib.format_prompt(p, system=self.system_prompt) for p in prompts]
+    else:
+      texts = [prompt_lib.apply_chat_template(self.tokenizer, self.chat_template, p,
+                                              system=self.system_prompt) for p in prompts]
+    return prompt_lib.tokenize(self.tokenizer, texts, num_image_tokens=num_image_tokens,
+                               pad_token_id=self.pad_token_id)
+
+  # -- language side ------------------------------------------------------------------------
+
+  def _check_ids(self, input_ids, valid, features, projected):
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, L] token ids, got shape {ids.shape}.")
+    feats = np.shape(features)
+    if len(feats) != 3 or feats[0] != ids.shape[0]:
+      raise ValueError(f"features must be [B, T, D] with B = {ids.shape[0]} (one image per "
+                       f"prompt), got shape {feats}.")
+    width = self.config.text_config.hidden_size if projected else self.config.vision_feature_size
+    if width is not None and feats[2] != width:
+      what = "projected features" if projected else "encoder features"
+      raise ValueError(f"{what} have width {feats[2]}, the projector expects {width}: use the "
+                       "encoder this language side was trained with.")
+    counts = np.sum(ids == self.config.image_token_id, axis=1)
+    if np.any(counts != feats[1]):
+      raise ValueError(
+          f"input_ids hold {counts.tolist()} <image> tokens (id {self.config.image_token_id}) "
+          f"per row but the encoder gives {feats[1]} features per image: each prompt needs "
+          f"exactly one <image>, expanded to {feats[1]} tokens (prompt_ids does this).")
+    valid = np.ones(ids.shape, bool) if valid is None else np.asarray(valid, bool)
+    if valid.shape != ids.shape:
+      raise ValueError(f"valid must have the shape of input_ids {ids.shape}, got {valid.shape}.")
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(valid)
+
+  def logits(self, params: Params, input_ids: Any, features: Any, *, valid: Any = None,
+             projected: bool = False) -> jax.Array:
+    """Logits of every prompt position: ``float32 [B, L, vocab]`` (one jitted pass).
+
+    ``features`` are encoder features ``[B, T, D]``, or projected ones ``[B, T, hidden]``
+    when ``projected`` (transformers' ``mm_encoder_outputs``).
+    """
+    ids, valid = self._check_ids(input_ids, valid, features, projected)
+    return _forward(self.language, params["language"], ids, valid,
+                    jnp.asarray(features), projected=projected)
+
+  def generate_ids(self, params: Params, input_ids: Any, features: Any, *, valid: Any = None,
+                   max_new_tokens: int = 64, projected: bool = False
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Greedy decoding from ids and features: ``(tokens int32 [B, max_new_tokens], num_steps)``.
+
+    See :func:`fsjax.decoding.greedy_decode` for the padding of finished rows.
+    """
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+    ids, valid = self._check_ids(input_ids, valid, features, projected)
+    eos = self.eos_token_id
+    return _generate(self.language, params["language"], ids, valid, jnp.asarray(features),
+                     jnp.atleast_1d(jnp.asarray(eos, jnp.int32)),
+                     jnp.int32(self.pad_token_id), max_new_tokens=int(max_new_tokens),
+                     projected=projected)
+
+  def generate(self, params: Params, images: Any, prompt: str | Sequence[str], *,
+               max_new_tokens: int = 64, key: jax.Array | None = None) -> list[str]:
+    """Answers: ``[B, H, W, 3]`` images in [0, 1] and a prompt (or B prompts) -> B strings.
+
+    Args:
+      params: ``{"vision": ..., "language": ...}``.
+      images: images in [0, 1] pixel space; the encoder resizes them to its resolution.
+      prompt: the user's text (one for all images, or one per image), without
+        ``<image>``: the chat format adds it.
+      max_new_tokens: the most tokens generated per answer.
+      key: PRNG key of the smoothing noise (used only by a smoothed model; default
+        ``jax.random.key(0)``).
+
+    Returns:
+      B decoded strings, special tokens and everything after EOS removed.
+    """
+    if self.tokenizer is None:
+      raise ValueError("This model has no tokenizer: use generate_ids with token ids.")
+    b = np.shape(images)[0] if np.ndim(images) == 4 else None
+    features = self.image_features(params, images, key=key)
+    ids, valid = self.prompt_ids(prompt, batch=b, num_image_tokens=features.shape[1])
+    tokens, _ = self.generate_ids(params, ids, features, valid=valid,
+                                  max_new_tokens=max_new_tokens)
+    return prompt_lib.decode(self.tokenizer, np.asarray(tokens), eos_token_id=self.eos_token_id)
+
+
+def param_shardings(params: Params, mesh: jax.sharding.Mesh, *, axis: str = "model") -> Any:
+  """``NamedSharding`` tree for ``params`` (a Llava tree, or its "language" part).
+
+  Megatron-style over ``axis``: q/k/v, gate/up, projector linear_1 and the LM head are
+  split along their output dimension, o/down and linear_2 along their input dimension,
+  the token embedding along its hidden dimension; everything else (norms, biases, the
+  vision tower) is replicated, as is any matrix whose dimension is not divisible by the
+  axis size. With one device every leaf is replicated.
+  """
+  size = mesh.shape[axis]
+  column = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "linear_1", "lm_head")
+  row = ("o_proj", "down_proj", "linear_2")
+
+  def spec(path, leaf):
+    names = [getattr(p, "key", str(p)) for p in path]
+    shape = np.shape(leaf)
+    if "vision" in names or len(shape) != 2:
+      return jax.NamedSharding(mesh, jax.P())
+    parent = names[-2] if len(names) > 1 else ""
+    if parent in column:
+      dim = 1
+    elif parent in row:
+      dim = 0
+    elif parent == "embed_tokens":
+      dim = 1
+    else:
+      return jax.NamedSharding(mesh, jax.P())
+    if shape[dim] % size:
+      return jax.NamedSharding(mesh, jax.P())
+    return jax.NamedSharding(mesh, jax.P(*[axis if i == dim else None for i in range(2)]))
+
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def make_mesh(num_devices: int | None = None, *, axis: str = "model") -> jax.sharding.Mesh:
+  """A 1-D mesh over ``num_devices`` local devices (default all) for :func:`param_shardings`."""
+  devices = jax.local_devices()[:num_devices]
+  return jax.make_mesh((len(devices),), (axis,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
