@@ -1,0 +1,361 @@
+"""Loading OpenFlamingo and MPT from a user's local files; nothing is downloaded.
+
+OpenFlamingo-9B comes in three parts, each loaded from its own path:
+
+* ``checkpoint.pt`` (``openflamingo/OpenFlamingo-9B-vitl-mpt7b``): a torch state dict,
+  read with :mod:`fsjax.torch_pickle` (an allow-listed unpickler: no code from the file
+  runs). It holds the Perceiver resampler, the gated cross-attention blocks and the
+  token embedding (with the rows OpenFlamingo added for ``<|endofchunk|>``, ``<image>``
+  and ``<PAD>``: the vocabulary size is taken from it), and possibly the decoder and the
+  vision tower too. OpenFlamingo's module wrapping names the same tensors several times
+  (``lang_encoder.old_decoder_blocks.N.*`` and ``lang_encoder.transformer.blocks.N.
+  decoder_layer.*`` are the decoder blocks; ``lang_encoder.gated_cross_attn_layers.N.*``
+  and ``lang_encoder.transformer.blocks.N.gated_cross_attn_layer.*`` the cross-attention):
+  the aliases are merged (and must hold equal values). As OpenFlamingo's own
+  ``load_state_dict(..., strict=False)``, it is applied on top of the next two parts.
+* the MPT-7B Hugging Face folder (``config.json`` plus ``model.safetensors``, sharded
+  safetensors, or ``pytorch_model*.bin`` shards with their index, the latter read with
+  the same restricted unpickler).
+* the vision tower: an OpenCLIP or Hugging Face CLIP ViT-L/14 (anything
+  :func:`fsjax.clip.load` reads; FARE / TeCoA files included), used as
+  ``ClipEncoder(feature="patch_tokens", layer=-1)``; or any ``(Encoder, params)`` pair.
+  Without one, ``vision_encoder.*`` entries of ``checkpoint.pt`` are used, if present.
+
+Every mismatch (missing, unexpected, mis-shaped parameter) is reported in one error that
+lists them all with their source names and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsjax import encoders
+from fsjax import torch_pickle
+from fsjax.clip import checkpoint as clip_checkpoint
+from fsjax.clip import encoder as clip_encoder
+from fsjax.flamingo import model as model_lib
+from fsjax.flamingo import mpt
+
+_MPT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+  """Reads a torch-style state dict (name -> numpy array) from one weight file or index.
+
+  ``.safetensors`` and safetensors indexes as :mod:`fsjax.clip.checkpoint` reads them;
+  pickles (``.pt``, ``.bin``, ``.pth``) with :func:`fsjax.torch_pickle.load`. A
+  ``state_dict`` / ``model_state_dict`` wrapper and DDP ``module.`` prefixes are removed.
+  """
+  if path.endswith(".index.json"):
+    with open(path) as f:
+      shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+      state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
+    return state
+  if path.endswith(".safetensors"):
+    return clip_checkpoint._read_state_dict(path)  # pylint: disable=protected-access
+  obj = torch_pickle.load(path)
+  for key in ("model_state_dict", "state_dict"):
+    if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+      obj = obj[key]
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
+  state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+  return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+
+
+def to_flax(state: Mapping[str, np.ndarray], expected: Mapping[str, Any], *, origin: str,
+            describe: str) -> dict:
+  """Torch names and layouts -> the parameter tree ``expected``, checking every entry.
+
+  The name rule: dots -> slashes; a ``weight`` becomes ``kernel`` (transposed: torch
+  Linear is ``[out, in]``), ``scale`` (LayerNorm) or ``embedding`` (Embedding), whichever
+  the expected tree has; other leaves keep their names.
+
+  Args:
+    state: torch name -> array.
+    expected: the nested tree of the model's parameters (shapes from ``jax.eval_shape``).
+    origin: where ``state`` came from (for the error).
+    describe: the architecture in words (for the error).
+
+  Returns:
+    The nested parameter tree, float32.
+
+  Raises:
+    ValueError: listing every missing, unexpected or mis-shaped parameter.
+  """
+  shapes = {k: tuple(v.shape) for k, v in
+            flax.traverse_util.flatten_dict(expected, sep="/").items()}
+  flat, sources = {}, {}
+  for key, value in state.items():
+    path = key.replace(".", "/")
+    if path.endswith("/weight"):
+      stem = path[:-len("weight")]
+      for leaf in ("kernel", "scale", "embedding"):
+        if stem + leaf in shapes:
+          path = stem + leaf
+          break
+      if path.endswith("/kernel") and value.ndim == 2:
+        value = value.T
+    flat[path], sources[path] = value, (key, tuple(state[key].shape))
+  problems = []
+  for path, shape in sorted(shapes.items()):
+    if path not in flat:
+      problems.append(f"  missing    {path}: expected {shape}, found nothing")
+    elif tuple(flat[path].shape) != shape:
+      key, src_shape = sources[path]
+      problems.append(f"  mis-shaped {path}: expected {shape}, found {tuple(flat[path].shape)} "
+                      f"(from {key!r} of shape {src_shape})")
+  for path in sorted(set(flat) - set(shapes)):
+    key, src_shape = sources[path]
+    problems.append(f"  unexpected {path}: expected nothing (from {key!r} of shape {src_shape})")
+  if problems:
+    raise ValueError(f"{origin} does not match the architecture ({describe}); "
+                     f"{len(problems)} problem(s):\n" + "\n".join(problems))
+  params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in flat.items()}
+  return flax.traverse_util.unflatten_dict(params, sep="/")
+
+
+def _resolve_dir(path, what: str) -> str:
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise ValueError(f"{what}={path!r} is not a directory. Pass the local Hugging Face folder "
+                     "(config.json + weights); nothing is ever downloaded.")
+  snapshots = os.path.join(path, "snapshots")
+  if os.path.isdir(snapshots) and not os.path.exists(os.path.join(path, "config.json")):
+    return clip_checkpoint._resolve(path)  # pylint: disable=protected-access
+  return path
+
+
+def _read_mpt_folder(path) -> tuple[mpt.MPTConfig, dict[str, np.ndarray], str]:
+  path = _resolve_dir(path, "lang_encoder")
+  config_file = os.path.join(path, "config.json")
+  if not os.path.exists(config_file):
+    raise ValueError(f"lang_encoder={path!r} has no config.json; pass the MPT-7B Hugging Face "
+                     "folder.")
+  with open(config_file) as f:
+    config = mpt.MPTConfig.from_hf_dict(json.load(f), origin=config_file)
+  weights = next((os.path.join(path, w) for w in _MPT_WEIGHTS
+                  if os.path.exists(os.path.join(path, w))), None)
+  if weights is None:
+    raise ValueError(f"MPT folder {path} has config.json but none of the weight files "
+                     f"{list(_MPT_WEIGHTS)}.")
+  state = read_state_dict(weights)
+  state.pop("lm_head.weight", None)  # tied to transformer.wte.weight
+  return config, state, weights
+
+
+def _describe_mpt(c: mpt.MPTConfig) -> str:
+  return (f"MPT: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads, vocab "
+          f"{c.vocab_size}")
+
+
+def load_mpt(path, *, dtype: Any = jnp.float32) -> tuple[mpt.MPTForCausalLM, dict]:
+  """Loads an MPT Hugging Face folder: ``model, params = load_mpt(path)``.
+
+  Args:
+    path: folder with ``config.json`` and the weights (or a Hugging Face cache folder).
+    dtype: compute dtype; parameters are returned as float32.
+
+  Returns:
+    ``(MPTForCausalLM, params)``.
+  """
+  config, state, origin = _read_mpt_folder(path)
+  model = mpt.MPTForCausalLM(config, dtype=dtype)
+  params = to_flax(state, _param_shapes(model, jnp.zeros((1, 1), jnp.int32)), origin=origin,
+                   describe=_describe_mpt(config))
+  return model, params
+
+
+def _param_shapes(model, *args) -> dict:
+  return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+
+
+_ALIASES = (
+    # (pattern, canonical): OpenFlamingo's FlamingoLayer wrapping and its two ModuleLists.
+    (re.compile(r"^lang_encoder\.old_decoder_blocks\.(\d+)\."), r"lang_encoder.transformer.blocks.\1."),
+    (re.compile(r"^lang_encoder\.transformer\.blocks\.(\d+)\.decoder_layer\."),
+     r"lang_encoder.transformer.blocks.\1."),
+    (re.compile(r"^lang_encoder\.transformer\.blocks\.(\d+)\.gated_cross_attn_layer\."),
+     r"lang_encoder.gated_cross_attn_layers.\1."),
+)
+
+
+def deduplicate(state: Mapping[str, np.ndarray], *, origin: str) -> dict[str, np.ndarray]:
+  """Maps OpenFlamingo's alias names to one canonical name each (see the module docstring).
+
+  Raises:
+    ValueError: if two aliases of one parameter hold different values.
+  """
+  out, first = {}, {}
+  conflicts = []
+  for key, value in state.items():
+    canonical = key
+    for pattern, repl in _ALIASES:
+      canonical = pattern.sub(repl, canonical)
+    if canonical in out:
+      if out[canonical].shape != value.shape or not np.array_equal(out[canonical], value):
+        conflicts.append(f"  {first[canonical]!r} and {key!r}")
+      continue
+    out[canonical], first[canonical] = value, key
+  if conflicts:
+    raise ValueError(f"{origin}: names that alias one parameter hold different values:\n"
+                     + "\n".join(conflicts))
+  return out
+
+
+def _flamingo_config(ckpt: Mapping[str, np.ndarray], lang: mpt.MPTConfig, *, origin: str,
+                     media_token_id: int, eoc_token_id: int) -> model_lib.FlamingoConfig:
+  """Infers the resampler and cross-attention sizes from the checkpoint's shapes."""
+  def need(key):
+    if key not in ckpt:
+      raise ValueError(f"{origin} is not an OpenFlamingo checkpoint: no {key!r} (first keys: "
+                       f"{sorted(ckpt)[:5]}).")
+    return ckpt[key]
+
+  num_latents, vis_dim = need("perceiver.latents").shape
+  depth = 1 + max(int(m.group(1)) for k in ckpt
+                  if (m := re.match(r"perceiver\.layers\.(\d+)\.", k)))
+  inner = need("perceiver.layers.0.0.to_q.weight").shape[0]
+  dim_head = 64  # OpenFlamingo's fixed head width; heads = inner / 64
+  ff_mult = need("perceiver.layers.0.1.1.weight").shape[0] // vis_dim
+  xattn = sorted({int(m.group(1)) for k in ckpt
+                  if (m := re.match(r"lang_encoder\.gated_cross_attn_layers\.(\d+)\.", k))})
+  if not xattn:
+    raise ValueError(f"{origin} has no gated cross-attention layers "
+                     "(lang_encoder.gated_cross_attn_layers.N.*).")
+  every = xattn[0] + 1
+  wanted = [i for i in range(lang.n_layers) if (i + 1) % every == 0]
+  if xattn != wanted:
+    raise ValueError(f"{origin}: cross-attention before layers {xattn}, which is not every "
+                     f"{every}-th of {lang.n_layers} layers ({wanted}).")
+  vocab = ckpt.get("lang_encoder.transformer.wte.weight")
+  if vocab is not None:
+    lang = lang.__class__(**{**lang.__dict__, "vocab_size": vocab.shape[0]})
+  return model_lib.FlamingoConfig(lang=lang, media_token_id=media_token_id,
+                                  eoc_token_id=eoc_token_id, vis_dim=vis_dim,
+                                  cross_attn_every_n_layers=every, perceiver_depth=depth,
+                                  num_latents=num_latents, dim_head=dim_head,
+                                  heads=inner // dim_head, ff_mult=ff_mult)
+
+
+def load_tokenizer(path):
+  """The gpt-neox-20b tokenizer from a local folder, with OpenFlamingo's special tokens.
+
+  As ``open_flamingo.create_model_and_transforms``: adds ``<|endofchunk|>`` and
+  ``<image>``, and ``<PAD>`` when there is no pad token; pads on the left for generation.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise ValueError(f"tokenizer={path!r} is not a directory; pass the local folder of the "
+                     "gpt-neox-20b tokenizer (tokenizer.json ...).")
+  tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  tok.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
+  if tok.pad_token is None:
+    tok.add_special_tokens({"pad_token": "<PAD>"})
+  tok.padding_side = "left"
+  return tok
+
+
+def _vision(vision_encoder, ckpt_vision: dict[str, np.ndarray], *, dtype, origin):
+  if isinstance(vision_encoder, tuple):
+    encoder, params = vision_encoder
+    if not isinstance(encoder, encoders.Encoder):
+      raise ValueError("vision_encoder=(encoder, params) needs an fsjax.encoders.Encoder, got "
+                       f"{type(encoder).__name__}.")
+    return encoder, params
+  if vision_encoder is not None:
+    clip, params = clip_checkpoint.load(vision_encoder, dtype=dtype)
+  elif ckpt_vision:
+    state = clip_checkpoint._openclip_unwrap(ckpt_vision)  # pylint: disable=protected-access
+    config = clip_checkpoint._openclip_config(  # pylint: disable=protected-access
+        state, hidden_act="quick_gelu", head_width=64, origin=origin)
+    flat, sources = clip_checkpoint._openclip_to_flax(state)  # pylint: disable=protected-access
+    clip, params = clip_checkpoint._build(config, flat, sources, dtype=dtype,  # pylint: disable=protected-access
+                                          origin=origin)
+  else:
+    raise ValueError(f"{origin} holds no vision tower: pass vision_encoder=<path of the OpenCLIP "
+                     "or Hugging Face CLIP ViT-L/14> or vision_encoder=(encoder, params).")
+  # OpenFlamingo's features: last-block patch tokens, no final LayerNorm.
+  encoder = clip_encoder.ClipEncoder(resolution=clip.config.vision_config.image_size, model=clip,
+                                     feature="patch_tokens", layer=-1)
+  return encoder, params
+
+
+def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
+         media_token_id: int | None = None, eoc_token_id: int | None = None,
+         dtype: Any = jnp.float32) -> model_lib.OpenFlamingo:
+  """Loads OpenFlamingo from local files: ``of = load("checkpoint.pt", lang_encoder=...)``.
+
+  Args:
+    checkpoint: OpenFlamingo's ``checkpoint.pt`` (or a ``.safetensors`` of the same names).
+    lang_encoder: the MPT Hugging Face folder (``anas-awadalla/mpt-7b`` or
+      ``mosaicml/mpt-7b``).
+    vision_encoder: a CLIP path for :func:`fsjax.clip.load` (OpenAI ViT-L/14 for
+      OpenFlamingo-9B; or FARE / TeCoA), an ``(Encoder, params)`` pair, or None to use the
+      ``vision_encoder.*`` entries of ``checkpoint``.
+    tokenizer: the gpt-neox-20b tokenizer folder (needed for ``caption`` and for the
+      default special token ids), or None.
+    media_token_id, eoc_token_id: ids of ``<image>`` and ``<|endofchunk|>``; default from
+      the tokenizer (required without one).
+    dtype: compute dtype, ``jnp.float32`` or ``jnp.bfloat16`` (parameters stay float32).
+
+  Returns:
+    An :class:`~fsjax.flamingo.model.OpenFlamingo`.
+
+  Raises:
+    ValueError: for paths that do not exist or hold something else, unsafe pickles, and
+      (one error listing all of them) missing, unexpected or mis-shaped parameters.
+  """
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"dtype={dtype!r} must be one of {sorted(_DTYPES)}.")
+    dtype = _DTYPES[dtype]
+  checkpoint = os.path.expanduser(os.fspath(checkpoint))
+  if not os.path.isfile(checkpoint):
+    raise ValueError(f"checkpoint={checkpoint!r} is not a file; pass OpenFlamingo's "
+                     "checkpoint.pt. Nothing is ever downloaded.")
+  tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+  if tok is not None:
+    media_token_id = tok.convert_tokens_to_ids("<image>") if media_token_id is None else media_token_id
+    eoc_token_id = (tok.convert_tokens_to_ids("<|endofchunk|>") if eoc_token_id is None
+                    else eoc_token_id)
+  if media_token_id is None or eoc_token_id is None:
+    raise ValueError("without a tokenizer, pass media_token_id (<image>) and eoc_token_id "
+                     "(<|endofchunk|>).")
+  lang, mpt_state, mpt_origin = _read_mpt_folder(lang_encoder)
+  ckpt = deduplicate(read_state_dict(checkpoint), origin=checkpoint)
+  ckpt.pop("lang_encoder.lm_head.weight", None)  # tied to the token embedding
+  ckpt_vision = {k[len("vision_encoder."):]: v for k, v in ckpt.items()
+                 if k.startswith("vision_encoder.")}
+  ckpt = {k: v for k, v in ckpt.items() if not k.startswith("vision_encoder.")}
+  config = _flamingo_config(ckpt, lang, origin=checkpoint, media_token_id=media_token_id,
+                            eoc_token_id=eoc_token_id)
+  if tok is not None and len(tok) > config.lang.vocab_size:
+    raise ValueError(f"the tokenizer has {len(tok)} tokens but the embedding only "
+                     f"{config.lang.vocab_size} rows: tokenizer and checkpoint do not belong "
+                     "together.")
+  # strict=False on top of the language model, as OpenFlamingo loads it.
+  state = {"lang_encoder." + k: v for k, v in mpt_state.items()}
+  state.update(ckpt)
+  model = model_lib.Flamingo(config, dtype=dtype)
+  expected = _param_shapes(model, jnp.zeros((1, 1), jnp.int32),
+                           jnp.zeros((1, 1, 1, config.vis_dim), jnp.float32))
+  params = to_flax(state, expected, origin=f"{checkpoint} + {mpt_origin}",
+                   describe=f"OpenFlamingo, {_describe_mpt(config.lang)}, cross-attention every "
+                   f"{config.cross_attn_every_n_layers} layers, vision width {config.vis_dim}")
+  encoder, encoder_params = _vision(vision_encoder, ckpt_vision, dtype=dtype, origin=checkpoint)
+  return model_lib.OpenFlamingo(model=model, params=params, encoder=encoder,
+                                encoder_params=encoder_params, tokenizer=tok)

@@ -1,0 +1,350 @@
+"""OpenFlamingo in Flax: vision tokens -> Perceiver resampler -> gated cross-attention into MPT.
+
+As ``open_flamingo`` 2.0.1 (``Flamingo`` + ``FlamingoLMMixin``): the images of a row are
+resampled to ``num_latents`` latents each; before every decoder layer ``i`` with
+``(i + 1) % cross_attn_every_n_layers == 0`` a :class:`GatedCrossAttentionBlock` lets each
+text token attend to the latents of its most recent ``<image>`` token (tokens before the
+first image get nothing). Generation stops at ``<|endofchunk|>``.
+
+The vision features are not part of this module: they come from an
+:class:`fsjax.encoders.Encoder`'s token view (``encoder.tokens``), so a smoothed,
+GSB-boosted, FARE or TeCoA encoder plugs in unchanged. For OpenFlamingo-9B that is
+CLIP ViT-L/14 at 224 px, last-block patch tokens without the final LayerNorm
+(``ClipEncoder(feature="patch_tokens", layer=-1)``: ``[B, 256, 1024]``).
+
+Parameter tree (torch state-dict names, dots -> slashes)::
+
+  perceiver/...                                   (fsjax.flamingo.resampler)
+  lang_encoder/transformer/...                    (fsjax.flamingo.mpt)
+  lang_encoder/gated_cross_attn_layers/{i}/...    (i: the layers with cross-attention)
+
+Use: ``of = fsjax.flamingo.load(...)`` then ``of.caption(images)``; or, for any prompt,
+``of.generate(input_ids, images, attention_mask=...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fsjax import decoding
+from fsjax import encoders
+from fsjax.flamingo import mpt
+from fsjax.flamingo import resampler
+
+Dtype = Any
+# OpenFlamingo's own captioning prompt (its COCO evaluation, zero-shot).
+CAPTION_PROMPT = "<image>Output:"
+
+
+@dataclasses.dataclass(frozen=True)
+class FlamingoConfig:
+  """An OpenFlamingo architecture (OpenFlamingo-9B's values except the language model).
+
+  Attributes:
+    lang: the MPT decoder.
+    media_token_id: id of ``<image>``.
+    eoc_token_id: id of ``<|endofchunk|>`` (the end of generation).
+    vis_dim: width of the vision tokens (CLIP ViT-L/14: 1024).
+    cross_attn_every_n_layers: a gated cross-attention block before each decoder layer i
+      with (i + 1) % n == 0 (OpenFlamingo-9B: 4).
+    perceiver_depth, num_latents: the resampler's layers and latents per image.
+    dim_head, heads, ff_mult: of the resampler and the cross-attention blocks alike.
+  """
+
+  lang: mpt.MPTConfig
+  media_token_id: int
+  eoc_token_id: int
+  vis_dim: int = 1024
+  cross_attn_every_n_layers: int = 4
+  perceiver_depth: int = 6
+  num_latents: int = 64
+  dim_head: int = 64
+  heads: int = 8
+  ff_mult: int = 4
+
+  def __post_init__(self):
+    for name in ("media_token_id", "eoc_token_id"):
+      value = getattr(self, name)
+      if not 0 <= value < self.lang.vocab_size:
+        raise ValueError(f"{name}={value} is outside the vocabulary [0, {self.lang.vocab_size}).")
+    if not 1 <= self.cross_attn_every_n_layers <= self.lang.n_layers:
+      raise ValueError(f"cross_attn_every_n_layers={self.cross_attn_every_n_layers} must be in "
+                       f"[1, n_layers={self.lang.n_layers}].")
+
+  @property
+  def cross_attn_layers(self) -> tuple[int, ...]:
+    """Indices of the decoder layers preceded by gated cross-attention."""
+    n = self.cross_attn_every_n_layers
+    return tuple(i for i in range(self.lang.n_layers) if (i + 1) % n == 0)
+
+
+@flax.struct.dataclass
+class FlamingoCache:
+  """What generation carries between steps.
+
+  Attributes:
+    kv: the decoder's keys and values.
+    media: ``[B, M, num_latents, vis_dim]`` resampled latents of each row's images.
+    media_count: int32 ``[B]``, the ``<image>`` tokens seen so far: the 1-based index of
+      the image that the next tokens attend to (0: none yet).
+  """
+
+  kv: decoding.KVCache
+  media: jax.Array
+  media_count: jax.Array
+
+
+class _GatedLayers(nn.Module):
+  """The ``gated_cross_attn_layers`` scope, children named by their decoder layer index."""
+
+  config: FlamingoConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.layers = [
+        resampler.GatedCrossAttentionBlock(cfg.lang.d_model, cfg.vis_dim, cfg.dim_head, cfg.heads,
+                                           cfg.ff_mult, self.dtype, name=str(i))
+        for i in cfg.cross_attn_layers]
+
+
+class FlamingoLM(nn.Module):
+  """``lang_encoder``: MPT's ``transformer`` plus ``gated_cross_attn_layers``."""
+
+  config: FlamingoConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.transformer = mpt.MPTModel(cfg.lang, self.dtype)
+    self.gated_cross_attn_layers = _GatedLayers(cfg, self.dtype)
+
+  def __call__(self, input_ids, media, text_time, cache, valid):
+    blocks = dict(zip(self.config.cross_attn_layers, self.gated_cross_attn_layers.layers))
+
+    def before_block(i, x):
+      return blocks[i](x, media, text_time) if i in blocks else x
+
+    return mpt.decode(self.transformer, input_ids, cache, valid, before_block)
+
+
+class Flamingo(nn.Module):
+  """OpenFlamingo without its vision tower (see the module docstring).
+
+  Attributes:
+    config: the architecture.
+    dtype: compute dtype (float32 or bfloat16); LayerNorms, softmaxes and logits float32.
+  """
+
+  config: FlamingoConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.perceiver = resampler.PerceiverResampler(
+        cfg.vis_dim, cfg.perceiver_depth, cfg.dim_head, cfg.heads, cfg.num_latents, cfg.ff_mult,
+        self.dtype)
+    self.lang_encoder = FlamingoLM(cfg, self.dtype)
+
+  def __call__(self, input_ids: jax.Array, vision_tokens: jax.Array,
+               valid: jax.Array | None = None) -> jax.Array:
+    """Full forward pass: ``[B, T]`` ids and ``[B, M, v, vis_dim]`` tokens -> ``[B, T, V]`` logits.
+
+    ``valid`` (bool ``[B, T]``, transformers' ``attention_mask``) marks left padding.
+    """
+    input_ids = jnp.asarray(input_ids)
+    b, t = input_ids.shape
+    cache = self.start(vision_tokens, capacity=t)
+    if valid is None:
+      valid = jnp.ones((b, t), bool)
+    return self.decode(input_ids, cache, valid)[0]
+
+  def encode_media(self, vision_tokens: jax.Array) -> jax.Array:
+    """``[B, M, v, vis_dim]`` vision tokens -> ``[B, M, num_latents, vis_dim]`` latents."""
+    if vision_tokens.ndim != 4 or vision_tokens.shape[-1] != self.config.vis_dim:
+      raise ValueError(f"vision_tokens must be [B, M, v, {self.config.vis_dim}] (M images per "
+                       f"row), got shape {tuple(vision_tokens.shape)}.")
+    return self.perceiver(vision_tokens)
+
+  def start(self, vision_tokens: jax.Array, *, capacity: int) -> FlamingoCache:
+    """A fresh :class:`FlamingoCache` with room for ``capacity`` tokens per row."""
+    b = vision_tokens.shape[0]
+    kv = mpt.empty_cache(self.config.lang, batch=b, capacity=capacity, dtype=self.dtype)
+    return FlamingoCache(kv=kv, media=self.encode_media(vision_tokens),
+                         media_count=jnp.zeros((b,), jnp.int32))
+
+  def decode(self, input_ids: jax.Array, cache: FlamingoCache, valid: jax.Array
+             ) -> tuple[jax.Array, FlamingoCache]:
+    """``[B, T]`` new tokens after the cached ones -> ``([B, T, V] logits, cache)``."""
+    is_media = input_ids == self.config.media_token_id
+    # Each token attends to its most recent image (open_flamingo: media_locations.cumsum).
+    text_time = cache.media_count[:, None] + jnp.cumsum(is_media, axis=1, dtype=jnp.int32)
+    logits, kv = self.lang_encoder(input_ids, cache.media, text_time, cache.kv, valid)
+    return logits, cache.replace(kv=kv, media_count=text_time[:, -1])
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_id",
+                                             "pad_token_id"))
+def _generate(model, params, ids, valid, vision_tokens, *, max_new_tokens, eos_token_id,
+              pad_token_id):
+  variables = {"params": params}
+  b, t = ids.shape
+  cache = model.apply(variables, vision_tokens, capacity=t + max_new_tokens - 1, method="start")
+  logits, cache = model.apply(variables, ids, cache, valid, method="decode")
+
+  def step(tokens, cache):
+    logits, cache = model.apply(variables, tokens[:, None], cache, jnp.ones((b, 1), bool),
+                                method="decode")
+    return logits[:, -1], cache
+
+  return decoding.greedy_decode(step, logits[:, -1], cache, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+
+
+def generate(model: Flamingo, params, input_ids, vision_tokens, attention_mask=None, *,
+             max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """Greedy generation (one jitted prefill + :func:`fsjax.decoding.greedy_decode`).
+
+  New tokens attend to the last image of their row, as in OpenFlamingo's ``generate``.
+
+  Args:
+    model, params: the Flamingo model.
+    input_ids: int ``[B, T]``, left-padded; row b holds M ``<image>`` tokens (fewer is
+      allowed: those images are then never attended to).
+    vision_tokens: ``[B, M, v, vis_dim]``, the encoder tokens of each row's images in
+      order (``OpenFlamingo.vision_tokens``).
+    attention_mask: ``[B, T]`` 0/1, or None without padding.
+    max_new_tokens: tokens to generate.
+    eos_token_id: default ``<|endofchunk|>``.
+    pad_token_id: what finished rows emit; default ``eos_token_id``'s first id.
+
+  Returns:
+    ``(tokens int32 [B, max_new_tokens], num_steps)`` as ``fsjax.decoding.greedy_decode``.
+  """
+  cfg = model.config
+  ids, valid = mpt.check_prompt(input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                max_seq_len=cfg.lang.max_seq_len)
+  vision_tokens = jnp.asarray(vision_tokens)
+  if vision_tokens.ndim != 4 or vision_tokens.shape[0] != ids.shape[0]:
+    raise ValueError(f"vision_tokens must be [B={ids.shape[0]}, M, v, {cfg.vis_dim}], got shape "
+                     f"{tuple(vision_tokens.shape)}.")
+  counts = np.sum(np.asarray(ids) == cfg.media_token_id, axis=1)
+  if np.any(counts > vision_tokens.shape[1]):
+    raise ValueError(f"input_ids hold up to {counts.max()} <image> tokens (id "
+                     f"{cfg.media_token_id}) per row but vision_tokens has only "
+                     f"{vision_tokens.shape[1]} images per row.")
+  eos = cfg.eoc_token_id if eos_token_id is None else eos_token_id
+  eos = eos if isinstance(eos, int) else tuple(int(e) for e in eos)
+  pad = (eos if isinstance(eos, int) else eos[0]) if pad_token_id is None else int(pad_token_id)
+  return _generate(model, params, ids, valid, vision_tokens, max_new_tokens=int(max_new_tokens),
+                   eos_token_id=eos, pad_token_id=pad)
+
+
+@functools.partial(jax.jit, static_argnames="encoder")
+def _encode(encoder, params, x, sigma):
+  return encoder.tokens(params, x, sigma=sigma)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OpenFlamingo:
+  """A loaded OpenFlamingo: the model, its vision encoder and tokenizer, ready to caption.
+
+  Attributes:
+    model: the :class:`Flamingo` module.
+    params: its parameters.
+    encoder: any :class:`fsjax.encoders.Encoder` whose ``tokens`` are ``[B, v, vis_dim]``
+      (swap in a smoothed / GSB / FARE / TeCoA encoder with ``of.replace(encoder=...,
+      encoder_params=...)``).
+    encoder_params: the encoder's parameters.
+    tokenizer: a transformers tokenizer with ``<image>`` and ``<|endofchunk|>`` (for
+      :meth:`caption`), or None.
+  """
+
+  model: Flamingo
+  params: Any
+  encoder: encoders.Encoder
+  encoder_params: Any
+  tokenizer: Any = None
+
+  def replace(self, **changes) -> "OpenFlamingo":
+    return dataclasses.replace(self, **changes)
+
+  def vision_tokens(self, images, *, sigma: Any = None) -> jax.Array:
+    """Images ``[B, H, W, 3]`` or ``[B, M, H, W, 3]`` in [0, 1] -> ``[B, M, v, vis_dim]``."""
+    shape = np.shape(images)
+    if len(shape) == 4:
+      images = np.asarray(images)[:, None] if not isinstance(images, jax.Array) else images[:, None]
+      shape = np.shape(images)
+    if len(shape) != 5:
+      raise ValueError(f"images must be [B, H, W, 3] or [B, M, H, W, 3] (M images per prompt), "
+                       f"got shape {shape}.")
+    b, m = shape[:2]
+    flat = jnp.reshape(jnp.asarray(images), (b * m, *shape[2:]))
+    encoders.check_images(flat, name="images")
+    tokens = _encode(self.encoder, self.encoder_params, flat, sigma)
+    if tokens.shape[-1] != self.model.config.vis_dim:
+      raise ValueError(f"the encoder gives tokens of width {tokens.shape[-1]}, the model expects "
+                       f"{self.model.config.vis_dim}: use the CLIP tower it was trained with.")
+    return tokens.reshape(b, m, *tokens.shape[1:])
+
+  def generate(self, input_ids, images=None, *, attention_mask=None, vision_tokens=None,
+               max_new_tokens: int = 20, sigma: Any = None, eos_token_id=None,
+               pad_token_id=None) -> tuple[jax.Array, jax.Array]:
+    """Greedy generation from token ids and images (or precomputed ``vision_tokens``).
+
+    See :func:`generate`; ``images`` go through :meth:`vision_tokens` with ``sigma``.
+    """
+    if (images is None) == (vision_tokens is None):
+      raise ValueError("pass exactly one of images and vision_tokens.")
+    if vision_tokens is None:
+      vision_tokens = self.vision_tokens(images, sigma=sigma)
+    if pad_token_id is None and self.tokenizer is not None:
+      pad_token_id = self.tokenizer.pad_token_id
+    return generate(self.model, self.params, input_ids, vision_tokens, attention_mask,
+                    max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id)
+
+  def caption(self, images, prompt: str | Sequence[str] = CAPTION_PROMPT, *,
+              max_new_tokens: int = 20, sigma: Any = None, vision_tokens=None) -> list[str]:
+    """Greedy captions, one per image: ``of.caption(images)``.
+
+    Args:
+      images: ``[B, H, W, 3]`` in [0, 1] (or ``[B, M, H, W, 3]`` with M ``<image>``
+        tokens in each prompt).
+      prompt: one prompt for all rows or one per row, with ``<image>`` where each image
+        goes (default OpenFlamingo's ``"<image>Output:"``).
+      max_new_tokens: caption length limit in tokens.
+      sigma: passed to the encoder (a GSB-boosted encoder conditions on it).
+      vision_tokens: precomputed ``[B, M, v, vis_dim]`` instead of ``images`` (e.g. the
+        Monte Carlo mean of a smoothed encoder's tokens); then ``images`` may be None.
+
+    Returns:
+      B strings: the generated text up to ``<|endofchunk|>``, special tokens removed.
+    """
+    if self.tokenizer is None:
+      raise ValueError("this OpenFlamingo has no tokenizer: load it with tokenizer=<path of the "
+                       "gpt-neox-20b tokenizer folder>, or use generate() with token ids.")
+    if vision_tokens is None:
+      vision_tokens = self.vision_tokens(images, sigma=sigma)
+    b = vision_tokens.shape[0]
+    prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != b:
+      raise ValueError(f"got {len(prompts)} prompts for {b} images.")
+    tok = self.tokenizer
+    tok.padding_side = "left"  # generation continues from the last position of every row
+    batch = tok(prompts, return_tensors="np", padding=True)
+    tokens, num_steps = self.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      vision_tokens=vision_tokens, max_new_tokens=max_new_tokens)
+    tokens = np.asarray(tokens)[:, :int(num_steps)]
+    eoc = self.model.config.eoc_token_id
+    rows = [row[:list(row).index(eoc)] if eoc in row else row for row in tokens]
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in rows]

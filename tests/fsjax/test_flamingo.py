@@ -1,0 +1,238 @@
+"""fsjax.flamingo against the ``open_flamingo`` package (the oracle) on a tiny random model.
+
+The oracle is open_flamingo 2.0.1's own ``Flamingo`` around transformers' MptForCausalLM
+and a tiny HF CLIP vision tower (its last-block patch tokens, as OpenFlamingo's open_clip
+tower gives them). The cross-attention gates are set non-zero: at their initial 0 the
+gated blocks are the identity and parity would hold trivially.
+"""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+# open_flamingo's __init__ imports open_clip (which needs torchvision) for its factory only.
+sys.modules.setdefault("open_clip", types.ModuleType("open_clip"))
+from open_flamingo.src.flamingo import Flamingo as OracleFlamingo  # pylint: disable=g-import-not-at-top
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # pylint: disable=g-import-not-at-top
+from open_flamingo.src.utils import extend_instance  # pylint: disable=g-import-not-at-top
+
+from fsjax import clip as fsjax_clip
+from fsjax import flamingo
+
+WORDS = [f"w{i}" for i in range(124)] + ["Output", ":", "<unk>"]  # ids 0..126
+EOC, MEDIA, PAD = 127, 128, 129  # added by load_tokenizer in this order, as OpenFlamingo does
+VOCAB = 130
+IMAGE = 28
+MEAN, STD = np.array(fsjax_clip.CLIP_MEAN), np.array(fsjax_clip.CLIP_STD)
+
+
+class _Visual(torch.nn.Module):
+  """OpenFlamingo's vision interface: ``x -> (pooled, patch tokens of the last block)``."""
+
+  def __init__(self, clip):
+    super().__init__()
+    self.clip = clip
+
+  def forward(self, x):
+    out = self.clip.vision_model(pixel_values=x)
+    return out.pooler_output, out.last_hidden_state[:, 1:]  # no post-LayerNorm on tokens
+
+
+def _randomise(module, generator, *, scale):
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      if name.endswith("_gate"):
+        continue
+      if p.ndim == 1:  # every 1-d parameter here is a LayerNorm's (linears have no bias)
+        base = 1.0 if name.endswith("weight") else 0.0
+        p.copy_(base + 0.2 * torch.randn(p.shape, generator=generator))
+      else:
+        p.copy_(scale * torch.randn(p.shape, generator=generator))
+
+
+def _tokenizer(folder):
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)},
+                                                         unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(
+      folder)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """``(oracle, of)``: open_flamingo's model and fsjax's, loaded from the oracle's files."""
+  root = tmp_path_factory.mktemp("flamingo")
+  g = torch.Generator().manual_seed(0)
+  torch.manual_seed(0)
+  clip = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      image_size=IMAGE, patch_size=14, projection_dim=16)).eval()
+  clip.save_pretrained(root / "clip")
+  # The MPT folder has more embedding rows than the checkpoint, as MPT-7B (50432) vs
+  # OpenFlamingo-9B (50280 after resize_token_embeddings): the checkpoint's count wins.
+  lm = transformers.MptForCausalLM(transformers.MptConfig(
+      d_model=64, n_heads=4, n_layers=4, expansion_ratio=4, vocab_size=136, max_seq_len=64,
+      no_bias=True)).eval()
+  _randomise(lm, g, scale=0.1)
+  lm.save_pretrained(root / "mpt")
+  lm.resize_token_embeddings(VOCAB)
+  extend_instance(lm, FlamingoLMMixin)
+  lm.set_decoder_layers_attr_name("transformer.blocks")
+  oracle = OracleFlamingo(types.SimpleNamespace(visual=_Visual(clip)), lm, eoc_token_id=EOC,
+                          media_token_id=MEDIA, vis_dim=32, cross_attn_every_n_layers=2).eval()
+  _randomise(oracle.perceiver, g, scale=0.1)
+  _randomise(lm.gated_cross_attn_layers, g, scale=0.1)
+  with torch.no_grad():
+    for i, layer in enumerate(lm.gated_cross_attn_layers):
+      if layer is not None:  # non-zero gates, else cross-attention is a no-op
+        layer.attn_gate.fill_(0.8 - 0.3 * i)
+        layer.ff_gate.fill_(-0.6 + 0.2 * i)
+  # As OpenFlamingo saves it: the vision tower filtered out, the aliases kept.
+  state = {k: v for k, v in oracle.state_dict().items() if not k.startswith("vision_encoder.")}
+  assert any(k.startswith("lang_encoder.old_decoder_blocks.") for k in state)
+  torch.save(state, root / "checkpoint.pt")
+  _tokenizer(root / "tokenizer")
+  of = flamingo.load(root / "checkpoint.pt", lang_encoder=root / "mpt",
+                     vision_encoder=root / "clip", tokenizer=root / "tokenizer")
+  return oracle, of, root
+
+
+def _images(b, m, seed):
+  return np.random.default_rng(seed).uniform(size=(b, m, IMAGE, IMAGE, 3)).astype(np.float32)
+
+
+def _oracle_vision_x(images):
+  """[B, M, H, W, 3] in [0, 1] -> OpenFlamingo's [B, M, F=1, 3, H, W], CLIP-normalised."""
+  x = (images - MEAN) / STD
+  return torch.tensor(x.transpose(0, 1, 4, 2, 3)[:, :, None], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("prompt,num_images", [
+    ("<image> w1 w2 w3 w4", 1),                        # an image at the start
+    ("w5 w6 w7 <image> w8 w9", 1),                     # text before the image
+    ("<image> w1 w2 <|endofchunk|> <image> w3 w4 w5", 2),  # two images
+])
+def test_logits_match_open_flamingo(models, prompt, num_images):
+  oracle, of, _ = models
+  ids = of.tokenizer([prompt] * 2, return_tensors="np")["input_ids"]
+  assert (ids == MEDIA).sum(1).tolist() == [num_images] * 2
+  images = _images(2, num_images, seed=len(prompt))
+  with torch.no_grad():
+    ref = oracle(_oracle_vision_x(images), torch.tensor(ids),
+                 attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits.numpy()
+  tokens = of.vision_tokens(images)
+  out = np.asarray(of.model.apply({"params": of.params}, ids, tokens))
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+  # The images matter: the same text with the rows' images swapped changes the logits
+  # after the first image only.
+  swapped = np.asarray(of.model.apply({"params": of.params}, ids, tokens[::-1]))
+  first = int(np.argmax(ids[0] == MEDIA))
+  np.testing.assert_allclose(swapped[0, :first], out[0, :first], atol=1e-6)
+  assert np.abs(swapped[0, first:] - out[0, first:]).max() > 1e-3
+
+
+def _oracle_greedy(oracle, vision_x, ids, mask, *, max_new_tokens):
+  """open_flamingo's forward in a loop (its generate() fails under transformers 5),
+  with transformers' greedy rules: argmax; a row that emitted EOS emits PAD after it."""
+  ids, mask = torch.tensor(ids), torch.tensor(mask)
+  out, done = [], torch.zeros(ids.shape[0], dtype=torch.bool)
+  with torch.no_grad():
+    for _ in range(max_new_tokens):
+      logits = oracle(vision_x, ids, attention_mask=mask).logits[:, -1]
+      token = torch.where(done, torch.tensor(PAD), logits.argmax(-1))
+      done |= token == EOC
+      out.append(token)
+      ids = torch.cat([ids, token[:, None]], 1)
+      mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+      if done.all():
+        break
+  return torch.stack(out, 1).numpy()
+
+
+def test_cached_greedy_equals_oracle_loop(models):
+  oracle, of, _ = models
+  prompts = ["w3 <image> w4 w5", "<image> w7 <|endofchunk|> <image> w8 w9"]
+  batch = of.tokenizer(prompts, return_tensors="np", padding=True)
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  assert mask[0, 0] == 0 and ids[0, 0] == PAD  # row 0 is left-padded
+  images = _images(2, 2, seed=7)
+  ref = _oracle_greedy(oracle, _oracle_vision_x(images), ids, mask, max_new_tokens=10)
+  tokens, num_steps = of.generate(ids, images, attention_mask=mask, max_new_tokens=10)
+  assert len(set(ref[1].tolist())) > 2  # not one repeated token
+  assert int(num_steps) == ref.shape[1]
+  np.testing.assert_array_equal(np.asarray(tokens)[:, :ref.shape[1]], ref)
+
+
+def test_caption_in_a_few_lines(models):
+  """The captioning API: prompts tokenised, left-padded, generated, cut at <|endofchunk|>."""
+  oracle, of, _ = models
+  images = _images(3, 1, seed=11)
+  captions = of.caption(images[:, 0], max_new_tokens=6)
+  ids = of.tokenizer([flamingo.CAPTION_PROMPT] * 3, return_tensors="np")["input_ids"]
+  ref = _oracle_greedy(oracle, _oracle_vision_x(images), ids, np.ones_like(ids), max_new_tokens=6)
+  expected = [" ".join(WORDS[t] for t in row if t < EOC) for row in
+              (r[:list(r).index(EOC)] if EOC in r else r for r in ref)]
+  assert captions == expected
+  assert all(isinstance(c, str) for c in captions)
+
+
+def test_encoder_is_pluggable(models):
+  """Any Encoder with [B, v, vis_dim] tokens replaces the tower (here: tokens scaled by 2)."""
+  _, of, _ = models
+  base = of.encoder
+
+  class Scaled(type(base)):
+    def tokens(self, params, x, *, sigma=None):
+      return 2.0 * super().tokens(params, x, sigma=sigma)
+
+  scaled = of.replace(encoder=Scaled(resolution=base.resolution, model=base.model,
+                                     feature=base.feature, layer=base.layer))
+  images = _images(1, 1, seed=3)
+  np.testing.assert_allclose(np.asarray(scaled.vision_tokens(images)),
+                             2.0 * np.asarray(of.vision_tokens(images)), rtol=1e-6)
+
+
+def test_loader_errors(models, tmp_path):
+  _, _, root = models
+  from fsjax import torch_pickle  # pylint: disable=g-import-not-at-top
+  state = torch_pickle.load(root / "checkpoint.pt")
+  kwargs = dict(lang_encoder=root / "mpt", vision_encoder=root / "clip", media_token_id=MEDIA,
+                eoc_token_id=EOC)
+
+  bad = {k: torch.tensor(v) for k, v in state.items()}
+  bad["perceiver.layers.0.0.to_q.weight"] = torch.zeros(512, 31)
+  del bad["lang_encoder.gated_cross_attn_layers.1.ff_gate"]
+  del bad["lang_encoder.transformer.blocks.1.gated_cross_attn_layer.ff_gate"]
+  torch.save(bad, tmp_path / "bad.pt")
+  with pytest.raises(ValueError) as e:
+    flamingo.load(tmp_path / "bad.pt", **kwargs)
+  message = str(e.value)
+  assert "2 problem(s)" in message
+  assert ("mis-shaped perceiver/layers/0/0/to_q/kernel: expected (32, 512), found (31, 512) "
+          "(from 'perceiver.layers.0.0.to_q.weight' of shape (512, 31))") in message
+  assert "missing    lang_encoder/gated_cross_attn_layers/1/ff_gate: expected (1,)" in message
+
+  conflict = {k: torch.tensor(v) for k, v in state.items()}
+  conflict["lang_encoder.old_decoder_blocks.2.norm_1.weight"] += 1.0
+  torch.save(conflict, tmp_path / "conflict.pt")
+  with pytest.raises(ValueError, match="alias one parameter hold different values"):
+    flamingo.load(tmp_path / "conflict.pt", **kwargs)
+
+  with pytest.raises(ValueError, match="pass media_token_id"):
+    flamingo.load(root / "checkpoint.pt", lang_encoder=root / "mpt", vision_encoder=root / "clip")
+
+
+def test_deduplicate_maps_every_alias():
+  a, b = np.ones(2), np.zeros(2)
+  state = {"lang_encoder.old_decoder_blocks.3.attn.Wqkv.weight": a,
+           "lang_encoder.transformer.blocks.3.decoder_layer.attn.Wqkv.weight": a,
+           "lang_encoder.gated_cross_attn_layers.3.attn_gate": b,
+           "lang_encoder.transformer.blocks.3.gated_cross_attn_layer.attn_gate": b}
+  assert sorted(flamingo.deduplicate(state, origin="x")) == [
+      "lang_encoder.gated_cross_attn_layers.3.attn_gate",
+      "lang_encoder.transformer.blocks.3.attn.Wqkv.weight"]
