@@ -24,6 +24,7 @@ from fsjax.tasks._files import load_scienceqa
 from fsjax.tasks._instructions import Example
 from fsjax.tasks._instructions import instruction_examples
 from fsjax.tasks._instructions import load_instructions
+from fsjax.tasks._instructions import vocabulary_texts
 from fsjax.tasks._judges import ClipTextJudge
 from fsjax.tasks._judges import Judge
 from fsjax.tasks._judges import LLMJudge
@@ -72,5 +73,5 @@ __all__ = [
     "instruction_examples", "instructions", "judge_captions", "judges", "load_instructions",
     "load_scienceqa", "markdown_table", "parse_integer", "parse_letter", "rate_and_mean",
     "save_tokenizer", "summarize_captions", "summarize_choices", "training_arrays",
-    "vqa_prompt", "vqa_question",
+    "vocabulary_texts", "vqa_prompt", "vqa_question",
 ]

@@ -159,6 +159,29 @@ def instruction_examples(images: np.ndarray, labels: Sequence[int], *, seed: int
   return out
 
 
+def vocabulary_texts() -> list[str]:
+  """Every word the instruction data can use, as texts for ``build_tokenizer``.
+
+  The chat-formatted prompts of the three tasks (the VQA prompt with every class name)
+  and every possible answer (" 0".." 9", " A".." E", each caption of each class, tone
+  and template), with the leading space answers have after "ASSISTANT:". A fixed set:
+  ``build_tokenizer(vocabulary_texts())`` gives the same ids whatever the seed or the
+  number of images, and knows every word of every example.
+  """
+  from fsjax.tasks import _tokenizer  # pylint: disable=g-import-not-at-top
+  names = CAPTION_NAMES
+  prompts = [classify_prompt(), _prompts.CAPTION_PROMPT]
+  prompts += [_prompts.vqa_prompt(VQA_QUESTION, [names[(i + k) % 10] for k in range(4)])
+              for i in range(10)]
+  answers = [str(i) for i in range(len(CLEAN_LABELS) + 1)]
+  answers += list(_prompts.LETTERS[:VQA_CHOICES + 1])
+  for label in range(10):
+    for level in (0.8, 0.6, 0.3):  # white, light gray, dark gray
+      image = np.full((2, 2, 3), level, np.float32)
+      answers += [caption(image, label, t) for t in range(len(CAPTION_TEMPLATES))]
+  return [_tokenizer.chat_prompt(p) for p in prompts] + [" " + a for a in answers]
+
+
 def load_instructions(*, split: str = "train", image_size: int = 64, per_class: int = 100,
                       seed: int = 0, tasks: Sequence[str] = TASKS,
                       data_dir: str | os.PathLike | None = None,

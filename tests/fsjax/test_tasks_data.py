@@ -236,10 +236,11 @@ def test_load_instructions_through_fsjax_data(tmp_path):
 
 @pytest.fixture(scope="module")
 def corpus():
+  """Examples of two seeds and the tokenizer's texts (the fixed vocabulary set)."""
   images, labels, _ = _fashion_like()
-  examples = tasks.instruction_examples(images, labels, seed=0)
-  texts = [tasks.chat_prompt(e.prompt) for e in examples] + [" " + e.answer for e in examples]
-  return examples, texts
+  examples = (tasks.instruction_examples(images, labels, seed=0)
+              + tasks.instruction_examples(images, labels, seed=1))
+  return examples, tasks.vocabulary_texts()
 
 
 def test_vocabulary_order_is_hand_computed():
@@ -276,11 +277,13 @@ def test_tokenizer_round_trip_and_special_tokens(corpus, tmp_path):
   for text in texts[::7]:
     assert loaded(text)["input_ids"] == tok(text)["input_ids"]
     assert loaded.decode(loaded(text)["input_ids"]) == "<s>" + text
-  # Stable: the same seed gives the same vocabulary.
-  images, labels, _ = _fashion_like()
-  again = tasks.instruction_examples(images, labels, seed=0)
-  texts2 = [tasks.chat_prompt(e.prompt) for e in again] + [" " + e.answer for e in again]
-  assert tasks.build_tokenizer(texts2).get_vocab() == tok.get_vocab()
+  # Stable: the vocabulary is a function of the (fixed) texts; it covers a corpus of
+  # examples, and a corpus adds no word to it.
+  assert tasks.build_tokenizer(tasks.vocabulary_texts()).get_vocab() == tok.get_vocab()
+  used = [tasks.chat_prompt(e.prompt) for e in examples] + [" " + e.answer for e in examples]
+  assert set(tasks.build_tokenizer(used).get_vocab()) <= set(tok.get_vocab())
+  # <image> repeated in the text (as LlavaProcessor expands it) is one id per copy.
+  assert tok("<image>" * 3, add_special_tokens=False)["input_ids"] == [4, 4, 4]
   with pytest.raises(ValueError, match="must not contain"):
     tasks.chat_prompt("look: <image>")
 
@@ -314,9 +317,10 @@ def test_training_arrays_split_matches_joint_tokenization(corpus):
   examples, texts = corpus
   tok = tasks.build_tokenizer(texts)
   arrays = tasks.training_arrays(tok, [e.prompt for e in examples],
-                                 [e.answer for e in examples], num_image_tokens=1)
+                                 [e.answer for e in examples], num_image_tokens=3)
   for row, e in enumerate(examples):
-    joint = tok(tasks.chat_prompt(e.prompt) + " " + e.answer)["input_ids"] + [2]
+    text = tasks.chat_prompt(e.prompt).replace("<image>", "<image>" * 3) + " " + e.answer
+    joint = tok(text)["input_ids"] + [2]
     length = int(arrays["attention_mask"][row].sum())
     assert arrays["input_ids"][row, :length].tolist() == joint
     answer = arrays["input_ids"][row][arrays["loss_mask"][row] == 1]
