@@ -240,9 +240,7 @@ def load_scienceqa(path: str | os.PathLike, *, image_size: int,
     raise ValueError(f"ScienceQA file {path} must hold a non-empty list of records.")
   if num_examples is not None:
     records = records[:num_examples]
-  out = ScienceQA(images=np.zeros((0,)), questions=[], choices=[], answers=np.zeros((0,)),
-                  ids=[])
-  images, answers = [], []
+  images, questions, choices_list, answers, ids = [], [], [], [], []
   for i, r in enumerate(records):
     where = f"ScienceQA file {path}, record {i}"
     if not isinstance(r, dict):
@@ -264,8 +262,9 @@ def load_scienceqa(path: str | os.PathLike, *, image_size: int,
     if not image.is_file():
       raise FileNotFoundError(f"{where}: image {image} does not exist.")
     images.append(_read_image(image, image_size))
+    questions.append(str(r["question"]))
+    choices_list.append(list(choices))
     answers.append(answer)
-    out.questions.append(str(r["question"]))
-    out.choices.append(list(choices))
-    out.ids.append(str(r.get("id", i)))
-  return dataclasses.replace(out, images=np.stack(images), answers=np.array(answers, np.int32))
+    ids.append(str(r.get("id", i)))
+  return ScienceQA(images=np.stack(images), questions=questions, choices=choices_list,
+                   answers=np.array(answers, np.int32), ids=ids)
