@@ -56,7 +56,6 @@ from fsjax.tasks._prompts import vqa_question
 from fsjax.tasks._tokenizer import IMAGE
 from fsjax.tasks._tokenizer import SPECIAL_TOKENS
 from fsjax.tasks._tokenizer import build_tokenizer
-from fsjax.tasks._tokenizer import chat_prompt
 from fsjax.tasks._tokenizer import save_tokenizer
 from fsjax.tasks._tokenizer import training_arrays
 from fsjax.tasks import _instructions as instructions
@@ -67,7 +66,7 @@ __all__ = [
     "Example", "IMAGE", "ImagePairs", "Judge", "LLMJudge", "LexicalJudge",
     "NONE_OF_THE_ABOVE", "PAPER_CLASSES", "PAPER_IMAGENET_IDS", "PAPER_TARGET_CLASS",
     "PAPER_TARGET_IMAGENET_ID", "Question", "SPECIAL_TOKENS", "ScienceQA", "Summary",
-    "UNPARSABLE", "build_tokenizer", "chat_prompt", "check_scores", "choice_outcomes",
+    "UNPARSABLE", "build_tokenizer", "check_scores", "choice_outcomes",
     "classification_images", "classification_prompt", "classification_question",
     "exact_match", "feature_cosine_similarity", "features_cosine", "image_pairs",
     "instruction_examples", "instructions", "judge_captions", "judges", "load_instructions",

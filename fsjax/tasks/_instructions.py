@@ -33,6 +33,7 @@ import os
 import numpy as np
 
 from fsjax import data
+from fsjax.llava import prompt as llava_prompt
 from fsjax.tasks import _prompts
 
 # Fashion-MNIST's classes (labels 0-9) as the prompts name them, snake case as the
@@ -168,7 +169,6 @@ def vocabulary_texts() -> list[str]:
   ``build_tokenizer(vocabulary_texts())`` gives the same ids whatever the seed or the
   number of images, and knows every word of every example.
   """
-  from fsjax.tasks import _tokenizer  # pylint: disable=g-import-not-at-top
   names = CAPTION_NAMES
   prompts = [classify_prompt(), _prompts.CAPTION_PROMPT]
   prompts += [_prompts.vqa_prompt(VQA_QUESTION, [names[(i + k) % 10] for k in range(4)])
@@ -179,7 +179,7 @@ def vocabulary_texts() -> list[str]:
     for level in (0.8, 0.6, 0.3):  # white, light gray, dark gray
       image = np.full((2, 2, 3), level, np.float32)
       answers += [caption(image, label, t) for t in range(len(CAPTION_TEMPLATES))]
-  return [_tokenizer.chat_prompt(p) for p in prompts] + [" " + a for a in answers]
+  return [llava_prompt.format_prompt(p) for p in prompts] + [" " + a for a in answers]
 
 
 def load_instructions(*, split: str = "train", image_size: int = 64, per_class: int = 100,

@@ -8,8 +8,9 @@ exactly. Special tokens: ``<pad>`` 0, ``<s>`` 1 (BOS, prepended), ``</s>`` 2 (EO
 ``<unk>`` 3, ``<image>`` 4 (one id, as LLaVA's image placeholder). Saved with
 ``save_pretrained``, it loads with ``transformers.AutoTokenizer.from_pretrained(dir)``.
 
-The chat format is LLaVA-1.5's without the system sentence:
-``USER: <image>\\n{prompt} ASSISTANT:``, then `` {answer}</s>``.
+The chat format is LLaVA-1.5's, :func:`fsjax.llava.format_prompt`:
+``USER: <image>\\n{prompt} ASSISTANT:``, then `` {answer}</s>`` in training. For
+inference, ``fsjax.llava.prompt.tokenize`` expands ``<image>`` the same way.
 """
 
 from __future__ import annotations
@@ -20,18 +21,14 @@ import os
 
 import numpy as np
 
-PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
+from fsjax.llava import prompt as llava_prompt
+
+IMAGE = llava_prompt.IMAGE_TOKEN  # "<image>"
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4
 # Letter runs (with "_" as in golden_retriever) or digit runs, each with an optional
 # leading space; else one punctuation mark (with its space) or one whitespace character.
 WORD_PATTERN = r" ?[A-Za-z_]+| ?[0-9]+| ?[^\sA-Za-z0-9_]|\s"
-
-
-def chat_prompt(prompt: str) -> str:
-  """LLaVA-1.5's single-turn format: ``USER: <image>\\n{prompt} ASSISTANT:``."""
-  if IMAGE in prompt:
-    raise ValueError(f"prompt must not contain {IMAGE!r}: chat_prompt places the image.")
-  return f"USER: {IMAGE}\n{prompt} ASSISTANT:"
 
 
 def _pre_tokenizer():
@@ -52,8 +49,8 @@ def build_tokenizer(texts: Iterable[str]):
   count (ties in code-point order): the same texts give the same ids.
 
   Args:
-    texts: the corpus, e.g. every chat prompt and answer of the instruction data
-      (include ``chat_prompt(...)`` texts so the chat words are known).
+    texts: the corpus, e.g. :func:`~fsjax.tasks.vocabulary_texts` (chat-formatted
+      prompts, so the chat words are known, and answers with their leading space).
 
   Returns:
     The tokenizer; ``tokenizer("...")`` prepends BOS, ``decode`` concatenates.
@@ -90,7 +87,7 @@ def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
 def training_arrays(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
                     num_image_tokens: int, max_length: int | None = None
                     ) -> dict[str, np.ndarray]:
-  """Padded arrays to train a causal LM on ``chat_prompt(prompt) + " " + answer + EOS``.
+  """Padded arrays to train a causal LM on ``format_prompt(prompt) + " " + answer + EOS``.
 
   The ``<image>`` token is repeated ``num_image_tokens`` times in place, as the
   LLaVA processor expands it: the model scatters its T projected image tokens into
@@ -123,7 +120,7 @@ def training_arrays(tokenizer, prompts: Sequence[str], answers: Sequence[str], *
     raise ValueError(f"the tokenizer has no {IMAGE!r} token; build it with build_tokenizer.")
   rows = []
   for prompt, answer in zip(prompts, answers):
-    head = tokenizer(chat_prompt(prompt))["input_ids"]  # BOS prepended
+    head = tokenizer(llava_prompt.format_prompt(prompt))["input_ids"]  # BOS prepended
     tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     at = head.index(image_id)
     head = head[:at] + [image_id] * int(num_image_tokens) + head[at + 1:]

@@ -10,6 +10,8 @@ import pytest
 import transformers
 
 from fsjax import tasks
+from fsjax.llava import format_prompt
+from fsjax.llava import prompt as llava_prompt
 from fsjax.tasks import instructions
 
 # ------------------------------------------------------------------------------
@@ -259,14 +261,14 @@ def test_tokenizer_round_trip_and_special_tokens(corpus, tmp_path):
   assert tok.convert_tokens_to_ids("<image>") == 4
   assert tok("<image>", add_special_tokens=False)["input_ids"] == [4]
   for e in examples:
-    text = tasks.chat_prompt(e.prompt)
+    text = format_prompt(e.prompt)
     ids = tok(text)["input_ids"]
     assert ids[0] == 1 and ids.count(4) == 1 and 3 not in ids
     assert tok.decode(ids) == "<s>" + text
     assert tok.decode(ids, skip_special_tokens=True) == text.replace("<image>", "")
     answer = tok(" " + e.answer, add_special_tokens=False)["input_ids"]
     assert 3 not in answer and tok.decode(answer) == " " + e.answer
-  assert tok(tasks.chat_prompt("What?"))["input_ids"][:6] == [
+  assert tok(format_prompt("What?"))["input_ids"][:6] == [
       1, tok.convert_tokens_to_ids("USER"), tok.convert_tokens_to_ids(":"),
       tok.convert_tokens_to_ids(" "), 4, tok.convert_tokens_to_ids("\n")]
   # Saved, it loads with AutoTokenizer and gives the same ids.
@@ -280,17 +282,15 @@ def test_tokenizer_round_trip_and_special_tokens(corpus, tmp_path):
   # Stable: the vocabulary is a function of the (fixed) texts; it covers a corpus of
   # examples, and a corpus adds no word to it.
   assert tasks.build_tokenizer(tasks.vocabulary_texts()).get_vocab() == tok.get_vocab()
-  used = [tasks.chat_prompt(e.prompt) for e in examples] + [" " + e.answer for e in examples]
+  used = [format_prompt(e.prompt) for e in examples] + [" " + e.answer for e in examples]
   assert set(tasks.build_tokenizer(used).get_vocab()) <= set(tok.get_vocab())
   # <image> repeated in the text (as LlavaProcessor expands it) is one id per copy.
   assert tok("<image>" * 3, add_special_tokens=False)["input_ids"] == [4, 4, 4]
-  with pytest.raises(ValueError, match="must not contain"):
-    tasks.chat_prompt("look: <image>")
 
 
 @pytest.mark.parametrize("num_image_tokens", [1, 3])
 def test_training_arrays_hand_built(num_image_tokens):
-  tok = tasks.build_tokenizer([tasks.chat_prompt("Is it red?"), " yes", " no no"])
+  tok = tasks.build_tokenizer([format_prompt("Is it red?"), " yes", " no no"])
   t = num_image_tokens
   arrays = tasks.training_arrays(tok, ["Is it red?", "Is it red?"], ["yes", "no no"],
                                  num_image_tokens=t)
@@ -319,9 +319,21 @@ def test_training_arrays_split_matches_joint_tokenization(corpus):
   arrays = tasks.training_arrays(tok, [e.prompt for e in examples],
                                  [e.answer for e in examples], num_image_tokens=3)
   for row, e in enumerate(examples):
-    text = tasks.chat_prompt(e.prompt).replace("<image>", "<image>" * 3) + " " + e.answer
+    text = format_prompt(e.prompt).replace("<image>", "<image>" * 3) + " " + e.answer
     joint = tok(text)["input_ids"] + [2]
     length = int(arrays["attention_mask"][row].sum())
     assert arrays["input_ids"][row, :length].tolist() == joint
     answer = arrays["input_ids"][row][arrays["loss_mask"][row] == 1]
     assert tok.decode(answer) == " " + e.answer + "</s>"
+  # The training prefix is what fsjax.llava feeds at inference, and its decoder reads the
+  # answer back.
+  prompts = [e.prompt for e in examples[:6]]
+  ids, valid = llava_prompt.tokenize(tok, [format_prompt(p) for p in prompts],
+                                     num_image_tokens=3, pad_token_id=tok.pad_token_id)
+  for row in range(6):
+    start = int(np.argmax(arrays["loss_mask"][row]))
+    assert ids[row][valid[row]].tolist() == arrays["input_ids"][row, :start].tolist()
+  answers = np.where(arrays["loss_mask"][:6] == 1, arrays["input_ids"][:6], tok.pad_token_id)
+  answers = [row[row != tok.pad_token_id] for row in answers]
+  assert llava_prompt.decode(tok, np.stack([np.pad(a, (0, 20 - len(a))) for a in answers]),
+                             eos_token_id=2) == [e.answer for e in examples[:6]]
