@@ -108,21 +108,22 @@ def load(path: str | os.PathLike, *, encoder: encoders_lib.Encoder | None = None
     shapes = clip_model.param_shapes(encoder.model)
     expected = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
         {"vision_model": shapes["vision_model"]}, sep="/").items()}
-    problems += [f"  vision_tower:{p}"
+    problems += [f"  vision tower:  {p.strip()}"
                  for p in clip_checkpoint.shape_problems(expected, flat, sources)]
     vision_params = _unflatten(flat, param_dtype) if not problems else None
     width = config.vision_config.hidden_size
   else:
     width = model_lib.token_shape(encoder, encoder_params)[1]
   if config.vision_feature_size is not None and config.vision_feature_size != width:
-    problems.append(f"  encoder: its features have width {width}, the checkpoint's "
+    problems.append(f"  encoder:       its features have width {width}, the checkpoint's "
                     f"mm_hidden_size is {config.vision_feature_size}")
   config = dataclasses.replace(config, vision_feature_size=width)
 
   flat, sources = _language_to_flax(language_state)
   expected = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
       model_lib.language_param_shapes(config, feature_size=width), sep="/").items()}
-  problems += [f"  language:{p}" for p in clip_checkpoint.shape_problems(expected, flat, sources)]
+  problems += [f"  language side: {p.strip()}"
+               for p in clip_checkpoint.shape_problems(expected, flat, sources)]
   if problems:
     raise ValueError(f"{weights} does not match the LLaVA architecture of {config_file} "
                      f"({_describe(config, width)}); {len(problems)} problem(s):\n"
@@ -214,6 +215,9 @@ def save(path: str | os.PathLike, model: model_lib.Llava, params: dict, *,
                and getattr(model.encoder.model.config, "vision_config", None)
                == config.vision_config)
   save_vision = own_tower if save_vision is None else save_vision
+  # The projector's input width is the feature width D, whatever the encoder.
+  width = int(np.shape(params["language"]["multi_modal_projector"]["linear_1"]["kernel"])[0])
+  config = dataclasses.replace(config, vision_feature_size=width)
   if not save_vision:
     config = dataclasses.replace(config, vision_config=None)
   tensors = {}
