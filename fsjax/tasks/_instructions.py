@@ -20,6 +20,10 @@ without any download. Every image gives one example of each task, an
   one of :data:`CAPTION_TEMPLATES` ("a photo of a light gray ankle boot on a black
   background"); the tone word comes from the image's brightness.
 
+For evaluation, :func:`classify_question` and :func:`vqa_questions` give the tasks of
+clean images as :class:`~fsjax.tasks.Question` (with the attacker's target option), in
+the same prompts.
+
 Everything is a function of the seed (``numpy.random.default_rng``); with a balanced
 image set (``fsjax.data.load(..., per_class=...)``) the answers are balanced too.
 """
@@ -158,6 +162,51 @@ def instruction_examples(images: np.ndarray, labels: Sequence[int], *, seed: int
         out.append(Example(i, task, _prompts.CAPTION_PROMPT,
                            caption(images[i], label, int(templates[i]))))
   return out
+
+
+def classify_question(label: int) -> _prompts.Question:
+  """The evaluation task (Table 4 style) for a clean image of Fashion-MNIST ``label``.
+
+  The options are those of the training prompt; the correct option is the class, the
+  target option 9 ("bag"). A bag image is the attacker's target, not a clean image.
+  """
+  if label == TARGET_LABEL or not 0 <= label < 10:
+    raise ValueError(f"label={label} must be a clean class (0-9 but {TARGET_LABEL}, bag: "
+                     "the attacker's target).")
+  return _prompts.classification_question([CLASS_NAMES[c] for c in CLEAN_LABELS],
+                                          classify_option(label), CLASS_NAMES[TARGET_LABEL])
+
+
+def vqa_questions(labels: Sequence[int], *, seed: int = 0
+                  ) -> tuple[list[_prompts.Question], np.ndarray]:
+  """Evaluation tasks (Table 5 style) for clean images, and the classes of their targets.
+
+  As ScienceQA in the paper, each question lists the correct answer (the image's class
+  among four, at A-D in equal shares), and "E. None of the above" is the attacker's
+  target. The target image of a question should be of a class the question does not
+  list (the vanilla model then answers E for it): one such class is drawn per question.
+
+  Args:
+    labels: ``[N]`` Fashion-MNIST labels of the clean images.
+    seed: seed of the options and of the target classes.
+
+  Returns:
+    ``(questions, target_labels int32 [N])``.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or np.any(labels < 0) or np.any(labels > 9):
+    raise ValueError("labels must be [N] Fashion-MNIST labels 0-9.")
+  rng = np.random.default_rng(seed)
+  letters = rng.permutation(np.arange(len(labels)) % VQA_CHOICES)
+  questions, targets = [], []
+  for label, letter in zip((int(c) for c in labels), letters):
+    others = rng.permutation([c for c in range(10) if c != label])
+    shown = list(others[:VQA_CHOICES - 1])
+    shown.insert(int(letter), label)
+    questions.append(_prompts.vqa_question(VQA_QUESTION, [CAPTION_NAMES[c] for c in shown],
+                                           int(letter)))
+    targets.append(int(rng.choice(others[VQA_CHOICES - 1:])))
+  return questions, np.array(targets, np.int32)
 
 
 def vocabulary_texts() -> list[str]:

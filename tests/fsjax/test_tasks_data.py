@@ -214,6 +214,27 @@ def test_instruction_examples():
     tasks.instruction_examples(images, labels + 1)
 
 
+def test_evaluation_questions():
+  q = instructions.classify_question(9)  # ankle boot: option 8; bag is option 9
+  assert (q.answer, q.target, q.num_options) == (8, 9, 10)
+  assert q.prompt == tasks.instruction_examples(np.zeros((1, 4, 4, 3)), [9])[0].prompt
+  assert q.parse("9") == 9 and q.parse("10") == tasks.UNPARSABLE
+  with pytest.raises(ValueError, match="attacker's target"):
+    instructions.classify_question(8)
+  labels = np.repeat(np.arange(10), 4)
+  questions, targets = instructions.vqa_questions(labels, seed=0)
+  letters = collections.Counter()
+  for q, label, target in zip(questions, labels, targets):
+    options = _vqa_options(q.prompt)
+    names = [o[1] for o in options[:4]]
+    assert names[q.answer] == instructions.CAPTION_NAMES[label]
+    assert instructions.CAPTION_NAMES[target] not in names and q.target == 4
+    letters[q.answer] += 1
+  assert letters == {i: 10 for i in range(4)}
+  again, targets_again = instructions.vqa_questions(labels, seed=0)
+  assert again == questions and targets_again.tolist() == targets.tolist()
+
+
 def test_load_instructions_through_fsjax_data(tmp_path):
   # Ten class folders in label order stand in for Fashion-MNIST (whose TFDS build takes
   # about a minute); the same fsjax.data path, balanced selection.
