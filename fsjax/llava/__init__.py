@@ -9,6 +9,7 @@
 ``model.with_encoder(...)``); see :mod:`fsjax.llava.model`.
 """
 
+from fsjax.llava.checkpoint import build
 from fsjax.llava.checkpoint import load
 from fsjax.llava.checkpoint import save
 from fsjax.llava.llama import LlamaConfig
@@ -25,7 +26,7 @@ from fsjax.llava.model import smoothed_tokens
 from fsjax.llava.prompt import format_prompt
 
 __all__ = [
-    "LlamaConfig", "Llava", "LlavaConfig", "LlavaLanguageModel", "Smoothing",
+    "LlamaConfig", "Llava", "build", "LlavaConfig", "LlavaLanguageModel", "Smoothing",
     "clip_tower_encoder", "format_prompt", "init_language", "language_param_shapes", "load",
     "make_mesh", "param_shardings", "save", "smoothed_tokens",
 ]

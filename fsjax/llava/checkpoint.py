@@ -271,3 +271,57 @@ def _to_torch_layout(flax_path: str, value) -> np.ndarray:
   if flax_path.endswith("/kernel"):
     return a.transpose(3, 2, 0, 1) if a.ndim == 4 else a.T  # HWIO -> OIHW; [in, out] -> [out, in]
   return a
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build(config) -> tuple[model_lib.Llava, dict]:
+  """``(model, params)`` from a config (``configs/llava15_7b.py``, ``configs/llava_tiny.py``).
+
+  * ``config.llava.checkpoint``: a local LLaVA directory (:func:`load`); None means a
+    random init of ``config.llava.architecture`` (an HF LLaVA config dict) with a
+    word-level tokenizer of ``config.llava.words``, for smoke runs.
+  * ``config.encoder.checkpoint``: when set, the vision side is that encoder
+    (``fsjax.encoders.build(config.encoder)``: e.g. a FARE/TeCoA OpenCLIP tower at 224
+    px, penultimate layer, CLS dropped) instead of the checkpoint's own tower.
+  * ``config.smoothing.n > 0``: the model sees through the smoothed encoder.
+  """
+  c = config.llava
+  for name in ("dtype", "param_dtype"):
+    if c[name] not in _DTYPES:
+      raise ValueError(f"config.llava.{name}={c[name]!r} must be one of {sorted(_DTYPES)}.")
+  dtype, param_dtype = _DTYPES[c.dtype], _DTYPES[c.param_dtype]
+  encoder = encoder_params = None
+  if config.get("encoder") is not None and config.encoder.get("checkpoint"):
+    encoder, encoder_params = encoders_lib.build(config.encoder)
+  if c.checkpoint:
+    model, params = load(c.checkpoint, encoder=encoder, encoder_params=encoder_params,
+                         dtype=dtype, param_dtype=param_dtype)
+  else:
+    if c.get("architecture") is None:
+      raise ValueError("config.llava needs a checkpoint directory, or an architecture (an HF "
+                       "LLaVA config dict) for a random init.")
+    arch = c.architecture.to_dict() if hasattr(c.architecture, "to_dict") else dict(c.architecture)
+    llava_config = model_lib.LlavaConfig.from_hf_dict(arch | {"model_type": "llava"})
+    if encoder is None:
+      encoder = model_lib.clip_tower_encoder(llava_config, dtype=dtype)
+      clip_params = clip_model.init(encoder.model.config, seed=c.seed)[1]
+      encoder_params = {"vision_model": clip_params["vision_model"]}
+    width = model_lib.token_shape(encoder, encoder_params)[1]
+    llava_config = dataclasses.replace(llava_config, vision_feature_size=width)
+    language = model_lib.init_language(llava_config, seed=c.seed, dtype=param_dtype)
+    from fsjax.llava import prompt as prompt_lib  # pylint: disable=g-import-not-at-top
+    tokenizer = prompt_lib.word_level_tokenizer(
+        list(c.words), vocab_size=llava_config.text_config.vocab_size,
+        image_token_id=llava_config.image_token_id)
+    text = llava_config.text_config
+    model = model_lib.Llava(config=llava_config, encoder=encoder, tokenizer=tokenizer,
+                            dtype=dtype, eos_token_id=text.eos_token_id,
+                            pad_token_id=text.pad_token_id or 0)
+    params = {"vision": encoder_params, "language": language}
+  model = dataclasses.replace(model, system_prompt=c.get("system_prompt"))
+  s = config.get("smoothing")
+  if s is not None and s.n > 0:
+    model = model.smoothed(s.sigma, n=s.n, features=s.features, chunk_size=s.chunk_size)
+  return model, params

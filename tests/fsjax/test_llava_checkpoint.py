@@ -203,3 +203,30 @@ def test_7b_parameter_count_matches_transformers():
   got = sum(int(np.prod(l.shape)) for l in jax.tree.leaves((vision, language)))
   assert got == want
   assert 7.0e9 < got < 7.1e9
+
+
+def test_configs_build():
+  """configs/llava_tiny.py builds and answers; llava15_7b's variants pick the paper's towers."""
+  from configs import llava15_7b, llava_tiny  # pylint: disable=g-import-not-at-top
+  model, params = fl.build(llava_tiny.get_config())
+  x = np.random.default_rng(0).uniform(size=(2, 40, 30, 3)).astype(np.float32)
+  answers = model.generate(params, x, "describe this image", max_new_tokens=4)
+  assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+  assert model.smoothing is None
+  smoothed, _ = fl.build(llava_tiny.get_config("smoothed"))
+  assert smoothed.smoothing == fl.Smoothing(sigma=0.25, n=4, features="direction", chunk_size=4)
+
+  clip = llava15_7b.get_config()
+  assert clip.encoder.checkpoint is None and clip.smoothing.n == 0
+  assert clip.llava.dtype == "bfloat16"
+  fare = llava15_7b.get_config("tower=fare,smoothed,sigma=0.5")
+  assert (fare.encoder.resolution, fare.encoder.layer, fare.encoder.feature) == (
+      224, -2, "patch_tokens")
+  assert (fare.smoothing.n, fare.smoothing.sigma) == (8, 0.5)
+  assert "10. shark" in fare.prompts.classification
+  with pytest.raises(ValueError, match="tower="):
+    llava15_7b.get_config("tower=siglip")
+  missing = llava15_7b.get_config()
+  missing.llava.checkpoint = "/nonexistent/llava"
+  with pytest.raises(ValueError, match="does not exist"):
+    fl.build(missing)
