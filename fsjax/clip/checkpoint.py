@@ -294,6 +294,23 @@ def _build(config, flat, sources, *, dtype, origin):
   model = model_lib.CLIP(config, dtype=dtype)
   expected = {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(
       model_lib.param_shapes(model), sep="/").items()}
+  problems = shape_problems(expected, flat, sources)
+  if problems:
+    raise ValueError(f"{origin} does not match the CLIP architecture "
+                     f"({_describe(config)}); {len(problems)} problem(s):\n" + "\n".join(problems))
+  params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in flat.items()}
+  return model, flax.traverse_util.unflatten_dict(params, sep="/")
+
+
+def shape_problems(expected: Mapping[str, tuple], flat: Mapping[str, Any],
+                   sources: Mapping[str, tuple]) -> list[str]:
+  """One line per missing, mis-shaped or unexpected parameter (empty when all match).
+
+  Args:
+    expected: flat Flax path -> expected shape.
+    flat: flat Flax path -> array read from the checkpoint.
+    sources: flat Flax path -> ``(checkpoint key, checkpoint shape)`` it came from.
+  """
   problems = []
   for path, shape in sorted(expected.items()):
     if path not in flat:
@@ -306,11 +323,7 @@ def _build(config, flat, sources, *, dtype, origin):
     key, src_shape = sources[path]
     problems.append(f"  unexpected {path}: expected nothing, found {tuple(flat[path].shape)} "
                     f"(from {key!r} of shape {tuple(src_shape)})")
-  if problems:
-    raise ValueError(f"{origin} does not match the CLIP architecture "
-                     f"({_describe(config)}); {len(problems)} problem(s):\n" + "\n".join(problems))
-  params = {k: jnp.asarray(np.asarray(v, np.float32)) for k, v in flat.items()}
-  return model, flax.traverse_util.unflatten_dict(params, sep="/")
+  return problems
 
 
 def _describe(config: model_lib.CLIPConfig) -> str:
