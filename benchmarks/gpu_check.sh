@@ -2,7 +2,8 @@
 # GPU part of the smoothing benchmark, for a machine with one NVIDIA GPU: the matmul peak,
 # then CLIP ViT-L/14 in bfloat16, fsjax with chunk sizes 128, 256, 512 (and the
 # transformers loop in bfloat16 if torch sees CUDA). Installs nothing and needs no
-# network. Hard stop after 235 s; no new fsjax chunk size is compiled after 120 s.
+# network. Hard stop after 235 s; no new fsjax chunk size is compiled after 120 s. Then the
+# LLaVA-1.5-7B greedy decode of benchmarks/llava_decode.py (hard stop after 300 s).
 #
 #   bash benchmarks/gpu_check.sh                           # n = 8192 samples x 1 image
 #   bash benchmarks/gpu_check.sh --n 16384 --chunk 256,1024  # later arguments win
@@ -42,5 +43,16 @@ timeout 235 "$PY" benchmarks/smoothing_throughput.py --budget 120 --sections pea
 status=${PIPESTATUS[0]}
 if [ "$status" = 124 ]; then
   echo "gpu_check.sh: stopped at 235 s; the tables printed above are complete" >&2
+fi
+
+# LLaVA-1.5-7B greedy decoding (fsjax.llava, random weights, bfloat16; transformers too
+# when torch sees CUDA): prefill latency and decode tokens/s, batch 1, 64 new tokens.
+# SKIP_LLAVA=1 skips it. JAX must not preallocate: torch shares the GPU in this process.
+if [ -z "${SKIP_LLAVA:-}" ]; then
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 "$PY" benchmarks/llava_decode.py \
+    --size 7b --batch 1 --new-tokens 64 --rounds 3 | tee -a "$report"
+  llava_status=${PIPESTATUS[0]}
+  [ "$llava_status" = 124 ] && echo "gpu_check.sh: the LLaVA-7B decode stopped at 300 s" >&2
+  [ "$status" = 0 ] && status=$llava_status
 fi
 exit "$status"

@@ -1,0 +1,222 @@
+r"""Greedy decoding speed of fsjax.llava vs transformers (PyTorch) on the same LLaVA.
+
+  python benchmarks/llava_decode.py                    # small random LLaVA, CPU, both
+  python benchmarks/llava_decode.py --quick            # < 1 minute smoke run
+  python benchmarks/llava_decode.py --size 7b --skip-torch   # LLaVA-1.5-7B shapes (GPU)
+
+"small" (default): a random LLaVA with a 336-px CLIP tower of width 64 (2 layers, 576
+image tokens) and a 4-layer LLaMA of hidden 512 (8 heads, MLP 1376, vocabulary 32064),
+built by transformers and loaded by ``fsjax.llava.load``; float32 in both frameworks.
+"7b": LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336, LLaMA-7B) with random weights drawn on
+the device, bfloat16 compute and storage; the torch row (if not skipped and torch sees
+CUDA) uses the same shapes in bfloat16 with its own random weights.
+
+What is timed, the same way for both, each a median over interleaved rounds, after
+compilation (fsjax) and a warm-up call (both):
+
+* prefill latency: image -> vision tower -> projector -> LLaMA over the prompt -> the
+  first token (``max_new_tokens=1``);
+* decode tokens/s: ``(N - 1) / (t(N) - t(1))`` per row with ``max_new_tokens=N``, EOS
+  unreachable so that every call generates exactly N tokens; times the batch for the
+  total rate.
+
+The prompt is BOS, 5 words, the image tokens, 10 words. Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+import fsjax.llava as fl  # pylint: disable=g-import-not-at-top
+from fsjax.clip import model as clip_model  # pylint: disable=g-import-not-at-top
+
+IMAGE = 32000
+SMALL = dict(
+    vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, image_size=336, patch_size=14, projection_dim=64),
+    text=dict(vocab_size=32064, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+              num_attention_heads=8, num_key_value_heads=8, rms_norm_eps=1e-5,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0))
+SEVEN_B = dict(
+    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+    text=dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+              num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+              max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0))
+
+
+def _log(*a):
+  print(*a, file=sys.stderr, flush=True)
+
+
+def _hf_dict(shapes):
+  return dict(model_type="llava", image_token_index=IMAGE, vision_feature_layer=-2,
+              vision_feature_select_strategy="default", projector_hidden_act="gelu",
+              text_config=dict(shapes["text"], model_type="llama"),
+              vision_config=dict(shapes["vision"], model_type="clip_vision_model"))
+
+
+def _torch_model(shapes, device, dtype):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.LlavaConfig(
+      vision_config=transformers.CLIPVisionConfig(**shapes["vision"]),
+      text_config=transformers.LlamaConfig(**shapes["text"]), image_token_index=IMAGE)
+  torch.manual_seed(0)
+  with torch.device(device):
+    model = transformers.LlavaForConditionalGeneration(config).to(dtype).eval()
+  return model
+
+
+def _fsjax_small(torch_model):
+  """The torch model's own weights through save_pretrained + fsjax.llava.load."""
+  with tempfile.TemporaryDirectory() as d:
+    torch_model.save_pretrained(d)
+    return fl.load(d)
+
+
+def _fsjax_random(shapes, dtype):
+  """Random weights drawn on the device (no host copy of a 7B tree)."""
+  config = fl.LlavaConfig.from_hf_dict(_hf_dict(shapes))
+  encoder = fl.clip_tower_encoder(config, dtype=dtype)
+  vision = jax.eval_shape(encoder.model.init, jax.random.key(0),
+                          jnp.zeros((1, 336, 336, 3)))["params"]["vision_model"]
+  def draw(key):
+    leaves, tree = jax.tree.flatten(vision)
+    out = [jnp.ones(l.shape, dtype) if len(l.shape) == 1 else
+           (0.02 * jax.random.normal(jax.random.fold_in(key, i), l.shape)).astype(dtype)
+           for i, l in enumerate(leaves)]
+    return jax.tree.unflatten(tree, out)
+  vision_params = {"vision_model": jax.jit(draw)(jax.random.key(1))}
+  language = fl.init_language(config, seed=0, dtype=dtype)
+  model = fl.Llava(config=config, encoder=encoder, dtype=dtype, eos_token_id=2, pad_token_id=0)
+  return model, {"vision": vision_params, "language": language}
+
+
+def _timed(fn, rounds):
+  out = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--size", choices=("small", "7b"), default="small")
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--new-tokens", type=int, default=32)
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--quick", action="store_true", help="3 rounds of 16 tokens")
+  parser.add_argument("--skip-torch", action="store_true")
+  args = parser.parse_args()
+  if args.quick:
+    args.rounds, args.new_tokens = 3, 16
+  shapes = SMALL if args.size == "small" else SEVEN_B
+  backend = jax.default_backend()
+  load = os.getloadavg()[0]
+  _log(f"jax {jax.__version__} on {backend}, load average {load:.2f}")
+
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    if args.size == "small":
+      raise  # the small model is built by transformers
+    torch = None
+  torch_device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
+  run_torch = not args.skip_torch and (args.size == "small" or torch_device == "cuda")
+  if args.size == "small":
+    torch_model = _torch_model(shapes, "cpu", torch.float32)
+    model, params = _fsjax_small(torch_model)
+    torch_dtype = torch.float32
+  else:
+    model, params = _fsjax_random(shapes, jnp.bfloat16)
+    torch_dtype = torch.bfloat16 if torch is not None else None
+    torch_model = _torch_model(shapes, torch_device, torch_dtype) if run_torch else None
+
+  rng = np.random.default_rng(0)
+  b, n = args.batch, args.new_tokens
+  images = rng.uniform(size=(b, 336, 336, 3)).astype(np.float32)
+  t = (336 // 14) ** 2
+  ids = np.array([[1] + list(rng.integers(3, 1000, 5)) + [IMAGE] * t
+                  + list(rng.integers(3, 1000, 10)) for _ in range(b)])
+  # EOS = vocab_size: never emitted, so every call makes exactly N tokens.
+  fs = __import__("dataclasses").replace(model, eos_token_id=shapes["text"]["vocab_size"])
+
+  def fsjax_run(k):
+    def run():
+      feats = fs.image_features(params, images)
+      tokens, _ = fs.generate_ids(params, ids, feats, max_new_tokens=k)
+      return np.asarray(tokens)
+    return run
+
+  def torch_run(k):
+    from fsjax.clip.encoder import CLIP_MEAN, CLIP_STD  # pylint: disable=g-import-not-at-top
+    pix = torch.tensor(((images - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(0, 3, 1, 2),
+                       dtype=torch_dtype, device=torch_device)
+    input_ids = torch.tensor(ids, device=torch_device)
+    def run():
+      with torch.inference_mode():
+        out = torch_model.generate(input_ids=input_ids, pixel_values=pix, do_sample=False,
+                                   max_new_tokens=k, min_new_tokens=k, pad_token_id=0,
+                                   eos_token_id=shapes["text"]["vocab_size"])
+      if torch_device == "cuda":
+        torch.cuda.synchronize()
+      return out[:, ids.shape[1]:].cpu().numpy()
+    return run
+
+  variants = {"fsjax": fsjax_run}
+  if run_torch:
+    variants["torch"] = torch_run
+  t0 = time.perf_counter()
+  outputs = {}
+  for name, make in variants.items():  # compile and warm up
+    for k in (1, n):
+      outputs[(name, k)] = make(k)()
+  _log(f"compiled and warmed up in {time.perf_counter() - t0:.1f} s")
+  times = {key: [] for key in outputs}
+  for r in range(args.rounds):  # interleaved rounds: load changes fall on all alike
+    for name, make in variants.items():
+      for k in (1, n):
+        times[(name, k)] += _timed(make(k), 1)
+    _log(f"round {r + 1}/{args.rounds}")
+
+  rows = {}
+  for name in variants:
+    prefill = [a for a in times[(name, 1)]]
+    decode = [(n - 1) / max(tn - t1, 1e-9) for t1, tn in zip(times[(name, 1)], times[(name, n)])]
+    rows[name] = (statistics.median(prefill), statistics.median(decode))
+  same = None
+  if run_torch and args.size == "small":
+    same = bool(np.array_equal(outputs[("fsjax", n)], outputs[("torch", n)]))
+
+  device = jax.devices()[0].device_kind
+  print(f"### LLaVA greedy decoding, {args.size} ({'4 layers, hidden 512' if args.size == 'small' else '7B shapes'}, "
+        f"{t} image tokens), batch {b}, {n} new tokens\n")
+  print(f"`python benchmarks/llava_decode.py {' '.join(sys.argv[1:])}` on {device} "
+        f"({backend}); load average {load:.2f} at start; median of {args.rounds} rounds.\n")
+  print("| implementation | prefill latency (ms) | decode tokens/s per row | total tokens/s |")
+  print("|---|---|---|---|")
+  for name, (p, d) in rows.items():
+    print(f"| {name} | {1e3 * p:.1f} | {d:.1f} | {d * b:.1f} |")
+  if "torch" in rows:
+    (pf, df), (pt, dt) = rows["fsjax"], rows["torch"]
+    print(f"\nfsjax vs torch: prefill {pt / pf:.2f}x faster, decoding {df / dt:.2f}x faster.")
+  if same is not None:
+    print(f"Greedy tokens identical in both: {same}.")
+
+
+if __name__ == "__main__":
+  main()
