@@ -5,6 +5,7 @@
 encoder (smoothed, GSB, FARE, TeCoA) with ``of.replace(encoder=..., encoder_params=...)``.
 """
 
+from fsjax.flamingo.checkpoint import build
 from fsjax.flamingo.checkpoint import deduplicate
 from fsjax.flamingo.checkpoint import load
 from fsjax.flamingo.checkpoint import load_mpt
@@ -15,6 +16,8 @@ from fsjax.flamingo.model import FlamingoCache
 from fsjax.flamingo.model import FlamingoConfig
 from fsjax.flamingo.model import OpenFlamingo
 from fsjax.flamingo.model import generate
+from fsjax.flamingo.model import init
+from fsjax.flamingo.model import param_shapes
 from fsjax.flamingo.mpt import MPTConfig
 from fsjax.flamingo.mpt import MPTForCausalLM
 from fsjax.flamingo.resampler import GatedCrossAttentionBlock
@@ -22,6 +25,6 @@ from fsjax.flamingo.resampler import PerceiverResampler
 
 __all__ = [
     "CAPTION_PROMPT", "Flamingo", "FlamingoCache", "FlamingoConfig", "GatedCrossAttentionBlock",
-    "MPTConfig", "MPTForCausalLM", "OpenFlamingo", "PerceiverResampler", "deduplicate",
-    "generate", "load", "load_mpt", "load_tokenizer",
+    "MPTConfig", "MPTForCausalLM", "OpenFlamingo", "PerceiverResampler", "build",
+    "deduplicate", "generate", "init", "load", "load_mpt", "load_tokenizer", "param_shapes",
 ]

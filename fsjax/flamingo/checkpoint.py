@@ -205,7 +205,8 @@ def deduplicate(state: Mapping[str, np.ndarray], *, origin: str) -> dict[str, np
     for pattern, repl in _ALIASES:
       canonical = pattern.sub(repl, canonical)
     if canonical in out:
-      if out[canonical].shape != value.shape or not np.array_equal(out[canonical], value):
+      kept = out[canonical]
+      if kept is not value and (kept.shape != value.shape or not np.array_equal(kept, value)):
         conflicts.append(f"  {first[canonical]!r} and {key!r}")
       continue
     out[canonical], first[canonical] = value, key
@@ -300,7 +301,9 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
   """Loads OpenFlamingo from local files: ``of = load("checkpoint.pt", lang_encoder=...)``.
 
   Args:
-    checkpoint: OpenFlamingo's ``checkpoint.pt`` (or a ``.safetensors`` of the same names).
+    checkpoint: OpenFlamingo's ``checkpoint.pt`` (or a ``.safetensors`` of the same
+      names), or the folder holding it (a Hugging Face cache folder resolves to its
+      snapshot).
     lang_encoder: the MPT Hugging Face folder (``anas-awadalla/mpt-7b`` or
       ``mosaicml/mpt-7b``).
     vision_encoder: a CLIP path for :func:`fsjax.clip.load` (OpenAI ViT-L/14 for
@@ -324,6 +327,8 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
       raise ValueError(f"dtype={dtype!r} must be one of {sorted(_DTYPES)}.")
     dtype = _DTYPES[dtype]
   checkpoint = os.path.expanduser(os.fspath(checkpoint))
+  if os.path.isdir(checkpoint):  # the model's folder (or its Hugging Face cache folder)
+    checkpoint = os.path.join(clip_checkpoint._resolve(checkpoint), "checkpoint.pt")  # pylint: disable=protected-access
   if not os.path.isfile(checkpoint):
     raise ValueError(f"checkpoint={checkpoint!r} is not a file; pass OpenFlamingo's "
                      "checkpoint.pt. Nothing is ever downloaded.")
@@ -351,11 +356,42 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
   state = {"lang_encoder." + k: v for k, v in mpt_state.items()}
   state.update(ckpt)
   model = model_lib.Flamingo(config, dtype=dtype)
-  expected = _param_shapes(model, jnp.zeros((1, 1), jnp.int32),
-                           jnp.zeros((1, 1, 1, config.vis_dim), jnp.float32))
-  params = to_flax(state, expected, origin=f"{checkpoint} + {mpt_origin}",
+  params = to_flax(state, model_lib.param_shapes(model), origin=f"{checkpoint} + {mpt_origin}",
                    describe=f"OpenFlamingo, {_describe_mpt(config.lang)}, cross-attention every "
                    f"{config.cross_attn_every_n_layers} layers, vision width {config.vis_dim}")
   encoder, encoder_params = _vision(vision_encoder, ckpt_vision, dtype=dtype, origin=checkpoint)
   return model_lib.OpenFlamingo(model=model, params=params, encoder=encoder,
                                 encoder_params=encoder_params, tokenizer=tok)
+
+
+def build(config) -> model_lib.OpenFlamingo:
+  """Builds an :class:`~fsjax.flamingo.model.OpenFlamingo` from a config file's sections.
+
+  ``config.encoder`` (any :func:`fsjax.encoders.build` encoder) gives the vision side;
+  ``config.mllm`` the rest: with ``checkpoint`` None, a random init of
+  ``mllm.architecture`` (a dict of :class:`~fsjax.flamingo.model.FlamingoConfig` fields)
+  seeded by ``mllm.seed``, for smoke runs; else :func:`load` of ``checkpoint``,
+  ``lang_encoder`` and ``tokenizer``. See ``configs/openflamingo_9b.py``.
+  """
+  dtype_name = config.mllm.get("dtype", "float32")
+  if dtype_name not in _DTYPES:
+    raise ValueError(f"config.mllm.dtype={dtype_name!r} must be one of {sorted(_DTYPES)}.")
+  encoder, encoder_params = encoders.build(config.encoder)
+  m = config.mllm
+  if m.get("checkpoint") is None:
+    architecture = m.get("architecture")
+    if architecture is None:
+      raise ValueError("config.mllm needs a checkpoint path, or an architecture (dict of "
+                       "FlamingoConfig fields) for a random init.")
+    architecture = architecture.to_dict() if hasattr(architecture, "to_dict") else dict(architecture)
+    model, params = model_lib.init(model_lib.FlamingoConfig.from_dict(architecture),
+                                   seed=m.get("seed", 0), dtype=_DTYPES[dtype_name])
+    tok = load_tokenizer(m.tokenizer) if m.get("tokenizer") else None
+    return model_lib.OpenFlamingo(model=model, params=params, encoder=encoder,
+                                  encoder_params=encoder_params, tokenizer=tok)
+  for key in ("lang_encoder", "tokenizer"):
+    if not m.get(key):
+      raise ValueError(f"config.mllm.{key} is not set; point it at the local folder "
+                       f"(--config.mllm.{key}=/path/to/mpt-7b).")
+  return load(m.checkpoint, lang_encoder=m.lang_encoder, vision_encoder=(encoder, encoder_params),
+              tokenizer=m.tokenizer, dtype=_DTYPES[dtype_name])

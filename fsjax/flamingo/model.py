@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -78,6 +79,26 @@ class FlamingoConfig:
     if not 1 <= self.cross_attn_every_n_layers <= self.lang.n_layers:
       raise ValueError(f"cross_attn_every_n_layers={self.cross_attn_every_n_layers} must be in "
                        f"[1, n_layers={self.lang.n_layers}].")
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "FlamingoConfig":
+    """From a plain dict (e.g. a config file's ``architecture``); ``lang`` is a dict of
+    :class:`~fsjax.flamingo.mpt.MPTConfig` fields."""
+    d = dict(d)
+    lang = d.pop("lang", None)
+    if not isinstance(lang, Mapping):
+      raise ValueError("architecture.lang must be a dict of MPT config fields (d_model, "
+                       f"n_heads, n_layers, vocab_size, ...), got {lang!r}.")
+    fields = {f.name for f in dataclasses.fields(cls)} - {"lang"}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"architecture: unknown fields {unknown}; known: {sorted(fields)}.")
+    lang_fields = {f.name for f in dataclasses.fields(mpt.MPTConfig)}
+    unknown = sorted(set(lang) - lang_fields)
+    if unknown:
+      raise ValueError(f"architecture.lang: unknown fields {unknown}; known: "
+                       f"{sorted(lang_fields)}.")
+    return cls(lang=mpt.MPTConfig(**lang), **d)
 
   @property
   def cross_attn_layers(self) -> tuple[int, ...]:
@@ -189,6 +210,41 @@ class Flamingo(nn.Module):
     text_time = cache.media_count[:, None] + jnp.cumsum(is_media, axis=1, dtype=jnp.int32)
     logits, kv = self.lang_encoder(input_ids, cache.media, text_time, cache.kv, valid)
     return logits, cache.replace(kv=kv, media_count=text_time[:, -1])
+
+
+def param_shapes(model: Flamingo) -> dict:
+  """The parameter tree of ``model`` as ``jax.ShapeDtypeStruct`` leaves, nothing allocated."""
+  ids = jnp.zeros((1, 1), jnp.int32)
+  tokens = jnp.zeros((1, 1, 1, model.config.vis_dim), jnp.float32)
+  return jax.eval_shape(model.init, jax.random.key(0), ids, tokens)["params"]
+
+
+def init(config: FlamingoConfig, *, seed: int = 0, gate: float = 0.5,
+         dtype: Dtype = jnp.float32) -> tuple[Flamingo, dict]:
+  """Random ``(model, params)`` for smoke runs and tests, drawn with numpy.
+
+  Weights N(0, 0.02), LayerNorm scales 1 and biases 0, latents N(0, 1) (as
+  OpenFlamingo's ``torch.randn``); the cross-attention gates are ``gate`` rather than
+  OpenFlamingo's initial 0, so that the images matter in a random model.
+  """
+  model = Flamingo(config, dtype=dtype)
+  rng = np.random.default_rng(seed)
+  flat = flax.traverse_util.flatten_dict(param_shapes(model), sep="/")
+  params = {}
+  for path, leaf in sorted(flat.items()):  # sorted: the draw order fixes the values
+    name = path.rsplit("/", 1)[-1]
+    if name == "scale":
+      value = np.ones(leaf.shape)
+    elif name == "bias":
+      value = np.zeros(leaf.shape)
+    elif name.endswith("_gate"):
+      value = np.full(leaf.shape, gate)
+    elif name == "latents":
+      value = rng.normal(0.0, 1.0, leaf.shape)
+    else:
+      value = rng.normal(0.0, 0.02, leaf.shape)
+    params[path] = jnp.asarray(value, jnp.float32)
+  return model, flax.traverse_util.unflatten_dict(params, sep="/")
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_id",

@@ -1,0 +1,53 @@
+r"""A tiny random-init OpenFlamingo on the tiny CLIP, for smoke runs on CPU (seconds).
+
+  import fsjax.flamingo
+  from configs import openflamingo_tiny
+  of = fsjax.flamingo.build(openflamingo_tiny.get_config())
+  tokens, num_steps = of.generate(input_ids, images, max_new_tokens=8)
+
+32 px images, patch 8: 16 vision tokens of width 32; a 4-layer MPT (width 64, vocab 130)
+with gated cross-attention before layers 1 and 3; random weights seeded by
+``mllm.seed`` (cross-attention gates 0.5, so the image matters). Set
+``mllm.tokenizer`` to a tokenizer folder (<= 127 base tokens) to use ``caption``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg=None):
+  """The tiny config; ``arg`` is unused (one setting) and must be empty."""
+  if arg:
+    raise ValueError(f"configs/openflamingo_tiny.py takes no argument, got {arg!r}.")
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.encoder = ml_collections.ConfigDict(dict(
+      name="clip",
+      checkpoint=config_dict.placeholder(str),  # None: random init of `architecture`
+      architecture=dict(
+          hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+          image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu",
+          layer_norm_eps=1e-5),
+      seed=0,
+      dtype="float32",
+      feature="patch_tokens",
+      layer=-1,
+      resolution=32,
+  ))
+  config.mllm = ml_collections.ConfigDict(dict(
+      name="openflamingo",
+      checkpoint=config_dict.placeholder(str),  # None: random init of `architecture`
+      lang_encoder=config_dict.placeholder(str),
+      tokenizer=config_dict.placeholder(str),
+      dtype="float32",
+      seed=0,
+      prompt="<image>Output:",
+      max_new_tokens=8,
+      architecture=dict(
+          lang=dict(vocab_size=130, d_model=64, n_heads=4, n_layers=4, expansion_ratio=4,
+                    max_seq_len=128),
+          eoc_token_id=127, media_token_id=128,
+          vis_dim=32, cross_attn_every_n_layers=2,
+          perceiver_depth=2, num_latents=8, dim_head=16, heads=2, ff_mult=2),
+  ))
+  return config
