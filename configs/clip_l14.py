@@ -8,7 +8,8 @@ Hugging Face cache folder, or an OpenCLIP ViT-L-14 file (e.g. FARE/TeCoA robust 
 Default: $FSJAX_CLIP_L14, else the Hugging Face cache folder of
 openai/clip-vit-large-patch14. Nothing is downloaded: building the encoder fails with a
 clear message if the path does not exist. Add ``--config.encoder.dtype=bfloat16`` for
-bfloat16 compute.
+bfloat16 compute. ``--config configs/clip_l14.py:runlocal`` shrinks every experiment to a
+few images and samples (a check of the setup on a CPU, not the paper's numbers).
 """
 
 import os
@@ -22,7 +23,7 @@ _DEFAULT = "~/.cache/huggingface/hub/models--openai--clip-vit-large-patch14"
 
 
 def get_config(arg=None):
-  del arg  # no variants yet
+  arg = common.parse_arg(arg, runlocal=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.encoder = ml_collections.ConfigDict(dict(
@@ -59,4 +60,12 @@ def get_config(arg=None):
       num_images=500, n=16, eot_samples=4, batch_size=8, head="auto")
   # certify.audit: 100 ImageNet validation images x 4 fractions x both references.
   config.audit = common.audit_config(num_images=100, measure_n=10_000, screen_n=256)
+  if arg.runlocal:  # a few images and samples: minutes on a CPU
+    config.data.update(num_examples=2, batch_size=2)
+    config.train_data.num_examples = 16
+    config.certify.update(n0=16, n=128, batch_size=2)
+    config.prediction.update(train_per_class=2, test_per_class=1, head_steps=10)
+    config.attack.update(num_images=2, steps=5, n=4, eot_samples=1, batch_size=2)
+    config.audit.update(num_images=2, n0=16, n=128, measure_n=256, screen_n=None)
+    config.gsb.denoiser.epochs = config.gsb.mapper.epochs = 1
   return config

@@ -10,6 +10,26 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """``get_config``'s argument (big_vision style): ``"runlocal"`` or ``"a=1,b=x"``.
+
+  Bare names are switches (``runlocal`` -> True); ``key=value`` pairs take the type of
+  ``defaults[key]``. Unknown keys raise, naming the known ones.
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in [a for a in (arg or "").split(",") if a]:
+    key, _, value = item.partition("=")
+    if key not in out:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(out)}.")
+    if not _:
+      out[key] = True
+    elif isinstance(defaults[key], bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(defaults[key])(value)
+  return out
+
+
 def certify_config(**overrides) -> ml_collections.ConfigDict:
   """``config.certify``: the paper's Table 1 settings (Section 5.1) and our bounds."""
   c = ml_collections.ConfigDict(dict(

@@ -17,7 +17,9 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  """The embedded default; ``arg`` is unused (it is already CPU-sized) and must be empty."""
+  if arg:
+    raise ValueError(f"configs/default.py takes no argument, got {arg!r}.")
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.encoder = ml_collections.ConfigDict(dict(

@@ -1,6 +1,11 @@
 """certify.run end to end on the tiny CLIP config: files, table, consistency."""
 
+import dataclasses
 import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
 
 import numpy as np
 import pytest
@@ -8,6 +13,8 @@ from scipy import stats
 
 from certify import run as run_lib
 from configs import clip_tiny
+from configs import common
+from fsjax import encoders
 
 
 @pytest.fixture(scope="module")
@@ -49,3 +56,57 @@ def test_certified_bounds_never_exceed_point_estimate(result):
     point = by[(ref, "point (estimate)")]["B@0.125"]
     for bound in ("hoeffding", "bernstein", "betting"):
       assert by[(ref, bound)]["B@0.125"] <= point + 1e-6
+
+
+# ----------------------------------------------------------------------------------------
+# An independent oracle: a half-space encoder whose smoothed feature is known exactly.
+# ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class HalfSpaceEncoder(encoders.Encoder):
+  """f(x) = e1 if <w, x - x0> >= 0 else e2 (||w|| = 1): f_s(x) = p e1 + (1 - p) e2,
+  p = Phi(<w, x - x0> / sigma), so every Table 1 number has a closed form."""
+
+  def tokens(self, params, x, *, sigma=None):
+    t = jnp.sum((x - params["x0"]) * params["w"], axis=(1, 2, 3))
+    e1, e2 = jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0])
+    return jnp.where(t[:, None] >= 0, e1, e2)[:, None, :]
+
+
+def test_table1_rows_match_the_half_space_closed_form():
+  side, sigma, n = 4, 0.5, 4096
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(side, side, 3))
+  w /= np.linalg.norm(w)
+  x0 = np.full((side, side, 3), 0.5)
+  # Signed distances t of the images to the hyperplane: p = Phi(t / sigma).
+  ts = np.array([0.6, 0.3, 0.1])
+  images = np.clip(x0[None] + ts[:, None, None, None] * w[None], 0, 1).astype(np.float32)
+  ts = np.sum((images - x0) * w, axis=(1, 2, 3))  # after clipping (none clips here)
+  params = {"w": jnp.asarray(w, jnp.float32), "x0": jnp.asarray(x0, jnp.float32)}
+  config = ml_collections.ConfigDict(dict(seed=0, certify=common.certify_config(
+      sigmas=(sigma,), eps=(0.1, 0.3), n0=256, n=n, bounds=("point", "betting"),
+      chunk_size=512)))
+  variants = [("FS", HalfSpaceEncoder(resolution=side), params)]
+  rows = list(run_lib.certify_images(variants, images, np.zeros(3, int), config,
+                                     jax.random.PRNGKey(1)))
+  p = stats.norm.cdf(ts / sigma)
+  exact = {"clean": (1 + p) / 2,                           # u = f(x) = e1: h = (1 + p) / 2
+           "mean": (1 + np.sqrt(p**2 + (1 - p) ** 2)) / 2}  # u = f_s / ||f_s||: the maximum
+  for r in rows:
+    h = exact[r["reference"]][r["image"]]
+    se = np.sqrt(h * (1 - h) / n) + 1e-3  # Monte Carlo standard error of h, with slack
+    if r["bound"] == "point":
+      if r["reference"] == "clean":
+        assert r["score"] == pytest.approx(h, abs=4 * se)
+      else:  # the stage-1 direction is estimated: h_u <= the optimum, and close to it
+        assert h - 6 * se <= r["score"] <= h + 4 * se
+    else:  # a valid lower confidence bound: below the truth, not far below
+      assert h - 0.05 <= r["score"] <= h + 1e-6
+    for eps, b in r["inner_product_bound"].items():
+      z = stats.norm.isf(r["score_deficit"])
+      assert b == pytest.approx(2 * stats.norm.cdf(z - float(eps) / sigma) - 1, abs=1e-4)
+      if r["bound"] != "point":  # the certified bound is below the exact one
+        exact_b = 2 * stats.norm.cdf(stats.norm.ppf(h) - float(eps) / sigma) - 1
+        assert b <= exact_b + 1e-6

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from configs import common
 from fsjax import encoders
 from fsjax import gsb
 
@@ -413,8 +414,15 @@ def test_config_and_factories():
     gsb.build_mapper(config, token_dim=64)
 
 
+def test_experiment_configs_spell_out_the_library_defaults():
+  """configs/common.py writes the GSB defaults as data; they must equal the library's."""
+  written = common.gsb_config().to_dict()
+  for key in ("checkpoint", "log_every", "checkpoint_every"):  # where it lives, how it logs
+    written.pop(key)
+  assert written == gsb.default_gsb_config().to_dict()
+
+
 def test_factories_accept_the_experiment_configs():
-  common = pytest.importorskip("configs.common")
   config = ml_collections.ConfigDict({"gsb": common.gsb_config()})
   d, m = gsb.build_denoiser(config), gsb.build_mapper(config, token_dim=1280)
   assert d.width == config.gsb.denoiser.width

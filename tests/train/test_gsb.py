@@ -84,7 +84,6 @@ def rbg_keys():
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  pytest.importorskip("skimage")
   return tmp_path_factory.mktemp("tfds")
 
 
