@@ -315,7 +315,9 @@ def clip_tower_encoder(config: LlavaConfig, *, dtype: Dtype = jnp.float32
 def token_shape(encoder: encoders_lib.Encoder, params: Params) -> tuple[int, int]:
   """``(T, D)`` of the encoder's token view, by shape inference (nothing computed)."""
   s = encoder.resolution
-  out = jax.eval_shape(lambda p, x: encoder.tokens(p, x), params,
+  # sigma 0: base encoders ignore it, and a GSB-boosted encoder needs one (any value has
+  # the same shapes).
+  out = jax.eval_shape(lambda p, x: encoder.tokens(p, x, sigma=0.0), params,
                        jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32))
   return out.shape[1], out.shape[2]
 
@@ -374,7 +376,7 @@ def smoothed_tokens(params: Params, x: jax.Array, key: jax.Array, sigma, *,
   """
   if features not in SMOOTHED_FEATURES:
     raise ValueError(f"features={features!r} must be one of {SMOOTHED_FEATURES}.")
-  t_d = jax.eval_shape(lambda p, y: encoder.tokens(p, y, sigma=sigma), params, x).shape[1:]
+  t_d = jax.eval_shape(lambda p, y: encoder.tokens(p, y, sigma=0.0), params, x).shape[1:]
   total = smoothing_lib.monte_carlo_sum(params, x, key, encoder=_RawFlat(encoder.resolution, encoder),
                                     sigma=sigma, n=n, statistic=_smoothing_statistic,
                                     chunk_size=chunk_size)

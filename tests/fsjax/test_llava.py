@@ -303,3 +303,43 @@ def test_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match="max_new_tokens"):
     model.generate_ids(params, _prompt_ids(4, np.random.default_rng(0)), features,
                        max_new_tokens=0)
+
+
+def test_smoothed_gsb_boosted_encoder_feeds_the_language_side(toy):
+  """The boosted encoder (a mapper behind the toy encoder, conditioned on sigma) through
+  the smoothed path, against a plain loop; then a language side trained on its width."""
+  from fsjax import gsb  # pylint: disable=g-import-not-at-top
+  base, base_params = toy  # tokens [B, 1, 16]
+  boosted = gsb.BoostedEncoder(base=base, mapper=gsb.SmoothnessMapper(
+      num_blocks=1, num_heads=2, sigma_hidden=8, damping_init=0.5))
+  vision = boosted.init_params(jax.random.key(0), base_params)
+  x = np.random.default_rng(10).uniform(size=(2, 8, 8, 3)).astype(np.float32)
+  key, sigma, n = jax.random.key(3), 0.5, 4
+  got = np.asarray(fl.smoothed_tokens(vision, jnp.asarray(x), key, sigma, encoder=boosted, n=n))
+  tokens = jax.jit(lambda p, y: boosted.tokens(p, y, sigma=sigma))
+  units, norms = [], []
+  for i in range(n):
+    g = np.asarray(tokens(vision, x + smoothing.noise(key, i, x.shape, sigma)), np.float64)
+    g = g.reshape(2, -1)
+    units.append(g / np.linalg.norm(g, axis=-1, keepdims=True))
+    norms.append(np.linalg.norm(g, axis=-1, keepdims=True))
+  f_s = np.mean(units, 0)
+  want = f_s / np.linalg.norm(f_s, axis=-1, keepdims=True) * np.mean(norms, 0)
+  np.testing.assert_allclose(got.reshape(2, -1), want, rtol=1e-5, atol=1e-5)
+  assert not np.allclose(got, np.asarray(fl.smoothed_tokens(  # the mapper acts
+      {"encoder": base_params}, jnp.asarray(x), key, sigma,
+      encoder=gsb.BoostedEncoder(base=base), n=n)), atol=1e-3)
+
+  text = fl.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=1, num_attention_heads=4, pad_token_id=0)
+  config = fl.LlavaConfig(text_config=text, vision_config=None, image_token_id=IMAGE,
+                          vision_feature_size=16)
+  model = fl.Llava(config=config, encoder=boosted).smoothed(sigma, n=n)
+  params = {"vision": vision, "language": fl.init_language(config, seed=1)}
+  features = model.image_features(params, x, key=key)
+  np.testing.assert_allclose(np.asarray(features), got, rtol=1e-6, atol=1e-6)
+  tokens_out, _ = model.generate_ids(params, np.array([[1, 5, IMAGE, 6]] * 2), features,
+                                     max_new_tokens=4)
+  assert tokens_out.shape == (2, 4)
+  with pytest.raises(ValueError, match="sigma is required"):
+    dataclasses.replace(model, smoothing=None).image_features(params, x)

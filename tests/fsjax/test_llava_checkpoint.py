@@ -230,3 +230,58 @@ def test_configs_build():
   missing.llava.checkpoint = "/nonexistent/llava"
   with pytest.raises(ValueError, match="does not exist"):
     fl.build(missing)
+
+
+def _openclip_visual(path, *, width=64, layers=2, image=224, patch=14, seed=0):
+  """A random OpenCLIP ``model.visual`` state dict (how FARE/TeCoA are released)."""
+  g = torch.Generator().manual_seed(seed)
+  r = lambda *s: 0.02 * torch.randn(*s, generator=g)
+  state = {"conv1.weight": r(width, 3, patch, patch), "class_embedding": r(width),
+           "positional_embedding": r((image // patch) ** 2 + 1, width),
+           "ln_pre.weight": 1 + r(width), "ln_pre.bias": r(width),
+           "ln_post.weight": 1 + r(width), "ln_post.bias": r(width), "proj": r(width, 32)}
+  for i in range(layers):
+    p = f"transformer.resblocks.{i}."
+    state |= {p + "ln_1.weight": 1 + r(width), p + "ln_1.bias": r(width),
+              p + "ln_2.weight": 1 + r(width), p + "ln_2.bias": r(width),
+              p + "attn.in_proj_weight": r(3 * width, width), p + "attn.in_proj_bias": r(3 * width),
+              p + "attn.out_proj.weight": r(width, width), p + "attn.out_proj.bias": r(width),
+              p + "mlp.c_fc.weight": r(2 * width, width), p + "mlp.c_fc.bias": r(2 * width),
+              p + "mlp.c_proj.weight": r(width, 2 * width), p + "mlp.c_proj.bias": r(width)}
+  safetensors.torch.save_file(state, str(path))
+
+
+def test_fare_like_openclip_tower_at_224px(tmp_path):
+  """configs: a robust OpenCLIP tower at 224 px, layer -2, CLS dropped -> 256 tokens."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from configs import llava_tiny  # pylint: disable=g-import-not-at-top
+  from transformers.modeling_outputs import BaseModelOutputWithPooling  # pylint: disable=g-import-not-at-top
+  vision = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=1,
+                                         image_size=28, patch_size=14)
+  text = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, rms_norm_eps=1e-5, pad_token_id=0)
+  torch.manual_seed(0)
+  torch_model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+      vision_config=vision, text_config=text, image_token_index=IMAGE)).eval()
+  torch_model.save_pretrained(tmp_path / "llava")
+  _openclip_visual(tmp_path / "fare.safetensors")
+  config = llava_tiny.get_config()
+  config.llava.checkpoint = str(tmp_path / "llava")
+  config.encoder = ml_collections.ConfigDict(dict(
+      name="clip", checkpoint=str(tmp_path / "fare.safetensors"), feature="patch_tokens",
+      layer=-2, resolution=224))
+  model, params = fl.build(config)
+  assert model.encoder.resolution == 224 and model.encoder.layer == -2
+  x = np.random.default_rng(0).uniform(size=(2, 300, 260, 3)).astype(np.float32)
+  features = model.image_features(params, x)
+  assert features.shape == (2, 256, 64)  # 16 x 16 patches, CLS dropped
+  ids = np.array([[1, 5] + [IMAGE] * 256 + [6, 7]] * 2)
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(model.logits(params, ids, features))
+  with torch.no_grad():
+    projected = torch_model.model.multi_modal_projector(torch.tensor(np.asarray(features)))
+    want = torch_model(input_ids=torch.tensor(ids), mm_encoder_outputs={
+        "image": BaseModelOutputWithPooling(pooler_output=[projected])}).logits.numpy()
+  np.testing.assert_allclose(ours, want, atol=1e-5, rtol=0)
