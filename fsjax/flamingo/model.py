@@ -39,6 +39,8 @@ from fsjax import decoding
 from fsjax import encoders
 from fsjax.flamingo import mpt
 from fsjax.flamingo import resampler
+# The smoothed token view is one implementation for both MLLMs (it lives with LLaVA).
+from fsjax.llava import model as llava_model
 
 Dtype = Any
 # OpenFlamingo's own captioning prompt (its COCO evaluation, zero-shot).
@@ -310,6 +312,12 @@ def _encode(encoder, params, x, sigma):
   return encoder.tokens(params, x, sigma=sigma)
 
 
+@functools.partial(jax.jit, static_argnames=("encoder", "n", "features", "chunk_size"))
+def _encode_smoothed(params, x, key, sigma, *, encoder, n, features, chunk_size):
+  return llava_model.smoothed_tokens(params, x, key, sigma, encoder=encoder, n=n,
+                                     features=features, chunk_size=chunk_size)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class OpenFlamingo:
   """A loaded OpenFlamingo: the model, its vision encoder and tokenizer, ready to caption.
@@ -323,6 +331,8 @@ class OpenFlamingo:
     encoder_params: the encoder's parameters.
     tokenizer: a transformers tokenizer with ``<image>`` and ``<|endofchunk|>`` (for
       :meth:`caption`), or None.
+    smoothing: if set (:meth:`smoothed`), the images go through the smoothed encoder
+      (``fsjax.llava.smoothed_tokens``: n noisy copies per image, then the LLM once).
   """
 
   model: Flamingo
@@ -330,12 +340,25 @@ class OpenFlamingo:
   encoder: encoders.Encoder
   encoder_params: Any
   tokenizer: Any = None
+  smoothing: Any = None
 
   def replace(self, **changes) -> "OpenFlamingo":
     return dataclasses.replace(self, **changes)
 
-  def vision_tokens(self, images, *, sigma: Any = None) -> jax.Array:
-    """Images ``[B, H, W, 3]`` or ``[B, M, H, W, 3]`` in [0, 1] -> ``[B, M, v, vis_dim]``."""
+  def smoothed(self, sigma: float, *, n: int = 8, features: str = "direction",
+               chunk_size: int = 64) -> "OpenFlamingo":
+    """The same model seeing through the smoothed encoder (``n`` noise samples per image;
+    ``features`` as :func:`fsjax.llava.model.smoothed_tokens`)."""
+    return self.replace(smoothing=llava_model.Smoothing(sigma, n, features, chunk_size))
+
+  def vision_tokens(self, images, *, sigma: Any = None, key: jax.Array | None = None
+                    ) -> jax.Array:
+    """Images ``[B, H, W, 3]`` or ``[B, M, H, W, 3]`` in [0, 1] -> ``[B, M, v, vis_dim]``.
+
+    ``sigma`` is passed to a plain encoder (a GSB-boosted one conditions on it); with
+    :attr:`smoothing` set, the smoothing's sigma is used and ``key`` (default
+    ``PRNGKey(0)``) draws the noise.
+    """
     shape = np.shape(images)
     if len(shape) == 4:
       images = np.asarray(images)[:, None] if not isinstance(images, jax.Array) else images[:, None]
@@ -346,23 +369,37 @@ class OpenFlamingo:
     b, m = shape[:2]
     flat = jnp.reshape(jnp.asarray(images), (b * m, *shape[2:]))
     encoders.check_images(flat, name="images")
-    tokens = _encode(self.encoder, self.encoder_params, flat, sigma)
+    if self.smoothing is None:
+      tokens = _encode(self.encoder, self.encoder_params, flat, sigma)
+    else:
+      if sigma is not None:
+        raise ValueError("sigma: a smoothed OpenFlamingo uses its smoothing's sigma "
+                         f"({self.smoothing.sigma}); do not pass another.")
+      s = self.smoothing
+      key = jax.random.PRNGKey(0) if key is None else key
+      tokens = _encode_smoothed(self.encoder_params, flat, key, jnp.float32(s.sigma),
+                                encoder=self.encoder, n=s.n, features=s.features,
+                                chunk_size=s.chunk_size)
+      # The Monte Carlo sum comes back on the smoothing engine's device mesh; the language
+      # side runs on the default device.
+      tokens = jax.device_put(tokens, jax.devices()[0])
     if tokens.shape[-1] != self.model.config.vis_dim:
       raise ValueError(f"the encoder gives tokens of width {tokens.shape[-1]}, the model expects "
                        f"{self.model.config.vis_dim}: use the CLIP tower it was trained with.")
     return tokens.reshape(b, m, *tokens.shape[1:])
 
   def generate(self, input_ids, images=None, *, attention_mask=None, vision_tokens=None,
-               max_new_tokens: int = 20, sigma: Any = None, eos_token_id=None,
-               pad_token_id=None) -> tuple[jax.Array, jax.Array]:
+               max_new_tokens: int = 20, sigma: Any = None, key: jax.Array | None = None,
+               eos_token_id=None, pad_token_id=None) -> tuple[jax.Array, jax.Array]:
     """Greedy generation from token ids and images (or precomputed ``vision_tokens``).
 
-    See :func:`generate`; ``images`` go through :meth:`vision_tokens` with ``sigma``.
+    See :func:`generate`; ``images`` go through :meth:`vision_tokens` with ``sigma`` and
+    ``key``.
     """
     if (images is None) == (vision_tokens is None):
       raise ValueError("pass exactly one of images and vision_tokens.")
     if vision_tokens is None:
-      vision_tokens = self.vision_tokens(images, sigma=sigma)
+      vision_tokens = self.vision_tokens(images, sigma=sigma, key=key)
     if pad_token_id is None and self.tokenizer is not None:
       pad_token_id = self.tokenizer.pad_token_id
     return generate(self.model, self.params, input_ids, vision_tokens, attention_mask,
@@ -370,7 +407,8 @@ class OpenFlamingo:
                     pad_token_id=pad_token_id)
 
   def caption(self, images, prompt: str | Sequence[str] = CAPTION_PROMPT, *,
-              max_new_tokens: int = 20, sigma: Any = None, vision_tokens=None) -> list[str]:
+              max_new_tokens: int = 20, sigma: Any = None, key: jax.Array | None = None,
+              vision_tokens=None) -> list[str]:
     """Greedy captions, one per image: ``of.caption(images)``.
 
     Args:
@@ -379,7 +417,7 @@ class OpenFlamingo:
       prompt: one prompt for all rows or one per row, with ``<image>`` where each image
         goes (default OpenFlamingo's ``"<image>Output:"``).
       max_new_tokens: caption length limit in tokens.
-      sigma: passed to the encoder (a GSB-boosted encoder conditions on it).
+      sigma, key: as :meth:`vision_tokens`.
       vision_tokens: precomputed ``[B, M, v, vis_dim]`` instead of ``images`` (e.g. the
         Monte Carlo mean of a smoothed encoder's tokens); then ``images`` may be None.
 
@@ -390,7 +428,7 @@ class OpenFlamingo:
       raise ValueError("this OpenFlamingo has no tokenizer: load it with tokenizer=<path of the "
                        "gpt-neox-20b tokenizer folder>, or use generate() with token ids.")
     if vision_tokens is None:
-      vision_tokens = self.vision_tokens(images, sigma=sigma)
+      vision_tokens = self.vision_tokens(images, sigma=sigma, key=key)
     b = vision_tokens.shape[0]
     prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
     if len(prompts) != b:

@@ -27,6 +27,7 @@ from configs import openflamingo_9b
 from configs import openflamingo_tiny
 from fsjax import clip as fsjax_clip
 from fsjax import flamingo
+from fsjax import smoothing
 
 WORDS = [f"w{i}" for i in range(124)] + ["Output", ":", "<unk>"]  # ids 0..126
 EOC, MEDIA, PAD = 127, 128, 129  # added by load_tokenizer in this order, as OpenFlamingo does
@@ -197,6 +198,33 @@ def test_encoder_is_pluggable(models):
   images = _images(1, 1, seed=3)
   np.testing.assert_allclose(np.asarray(scaled.vision_tokens(images)),
                              2.0 * np.asarray(of.vision_tokens(images)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("features", ["raw_mean", "direction"])
+def test_smoothed_vision_tokens(models, features):
+  """The smoothed view: n noisy copies x + delta_i (fsjax.smoothing's noise), tokens
+  averaged as raw features or as the mean unit direction rescaled to the mean norm."""
+  _, of, _ = models
+  images = _images(2, 1, seed=4)
+  key, sigma, n = jax.random.PRNGKey(3), 0.25, 3
+  smoothed = of.smoothed(sigma, n=n, features=features, chunk_size=2)  # chunks of 2: 3 masks 1
+  got = np.asarray(smoothed.vision_tokens(images, key=key))
+  x = images[:, 0]
+  tokens = jax.jit(of.encoder.tokens)
+  raw = np.stack([np.asarray(tokens(of.encoder_params, x + smoothing.noise(key, i, x.shape, sigma)))
+                  for i in range(n)])
+  if features == "raw_mean":
+    want = raw.mean(0)
+  else:
+    flat = raw.reshape(n, 2, -1)
+    norms = np.linalg.norm(flat, axis=-1, keepdims=True)
+    mean_unit = (flat / norms).mean(0)
+    want = (mean_unit / np.linalg.norm(mean_unit, axis=-1, keepdims=True)
+            * norms.mean(0)).reshape(raw.shape[1:])
+  assert got.shape == (2, 1) + raw.shape[2:]
+  np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="smoothing's sigma"):
+    smoothed.vision_tokens(images, sigma=0.5)
 
 
 def test_loader_errors(models, tmp_path):
