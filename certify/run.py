@@ -193,8 +193,26 @@ def caption(config, images: int) -> str:
           "the paper's plug-in estimates, not certificates.")
 
 
+def check_config(config) -> None:
+  """Validates ``config.certify`` before any data or model loads (errors name the key)."""
+  c = config.certify
+  if not c.sigmas:
+    raise ValueError("config.certify.sigmas is empty: give at least one noise level, e.g. "
+                     "--config.certify.sigmas='(0.25,)'.")
+  for sigma in c.sigmas:
+    for bound in c.bounds:
+      for reference in c.references:
+        try:
+          _feature.check_certify_args(sigma=sigma, n=c.n, n0=c.n0, alpha=c.alpha,
+                                      bound=bound, reference=reference, eps=list(c.eps),
+                                      chunk_size=c.chunk_size)
+        except ValueError as e:
+          raise ValueError(f"config.certify: {e}") from None
+
+
 def run(config, workdir: str) -> list[dict]:
   """Certifies ``config.data`` images with every variant; writes results; returns the table."""
+  check_config(config)
   if config.certify.get("distributed"):
     jax.distributed.initialize()
   workdir = pathlib.Path(workdir)

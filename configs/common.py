@@ -122,9 +122,9 @@ def attack_config(**overrides) -> ml_collections.ConfigDict:
       sigma=0.25,          # smoothing noise level of the smoothed rows
       n=16,                # Monte Carlo samples of the smoothed encoder at evaluation
       eot_samples=4,       # noise draws per attack step on a smoothed encoder (EOT)
-      data=None,           # a dataset config; None: config.test_data (labelled)
+      data=config_dict.placeholder(ml_collections.ConfigDict),  # None: config.test_data
       num_images=16,       # attacked images (from classes other than target_class)
-      classes=None,        # class ids the classifier knows; None: all of the dataset's
+      classes=config_dict.placeholder(tuple),  # class ids the classifier knows; None: all
       target_class=-1,     # the attacker's target class id, held out (<0: from the end)
       head="auto",         # "auto", "class_mean" or "zero_shot" (CLIP text prototypes)
       prototype_split="train",  # split of the class-mean prototypes' images
@@ -147,7 +147,7 @@ def audit_config(**overrides) -> ml_collections.ConfigDict:
   direction u) and count measured inner products below the certified bound.
   """
   c = ml_collections.ConfigDict(dict(
-      data=None,           # a dataset config; None: config.data
+      data=config_dict.placeholder(ml_collections.ConfigDict),  # None: config.data
       num_images=config_dict.placeholder(int),  # None: the data's num_examples
       sigma=0.25,          # the one noise level audited
       bound="bernstein",   # the one confidence bound audited

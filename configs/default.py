@@ -12,6 +12,7 @@ The input resolution is 64 px and compute is bfloat16 so a run takes minutes on 
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 from configs import common
 
@@ -23,7 +24,7 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.encoder = ml_collections.ConfigDict(dict(
-      name="efficientnet_lite0", checkpoint=None, dtype="bfloat16", feature="pooled",
+      name="efficientnet_lite0", checkpoint=config_dict.placeholder(str), dtype="bfloat16", feature="pooled",
       resolution=64))
   # Images to certify (Table 1): the bundled photos.
   config.data = ml_collections.ConfigDict(dict(

@@ -1,22 +1,118 @@
-"""The one way every entry point reads ``--config`` and ``--workdir``.
+"""The one way every entry point reads ``--config``, ``--workdir`` and ``--verbose``.
 
 Flags are defined only when a module runs as ``__main__`` (inside :func:`run`), never at
-import: the CLIs import each other's helpers (``certify.table2`` uses ``certify.run``),
-and absl flags are global, so flags defined at import would clash.
+import, so programs can import each other's helpers without absl flag clashes.
+
+What a person sees: third-party INFO logs (orbax, absl, TensorFlow) and known noisy
+warnings are off unless ``--verbose``; a bad command line (a missing config file, a
+mistyped ``--config.a.b`` key, a bad value) is one line naming the fix, not a traceback.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import logging as std_logging
+import os
+import sys
 from typing import Callable
+import warnings
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
+
+# TensorFlow (the TFDS pipelines) reads this when it is first imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+class _QuietThirdParty(std_logging.Filter):
+  """Drops INFO lines of libraries (orbax: several per checkpoint) that bury progress."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return not any(lib in record.pathname for lib in ("orbax", "jax/_src", "tensorflow"))
+
+
+def quiet() -> None:
+  """Turns third-party INFO logs and known harmless warnings off (``--verbose`` keeps them)."""
+  logging.get_absl_handler().addFilter(_QuietThirdParty())
+  for name in ("orbax", "jax._src.xla_bridge", "tensorflow", "absl"):
+    std_logging.getLogger(name).setLevel(std_logging.WARNING)
+  # "An NVIDIA GPU may be present ... falling back to cpu" and TPU probing messages.
+  std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.ERROR)
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+  warnings.filterwarnings("ignore", message=".*Unable to import.*")
+
+
+def _config_path(argv: list[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _load_config(path: str):
+  """The config ``path[:arg]`` describes, or None if it cannot be loaded."""
+  file, _, arg = path.partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_fsjax_cli_config", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _keys(config, prefix: str = "config") -> list[str]:
+  out = []
+  for k in config.keys():
+    v = config[k]
+    out.append(f"{prefix}.{k}")
+    if hasattr(v, "keys") and not isinstance(v, str):
+      out += _keys(v, f"{prefix}.{k}")
+  return out
+
+
+def explain(argv: list[str], error: Exception) -> str:
+  """One line saying what is wrong with a command line and how to fix it."""
+  path = _config_path(argv)
+  if path is None:
+    return "--config is required: e.g. --config configs/default.py"
+  file = path.partition(":")[0]
+  if not os.path.isfile(file):
+    return f"--config {file}: no such file (the configs are in configs/, e.g. configs/default.py)"
+  config = _load_config(path)
+  overrides = [a[2:].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if config is not None:
+    known = _keys(config)
+    for o in overrides:
+      if o not in known:
+        close = difflib.get_close_matches(o, known, n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else (
+            f"; the keys of {o.rpartition('.')[0] or 'config'} are: " + ", ".join(
+                sorted(k.rpartition(".")[2] for k in known
+                       if k.rpartition(".")[0] == o.rpartition(".")[0])))
+        return f"--{o}: not a key of {file}{hint}"
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  message = lines[0] if lines else type(error).__name__
+  if message.endswith(":") and len(lines) > 1:  # the cause is on the last line
+    message = f"{message} {lines[-1]}"
+  if "not supported for overriding" in message:
+    message = (message.split(" is not supported")[0].replace("Type <class 'NoneType'> of "
+                                                              "field ", "")
+               + " is None in the config file and has no type, so it cannot be set from "
+               "the command line; declare it as ml_collections.config_dict.placeholder(<type>)")
+  return f"bad command line: {message}"
 
 
 def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
         define_extra: Callable[[], None] | None = None) -> None:
-  """Defines ``--config`` / ``--workdir`` (+ extras), then runs ``main(config, workdir)``.
+  """Defines ``--config`` / ``--workdir`` / ``--verbose`` (+ extras), runs ``main``.
 
   Args:
     main: called as ``main(config, workdir, **extra_flag_values)``.
@@ -26,16 +122,49 @@ def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
   config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py); "
                                   "override fields with --config.a.b=value.", lock_config=True)
   flags.DEFINE_string("workdir", None, workdir_help)
+  flags.DEFINE_bool("verbose", False, "Show third-party INFO logs and warnings.")
   before = set(flags.FLAGS)
   if define_extra is not None:
     define_extra()
   extra = sorted(set(flags.FLAGS) - before)
-  flags.mark_flags_as_required(["config", "workdir"])
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      rest = flags.FLAGS(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      print(f"{os.path.basename(argv[0])}: {explain(argv, e)}", file=sys.stderr)
+      sys.exit(2)
+    path = _config_path(argv)
+    if path is None or not os.path.isfile(path.partition(":")[0]):
+      print(f"{os.path.basename(argv[0])}: {explain(argv, ValueError())}", file=sys.stderr)
+      sys.exit(2)
+    try:
+      flags.FLAGS.config.keys()
+    except Exception as e:  # pylint: disable=broad-except
+      # config_flags defers a failure to load (syntax error, bad get_config argument).
+      cause = e.__cause__ or e
+      print(f"{os.path.basename(argv[0])}: --config {path} does not load: "
+            f"{str(cause).splitlines()[-1].strip()}", file=sys.stderr)
+      sys.exit(2)
+    if flags.FLAGS.workdir is None:
+      print(f"{os.path.basename(argv[0])}: --workdir is required ({workdir_help})",
+            file=sys.stderr)
+      sys.exit(2)
+    return rest
 
   def _main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    main(flags.FLAGS.config, flags.FLAGS.workdir,
-         **{name: flags.FLAGS[name].value for name in extra})
+    if not flags.FLAGS.verbose:
+      quiet()
+    try:
+      main(flags.FLAGS.config, flags.FLAGS.workdir,
+           **{name: flags.FLAGS[name].value for name in extra})
+    except (ValueError, FileNotFoundError) as e:
+      if flags.FLAGS.verbose:
+        raise
+      # Our errors say what is wrong and how to fix it; the traceback adds nothing.
+      print(f"error: {e}\n(--verbose shows the traceback)", file=sys.stderr)
+      sys.exit(1)
 
-  app.run(_main)
+  app.run(_main, flags_parser=parse)

@@ -51,9 +51,10 @@ def sigma_key(key: jax.Array, sigma: float) -> jax.Array:
 
   Every program derives its per-sigma stream this way, so the same seed gives the same
   noise at a sigma whatever else is in the list of sigmas (and the heads of Table 2, the
-  certificates of Table 1 and the audit draw comparable noise). ``sigma`` must already be
-  validated (> 0): a negative value would not fit ``fold_in``'s unsigned data.
+  certificates of Table 1 and the audit draw comparable noise). A sigma <= 0 raises
+  ValueError (it would not fit ``fold_in``'s unsigned data anyway).
   """
+  checks.check_sigma(sigma)
   return jax.random.fold_in(key, int(round(float(sigma) * 1e6)))
 
 

@@ -545,6 +545,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
     raise ValueError(f"max_steps must be None or an integer >= 0, got {max_steps!r}.")
   workdir = os.path.abspath(workdir)
   check_config(config, workdir)
+  # Cheap checks of config.gsb first, before the encoder and the data load.
+  noise_options(config)
+  stage_options(config, "denoiser"), stage_options(config, "mapper")
   encoder, encoder_params = encoders_lib.build(config.encoder)
   dataset = training_images(config)
   # Data parallel: GSPMD splits each step along the batch (Auto axes: the encoder and

@@ -133,7 +133,11 @@ def _read_state_dict(path: str) -> dict[str, np.ndarray]:
     return state
   if path.endswith(".safetensors"):
     import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    return dict(safetensors.numpy.load_file(path))
+    try:
+      return dict(safetensors.numpy.load_file(path))
+    except Exception as e:  # safetensors' own errors ("header too large") omit the file
+      raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be "
+                       "truncated or corrupt: download or copy it again.") from e
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
