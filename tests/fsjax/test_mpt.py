@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_logits_match_transformers(tmp_path, n_heads, d_model):
   ids, mask = _prompt()
   with torch.no_grad():
     ref = ref_model(input_ids=ids, attention_mask=mask).logits.numpy()
-  out, _ = model.apply({"params": params}, ids.numpy(), valid=mask.numpy() > 0)
+  out, _ = jax.jit(model.apply)({"params": params}, ids.numpy(), valid=mask.numpy() > 0)
   out = np.asarray(out)
   np.testing.assert_allclose(out[1], ref[1], atol=1e-5, rtol=0)
   np.testing.assert_allclose(out[0, 3:], ref[0, 3:], atol=1e-5, rtol=0)  # not the pad rows
@@ -61,9 +62,10 @@ def test_cached_steps_equal_full_forward(tmp_path):
   cache = mpt.empty_cache(model.config, batch=2, capacity=12)
   valid = mask.numpy() > 0
   outs = []
+  forward = jax.jit(model.apply)
   for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 9)]:
-    out, cache = model.apply({"params": params}, ids.numpy()[:, lo:hi], cache=cache,
-                             valid=valid[:, lo:hi])
+    out, cache = forward({"params": params}, ids.numpy()[:, lo:hi], cache=cache,
+                         valid=valid[:, lo:hi])
     outs.append(np.asarray(out))
   out = np.concatenate(outs, axis=1)
   np.testing.assert_allclose(out[1], ref[1], atol=1e-5, rtol=0)
@@ -110,7 +112,7 @@ def test_bfloat16_pickle_shards_load(tmp_path):
     ref_model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     ids, mask = _prompt()
     ref = ref_model(input_ids=ids, attention_mask=mask).logits.numpy()
-  out, _ = model.apply({"params": params}, ids.numpy(), valid=mask.numpy() > 0)
+  out, _ = jax.jit(model.apply)({"params": params}, ids.numpy(), valid=mask.numpy() > 0)
   np.testing.assert_allclose(np.asarray(out)[1], ref[1], atol=1e-5, rtol=0)
 
 
