@@ -22,7 +22,8 @@ What lands in ``workdir``:
 * ``config.json``: the config of the run, written when it starts; a restart with a config
   that differs in what shapes the result (encoder, data, seed, ``gsb``) is refused.
 * ``denoiser/<step>``, ``mapper/<step>``: orbax checkpoints of each stage's train state,
-  every ``config.gsb.checkpoint_every`` steps and at the end of the stage.
+  every ``config.gsb.checkpoint_every`` steps, every ``config.gsb.checkpoint_seconds``
+  seconds (default 120), at the end of the stage and on Ctrl-C (which saves, then exits).
   :func:`fsjax.gsb.checkpoint.load` reads the final parameters back.
 * ``metrics.jsonl``: one JSON object per ``config.gsb.log_every`` steps (and at the end
   of a stage or of a run stopped by ``max_steps``): stage, step, epoch, the loss and its
@@ -46,10 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as std_logging
-import math
 import os
-import time
 from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
@@ -66,19 +64,14 @@ from fsjax import encoders as encoders_lib
 from fsjax import gsb as gsb_lib
 from fsjax.gsb import losses
 from fsjax import checkpointing
+from train import loop
 
 STAGES = ("denoiser", "mapper")
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = loop.CONFIG_FILE
+METRICS_FILE = loop.METRICS_FILE
+TrainState = loop.TrainState
 # config.gsb keys that change neither the result nor the shapes: a restart may change them.
-_RESTART_FREE_KEYS = ("checkpoint", "log_every", "checkpoint_every")
-
-TrainState = dict[str, Any]  # {"step": int32 [], "params": ..., "opt_state": ...}
-
-
-class NonFiniteLossError(FloatingPointError):
-  """Training produced a NaN or Inf loss, gradient or parameter."""
-
+_RESTART_FREE_KEYS = ("checkpoint", "log_every", "checkpoint_every", "checkpoint_seconds")
 
 # ----------------------------------------------------------------------------------------
 # Configuration.
@@ -125,7 +118,7 @@ def noise_options(config) -> tuple[tuple[float, float], int]:
 
 def _comparable(config) -> dict[str, Any]:
   """The parts of a config that shape a GSB run, as JSON values (tuples are lists)."""
-  c = json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+  c = loop.as_json(config) if not isinstance(config, dict) else config
   gsb = {k: v for k, v in c.get("gsb", {}).items() if k not in _RESTART_FREE_KEYS}
   # train_data.batch_size is not used here (each stage has its own).
   data = {k: v for k, v in (c.get("train_data") or {}).items() if k != "batch_size"}
@@ -133,38 +126,9 @@ def _comparable(config) -> dict[str, Any]:
           "gsb": gsb}
 
 
-def _differences(a: Any, b: Any, prefix: str = "config") -> list[str]:
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for k in sorted(set(a) | set(b)):
-      out += _differences(a.get(k), b.get(k), f"{prefix}.{k}")
-    return out
-  return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
-
-
 def check_config(config, workdir: str) -> None:
   """Refuses to resume a run in ``workdir`` that was started with another config."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    stored = json.load(f)
-  diff = _differences(_comparable(stored), _comparable(config))
-  if diff:
-    raise ValueError(
-        f"workdir {workdir} holds a GSB run started with another config, so it cannot "
-        "be resumed: " + "; ".join(diff) + ". Use a fresh --workdir, or the old config.")
-
-
-def write_config(config, workdir: str) -> None:
-  """Writes ``workdir/config.json`` (what :func:`fsjax.gsb.checkpoint.load` reads)."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
-    return
-  os.makedirs(workdir, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json(indent=2))
-  os.replace(path + ".tmp", path)  # atomic: a half-written config.json never exists
+  loop.check_config(config, workdir, comparable=_comparable, what="GSB")
 
 
 # ----------------------------------------------------------------------------------------
@@ -276,36 +240,11 @@ def mapper_loss_fn(base: encoders_lib.Encoder, denoiser, mapper, *, lam_id: floa
   return loss_fn
 
 
-def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-  """One jitted update ``(state, frozen, images, key) -> (state, metrics)``.
-
-  The state is donated (its buffers are reused for the new state). The noise of the
-  step is ``fold_in(key, step)``: a function of the step alone, so a resumed run draws
-  exactly the noise an uninterrupted one would.
-  """
-  def step(state: TrainState, frozen, images, key):
-    k = jax.random.fold_in(key, state["step"])
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], frozen, images, k)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
-               # Non-finite parameters are caught at the step that makes them.
-               "param_norm": optax.global_norm(params)}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-  return jax.jit(step, donate_argnums=0)
-
-
 def check_finite(stage: str, step: int, metrics: Mapping[str, float]) -> None:
-  """Raises :class:`NonFiniteLossError` naming the stage, step and loss parts."""
-  if all(math.isfinite(v) for v in metrics.values()):
-    return
-  parts = ", ".join(f"{k}={v:.6g}" for k, v in metrics.items())
-  raise NonFiniteLossError(
-      f"GSB training diverged in stage {stage!r} at step {step}: {parts}. Nothing of this "
-      "step was saved; the latest checkpoint is older. Lower "
-      f"config.gsb.{stage}.learning_rate (or check the data for NaN pixels) and restart.")
+  """Raises :class:`train.loop.NonFiniteLossError` naming the stage, step and loss parts."""
+  loop.check_finite(f"GSB training (stage {stage!r})", step, metrics, fix=(
+      f"Lower config.gsb.{stage}.learning_rate (or check the data for NaN pixels) and "
+      "restart."))
 
 
 # ----------------------------------------------------------------------------------------
@@ -381,50 +320,16 @@ def _compiled(key: str, make: Callable[[], Callable]) -> Callable:
 def update_step(stage: Stage) -> Callable:
   """The stage's jitted update step (:func:`make_update_step`), compiled once a process."""
   return _compiled(f"step/{stage.cache_key}",
-                   lambda: make_update_step(stage.loss_fn, stage.tx))
-
-
-class MetricsWriter:
-  """Appends averaged metrics to ``workdir/metrics.jsonl`` every ``every`` steps."""
-
-  def __init__(self, workdir: str, every: int):
-    self._path = os.path.join(workdir, METRICS_FILE)
-    self._every = every
-    self._sums: dict[str, float] = {}
-    self._count = 0
-    self._t0 = time.perf_counter()
-
-  def reset_clock(self) -> None:
-    self._t0 = time.perf_counter()
-
-  def add(self, stage: Stage, step: int, epoch: int, metrics: Mapping[str, float],
-          images: int, *, last: bool) -> dict[str, Any] | None:
-    """Adds a step's metrics; writes (and returns) the row at a log step or the last one.
-
-    A resumed run's first row averages the steps since the restart only.
-    """
-    for k, v in metrics.items():
-      self._sums[k] = self._sums.get(k, 0.0) + v
-    self._count += 1
-    if step % self._every and not last:
-      return None
-    now = time.perf_counter()
-    row = {"stage": stage.name, "step": step, "epoch": epoch,
-           **{k: v / self._count for k, v in self._sums.items()},
-           "learning_rate": float(stage.schedule(step - 1)),
-           "examples_per_s": self._count * images / max(now - self._t0, 1e-9)}
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    self._sums, self._count, self._t0 = {}, 0, now
-    return row
+                   lambda: loop.make_update_step(stage.loss_fn, stage.tx))
 
 
 def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Dataset,
-              mesh, mngr, seed: int, checkpoint_every: int, writer: MetricsWriter,
-              stop_at: int | None = None) -> TrainState:
+              mesh, mngr, seed: int, policy: loop.CheckpointPolicy,
+              writer: loop.MetricsWriter, stop_at: int | None = None) -> TrainState:
   """Trains a stage from ``state["step"]`` to its end (or to step ``stop_at``).
 
-  Saves every ``checkpoint_every`` steps, at the end and at ``stop_at``.
+  Saves when ``policy`` says so (every k steps, every few minutes), at the end, at
+  ``stop_at``, and on Ctrl-C (then raises :class:`train.loop.Interrupted`).
   """
   step = int(state["step"])
   end = stage.total_steps if stop_at is None else min(stop_at, stage.total_steps)
@@ -435,25 +340,33 @@ def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Data
   per_epoch = batches_per_epoch(dataset, stage.batch_size)
   bar = tqdm.tqdm(total=stage.total_steps, initial=step, desc=f"gsb {stage.name}",
                   unit="step", dynamic_ncols=True)
+  if step == 0:
+    bar.set_postfix_str("compiling the first step")
   writer.reset_clock()
   try:
-    while step < end:
-      epoch, skip = divmod(step, per_epoch)
-      for batch in epoch_batches(dataset, batch_size=stage.batch_size, seed=seed,
-                                 epoch=epoch, skip=skip):
-        images = jax.device_put(batch["image"], batch_sharding)
-        state, metrics = update(state, frozen, images, stage.key)
-        step += 1
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(stage.name, step, metrics)  # before anything is saved
-        bar.update(1)
-        row = writer.add(stage, step, epoch, metrics, stage.batch_size, last=step == end)
-        if row is not None:
-          bar.set_postfix(loss=f"{row['loss']:.4g}")
-        if step % checkpoint_every == 0 or step == end:
-          checkpointing.save(mngr, step, state, force=True)
-        if step == end:
-          break
+    with loop.interruptible() as interrupted:
+      while step < end:
+        epoch, skip = divmod(step, per_epoch)
+        for batch in epoch_batches(dataset, batch_size=stage.batch_size, seed=seed,
+                                   epoch=epoch, skip=skip):
+          images = jax.device_put(batch["image"], batch_sharding)
+          state, metrics = update(state, frozen, images, stage.key)
+          step += 1
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          check_finite(stage.name, step, metrics)  # before anything is saved
+          bar.update(1)
+          row = writer.add(step, metrics, examples=stage.batch_size, last=step == end,
+                           stage=stage.name, epoch=epoch,
+                           learning_rate=float(stage.schedule(step - 1)))
+          if row is not None:
+            bar.set_postfix(loss=f"{row['loss']:.4g}")
+          if policy.due(step) or step == end or interrupted():
+            checkpointing.save(mngr, step, state, force=True)
+          if interrupted():
+            mngr.wait_until_finished()
+            raise loop.Interrupted(f"train.gsb (stage {stage.name})", step)
+          if step == end:
+            break
   finally:
     bar.close()
     mngr.wait_until_finished()
@@ -555,12 +468,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   mesh = data_mesh()
   n_devices = mesh.devices.size
   stages = build_stages(config, encoder, encoder_params, dataset, n_devices=n_devices)
-  write_config(config, workdir)  # once the config is known to be valid
+  loop.write_config(config, workdir)  # once the config is known to be valid
   d_stage, m_stage = stages["denoiser"], stages["mapper"]
   encoder_params = jax.device_put(encoder_params, replicated(mesh))
   c = config.gsb
-  checkpoint_every = int(c.get("checkpoint_every") or 100)
-  writer = MetricsWriter(workdir, int(c.get("log_every") or 10))
+  policy = loop.CheckpointPolicy(int(c.get("checkpoint_every") or 100),
+                                 float(c.get("checkpoint_seconds") or 120.0))
+  writer = loop.MetricsWriter(workdir, int(c.get("log_every") or 10))
   managers = {name: checkpointing.manager(workdir, name) for name in STAGES}
   try:
     d_done, m_done = (managers[n].latest_step() or 0 for n in STAGES)
@@ -579,6 +493,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
             f"{m_done} steps); nothing to do.")
     logging.info("train.gsb: %d device(s); denoiser %d/%d steps, mapper %d/%d steps done.",
                  n_devices, d_done, d_stage.total_steps, m_done, m_stage.total_steps)
+    if (d_done or m_done) and (d_done, m_done) != (d_stage.total_steps, m_stage.total_steps):
+      print(f"train.gsb: resuming {workdir} (denoiser {d_done}/{d_stage.total_steps}, "
+            f"mapper {m_done}/{m_stage.total_steps} steps done).")
 
     out = {}
     frozen = {"encoder": encoder_params}
@@ -586,7 +503,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
       d_state = restore_state(d_stage, managers["denoiser"], mesh)
       d_state = run_stage(d_stage, d_state, frozen=frozen, dataset=dataset, mesh=mesh,
                           mngr=managers["denoiser"], seed=config.seed,
-                          checkpoint_every=checkpoint_every, writer=writer,
+                          policy=policy, writer=writer,
                           stop_at=max_steps)
       out["denoiser"] = d_state["params"]
       if int(d_state["step"]) < d_stage.total_steps:
@@ -596,7 +513,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
       m_state = restore_state(m_stage, managers["mapper"], mesh)
       m_state = run_stage(m_stage, m_state, frozen=frozen, dataset=dataset, mesh=mesh,
                           mngr=managers["mapper"], seed=config.seed,
-                          checkpoint_every=checkpoint_every, writer=writer,
+                          policy=policy, writer=writer,
                           stop_at=None if max_steps is None
                           else max_steps - d_stage.total_steps)
       out["mapper"] = m_state["params"]
@@ -606,16 +523,11 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
       checkpointing.close(mngr)
 
 
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's INFO lines (several per checkpoint), which bury the progress bar."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
 def main(config, workdir: str) -> None:
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  train_and_evaluate(config, workdir)
+  try:
+    train_and_evaluate(config, workdir)
+  except loop.Interrupted as e:
+    print(e)
 
 
 if __name__ == "__main__":
