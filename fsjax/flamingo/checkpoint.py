@@ -6,8 +6,7 @@ OpenFlamingo-9B comes in three parts, each loaded from its own path:
   read with :mod:`fsjax.torch_pickle` (an allow-listed unpickler: no code from the file
   runs). It holds the Perceiver resampler, the gated cross-attention blocks and the
   token embedding (with the rows OpenFlamingo added for ``<|endofchunk|>``, ``<image>``
-  and ``<PAD>``: the vocabulary size is taken from it), and possibly the decoder and the
-  vision tower too. OpenFlamingo's module wrapping names the same tensors several times
+  and ``<PAD>``: the vocabulary size is taken from it), and possibly the decoder too. OpenFlamingo's module wrapping names the same tensors several times
   (``lang_encoder.old_decoder_blocks.N.*`` and ``lang_encoder.transformer.blocks.N.
   decoder_layer.*`` are the decoder blocks; ``lang_encoder.gated_cross_attn_layers.N.*``
   and ``lang_encoder.transformer.blocks.N.gated_cross_attn_layer.*`` the cross-attention):
@@ -19,7 +18,8 @@ OpenFlamingo-9B comes in three parts, each loaded from its own path:
 * the vision tower: an OpenCLIP or Hugging Face CLIP ViT-L/14 (anything
   :func:`fsjax.clip.load` reads; FARE / TeCoA files included), used as
   ``ClipEncoder(feature="patch_tokens", layer=-1)``; or any ``(Encoder, params)`` pair.
-  Without one, ``vision_encoder.*`` entries of ``checkpoint.pt`` are used, if present.
+  ``vision_encoder.*`` entries of ``checkpoint.pt`` (a frozen copy of the tower, absent
+  from the released file) are not used.
 
 Every mismatch (missing, unexpected, mis-shaped parameter) is reported in one error that
 lists them all with their source names and shapes.
@@ -270,25 +270,17 @@ def load_tokenizer(path):
   return tok
 
 
-def _vision(vision_encoder, ckpt_vision: dict[str, np.ndarray], *, dtype, origin):
+def _vision(vision_encoder, *, dtype) -> tuple[encoders.Encoder, Any]:
   if isinstance(vision_encoder, tuple):
     encoder, params = vision_encoder
     if not isinstance(encoder, encoders.Encoder):
       raise ValueError("vision_encoder=(encoder, params) needs an fsjax.encoders.Encoder, got "
                        f"{type(encoder).__name__}.")
     return encoder, params
-  if vision_encoder is not None:
-    clip, params = clip_checkpoint.load(vision_encoder, dtype=dtype)
-  elif ckpt_vision:
-    state = clip_checkpoint._openclip_unwrap(ckpt_vision)  # pylint: disable=protected-access
-    config = clip_checkpoint._openclip_config(  # pylint: disable=protected-access
-        state, hidden_act="quick_gelu", head_width=64, origin=origin)
-    flat, sources = clip_checkpoint._openclip_to_flax(state)  # pylint: disable=protected-access
-    clip, params = clip_checkpoint._build(config, flat, sources, dtype=dtype,  # pylint: disable=protected-access
-                                          origin=origin)
-  else:
-    raise ValueError(f"{origin} holds no vision tower: pass vision_encoder=<path of the OpenCLIP "
-                     "or Hugging Face CLIP ViT-L/14> or vision_encoder=(encoder, params).")
+  if vision_encoder is None:
+    raise ValueError("vision_encoder is required: the path of the OpenCLIP or Hugging Face "
+                     "CLIP ViT-L/14 (OpenAI's, or FARE / TeCoA), or an (encoder, params) pair.")
+  clip, params = clip_checkpoint.load(vision_encoder, dtype=dtype)
   # OpenFlamingo's features: last-block patch tokens, no final LayerNorm.
   encoder = clip_encoder.ClipEncoder(resolution=clip.config.vision_config.image_size, model=clip,
                                      feature="patch_tokens", layer=-1)
@@ -307,8 +299,7 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
     lang_encoder: the MPT Hugging Face folder (``anas-awadalla/mpt-7b`` or
       ``mosaicml/mpt-7b``).
     vision_encoder: a CLIP path for :func:`fsjax.clip.load` (OpenAI ViT-L/14 for
-      OpenFlamingo-9B; or FARE / TeCoA), an ``(Encoder, params)`` pair, or None to use the
-      ``vision_encoder.*`` entries of ``checkpoint``.
+      OpenFlamingo-9B; or FARE / TeCoA), or an ``(Encoder, params)`` pair.
     tokenizer: the gpt-neox-20b tokenizer folder (needed for ``caption`` and for the
       default special token ids), or None.
     media_token_id, eoc_token_id: ids of ``<image>`` and ``<|endofchunk|>``; default from
@@ -340,11 +331,12 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
   if media_token_id is None or eoc_token_id is None:
     raise ValueError("without a tokenizer, pass media_token_id (<image>) and eoc_token_id "
                      "(<|endofchunk|>).")
+  encoder, encoder_params = _vision(vision_encoder, dtype=dtype)
   lang, mpt_state, mpt_origin = _read_mpt_folder(lang_encoder)
   ckpt = deduplicate(read_state_dict(checkpoint), origin=checkpoint)
   ckpt.pop("lang_encoder.lm_head.weight", None)  # tied to the token embedding
-  ckpt_vision = {k[len("vision_encoder."):]: v for k, v in ckpt.items()
-                 if k.startswith("vision_encoder.")}
+  # A frozen copy of the CLIP tower, if saved at all (the released file has none): the
+  # vision side is vision_encoder's.
   ckpt = {k: v for k, v in ckpt.items() if not k.startswith("vision_encoder.")}
   config = _flamingo_config(ckpt, lang, origin=checkpoint, media_token_id=media_token_id,
                             eoc_token_id=eoc_token_id)
@@ -352,6 +344,12 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
     raise ValueError(f"the tokenizer has {len(tok)} tokens but the embedding only "
                      f"{config.lang.vocab_size} rows: tokenizer and checkpoint do not belong "
                      "together.")
+  x = jax.ShapeDtypeStruct((1, encoder.resolution, encoder.resolution, 3), jnp.float32)
+  width = jax.eval_shape(lambda p, x: encoder.tokens(p, x), encoder_params, x).shape[-1]
+  if width != config.vis_dim:
+    raise ValueError(f"vision_encoder gives tokens of width {width}, but {checkpoint}'s "
+                     f"resampler takes {config.vis_dim}: use the CLIP tower OpenFlamingo was "
+                     "trained with (ViT-L/14, width 1024, for OpenFlamingo-9B).")
   # strict=False on top of the language model, as OpenFlamingo loads it.
   state = {"lang_encoder." + k: v for k, v in mpt_state.items()}
   state.update(ckpt)
@@ -359,7 +357,6 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
   params = to_flax(state, model_lib.param_shapes(model), origin=f"{checkpoint} + {mpt_origin}",
                    describe=f"OpenFlamingo, {_describe_mpt(config.lang)}, cross-attention every "
                    f"{config.cross_attn_every_n_layers} layers, vision width {config.vis_dim}")
-  encoder, encoder_params = _vision(vision_encoder, ckpt_vision, dtype=dtype, origin=checkpoint)
   return model_lib.OpenFlamingo(model=model, params=params, encoder=encoder,
                                 encoder_params=encoder_params, tokenizer=tok)
 

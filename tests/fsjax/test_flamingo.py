@@ -227,7 +227,7 @@ def test_smoothed_vision_tokens(models, features):
     smoothed.vision_tokens(images, sigma=0.5)
 
 
-def test_loader_errors(models, tmp_path):
+def test_loader_errors(models, tmp_path, toy):
   _, _, root = models
   from fsjax import torch_pickle  # pylint: disable=g-import-not-at-top
   state = torch_pickle.load(root / "checkpoint.pt")
@@ -255,6 +255,16 @@ def test_loader_errors(models, tmp_path):
 
   with pytest.raises(ValueError, match="pass media_token_id"):
     flamingo.load(root / "checkpoint.pt", lang_encoder=root / "mpt", vision_encoder=root / "clip")
+  with pytest.raises(ValueError, match="vision_encoder is required"):
+    flamingo.load(root, lang_encoder=root / "mpt", media_token_id=MEDIA, eoc_token_id=EOC)
+  with pytest.raises(ValueError, match="tokens of width 16, but .* takes 32"):
+    flamingo.load(root, lang_encoder=root / "mpt", vision_encoder=toy, media_token_id=MEDIA,
+                  eoc_token_id=EOC)
+  with pytest.raises(ValueError, match="is not a file"):
+    flamingo.load(tmp_path / "nothing.pt", **kwargs)
+  # The folder that holds checkpoint.pt loads like the file itself.
+  of = flamingo.load(root, **kwargs)
+  assert of.model.config.cross_attn_layers == (1, 3) and of.model.config.lang.vocab_size == VOCAB
 
 
 def test_deduplicate_maps_every_alias():
