@@ -30,11 +30,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from typing import Any, Mapping
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from fsjax import encoders
@@ -49,10 +51,39 @@ _MPT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Memory-maps a ``.safetensors`` file: an 8-byte header size, a JSON header, the data.
+
+  Read by hand because ``safetensors.numpy`` refuses bfloat16, the dtype of MPT-7B.
+  """
+  with open(path, "rb") as f:
+    (size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(size))
+  data = np.memmap(path, np.uint8, mode="r", offset=8 + size)
+  state = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which fsjax does not "
+                       f"read (known: {sorted(_SAFETENSORS_DTYPES)}).")
+    lo, hi = info["data_offsets"]
+    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
+    state[name] = data[lo:hi].view(dtype).reshape(info["shape"])
+  return state
+
+
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
   """Reads a torch-style state dict (name -> numpy array) from one weight file or index.
 
-  ``.safetensors`` and safetensors indexes as :mod:`fsjax.clip.checkpoint` reads them;
+  ``.safetensors`` files (memory-mapped, bfloat16 included) and their shard indexes;
   pickles (``.pt``, ``.bin``, ``.pth``) with :func:`fsjax.torch_pickle.load`. A
   ``state_dict`` / ``model_state_dict`` wrapper and DDP ``module.`` prefixes are removed.
   """
@@ -64,7 +95,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
       state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
     return state
   if path.endswith(".safetensors"):
-    return clip_checkpoint._read_state_dict(path)  # pylint: disable=protected-access
+    return _read_safetensors(path)
   obj = torch_pickle.load(path)
   for key in ("model_state_dict", "state_dict"):
     if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

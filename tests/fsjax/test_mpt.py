@@ -5,6 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
@@ -91,20 +92,28 @@ def test_greedy_generation_equals_transformers_generate(tmp_path):
   np.testing.assert_array_equal(np.asarray(tokens)[:, :ref.shape[1]], ref)
 
 
-def test_bfloat16_pickle_shards_load(tmp_path):
-  """MPT-7B ships bf16 ``pytorch_model-0000N-of-0000M.bin`` shards + index: read them
-  with the restricted unpickler (no torch.load) and match the oracle on the same weights."""
+@pytest.mark.parametrize("fmt", ["bin", "safetensors"])
+def test_bfloat16_shards_load(tmp_path, fmt):
+  """MPT-7B ships bf16 ``pytorch_model-0000N-of-0000M.bin`` shards + index (read with the
+  restricted unpickler, no torch.load); converted copies hold bf16 safetensors shards.
+  Both match the oracle on the same (bf16-rounded) weights."""
   ref_model = _random_mpt(tmp_path / "ref")
   state = {k: v.to(torch.bfloat16) for k, v in ref_model.state_dict().items()
            if k != "lm_head.weight"}
   names = sorted(state)
-  shards = {"pytorch_model-00001-of-00002.bin": names[:len(names) // 2],
-            "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-  folder = tmp_path / "bin"
+  ext = ".bin" if fmt == "bin" else ".safetensors"
+  prefix = "pytorch_model" if fmt == "bin" else "model"
+  shards = {f"{prefix}-00001-of-00002{ext}": names[:len(names) // 2],
+            f"{prefix}-00002-of-00002{ext}": names[len(names) // 2:]}
+  folder = tmp_path / fmt
   folder.mkdir()
   for file, keys in shards.items():
-    torch.save({k: state[k] for k in keys}, folder / file)
-  (folder / "pytorch_model.bin.index.json").write_text(json.dumps(
+    part = {k: state[k].contiguous() for k in keys}
+    if fmt == "bin":
+      torch.save(part, folder / file)
+    else:
+      safetensors.torch.save_file(part, folder / file)
+  (folder / f"{prefix}{ext}.index.json").write_text(json.dumps(
       {"weight_map": {k: f for f, keys in shards.items() for k in keys}}))
   (folder / "config.json").write_text((tmp_path / "ref" / "config.json").read_text())
   model, params = flamingo.load_mpt(folder)
