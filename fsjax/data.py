@@ -6,7 +6,11 @@ One entry point, `load`, returns a `Dataset` that iterates as numpy batches
 
 * Embedded sets, built offline with ``tfds.dataset_builders.store_as_tfds_dataset``
   from files that packages install, and cached as TFDS datasets under `data_dir`
-  (``fsjax_<name>/1.0.0``; built on first use, never rebuilt while present):
+  (``fsjax_<name>/1.0.0``; built on first use, never rebuilt while present). A
+  lock file (``fsjax_<name>.lock``, ``fcntl.flock``) makes concurrent first uses
+  safe: one process builds, the others wait for it, then read the same files. The
+  build says so in one line on stderr; TFDS's own "Downloading and preparing
+  dataset" line and progress bars are kept quiet (nothing is downloaded):
 
   * ``fashion_mnist``: Zalando's Fashion-MNIST, 28x28 gray, splits ``train``
     (60,000) and ``test`` (10,000), 10 classes (`FASHION_MNIST_CLASSES`), from
@@ -44,11 +48,16 @@ Example::
 
 import collections
 from collections.abc import Iterator, Mapping, Sequence
+import contextlib
 import dataclasses
 import gzip
+import io
+import logging
 import os
 import pathlib
 import re
+import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -83,11 +92,87 @@ _CONFIG_KEYS = ("name", "split", "image_size", "batch_size", "num_examples",
                 "data_dir", "manual_dir")
 
 
+class _DropThirdPartyNoise(logging.Filter):
+  """Drops TFDS's advice to install OpenCV (it then decodes with PIL, as we want)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("OpenCV is not installed")
+
+
 def _tfds():
   # Imported on first use: TensorFlow takes seconds to import, and neither
-  # `import fsjax` nor the folder reader needs it.
+  # `import fsjax` nor the folder reader needs it. TensorFlow's C++ INFO/WARNING
+  # lines are off unless the user set TF_CPP_MIN_LOG_LEVEL; so is its oneDNN banner
+  # (TF only encodes and decodes images here, so its oneDNN kernels do not matter).
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropThirdPartyNoise) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropThirdPartyNoise())
   return tfds
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path):
+  """Holds an exclusive ``flock`` on `path` (created if missing) while inside.
+
+  Released by the kernel if the process dies, so a crashed build never leaves
+  the dataset locked. Where ``fcntl`` is missing (Windows) nothing is locked.
+  """
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    yield
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a+b") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet_tfds(tfds):
+  """TFDS without its stdout banner ("Downloading and preparing dataset ...",
+  printed even for offline builds), its progress bars and its INFO/WARNING logs
+  (e.g. "Variant folder ... has no dataset_info.json" while it builds it)."""
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+  active = tqdm_utils._active  # pylint: disable=protected-access
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  tfds.display_progress_bar(False)
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+    tfds.display_progress_bar(active)
+
+
+def _build_embedded(tfds, name: str, data_dir: pathlib.Path,
+                    path: pathlib.Path) -> None:
+  """Builds embedded set `name` into `path` once, whatever other processes do."""
+  with _file_lock(data_dir / f"fsjax_{name}.lock"):
+    # Another process may have built it while this one waited for the lock.
+    if (path / "dataset_info.json").is_file():
+      return
+    print(f"fsjax.data: building the embedded dataset {name!r} under {path} "
+          "from local files (once; nothing is downloaded)...", file=sys.stderr,
+          flush=True)
+    start = time.monotonic()
+    features, splits = _EMBEDDED_EXAMPLES[name]()
+    with _quiet_tfds(tfds):
+      tfds.dataset_builders.store_as_tfds_dataset(
+          name=f"fsjax_{name}", version=_VERSION, features=features,
+          split_datasets=splits, data_dir=data_dir, file_format="array_record",
+          disable_shuffling=True,  # Keep the source order (idx files, skimage).
+          description=f"fsjax embedded set {name!r}, see fsjax/data.py.")
+    print(f"fsjax.data: built {name!r} in {time.monotonic() - start:.0f} s.",
+          file=sys.stderr, flush=True)
 
 
 def _data_dir(data_dir: str | os.PathLike[str] | None) -> pathlib.Path:
@@ -200,12 +285,7 @@ def prepare(name: str, *,
   # TFDS writes into a temporary folder and renames it when complete, so the
   # info file exists only for a finished build.
   if not (path / "dataset_info.json").is_file():
-    features, splits = _EMBEDDED_EXAMPLES[name]()
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=f"fsjax_{name}", version=_VERSION, features=features,
-        split_datasets=splits, data_dir=data_dir, file_format="array_record",
-        disable_shuffling=True,  # Keep the source order (idx files, skimage).
-        description=f"fsjax embedded set {name!r}, see fsjax/data.py.")
+    _build_embedded(tfds, name, data_dir, path)
   return tfds.builder_from_directory(path)
 
 

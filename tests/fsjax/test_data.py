@@ -1,8 +1,11 @@
 """Tests of fsjax.data against the source files read independently (numpy, PIL)."""
 
+import fcntl
 import gzip
 import pathlib
+import subprocess
 import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -255,3 +258,58 @@ def test_missing_sources(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="lacks ILSVRC2012_img_val.tar"):
     _load("imagenet2012", tmp_path / "c", split="validation",
           manual_dir=tmp_path / "empty")
+
+
+_RACER = """
+import pathlib, sys, time
+import numpy as np
+from fsjax import data
+data._tfds()  # import TensorFlow before the start signal, so both race to the build
+print("ready", flush=True)
+while not pathlib.Path(sys.argv[2]).exists():
+  time.sleep(0.02)
+ds = data.load("lfw_subset", split="train", image_size=25, batch_size=200,
+               shuffle=False, data_dir=sys.argv[1])
+batch = next(iter(ds))
+print("labels", "".join(str(int(v)) for v in batch["label"]), flush=True)
+print("pixels", int(np.round(batch["image"] * 255).astype(np.int64).sum()), flush=True)
+"""
+
+
+def test_concurrent_first_use_builds_once(tmp_path):
+  """Two processes load the same unbuilt embedded set at once: both succeed, one builds."""
+  skimage_data = pytest.importorskip("skimage.data")
+  data_dir, go = tmp_path / "tfds", tmp_path / "go"
+  data_dir.mkdir()
+  # fsjax.data's lock protocol: flock on <data_dir>/fsjax_<name>.lock. Holding it
+  # here first makes both racers meet at the lock, for certain.
+  lock = open(data_dir / "fsjax_lfw_subset.lock", "a+b")
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(data_dir), str(go)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  try:
+    for p in procs:
+      assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    go.touch()
+    time.sleep(2.0)
+    # Held off by our lock: nothing built yet, nobody finished.
+    assert all(p.poll() is None for p in procs)
+    assert not (data_dir / "fsjax_lfw_subset" / "1.0.0" / "dataset_info.json").exists()
+  finally:
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
+  results = [p.communicate(timeout=600) for p in procs]
+  for p, (out, err) in zip(procs, results):
+    assert p.returncode == 0, err
+  logs = "".join(out + err for out, err in results)
+  assert logs.count("building the embedded dataset 'lfw_subset'") == 1, logs
+  for noise in ("Downloading and preparing", "OpenCV", "libtpu", "oneDNN", "absl"):
+    assert noise not in logs, logs
+  # Both read the same, right examples: skimage's 100 faces then 100 non-faces,
+  # 25 px (no resize), gray repeated on three channels.
+  lfw = np.round(skimage_data.lfw_subset() * 255).astype(np.int64)
+  expected = {"labels " + "1" * 100 + "0" * 100, f"pixels {3 * lfw.sum()}"}
+  for out, _ in results:
+    assert set(out.split("\n")[:2]) == expected, out  # ("ready" was read above.)
+  assert not list((data_dir / "fsjax_lfw_subset").glob("*incomplete*"))

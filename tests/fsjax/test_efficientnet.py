@@ -11,6 +11,7 @@ import subprocess
 import sys
 import zipfile
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -184,6 +185,65 @@ def test_encoder_config_errors():
     efficientnet.EfficientNetEncoder(resolution=8)
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
     efficientnet.EfficientNetEncoder().tokens({}, jnp.zeros((1, 32, 32)))
+
+
+@pytest.mark.parametrize("shape, k, stride", [
+    ((2, 9, 7, 5), 3, 1), ((2, 9, 7, 5), 3, 2), ((1, 8, 8, 4), 5, 1), ((3, 8, 11, 6), 5, 2),
+    ((2, 2, 2, 3), 5, 2),  # Kernel wider than the image: padding on both sides.
+])
+def test_depthwise_conv_matches_grouped_convolution(shape, k, stride):
+  """The fused shifted multiply-adds against XLA's grouped convolution (TF-SAME, HWIO)."""
+  rng = np.random.default_rng(k * 10 + stride)
+  x = rng.normal(size=shape).astype(np.float32)
+  kernel = rng.normal(size=(k, k, 1, shape[-1])).astype(np.float32)
+  ours = jax.jit(efficientnet.depthwise_conv, static_argnums=2)(x, kernel, stride)
+  theirs = jax.lax.conv_general_dilated(
+      x, kernel, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=shape[-1], precision="highest")
+  assert ours.shape == theirs.shape == (shape[0], -(-shape[1] // stride),
+                                        -(-shape[2] // stride), shape[-1])
+  np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+  # bfloat16 inputs come back bfloat16, summed in float32 (error: one bf16 rounding).
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  ours16 = efficientnet.depthwise_conv(x16, kernel, stride)
+  assert ours16.dtype == jnp.bfloat16
+  ref16 = jax.lax.conv_general_dilated(
+      np.asarray(x16, np.float32), kernel, (stride, stride), "SAME",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=shape[-1],
+      precision="highest")
+  np.testing.assert_allclose(np.asarray(ours16, np.float32), ref16, rtol=1e-2, atol=1e-2)
+
+
+def test_fast_layers_keep_nn_conv_parameters_and_values():
+  """DepthwiseConv and PointwiseConv: nn.Conv's parameter shapes, and its outputs."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 9, 6)), jnp.float32)
+  for ours, conv in [
+      (efficientnet.DepthwiseConv(5, 2),
+       nn.Conv(6, (5, 5), strides=2, padding="SAME", feature_group_count=6, use_bias=False)),
+      (efficientnet.PointwiseConv(10), nn.Conv(10, (1, 1), use_bias=False))]:
+    variables = conv.init(jax.random.key(1), x)
+    assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x))
+            == jax.tree.map(jnp.shape, variables))
+    # nn.Conv itself, at full float32 precision, is the reference.
+    with jax.default_matmul_precision("highest"):
+      want = conv.apply(variables, x)
+    np.testing.assert_allclose(ours.apply(variables, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_and_auto_dtype(built, images, monkeypatch):
+  """bfloat16 matmuls stay close to the torch float32 oracle; "auto" follows fsjax.cpu."""
+  torch, model = _torch_reference()
+  with torch.no_grad():
+    x = torch.from_numpy((images * 255 - 127) / 128).permute(0, 3, 1, 2)
+    pooled = model(x)[1].numpy()
+  bf16 = efficientnet.EfficientNetEncoder(dtype="bfloat16")
+  tok = np.asarray(jax.jit(bf16.tokens)(built[1], images))[:, 0]
+  cos = np.sum(tok * pooled, -1) / np.linalg.norm(tok, axis=-1) / np.linalg.norm(pooled, axis=-1)
+  assert cos.min() > 0.995, cos
+  monkeypatch.setattr(efficientnet.cpu, "preferred_dtype", lambda: "bfloat16")
+  assert efficientnet.EfficientNetEncoder(dtype="auto").model.dtype == jnp.bfloat16
+  monkeypatch.setattr(efficientnet.cpu, "preferred_dtype", lambda: "float32")
+  assert efficientnet.EfficientNetEncoder(dtype="auto").model.dtype == jnp.float32
 
 
 # ---------------------------------------------------------------------------------------
