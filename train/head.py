@@ -51,6 +51,7 @@ from fsjax import encoders as encoders_lib
 from fsjax import heads as heads_lib
 from fsjax import smoothing
 from fsjax import variants as variants_lib
+from train import loop
 
 _FEATURE_BATCH = 64  # images per encoder call when caching features (one compilation)
 # Settings that must match for stored heads to be reused (and that certify.table2 checks).
@@ -143,7 +144,8 @@ def _losses(heads, z, labels, *, modules):
 
 def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
                 learning_rate: float, batch_size: int, key: jax.Array,
-                prototypes: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                prototypes: Any = None, writer: loop.MetricsWriter | None = None,
+                **row_fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   """Trains the cosine-prototype and linear heads on cached unit features.
 
   Adam on the mean cross-entropy of minibatches drawn with replacement (step ``t`` draws
@@ -194,30 +196,28 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     fixed["cosine"] = {"params": {"prototypes": jnp.asarray(prototypes, jnp.float32)}}
     del heads["cosine"]
   tx = optax.adam(learning_rate)
-  state = {"params": heads, "opt_state": tx.init(heads)}
+  state = {"step": jnp.zeros((), jnp.int32), "params": heads, "opt_state": tx.init(heads)}
   z, y = jnp.asarray(z), jnp.asarray(labels)
   batch_size = min(int(batch_size), len(z))
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state, step):
-    idx = jax.random.randint(jax.random.fold_in(k_data, step), (batch_size,), 0, len(z))
+  def loss_fn(params, data, _, step_key):
+    # Minibatch of step t: indices from fold_in(k_data, t) (train.loop's step key).
+    z, y = data
+    idx = jax.random.randint(step_key, (batch_size,), 0, len(z))
+    losses = _losses(params, z[idx], y[idx], modules=modules)
+    return (sum(l for l, _ in losses.values()),
+            {f"loss_{name}": l for name, (l, _) in losses.items()})
 
-    def loss_fn(params):
-      losses = _losses(params, z[idx], y[idx], modules=modules)
-      return sum(l for l, _ in losses.values()), losses
-
-    grads, losses = jax.grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return ({"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state},
-            sum(l for l, _ in losses.values()))
-
+  train_step = loop.make_update_step(loss_fn, tx)
   evaluate = jax.jit(lambda heads: _losses(heads, z, y, modules=modules))
   initial = evaluate({**state["params"], **fixed})
-  for step in range(int(steps)):
-    state, loss = train_step(state, step)
-    if not np.isfinite(float(loss)):
-      raise FloatingPointError(f"head training loss is {float(loss)} at step {step}; lower "
-                               "config.prediction.head_learning_rate.")
+  for step in range(1, int(steps) + 1):
+    state, metrics = train_step(state, (z, y), None, k_data)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    loop.check_finite("head training", step, metrics,
+                      fix="Lower config.prediction.head_learning_rate.")
+    if writer is not None:
+      writer.add(step, metrics, examples=batch_size, last=step == steps, **row_fields)
   heads = {**state["params"], **fixed}
   final = evaluate(heads)
   history = {"steps": int(steps), "prototypes_trained": prototypes is None}
@@ -298,41 +298,62 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
   dim = jax.eval_shape(lambda x: encoder(params, x, sigma=1.0), x).shape[-1]
   settings = _settings(config, name, dim)
   sidecar = workdir / heads_lib.SIDECAR
+  trained, history = [], {}
   if sidecar.is_file() or (workdir / heads_lib.HEADS_DIR).exists():
     old = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
-    if {k: old.get(k) for k in _SETTINGS} == settings:
-      logging.info("Heads with these settings are already in %s; not retraining.", workdir)
+    same = {k: old.get(k) for k in _SETTINGS if k != "sigmas"} == {
+        k: v for k, v in settings.items() if k != "sigmas"}
+    done = old.get("sigmas") or []
+    if same and done == settings["sigmas"]:
+      print(f"train.head: heads with these settings are already in {workdir}; not "
+            "retraining.")
       return heads_lib.load_heads(workdir)
-    raise ValueError(f"{workdir} already holds heads trained with other settings (or an "
-                     f"incomplete run): delete {workdir / heads_lib.HEADS_DIR} and {sidecar}, or use "
-                     "another workdir.")
+    if not (same and done == settings["sigmas"][:len(done)] and not old.get("complete", True)):
+      raise ValueError(f"{workdir} already holds heads trained with other settings: delete "
+                       f"{workdir / heads_lib.HEADS_DIR} and {sidecar}, or use another workdir.")
+    _, stored = heads_lib.load_heads(workdir)  # an interrupted run: keep its sigmas
+    trained, history = [stored[float(s)] for s in done], dict(old["history"])
+    print(f"train.head: resuming {workdir}: heads of sigma {done} are done.")
   prototypes = (zero_shot_prototypes(config, encoder, params, class_names)
                 if p.zero_shot else None)
   key = jax.random.PRNGKey(config.seed)
-  trained, history = [], {}
-  for sigma in settings["sigmas"]:
-    # The same fold-in as certify.run: one key per sigma, whatever the list of sigmas.
-    k_sigma = smoothing.sigma_key(key, sigma)
-    k_feat, k_train = jax.random.split(k_sigma)
-    z = unit_features(params, images, encoder=encoder, sigma=sigma, key=k_feat,
-                      draws=settings["noise_draws"], noise=settings["head_noise"],
-                      desc=f"features sigma={sigma:g}")
-    y = np.tile(labels, len(z) // len(labels))  # draw-major, as unit_features stacks them
-    heads, hist = train_heads(z, y, num_classes=num_classes, steps=settings["steps"],
-                              learning_rate=settings["learning_rate"],
-                              batch_size=settings["batch_size"], key=k_train,
-                              prototypes=prototypes)
-    trained.append(heads)
-    history[str(sigma)] = hist
-    logging.info("sigma %g: %s", sigma, hist)
-  meta = {**settings, "step": settings["steps"], "num_classes": num_classes,
-          "class_names": class_names, "train_images": int(len(images)), "history": history}
-  heads_lib.save_heads(workdir, meta, trained)
+  writer = loop.MetricsWriter(str(workdir), every=max(settings["steps"] // 10, 1))
+  meta = {**settings, "num_classes": num_classes, "class_names": class_names,
+          "train_images": int(len(images))}
+  with loop.interruptible() as interrupted:
+    for sigma in settings["sigmas"][len(trained):]:
+      # The same fold-in as certify.run: one key per sigma, whatever the list of sigmas.
+      k_sigma = smoothing.sigma_key(key, sigma)
+      k_feat, k_train = jax.random.split(k_sigma)
+      z = unit_features(params, images, encoder=encoder, sigma=sigma, key=k_feat,
+                        draws=settings["noise_draws"], noise=settings["head_noise"],
+                        desc=f"features sigma={sigma:g}")
+      y = np.tile(labels, len(z) // len(labels))  # draw-major, as unit_features stacks them
+      heads, hist = train_heads(z, y, num_classes=num_classes, steps=settings["steps"],
+                                learning_rate=settings["learning_rate"],
+                                batch_size=settings["batch_size"], key=k_train,
+                                prototypes=prototypes, writer=writer, sigma=sigma)
+      trained.append(heads)
+      history[str(sigma)] = hist
+      logging.info("sigma %g: %s", sigma, hist)
+      done = settings["sigmas"][:len(trained)]
+      complete = len(trained) == len(settings["sigmas"])
+      # Saved after every sigma: an interrupted run resumes at the next one.
+      # (The checkpoint's step counts the sigmas done.)
+      heads_lib.save_heads(workdir, {**meta, "sigmas": done, "step": len(trained),
+                                     "complete": complete, "history": history}, trained)
+      if interrupted() and not complete:
+        raise loop.Interrupted("train.head", len(trained))
+  meta = {**meta, "step": len(trained), "complete": True, "history": history}
   return meta, dict(zip(settings["sigmas"], trained))
 
 
 def main(config, workdir: str) -> None:
-  meta, _ = train(config, workdir)
+  try:
+    meta, _ = train(config, workdir)
+  except loop.Interrupted as e:
+    print(str(e).replace("step", "sigma number"))
+    return
   print(json.dumps(meta["history"], indent=2))
 
 

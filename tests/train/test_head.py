@@ -1,5 +1,6 @@
 """train.head: the Table 2 heads train, checkpoint, restore; bad input fails clearly."""
 
+import contextlib
 import json
 
 import jax
@@ -201,3 +202,39 @@ def test_more_classes_than_the_dataset(trained, tmp_path):
   config.prediction.num_classes = 5
   with pytest.raises(ValueError, match="num_classes=5 exceeds"):
     head_lib.train(config, str(tmp_path))
+
+
+def test_interrupted_run_resumes_at_the_next_sigma(trained, tmp_path, monkeypatch):
+  """Ctrl-C after the first sigma saves it; the same call resumes with the second only,
+  and the result equals an uninterrupted run's (same keys per sigma)."""
+  config, _, _, _ = trained
+  config = config.copy_and_resolve_references()
+  config.certify.sigmas = (0.25, 0.5)
+  calls = []
+  real = head_lib.unit_features
+
+  def counting(*args, **kwargs):
+    calls.append(kwargs["sigma"])
+    return real(*args, **kwargs)
+  monkeypatch.setattr(head_lib, "unit_features", counting)
+  # Ctrl-C "pressed" from the start: the loop stops after the first sigma is saved.
+  monkeypatch.setattr(head_lib.loop, "interruptible", _pressed)
+  with pytest.raises(head_lib.loop.Interrupted):
+    head_lib.train(config, str(tmp_path))
+  assert calls == [0.25]
+  meta = json.loads((tmp_path / "heads.json").read_text())
+  assert meta["sigmas"] == [0.25] and meta["complete"] is False
+  monkeypatch.undo()
+  monkeypatch.setattr(head_lib, "unit_features", counting)
+  meta, resumed = head_lib.train(config, str(tmp_path))
+  assert calls == [0.25, 0.5] and meta["complete"] and list(resumed) == [0.25, 0.5]
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {r["sigma"] for r in rows} == {0.25, 0.5} and rows[-1]["step"] == 60
+  _, fresh = head_lib.train(config, str(tmp_path / "fresh"))
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(fresh)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@contextlib.contextmanager
+def _pressed():
+  yield lambda: True
