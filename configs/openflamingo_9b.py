@@ -17,8 +17,8 @@ folder, which resolves to its snapshot):
   the last block's 256 patch tokens without the final LayerNorm.
 
 ``mllm.architecture`` records OpenFlamingo-9B's sizes (the loader reads them from the
-files; the tests check this record against open_flamingo's model). ``--config.mllm.dtype=
-float32`` needs ~36 GB for the language side; bfloat16 (default) half of that.
+files; the tests check this record against open_flamingo's model). Parameters are stored
+in ``mllm.param_dtype`` (bfloat16: ~16 GB; float32: ~31 GB) and computed in ``mllm.dtype``.
 """
 
 import os
@@ -52,7 +52,8 @@ def get_config(arg=None):
       checkpoint=_path("FSJAX_OPENFLAMINGO_9B", "openflamingo--OpenFlamingo-9B-vitl-mpt7b"),
       lang_encoder=mpt_7b,
       tokenizer=mpt_7b,
-      dtype="bfloat16",
+      dtype="bfloat16",        # compute
+      param_dtype="bfloat16",  # storage: ~16 GB for the language side and resampler
       seed=0,
       # OpenFlamingo's captioning prompt (its COCO evaluation); the paper's LLaVA prompt
       # is "Describe this image in one concise sentence, no longer than 20 words."

@@ -40,6 +40,7 @@ def get_config(arg=None):
       lang_encoder=config_dict.placeholder(str),
       tokenizer=config_dict.placeholder(str),
       dtype="float32",
+      param_dtype="float32",
       seed=0,
       prompt="<image>Output:",
       max_new_tokens=8,

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 import flax.traverse_util
+import ml_dtypes
 import torch
 import transformers
 
@@ -262,9 +263,16 @@ def test_loader_errors(models, tmp_path, toy):
                   eoc_token_id=EOC)
   with pytest.raises(ValueError, match="is not a file"):
     flamingo.load(tmp_path / "nothing.pt", **kwargs)
-  # The folder that holds checkpoint.pt loads like the file itself.
-  of = flamingo.load(root, **kwargs)
+  # The folder that holds checkpoint.pt loads like the file itself; bf16 storage is the
+  # float32 parameters rounded to bfloat16.
+  of = flamingo.load(root, param_dtype="bfloat16", **kwargs)
   assert of.model.config.cross_attn_layers == (1, 3) and of.model.config.lang.vocab_size == VOCAB
+  latents = of.params["perceiver"]["latents"]
+  assert latents.dtype == jax.numpy.bfloat16
+  np.testing.assert_array_equal(np.asarray(latents),
+                                state["perceiver.latents"].astype(ml_dtypes.bfloat16))
+  with pytest.raises(ValueError, match="param_dtype='float16' must be one of"):
+    flamingo.load(root, param_dtype="float16", **kwargs)
 
 
 def test_deduplicate_maps_every_alias():
