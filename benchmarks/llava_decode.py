@@ -121,6 +121,9 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--quick", action="store_true", help="3 rounds of 16 tokens")
   parser.add_argument("--skip-torch", action="store_true")
+  parser.add_argument("--torch-threads", type=int, default=0,
+                      help="torch.set_num_threads (0: torch's default); under heavy load "
+                      "torch's OpenMP loop loses more than XLA's thread pool")
   args = parser.parse_args()
   if args.quick:
     args.rounds, args.new_tokens = 3, 16
@@ -135,6 +138,8 @@ def main():
     if args.size == "small":
       raise  # the small model is built by transformers
     torch = None
+  if torch is not None and args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   torch_device = "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
   run_torch = not args.skip_torch and (args.size == "small" or torch_device == "cuda")
   if args.size == "small":

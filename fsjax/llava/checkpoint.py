@@ -58,7 +58,8 @@ def _canonical(key: str) -> str:
 
 def load(path: str | os.PathLike, *, encoder: encoders_lib.Encoder | None = None,
          encoder_params: Any = None, dtype: Any = jnp.float32,
-         param_dtype: Any = jnp.float32) -> tuple[model_lib.Llava, dict]:
+         param_dtype: Any = jnp.float32,
+         system_prompt: str | None = None) -> tuple[model_lib.Llava, dict]:
   """Loads a local LLaVA directory: ``model, params = load(path)``.
 
   Args:
@@ -69,6 +70,8 @@ def load(path: str | os.PathLike, *, encoder: encoders_lib.Encoder | None = None
     encoder_params: parameters of ``encoder`` (required with it).
     dtype: compute dtype (``jnp.bfloat16`` for the 7B: float32 norms, softmax, logits).
     param_dtype: storage dtype of the returned parameters (bfloat16 halves the memory).
+    system_prompt: text before "USER:" in every prompt (None: none, as llava-hf's
+      template; the original vicuna_v1 template has a system sentence).
 
   Returns:
     ``(model, params)``: a :class:`fsjax.llava.model.Llava` and
@@ -137,7 +140,7 @@ def load(path: str | os.PathLike, *, encoder: encoders_lib.Encoder | None = None
   eos, pad = _generation_ids(path, config)
   model = model_lib.Llava(config=config, encoder=encoder, tokenizer=tokenizer, dtype=dtype,
                           chat_template=_chat_template(path), eos_token_id=eos,
-                          pad_token_id=pad)
+                          pad_token_id=pad, system_prompt=system_prompt)
   return model, params
 
 

@@ -222,6 +222,10 @@ def test_generate_strings_and_smoothed_generate(tmp_path):
   tok = fl.prompt.word_level_tokenizer(words, vocab_size=128, image_token_id=IMAGE)
   tok.save_pretrained(path)
   model, params = fl.load(path)
+  with_system, _ = fl.load(path, system_prompt="describe it")
+  ids_system, _ = with_system.prompt_ids("what is it", batch=1, num_image_tokens=4)
+  np.testing.assert_array_equal(  # BOS, the system prompt, then "USER:"
+      ids_system[0, :5], [1] + tok.convert_tokens_to_ids(["describe", "it", "USER", ":"]))
   x = np.random.default_rng(5).uniform(size=(2, 28, 28, 3)).astype(np.float32)
   answers = model.generate(params, x, "describe this image", max_new_tokens=8)
   # The same answer from the ids: prompt -> ids -> tokens -> strings by hand.

@@ -86,7 +86,7 @@ def test_chat_template_and_tokenizer_load_from_the_directory(tmp_path):
   tok = fl.prompt.word_level_tokenizer(WORDS, vocab_size=128, image_token_id=IMAGE)
   tok.save_pretrained(tmp_path)
   (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA_HF_TEMPLATE}))
-  assert fl.checkpoint._chat_template(tmp_path) == LLAVA_HF_TEMPLATE
+  assert fl.checkpoint._chat_template(tmp_path) == LLAVA_HF_TEMPLATE  # pylint: disable=protected-access
   loaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
   assert loaded.convert_tokens_to_ids("<image>") == IMAGE
   assert loaded("what <image>")["input_ids"] == [1, tok.convert_tokens_to_ids("what"), IMAGE]
