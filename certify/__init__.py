@@ -28,6 +28,8 @@ from certify._prediction import prototype_logit_bounds
 from certify._prediction import rs_certify_from_counts
 from certify._prediction import rs_predict_from_counts
 from certify._prediction import unit_prototypes
+from certify._smoothed_prediction import PredictionCertificate
+from certify._smoothed_prediction import PredictionEstimate
 from certify._smoothed_prediction import certify_prediction
 from certify._smoothed_prediction import class_counts
 from certify._smoothed_prediction import rs_certify

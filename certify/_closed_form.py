@@ -1,4 +1,4 @@
-"""Closed forms of the feature certificate (Theorem 3.2, Corollary 3.3; method.md section 2).
+"""Closed forms of the feature certificate (Theorem 3.2, Corollary 3.3; docs/method.md section 2).
 
 For any fixed unit vector u, ``h_u(x) = (1 + <f_s(x), u>) / 2`` is the mean of a [0, 1]
 function under Gaussian noise, so ``sigma * Phi^-1(h_u(x))`` is 1-Lipschitz in x
@@ -20,49 +20,55 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import ndtri
 from jax.scipy.stats import norm
 
 from certify import _bounds
-
-
-def _check_sigma(sigma) -> None:
-  if not np.all(np.isfinite(sigma)) or np.any(np.asarray(sigma) <= 0):
-    raise ValueError(f"sigma must be finite and > 0 (noise level in pixel units), got {sigma}.")
+from fsjax import checks
 
 
 def _check_eps(eps) -> None:
-  if not np.all(np.isfinite(eps)) or np.any(np.asarray(eps) < 0):
-    raise ValueError(f"eps must be finite and >= 0 (an l2 radius in [0, 1] pixel units), got {eps}.")
+  checks.check_nonnegative(eps, name="eps", meaning="an l2 radius in [0, 1] pixel units")
 
 
 def _check_cos(cos) -> None:
-  if not 0.0 <= cos < 1.0:
+  if checks.is_concrete(cos) and not 0.0 <= cos < 1.0:
     raise ValueError(f"cos must be in [0, 1): the inner-product bound certifies a cosine only "
                      f"when it is >= 0; got {cos}.")
 
 
 def _check_score(score) -> None:
-  s = np.asarray(score, np.float64)
-  if not np.all(np.isfinite(s)):
-    raise ValueError("score contains NaN or Inf; a score is a Gaussian robustness score or "
-                     "its lower confidence bound, in [0, 1].")
-  if np.any(s < 0) or np.any(s > 1):
-    raise ValueError("score must be in [0, 1] (a Gaussian robustness score or its lower "
-                     f"confidence bound); got values in [{s.min()}, {s.max()}].")
+  checks.check_nonempty(score, name="score", item="score")
+  checks.check_probability(score, name="score", meaning="a Gaussian robustness score or its "
+                           "lower confidence bound")
 
 
 def bound_from_deficit(deficit: jax.Array, eps: jax.Array, sigma) -> jax.Array:
-  """``2 Phi(Phi^-1(1 - deficit) - eps / sigma) - 1``; broadcasts deficit against eps."""
-  z = _bounds.probit_of_deficit(jnp.clip(deficit, _bounds.MIN_DEFICIT, 1.0))
-  return 2.0 * norm.cdf(z - eps / sigma) - 1.0
+  """``2 Phi(Phi^-1(1 - deficit) - eps / sigma) - 1``; broadcasts deficit against eps.
+
+  Args:
+    deficit: ``1 - L`` in [0, 1] (``certify.score_deficits``' output), any shape.
+    eps: l2 radii >= 0, broadcast against ``deficit``.
+    sigma: noise level > 0.
+  """
+  checks.check_deficit(deficit)
+  _check_eps(eps)
+  checks.check_sigma(sigma)
+  z = _bounds.probit_of_deficit(jnp.asarray(deficit, jnp.float32))
+  return 2.0 * norm.cdf(z - jnp.asarray(eps, jnp.float32) / sigma) - 1.0
 
 
 def radius_from_deficit(deficit: jax.Array, sigma, cos: float) -> jax.Array:
-  """``sigma * (Phi^-1(1 - deficit) - Phi^-1((1 + cos) / 2))``."""
-  z = _bounds.probit_of_deficit(jnp.clip(deficit, _bounds.MIN_DEFICIT, 1.0))
-  return sigma * (z - ndtri(jnp.float32((1.0 + cos) / 2.0)))
+  """``sigma * (Phi^-1(1 - deficit) - Phi^-1((1 + cos) / 2))`` (Corollary 3.3 at cos = 0.5).
+
+  ``Phi^-1((1 + cos) / 2)`` is computed as ``-Phi^-1((1 - cos) / 2)``, which keeps its
+  digits for a level near 1.
+  """
+  checks.check_deficit(deficit)
+  checks.check_sigma(sigma)
+  _check_cos(cos)
+  z = _bounds.probit_of_deficit(jnp.asarray(deficit, jnp.float32))
+  return sigma * (z + ndtri(jnp.float32((1.0 - cos) / 2.0)))
 
 
 def fcsb_from_score(score: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike,
@@ -81,7 +87,7 @@ def fcsb_from_score(score: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike,
   """
   _check_score(score)
   _check_eps(eps)
-  _check_sigma(sigma)
+  checks.check_sigma(sigma)
   deficit = 1.0 - jnp.asarray(score, jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
   if eps.ndim:
@@ -101,6 +107,6 @@ def radius_from_score(score: jax.typing.ArrayLike, *, sigma: float, cos: float =
     ``[...]`` radius; <= 0 means not certified at that level.
   """
   _check_score(score)
-  _check_sigma(sigma)
+  checks.check_sigma(sigma)
   _check_cos(cos)
   return radius_from_deficit(1.0 - jnp.asarray(score, jnp.float32), jnp.float32(sigma), cos)

@@ -1,4 +1,4 @@
-"""The feature certificate, estimated honestly (method.md section 2, "Estimating it honestly").
+"""The feature certificate, estimated honestly (docs/method.md section 2, "Estimating it honestly").
 
 Two stages, as in Cohen et al.'s CERTIFY:
 
@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from certify import _bounds
 from certify import _closed_form
+from certify import _prediction
+from fsjax import checks
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
 
@@ -36,23 +38,36 @@ def check_certify_args(*, sigma, n: int, n0: int | None = None, alpha: float | N
                        eps=None, chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> None:
   """Validates certification settings; each error names the argument and the fix."""
   smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
-  if n < 2:
-    raise ValueError(f"n must be >= 2 (the Bernstein bound needs a sample variance), got {n}.")
-  if n0 is not None and (int(n0) != n0 or n0 < 1):
-    raise ValueError(f"n0 must be an integer >= 1 (first-stage samples), got {n0}.")
-  if alpha is not None and not 0.0 < alpha < 1.0:
-    raise ValueError(f"alpha must be in (0, 1) (failure probability, e.g. 0.001), got {alpha}.")
-  if bound is not None and bound not in _bounds.BOUNDS:
-    raise ValueError(f"bound must be one of {_bounds.BOUNDS}, got {bound!r}.")
-  if reference is not None and reference not in REFERENCES:
-    raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}.")
+  checks.check_positive_int(n, name="n", minimum=2, meaning="second-stage noise samples; "
+                            "the Bernstein bound needs a sample variance")
+  if n0 is not None:
+    checks.check_positive_int(n0, name="n0", meaning="first-stage noise samples, which "
+                              "choose the mean direction")
+  if alpha is not None:
+    checks.check_alpha(alpha)
+  if bound is not None:
+    checks.check_choice(bound, name="bound", choices=_bounds.BOUNDS)
+  if reference is not None:
+    checks.check_choice(reference, name="reference", choices=REFERENCES)
   if eps is not None:
-    _closed_form._check_eps(eps)
+    _closed_form._check_eps(eps)  # pylint: disable=protected-access
+
+
+def _inner(features: jax.Array, references: jax.Array) -> jax.Array:
+  """``<f(x + delta_k), u_r>``: ``features [B, k, D]``, ``references [B, R, D]`` -> ``[B, k, R]``.
+
+  HIGHEST precision whatever ``jax_default_matmul_precision`` says: on GPUs the default
+  float32 matmul may run in TF32 or bfloat16 (an error of ~1e-3 in a cosine), more than
+  the score deficits the bounds resolve, so an accelerator could otherwise overstate a
+  certificate. The encoder itself may run at any precision: the certificate is about the
+  function it computes, as long as the scores of that function are computed exactly.
+  """
+  return jnp.einsum("bkd,brd->bkr", features, references, precision=jax.lax.Precision.HIGHEST)
 
 
 def _clean_deficit(features: jax.Array, clean: jax.Array) -> jax.Array:
   """``1 - s(x + delta, x) = (1 - cos) / 2`` for ``features [B, k, D]``, ``clean [B, D]``."""
-  return 0.5 * (1.0 - jnp.einsum("bkd,bd->bk", features, clean))
+  return 0.5 * (1.0 - _inner(features, clean[:, None, :])[..., 0])
 
 
 def _stage1_statistic(features, clean):
@@ -60,9 +75,9 @@ def _stage1_statistic(features, clean):
   return {"feature": features, "deficit": deficit, "deficit_sq": deficit * deficit}
 
 
-def _stage2_statistic(features, references, center, lam=None):
-  scores = 0.5 * (1.0 + jnp.einsum("bkd,brd->bkr", features, references))  # [B, k, R]
-  return _bounds.score_statistics(scores, center, lam)
+def _stage2_statistic(features, references, center, bets=None):
+  scores = 0.5 * (1.0 + _inner(features, references))  # [B, k, R], h_u (docs/method.md 2)
+  return _bounds.score_statistics(scores, center, bets)
 
 
 @functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
@@ -108,21 +123,21 @@ def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chu
   stage1 = smoothing.monte_carlo_sum(
       params, x, key, (clean,), encoder=encoder, sigma=sigma, n=n0, chunk_size=chunk_size,
       statistic=_stage1_statistic)
-  mean = stage1["feature"] / n0  # estimate of f_s(x)
+  mean = stage1["feature"] / n0  # estimate of f_s(x), Eq. 3
   mean_norm = jnp.linalg.norm(mean, axis=-1)
-  u_mean = mean / jnp.maximum(mean_norm, 1e-12)[:, None]
+  u_mean = _prediction._unit(mean)  # pylint: disable=protected-access
   references = jnp.stack([clean, u_mean], axis=1)  # [B, 2, D] in REFERENCES order
   clean_deficit = stage1["deficit"] / n0
   center = jnp.stack([1.0 - clean_deficit, 0.5 * (1.0 + mean_norm)], axis=1)  # [B, 2]
   # Stage-1 variance of the clean scores sizes the bets for both references; any value
   # independent of stage 2 keeps the betting bound valid (it only affects tightness).
   var0 = jnp.maximum(stage1["deficit_sq"] / n0 - clean_deficit**2, 0.0) * n0 / max(n0 - 1, 1)
-  lam = None
+  aux = (references, center)
   if "betting" in bounds:
-    lam = _bounds.betting_lambda(jnp.stack([var0, var0], axis=1), n=n, alpha=alpha)
+    aux += (_bounds.bet_sizes(jnp.stack([var0, var0], axis=1), n=n, alpha=alpha),)
   stage2 = smoothing.monte_carlo_sum(
-      params, x, key, (references, center) + ((lam,) if lam is not None else ()), encoder=encoder, sigma=sigma, n=n,
-      chunk_size=chunk_size, statistic=_stage2_statistic, first_index=n0)
+      params, x, key, aux, encoder=encoder, sigma=sigma, n=n, chunk_size=chunk_size,
+      statistic=_stage2_statistic, first_index=n0)
   stats = _bounds.ScoreStats(*stage2)
   deficits = {bound: _bounds.lower_confidence_bound(stats, center, n=n, alpha=alpha, bound=bound)
               for bound in bounds}
@@ -249,9 +264,18 @@ def certified_radius(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_
   ``R = sigma * (Phi^-1(L) - Phi^-1((1 + cos) / 2))`` with L the lower confidence bound of
   h_u(x) (see :func:`fcsb` for the arguments). Returns ``[B]``; R <= 0 means the cosine
   level is not certified at any radius.
+
+  ``bound="point"`` is refused: a bare radius array could not say that it is an estimate.
+  For the paper's plug-in radius use ``certify.fcsb(..., bound="point")`` (marked
+  ``is_certificate=False``) or ``certify.radius_from_score`` of a point estimate.
   """
   check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound, reference=reference,
                      chunk_size=chunk_size)
+  if bound == "point":
+    raise ValueError("certified_radius(bound='point') would return the paper's plug-in "
+                     "estimate as if it were certified; use bound='bernstein', 'betting' or "
+                     "'hoeffding', or for the estimate certify.radius_from_score("
+                     "certify.gaussian_robustness_score(...)).")
   _closed_form._check_cos(cos)
   deficits = score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n, n0=n0,
                             alpha=alpha, bounds=(bound,), chunk_size=chunk_size)

@@ -1,6 +1,6 @@
 """Prediction-level certification: cosine prototypes (FS) and Cohen's RS baseline.
 
-method.md section 3, paper Appendix A.3 (Lemma A.3.1, Theorem A.3.2), Table 2.
+docs/method.md section 3, paper Appendix A.3 (Lemma A.3.1, Theorem A.3.2), Table 2.
 
 Feature-space smoothing (FS) certifies the smoothed feature; a cosine-prototype head
 turns that into a certified class. Everything here is the maths after the Monte Carlo:
@@ -36,23 +36,19 @@ from jax.scipy.special import ndtri
 from jax.typing import ArrayLike
 from scipy import stats
 
+from certify import _bounds
+from fsjax import checks
+
 # Returned as the class when a certificate (FS) or a test (RS) abstains; core.py's value.
 ABSTAIN = -1
 # Prototypes whose norm is further than this from 1 are rejected by check_prototypes: a
 # raw, unnormalised parameter array is a bug, float32 round-off is not.
 UNIT_NORM_TOL = 1e-3
-# The clip of h_LCB below 1, as a clip of the deficit 1 - h_LCB from below (method.md
-# section 2: any clip below 1 is sound); the same value as certify._bounds.MIN_DEFICIT.
-_MIN_DEFICIT = 1e-12
 
 
 # ----------------------------------------------------------------------------------------
-# Input checks (concrete values only; run before jit).
+# Input checks (concrete values only; run before jit). The primitives are fsjax.checks.
 # ----------------------------------------------------------------------------------------
-
-
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
 
 
 def check_prototypes(prototypes: ArrayLike, dim: int | None = None) -> None:
@@ -72,7 +68,7 @@ def check_prototypes(prototypes: ArrayLike, dim: int | None = None) -> None:
   if dim is not None and d != dim:
     raise ValueError(f"prototypes have dimension {d} but the features have dimension {dim}; "
                      "the head must be trained on the same feature (encoder, feature, layer).")
-  if not _is_concrete(prototypes):
+  if not checks.is_concrete(prototypes):
     return
   w = np.asarray(prototypes, dtype=np.float64)
   if not np.all(np.isfinite(w)):
@@ -91,6 +87,7 @@ def _check_features(z: ArrayLike, name: str = "z") -> int:
   if len(shape) != 2:
     raise ValueError(f"{name} must have shape [B, D] (a batch of feature directions), got "
                      f"shape {shape}; add a batch axis with z[None] for one feature.")
+  checks.check_nonempty(z, name=name, item="feature of dimension >= 1")
   return shape[1]
 
 
@@ -100,22 +97,8 @@ def _check_batch(x: ArrayLike, name: str, b: int | None = None) -> int:
     raise ValueError(f"{name} must have shape [B], got shape {shape}.")
   if b is not None and shape[0] != b:
     raise ValueError(f"{name} has batch size {shape[0]}, expected {b} to match the other inputs.")
+  checks.check_nonempty(x, name=name, item="entry (one per image)")
   return shape[0]
-
-
-def _check_sigma(sigma: Any) -> None:
-  if _is_concrete(sigma):
-    s = np.asarray(sigma, dtype=np.float64)
-    if s.ndim != 0 or not np.isfinite(s) or s <= 0:
-      raise ValueError(f"sigma must be a finite scalar > 0 (the smoothing noise level), got "
-                       f"{sigma!r}.")
-
-
-def _check_alpha(alpha: Any) -> None:
-  a = np.asarray(alpha, dtype=np.float64)
-  if a.ndim != 0 or not 0.0 < a < 1.0:
-    raise ValueError(f"alpha must be a scalar in (0, 1) (the failure probability, e.g. 0.001 "
-                     f"as in Cohen et al.), got {alpha!r}.")
 
 
 def _check_counts(counts: Any, name: str) -> np.ndarray:
@@ -126,6 +109,7 @@ def _check_counts(counts: Any, name: str) -> np.ndarray:
                      f"shape {c.shape}.")
   if c.shape[1] < 2:
     raise ValueError(f"{name} must count K >= 2 classes, got K = {c.shape[1]}.")
+  checks.check_nonempty(c, name=name, item="image's counts")
   if not (np.issubdtype(c.dtype, np.integer) or
           (np.issubdtype(c.dtype, np.floating) and np.all(c == np.round(c)))):
     raise ValueError(f"{name} must hold whole numbers of Monte Carlo samples, got dtype "
@@ -145,8 +129,11 @@ def _check_counts(counts: Any, name: str) -> np.ndarray:
 
 
 def _unit(x: jax.Array) -> jax.Array:
-  # The floor keeps a zero vector at zero instead of NaN (every angle is then pi/2, so
-  # Delta = 0 and the prediction abstains).
+  """``x / ||x||`` along the last axis: the certify maths' one unit-vector helper.
+
+  The floor keeps a zero vector at zero instead of NaN (every angle is then pi/2, so
+  Delta = 0 and the prediction abstains).
+  """
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
 
 
@@ -184,7 +171,7 @@ def prototype_logit_bounds(z: ArrayLike, prototypes: ArrayLike,
 
   Both ends are attained with ``z, w_k, z'`` in one plane (``z`` rotated by ``phi``
   towards or away from ``w_k``). The lemma holds for every ``gamma`` in [-1, 1]; the FS
-  certificate supplies ``gamma >= 0`` (method.md section 2). ``gamma`` is clipped to
+  certificate supplies ``gamma >= 0`` (docs/method.md section 2). ``gamma`` is clipped to
   [-1, 1].
 
   Args:
@@ -239,11 +226,10 @@ def angle_margin(z: ArrayLike, prototypes: ArrayLike) -> tuple[jax.Array, jax.Ar
 
 @jax.jit
 def _prediction_radius(delta, deficit, sigma):
-  # Work with the deficit 1 - h_LCB, as certify._bounds does: 1 - 1e-12 is not a float32
-  # number, 1e-12 is. Clipping the deficit at 1e-12 is the "clip the LCB below 1" of
-  # method.md section 2 (sound for any clip below 1); Phi^-1(h) = -Phi^-1(1 - h), and
-  # ndtri is accurate in the lower tail, so no digit is lost as h -> 1.
-  phi_inv_h = -ndtri(jnp.clip(deficit, _MIN_DEFICIT, 1.0))
+  # Phi^-1(h_LCB) from the deficit 1 - h_LCB, clipped to [1e-12, 1] (the "clip the LCB
+  # below 1" of docs/method.md section 2, sound for any clip below 1), as for the feature
+  # certificate: 1 - 1e-12 is not a float32 number, 1e-12 is.
+  phi_inv_h = _bounds.probit_of_deficit(deficit)
   # Phi^-1((1 + cos(Delta/2)) / 2) = Phi^-1(cos^2(Delta/4)) = -Phi^-1(sin^2(Delta/4)).
   # Computing 1 + cos(Delta/2) in float32 would lose every digit of a small margin.
   delta = jnp.clip(delta, 0.0, jnp.pi)
@@ -258,15 +244,18 @@ def _deficit_of(h_lcb, deficit, b) -> jax.Array:
                      "and deficit (1 - L, as certify.score_deficits returns it).")
   if deficit is not None:
     _check_batch(deficit, "deficit", b)
+    checks.check_deficit(deficit)
     return jnp.asarray(deficit, jnp.float32)
   _check_batch(h_lcb, "h_lcb", b)
+  checks.check_probability(h_lcb, name="h_lcb", meaning="a lower confidence bound of the "
+                           "score h_u(x) = (1 + <f_s(x), u>) / 2")
   # 1 - h is exact in float32 for h >= 1/2 (Sterbenz), where certificates live.
   return 1.0 - jnp.asarray(h_lcb, jnp.float32)
 
 
 def prediction_radius(delta: ArrayLike, h_lcb: ArrayLike | None = None, *, sigma: float,
                       deficit: ArrayLike | None = None) -> jax.Array:
-  """FS certified l2 radius of a cosine-prototype prediction (method.md section 3).
+  """FS certified l2 radius of a cosine-prototype prediction (docs/method.md section 3).
 
       R_pred = sigma * ( Phi^-1(h_LCB) - Phi^-1( (1 + cos(Delta/2)) / 2 ) )
 
@@ -281,7 +270,7 @@ def prediction_radius(delta: ArrayLike, h_lcb: ArrayLike | None = None, *, sigma
      ``1 - alpha``. The classifier certified is ``x' -> argmax_k <f_s(x'), w_k>``, the
      cosine-prototype head on the smoothed feature; ``c = argmax_k <u, w_k>`` and
      ``Delta = min_{k != c} theta_k - theta_c``, ``theta_k = angle(u, w_k)``.
-  2. Feature certificate (Salman et al.'s lemma applied to the fixed ``h_u``, method.md
+  2. Feature certificate (Salman et al.'s lemma applied to the fixed ``h_u``, docs/method.md
      section 2). For ``||x' - x|| <= eps``, with ``v = f_s(x')``:
      ``<v, u> >= 2 Phi(Phi^-1(h_u(x)) - eps/sigma) - 1 >= 2 Phi(Phi^-1(h_LCB) - eps/sigma) - 1
      =: gamma(eps)`` (Phi is increasing; clipping h_LCB down is sound too).
@@ -328,8 +317,11 @@ def prediction_radius(delta: ArrayLike, h_lcb: ArrayLike | None = None, *, sigma
   Returns:
     ``[B]`` float32 radii; ``-inf`` when ``Delta = 0`` or ``L = 0``.
   """
-  _check_sigma(sigma)
+  checks.check_sigma(sigma)
   b = _check_batch(delta, "delta")
+  # float32(pi) is just above pi: angle_margin's largest margin must pass.
+  checks.check_in_range(delta, name="delta", low=0.0, high=float(np.float32(np.pi)),
+                        meaning="an angular margin in radians, from angle_margin")
   deficit = _deficit_of(h_lcb, deficit, b)
   return _prediction_radius(jnp.asarray(delta, jnp.float32), deficit,
                             jnp.asarray(sigma, jnp.float32))
@@ -354,6 +346,11 @@ def certified_prediction(delta: ArrayLike, predicted_class: ArrayLike,
   """
   radius = prediction_radius(delta, h_lcb, sigma=sigma, deficit=deficit)
   _check_batch(predicted_class, "predicted_class", radius.shape[0])
+  if checks.is_concrete(predicted_class):
+    c = np.asarray(predicted_class)
+    if not np.issubdtype(c.dtype, np.integer) or np.any(c < 0):
+      raise ValueError(f"predicted_class must be class indices >= 0 (from angle_margin), got "
+                       f"dtype {c.dtype} with minimum {c.min()}.")
   certified = radius > 0
   cls = jnp.where(certified, jnp.asarray(predicted_class, jnp.int32), ABSTAIN)
   return cls, jnp.where(certified, radius, 0.0)
@@ -379,7 +376,7 @@ def clopper_pearson_lower(k: ArrayLike, n: ArrayLike, alpha: float) -> np.ndarra
   Returns:
     float64 array of the broadcast shape.
   """
-  _check_alpha(alpha)
+  checks.check_alpha(alpha)
   k, n = np.broadcast_arrays(np.asarray(k), np.asarray(n))
   for name, a in (("k", k), ("n", n)):
     if not (np.issubdtype(a.dtype, np.integer) or np.all(a == np.round(a))):
@@ -404,7 +401,7 @@ def rs_certify_from_counts(counts0: ArrayLike, counts: ArrayLike, *, sigma: floa
   Clopper-Pearson lower bound of ``counts[c]`` out of ``n = sum(counts)`` (estimation,
   fresh samples), radius ``sigma * Phi^-1(pA)``.
 
-  Abstain when ``pA <= 1/2`` (method.md). core.py abstains on ``pA < 0.5``; at
+  Abstain when ``pA <= 1/2`` (docs/method.md). core.py abstains on ``pA < 0.5``; at
   ``pA = 1/2`` exactly Cohen's theorem needs ``pA > pB`` with ``pB = 1 - pA = 1/2``,
   which fails, and the radius would be 0 anyway, so the spec's ``<=`` is the sound one.
   (A Clopper-Pearson bound equal to 1/2 to the last bit is practically impossible, so
@@ -420,8 +417,8 @@ def rs_certify_from_counts(counts0: ArrayLike, counts: ArrayLike, *, sigma: floa
     ``(cls [B] int64, radius [B] float64)``; ``cls = ABSTAIN (-1)``, ``radius = 0`` on
     abstention.
   """
-  _check_sigma(sigma)
-  _check_alpha(alpha)
+  checks.check_sigma(sigma)
+  checks.check_alpha(alpha)
   counts0 = _check_counts(counts0, "counts0")
   counts = _check_counts(counts, "counts")
   if counts0.shape != counts.shape:
@@ -450,7 +447,7 @@ def rs_predict_from_counts(counts: ArrayLike, *, alpha: float) -> np.ndarray:
   Returns:
     ``[B]`` int64 classes, ``ABSTAIN (-1)`` where the test abstains.
   """
-  _check_alpha(alpha)
+  checks.check_alpha(alpha)
   counts = _check_counts(counts, "counts")
   order = np.argsort(-counts, axis=1, kind="stable")
   rows = np.arange(counts.shape[0])
@@ -489,13 +486,13 @@ def certified_accuracy(pred_class: ArrayLike, radius: ArrayLike, labels: ArrayLi
   _check_batch(labels, "labels", b)
   if np.ndim(radii) != 1:
     raise ValueError(f"radii must have shape [R], got shape {np.shape(radii)}.")
-  if _is_concrete(labels):
+  if checks.is_concrete(labels):
     lab = np.asarray(labels)
     if np.any(lab < 0) or (num_classes is not None and np.any(lab >= num_classes)):
       raise ValueError(
           f"labels must lie in [0, {num_classes if num_classes is not None else 'K'}), got "
           f"range [{lab.min()}, {lab.max()}]; -1 is reserved for abstention.")
-  if _is_concrete(pred_class) and num_classes is not None:
+  if checks.is_concrete(pred_class) and num_classes is not None:
     p = np.asarray(pred_class)
     if np.any(p < ABSTAIN) or np.any(p >= num_classes):
       raise ValueError(f"pred_class must lie in [-1, {num_classes}), got range "

@@ -1,6 +1,6 @@
 """Certified predictions by Monte Carlo: FS with cosine prototypes, and the RS baseline.
 
-* :func:`certify_prediction` (method.md section 3, Appendix A.3): n0 samples give the mean
+* :func:`certify_prediction` (docs/method.md section 3, Appendix A.3): n0 samples give the mean
   direction u and the predicted class ``argmax_k <u, w_k>``; n fresh samples give the
   lower confidence bound of ``h_u(x)``; the closed-form radius
   ``sigma * (Phi^-1(h_LCB) - Phi^-1((1 + cos(Delta/2)) / 2))`` follows.
@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +19,49 @@ import numpy as np
 
 from certify import _feature
 from certify import _prediction
+from fsjax import checks
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
+
+
+class PredictionCertificate(NamedTuple):
+  """Certified predictions of a batch: ``cls, radius = certify_prediction(...)`` unpacks it.
+
+  Attributes:
+    predicted_class: ``[B]`` the class, or ``ABSTAIN`` (-1) where not certified even at
+      radius 0.
+    radius: ``[B]`` l2 radius (pixel units) within which the prediction provably cannot
+      change, with probability ``1 - alpha``; 0 where it abstains.
+  """
+  predicted_class: np.ndarray
+  radius: np.ndarray
+
+  @property
+  def is_certificate(self) -> bool:
+    return True
+
+
+class PredictionEstimate(NamedTuple):
+  """What ``certify_prediction(bound="point")`` returns: the paper's plug-in estimate.
+
+  The same fields as :class:`PredictionCertificate`, computed from the Monte Carlo mean
+  of h_u(x) instead of its lower confidence bound: NOT a certificate (``is_certificate``
+  is False, and the type's name says so wherever the result is printed).
+  """
+  predicted_class: np.ndarray
+  radius: np.ndarray
+
+  @property
+  def is_certificate(self) -> bool:
+    return False
 
 
 def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
                        prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
                        n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
                        bound: str = "bernstein",
-                       chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+                       chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE
+                       ) -> PredictionCertificate | PredictionEstimate:
   """FS-certified prediction of a cosine-prototype head (Theorem A.3.2, closed-form radius).
 
   Args:
@@ -40,18 +74,21 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
     n0: samples that choose the mean direction and the class.
     n: fresh samples for the lower confidence bound of h_u(x).
     alpha: failure probability.
-    bound: confidence bound ("bernstein", "betting", "hoeffding"; "point" is not a
-      certificate).
+    bound: confidence bound ("bernstein", "betting", "hoeffding"); "point" gives the
+      paper's plug-in estimate, returned as a :class:`PredictionEstimate`.
     chunk_size: samples per vectorised chunk.
 
   Returns:
-    ``(predicted_class [B], radius [B])``: class -1 (abstain) where not certified even at
-    radius 0; radius is the l2 radius within which the prediction provably cannot change.
+    A :class:`PredictionCertificate` ``(predicted_class [B], radius [B])`` (a
+    :class:`PredictionEstimate` for ``bound="point"``): class -1 (abstain) where not
+    certified even at radius 0; radius is the l2 radius within which the prediction
+    provably cannot change.
   """
   _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound,
                               chunk_size=chunk_size)
   encoders_lib.check_images(x)
-  feature = jax.eval_shape(lambda p, x: encoder(p, x, sigma=sigma), params, jnp.asarray(x))
+  feature = jax.eval_shape(lambda p, x: encoder(p, x, sigma=sigma), params,
+                           jnp.asarray(x, jnp.float32))
   _prediction.check_prototypes(prototypes, feature.shape[-1])  # before any Monte Carlo
   deficits = _feature.score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n,
                                      n0=n0, alpha=alpha, bounds=(bound,), chunk_size=chunk_size)
@@ -59,11 +96,14 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
   cls, delta = _prediction.angle_margin(u, prototypes)
   cls, radius = _prediction.certified_prediction(delta, cls, sigma=sigma,
                                                  deficit=deficits["mean"][bound])
-  return np.asarray(cls), np.asarray(radius)
+  result = PredictionEstimate if bound == "point" else PredictionCertificate
+  return result(np.asarray(cls), np.asarray(radius))
 
 
 def _head_counts(features, kernel, bias):
-  logits = features @ kernel + bias  # [B, k, K]; LinearHead = Dense on the unit feature
+  # [B, k, K]; LinearHead = Dense on the unit feature. HIGHEST, as for the feature scores:
+  # the base classifier counted is the float32 head, whatever the default matmul precision.
+  logits = jnp.matmul(features, kernel, precision=jax.lax.Precision.HIGHEST) + bias
   return {"counts": jax.nn.one_hot(jnp.argmax(logits, -1), kernel.shape[-1], dtype=jnp.int32)}
 
 
@@ -90,6 +130,8 @@ def class_counts(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.
   """Counts ``[B, K]`` of the linear head's predictions on ``x + delta_i``, ``i < n``."""
   encoders_lib.check_images(x)
   smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
+  checks.check_positive_int(first_index, name="first_index", minimum=0,
+                            meaning="the index of the first noise sample")
   kernel, bias = _linear_head(head)
   counts = _class_counts(params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma), kernel,
                          bias, encoder=encoder, n=int(n), first_index=int(first_index),
@@ -111,14 +153,16 @@ def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.En
     Other arguments as in :func:`certify_prediction`.
 
   Returns:
-    ``(predicted_class [B], radius [B])``, class -1 where it abstains.
+    A :class:`PredictionCertificate` ``(predicted_class [B], radius [B])``, class -1
+    where it abstains.
   """
   _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size)
   counts0 = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n0, key=key,
                          chunk_size=chunk_size)
   counts = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n, key=key,
                         first_index=n0, chunk_size=chunk_size)
-  return _prediction.rs_certify_from_counts(counts0, counts, sigma=sigma, alpha=alpha)
+  return PredictionCertificate(*_prediction.rs_certify_from_counts(
+      counts0, counts, sigma=sigma, alpha=alpha))
 
 
 def rs_predict(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,

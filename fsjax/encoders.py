@@ -33,13 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import checks
+
 Params = Any
 
 
 def check_images(x: Any, *, name: str = "x") -> None:
-  """Raises ValueError unless ``x`` is a finite ``[B, H, W, 3]`` batch in [0, 1].
+  """Raises ValueError unless ``x`` is a finite, non-empty ``[B, H, W, 3]`` batch in [0, 1].
 
-  Runs on concrete values before any jit (a traced ``x`` is only shape-checked).
+  Any floating dtype is accepted (float32, float64, bfloat16, float16): the encoders take
+  ``jnp.asarray(x, jnp.float32)``, which is exact for bfloat16 and float16, so a
+  certificate is about exactly the pixels passed. Runs on concrete values before any jit
+  (a traced ``x`` is only shape-checked).
   """
   shape = np.shape(x)
   if len(shape) != 4 or shape[-1] != 3:
@@ -47,13 +52,16 @@ def check_images(x: Any, *, name: str = "x") -> None:
         f"{name} must be an image batch of shape [B, H, W, 3] (NHWC, RGB), got shape "
         f"{shape}. Add a batch axis with x[None] for one image; convert grayscale with "
         "np.repeat(x[..., None], 3, -1).")
+  checks.check_nonempty(x, name=name, item="image of at least one pixel")
   if isinstance(x, jax.core.Tracer):
     return
   a = np.asarray(x)
-  if not np.issubdtype(a.dtype, np.floating):
+  # jnp.issubdtype, not np.issubdtype: numpy does not count ml_dtypes' bfloat16 as floating.
+  if not jnp.issubdtype(a.dtype, jnp.floating):
     raise ValueError(
-        f"{name} must be floating point in [0, 1], got dtype {a.dtype}; for uint8 images "
-        "pass x / 255.")
+        f"{name} must hold floating-point pixels in [0, 1] (float32, bfloat16, float16 or "
+        f"float64), got dtype {a.dtype}; for uint8 images pass x / 255.")
+  a = a.astype(np.float32)  # exact for every narrower float; numpy's reductions need it
   if not np.all(np.isfinite(a)):
     raise ValueError(f"{name} contains NaN or Inf pixels ({int(np.sum(~np.isfinite(a)))} of "
                      f"{a.size}); certificates of such inputs are meaningless.")

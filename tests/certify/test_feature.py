@@ -1,5 +1,6 @@
 """The feature certificate end to end on a toy encoder: soundness, determinism, errors."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,9 @@ import numpy as np
 import pytest
 
 import certify
+from certify import _bounds
 from certify import _feature
+from fsjax import encoders
 from fsjax import smoothing
 
 KEY = jax.random.PRNGKey(0)
@@ -59,7 +62,7 @@ def test_results_do_not_depend_on_device_count(toy, tmp_path):
                                chunk_size=8)
   script = textwrap.dedent(f"""
       import json, jax, numpy as np, certify, sys
-      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})  # tests/conftest.py
       from conftest import ToyEncoder, toy_params
       assert jax.local_device_count() == 8, jax.local_device_count()
       x = jax.random.uniform(jax.random.PRNGKey(3), (2, 8, 8, 3), minval=0.2, maxval=0.8)
@@ -101,18 +104,35 @@ def test_fcsb_fields_and_vacuous_cosine(toy):
   assert np.all(point.inner_product_bound >= cert.inner_product_bound[:, 1])
 
 
-def test_mean_direction_dominates_clean_on_same_samples(toy):
-  """||mean f|| >= <mean f, f(x)> (Cauchy-Schwarz): the mean-direction plug-in score is never
-  below the clean one when both use the same samples."""
+def test_two_stage_point_scores_match_direct_loop(toy):
+  """Both references and both stages against a float64 loop over the documented noise.
+
+  Stage 1 is samples 0 .. n0-1 (u = their normalised mean), stage 2 samples n0 .. n0+n-1;
+  sample i is fold_in(key, i). The point scores, the direction and the Hoeffding and
+  Bernstein bounds all follow from the loop's own scores.
+  """
   enc, params = toy
-  x = _images(4)
-  f_s = smoothing.smoothed_features(params, x, encoder=enc, sigma=0.5, n=300, key=KEY)
-  clean = enc(params, x)
-  s_mean = (1 + jnp.linalg.norm(f_s, axis=-1)) / 2
-  s_clean = (1 + jnp.sum(f_s * clean, -1)) / 2
-  s_direct = certify.gaussian_robustness_score(params, x, encoder=enc, sigma=0.5, n=300, key=KEY)
-  np.testing.assert_allclose(s_clean, s_direct, atol=1e-5)
-  assert np.all(s_mean >= s_clean - 1e-6)
+  x = _images(3)
+  sigma, n0, n, alpha = 0.5, 30, 120, 0.01
+  got = certify.score_deficits(params, x, encoder=enc, sigma=sigma, key=KEY, n=n, n0=n0,
+                               alpha=alpha, bounds=("point", "hoeffding", "bernstein"),
+                               chunk_size=16)
+  feats = np.stack([np.asarray(enc(params, x + smoothing.noise(KEY, i, x.shape, sigma)),
+                               np.float64) for i in range(n0 + n)], axis=1)  # [B, n0 + n, D]
+  clean = np.asarray(enc(params, x), np.float64)
+  mean = feats[:, :n0].mean(1)
+  u = mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+  np.testing.assert_allclose(got["mean"]["direction"], u, atol=2e-6)
+  for ref, direction in (("clean", clean), ("mean", u)):
+    scores = (1 + np.einsum("bkd,bd->bk", feats[:, n0:], direction)) / 2  # [B, n]
+    mu, var = scores.mean(1), scores.var(1, ddof=1)
+    np.testing.assert_allclose(got[ref]["point"], 1 - mu, atol=2e-6, err_msg=ref)
+    np.testing.assert_allclose(got[ref]["hoeffding"],
+                               1 - mu + np.sqrt(np.log(1 / alpha) / (2 * n)), atol=2e-6)
+    lt = np.log(2 / alpha)
+    np.testing.assert_allclose(got[ref]["bernstein"],
+                               1 - mu + np.sqrt(2 * var * lt / n) + 7 * lt / (3 * (n - 1)),
+                               atol=2e-6, err_msg=ref)
 
 
 def test_mean_reference_not_worse_than_clean_two_stage(toy):
@@ -167,6 +187,8 @@ def test_soundness_against_gradient_attack(toy, reference):
     (dict(n=1), "n must"), (dict(n0=0), "n0"), (dict(alpha=0.0), "alpha"),
     (dict(alpha=1.0), "alpha"), (dict(bound="chernoff"), "bound"),
     (dict(reference="target"), "reference"),
+    (dict(n=0), "n must"), (dict(n0=2.5), "n0"), (dict(alpha=float("nan")), "alpha"),
+    (dict(sigma=float("inf")), "sigma"), (dict(chunk_size=0), "chunk_size"),
 ])
 def test_bad_arguments(toy, kwargs, match):
   enc, params = toy
@@ -182,8 +204,77 @@ def test_bad_arguments(toy, kwargs, match):
     (np.zeros((8, 8, 3), np.float32), "shape"),
     (np.zeros((1, 8, 8, 1), np.float32), "shape"),
     (np.zeros((1, 8, 8, 3), np.uint8), "dtype"),
+    (np.zeros((0, 8, 8, 3), np.float32), r"x is empty \(shape \(0, 8, 8, 3\)\)"),
+    (jnp.full((1, 8, 8, 3), 1.5, jnp.bfloat16), r"must lie in \[0, 1\] pixel space"),
 ])
 def test_bad_images(toy, x, match):
   enc, params = toy
   with pytest.raises(ValueError, match=match):
     certify.fcsb(params, x, encoder=enc, sigma=0.25, eps=0.1, key=KEY, n=10, n0=5)
+
+
+def test_bfloat16_images_are_certified_as_their_float32_values(toy):
+  """Issue 13 (d): bf16 images were refused as "not floating point"; bf16 -> f32 is exact."""
+  enc, params = toy
+  x16 = jnp.asarray(_images(), jnp.bfloat16)
+  x32 = np.asarray(x16).astype(np.float32)  # numpy's conversion, independent of fsjax
+  args = dict(encoder=enc, sigma=0.25, eps=[0.1, 0.3], key=KEY, n=100, n0=10, alpha=0.01)
+  got, want = certify.fcsb(params, x16, **args), certify.fcsb(params, x32, **args)
+  np.testing.assert_array_equal(got.inner_product_bound, want.inner_product_bound)
+  np.testing.assert_array_equal(got.direction, want.direction)
+
+
+def test_certified_radius_refuses_the_point_estimate(toy):
+  enc, params = toy
+  with pytest.raises(ValueError, match="plug-in estimate"):
+    certify.certified_radius(params, _images(), encoder=enc, sigma=0.25, key=KEY, n=10, n0=5,
+                             bound="point")
+
+
+# ------------------------------------------------------------ precision on accelerators
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _ElementwiseEncoder(encoders.Encoder):
+  """An encoder without a matmul: every dot in a certificate's program is the certificate's."""
+
+  def tokens(self, params, x, *, sigma=None):
+    return jnp.tanh(x.reshape(x.shape[0], 1, -1) * params["w"] + params["b"])
+
+
+def _dots(jaxpr):
+  """Every dot_general of a (closed) jaxpr, nested jaxprs (jit, loops, shard_map) included."""
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          yield from _dots(sub)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "tensorfloat32"])
+def test_certificate_is_exact_whatever_the_default_matmul_precision(precision):
+  """Issue 13 (a): the score dots ran at the default precision (TF32 on GPUs, ~1e-3 error).
+
+  CPUs ignore jax_default_matmul_precision, so the test checks the program: every dot of
+  the two-stage certificate carries HIGHEST precision, and the results do not move.
+  """
+  k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+  enc = _ElementwiseEncoder(resolution=8)
+  params = {"w": 3 * jax.random.normal(k1, (192,)), "b": jax.random.normal(k2, (192,))}
+  x = _images(2)
+  args = dict(encoder=enc, sigma=0.5, key=KEY, n=64, n0=16, alpha=0.01, chunk_size=16)
+  want = certify.score_deficits(params, x, **args)
+  with jax.default_matmul_precision(precision):
+    got = certify.score_deficits(params, x, **args)
+    jaxpr = jax.make_jaxpr(lambda p, x, k, s: _feature._score_deficits(  # pylint: disable=protected-access
+        p, x, k, s, encoder=enc, n0=16, n=64, alpha=0.01, bounds=_bounds.BOUNDS,
+        chunk_size=16))(params, x, KEY, jnp.float32(0.5))
+  for ref in want:
+    for bound in want[ref]:
+      np.testing.assert_array_equal(got[ref][bound], want[ref][bound], err_msg=f"{ref}/{bound}")
+  dots = list(_dots(jaxpr))
+  assert len(dots) >= 2  # stage 1's clean score and stage 2's scores
+  assert all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for e in dots), [
+      e.params["precision"] for e in dots]

@@ -284,3 +284,76 @@ def test_bad_inputs_raise():
   for fn, match in cases:
     with pytest.raises(ValueError, match=match):
       fn()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(h_lcb=np.array([0.9, 1.5])), r"h_lcb must lie in \[0.0, 1.0\]"),
+    (dict(h_lcb=np.array([0.9, -0.2])), r"h_lcb must lie in \[0.0, 1.0\]"),
+    (dict(h_lcb=np.array([0.9, np.nan])), "h_lcb contains NaN"),
+    (dict(deficit=np.array([0.1, -0.5])), r"deficit must lie in \[0.0, 1.0\].*L > 1"),
+    (dict(deficit=np.array([0.1, 2.0])), r"deficit must lie in \[0.0, 1.0\]"),
+    (dict(h_lcb=np.array([0.9, 0.9]), delta=np.array([1.0, -0.1])), "delta must lie in"),
+    (dict(h_lcb=np.array([0.9, 0.9]), delta=np.array([1.0, 4.0])), "delta must lie in"),
+    (dict(h_lcb=np.array([0.9, 0.9]), sigma=float("inf")), "sigma"),
+    (dict(h_lcb=np.zeros(0), delta=np.zeros(0)), "delta is empty"),
+])
+def test_radius_refuses_out_of_range_bounds(kwargs, match):
+  """Issue 13 (d): an LCB of 1.5 or a negative deficit used to give the maximum radius."""
+  args = dict(delta=np.array([1.0, 1.0]), sigma=0.5)
+  args.update(kwargs)
+  for fn in (lambda **a: pred.prediction_radius(**a),
+             lambda **a: pred.certified_prediction(predicted_class=np.array([0, 1])[:len(
+                 a["delta"])], **a)):
+    with pytest.raises(ValueError, match=match):
+      fn(**args)
+
+
+def test_certified_prediction_refuses_bad_classes():
+  for cls, match in ((np.array([0.5, 1.0]), "predicted_class must be class indices"),
+                     (np.array([-1, 1]), "predicted_class must be class indices"),
+                     (np.array([0, 1, 2]), "batch size")):
+    with pytest.raises(ValueError, match=match):
+      pred.certified_prediction(np.array([1.0, 1.0]), cls, np.array([0.9, 0.9]), sigma=0.5)
+
+
+def test_empty_batches_name_the_argument():
+  w = _unit(np.random.default_rng(8).normal(size=(3, 4)))
+  cases = [
+      (lambda: pred.angle_margin(np.zeros((0, 4)), w), "z is empty"),
+      (lambda: pred.prototype_logit_bounds(np.zeros((0, 4)), w, np.zeros(0)), "z is empty"),
+      (lambda: pred.rs_certify_from_counts(np.zeros((0, 3), int), np.zeros((0, 3), int),
+                                           sigma=0.5, alpha=0.01), "counts0 is empty"),
+      (lambda: pred.rs_predict_from_counts(np.zeros((0, 3), int), alpha=0.01), "counts is empty"),
+      (lambda: pred.certified_accuracy([], [], [], [0.0]), "pred_class is empty"),
+  ]
+  for fn, match in cases:
+    with pytest.raises(ValueError, match=match):
+      fn()
+
+
+def test_angles_are_exact_whatever_the_default_matmul_precision():
+  """The margin's dot runs at HIGHEST precision, in the jaxpr (CPUs ignore the setting)."""
+  rng = np.random.default_rng(9)
+  z = _unit(rng.normal(size=(6, 64))).astype(np.float32)
+  w = _unit(rng.normal(size=(4, 64))).astype(np.float32)
+  theta = np.arccos(np.clip(z.astype(np.float64) @ w.T.astype(np.float64), -1, 1))
+  want = np.sort(theta, 1)[:, 1] - np.sort(theta, 1)[:, 0]
+  for precision in ("bfloat16", "tensorfloat32", "float32"):
+    with jax.default_matmul_precision(precision):
+      _, delta = pred.angle_margin(z, w)
+      jaxpr = jax.make_jaxpr(pred._angle_margin)(z, w)  # pylint: disable=protected-access
+    np.testing.assert_allclose(delta, want, atol=2e-6)
+    dots = list(_dots(jaxpr))
+    assert len(dots) == 2  # the angles and the argmax
+    assert all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for e in dots)
+
+
+def _dots(jaxpr):
+  """Every dot_general of a (closed) jaxpr, nested jaxprs (jit, loops, shard_map) included."""
+  for eqn in getattr(jaxpr, "jaxpr", jaxpr).eqns:
+    if eqn.primitive.name == "dot_general":
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, "eqns") or hasattr(sub, "jaxpr"):
+          yield from _dots(sub)
