@@ -66,7 +66,9 @@ from fsjax.gsb import losses
 from fsjax import checkpointing
 from train import loop
 
-STAGES = ("denoiser", "mapper")
+# "warmup": D trained on L_rec alone (Eq. 7; no encoder pass, so cheap), as denoised
+# smoothing does, before L_D; its final parameters start the "denoiser" stage.
+STAGES = ("warmup", "denoiser", "mapper")
 CONFIG_FILE = loop.CONFIG_FILE
 METRICS_FILE = loop.METRICS_FILE
 TrainState = loop.TrainState
@@ -92,7 +94,9 @@ def stage_options(config, which: str) -> ml_collections.ConfigDict:
   given = config.gsb.get(which)
   if given is not None:
     merged.update(given.to_dict() if hasattr(given, "to_dict") else dict(given))
-  for key, minimum in (("batch_size", 1), ("epochs", 0)):
+  keys = (("batch_size", 1), ("epochs", 0)) + ((("warmup_epochs", 0),)
+                                                 if which == "denoiser" else ())
+  for key, minimum in keys:
     v = merged[key]
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
       raise ValueError(f"config.gsb.{which}.{key} must be an integer >= {minimum}, got "
@@ -206,9 +210,32 @@ def denoiser_loss_fn(base: encoders_lib.Encoder, denoiser, *, lam_rob: float,
     p = {"encoder": frozen["encoder"], "denoiser": params}
     denoised = boosted.denoise(p, x_noisy, sigma=sigma)  # unclipped, for Eq. 7
     z_denoised = base.tokens(frozen["encoder"], jnp.clip(denoised, 0.0, 1.0))
-    return losses.denoiser_loss(  # Eq. 9
+    loss, parts = losses.denoiser_loss(  # Eq. 9
         denoised, x_rep, z_denoised, jnp.repeat(z_clean, noise_samples, axis=0),
         lam_rob=lam_rob)
+    return loss, {**parts, "noisy_mse": losses.reconstruction_loss(x_noisy, x_rep)}
+
+  return loss_fn
+
+
+def warmup_loss_fn(base: encoders_lib.Encoder, denoiser, *, sigma_range,
+                   noise_samples: int) -> Callable:
+  """``loss(params, frozen, images, key) -> (L_rec, parts)``: D's warm-up (Eq. 7 only).
+
+  No encoder pass: a denoiser that does not yet denoise makes L_rob's gradients noise,
+  and this stage costs a fraction of a full step. ``noisy_mse`` is the input's own error
+  ``||x + delta - x||^2`` (per pixel): L_rec must fall below it for D to help at all.
+  """
+  boosted = gsb_lib.BoostedEncoder(base, denoiser=denoiser)
+
+  def loss_fn(params, frozen, images, key):
+    x = encoders_lib.resize(images.astype(jnp.float32), base.resolution)
+    x_rep, x_noisy, sigma = noisy_copies(x, key, sigma_range=sigma_range,
+                                         noise_samples=noise_samples)
+    denoised = boosted.denoise({"encoder": frozen["encoder"], "denoiser": params}, x_noisy,
+                               sigma=sigma)
+    rec = losses.reconstruction_loss(denoised, x_rep)  # Eq. 7
+    return rec, {"rec": rec, "noisy_mse": losses.reconstruction_loss(x_noisy, x_rep)}
 
   return loss_fn
 
@@ -407,20 +434,32 @@ def build_stages(config, encoder: encoders_lib.Encoder, encoder_params,
   train_denoiser = d_opts.epochs > 0
 
   d_steps = d_opts.epochs * batches_per_epoch(dataset, d_opts.batch_size)
+  w_steps = d_opts.warmup_epochs * batches_per_epoch(dataset, d_opts.batch_size)
+  if w_steps and not d_steps:
+    raise ValueError("config.gsb.denoiser.warmup_epochs > 0 needs denoiser.epochs > 0: the "
+                     "warm-up only starts the denoiser's training.")
+  w_noise = jax.random.fold_in(root, 2)
   d_lr = float(d_opts.learning_rate)
   m_steps = m_opts.epochs * batches_per_epoch(dataset, m_opts.batch_size)
   # Warmup-free cosine decay from the peak to 0 over the stage (paper: "cosine schedule").
   m_schedule = optax.cosine_decay_schedule(float(m_opts.learning_rate), max(m_steps, 1))
+  d_init_params = lambda: _compiled(f"init/denoiser/{d_key}", lambda: jax.jit(
+      lambda k: denoiser.init(k, jnp.zeros(image_shape), 0.0)["params"]))(d_init)
   stages = {
+      "warmup": Stage(
+          name="warmup", cache_key=f"warmup/{w_steps}/{d_key}",
+          batch_size=d_opts.batch_size, total_steps=w_steps,
+          tx=optax.adam(d_lr), schedule=lambda step: d_lr,
+          loss_fn=warmup_loss_fn(encoder, denoiser, sigma_range=sigma_range,
+                                 noise_samples=noise_samples),
+          init_params=d_init_params, key=w_noise),
       "denoiser": Stage(
           name="denoiser", cache_key=f"denoiser/{d_steps}/{d_key}",
           batch_size=d_opts.batch_size, total_steps=d_steps,
           tx=optax.adam(d_lr), schedule=lambda step: d_lr,
           loss_fn=denoiser_loss_fn(encoder, denoiser, lam_rob=float(d_opts.lam_rob),
                                    sigma_range=sigma_range, noise_samples=noise_samples),
-          init_params=lambda: _compiled(f"init/denoiser/{d_key}", lambda: jax.jit(
-              lambda k: denoiser.init(k, jnp.zeros(image_shape), 0.0)["params"]))(d_init),
-          key=d_noise),
+          init_params=d_init_params, key=d_noise),
       "mapper": Stage(
           name="mapper", cache_key=f"mapper/{m_steps}/{m_key}",
           batch_size=m_opts.batch_size, total_steps=m_steps,
@@ -469,7 +508,6 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   n_devices = mesh.devices.size
   stages = build_stages(config, encoder, encoder_params, dataset, n_devices=n_devices)
   loop.write_config(config, workdir)  # once the config is known to be valid
-  d_stage, m_stage = stages["denoiser"], stages["mapper"]
   encoder_params = jax.device_put(encoder_params, replicated(mesh))
   c = config.gsb
   policy = loop.CheckpointPolicy(int(c.get("checkpoint_every") or 100),
@@ -477,46 +515,44 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   writer = loop.MetricsWriter(workdir, int(c.get("log_every") or 10))
   managers = {name: checkpointing.manager(workdir, name) for name in STAGES}
   try:
-    d_done, m_done = (managers[n].latest_step() or 0 for n in STAGES)
-    if d_done > d_stage.total_steps or m_done > m_stage.total_steps:
+    done = {n: managers[n].latest_step() or 0 for n in STAGES}
+    total = {n: stages[n].total_steps for n in STAGES}
+    progress = ", ".join(f"{n} {done[n]}/{total[n]}" for n in STAGES)
+    if any(done[n] > total[n] for n in STAGES):
       raise ValueError(f"workdir {workdir} holds checkpoints past this config's end "
-                       f"(denoiser {d_done}/{d_stage.total_steps}, mapper "
-                       f"{m_done}/{m_stage.total_steps} steps).")
-    if m_done and d_done != d_stage.total_steps:
-      raise ValueError(f"workdir {workdir}: the mapper stage has started but the denoiser "
-                       f"checkpoint is at step {d_done} of {d_stage.total_steps}.")
-    if (d_done, m_done) == (d_stage.total_steps, m_stage.total_steps):
-      logging.info("train.gsb: %s already holds a finished run (denoiser %d/%d, mapper "
-                   "%d/%d steps); nothing to do.", workdir, d_done, d_stage.total_steps,
-                   m_done, m_stage.total_steps)
-      print(f"train.gsb: {workdir} holds a finished run (denoiser {d_done} steps, mapper "
-            f"{m_done} steps); nothing to do.")
-    logging.info("train.gsb: %d device(s); denoiser %d/%d steps, mapper %d/%d steps done.",
-                 n_devices, d_done, d_stage.total_steps, m_done, m_stage.total_steps)
-    if (d_done or m_done) and (d_done, m_done) != (d_stage.total_steps, m_stage.total_steps):
-      print(f"train.gsb: resuming {workdir} (denoiser {d_done}/{d_stage.total_steps}, "
-            f"mapper {m_done}/{m_stage.total_steps} steps done).")
+                       f"({progress} steps).")
+    for before, after in zip(STAGES, STAGES[1:]):
+      if done[after] and done[before] != total[before]:
+        raise ValueError(f"workdir {workdir}: the {after} stage has started but the "
+                         f"{before} checkpoint is at step {done[before]} of {total[before]}.")
+    if done == total:
+      print(f"train.gsb: {workdir} holds a finished run ({progress} steps); nothing to do.")
+    elif any(done.values()):
+      print(f"train.gsb: resuming {workdir} ({progress} steps done).")
+    logging.info("train.gsb: %d device(s); %s steps done.", n_devices, progress)
 
-    out = {}
-    frozen = {"encoder": encoder_params}
-    if d_stage.total_steps:
-      d_state = restore_state(d_stage, managers["denoiser"], mesh)
-      d_state = run_stage(d_stage, d_state, frozen=frozen, dataset=dataset, mesh=mesh,
-                          mngr=managers["denoiser"], seed=config.seed,
-                          policy=policy, writer=writer,
-                          stop_at=max_steps)
-      out["denoiser"] = d_state["params"]
-      if int(d_state["step"]) < d_stage.total_steps:
-        return out  # stopped by max_steps inside stage 1
-      frozen = {**frozen, "denoiser": out["denoiser"]}  # D is final from here on
-    if m_stage.total_steps:
-      m_state = restore_state(m_stage, managers["mapper"], mesh)
-      m_state = run_stage(m_stage, m_state, frozen=frozen, dataset=dataset, mesh=mesh,
-                          mngr=managers["mapper"], seed=config.seed,
-                          policy=policy, writer=writer,
-                          stop_at=None if max_steps is None
-                          else max_steps - d_stage.total_steps)
-      out["mapper"] = m_state["params"]
+    out, frozen, offset = {}, {"encoder": encoder_params}, 0
+    stop_at = lambda: None if max_steps is None else max_steps - offset
+    for name in STAGES:
+      stage = stages[name]
+      if not stage.total_steps:
+        continue
+      if name == "denoiser" and "warmup" in out and not done["denoiser"]:
+        warm = out.pop("warmup")  # the warm-up's D starts L_D's training
+        stage = dataclasses.replace(stage, init_params=lambda: warm)
+      elif name == "denoiser":
+        out.pop("warmup", None)
+      state = restore_state(stage, managers[name], mesh)
+      state = run_stage(stage, state, frozen=frozen, dataset=dataset, mesh=mesh,
+                        mngr=managers[name], seed=config.seed, policy=policy,
+                        writer=writer, stop_at=stop_at())
+      out[name] = state["params"]
+      if int(state["step"]) < stage.total_steps:
+        return out  # stopped by max_steps inside this stage
+      offset += stage.total_steps
+      if name == "denoiser":
+        frozen = {**frozen, "denoiser": out["denoiser"]}  # D is final from here on
+    out.pop("warmup", None)
     return out
   finally:
     for mngr in managers.values():

@@ -49,6 +49,9 @@ def default_gsb_config() -> ml_collections.ConfigDict:
       width=32, channel_mults=(1, 2, 4), blocks_per_level=2, emb_dim=128, num_groups=8,
       dtype="float32",
       lam_rob=losses.LAM_ROB,  # lambda, Eq. 9
+      # Ours: epochs of L_rec alone (no encoder pass) before L_D, as denoised smoothing
+      # pre-trains its denoiser; 0 = the paper's L_D from the start.
+      warmup_epochs=0,
       batch_size=8, epochs=8, learning_rate=2e-4))  # Adam
   c.mapper = ml_collections.ConfigDict(dict(
       num_blocks=2, num_heads=4, mlp_ratio=2.0, kernel_size=3, sigma_hidden=64,

@@ -188,6 +188,27 @@ def test_resume_reproduces_uninterrupted_run(full_run, data_dir, tmp_path):
   assert strip(metrics(tmp_path)) == strip(metrics(full_workdir))
 
 
+def test_warmup_lowers_rec_below_the_noisy_input_and_starts_the_denoiser(data_dir,
+                                                                         tmp_path):
+  """L_rec-only warm-up (no encoder pass): L_rec falls, and falls below the noisy input's
+  own error (what handing the encoder x + delta would cost); the denoiser stage then
+  starts from the warm-up's parameters, not from a fresh init."""
+  config = tiny_config(data_dir, denoiser__warmup_epochs=10, denoiser__epochs=1,
+                       mapper__epochs=0)
+  params = train_gsb.train_and_evaluate(config, str(tmp_path))
+  rows = metrics(tmp_path)
+  warm = [r for r in rows if r["stage"] == "warmup"]
+  assert len(warm) == 40 and {"rec", "noisy_mse"} <= set(warm[0]) and "rob" not in warm[0]
+  assert warm[-1]["rec"] < 0.5 * warm[0]["rec"]
+  assert warm[-1]["rec"] < warm[-1]["noisy_mse"]
+  den = [r for r in rows if r["stage"] == "denoiser"]
+  assert den[0]["rec"] < 0.5 * warm[0]["rec"]  # started warm
+  assert set(params) == {"denoiser"}
+  # Ctrl-C-safe bookkeeping: a finished run with a warm-up only reports.
+  again = train_gsb.train_and_evaluate(config, str(tmp_path))
+  assert_trees_equal(again, params)
+
+
 def test_finished_run_only_reports(full_run, capsys):
   config, workdir, params = full_run
   before = (workdir / "metrics.jsonl").read_text()
@@ -216,7 +237,7 @@ def test_nan_loss_stops_training_loudly(full_run, tmp_path, monkeypatch):
 
   monkeypatch.setattr(train_gsb, "epoch_batches", poisoned)
   with pytest.raises(FloatingPointError,
-                     match=r"stage 'denoiser' at step 3: grad_norm=nan, loss=nan"):
+                     match=r"stage 'denoiser'\) diverged at step 3: grad_norm=nan, loss=nan"):
     train_gsb.train_and_evaluate(config, str(tmp_path))
   # Step 3 is a checkpoint step (checkpoint_every = 3), but it diverged: nothing saved.
   assert not [p for p in (tmp_path / "denoiser").iterdir() if p.name.isdigit()]
