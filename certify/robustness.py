@@ -74,6 +74,7 @@ import tqdm
 from certify import report
 from fsjax import attacks
 from fsjax import batching
+from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
@@ -113,24 +114,15 @@ def _as_dict(d) -> dict:
   return d.to_dict() if isinstance(d, ml_collections.ConfigDict) else dict(d)
 
 
-def _is_int(value, minimum: int) -> bool:
-  return (not isinstance(value, bool) and isinstance(value, numbers.Integral)
-          and value >= minimum)
-
-
 def check_attack_config(c) -> None:
   """Validates ``config.attack`` before anything is built; errors name the key."""
   _common.check_budget(budget=c.linf_budget, step_size=c.step_size, steps=c.steps,
                        norm="linf")
   for key, minimum in (("n", 1), ("eot_samples", 0), ("num_images", 1),
                        ("prototypes_per_class", 1), ("batch_size", 1), ("examples", 0)):
-    if not _is_int(c[key], minimum):
-      raise ValueError(f"config.attack.{key}={c[key]!r} must be an integer >= {minimum}.")
-  if not np.isfinite(c.sigma) or c.sigma <= 0:
-    raise ValueError(f"config.attack.sigma={c.sigma!r} must be > 0 (the smoothing noise "
-                     "level in [0, 1] pixel units, e.g. 0.25).")
-  if c.head not in HEADS:
-    raise ValueError(f"config.attack.head={c.head!r} must be one of {HEADS}.")
+    checks.check_positive_int(c[key], name=f"config.attack.{key}", minimum=minimum)
+  checks.check_sigma(c.sigma, name="config.attack.sigma")
+  checks.check_choice(c.head, name="config.attack.head", choices=HEADS)
   if not isinstance(c.target_class, numbers.Integral):
     raise ValueError(f"config.attack.target_class={c.target_class!r} must be a class id "
                      "(negative counts from the end: -1 is the last class).")

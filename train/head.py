@@ -100,16 +100,17 @@ def unit_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.Enco
       for b, start in enumerate(starts):
         x = images[start:start + batch_size]
         z = _features(params, jnp.asarray(batching.pad_rows(x, batch_size)),
-                      jax.random.fold_in(jax.random.fold_in(key, d), b), scale,
-                      jnp.float32(sigma), encoder=encoder)
+                      jax.random.fold_in(key, d), b, scale, jnp.float32(sigma),
+                      encoder=encoder)
         out.append(np.asarray(z)[:len(x)])
         bar.update(1)
   return np.concatenate(out)
 
 
 @functools.partial(jax.jit, static_argnames=("encoder",))
-def _features(params, x, key, scale, sigma, *, encoder):
-  return encoder(params, x + scale * jax.random.normal(key, x.shape, jnp.float32), sigma=sigma)
+def _features(params, x, key, index, scale, sigma, *, encoder):
+  # The library's noise protocol: sample ``index`` of stream ``key`` (fsjax.smoothing).
+  return encoder(params, x + smoothing.noise(key, index, x.shape, scale), sigma=sigma)
 
 
 # ----------------------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_unknown_attack_errors(tmp_path):
 
 @pytest.mark.parametrize("overrides, match", [
     (dict(head="linear"), "head"),
-    (dict(n=0), "config.attack.n="),
+    (dict(n=0), "config.attack.n must"),
     (dict(linf_budget=-1.0), "budget"),
     (dict(extra_encoders=(dict(name="clip"),)), "label"),
 ])
