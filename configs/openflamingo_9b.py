@@ -1,63 +1,93 @@
 r"""OpenFlamingo-9B (openflamingo/OpenFlamingo-9B-vitl-mpt7b): CLIP ViT-L/14 + MPT-7B.
 
-  import fsjax.flamingo
   from configs import openflamingo_9b
-  of = fsjax.flamingo.build(openflamingo_9b.get_config())
-  captions = of.caption(images)            # images: [B, H, W, 3] in [0, 1]
+  config = openflamingo_9b.get_config("tower=fare,smoothed")
+  of = fsjax.flamingo.build(config)                    # nothing is downloaded
+  captions = of.caption(images, config.prompts.caption)  # images: [B, H, W, 3] in [0, 1]
 
-Three local parts, nothing downloaded (each path is a folder or a Hugging Face cache
-folder, which resolves to its snapshot):
+Three local parts (each a folder, or a Hugging Face cache folder, which resolves to its
+snapshot):
 
-* ``mllm.checkpoint``: the folder with OpenFlamingo's ``checkpoint.pt`` ($FSJAX_OPENFLAMINGO_9B);
-* ``mllm.lang_encoder`` and ``mllm.tokenizer``: the MPT-7B folder OpenFlamingo-9B was
-  trained on, ``anas-awadalla/mpt-7b``, which also holds the gpt-neox-20b tokenizer
+* ``openflamingo.checkpoint``: the folder with OpenFlamingo's ``checkpoint.pt``
+  ($FSJAX_OPENFLAMINGO_9B);
+* ``openflamingo.lang_encoder`` and ``openflamingo.tokenizer``: ``anas-awadalla/mpt-7b``,
+  the MPT-7B OpenFlamingo-9B was trained on, which also holds the gpt-neox-20b tokenizer
   ($FSJAX_MPT_7B);
-* ``encoder.checkpoint``: CLIP ViT-L/14 at 224 px ($FSJAX_CLIP_L14; OpenAI's, or a FARE /
-  TeCoA OpenCLIP file for the robust rows of Table 3). Its features for OpenFlamingo are
-  the last block's 256 patch tokens without the final LayerNorm.
+* ``encoder.checkpoint``: the vision tower at 224 px, the last block's 256 patch tokens
+  without the final LayerNorm. ``tower=clip`` (default): OpenAI's CLIP ViT-L/14
+  ($FSJAX_CLIP_L14); ``tower=fare`` / ``tower=tecoa``: the robust OpenCLIP ViT-L/14
+  (``model.visual`` state dict; $FSJAX_FARE / $FSJAX_TECOA) swapped in, as in Table 3.
 
-``mllm.architecture`` records OpenFlamingo-9B's sizes (the loader reads them from the
-files; the tests check this record against open_flamingo's model). Parameters are stored
-in ``mllm.param_dtype`` (bfloat16: ~16 GB; float32: ~31 GB) and computed in ``mllm.dtype``.
+``smoothed``: the vision side is feature-space smoothed with n = 8 noise samples
+(Table 7), ``sigma=0.25`` by default (the paper does not print it for the MLLM runs). A
+GSB booster (``config.gsb.checkpoint``) plugs in with ``of.replace(encoder=
+fsjax.gsb.BoostedEncoder(...), encoder_params=...)``.
+
+``openflamingo.architecture`` records OpenFlamingo-9B's sizes (the loader reads them from
+the files; the tests check this record against open_flamingo's model). Parameters are
+stored in ``param_dtype`` (bfloat16: ~16 GB; float32: ~31 GB), computed in ``dtype``.
 """
 
 import os
 
 import ml_collections
+from ml_collections import config_dict
 
 _HUB = "~/.cache/huggingface/hub/models--"
+_TOWERS = ("clip", "fare", "tecoa")
+# The paper's caption instruction (l.364, its LLaVA prompt). OpenFlamingo is not
+# instruction-tuned; its own captioning prompt is "<image>Output:" (the default here).
+CAPTION = "Describe this image in one concise sentence, no longer than 20 words."
 
 
 def _path(env, default):
   return os.path.expanduser(os.environ.get(env, _HUB + default))
 
 
+def _parse(arg):
+  out = {"tower": "clip", "smoothed": False, "sigma": 0.25}
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in out:
+      raise ValueError(f"configs/openflamingo_9b.py: unknown option {key!r} in {arg!r}; "
+                       "known: tower=clip|fare|tecoa, smoothed, sigma=<float>.")
+    if key == "smoothed":
+      out[key] = not eq or value.lower() in ("1", "true", "yes")
+    elif key == "sigma":
+      out[key] = float(value)
+    else:
+      out[key] = value
+  if out["tower"] not in _TOWERS:
+    raise ValueError(f"tower={out['tower']!r} must be one of {_TOWERS}.")
+  return out
+
+
 def get_config(arg=None):
-  """OpenFlamingo-9B; ``arg`` is unused (one setting) and must be empty."""
-  if arg:
-    raise ValueError(f"configs/openflamingo_9b.py takes no argument, got {arg!r}.")
+  """OpenFlamingo-9B; ``arg`` as "tower=fare,smoothed,sigma=0.5" (see the module docstring)."""
+  a = _parse(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
+  if a["tower"] == "clip":
+    checkpoint = _path("FSJAX_CLIP_L14", "openai--clip-vit-large-patch14")
+  else:
+    env = "FSJAX_FARE" if a["tower"] == "fare" else "FSJAX_TECOA"
+    checkpoint = os.environ.get(env, f"/path/to/{a['tower']}_eps4.pt")
   config.encoder = ml_collections.ConfigDict(dict(
       name="clip",
-      checkpoint=_path("FSJAX_CLIP_L14", "openai--clip-vit-large-patch14"),
+      checkpoint=checkpoint,
       dtype="float32",
-      feature="patch_tokens",  # [B, 256, 1024]
+      feature="patch_tokens",  # [B, 256, 1024], CLS dropped
       layer=-1,                # the last block, no post-LayerNorm (open_clip 2.19 semantics)
       resolution=224,
   ))
   mpt_7b = _path("FSJAX_MPT_7B", "anas-awadalla--mpt-7b")
-  config.mllm = ml_collections.ConfigDict(dict(
-      name="openflamingo",
+  config.openflamingo = ml_collections.ConfigDict(dict(
       checkpoint=_path("FSJAX_OPENFLAMINGO_9B", "openflamingo--OpenFlamingo-9B-vitl-mpt7b"),
       lang_encoder=mpt_7b,
       tokenizer=mpt_7b,
-      dtype="bfloat16",        # compute
-      param_dtype="bfloat16",  # storage: ~16 GB for the language side and resampler
+      dtype="bfloat16",        # matmuls; norms, softmax and logits stay float32
+      param_dtype="bfloat16",  # ~16 GB of weights instead of ~31
       seed=0,
-      # OpenFlamingo's captioning prompt (its COCO evaluation); the paper's LLaVA prompt
-      # is "Describe this image in one concise sentence, no longer than 20 words."
-      prompt="<image>Output:",
       max_new_tokens=20,
       architecture=dict(
           lang=dict(vocab_size=50280,  # gpt-neox-20b's 50277 + <|endofchunk|>, <image>, <PAD>
@@ -67,4 +97,13 @@ def get_config(arg=None):
           vis_dim=1024, cross_attn_every_n_layers=4,
           perceiver_depth=6, num_latents=64, dim_head=64, heads=8, ff_mult=4),
   ))
+  config.smoothing = ml_collections.ConfigDict(dict(
+      sigma=a["sigma"],
+      n=8 if a["smoothed"] else 0,  # 0: no smoothing; Table 7: n = 8 at inference
+      features="direction",         # or "raw_mean" (not certified)
+      chunk_size=8))
+  config.gsb = ml_collections.ConfigDict(dict(checkpoint=config_dict.placeholder(str)))
+  config.prompts = ml_collections.ConfigDict(dict(
+      caption="<image>Output:",  # Table 3 (captioning only: the paper's Tables 4-5 are LLaVA)
+      instruction=CAPTION))
   return config

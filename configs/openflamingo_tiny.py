@@ -7,8 +7,9 @@ r"""A tiny random-init OpenFlamingo on the tiny CLIP, for smoke runs on CPU (sec
 
 32 px images, patch 8: 16 vision tokens of width 32; a 4-layer MPT (width 64, vocab 130)
 with gated cross-attention before layers 1 and 3; random weights seeded by
-``mllm.seed`` (cross-attention gates 0.5, so the image matters). Set
-``mllm.tokenizer`` to a tokenizer folder (<= 127 base tokens) to use ``caption``.
+``openflamingo.seed`` (cross-attention gates 0.5, so the image matters). Set
+``openflamingo.tokenizer`` to a tokenizer folder (<= 127 base tokens) to use ``caption``;
+``--config.smoothing.n=4`` smooths the vision side.
 """
 
 import ml_collections
@@ -34,15 +35,13 @@ def get_config(arg=None):
       layer=-1,
       resolution=32,
   ))
-  config.mllm = ml_collections.ConfigDict(dict(
-      name="openflamingo",
+  config.openflamingo = ml_collections.ConfigDict(dict(
       checkpoint=config_dict.placeholder(str),  # None: random init of `architecture`
       lang_encoder=config_dict.placeholder(str),
       tokenizer=config_dict.placeholder(str),
       dtype="float32",
       param_dtype="float32",
       seed=0,
-      prompt="<image>Output:",
       max_new_tokens=8,
       architecture=dict(
           lang=dict(vocab_size=130, d_model=64, n_heads=4, n_layers=4, expansion_ratio=4,
@@ -51,4 +50,7 @@ def get_config(arg=None):
           vis_dim=32, cross_attn_every_n_layers=2,
           perceiver_depth=2, num_latents=8, dim_head=16, heads=2, ff_mult=2),
   ))
+  config.smoothing = ml_collections.ConfigDict(dict(
+      sigma=0.25, n=0, features="direction", chunk_size=4))  # n > 0: smoothed vision side
+  config.prompts = ml_collections.ConfigDict(dict(caption="<image>Output:"))
   return config

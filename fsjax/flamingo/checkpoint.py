@@ -400,30 +400,40 @@ def build(config) -> model_lib.OpenFlamingo:
   """Builds an :class:`~fsjax.flamingo.model.OpenFlamingo` from a config file's sections.
 
   ``config.encoder`` (any :func:`fsjax.encoders.build` encoder) gives the vision side;
-  ``config.mllm`` the rest: with ``checkpoint`` None, a random init of
-  ``mllm.architecture`` (a dict of :class:`~fsjax.flamingo.model.FlamingoConfig` fields)
-  seeded by ``mllm.seed``, for smoke runs; else :func:`load` of ``checkpoint``,
-  ``lang_encoder`` and ``tokenizer``. See ``configs/openflamingo_9b.py``.
+  ``config.openflamingo`` the rest: with ``checkpoint`` None, a random init of
+  ``architecture`` (a dict of :class:`~fsjax.flamingo.model.FlamingoConfig` fields) seeded
+  by ``seed``, for smoke runs; else :func:`load` of ``checkpoint``, ``lang_encoder`` and
+  ``tokenizer``. ``config.smoothing.n > 0`` smooths the vision side
+  (:meth:`~fsjax.flamingo.model.OpenFlamingo.smoothed`). See ``configs/openflamingo_9b.py``.
   """
-  m = config.mllm
-  dtype = _dtype(m.get("dtype", "float32"), "config.mllm.dtype")
-  param_dtype = _dtype(m.get("param_dtype", "float32"), "config.mllm.param_dtype")
-  encoder, encoder_params = encoders.build(config.encoder)
+  m = config.openflamingo
+  dtype = _dtype(m.get("dtype", "float32"), "config.openflamingo.dtype")
+  param_dtype = _dtype(m.get("param_dtype", "float32"), "config.openflamingo.param_dtype")
+  smoothing = config.get("smoothing")
+  if smoothing is not None and smoothing.n < 0:
+    raise ValueError(f"config.smoothing.n={smoothing.n} must be >= 0 (0: no smoothing).")
   if m.get("checkpoint") is None:
     architecture = m.get("architecture")
     if architecture is None:
-      raise ValueError("config.mllm needs a checkpoint path, or an architecture (dict of "
-                       "FlamingoConfig fields) for a random init.")
+      raise ValueError("config.openflamingo needs a checkpoint path, or an architecture (dict "
+                       "of FlamingoConfig fields) for a random init.")
     architecture = architecture.to_dict() if hasattr(architecture, "to_dict") else dict(architecture)
+    encoder, encoder_params = encoders.build(config.encoder)
     model, params = model_lib.init(model_lib.FlamingoConfig.from_dict(architecture),
                                    seed=m.get("seed", 0), dtype=dtype)
     params = jax.tree.map(lambda p: p.astype(param_dtype), params)
     tok = load_tokenizer(m.tokenizer) if m.get("tokenizer") else None
-    return model_lib.OpenFlamingo(model=model, params=params, encoder=encoder,
-                                  encoder_params=encoder_params, tokenizer=tok)
-  for key in ("lang_encoder", "tokenizer"):
-    if not m.get(key):
-      raise ValueError(f"config.mllm.{key} is not set; point it at the local folder "
-                       f"(--config.mllm.{key}=/path/to/mpt-7b).")
-  return load(m.checkpoint, lang_encoder=m.lang_encoder, vision_encoder=(encoder, encoder_params),
-              tokenizer=m.tokenizer, dtype=dtype, param_dtype=param_dtype)
+    of = model_lib.OpenFlamingo(model=model, params=params, encoder=encoder,
+                                encoder_params=encoder_params, tokenizer=tok)
+  else:
+    for key in ("lang_encoder", "tokenizer"):
+      if not m.get(key):
+        raise ValueError(f"config.openflamingo.{key} is not set; point it at the local folder "
+                         f"(--config.openflamingo.{key}=/path/to/mpt-7b).")
+    of = load(m.checkpoint, lang_encoder=m.lang_encoder,
+              vision_encoder=encoders.build(config.encoder), tokenizer=m.tokenizer,
+              dtype=dtype, param_dtype=param_dtype)
+  if smoothing is not None and smoothing.n > 0:
+    of = of.smoothed(smoothing.sigma, n=smoothing.n, features=smoothing.features,
+                     chunk_size=smoothing.chunk_size)
+  return of

@@ -289,7 +289,7 @@ def test_deduplicate_maps_every_alias():
 def test_9b_config_matches_open_flamingo():
   """configs/openflamingo_9b.py's architecture has exactly open_flamingo's parameters
   (names and shapes) for OpenFlamingo-9B, built on torch's meta device (no memory)."""
-  arch = openflamingo_9b.get_config().mllm.architecture.to_dict()
+  arch = openflamingo_9b.get_config().openflamingo.architecture.to_dict()
   lang = arch["lang"]
   with torch.device("meta"):
     lm = transformers.MptForCausalLM(transformers.MptConfig(
@@ -340,3 +340,19 @@ def test_tiny_config_builds_and_generates():
   np.testing.assert_array_equal(out[0, 0], out[2, 0])  # before the image: no change
   with pytest.raises(ValueError, match="takes no argument"):
     openflamingo_tiny.get_config("x")
+  # The smoothing section turns the smoothed vision side on.
+  config.smoothing.n = 2
+  smoothed = flamingo.build(config)
+  assert smoothed.smoothing.n == 2 and smoothed.smoothing.sigma == 0.25
+
+
+def test_9b_config_options():
+  config = openflamingo_9b.get_config("tower=fare,smoothed,sigma=0.5")
+  assert (config.smoothing.n, config.smoothing.sigma) == (8, 0.5)
+  assert (config.encoder.feature, config.encoder.layer, config.encoder.resolution) == (
+      "patch_tokens", -1, 224)
+  assert openflamingo_9b.get_config().smoothing.n == 0
+  with pytest.raises(ValueError, match="tower='vit' must be one of"):
+    openflamingo_9b.get_config("tower=vit")
+  with pytest.raises(ValueError, match="unknown option 'n'"):
+    openflamingo_9b.get_config("n=3")
