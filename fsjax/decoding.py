@@ -100,15 +100,17 @@ class KVCache:
   """Static-shape keys and values of every layer, and where the next token goes.
 
   Attributes:
-    keys: ``[L, B, S, H_kv, D_head]`` (S = the static capacity in tokens).
-    values: same shape as ``keys``.
+    keys: one ``[B, S, H_kv, D_head]`` array per layer (S = the static capacity in
+      tokens). Separate buffers rather than one stacked array, so that each layer's
+      write is an in-place update of its own buffer inside the decoding loop.
+    values: same shapes as ``keys``.
     mask: bool ``[B, S]``, True where a slot holds a real token (False: empty, or a
       left-padding position of a shorter prompt).
     index: int32 scalar, the slot the next token is written to (shared by all rows).
   """
 
-  keys: jax.Array
-  values: jax.Array
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
   mask: jax.Array
   index: jax.Array
 
@@ -116,13 +118,14 @@ class KVCache:
   def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int,
             head_dim: int, dtype: Any = jnp.float32) -> "KVCache":
     """A cache of zeros with room for ``capacity`` tokens per row."""
-    shape = (num_layers, batch, capacity, num_kv_heads, head_dim)
-    return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
-               mask=jnp.zeros((batch, capacity), bool), index=jnp.int32(0))
+    shape = (batch, capacity, num_kv_heads, head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+    return cls(keys=zeros(), values=zeros(), mask=jnp.zeros((batch, capacity), bool),
+               index=jnp.int32(0))
 
   @property
   def capacity(self) -> int:
-    return self.keys.shape[2]
+    return self.keys[0].shape[1]
 
   def write(self, layer: int, keys: jax.Array, values: jax.Array
             ) -> tuple["KVCache", jax.Array, jax.Array]:
@@ -132,10 +135,12 @@ class KVCache:
     to attend over (mask them with :meth:`attention_mask`). ``index`` is not advanced:
     call :meth:`advance` once per forward pass, after the last layer.
     """
-    at = (layer, 0, self.index, 0, 0)
-    k = jax.lax.dynamic_update_slice(self.keys, keys[None].astype(self.keys.dtype), at)
-    v = jax.lax.dynamic_update_slice(self.values, values[None].astype(self.values.dtype), at)
-    return self.replace(keys=k, values=v), k[layer], v[layer]
+    at = (0, self.index, 0, 0)
+    k = jax.lax.dynamic_update_slice(self.keys[layer], keys.astype(self.keys[layer].dtype), at)
+    v = jax.lax.dynamic_update_slice(self.values[layer], values.astype(self.values[layer].dtype),
+                                     at)
+    put = lambda buffers, new: buffers[:layer] + (new,) + buffers[layer + 1:]
+    return self.replace(keys=put(self.keys, k), values=put(self.values, v)), k, v
 
   def attention_mask(self, valid: jax.Array) -> jax.Array:
     """Bool ``[B, T, S]``: query ``t`` of this pass may see slot ``s``.
