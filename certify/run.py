@@ -45,13 +45,14 @@ from fsjax import variants as variants_lib
 
 
 def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key: jax.Array,
-                   *, first_image: int = 0) -> Iterable[dict]:
+                   *, first_image: int = 0, progress=None) -> Iterable[dict]:
   """Yields one result row per (variant, sigma, image, reference, bound).
 
   Certificates come from :func:`certify.score_deficits` (one two-stage Monte Carlo run
   gives every bound for both references) and the closed forms of Theorem 3.2 /
   Corollary 3.3 applied to the score *deficit* 1 - L, which keeps float32 precision where
-  L is within 1e-7 of 1 (``certify.fcsb`` computes the same numbers).
+  L is within 1e-7 of 1 (``certify.fcsb`` computes the same numbers). ``progress`` (a
+  tqdm bar) advances once per (variant, sigma).
   """
   c = config.certify
   eps = np.asarray(c.eps, np.float32)
@@ -59,9 +60,14 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
     for sigma in c.sigmas:
       # The same noise for every variant and image batch position at a sigma.
       k = smoothing.sigma_key(key, sigma)
+      if progress is not None:
+        progress.set_postfix_str(f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples "
+                                 f"x {len(images)} images")
       out = _feature.score_deficits(params, images, encoder=encoder, sigma=sigma, key=k,
                                     n=c.n, n0=c.n0, alpha=c.alpha, bounds=tuple(c.bounds),
                                     chunk_size=c.chunk_size)
+      if progress is not None:
+        progress.update(1)
       for reference in c.references:
         for bound in c.bounds:
           deficit = out[reference][bound]
@@ -221,10 +227,12 @@ def run(config, workdir: str) -> list[dict]:
   dataset = data_lib.from_config(config.data)
   key = jax.random.PRNGKey(config.seed)
   rows, first = [], 0
-  with report.rows(workdir / "results.jsonl") as write:
-    for batch in tqdm.tqdm(dataset, desc="certify", unit="batch"):
+  units = len(dataset) * len(variants) * len(config.certify.sigmas)
+  with report.rows(workdir / "results.jsonl") as write, tqdm.tqdm(
+      total=units, desc="certify", unit="run", dynamic_ncols=True) as bar:
+    for batch in dataset:
       for row in certify_images(variants, batch["image"], batch["label"], config, key,
-                                first_image=first):
+                                first_image=first, progress=bar):
         rows.append(row)
         write(row)
       first += len(batch["image"])

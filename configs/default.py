@@ -46,11 +46,11 @@ def get_config(arg=None):
   # the mapper 40 steps of 16. The learning rates are above the paper-scale defaults
   # because the runs are this short. Most of the time is the encoder's backward pass in
   # L_rob (Eq. 8).
-  # The denoiser first learns to denoise on L_rec alone (8 cheap epochs without the
+  # The denoiser first learns to denoise on L_rec alone (2 cheap epochs without the
   # encoder), then L_D: trained from scratch on L_D its L_rec never fell below the noisy
   # input's own error in 80 steps, and FS+D was below FS.
   config.gsb.denoiser.update(width=8, batch_size=8, epochs=2, learning_rate=3e-3,
-                             warmup_epochs=8)
+                             warmup_epochs=2)
   config.gsb.mapper.update(batch_size=16, epochs=2, learning_rate=1e-2)
   # certify.robustness (Table 4, classification): Fashion-MNIST test images of classes
   # 0-8 pushed towards class 9 ("Ankle boot"); class-mean prototypes from 10 train images

@@ -500,6 +500,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   # Cheap checks of config.gsb first, before the encoder and the data load.
   noise_options(config)
   stage_options(config, "denoiser"), stage_options(config, "mapper")
+  print(f"train.gsb: loading encoder {config.encoder.name!r} and "
+        f"{config.train_data.name!r} ({config.train_data.get('num_examples') or 'all'} "
+        "images)...", flush=True)
   encoder, encoder_params = encoders_lib.build(config.encoder)
   dataset = training_images(config)
   # Data parallel: GSPMD splits each step along the batch (Auto axes: the encoder and
