@@ -195,20 +195,34 @@ class CLIPAttention(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """``x`` ``[B, T, D]``, ``mask`` bool broadcastable to ``[B, 1, T, T]`` (True = attend)."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               num_queries: int | None = None) -> jax.Array:
+    """Self-attention of ``x`` ``[B, T, D]``.
+
+    Args:
+      x: ``[B, T, D]`` tokens.
+      mask: bool, broadcastable to ``[B, 1, T, T]`` (True = attend).
+      num_queries: only the first ``num_queries`` tokens attend (they still attend to
+        all ``T``); None: all of them.
+
+    Returns:
+      ``[B, num_queries or T, D]``.
+    """
     d, h = self.config.hidden_size, self.config.num_attention_heads
     dense = functools.partial(nn.Dense, d, dtype=self.dtype, param_dtype=jnp.float32)
     split = lambda y: y.reshape(*y.shape[:2], h, d // h)
-    q = split(dense(name="q_proj")(x))
+    queries = x if num_queries is None else x[:, :num_queries]
+    q = split(dense(name="q_proj")(queries))
     k = split(dense(name="k_proj")(x))
     v = split(dense(name="v_proj")(x))
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * (d // h) ** -0.5
     if mask is not None:
+      if num_queries is not None and mask.shape[-2] != 1:
+        mask = mask[..., :num_queries, :]
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape[:2] + (d,))
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(queries.shape[:2] + (d,))
     return dense(name="out_proj")(out)
 
 
@@ -231,10 +245,19 @@ class CLIPEncoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array | None = None, *,
+               num_queries: int | None = None) -> jax.Array:
+    """``[B, T, D]`` -> ``[B, T, D]``, or only its first ``num_queries`` tokens ``[B, n, D]``.
+
+    Token ``i``'s output depends on the others only through attention, so computing the
+    first ``num_queries`` outputs needs keys and values of all tokens but queries, the
+    residual and the MLP only for those ``num_queries``.
+    """
     cfg = self.config
     y = _layer_norm(cfg, "layer_norm1")(x).astype(self.dtype)
-    x = x + CLIPAttention(cfg, self.dtype, name="self_attn")(y, mask)
+    if num_queries is not None:
+      x = x[:, :num_queries]
+    x = x + CLIPAttention(cfg, self.dtype, name="self_attn")(y, mask, num_queries=num_queries)
     y = _layer_norm(cfg, "layer_norm2")(x).astype(self.dtype)
     return x + CLIPMLP(cfg, self.dtype, name="mlp")(y)
 
@@ -246,11 +269,15 @@ class CLIPLayerCollection(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, *, num_layers=None) -> tuple[jax.Array, ...]:
+  def __call__(self, x, mask=None, *, num_layers=None,
+               last_layer_queries=None) -> tuple[jax.Array, ...]:
+    """Hidden states ``(x, layer 1, ..., layer n)``; with ``last_layer_queries=m`` the last
+    one holds only the first ``m`` tokens (the others are not computed)."""
     n = self.config.num_hidden_layers if num_layers is None else num_layers
     hidden_states = [x]
     for i in range(n):
-      x = CLIPEncoderLayer(self.config, self.dtype, name=str(i))(x, mask)
+      queries = last_layer_queries if i == n - 1 else None
+      x = CLIPEncoderLayer(self.config, self.dtype, name=str(i))(x, mask, num_queries=queries)
       hidden_states.append(x)
     return tuple(hidden_states)
 
@@ -260,9 +287,10 @@ class CLIPEncoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, mask=None, *, num_layers=None) -> tuple[jax.Array, ...]:
+  def __call__(self, x, mask=None, *, num_layers=None,
+               last_layer_queries=None) -> tuple[jax.Array, ...]:
     return CLIPLayerCollection(self.config, self.dtype, name="layers")(
-        x, mask, num_layers=num_layers)
+        x, mask, num_layers=num_layers, last_layer_queries=last_layer_queries)
 
 
 class CLIPVisionEmbeddings(nn.Module):
@@ -294,12 +322,19 @@ class CLIPVisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, pixel_values: jax.Array, *, num_layers: int | None = None):
-    """Returns ``(hidden_states, pooled)``; ``pooled`` is None when stopped early."""
+  def __call__(self, pixel_values: jax.Array, *, num_layers: int | None = None,
+               pooled_only: bool = False):
+    """Returns ``(hidden_states, pooled)``; ``pooled`` is None when stopped early.
+
+    ``pooled_only``: the pooled CLS feature is all the caller uses, so the last layer
+    is computed for the CLS token alone (its hidden state is then ``[B, 1, D]``): the
+    same pooled value, ~1/num_hidden_layers less work.
+    """
     cfg = self.config
     x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
     x = _layer_norm(cfg, "pre_layrnorm")(x).astype(self.dtype)
-    hidden_states = CLIPEncoder(cfg, self.dtype, name="encoder")(x, num_layers=num_layers)
+    hidden_states = CLIPEncoder(cfg, self.dtype, name="encoder")(
+        x, num_layers=num_layers, last_layer_queries=1 if pooled_only else None)
     if len(hidden_states) <= cfg.num_hidden_layers:
       return hidden_states, None
     pooled = _layer_norm(cfg, "post_layernorm")(hidden_states[-1][:, 0])
@@ -417,7 +452,8 @@ class CLIP(nn.Module):
     normalised).
     """
     self._check_pixels(pixel_values)
-    _, pooled = self.vision_model(pixel_values)
+    # Only the CLS token goes through the last layer: nothing else reaches the output.
+    _, pooled = self.vision_model(pixel_values, pooled_only=True)
     return self.visual_projection(pooled.astype(self.dtype))
 
   def encode_text(self, input_ids: jax.Array,

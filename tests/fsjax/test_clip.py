@@ -21,7 +21,7 @@ import transformers
 from fsjax import encoders
 import fsjax.clip as clip
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 VOCAB = 60  # the tiny tokenizer below has 60 tokens: bos = 58, eos = 59 (the last id)
 TEXT = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=29, num_hidden_layers=2,
             num_attention_heads=3, max_position_embeddings=16, bos_token_id=58,
