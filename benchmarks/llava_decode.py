@@ -26,6 +26,7 @@ The prompt is BOS, 5 words, the image tokens, 10 words. Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -39,7 +40,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import fsjax.llava as fl  # pylint: disable=g-import-not-at-top
-from fsjax.clip import model as clip_model  # pylint: disable=g-import-not-at-top
 
 IMAGE = 32000
 SMALL = dict(
@@ -158,7 +158,7 @@ def main():
   ids = np.array([[1] + list(rng.integers(3, 1000, 5)) + [IMAGE] * t
                   + list(rng.integers(3, 1000, 10)) for _ in range(b)])
   # EOS = vocab_size: never emitted, so every call makes exactly N tokens.
-  fs = __import__("dataclasses").replace(model, eos_token_id=shapes["text"]["vocab_size"])
+  fs = dataclasses.replace(model, eos_token_id=shapes["text"]["vocab_size"])
 
   def fsjax_run(k):
     def run():
