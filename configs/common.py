@@ -63,6 +63,9 @@ def prediction_config(**overrides) -> ml_collections.ConfigDict:
       # Our choices (the paper does not print them):
       noise_draws=4,        # head_noise: cached noise draws per training image
       head_batch_size=256,  # examples per Adam step of the heads
+      # CosFace margin of the cosine head's loss: widens the angular gap FS certifies
+      # (Theorem A.3.2); 0 = plain cross-entropy.
+      head_margin=0.0,
       bound="bernstein",    # FS confidence bound of h_u(x) (certify.certify_prediction)
       # Table 2's Monte Carlo; None = config.certify.n0 / config.certify.n.
       n0=config_dict.placeholder(int),

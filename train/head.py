@@ -55,7 +55,7 @@ from train import loop
 
 _FEATURE_BATCH = 64  # images per encoder call when caching features (one compilation)
 # Settings that must match for stored heads to be reused (and that certify.table2 checks).
-_SETTINGS = ("encoder", "sigmas", "classes", "dim", "head_noise", "noise_draws",
+_SETTINGS = ("encoder", "sigmas", "classes", "dim", "head_noise", "noise_draws", "margin",
              "zero_shot", "steps", "learning_rate", "batch_size", "seed", "train_data")
 
 
@@ -133,20 +133,30 @@ def _head_modules(num_classes: int, dim: int) -> dict[str, nn.Module]:
           "linear": certify.LinearHead(num_classes)}
 
 
-def _losses(heads, z, labels, *, modules):
-  """Mean cross-entropy and accuracy of each head on ``z [B, D]``."""
+def _losses(heads, z, labels, *, modules, margin: float = 0.0):
+  """Mean cross-entropy and accuracy of each head on ``z [B, D]``.
+
+  With ``margin`` m > 0 the cosine head's loss is CosFace's large-margin cosine loss:
+  the true class's cosine enters the softmax as ``cos(theta_y) - m``, so training pushes
+  the angular gap to the runner-up wider -- what the FS prediction certificate needs
+  (Theorem A.3.2: certified iff 2 arccos(gamma) < Delta). Accuracy is of the plain logits.
+  """
   out = {}
   for name, variables in heads.items():
     logits = modules[name].apply(variables, z)
-    out[name] = (optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+    train_logits = logits
+    if name == "cosine" and margin:
+      train_logits = logits - margin * modules[name].scale * jax.nn.one_hot(
+          labels, logits.shape[-1], dtype=logits.dtype)
+    out[name] = (optax.softmax_cross_entropy_with_integer_labels(train_logits, labels).mean(),
                  jnp.mean(jnp.argmax(logits, -1) == labels))
   return out
 
 
 def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
                 learning_rate: float, batch_size: int, key: jax.Array,
-                prototypes: Any = None, writer: loop.MetricsWriter | None = None,
-                **row_fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+                prototypes: Any = None, margin: float = 0.0,
+                writer: loop.MetricsWriter | None = None, **row_fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   """Trains the cosine-prototype and linear heads on cached unit features.
 
   Adam on the mean cross-entropy of minibatches drawn with replacement (step ``t`` draws
@@ -161,6 +171,8 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     learning_rate: Adam learning rate.
     batch_size: examples per step (capped at ``N``).
     key: PRNG key (initialisation and minibatches).
+    margin: CosFace margin m of the cosine head's loss (0: plain cross-entropy).
+    writer: where to append metrics rows (``row_fields`` go into each row).
     prototypes: ``[K, D]`` fixed unit prototypes (CLIP zero-shot); then the cosine head is
       not trained, its ``prototypes`` parameter is these.
 
@@ -205,7 +217,7 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     # Minibatch of step t: indices from fold_in(k_data, t) (train.loop's step key).
     z, y = data
     idx = jax.random.randint(step_key, (batch_size,), 0, len(z))
-    losses = _losses(params, z[idx], y[idx], modules=modules)
+    losses = _losses(params, z[idx], y[idx], modules=modules, margin=margin)
     return (sum(l for l, _ in losses.values()),
             {f"loss_{name}": l for name, (l, _) in losses.items()})
 
@@ -271,6 +283,7 @@ def _settings(config, encoder_name: str, dim: int) -> dict[str, Any]:
       "steps": int(p.head_steps),
       "learning_rate": float(p.head_learning_rate),
       "batch_size": int(p.head_batch_size),
+      "margin": float(p.get("head_margin", 0.0)),
       "seed": int(config.seed),
       "train_data": {"name": td.name, "split": td.split, "image_size": int(td.image_size),
                      "seed": int(td.get("seed") or 0), "per_class": int(p.train_per_class)},
@@ -333,6 +346,7 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
       heads, hist = train_heads(z, y, num_classes=num_classes, steps=settings["steps"],
                                 learning_rate=settings["learning_rate"],
                                 batch_size=settings["batch_size"], key=k_train,
+                                margin=settings["margin"],
                                 prototypes=prototypes, writer=writer, sigma=sigma)
       trained.append(heads)
       history[str(sigma)] = hist
