@@ -60,7 +60,7 @@ def test_short_run_lowers_the_loss(trained):
   _, workdir, result = trained
   rows = _rows(workdir)
   assert [r["step"] for r in rows] == [5, 10, 15, 20, 25, 30]
-  assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+  assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
   assert all(np.isfinite(r["grad_norm"]) for r in rows)
   for name in ("config.json", "model.safetensors", "tokenizer.json", "eval.json"):
     assert (workdir / name).is_file(), name
