@@ -59,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare 
 
 import certify  # noqa: E402
 from fsjax import clip  # noqa: E402
+from fsjax import cpu  # noqa: E402
 from fsjax import smoothing  # noqa: E402
 
 # HF CLIPVisionConfig fields (vision tower + projection); hidden_act is quick_gelu, the
@@ -178,20 +179,6 @@ def count_params(tree) -> int:
   return sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(tree))
 
 
-def cpu_description() -> str:
-  """CPU model and its matrix/bf16 extensions (Linux), since they decide the bf16 speed."""
-  try:
-    info = Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return "unknown CPU"
-  model = next((l.split(":", 1)[1].strip() for l in info.splitlines()
-                if l.startswith("model name")), "unknown CPU")
-  flags = next((l.split(":", 1)[1].split() for l in info.splitlines()
-                if l.startswith("flags")), [])
-  present = {f: f in flags for f in ("avx512_bf16", "amx_bf16")}
-  return f"{model} ({', '.join(f'{k}: ' + ('yes' if v else 'no') for k, v in present.items())})"
-
-
 # -------------------------------------------------------------------------- section 1
 
 
@@ -204,9 +191,10 @@ class Matmul:
   flops: float  # of one run
 
 
-def matmuls(size: int, *, skip_torch: bool, cpu_dots: list[str]) -> list[Matmul]:
+def matmuls(size: int, *, skip_torch: bool, cpu_dots: list[str],
+            bfloat16: bool = True) -> list[Matmul]:
   """Warm ``size``^3 matmuls: XLA float32, bf16 -> f32, bf16 -> bf16 (for each CPU dot
-  backend); torch.mm float32 and bfloat16.
+  backend); torch.mm float32 and bfloat16. ``bfloat16=False``: the float32 ones only.
 
   On a GPU one run is 10 back-to-back matmuls, so that dispatch does not count.
   """
@@ -214,11 +202,14 @@ def matmuls(size: int, *, skip_torch: bool, cpu_dots: list[str]) -> list[Matmul]
   iters = 1 if backend == "cpu" else 10
   flops = 2.0 * size**3 * iters
   out = []
+  kinds = (("float32", "float32", jnp.float32),
+           # bf16 -> bf16 is what flax's Dense does with dtype=bfloat16.
+           ("bfloat16", "bfloat16 in, float32 out", jnp.float32),
+           ("bfloat16", "bfloat16 in, bfloat16 out", None))
+  if not bfloat16:
+    kinds = kinds[:1]
   for dots in cpu_dots if backend == "cpu" else ["default"]:
-    # bf16 -> bf16 is what flax's Dense does with dtype=bfloat16 (no preferred_element_type).
-    for dtype, label, out_dtype in (("float32", "float32", jnp.float32),
-                                    ("bfloat16", "bfloat16 in, float32 out", jnp.float32),
-                                    ("bfloat16", "bfloat16 in, bfloat16 out", None)):
+    for dtype, label, out_dtype in kinds:
       a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)),
                       JAX_DTYPES[dtype])
       fn = jax.jit(lambda a, b, t=out_dtype: jnp.dot(a, b, preferred_element_type=t))
@@ -231,7 +222,7 @@ def matmuls(size: int, *, skip_torch: bool, cpu_dots: list[str]) -> list[Matmul]
   if torch_device is not None:
     import torch  # pylint: disable=g-import-not-at-top
     sync = torch.cuda.synchronize if torch_device == "cuda" else (lambda: None)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if bfloat16 else ("float32",):
       a = torch.randn(size, size, device=torch_device).to(getattr(torch, dtype))
       torch.mm(a, a)
       sync()
@@ -478,9 +469,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated chunk sizes to try for fsjax; the torch loop uses the "
                       "first (default 16 on CPU, 128,256,512 on GPU)")
   p.add_argument("--dtypes", default=None,
-                 help="fsjax compute dtypes (default float32,bfloat16 on CPU, bfloat16 on GPU)")
+                 help="fsjax compute dtypes (default bfloat16 on GPU; on CPU float32, plus "
+                      "bfloat16 where the CPU has it natively, see fsjax.cpu)")
   p.add_argument("--torch-dtypes", default=None,
-                 help="torch loop dtypes (default float32,bfloat16 on CPU, bfloat16 on GPU)")
+                 help="torch loop dtypes (default: as --dtypes)")
+  p.add_argument("--emulated-bf16-peak", action="store_true",
+                 help="time the bfloat16 peak matmuls even on a CPU without native bfloat16 "
+                      "(emulated: minutes at the default size)")
   p.add_argument("--reps", type=int, default=None,
                  help="interleaved timing rounds (default 5 on CPU, 3 on GPU)")
   p.add_argument("--sizes", type=parse_ints, default=None,
@@ -505,8 +500,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   a.model = a.model or ("tiny" if quick else "l14" if gpu else "b16")
   a.n = a.n or (64 if quick else 8192 if gpu else 32)
   a.chunk = a.chunk or ([16] if quick else [128, 256, 512] if gpu else [16])
-  a.dtypes = (a.dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
-  a.torch_dtypes = (a.torch_dtypes or ("bfloat16" if gpu else "float32,bfloat16")).split(",")
+  # Without native bfloat16 a CPU emulates it: slower than float32, and a 4096^3 bf16
+  # matmul took over 8 minutes on an AVX2 machine. So bf16 runs only where it is native.
+  native_bf16 = gpu or cpu.native_bfloat16()
+  default_dtypes = "bfloat16" if gpu else "float32,bfloat16" if native_bf16 else "float32"
+  a.dtypes = (a.dtypes or default_dtypes).split(",")
+  a.torch_dtypes = (a.torch_dtypes or default_dtypes).split(",")
+  a.bf16_peak = native_bf16 or a.emulated_bf16_peak
   a.reps = a.reps or (2 if quick else 3 if gpu else 5)
   a.sizes = a.sizes or ([1000, 10000] if quick else [1000, 10000, 100000])
   a.peak_size = a.peak_size or (512 if quick else 8192 if gpu else 4096)
@@ -539,14 +539,21 @@ def main(argv=None) -> None:
   print(f"* device: {device.device_kind} ({jax.default_backend()}, {jax.device_count()} "
         f"device(s)), {os.cpu_count()} CPU cores; {versions}")
   if jax.default_backend() == "cpu":
-    print(f"* CPU: {cpu_description()}")
+    print(f"* CPU: {cpu.describe()}")
   print(f"* load average at start: {os.getloadavg()[0]:.2f}\n")
 
   mms = []
   if "peak" in args.sections:
     log(f"matmul peak ({args.peak_size}^3)")
-    mms = matmuls(args.peak_size, skip_torch=args.skip_torch, cpu_dots=args.cpu_dots)
+    if not args.bf16_peak:
+      log("bfloat16 matmul peak skipped: this CPU has no native bfloat16 "
+          "(--emulated-bf16-peak to time the emulation anyway)")
+    mms = matmuls(args.peak_size, skip_torch=args.skip_torch, cpu_dots=args.cpu_dots,
+                  bfloat16=args.bf16_peak)
     table = matmul_table(mms, args.peak_size, reps=3)
+    if not args.bf16_peak:
+      table += ("\n\nbfloat16 not timed: this CPU has no native bfloat16 (`fsjax.cpu`), so it "
+                "would be emulated (`--emulated-bf16-peak` times it anyway).")
     print("### Matmul peak\n\n" + table + "\n", flush=True)
   if "throughput" in args.sections:
     log(f"throughput: {args.model}, n = {args.n}, batch {args.batch}, chunks {args.chunk}")
