@@ -301,6 +301,34 @@ def test_bfloat16_compute(checkpoints, inputs):
   assert jnp.dtype(jnp.bfloat16) in set(_primitive_dtypes(jaxpr, "dot_general"))
 
 
+def test_encode_image_runs_only_the_cls_token_through_the_last_layer(hf, checkpoints):
+  """encode_image skips the last layer's patch tokens; vision_hidden_states keeps them all.
+
+  Oracle: transformers' CLIP vision tower (its projected pooled embedding and its full
+  last hidden state); the saving is checked against an analytic FLOP count of the skipped work.
+  """
+  model, params = clip.load(checkpoints["safetensors"])
+  cfg = model.config.vision_config
+  pixels = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  image_ref, _, hidden_ref = _reference(hf, pixels)
+  variables = {"params": params}
+  encode = lambda x: model.apply(variables, x, method="encode_image")
+  assert _max_diff(encode(pixels), image_ref) <= TOL
+  states = model.apply(variables, pixels, method="vision_hidden_states")
+  assert states[-1].shape == (2, cfg.num_patches + 1, cfg.hidden_size)  # unchanged
+  assert _max_diff(states[-1], hidden_ref[-1]) <= TOL
+  # The full last layer, minus its CLS row, is what encode_image no longer computes:
+  # queries, attention output, out_proj, residual and MLP of num_patches tokens.
+  d, m, t, p = cfg.hidden_size, cfg.intermediate_size, cfg.num_patches + 1, cfg.num_patches
+  skipped = 2 * p * (d * d + 2 * t * d + d * d + 2 * d * m)  # per image, 2 FLOPs per MAC
+  def flops(f):
+    cost = jax.jit(f).lower(pixels[:1]).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+  full = flops(lambda x: model.apply(variables, x, method="vision_hidden_states")[-1])
+  assert full - flops(encode) >= 0.9 * skipped
+
+
 def test_loader_errors(checkpoints, tmp_path, monkeypatch):
   src = checkpoints["safetensors"]
   sd = safetensors.numpy.load_file(os.path.join(src, "model.safetensors"))
