@@ -22,7 +22,7 @@ interleaved rounds (A, B, C, A, B, C, ...) so that a load change on a shared mac
 hits them alike; each round's ratio against that round's best torch time is taken, and
 the table reports the median over rounds, with each round's images/s.
 
-  python benchmarks/efficientnet_throughput.py             # default sizes, ~2 minutes
+  python benchmarks/efficientnet_throughput.py             # default sizes, ~3 minutes
   python benchmarks/efficientnet_throughput.py --quick     # smoke run, < 1 minute
   python benchmarks/efficientnet_throughput.py --grouped-conv   # also the old XLA path
 
@@ -243,8 +243,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--resolution", type=int, default=64, help="input side (default's 64)")
   p.add_argument("--batch", type=int, default=8, help="images (default's certify batch 8)")
-  p.add_argument("--chunk", type=int, default=16, help="noise samples per encoder call "
-                 "(default's chunk 16: 8 x 16 = 128 images per call)")
+  p.add_argument("--chunks", default="16,4", help="comma-separated noise samples per "
+                 "encoder call, each timed on both sides (16 is the default config's: 8 x 16 "
+                 "= 128 images per call; 4: 32 images)")
   p.add_argument("--n", type=int, default=128, help="noise samples per image per timed call")
   p.add_argument("--rounds", type=int, default=3)
   p.add_argument("--dtypes", default=None, help="comma-separated; default float32, plus "
@@ -255,6 +256,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="torch intra-op threads (default: torch's own choice)")
   p.add_argument("--quick", action="store_true", help="smoke run: n=32, batch 2, 1 round")
   a = p.parse_args(argv)
+  a.chunks = [int(c) for c in a.chunks.split(",")]
   if a.quick:
     a.n, a.batch, a.rounds = 32, 2, 1
   a.dtypes = (a.dtypes.split(",") if a.dtypes else
@@ -279,47 +281,50 @@ def main(argv=None) -> None:
 
   rng = np.random.default_rng(0)
   x = rng.uniform(size=(args.batch, args.resolution, args.resolution, 3)).astype(np.float32)
-  fns, kinds = {}, {}
-  for dtype in args.dtypes:
-    for layout in (False, True):
-      name = f"torch {dtype}{' channels_last' if layout else ''}"
-      log(f"warming up {name}")
-      fns[name] = torch_variant(model, x, dtype=dtype, n=args.n, chunk=args.chunk,
-                                channels_last=layout)
-      kinds[name] = ("torch", dtype)
-    name = f"fsjax {dtype}"
-    log(f"compiling {name}")
-    fns[name] = fsjax_variant(variables, x, dtype=dtype, n=args.n, chunk=args.chunk)
-    kinds[name] = ("fsjax", dtype)
-  if args.grouped_conv:
-    name = "fsjax float32 (XLA grouped conv)"
-    log(f"compiling {name}")
-    fns[name] = fsjax_variant(variables, x, dtype="float32", n=args.n, chunk=args.chunk,
-                              grouped_conv=True)
-    kinds[name] = ("fsjax", "float32")
+  fns, kinds = {}, {}  # name -> warm function; name -> (side, dtype, chunk)
+  for chunk in args.chunks:
+    for dtype in args.dtypes:
+      for layout in (False, True):
+        name = f"torch {dtype}{' channels_last' if layout else ''}, chunk {chunk}"
+        log(f"warming up {name}")
+        fns[name] = torch_variant(model, x, dtype=dtype, n=args.n, chunk=chunk,
+                                  channels_last=layout)
+        kinds[name] = ("torch", dtype, chunk)
+      name = f"fsjax {dtype}, chunk {chunk}"
+      log(f"compiling {name}")
+      fns[name] = fsjax_variant(variables, x, dtype=dtype, n=args.n, chunk=chunk)
+      kinds[name] = ("fsjax", dtype, chunk)
+    if args.grouped_conv:
+      name = f"fsjax float32 (XLA grouped conv), chunk {chunk}"
+      log(f"compiling {name}")
+      fns[name] = fsjax_variant(variables, x, dtype="float32", n=args.n, chunk=chunk,
+                                grouped_conv=True)
+      kinds[name] = ("fsjax", "float32", chunk)
 
   times = interleaved(fns, args.rounds)
   images = args.n * args.batch
-  torch_names = [k for k, (side, _) in kinds.items() if side == "torch"]
-  best_torch = {d: [min(times[k][r] for k in torch_names if kinds[k][1] == d)
-                    for r in range(args.rounds)] for d in args.dtypes}
-  best_torch_any = [min(times[k][r] for k in torch_names) for r in range(args.rounds)]
+  torch_names = [k for k, kind in kinds.items() if kind[0] == "torch"]
+
+  def best_torch(r: int, keep: Callable[[tuple], bool]) -> float:
+    """Round r's fastest torch time among the variants ``keep`` accepts."""
+    return min(times[k][r] for k in torch_names if keep(kinds[k]))
+
   rows = []
   for name, t in times.items():
-    dtype = kinds[name][1]
+    _, dtype, chunk = kinds[name]
     per_round = [images / s for s in t]
-    vs_same = np.median([best_torch[dtype][r] / t[r] for r in range(args.rounds)])
-    vs_any = np.median([best_torch_any[r] / t[r] for r in range(args.rounds)])
+    ratios = [np.median([best_torch(r, keep) / t[r] for r in range(args.rounds)]) for keep in (
+        lambda k: k[1:] == (dtype, chunk), lambda k: k[2] == chunk, lambda k: True)]
     rows.append([name, f"{np.median(per_round):.0f}",
-                 " / ".join(f"{v:.0f}" for v in per_round), f"{vs_same:.2f}x",
-                 f"{vs_any:.2f}x"])
+                 " / ".join(f"{v:.0f}" for v in per_round)] + [f"{v:.2f}x" for v in ratios])
   header = ["variant", "images/s (median)", "images/s per round",
-            "vs best torch, same dtype", "vs best torch, any dtype"]
+            "vs best torch, same dtype and chunk", "vs best torch, same chunk",
+            "vs best torch, any"]
   print(f"### EfficientNet-Lite0 smoothing, {args.resolution} px\n")
   print(f"`python benchmarks/efficientnet_throughput.py {' '.join(sys.argv[1:])}`: "
-        f"{args.batch} images x n = {args.n} noise samples per call, chunk {args.chunk} "
-        f"({args.batch * args.chunk} images per encoder call), {args.rounds} interleaved "
-        f"rounds; {cpu.describe()}; load average {load:.2f} at start; torch "
+        f"{args.batch} images x n = {args.n} noise samples per call, chunks "
+        f"{', '.join(str(c) for c in args.chunks)} noise samples x {args.batch} images per "
+        f"encoder call, {args.rounds} interleaved rounds; {cpu.describe()}; load average {load:.2f} at start; torch "
         f"{torch.get_num_threads()} threads. fsjax vs torch pooled features on real photos: "
         f"max |difference| {diff:.2g}. Ratios are per-round medians.\n")
   print(markdown_table(header, rows), flush=True)
