@@ -80,7 +80,7 @@ def test_angle_margin_matches_numpy():
 def _certified_by_lemma(eps, h, sigma, z, w):
   """Theorem A.3.2 checked directly in float64: FCSB bound -> Lemma bounds -> Eq. A.44."""
   b = 2 * stats.norm.cdf(stats.norm.ppf(h) - eps / sigma) - 1
-  if b <= 0:  # the cosine is not certified (method.md section 2)
+  if b <= 0:  # the cosine is not certified (docs/method.md section 2)
     return False
   phi = np.arccos(b)
   theta = np.arccos(np.clip(w @ z, -1, 1))
