@@ -16,8 +16,6 @@ from certify._feature import fcsb
 from certify._feature import gaussian_robustness_score
 from certify._feature import score_deficits
 from certify._prediction import ABSTAIN
-from certify._prediction import CosinePrototypeHead
-from certify._prediction import LinearHead
 from certify._prediction import angle_margin
 from certify._prediction import certified_accuracy
 from certify._prediction import certified_prediction
@@ -27,10 +25,13 @@ from certify._prediction import prediction_radius
 from certify._prediction import prototype_logit_bounds
 from certify._prediction import rs_certify_from_counts
 from certify._prediction import rs_predict_from_counts
-from certify._prediction import unit_prototypes
 from certify._smoothed_prediction import PredictionCertificate
 from certify._smoothed_prediction import PredictionEstimate
 from certify._smoothed_prediction import certify_prediction
 from certify._smoothed_prediction import class_counts
 from certify._smoothed_prediction import rs_certify
 from certify._smoothed_prediction import rs_predict
+# The heads are library modules (fsjax.heads); certify re-exports them for its callers.
+from fsjax.heads import CosinePrototypeHead  # pylint: disable=g-bad-import-order
+from fsjax.heads import LinearHead
+from fsjax.heads import unit_prototypes

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -503,70 +502,3 @@ def certified_accuracy(pred_class: ArrayLike, radius: ArrayLike, labels: ArrayLi
   radii = jnp.asarray(radii, jnp.float32)
   return jnp.mean(correct[None, :] & (radius[None, :] >= radii[:, None]), axis=1,
                   dtype=jnp.float32)
-
-
-# ----------------------------------------------------------------------------------------
-# Heads.
-# ----------------------------------------------------------------------------------------
-
-
-class CosinePrototypeHead(nn.Module):
-  """Cosine-prototype classifier (Eq. A.38): ``logits_k = scale * <z/||z||, w_k/||w_k||>``.
-
-  Parameters: ``prototypes`` ``[K, D]``, stored unnormalised (initialised from a standard
-  normal, i.e. uniform directions) and normalised on use, so gradient steps never leave
-  the sphere. Initialise them from CLIP text embeddings of class prompts to get
-  zero-shot CLIP. Use :func:`unit_prototypes` for the certificate.
-
-  ``scale`` is a fixed temperature (default 16, as in NormFace/CosFace-style training):
-  cosines live in [-1, 1], and without a scale the softmax stays too flat for
-  cross-entropy to separate classes; a learnable scale tends to grow without bound
-  instead. It changes neither the argmax nor the certificate.
-
-  Attributes:
-    num_classes: ``K``.
-    dim: feature dimension ``D``.
-    scale: logit scale.
-  """
-  num_classes: int
-  dim: int
-  scale: float = 16.0
-
-  @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
-    """``[B, D]`` features -> ``[B, K]`` logits."""
-    if z.shape[-1] != self.dim:
-      raise ValueError(f"CosinePrototypeHead expects features of dimension {self.dim}, got "
-                       f"{z.shape[-1]}.")
-    w = self.param("prototypes", nn.initializers.normal(stddev=1.0),
-                   (self.num_classes, self.dim), jnp.float32)
-    return self.scale * jnp.matmul(_unit(z), _unit(w).T, precision=jax.lax.Precision.HIGHEST)
-
-
-def unit_prototypes(params: Any) -> jax.Array:
-  """The unit prototypes ``w_k`` ``[K, D]`` of a :class:`CosinePrototypeHead`.
-
-  Args:
-    params: the head's parameters, ``head.init(...)["params"]`` (the whole variables
-      dict ``{"params": ...}`` is accepted too).
-  """
-  if "params" in params:
-    params = params["params"]
-  return _unit(jnp.asarray(params["prototypes"], jnp.float32))
-
-
-class LinearHead(nn.Module):
-  """Linear classifier on the unit feature: the RS base classifier's head (Table 2).
-
-  ``logits = Dense(K)(z / ||z||)``. The normalisation is a no-op on the encoder's unit
-  features; it makes the head, like the cosine head, a function of the direction only.
-
-  Attributes:
-    num_classes: ``K``.
-  """
-  num_classes: int
-
-  @nn.compact
-  def __call__(self, z: jax.Array) -> jax.Array:
-    """``[B, D]`` features -> ``[B, K]`` logits."""
-    return nn.Dense(self.num_classes, name="dense")(_unit(z))

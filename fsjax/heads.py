@@ -1,4 +1,4 @@
-"""The prediction heads of Table 2: their data, and their format on disk.
+"""The prediction heads of Table 2: the modules, their data, and their format on disk.
 
 ``python -m train.head`` trains, per sigma, a cosine-prototype head (certified by FS,
 :func:`certify.certify_prediction`) and a linear head (the RS base classifier,
@@ -18,15 +18,81 @@ import os
 import pathlib
 from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fsjax import checkpointing
 from fsjax import data as data_lib
+from fsjax import encoders as encoders_lib
 
 HEADS_DIR = "heads"  # orbax checkpoints, workdir/heads/<step>
 SIDECAR = "heads.json"  # what the checkpoint holds, in words
+
+
+
+class CosinePrototypeHead(nn.Module):
+  """Cosine-prototype classifier (Eq. A.38): ``logits_k = scale * <z/||z||, w_k/||w_k||>``.
+
+  Parameters: ``prototypes`` ``[K, D]``, stored unnormalised (initialised from a standard
+  normal, i.e. uniform directions) and normalised on use, so gradient steps never leave
+  the sphere. Initialise them from CLIP text embeddings of class prompts to get
+  zero-shot CLIP. Use :func:`unit_prototypes` for the certificate.
+
+  ``scale`` is a fixed temperature (default 16, as in NormFace/CosFace-style training):
+  cosines live in [-1, 1], and without a scale the softmax stays too flat for
+  cross-entropy to separate classes; a learnable scale tends to grow without bound
+  instead. It changes neither the argmax nor the certificate.
+
+  Attributes:
+    num_classes: ``K``.
+    dim: feature dimension ``D``.
+    scale: logit scale.
+  """
+  num_classes: int
+  dim: int
+  scale: float = 16.0
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    """``[B, D]`` features -> ``[B, K]`` logits."""
+    if z.shape[-1] != self.dim:
+      raise ValueError(f"CosinePrototypeHead expects features of dimension {self.dim}, got "
+                       f"{z.shape[-1]}.")
+    w = self.param("prototypes", nn.initializers.normal(stddev=1.0),
+                   (self.num_classes, self.dim), jnp.float32)
+    return self.scale * jnp.matmul(encoders_lib.normalise(z), encoders_lib.normalise(w).T,
+                                   precision=jax.lax.Precision.HIGHEST)
+
+
+def unit_prototypes(params: Any) -> jax.Array:
+  """The unit prototypes ``w_k`` ``[K, D]`` of a :class:`CosinePrototypeHead`.
+
+  Args:
+    params: the head's parameters, ``head.init(...)["params"]`` (the whole variables
+      dict ``{"params": ...}`` is accepted too).
+  """
+  if "params" in params:
+    params = params["params"]
+  return encoders_lib.normalise(jnp.asarray(params["prototypes"], jnp.float32))
+
+
+class LinearHead(nn.Module):
+  """Linear classifier on the unit feature: the RS base classifier's head (Table 2).
+
+  ``logits = Dense(K)(z / ||z||)``. The normalisation is a no-op on the encoder's unit
+  features; it makes the head, like the cosine head, a function of the direction only.
+
+  Attributes:
+    num_classes: ``K``.
+  """
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, z: jax.Array) -> jax.Array:
+    """``[B, D]`` features -> ``[B, K]`` logits."""
+    return nn.Dense(self.num_classes, name="dense")(encoders_lib.normalise(z))
 
 
 def check_num_classes(num_classes: Any) -> int:

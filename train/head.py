@@ -8,8 +8,8 @@ Paper Appendix A.3 and Table 2; method.md section 3. Two heads per sigma of
 boosted GSB variant, "FS+D+M", when ``config.gsb.checkpoint`` is set; else the base
 encoder):
 
-* the cosine-prototype head (:class:`certify.CosinePrototypeHead`) that FS certifies;
-* the linear head (:class:`certify.LinearHead`), the base classifier of the RS baseline.
+* the cosine-prototype head (:class:`heads_lib.CosinePrototypeHead`) that FS certifies;
+* the linear head (:class:`heads_lib.LinearHead`), the base classifier of the RS baseline.
 
 Data: ``config.train_data`` restricted to the first ``config.prediction.num_classes``
 class ids, ``train_per_class`` images each. With ``prediction.head_noise`` the heads of
@@ -123,14 +123,14 @@ def init_heads(key: jax.Array, *, num_classes: int, dim: int) -> dict[str, Any]:
   k_cos, k_lin = jax.random.split(key)
   z = jnp.zeros((1, dim), jnp.float32)
   return {
-      "cosine": certify.CosinePrototypeHead(num_classes, dim).init(k_cos, z),
-      "linear": certify.LinearHead(num_classes).init(k_lin, z),
+      "cosine": heads_lib.CosinePrototypeHead(num_classes, dim).init(k_cos, z),
+      "linear": heads_lib.LinearHead(num_classes).init(k_lin, z),
   }
 
 
 def _head_modules(num_classes: int, dim: int) -> dict[str, nn.Module]:
-  return {"cosine": certify.CosinePrototypeHead(num_classes, dim),
-          "linear": certify.LinearHead(num_classes)}
+  return {"cosine": heads_lib.CosinePrototypeHead(num_classes, dim),
+          "linear": heads_lib.LinearHead(num_classes)}
 
 
 def _losses(heads, z, labels, *, modules, margin: float = 0.0):

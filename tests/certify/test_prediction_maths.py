@@ -1,7 +1,6 @@
 """Tests of certify/_prediction.py against independent float64 numpy/scipy/statsmodels."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import optimize, stats
@@ -227,30 +226,6 @@ def test_certified_accuracy_non_increasing():
   acc = np.asarray(pred.certified_accuracy(p, r, rng.integers(0, 5, size=300),
                                            np.linspace(0, 2, 41), num_classes=5))
   assert np.all(np.diff(acc) <= 0) and acc[0] <= np.mean(p >= 0)
-
-
-# ------------------------------------------------------------------------------- heads
-
-
-def test_cosine_head_and_unit_prototypes():
-  head = pred.CosinePrototypeHead(num_classes=5, dim=12)
-  rng = np.random.default_rng(5)
-  z = rng.normal(size=(7, 12)).astype(np.float32)
-  params = head.init(jax.random.key(0), z)["params"]
-  w = np.asarray(pred.unit_prototypes(params))
-  np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-6)
-  logits = np.asarray(head.apply({"params": params}, z))
-  np.testing.assert_allclose(logits, head.scale * _unit(z) @ w.T, atol=1e-4)
-  cls, _ = pred.angle_margin(z, w)
-  np.testing.assert_array_equal(cls, np.argmax(logits, axis=1))
-
-
-def test_linear_head_is_scale_invariant():
-  head = pred.LinearHead(num_classes=3)
-  z = np.random.default_rng(6).normal(size=(4, 8)).astype(np.float32)
-  params = head.init(jax.random.key(0), z)
-  np.testing.assert_allclose(head.apply(params, z), head.apply(params, 3 * z), rtol=1e-5, atol=1e-6)
-  assert head.apply(params, z).shape == (4, 3)
 
 
 # ------------------------------------------------------------------------------ errors
