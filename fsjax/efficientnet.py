@@ -40,13 +40,14 @@ its matmul library (2-4x faster than its 1x1 convolution). Parameters keep
 ``nn.Conv``'s names and shapes. Throughput on CPU is best with 16-32 images per call
 (the activations then stay in cache): 2x that of 128 images.
 
-Precision: ``dtype="bfloat16"`` rounds the operands of the 1x1 convolutions to
-bfloat16 and accumulates them in float32 (the small stem convolution and the classifier
-are bfloat16 throughout, as ``nn.Conv`` / ``nn.Dense`` compute them); depthwise
-convolutions, BatchNorm and activations are float32 in both dtypes. On a CPU bfloat16
-pays only with AMX (:func:`fsjax.cpu.fast_bfloat16`); ``dtype="auto"`` picks it there
-(and on accelerators) and float32 elsewhere. ``dtype="float32"`` matmuls use JAX's default
-precision, which is TF32 on recent NVIDIA GPUs; set
+Precision: ``dtype="bfloat16"`` stores the wide activations inside each block in
+bfloat16 and rounds the operands of the 1x1 convolutions to bfloat16; the 1x1 and
+depthwise convolutions accumulate in float32, BatchNorm computes in float32, and the
+residual stream between blocks stays float32 (the small stem convolution and the
+classifier are bfloat16 throughout, as ``nn.Conv`` / ``nn.Dense`` compute them). On a
+CPU bfloat16 pays only with AMX (:func:`fsjax.cpu.fast_bfloat16`); ``dtype="auto"``
+picks it there (and on accelerators) and float32 elsewhere. ``dtype="float32"`` matmuls
+use JAX's default precision, which is TF32 on recent NVIDIA GPUs; set
 ``jax_default_matmul_precision="highest"`` for full float32 there.
 
 Usage::
@@ -134,7 +135,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Arra
 
 
 class DepthwiseConv(nn.Module):
-  """A depthwise kxk convolution without bias, TF "SAME" padding, float32 (:func:`depthwise_conv`).
+  """A depthwise kxk convolution without bias, TF "SAME" padding (:func:`depthwise_conv`).
 
   Its one parameter ``kernel`` has ``nn.Conv``'s depthwise shape ``[k, k, 1, C]`` and
   initialiser, so parameter trees are those of ``nn.Conv(C, (k, k), feature_group_count=C)``.
@@ -145,12 +146,12 @@ class DepthwiseConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """``[B, H, W, C]`` -> ``[B, ceil(H / stride), ceil(W / stride), C]`` float32."""
+    """``[B, H, W, C]`` -> ``[B, ceil(H / stride), ceil(W / stride), C]`` in ``x.dtype``
+    (summed in float32 with the float32 kernel)."""
     c = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (self.kernel_size, self.kernel_size, 1, c), jnp.float32)
-    # Memory-bound elementwise work: bfloat16 would save nothing on CPU, so float32.
-    return depthwise_conv(x.astype(jnp.float32), kernel, self.stride)
+    return depthwise_conv(x, kernel, self.stride)
 
 
 class PointwiseConv(nn.Module):
@@ -195,11 +196,13 @@ class MBConvBlock(nn.Module):
     conv = functools.partial(PointwiseConv, dtype=self.dtype)
     in_channels = x.shape[-1]
     h = x
+    # The wide activations (expand_ratio x channels) are stored in the compute dtype:
+    # this network is memory-bound on CPU. The residual stream stays float32.
     if self.expand_ratio != 1:
       h = conv(in_channels * self.expand_ratio, name="_expand_conv")(h)
-      h = jax.nn.relu6(_BatchNorm(name="_bn0")(h))
+      h = jax.nn.relu6(_BatchNorm(name="_bn0")(h)).astype(self.dtype)
     h = DepthwiseConv(self.kernel, self.stride, name="_depthwise_conv")(h)
-    h = jax.nn.relu6(_BatchNorm(name="_bn1")(h))
+    h = jax.nn.relu6(_BatchNorm(name="_bn1")(h)).astype(self.dtype)
     h = _BatchNorm(name="_bn2")(conv(self.out_channels, name="_project_conv")(h))
     if self.stride == 1 and in_channels == self.out_channels:
       h = h + x
