@@ -351,9 +351,13 @@ def run(config, workdir: str, task: str = "classify", attack: str = "all") -> li
                 "answers count as neither."))
   print(report.write_table(table, workdir, stem, caption=caption))
   if c.examples:
+    clean_titles = [f"clean: {instructions.CLASS_NAMES[int(l)]}"
+                    for l in data["labels"][:c.examples]]
     for name in names:
       plot_strip(x[:c.examples], t[:c.examples], strips[name],
-                 workdir / f"{stem}_{name}.png", title=f"{task}, {name}")
+                 workdir / f"{stem}_{name}.png", title=f"{task}, {name}",
+                 clean_titles=clean_titles,
+                 describe=describe_option if task == "classify" else None)
   return table
 
 
@@ -383,14 +387,25 @@ def image_row(task, variant, attack, i, label, clean_answer, answer, fcs, linf, 
   return row
 
 
-def plot_strip(x, targets, adversarial: dict, path: pathlib.Path, *, title: str) -> None:
+def describe_option(answer: str) -> str:
+  """A classification answer with the class it names: ``"9"`` -> ``"9 (bag)"``."""
+  option = tasks.parse_integer(answer, len(instructions.CLEAN_LABELS) + 1)
+  if option == tasks.UNPARSABLE:
+    return answer
+  labels = list(instructions.CLEAN_LABELS) + [instructions.TARGET_LABEL]
+  return f"{answer} ({instructions.CLASS_NAMES[labels[option]]})"
+
+
+def plot_strip(x, targets, adversarial: dict, path: pathlib.Path, *, title: str,
+               clean_titles: Sequence[str] | None = None, describe=None) -> None:
   """PNG strip: per image, clean | adversarial of each row with its answer | target."""
+  describe = describe or (lambda a: a)
   plt = report.pyplot()
   cols = 2 + len(adversarial)
   fig, axes = plt.subplots(len(x), cols, figsize=(2.2 * cols, 2.4 * len(x)), squeeze=False)
   for i in range(len(x)):
-    panels = [(x[i], "clean")]
-    panels += [(adv[i], f"{label}:\n{_wrap(answers[i])}")
+    panels = [(x[i], clean_titles[i] if clean_titles else "clean")]
+    panels += [(adv[i], f"{label}:\n{_wrap(describe(answers[i]))}")
                for label, (adv, answers) in adversarial.items()]
     panels.append((targets[i], "target"))
     for ax, (img, text) in zip(axes[i], panels):
