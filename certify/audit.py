@@ -62,6 +62,7 @@ from certify import _feature
 from certify import report
 from fsjax import attacks
 from fsjax import batching
+from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
@@ -105,20 +106,15 @@ def check_audit_config(a) -> None:
     if eps.ndim != 1 or eps.size == 0 or np.any(eps <= 0) or not np.all(np.isfinite(eps)):
       raise ValueError(f"config.audit.eps={a.eps!r} must be a non-empty list of l2 radii > 0, "
                        "or None to use eps_fractions of the certified radius.")
-  if isinstance(a.steps, bool) or int(a.steps) != a.steps or a.steps < 1:
-    raise ValueError(f"config.audit.steps={a.steps!r} must be an integer >= 1.")
+  checks.check_positive_int(a.steps, name="config.audit.steps", meaning="l2 PGD steps")
   if not a.step_factor > 0:
     raise ValueError(f"config.audit.step_factor={a.step_factor!r} must be > 0 (the l2 step "
                      "is step_factor * eps / steps; Madry et al. use 2.5).")
-  if isinstance(a.eot_samples, bool) or int(a.eot_samples) != a.eot_samples \
-      or a.eot_samples < 1:
-    raise ValueError(f"config.audit.eot_samples={a.eot_samples!r} must be an integer >= 1: "
-                     "the attack targets the smoothed feature, an expectation over noise.")
-  smoothing.check_sampling(sigma=a.sigma, n=a.measure_n, chunk_size=a.chunk_size,
-                           name_n="config.audit.measure_n")
-  if a.measure_n < 2:
-    raise ValueError("config.audit.measure_n must be >= 2 (the standard error needs a "
-                     "sample variance).")
+  checks.check_positive_int(a.eot_samples, name="config.audit.eot_samples",
+                            meaning="the attack targets the smoothed feature, an "
+                            "expectation over noise")
+  checks.check_positive_int(a.measure_n, name="config.audit.measure_n", minimum=2,
+                            meaning="the standard error needs a sample variance")
   if a.get("screen_n") is not None:
     smoothing.check_sampling(sigma=a.sigma, n=a.screen_n, chunk_size=a.chunk_size,
                              name_n="config.audit.screen_n")
@@ -128,8 +124,7 @@ def check_audit_config(a) -> None:
                        "measure_n).")
   if not a.k_sigma >= 0:
     raise ValueError(f"config.audit.k_sigma={a.k_sigma!r} must be >= 0 (e.g. 3).")
-  if int(a.batch_size) != a.batch_size or a.batch_size < 1:
-    raise ValueError(f"config.audit.batch_size={a.batch_size!r} must be an integer >= 1.")
+  checks.check_positive_int(a.batch_size, name="config.audit.batch_size")
 
 
 # ---------------------------------------------------------------------------------------

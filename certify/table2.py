@@ -40,6 +40,7 @@ import tqdm
 import certify
 from certify import report
 from fsjax import batching
+from fsjax import checks
 from fsjax import cli
 from fsjax import heads as heads_lib
 from fsjax import smoothing
@@ -55,15 +56,13 @@ def prediction_settings(config) -> dict[str, Any]:
   settings = {"n0": pick(p.get("n0"), c.n0), "n": pick(p.get("n"), c.n),
               "alpha": float(c.alpha), "bound": str(p.get("bound", "bernstein")),
               "chunk_size": int(c.chunk_size), "batch_size": int(c.batch_size)}
-  if settings["bound"] not in certify.BOUNDS:
-    raise ValueError(f"config.prediction.bound must be one of {certify.BOUNDS}, got "
-                     f"{settings['bound']!r}.")
-  if settings["n0"] < 1 or settings["n"] < 2:
-    raise ValueError(f"Table 2 needs n0 >= 1 and n >= 2 noise samples, got "
-                     f"n0={settings['n0']}, n={settings['n']} (config.prediction.n0/n, else "
-                     "config.certify.n0/n).")
-  if settings["batch_size"] < 1:
-    raise ValueError(f"config.certify.batch_size must be >= 1, got {settings['batch_size']}.")
+  checks.check_choice(settings["bound"], name="config.prediction.bound",
+                      choices=certify.BOUNDS)
+  checks.check_positive_int(settings["n0"], name="n0 of Table 2 (config.prediction.n0, "
+                            "else config.certify.n0)")
+  checks.check_positive_int(settings["n"], name="n of Table 2 (config.prediction.n, else "
+                            "config.certify.n)", minimum=2)
+  checks.check_positive_int(settings["batch_size"], name="config.certify.batch_size")
   return settings
 
 

@@ -28,7 +28,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fsjax import checks
 from fsjax import encoders as encoders_lib
@@ -210,7 +209,7 @@ def measure_inner_product(params: Any, x: jax.typing.ArrayLike, u: jax.typing.Ar
   """
   encoders_lib.check_images(x)
   check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
-  if n < 2:
-    raise ValueError(f"n must be >= 2 for a standard error, got {n}.")
+  checks.check_positive_int(n, name="n", minimum=2, meaning="a standard error needs a "
+                            "sample variance")
   return _measure(params, jnp.asarray(x, jnp.float32), jnp.asarray(u, jnp.float32), key,
                   jnp.float32(sigma), encoder=encoder, n=int(n), chunk_size=int(chunk_size))
