@@ -30,8 +30,9 @@ images. Columns per attack (Section 6.1):
   ``ACC`` = share answering the correct option, ``ASR`` = share answering the attacker's
   target option (classification: the held-out target class; VQA: "None of the above").
   Unparsable answers are neither and are counted (``unparsable``).
-* Captioning: a judge (``config.protection.judge``: exact match by default, or CLIP
-  text similarity, BLEU / CIDEr, an LLM endpoint; :mod:`fsjax.tasks`) scores each
+* Captioning: a judge (``config.protection.judge``: exact match by default, ``"item"``
+  (:func:`item_match`: the embedded captions name the same item), or CLIP text
+  similarity, BLEU / CIDEr, an LLM endpoint; :mod:`fsjax.tasks`) scores each
   caption against the *original* MLLM's captions of the clean image (ACC) and of the
   target image (ASR); cells are "rate at ``threshold`` (mean score)", as the paper's.
 
@@ -273,7 +274,24 @@ def generate(model: llava.Llava, params: dict, features: np.ndarray, prompts: li
 # ---------------------------------------------------------------------------------------
 
 
+def item_match(predictions: Sequence[str], references: Sequence[str]) -> np.ndarray:
+  """Judge ``"item"`` of the embedded captions: 1 where both name the same Fashion-MNIST
+  item(s) (:data:`fsjax.tasks.instructions.CAPTION_NAMES`), whatever the template or tone
+  word, else 0 ("a grayscale photo of a bag" vs "a bag in the center of the image": 1)."""
+  def items(text):
+    text = " " + " ".join(text.lower().split()) + " "
+    return {n for n in instructions.CAPTION_NAMES if f" {n} " in text} - (
+        {"shirt"} if " t-shirt " in text else set())  # "t-shirt" also contains "shirt"
+  if len(predictions) != len(references):
+    raise ValueError(f"predictions and references must pair up, got {len(predictions)} and "
+                     f"{len(references)}.")
+  return np.array([float(bool(items(p)) and items(p) == items(r))
+                   for p, r in zip(predictions, references)], np.float32)
+
+
 def _judge(c):
+  if c.judge == "item":
+    return item_match
   options = c.judge_options.to_dict() if hasattr(c.judge_options, "to_dict") \
       else dict(c.judge_options or {})
   return tasks.judges.get(c.judge, **options)

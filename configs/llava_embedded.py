@@ -87,7 +87,7 @@ def get_config(arg=None):
       smooth_extra=True,     # also a smoothed row for every extra encoder
       batch_size=16,         # images per attack / generation call
       examples=4,            # images in the PNG strip
-      judge="exact",         # caption judge: exact, clip, bleu, cider, llm
+      judge="exact",         # caption judge: exact, item, clip, bleu, cider, llm
       judge_options={},      # keyword arguments of the judge (e.g. {"checkpoint": ...})
       threshold=0.3,         # a caption judge score >= threshold is a match
       max_new_tokens=16,

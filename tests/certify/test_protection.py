@@ -168,3 +168,11 @@ def test_bad_settings_are_named(tmp_path, folder):
   config = llava_embedded.get_config("runlocal")
   with pytest.raises(ValueError, match="config.llava.checkpoint"):
     protection.build_mllm(config)
+
+
+def test_item_judge_on_fixed_strings():
+  pred = ["a grayscale photo of a bag", "a t-shirt in the center of the image",
+          "a picture of a white shirt", "a black background", "a bag"]
+  ref = ["a bag in the center of the image", "a picture of a dark gray t-shirt",
+         "a grayscale photo of a t-shirt", "a black background", "a picture of a sandal"]
+  np.testing.assert_array_equal(protection.item_match(pred, ref), [1, 1, 0, 0, 0])
