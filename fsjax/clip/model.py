@@ -34,10 +34,11 @@ import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
-import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fsjax import random_init
 
 Dtype = Any
 
@@ -490,26 +491,12 @@ def init(config: CLIPConfig, *, seed: int = 0,
          dtype: Dtype = jnp.float32) -> tuple[CLIP, dict]:
   """Random ``(model, params)`` for smoke runs and tests, drawn with numpy.
 
-  As HF's ``_init_weights`` roughly: weights N(0, 0.02), biases 0, LayerNorm scales 1,
-  ``logit_scale`` its init value. numpy rather than ``model.init`` because compiling the
-  jitted threefry init costs seconds on CPU, longer than a tiny smoke run itself.
+  :func:`fsjax.random_init.numpy_init`, with ``logit_scale`` at its init value.
   """
   model = CLIP(config, dtype=dtype)
-  rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(param_shapes(model), sep="/")
-  params = {}
-  for path, leaf in sorted(flat.items()):  # sorted: the draw order fixes the values
-    name = path.rsplit("/", 1)[-1]
-    if name == "scale":
-      value = np.ones(leaf.shape)
-    elif name == "bias":
-      value = np.zeros(leaf.shape)
-    elif name == "logit_scale":
-      value = np.full(leaf.shape, config.logit_scale_init_value)
-    else:
-      value = rng.normal(0.0, 0.02, leaf.shape)
-    params[path] = jnp.asarray(value, jnp.float32)
-  return model, flax.traverse_util.unflatten_dict(params, sep="/")
+  logit_scale = lambda rng, shape: np.full(shape, config.logit_scale_init_value)
+  return model, random_init.numpy_init(param_shapes(model), seed=seed,
+                                       special={"logit_scale": logit_scale})
 
 
 def param_shapes(model: CLIP) -> dict:

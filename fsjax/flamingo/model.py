@@ -37,6 +37,7 @@ import numpy as np
 
 from fsjax import decoding
 from fsjax import encoders
+from fsjax import random_init
 from fsjax.flamingo import mpt
 from fsjax.flamingo import resampler
 # The smoothed token view is one implementation for both MLLMs (it lives with LLaVA).
@@ -230,23 +231,9 @@ def init(config: FlamingoConfig, *, seed: int = 0, gate: float = 0.5,
   OpenFlamingo's initial 0, so that the images matter in a random model.
   """
   model = Flamingo(config, dtype=dtype)
-  rng = np.random.default_rng(seed)
-  flat = flax.traverse_util.flatten_dict(param_shapes(model), sep="/")
-  params = {}
-  for path, leaf in sorted(flat.items()):  # sorted: the draw order fixes the values
-    name = path.rsplit("/", 1)[-1]
-    if name == "scale":
-      value = np.ones(leaf.shape)
-    elif name == "bias":
-      value = np.zeros(leaf.shape)
-    elif name.endswith("_gate"):
-      value = np.full(leaf.shape, gate)
-    elif name == "latents":
-      value = rng.normal(0.0, 1.0, leaf.shape)
-    else:
-      value = rng.normal(0.0, 0.02, leaf.shape)
-    params[path] = jnp.asarray(value, jnp.float32)
-  return model, flax.traverse_util.unflatten_dict(params, sep="/")
+  return model, random_init.numpy_init(param_shapes(model), seed=seed, special={
+      "_gate": lambda rng, shape: np.full(shape, gate),
+      "latents": lambda rng, shape: rng.normal(0.0, 1.0, shape)})
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_id",
