@@ -33,6 +33,7 @@ import flax.traverse_util
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import weights
 from fsjax.clip import model as model_lib
 
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "flax_model.msgpack",
@@ -123,21 +124,13 @@ def _resolve(path) -> str:
 
 
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a PyTorch-style state dict (names -> numpy arrays) from one weight file."""
-  if path.endswith(".index.json"):
-    with open(path) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-      state.update(_read_state_dict(os.path.join(os.path.dirname(path), shard)))
-    return state
-  if path.endswith(".safetensors"):
-    import safetensors.numpy  # pylint: disable=g-import-not-at-top
-    try:
-      return dict(safetensors.numpy.load_file(path))
-    except Exception as e:  # safetensors' own errors ("header too large") omit the file
-      raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be "
-                       "truncated or corrupt: download or copy it again.") from e
+  """Reads a PyTorch-style state dict (names -> numpy arrays) from one weight file.
+
+  safetensors files and shard indexes through :mod:`fsjax.weights`; a single pickle with
+  ``torch.load(weights_only=True)``, upcasting bfloat16 to float32.
+  """
+  if path.endswith(".safetensors") or path.endswith(".index.json"):
+    return weights.read_state_dict(path)
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:

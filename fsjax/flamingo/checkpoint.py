@@ -32,17 +32,15 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 from typing import Any, Mapping
 
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from fsjax import encoders
-from fsjax import torch_pickle
+from fsjax.weights import read_state_dict
 from fsjax.clip import checkpoint as clip_checkpoint
 from fsjax.clip import encoder as clip_encoder
 from fsjax.flamingo import model as model_lib
@@ -51,61 +49,6 @@ from fsjax.flamingo import mpt
 _MPT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Memory-maps a ``.safetensors`` file: an 8-byte header size, a JSON header, the data.
-
-  Read by hand because ``safetensors.numpy`` refuses bfloat16, the dtype of MPT-7B.
-  """
-  with open(path, "rb") as f:
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
-  data = np.memmap(path, np.uint8, mode="r", offset=8 + size)
-  state = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which fsjax does not "
-                       f"read (known: {sorted(_SAFETENSORS_DTYPES)}).")
-    lo, hi = info["data_offsets"]
-    dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]).newbyteorder("<")
-    state[name] = data[lo:hi].view(dtype).reshape(info["shape"])
-  return state
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-  """Reads a torch-style state dict (name -> numpy array) from one weight file or index.
-
-  ``.safetensors`` files (memory-mapped, bfloat16 included) and their shard indexes;
-  pickles (``.pt``, ``.bin``, ``.pth``) with :func:`fsjax.torch_pickle.load`. A
-  ``state_dict`` / ``model_state_dict`` wrapper and DDP ``module.`` prefixes are removed.
-  """
-  if path.endswith(".index.json"):
-    with open(path) as f:
-      shards = sorted(set(json.load(f)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-      state.update(read_state_dict(os.path.join(os.path.dirname(path), shard)))
-    return state
-  if path.endswith(".safetensors"):
-    return _read_safetensors(path)
-  obj = torch_pickle.load(path)
-  for key in ("model_state_dict", "state_dict"):
-    if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
-      obj = obj[key]
-  if not isinstance(obj, Mapping):
-    raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
-  state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
-  return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
 
 
 def to_flax(state: Mapping[str, np.ndarray], expected: Mapping[str, Any], *, origin: str,
