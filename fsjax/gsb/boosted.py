@@ -41,28 +41,26 @@ def default_gsb_config() -> ml_collections.ConfigDict:
     training) and ``mapper`` (those of :class:`~fsjax.gsb.mapper.SmoothnessMapper`,
     ``lam_id``, ``lam_stat``, ``id_sigma`` and M's training).
   """
+  def architecture(module) -> dict[str, Any]:
+    # The modules' own field defaults (D: 2,489,603 float32 parameters = 9.96 MB, the
+    # paper's "approximately 10 MB", Appendix A.2.1).
+    out = {f.name: f.default for f in dataclasses.fields(module)
+           if f.name not in ("parent", "name")}
+    return {**out, "dtype": "float32"}
+
   c = ml_collections.ConfigDict()
   c.sigma_range = (0.25, 0.5)  # training sigma, uniform per example (Table 1's sigmas)
   c.noise_samples = 2  # Monte Carlo draws of delta per image per step
-  # D: 2,489,603 float32 parameters = 9.96 MB (Appendix A.2.1: "approximately 10 MB").
-  c.denoiser = ml_collections.ConfigDict(dict(
-      width=32, channel_mults=(1, 2, 4), blocks_per_level=2, emb_dim=128, num_groups=8,
-      dtype="float32",
-      lam_rob=losses.LAM_ROB,  # lambda, Eq. 9
-      # Ours: epochs of L_rec alone (no encoder pass) before L_D, as denoised smoothing
-      # pre-trains its denoiser; 0 = the paper's L_D from the start.
-      warmup_epochs=0,
-      batch_size=8, epochs=8, learning_rate=2e-4))  # Adam
-  c.mapper = ml_collections.ConfigDict(dict(
-      num_blocks=2, num_heads=4, mlp_ratio=2.0, kernel_size=3, sigma_hidden=64,
-      damping_init=1e-3, dtype="float32",
-      lam_id=losses.LAM_ID,  # lambda_1, Eq. 13
-      lam_stat=losses.LAM_STAT,  # lambda_2, Eq. 13
-      # sigma at which L_id evaluates M on clean features. The paper's 0 makes L_id
-      # identically zero for our mapper (M(z, 0) = z exactly); a value > 0 turns it into
-      # a "leave clean features alone at the working sigma" regulariser.
-      id_sigma=0.0,
-      batch_size=16, epochs=8, learning_rate=1e-4, weight_decay=1e-4))  # AdamW, cosine
+  # Adam for D (lambda of Eq. 9; warmup_epochs of L_rec alone first, 0 = the paper's L_D
+  # from the start); AdamW with a cosine schedule for M (lambda_1, lambda_2 of Eq. 13;
+  # id_sigma: L_id's sigma, the paper's 0 -- for our mapper M(z, 0) = z exactly).
+  c.denoiser = ml_collections.ConfigDict({
+      **architecture(Denoiser), "lam_rob": losses.LAM_ROB, "warmup_epochs": 0,
+      "batch_size": 8, "epochs": 8, "learning_rate": 2e-4})
+  c.mapper = ml_collections.ConfigDict({
+      **architecture(SmoothnessMapper), "lam_id": losses.LAM_ID,
+      "lam_stat": losses.LAM_STAT, "id_sigma": 0.0, "batch_size": 16, "epochs": 8,
+      "learning_rate": 1e-4, "weight_decay": 1e-4})
   return c
 
 
