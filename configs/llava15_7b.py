@@ -32,6 +32,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
+
 _TOWERS = ("clip", "fare", "tecoa")
 _CACHE = "~/.cache/huggingface/hub/models--llava-hf--llava-1.5-7b-hf"
 
@@ -53,18 +55,7 @@ VQA = (
 
 
 def _parse(arg):
-  out = {"tower": "clip", "smoothed": False, "sigma": 0.25}
-  for item in [a for a in (arg or "").split(",") if a]:
-    key, eq, value = item.partition("=")
-    if key not in out:
-      raise ValueError(f"unknown argument {key!r} of configs/llava15_7b.py; known: "
-                       f"{sorted(out)}.")
-    if key == "smoothed":
-      out[key] = not eq or value.lower() in ("1", "true", "yes")
-    elif key == "sigma":
-      out[key] = float(value)
-    else:
-      out[key] = value
+  out = common.parse_arg(arg, tower="clip", smoothed=False, sigma=0.25).to_dict()
   if out["tower"] not in _TOWERS:
     raise ValueError(f"tower={out['tower']!r} must be one of {_TOWERS}.")
   return out

@@ -33,6 +33,8 @@ import os
 import ml_collections
 from ml_collections import config_dict
 
+from configs import common
+
 _HUB = "~/.cache/huggingface/hub/models--"
 _TOWERS = ("clip", "fare", "tecoa")
 # The paper's caption instruction (l.364, its LLaVA prompt). OpenFlamingo is not
@@ -45,18 +47,7 @@ def _path(env, default):
 
 
 def _parse(arg):
-  out = {"tower": "clip", "smoothed": False, "sigma": 0.25}
-  for item in filter(None, (arg or "").split(",")):
-    key, eq, value = item.partition("=")
-    if key not in out:
-      raise ValueError(f"configs/openflamingo_9b.py: unknown option {key!r} in {arg!r}; "
-                       "known: tower=clip|fare|tecoa, smoothed, sigma=<float>.")
-    if key == "smoothed":
-      out[key] = not eq or value.lower() in ("1", "true", "yes")
-    elif key == "sigma":
-      out[key] = float(value)
-    else:
-      out[key] = value
+  out = common.parse_arg(arg, tower="clip", smoothed=False, sigma=0.25).to_dict()
   if out["tower"] not in _TOWERS:
     raise ValueError(f"tower={out['tower']!r} must be one of {_TOWERS}.")
   return out

@@ -354,5 +354,5 @@ def test_9b_config_options():
   assert openflamingo_9b.get_config().smoothing.n == 0
   with pytest.raises(ValueError, match="tower='vit' must be one of"):
     openflamingo_9b.get_config("tower=vit")
-  with pytest.raises(ValueError, match="unknown option 'n'"):
+  with pytest.raises(ValueError, match="unknown config argument 'n'"):
     openflamingo_9b.get_config("n=3")
