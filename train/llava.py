@@ -43,7 +43,6 @@ import pathlib
 import time
 from typing import Any, Mapping
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,14 +58,11 @@ from fsjax import tasks
 from fsjax.llava import model as llava_model
 from fsjax.llava import prompt as llava_prompt
 from fsjax.tasks import _instructions as instructions
+from train import loop
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = loop.METRICS_FILE
 EVAL_FILE = "eval.json"
 CHECKPOINTS = "checkpoints"
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or Inf."""
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,18 +166,8 @@ def optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
 
 
 def make_train_step(language, tx):
-  """One jitted step ``(state, batch) -> (state, metrics)``; the state is donated."""
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(state, batch):
-    grads, metrics = jax.grad(lambda p: loss_fn(language, p, batch), has_aux=True)(
-        state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state}, metrics
-
-  return step
+  """One jitted step ``(state, frozen, batch, key) -> (state, metrics)`` (train.loop's)."""
+  return loop.make_update_step(lambda p, frozen, batch, key: loss_fn(language, p, batch), tx)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -327,41 +313,35 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   mngr = checkpointing.manager(str(workdir), CHECKPOINTS)
   start, state = checkpointing.restore_latest(mngr, state)
   if start:
-    logging.info("Resuming from step %d.", start)
+    print(f"train.llava: resuming {workdir} at step {start} of {c.steps}.")
   step_fn = make_train_step(language, tx)
   device_arrays = {t: {k: jnp.asarray(v) for k, v in a.items()} for t, a in arrays.items()}
   sizes = {t: len(a["image"]) for t, a in arrays.items()}
   device_features = jnp.asarray(features)
 
   t0 = time.perf_counter()
-  sums, count, t_log = {}, 0, time.perf_counter()
+  writer = loop.MetricsWriter(str(workdir), c.log_every)
+  policy = loop.CheckpointPolicy(c.checkpoint_every, c.get("checkpoint_seconds") or 120.0)
+  no_key = jax.random.key(0)  # the loss draws no noise
   try:
-    for step in tqdm.trange(int(state["step"]), c.steps, desc="llava", unit="step",
-                            initial=int(state["step"]), total=c.steps):
-      task, idx = task_batch(step, task_names, sizes, c.batch_size, c.seed)
-      batch = {k: v[idx] for k, v in device_arrays[task].items() if k != "image"}
-      batch["features"] = device_features[arrays[task]["image"][idx]]
-      state, metrics = step_fn(state, batch)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not all(math.isfinite(v) for v in metrics.values()):  # before anything is saved
-        raise NonFiniteLossError(
-            f"train.llava: non-finite metrics at step {step + 1}: {metrics}; lower "
-            "config.llava.train.learning_rate or raise warmup_steps.")
-      for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + v
-      count += 1
-      done = step + 1
-      if done % c.log_every == 0 or done == c.steps:
-        now = time.perf_counter()
-        row = {"step": done, **{k: v / count for k, v in sums.items()},
-               "learning_rate": float(schedule(step)),
-               "examples_per_s": count * c.batch_size / max(now - t_log, 1e-9)}
-        with open(workdir / METRICS_FILE, "a") as f:
-          f.write(json.dumps(row) + "\n")
-        logging.info("step %d: %s", done, row)
-        sums, count, t_log = {}, 0, now
-      if done % c.checkpoint_every == 0 or done == c.steps:
-        checkpointing.save(mngr, done, state, force=True)
+    with loop.interruptible() as interrupted:
+      for step in tqdm.trange(int(state["step"]), c.steps, desc="llava", unit="step",
+                              initial=int(state["step"]), total=c.steps):
+        task, idx = task_batch(step, task_names, sizes, c.batch_size, c.seed)
+        batch = {k: v[idx] for k, v in device_arrays[task].items() if k != "image"}
+        batch["features"] = device_features[arrays[task]["image"][idx]]
+        state, metrics = step_fn(state, None, batch, no_key)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        done = step + 1
+        loop.check_finite("train.llava", done, metrics, fix=(  # before anything is saved
+            "Lower config.llava.train.learning_rate or raise warmup_steps."))
+        writer.add(done, metrics, examples=c.batch_size, last=done == c.steps,
+                   learning_rate=float(schedule(step)))
+        if policy.due(done) or done == c.steps or interrupted():
+          checkpointing.save(mngr, done, state, force=True)
+        if interrupted() and done < c.steps:
+          mngr.wait_until_finished()
+          raise loop.Interrupted("train.llava", done)
   finally:
     checkpointing.close(mngr)
   train_s = time.perf_counter() - t0
@@ -385,7 +365,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def main(config, workdir: str) -> None:
-  print(json.dumps(train_and_evaluate(config, workdir), indent=2))
+  try:
+    print(json.dumps(train_and_evaluate(config, workdir), indent=2))
+  except loop.Interrupted as e:
+    print(e)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -12,6 +11,7 @@ from configs import llava_embedded
 from fsjax import encoders
 from fsjax import tasks
 from train import llava as train_llava
+from train import loop
 
 
 def _config(folder, *, steps=30):
@@ -112,7 +112,7 @@ def test_nan_loss_stops_before_saving(tmp_path, folder, monkeypatch):
   real = train_llava.encoder_features
   monkeypatch.setattr(train_llava, "encoder_features",
                       lambda *a, **k: np.full_like(real(*a, **k), np.nan))
-  with pytest.raises(train_llava.NonFiniteLossError, match="step 1"):
+  with pytest.raises(loop.NonFiniteLossError, match="step 1"):
     train_llava.train_and_evaluate(_config(folder, steps=10), str(tmp_path))
   assert not (tmp_path / "model.safetensors").exists()
   assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
