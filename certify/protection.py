@@ -61,7 +61,6 @@ from typing import Any, Sequence
 
 from absl import flags
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -418,22 +417,11 @@ def plot_strip(x, targets, adversarial: dict, path: pathlib.Path, *, title: str,
                clean_titles: Sequence[str] | None = None, describe=None) -> None:
   """PNG strip: per image, clean | adversarial of each row with its answer | target."""
   describe = describe or (lambda a: a)
-  plt = report.pyplot()
-  cols = 2 + len(adversarial)
-  fig, axes = plt.subplots(len(x), cols, figsize=(2.2 * cols, 2.4 * len(x)), squeeze=False)
-  for i in range(len(x)):
-    panels = [(x[i], clean_titles[i] if clean_titles else "clean")]
-    panels += [(adv[i], f"{label}:\n{_wrap(describe(answers[i]))}")
-               for label, (adv, answers) in adversarial.items()]
-    panels.append((targets[i], "target"))
-    for ax, (img, text) in zip(axes[i], panels):
-      ax.imshow(np.clip(img, 0, 1))
-      ax.set_title(text, fontsize=6)
-      ax.axis("off")
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  report.image_strip(
+      [[(x[i], clean_titles[i] if clean_titles else "clean")]
+       + [(adv[i], f"{label}:\n{_wrap(describe(answers[i]))}")
+          for label, (adv, answers) in adversarial.items()]
+       + [(targets[i], "target")] for i in range(len(x))], path, title=title)
 
 
 def _wrap(text: str, width: int = 28) -> str:

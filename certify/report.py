@@ -25,6 +25,8 @@ import json
 import pathlib
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
+
 
 def _format(value: Any, digits: int) -> str:
   return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
@@ -102,3 +104,25 @@ def pyplot():
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   return plt
+
+
+def image_strip(panels, path: str | pathlib.Path, *, title: str, scale: float = 2.2) -> None:
+  """PNG grid of images with captions: ``panels[i]`` is row i, a list of ``(image, text)``.
+
+  The attack tables draw clean | adversarial per row (with what that row's model answered)
+  | target; images are ``[H, W, 3]`` in [0, 1].
+  """
+  plt = pyplot()
+  cols = max(len(row) for row in panels)
+  size = (scale * cols, (scale + 0.2) * len(panels))
+  fig, axes = plt.subplots(len(panels), cols, figsize=size, squeeze=False)
+  for ax_row, row in zip(axes, panels):
+    for ax in ax_row:
+      ax.axis("off")
+    for ax, (img, text) in zip(ax_row, row):
+      ax.imshow(np.clip(img, 0, 1))
+      ax.set_title(text, fontsize=6)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

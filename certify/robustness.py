@@ -366,22 +366,11 @@ def run(config, workdir: str, attack: str = ALL) -> list[dict]:
 def plot_examples(x, targets, labels, adversarial: dict, class_names: Sequence[str],
                   path: pathlib.Path, *, title: str) -> None:
   """PNG strip: per image, clean | adversarial for each model | target."""
-  plt = report.pyplot()
-  cols = 2 + len(adversarial)
-  fig, axes = plt.subplots(len(x), cols, figsize=(2 * cols, 2.2 * len(x)), squeeze=False)
-  for i in range(len(x)):
-    panels = [(x[i], f"clean: {class_names[labels[i]]}")]
-    panels += [(adv[i], f"{label}\n-> {class_names[pred[i]]}")
-               for label, (adv, pred) in adversarial.items()]
-    panels.append((targets[i], "target"))
-    for ax, (img, caption) in zip(axes[i], panels):
-      ax.imshow(np.clip(img, 0, 1))
-      ax.set_title(caption, fontsize=6)
-      ax.axis("off")
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  report.image_strip(
+      [[(x[i], f"clean: {class_names[labels[i]]}")]
+       + [(adv[i], f"{label}\n-> {class_names[pred[i]]}")
+          for label, (adv, pred) in adversarial.items()]
+       + [(targets[i], "target")] for i in range(len(x))], path, title=title, scale=2.0)
 
 
 def main(config, workdir: str, attack: str = ALL) -> None:
