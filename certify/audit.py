@@ -178,7 +178,8 @@ def _measure_pairs(params, x_adv, u, certified, encoder, a, key):
   close = np.flatnonzero(measured - certified < a.screen_k * se)
   if close.size:
     m2, se2 = smoothing.measure_inner_product(
-        params, batching.pad_rows(np.asarray(x_adv)[close], b), batching.pad_rows(np.asarray(u)[close], b),
+        params, batching.pad_rows(np.asarray(x_adv)[close], b),
+        batching.pad_rows(np.asarray(u)[close], b),
         encoder=encoder, sigma=a.sigma, n=a.measure_n, chunk_size=a.chunk_size,
         key=jax.random.fold_in(key, 1))
     measured[close] = np.asarray(m2, np.float64)[:close.size]
@@ -246,7 +247,8 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
     for start in range(0, len(certified), bs):
       idx = np.array(certified[start:start + bs])
       m, _ = smoothing.measure_inner_product(
-          params, batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs), encoder=encoder, sigma=sigma,
+          params, batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs),
+          encoder=encoder, sigma=sigma,
           n=clean_n, chunk_size=a.chunk_size,
           key=jax.random.fold_in(key, 100_000 + 1000 * r_index + start // bs))
       clean.update(zip(idx.tolist(), np.asarray(m, np.float64)[:len(idx)].tolist()))
@@ -255,7 +257,8 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
       idx = np.array([p[0] for p in chunk])
       eps = np.array([p[1] for p in chunk], np.float32)
       # Fixed shapes (batch_size) so every chunk reuses one compilation.
-      x_c, u_c, eps_c = (batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs), batching.pad_rows(eps, bs))
+      x_c, u_c, eps_c = (batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs),
+                         batching.pad_rows(eps, bs))
       ck = jax.random.fold_in(key, 1000 * r_index + start // bs + 1)
       x_adv = attack_direction(params, x_c, u_c, encoder=encoder, eps=eps_c, sigma=sigma,
                                steps=a.steps, eot_samples=a.eot_samples,

@@ -185,8 +185,9 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
     config: the experiment config (the one ``train.head`` used).
     workdir: where the heads are and the results go.
     variant: ``(name, encoder, params)`` to certify with; default
-      ``fsjax.variants.most_boosted(config)``, the variant ``train.head`` trains on. Passing one that is already compiled for
-      saves the compilation (the encoder is a static argument, hashed by identity).
+      ``fsjax.variants.most_boosted(config)``, the variant ``train.head`` trains on.
+      Passing one that is already compiled saves the compilation (the encoder is a
+      static argument, hashed by identity).
 
   Returns:
     The table: one row per (sigma, method) with the certified accuracy at each radius.
