@@ -7,8 +7,6 @@ one number against an independent computation where one is cheap.
 
 import json
 
-import jax
-import numpy as np
 import pytest
 from scipy import stats
 
@@ -95,6 +93,5 @@ def test_audit(config, trained_gsb, workdir):
   assert summary["violations_k_sigma"] == 0
   assert (out / "audit.md").read_text().startswith("# Soundness audit")
   # The audit certified with config.certify's alpha (the section leaves it unset).
-  assert json.loads((out / "audit.jsonl").read_text().splitlines()[0])["alpha"] == \
-      config.certify.alpha if (out / "audit.jsonl").read_text() else True
-  del jax, np
+  rows = [json.loads(l) for l in (out / "audit.jsonl").read_text().splitlines()]
+  assert rows and {r["alpha"] for r in rows} == {config.certify.alpha}

@@ -61,9 +61,9 @@ def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Cal
         state["params"], frozen, batch, k)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                # Non-finite parameters are caught at the step that makes them.
-               "param_norm": optax.global_norm(params)}
+               "param_norm": optax.tree.norm(params)}
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
   return jax.jit(step, donate_argnums=0)

@@ -88,7 +88,8 @@ def test_bad_arguments():
 def _attend(q, k, v, mask):
   logits = np.einsum("bqhd,bkhd->bhqk", q, k)
   logits = np.where(mask[:, None], logits, -np.inf)
-  p = np.exp(logits - logits.max(-1, keepdims=True))
+  with np.errstate(invalid="ignore"):  # fully masked (padding) queries: NaN, never compared
+    p = np.exp(logits - logits.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   return np.einsum("bhqk,bkhd->bqhd", p, v)
 
