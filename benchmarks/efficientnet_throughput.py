@@ -54,19 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a bare 
 from fsjax import cpu  # noqa: E402
 from fsjax import efficientnet  # noqa: E402
 from fsjax import smoothing  # noqa: E402
+from common import log  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import markdown_table  # noqa: E402
 
 SIGMA = 0.25
-
-
-def log(msg: str) -> None:
-  """Progress to stderr, so that stdout holds only the Markdown report."""
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
 
 
 # ------------------------------------------------------------------- the torch model

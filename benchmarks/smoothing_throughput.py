@@ -61,6 +61,8 @@ import certify  # noqa: E402
 from fsjax import clip  # noqa: E402
 from fsjax import cpu  # noqa: E402
 from fsjax import smoothing  # noqa: E402
+from common import log  # noqa: E402  (benchmarks/common.py, beside this script)
+from common import markdown_table  # noqa: E402
 
 # HF CLIPVisionConfig fields (vision tower + projection); hidden_act is quick_gelu, the
 # HF default, on both sides.
@@ -95,17 +97,6 @@ CPU_DOTS = {
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def log(msg: str) -> None:
-  """Progress to stderr, so that stdout holds only the Markdown report."""
-  print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
 
 
 def fmt_bytes(b: float) -> str:
