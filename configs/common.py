@@ -30,6 +30,17 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+TOWERS = ("clip", "fare", "tecoa")  # the MLLM vision towers of the paper's Tables 3-5
+
+
+def mllm_arg(arg) -> dict:
+  """An MLLM config's argument: ``"tower=clip|fare|tecoa,smoothed,sigma=0.25"``."""
+  out = parse_arg(arg, tower="clip", smoothed=False, sigma=0.25).to_dict()
+  if out["tower"] not in TOWERS:
+    raise ValueError(f"tower={out['tower']!r} must be one of {TOWERS}.")
+  return out
+
+
 def certify_config(**overrides) -> ml_collections.ConfigDict:
   """``config.certify``: the paper's Table 1 settings (Section 5.1) and our bounds."""
   c = ml_collections.ConfigDict(dict(

@@ -34,7 +34,6 @@ from ml_collections import config_dict
 
 from configs import common
 
-_TOWERS = ("clip", "fare", "tecoa")
 _CACHE = "~/.cache/huggingface/hub/models--llava-hf--llava-1.5-7b-hf"
 
 CAPTION = "Describe this image in one concise sentence, no longer than 20 words."
@@ -54,16 +53,9 @@ VQA = (
     "(e.g., A).")
 
 
-def _parse(arg):
-  out = common.parse_arg(arg, tower="clip", smoothed=False, sigma=0.25).to_dict()
-  if out["tower"] not in _TOWERS:
-    raise ValueError(f"tower={out['tower']!r} must be one of {_TOWERS}.")
-  return out
-
-
 def get_config(arg=None):
   """LLaVA-1.5-7B; ``arg`` as "tower=fare,smoothed,sigma=0.5" (see the module docstring)."""
-  a = _parse(arg)
+  a = common.mllm_arg(arg)
   config = ml_collections.ConfigDict()
   config.llava = ml_collections.ConfigDict(dict(
       checkpoint=os.path.expanduser(os.environ.get("FSJAX_LLAVA15_7B", _CACHE)),

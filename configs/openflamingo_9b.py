@@ -36,7 +36,6 @@ from ml_collections import config_dict
 from configs import common
 
 _HUB = "~/.cache/huggingface/hub/models--"
-_TOWERS = ("clip", "fare", "tecoa")
 # The paper's caption instruction (l.364, its LLaVA prompt). OpenFlamingo is not
 # instruction-tuned; its own captioning prompt is "<image>Output:" (the default here).
 CAPTION = "Describe this image in one concise sentence, no longer than 20 words."
@@ -46,16 +45,9 @@ def _path(env, default):
   return os.path.expanduser(os.environ.get(env, _HUB + default))
 
 
-def _parse(arg):
-  out = common.parse_arg(arg, tower="clip", smoothed=False, sigma=0.25).to_dict()
-  if out["tower"] not in _TOWERS:
-    raise ValueError(f"tower={out['tower']!r} must be one of {_TOWERS}.")
-  return out
-
-
 def get_config(arg=None):
   """OpenFlamingo-9B; ``arg`` as "tower=fare,smoothed,sigma=0.5" (see the module docstring)."""
-  a = _parse(arg)
+  a = common.mllm_arg(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
   if a["tower"] == "clip":
