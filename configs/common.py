@@ -41,6 +41,15 @@ def mllm_arg(arg) -> dict:
   return out
 
 
+def mllm_smoothing_config(a: dict) -> ml_collections.ConfigDict:
+  """``config.smoothing`` of an MLLM config from :func:`mllm_arg`'s options."""
+  return ml_collections.ConfigDict(dict(
+      sigma=a["sigma"],
+      n=8 if a["smoothed"] else 0,  # 0: no smoothing; Table 7: n = 8 at inference
+      features="direction",         # or "raw_mean" (not certified)
+      chunk_size=8))
+
+
 def certify_config(**overrides) -> ml_collections.ConfigDict:
   """``config.certify``: the paper's Table 1 settings (Section 5.1) and our bounds."""
   c = ml_collections.ConfigDict(dict(

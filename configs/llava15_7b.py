@@ -81,11 +81,7 @@ def get_config(arg=None):
         layer=-2,                # the FARE LLaVA code deletes the last block
         resolution=224,          # 256 image tokens
         dtype="bfloat16"))
-  config.smoothing = ml_collections.ConfigDict(dict(
-      sigma=a["sigma"],
-      n=8 if a["smoothed"] else 0,  # 0: no smoothing; Table 7: n = 8 at inference
-      features="direction",         # or "raw_mean" (not certified)
-      chunk_size=8))
+  config.smoothing = common.mllm_smoothing_config(a)
   config.gsb = ml_collections.ConfigDict(dict(checkpoint=config_dict.placeholder(str)))
   config.prompts = ml_collections.ConfigDict(dict(
       caption=CAPTION,                # Table 3 (l.364)

@@ -80,11 +80,7 @@ def get_config(arg=None):
           vis_dim=1024, cross_attn_every_n_layers=4,
           perceiver_depth=6, num_latents=64, dim_head=64, heads=8, ff_mult=4),
   ))
-  config.smoothing = ml_collections.ConfigDict(dict(
-      sigma=a["sigma"],
-      n=8 if a["smoothed"] else 0,  # 0: no smoothing; Table 7: n = 8 at inference
-      features="direction",         # or "raw_mean" (not certified)
-      chunk_size=8))
+  config.smoothing = common.mllm_smoothing_config(a)
   config.gsb = ml_collections.ConfigDict(dict(checkpoint=config_dict.placeholder(str)))
   config.prompts = ml_collections.ConfigDict(dict(
       caption="<image>Output:",  # Table 3 (captioning only: the paper's Tables 4-5 are LLaVA)
