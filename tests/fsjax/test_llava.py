@@ -120,8 +120,8 @@ def test_greedy_tokens_match_generate(tmp_path):
   assert int(steps) == 20
 
   eos, at = _first_new_token_not_before(ref[0], 3)
-  if eos in ref[1]:
-    pytest.skip("the chosen EOS also occurs in row 1")  # not with this seed
+  # The premise of the early-stop case (true for this seed): row 1 never emits that EOS.
+  assert eos not in ref[1], "the chosen EOS also occurs in row 1: pick another seed"
   ref_early = reference(eos)
   early = dataclasses.replace(model, eos_token_id=eos)
   tokens, steps = early.generate_ids(params, ids, features, max_new_tokens=20)
