@@ -112,6 +112,31 @@ def test_closed_form_radius_equals_bisection():
   assert n_checked >= 20
 
 
+def test_required_margin_inverts_the_radius_and_matches_scipy():
+  sigma = 0.5
+  h = np.array([0.6, 0.9, 0.99, 0.999999], np.float32)
+  for radius in (0.0, 0.1, 0.25, 0.8):
+    need = np.asarray(pred.required_margin(h, sigma=sigma, radius=radius), np.float64)
+    # Independent float64: gamma(r) = 2 Phi(Phi^-1(h) - r / sigma) - 1, Delta = 2 arccos(gamma).
+    gamma = 2 * stats.norm.cdf(stats.norm.ppf(h.astype(np.float64)) - radius / sigma) - 1
+    np.testing.assert_allclose(need, 2 * np.arccos(gamma), rtol=2e-5, atol=1e-6)
+    reachable = need < np.pi
+    # At the required margin the radius is exactly r; a bit more margin certifies more.
+    at = np.asarray(pred.prediction_radius(need[reachable].astype(np.float32),
+                                           h[reachable], sigma=sigma))
+    np.testing.assert_allclose(at, radius, atol=2e-4)
+    more = np.asarray(pred.prediction_radius(
+        np.minimum(need[reachable] + 0.01, np.pi).astype(np.float32), h[reachable], sigma=sigma))
+    assert np.all(more > radius)
+  # The deficit form keeps the digits that h = 1 - 1e-9 loses in float32.
+  tiny = np.asarray(pred.required_margin(deficit=np.array([1e-9], np.float32), sigma=sigma))
+  np.testing.assert_allclose(tiny, 4 * np.arcsin(np.sqrt(1e-9)), rtol=1e-4)
+  with pytest.raises(ValueError, match="radius"):
+    pred.required_margin(h, sigma=sigma, radius=-0.1)
+  with pytest.raises(ValueError, match="exactly one"):
+    pred.required_margin(sigma=sigma)
+
+
 def test_radius_precision_and_float_edges():
   sigma = 0.25
   delta = np.array([np.pi, np.pi, 1e-3, 0.0, 1.0, 1.0], np.float32)
