@@ -23,6 +23,7 @@ from certify._prediction import check_prototypes
 from certify._prediction import clopper_pearson_lower
 from certify._prediction import prediction_radius
 from certify._prediction import prototype_logit_bounds
+from certify._prediction import required_margin
 from certify._prediction import rs_certify_from_counts
 from certify._prediction import rs_predict_from_counts
 from certify._smoothed_prediction import PredictionCertificate
