@@ -28,9 +28,12 @@ from certify._prediction import rs_certify_from_counts
 from certify._prediction import rs_predict_from_counts
 from certify._smoothed_prediction import PredictionCertificate
 from certify._smoothed_prediction import PredictionEstimate
+from certify._smoothed_prediction import PredictionMargin
 from certify._smoothed_prediction import certify_prediction
+from certify._smoothed_prediction import certificate_of
 from certify._smoothed_prediction import class_counts
 from certify._smoothed_prediction import rs_certify
+from certify._smoothed_prediction import prediction_margin
 from certify._smoothed_prediction import rs_predict
 # The heads are library modules (fsjax.heads); certify re-exports them for its callers.
 from fsjax.heads import CosinePrototypeHead  # pylint: disable=g-bad-import-order

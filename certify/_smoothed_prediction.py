@@ -56,6 +56,46 @@ class PredictionEstimate(NamedTuple):
     return False
 
 
+class PredictionMargin(NamedTuple):
+  """What an FS prediction certificate is made of (Theorem A.3.2), per image.
+
+  Attributes:
+    predicted_class: ``[B]`` ``c = argmax_k <u, w_k>``, ``u`` the mean direction of the
+      ``n0`` selection samples.
+    margin: ``[B]`` the angular margin ``Delta`` of ``u`` (radians).
+    deficit: ``[B]`` ``1 - L``, ``L`` the ``bound``'s lower confidence bound of ``h_u(x)``
+      from ``n`` fresh samples (the Monte Carlo mean for ``bound="point"``).
+  The certificate: :func:`certify.certified_prediction` ``(margin, predicted_class,
+  deficit=deficit, sigma=sigma)``; the margin it needs at radius r:
+  :func:`certify.required_margin` ``(deficit=deficit, sigma=sigma, radius=r)``.
+  """
+  predicted_class: np.ndarray
+  margin: np.ndarray
+  deficit: np.ndarray
+
+
+def prediction_margin(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
+                      prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
+                      n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
+                      bound: str = "bernstein",
+                      chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> PredictionMargin:
+  """The Monte Carlo half of :func:`certify_prediction`: class, margin and deficit.
+
+  Arguments as in :func:`certify_prediction`.
+  """
+  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound,
+                              chunk_size=chunk_size)
+  encoders_lib.check_images(x)
+  feature = jax.eval_shape(lambda p, x: encoder(p, x, sigma=sigma), params,
+                           jnp.asarray(x, jnp.float32))
+  _prediction.check_prototypes(prototypes, feature.shape[-1])  # before any Monte Carlo
+  deficits = _feature.score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n,
+                                     n0=n0, alpha=alpha, bounds=(bound,), chunk_size=chunk_size)
+  cls, delta = _prediction.angle_margin(deficits["mean"]["direction"], prototypes)
+  return PredictionMargin(np.asarray(cls), np.asarray(delta),
+                          np.asarray(deficits["mean"][bound]))
+
+
 def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
                        prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
                        n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
@@ -67,7 +107,8 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
   Args:
     params: encoder parameters.
     x: ``[B, H, W, 3]`` images in [0, 1].
-    encoder: the encoder (base or GSB-boosted).
+    encoder: the encoder (base or GSB-boosted; a head with a projection certifies on
+      :func:`fsjax.heads.fs_encoder`).
     prototypes: ``[K, D]`` unit prototypes (learned, or CLIP zero-shot text embeddings).
     sigma: noise level > 0.
     key: PRNG key.
@@ -84,18 +125,16 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
     certified even at radius 0; radius is the l2 radius within which the prediction
     provably cannot change.
   """
-  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound,
-                              chunk_size=chunk_size)
-  encoders_lib.check_images(x)
-  feature = jax.eval_shape(lambda p, x: encoder(p, x, sigma=sigma), params,
-                           jnp.asarray(x, jnp.float32))
-  _prediction.check_prototypes(prototypes, feature.shape[-1])  # before any Monte Carlo
-  deficits = _feature.score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n,
-                                     n0=n0, alpha=alpha, bounds=(bound,), chunk_size=chunk_size)
-  u = deficits["mean"]["direction"]
-  cls, delta = _prediction.angle_margin(u, prototypes)
-  cls, radius = _prediction.certified_prediction(delta, cls, sigma=sigma,
-                                                 deficit=deficits["mean"][bound])
+  m = prediction_margin(params, x, encoder=encoder, prototypes=prototypes, sigma=sigma,
+                        key=key, n0=n0, n=n, alpha=alpha, bound=bound, chunk_size=chunk_size)
+  return certificate_of(m, sigma=sigma, bound=bound)
+
+
+def certificate_of(m: PredictionMargin, *, sigma: float, bound: str
+                   ) -> PredictionCertificate | PredictionEstimate:
+  """The certificate (an estimate for ``bound="point"``) a :class:`PredictionMargin` gives."""
+  cls, radius = _prediction.certified_prediction(m.margin, m.predicted_class, sigma=sigma,
+                                                 deficit=m.deficit)
   result = PredictionEstimate if bound == "point" else PredictionCertificate
   return result(np.asarray(cls), np.asarray(radius))
 

@@ -8,7 +8,8 @@ Paper Appendix A.3 and Table 2; method.md section 3. The heads come from
 and each test image (``config.test_data`` restricted to the heads' classes,
 ``config.prediction.test_per_class`` each):
 
-* FS: :func:`certify.certify_prediction` with the sigma's unit prototypes: the mean
+* FS: :func:`certify.certify_prediction` with the sigma's unit prototypes (on the
+  head's projection of the encoder when it has one, :func:`fsjax.heads.fs_encoder`): the mean
   direction from ``n0`` samples picks the class, the ``prediction.bound`` lower
   confidence bound of ``h_u(x)`` from ``n`` fresh samples gives the closed-form radius.
 * RS: :func:`certify.rs_certify` (Cohen et al.'s CERTIFY) with the sigma's linear head as
@@ -24,8 +25,11 @@ random numbers: the comparison is paired). The key of batch ``b`` at sigma is
 
 The table reports certified accuracy (:func:`certify.certified_accuracy`: certified class
 == label and radius >= r) at each radius of ``config.prediction.radii``. Writes
-``prediction_results.jsonl`` (one row per image, sigma and method), ``table2.md``,
-``table2.csv`` and ``table2.png`` into the workdir.
+``prediction_results.jsonl`` (one row per image, sigma and method; FS rows also carry
+the margin ``Delta``, ``h_lcb`` and the ``required_margin`` at radius 0), ``table2.md``,
+``table2.csv``, ``table2.png`` (certified accuracy against radius) and
+``table2_margins.png`` (each image's margin against the margin its certificate needs)
+into the workdir.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     and ``radius`` 0 where the method abstains.
   """
   prototypes = certify.unit_prototypes(heads["cosine"])
+  fs_encoder, fs_params = heads_lib.fs_encoder(encoder, params, heads["cosine"])
   bs = settings["batch_size"]
   mc = {k: settings[k] for k in ("n0", "n", "alpha", "chunk_size")}
   rows = []
@@ -113,8 +118,11 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     xp = batching.pad_rows(x, bs)
     k = jax.random.fold_in(key, b)
     out = {}
-    out["FS"] = certify.certify_prediction(params, xp, encoder=encoder, prototypes=prototypes,
-                                           sigma=sigma, key=k, bound=settings["bound"], **mc)
+    margin = certify.prediction_margin(fs_params, xp, encoder=fs_encoder,
+                                       prototypes=prototypes, sigma=sigma, key=k,
+                                       bound=settings["bound"], **mc)
+    out["FS"] = certify.certificate_of(margin, sigma=sigma, bound=settings["bound"])
+    need = np.asarray(certify.required_margin(deficit=margin.deficit, sigma=sigma))
     if progress is not None:
       progress.update(1)
     out["RS"] = certify.rs_certify(params, xp, encoder=encoder, head=heads["linear"],
@@ -133,6 +141,11 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
                      "correct": bool(int(cls[i]) == label),
                      "bound": settings["bound"] if method == "FS" else "clopper-pearson",
                      "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]})
+        if method == "FS":  # what the certificate is made of (the margins plot)
+          rows[-1].update({"clean_class": int(margin.predicted_class[i]),
+                           "margin": float(margin.margin[i]),
+                           "h_lcb": 1.0 - float(margin.deficit[i]),
+                           "required_margin": float(need[i])})
   return rows
 
 
@@ -172,6 +185,46 @@ def plot(table: list[dict], radii, path: pathlib.Path) -> None:
          title="Table 2: FS (cosine prototypes, solid) vs RS (linear head, dashed)")
   ax.title.set_fontsize(9)
   ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_margins(rows: list[dict], path: pathlib.Path, *, radius: float = 0.25) -> None:
+  """PNG, one panel per sigma: each image's FS margin against the margin its certificate needs.
+
+  x: ``Delta`` needed at radius 0 (:func:`certify.required_margin` of the image's
+  ``h_LCB``), y: the measured ``Delta`` of the mean direction; images above the diagonal
+  are certified (filled: the clean class is correct, hollow: wrong); the dotted curve is
+  the margin needed at ``radius`` (plotted against the radius-0 need).
+  """
+  plt = report.pyplot()
+  fs = [r for r in rows if r["method"] == "FS" and "margin" in r]
+  sigmas = sorted({r["sigma"] for r in fs})
+  fig, axes = plt.subplots(1, max(len(sigmas), 1), figsize=(4 * max(len(sigmas), 1), 4),
+                           squeeze=False)
+  for ax, sigma in zip(axes[0], sigmas):
+    rs = [r for r in fs if r["sigma"] == sigma]
+    need = np.array([r["required_margin"] for r in rs])
+    got = np.array([r["margin"] for r in rs])
+    ok = np.array([r["clean_class"] == r["label"] for r in rs])
+    ax.scatter(need[ok], got[ok], s=14, color="C0", label="correct class")
+    ax.scatter(need[~ok], got[~ok], s=14, facecolors="none", edgecolors="C3",
+               label="wrong class")
+    top = float(np.pi)
+    ax.plot([0, top], [0, top], "k-", lw=0.8, label="certified above")
+    h = np.linspace(0.5, 1 - 1e-6, 400)
+    need0 = np.asarray(certify.required_margin(h.astype(np.float32), sigma=sigma))
+    need_r = np.asarray(certify.required_margin(h.astype(np.float32), sigma=sigma,
+                                                radius=radius))
+    ax.plot(need0, np.minimum(need_r, 2 * top), "k:", lw=0.8,
+            label=f"certified at r = {radius:g} above")
+    ax.set(xlim=(0, top), ylim=(0, top), title=f"sigma = {sigma:g}",
+           xlabel="margin needed at r = 0 (rad)", ylabel="measured margin Delta (rad)")
+    ax.title.set_fontsize(9)
+  axes[0][0].legend(fontsize=7, loc="upper left")
+  fig.suptitle("Table 2, FS: each image's angular margin vs what its certificate needs",
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -225,6 +278,7 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
       + point)
   print(report.write_table(table, workdir, "table2", caption=caption))
   plot(table, radii, workdir / "table2.png")
+  plot_margins(rows, workdir / "table2_margins.png")
   return table
 
 

@@ -86,6 +86,11 @@ def prediction_config(**overrides) -> ml_collections.ConfigDict:
       # CosFace margin of the cosine head's loss: widens the angular gap FS certifies
       # (Theorem A.3.2); 0 = plain cross-entropy.
       head_margin=0.0,
+      head_scale=16.0,      # the cosine head's logit scale
+      # The cosine head's linear projection D -> head_dim before its prototypes (part of
+      # the encoder FS certifies; None: prototypes on the encoder's own feature, as CLIP
+      # zero-shot).
+      head_dim=config_dict.placeholder(int),
       bound="bernstein",    # FS confidence bound of h_u(x) (certify.certify_prediction)
       # Table 2's Monte Carlo; None = config.certify.n0 / config.certify.n.
       n0=config_dict.placeholder(int),

@@ -13,6 +13,8 @@ here; ``python -m certify.table2`` reads them back. The format, known only to th
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -40,6 +42,15 @@ class CosinePrototypeHead(nn.Module):
   the sphere. Initialise them from CLIP text embeddings of class prompts to get
   zero-shot CLIP. Use :func:`unit_prototypes` for the certificate.
 
+  With ``projection_dim`` d, a linear map ``projection`` ``[D, d]`` (no bias) comes first:
+  ``z -> P^T (z / ||z||)``, then the prototypes ``[K, d]``. The FS certificate then smooths
+  the projected encoder (:class:`ProjectedEncoder`, :func:`fs_encoder`): the projection is
+  part of the encoder FS certifies, which lets the head choose a low-dimensional space
+  where the classes are far apart in angle and the noisy features gather -- what the
+  certificate needs (Theorem A.3.2: certified iff ``2 arccos(gamma) < Delta``). An
+  encoder's raw features, e.g. a CNN's non-negative pooled ones, can sit in a narrow cone
+  where no prototypes have the margin.
+
   ``scale`` is a fixed temperature (default 16, as in NormFace/CosFace-style training):
   cosines live in [-1, 1], and without a scale the softmax stays too flat for
   cross-entropy to separate classes; a learnable scale tends to grow without bound
@@ -49,10 +60,12 @@ class CosinePrototypeHead(nn.Module):
     num_classes: ``K``.
     dim: feature dimension ``D``.
     scale: logit scale.
+    projection_dim: ``d``, or None for prototypes on the feature itself (CLIP zero-shot).
   """
   num_classes: int
   dim: int
   scale: float = 16.0
+  projection_dim: int | None = None
 
   @nn.compact
   def __call__(self, z: jax.Array) -> jax.Array:
@@ -60,10 +73,53 @@ class CosinePrototypeHead(nn.Module):
     if z.shape[-1] != self.dim:
       raise ValueError(f"CosinePrototypeHead expects features of dimension {self.dim}, got "
                        f"{z.shape[-1]}.")
+    if self.projection_dim is not None:
+      kernel = self.param("projection", nn.initializers.lecun_normal(),
+                          (self.dim, self.projection_dim), jnp.float32)
+      z = project(encoders_lib.normalise(z), kernel)
     w = self.param("prototypes", nn.initializers.normal(stddev=1.0),
-                   (self.num_classes, self.dim), jnp.float32)
+                   (self.num_classes, z.shape[-1]), jnp.float32)
     return self.scale * jnp.matmul(encoders_lib.normalise(z), encoders_lib.normalise(w).T,
                                    precision=jax.lax.Precision.HIGHEST)
+
+
+def project(z: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``z @ kernel`` at HIGHEST precision: the head and the certified encoder agree exactly."""
+  return jnp.matmul(z, jnp.asarray(kernel, jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ProjectedEncoder(encoders_lib.Encoder):
+  """A base encoder followed by a head's linear projection: ``x -> P^T f(x)`` (one token).
+
+  ``params`` is ``{"encoder": base_params, "projection": P [D, d]}``; :func:`fs_encoder`
+  builds both from a trained :class:`CosinePrototypeHead`. Deterministic and fixed, so
+  FS's certificates hold for it unchanged (docs/method.md section 2).
+  """
+
+  base: encoders_lib.Encoder
+  resolution: int = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "resolution", self.base.resolution)
+
+  def tokens(self, params, x, *, sigma=None):
+    return project(self.base(params["encoder"], x, sigma=sigma), params["projection"])[:, None]
+
+
+@functools.cache
+def _projected(base: encoders_lib.Encoder) -> ProjectedEncoder:
+  # One wrapper per base encoder: jit caches by the encoder's identity.
+  return ProjectedEncoder(base)
+
+
+def fs_encoder(encoder: encoders_lib.Encoder, params: Any, cosine_head: Any
+               ) -> tuple[encoders_lib.Encoder, Any]:
+  """The ``(encoder, params)`` FS certifies for a cosine head: projected when it projects."""
+  head = cosine_head.get("params", cosine_head)
+  if "projection" not in head:
+    return encoder, params
+  return _projected(encoder), {"encoder": params, "projection": head["projection"]}
 
 
 def unit_prototypes(params: Any) -> jax.Array:
@@ -156,7 +212,11 @@ def load_subset(data_config: Mapping[str, Any], *, num_classes: int,
 def _abstract_heads(meta: Mapping[str, Any]) -> dict[str, Any]:
   """Zero heads with the structure, shapes and dtypes of the stored ones."""
   k, d = len(meta["classes"]), int(meta["dim"])
-  one = {"cosine": {"params": {"prototypes": np.zeros((k, d), np.float32)}},
+  projection_dim = meta.get("projection_dim")
+  cosine = {"prototypes": np.zeros((k, projection_dim or d), np.float32)}
+  if projection_dim:
+    cosine["projection"] = np.zeros((d, projection_dim), np.float32)
+  one = {"cosine": {"params": cosine},
          "linear": {"params": {"dense": {"kernel": np.zeros((d, k), np.float32),
                                          "bias": np.zeros((k,), np.float32)}}}}
   return {"heads": [one for _ in meta["sigmas"]]}
@@ -184,7 +244,8 @@ def load_heads(workdir: str | os.PathLike) -> tuple[dict[str, Any], dict[float, 
     ``(meta, heads)``: ``meta`` is the ``heads.json`` sidecar (``sigmas``, ``classes``,
     ``class_names``, ``dim``, ``encoder``, settings, training ``history``);
     ``heads[sigma] = {"cosine": variables, "linear": variables}`` for each trained sigma.
-    Certify with ``certify.unit_prototypes(heads[sigma]["cosine"])`` (FS) and
+    Certify with ``certify.unit_prototypes(heads[sigma]["cosine"])`` on
+    :func:`fs_encoder` ``(encoder, params, heads[sigma]["cosine"])`` (FS) and
     ``head=heads[sigma]["linear"]`` (RS).
   """
   workdir = pathlib.Path(workdir)

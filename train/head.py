@@ -8,7 +8,11 @@ Paper Appendix A.3 and Table 2; method.md section 3. Two heads per sigma of
 boosted GSB variant, "FS+D+M", when ``config.gsb.checkpoint`` is set; else the base
 encoder):
 
-* the cosine-prototype head (:class:`heads_lib.CosinePrototypeHead`) that FS certifies;
+* the cosine-prototype head (:class:`heads_lib.CosinePrototypeHead`) that FS certifies,
+  with ``prediction.head_dim`` a linear projection first (part of the encoder FS then
+  certifies, :func:`fsjax.heads.fs_encoder`), trained with CosFace's margin
+  ``prediction.head_margin`` at logit scale ``prediction.head_scale``: the certificate
+  needs wide angular margins and noisy features that gather;
 * the linear head (:class:`heads_lib.LinearHead`), the base classifier of the RS baseline.
 
 Data: ``config.train_data`` restricted to the first ``config.prediction.num_classes``
@@ -56,6 +60,7 @@ from train import loop
 _FEATURE_BATCH = 64  # images per encoder call when caching features (one compilation)
 # Settings that must match for stored heads to be reused (and that certify.table2 checks).
 _SETTINGS = ("encoder", "sigmas", "classes", "dim", "head_noise", "noise_draws", "margin",
+             "scale", "projection_dim",
              "zero_shot", "steps", "learning_rate", "batch_size", "seed", "train_data")
 
 
@@ -118,19 +123,19 @@ def _features(params, x, key, index, scale, sigma, *, encoder):
 # ----------------------------------------------------------------------------------------
 
 
-def init_heads(key: jax.Array, *, num_classes: int, dim: int) -> dict[str, Any]:
-  """Fresh ``{"cosine": variables, "linear": variables}`` for ``[B, dim]`` features."""
-  k_cos, k_lin = jax.random.split(key)
-  z = jnp.zeros((1, dim), jnp.float32)
-  return {
-      "cosine": heads_lib.CosinePrototypeHead(num_classes, dim).init(k_cos, z),
-      "linear": heads_lib.LinearHead(num_classes).init(k_lin, z),
-  }
-
-
-def _head_modules(num_classes: int, dim: int) -> dict[str, nn.Module]:
-  return {"cosine": heads_lib.CosinePrototypeHead(num_classes, dim),
+def _head_modules(num_classes: int, dim: int, *, scale: float = 16.0,
+                  projection_dim: int | None = None) -> dict[str, nn.Module]:
+  return {"cosine": heads_lib.CosinePrototypeHead(num_classes, dim, scale=scale,
+                                                  projection_dim=projection_dim),
           "linear": heads_lib.LinearHead(num_classes)}
+
+
+def init_heads(key: jax.Array, *, num_classes: int, dim: int, scale: float = 16.0,
+               projection_dim: int | None = None) -> dict[str, Any]:
+  """Fresh ``{"cosine": variables, "linear": variables}`` for ``[B, dim]`` features."""
+  modules = _head_modules(num_classes, dim, scale=scale, projection_dim=projection_dim)
+  z = jnp.zeros((1, dim), jnp.float32)
+  return {name: m.init(k, z) for (name, m), k in zip(modules.items(), jax.random.split(key))}
 
 
 def _losses(heads, z, labels, *, modules, margin: float = 0.0):
@@ -155,7 +160,8 @@ def _losses(heads, z, labels, *, modules, margin: float = 0.0):
 
 def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
                 learning_rate: float, batch_size: int, key: jax.Array,
-                prototypes: Any = None, margin: float = 0.0,
+                prototypes: Any = None, margin: float = 0.0, scale: float = 16.0,
+                projection_dim: int | None = None,
                 writer: loop.MetricsWriter | None = None, **row_fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   """Trains the cosine-prototype and linear heads on cached unit features.
 
@@ -172,6 +178,8 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     batch_size: examples per step (capped at ``N``).
     key: PRNG key (initialisation and minibatches).
     margin: CosFace margin m of the cosine head's loss (0: plain cross-entropy).
+    scale: the cosine head's logit scale (:class:`fsjax.heads.CosinePrototypeHead`).
+    projection_dim: the cosine head's projection dimension, or None (no projection).
     writer: where to append metrics rows (``row_fields`` go into each row).
     prototypes: ``[K, D]`` fixed unit prototypes (CLIP zero-shot); then the cosine head is
       not trained, its ``prototypes`` parameter is these.
@@ -200,11 +208,21 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     raise ValueError(f"config.prediction.head_batch_size must be an integer >= 1, got "
                      f"{batch_size}.")
   dim = z.shape[1]
-  modules = _head_modules(num_classes, dim)
+  if projection_dim is not None and (int(projection_dim) != projection_dim
+                                     or projection_dim < 2):
+    raise ValueError(f"config.prediction.head_dim must be an integer >= 2 or None, got "
+                     f"{projection_dim!r}.")
+  if not scale > 0:
+    raise ValueError(f"config.prediction.head_scale must be > 0, got {scale}.")
+  modules = _head_modules(num_classes, dim, scale=scale, projection_dim=projection_dim)
   k_init, k_data = jax.random.split(key)
-  heads = init_heads(k_init, num_classes=num_classes, dim=dim)
+  heads = init_heads(k_init, num_classes=num_classes, dim=dim, scale=scale,
+                     projection_dim=projection_dim)
   fixed = {}
   if prototypes is not None:
+    if projection_dim is not None:
+      raise ValueError("fixed (zero-shot) prototypes live in the encoder's feature space: "
+                       "set config.prediction.head_dim=None with zero_shot=True.")
     certify.check_prototypes(prototypes, dim)
     fixed["cosine"] = {"params": {"prototypes": jnp.asarray(prototypes, jnp.float32)}}
     del heads["cosine"]
@@ -284,6 +302,8 @@ def _settings(config, encoder_name: str, dim: int) -> dict[str, Any]:
       "learning_rate": float(p.head_learning_rate),
       "batch_size": int(p.head_batch_size),
       "margin": float(p.get("head_margin", 0.0)),
+      "scale": float(p.get("head_scale", 16.0)),
+      "projection_dim": None if p.get("head_dim") is None else int(p.head_dim),
       "seed": int(config.seed),
       "train_data": {"name": td.name, "split": td.split, "image_size": int(td.image_size),
                      "seed": int(td.get("seed") or 0), "per_class": int(p.train_per_class)},
@@ -346,7 +366,8 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
       heads, hist = train_heads(z, y, num_classes=num_classes, steps=settings["steps"],
                                 learning_rate=settings["learning_rate"],
                                 batch_size=settings["batch_size"], key=k_train,
-                                margin=settings["margin"],
+                                margin=settings["margin"], scale=settings["scale"],
+                                projection_dim=settings["projection_dim"],
                                 prototypes=prototypes, writer=writer, sigma=sigma)
       trained.append(heads)
       history[str(sigma)] = hist

@@ -31,7 +31,7 @@ def _config(root):
     # (its certified radii are all 0 at such small n), so the comparison below has teeth.
     config.prediction = common.prediction_config(
         num_classes=K, train_per_class=4, test_per_class=TEST_PER_CLASS, head_steps=60,
-        head_learning_rate=0.05, noise_draws=2, n0=8, n=32, bound="point")
+        head_learning_rate=0.05, noise_draws=2, n0=8, n=32, bound="point", head_dim=4)
     config.certify.update(sigmas=SIGMAS, chunk_size=16, batch_size=4)  # 2 batches, 1 padded
   return config
 
@@ -51,7 +51,8 @@ def result(tmp_path_factory, make_folder_dataset):
 
 def test_files_written(result):
   _, workdir, _, rows, _ = result
-  for name in ("prediction_results.jsonl", "table2.md", "table2.csv", "table2.png"):
+  for name in ("prediction_results.jsonl", "table2.md", "table2.csv", "table2.png",
+               "table2_margins.png"):
     assert (workdir / name).stat().st_size > 0
   assert len(rows) == len(SIGMAS) * 2 * K * TEST_PER_CLASS
   # config.prediction.n0/n override config.certify's (16/128 in clip_tiny).
@@ -100,9 +101,24 @@ def test_rows_match_direct_certify_calls(result):
       x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])  # the padding
       k = jax.random.fold_in(key, b)
       mc = dict(sigma=sigma, key=k, n0=8, n=32, alpha=config.certify.alpha, chunk_size=16)
-      fs = certify.certify_prediction(
-          params, x, encoder=encoder, bound="point",
-          prototypes=certify.unit_prototypes(heads[sigma]["cosine"]), **mc)
+      # The head projects: FS certifies x -> P^T f(x) (fsjax.heads.fs_encoder).
+      kernel = heads[sigma]["cosine"]["params"]["projection"]
+      fs_params = {"encoder": params, "projection": kernel}
+      projected = heads_lib.ProjectedEncoder(encoder)
+      w = certify.unit_prototypes(heads[sigma]["cosine"])
+      fs = certify.certify_prediction(fs_params, x, encoder=projected, bound="point",
+                                      prototypes=w, **mc)
+      margin = certify.prediction_margin(fs_params, x, encoder=projected, bound="point",
+                                         prototypes=w, **mc)
+      got_fs = sorted((r for r in rows if r["sigma"] == sigma and r["method"] == "FS"
+                       and b * bs <= r["image"] < (b + 1) * bs), key=lambda r: r["image"])
+      n_fs = len(got_fs)
+      np.testing.assert_allclose([r["margin"] for r in got_fs], margin.margin[:n_fs], rtol=1e-6)
+      np.testing.assert_allclose([1 - r["h_lcb"] for r in got_fs], margin.deficit[:n_fs],
+                                 rtol=1e-5, atol=1e-7)
+      need = 4 * np.arccos(np.sqrt(1 - margin.deficit[:n_fs].astype(np.float64)))
+      np.testing.assert_allclose([r["required_margin"] for r in got_fs], need, rtol=1e-4,
+                                 atol=1e-5)
       rs = certify.rs_certify(params, x, encoder=encoder, head=heads[sigma]["linear"], **mc)
       for method, (cls, radius) in (("FS", fs), ("RS", rs)):
         got = sorted((r for r in rows if r["sigma"] == sigma and r["method"] == method
