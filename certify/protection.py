@@ -1,21 +1,31 @@
-r"""MLLM protection, measured: the paper's Tables 3-5 (and Table 7) on a LLaVA.
+r"""MLLM protection, measured: the paper's Tables 3-5 (and Table 7) on LLaVA or OpenFlamingo.
 
   python -m certify.protection --config configs/llava_embedded.py --task=classify \
       --attack=attackvlm --workdir DIR --config.llava.checkpoint=/tmp/fsjax_llava
   python -m certify.protection --config configs/llava_embedded.py --task=timing \
       --workdir DIR --config.llava.checkpoint=/tmp/fsjax_llava
+  python -m certify.protection --config configs/openflamingo_9b.py --task=caption \
+      --workdir DIR --config.protection.data.clean_dir=... --config.protection.data.target_dir=...
 
 ``--task`` is ``caption`` (Table 3), ``classify`` (Table 4), ``vqa`` (Table 5) or
-``timing`` (Table 7); ``--attack`` one of ``attackvlm``, ``mattack``, ``foa``, ``pgd``
-(fsjax.attacks), a comma-separated list, or ``all``.
+``timing`` (Table 7), default ``config.protection.task``; ``--attack`` one of
+``attackvlm``, ``mattack``, ``foa``, ``pgd`` (fsjax.attacks), a comma-separated list, or
+``all``.
 
-Rows (one LLaVA language side, several vision sides; ``config.protection``):
+The MLLM is the config's: ``config.llava`` (``fsjax.llava``) or ``config.openflamingo``
+(``fsjax.flamingo``), one of the two. The program only uses their common surface
+(:class:`fsjax.mllm.MLLM`): the features the language side consumes from an encoder
+(smoothed or not), a task's prompt in the model's own format, greedy answers from
+injected features.
+
+Rows (one language side, several vision sides; ``config.protection``):
 
 * ``original``: the MLLM as it is, on its encoder.
 * ``smoothed`` (FS alone), or ``smoothed + GSB (FS+D+M)`` when ``config.gsb.checkpoint``
-  is set (a ``train.gsb`` workdir of the same encoder, ``fsjax.variants``): the LLM sees
-  the smoothed encoder's features (``fsjax.llava.smoothed_tokens``: ``n`` noise samples,
-  the smoothed direction at the Monte Carlo mean norm).
+  is set (a ``train.gsb`` workdir of the same encoder, ``fsjax.variants``): the language
+  side sees the smoothed *vision encoder*'s features (``fsjax.llava.smoothed_tokens``:
+  ``n`` noise samples, the smoothed direction at the Monte Carlo mean norm). LLaVA's
+  projector and OpenFlamingo's Perceiver resampler come after the smoothed encoder.
 * one row per encoder sub-config of ``extra_encoders`` (a ``label`` plus the keys of
   ``config.encoder``: FARE, TeCoA), and its smoothed row when ``smooth_extra``.
 
@@ -25,34 +35,43 @@ denoiser and mapper. The MLLM itself is only queried, greedily, on the adversari
 images. Columns per attack (Section 6.1):
 
 * ``FCS``: cosine between the features of the clean and of the adversarial image that
-  the LLM consumes (for a smoothed row both are smoothed features, independent noise).
+  the language side consumes (for a smoothed row both are smoothed features,
+  independent noise).
 * Classification / VQA: the answer is parsed (first integer / first option letter);
   ``ACC`` = share answering the correct option, ``ASR`` = share answering the attacker's
-  target option (classification: the held-out target class; VQA: "None of the above").
+  target option (the last one: the held-out target class, or "None of the above").
   Unparsable answers are neither and are counted (``unparsable``).
-* Captioning: a judge (``config.protection.judge``: exact match by default, ``"item"``
-  (:func:`item_match`: the embedded captions name the same item), or CLIP text
-  similarity, BLEU / CIDEr, an LLM endpoint; :mod:`fsjax.tasks`) scores each
-  caption against the *original* MLLM's captions of the clean image (ACC) and of the
-  target image (ASR); cells are "rate at ``threshold`` (mean score)", as the paper's.
+* Captioning (prompt ``caption_prompt``): a judge (``config.protection.judge``: exact
+  match by default, ``"item"`` (:func:`item_match`: the embedded captions name the same
+  item), or CLIP text similarity, BLEU / CIDEr, an LLM endpoint (``run(..., judge=)``);
+  :mod:`fsjax.tasks`) scores each caption against the *original* MLLM's captions of the
+  clean image (ACC) and of the target image (ASR); cells are "rate at ``threshold``
+  (mean score)", as the paper's.
 
-Data (``config.protection.data``, local files through ``fsjax.data``): the embedded
-Fashion-MNIST questions of :mod:`fsjax.tasks` (classification with "bag" as the target
-option, VQA with "None of the above", the caption prompt); clean images are balanced
-over the classes a task attacks, target images are bags (classify, caption) or images
-of a class the VQA question does not list.
+Data (``config.protection.data``, local files only; ``source``):
+
+* ``"embedded"``: the embedded Fashion-MNIST questions of :mod:`fsjax.tasks`
+  (classification with "bag" as the target option, VQA with "None of the above", the
+  caption prompt) over an ``fsjax.data`` dataset with Fashion-MNIST's ten labels; clean
+  images are balanced over the classes a task attacks, target images are bags (classify,
+  caption) or images of a class the VQA question does not list.
+* ``"paper"``: the paper's sets (``configs.common.paper_protection_data``): clean /
+  target image pairs for captions (``clean_dir``, ``target_dir``), the ten ImageNet
+  classes with "shark" as the target option (``dataset``, ``manual_dir``), a ScienceQA
+  file (``scienceqa``, targets from ``target_dir``); the paper's prompts.
 
 Writes ``protection_<task>.jsonl`` (one row per variant, attack and image: answers,
 parsed options, scores, FCS, l_inf), ``protection_<task>.md`` / ``.csv`` (the table),
 ``protection_<task>_config.json`` and ``protection_<task>_<attack>.png`` (clean |
 adversarial per row with its answer | target). ``--task=timing`` writes ``timing.*``:
-per-image inference time of the smoothed MLLM for each ``n`` of ``timing_n`` against the
-unsmoothed one, in the same run (Table 7).
+per-image inference time (image in, answer out) of the smoothed MLLM for each ``n`` of
+``timing_n`` against the unsmoothed one, in the same run (Table 7).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -72,13 +91,17 @@ from fsjax import batching
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
+from fsjax import flamingo
 from fsjax import llava
+from fsjax import mllm
 from fsjax import tasks
 from fsjax import variants as variants_lib
-from fsjax.llava import prompt as llava_prompt
 from fsjax.tasks import _instructions as instructions
 
 TASKS = ("caption", "classify", "vqa", "timing")
+# The config sections naming the MLLM (exactly one is present).
+MLLM_SECTIONS = ("llava", "openflamingo")
+DATA_SOURCES = ("embedded", "paper")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +123,31 @@ def _external_tower(checkpoint: str) -> bool:
   return path.is_file() and json.loads(path.read_text()).get("vision_config", {}) is None
 
 
-def build_mllm(config) -> tuple[llava.Llava, dict]:
-  """The unsmoothed MLLM ``(model, params)``.
+def mllm_section(config) -> str:
+  """The config section that names the MLLM: ``"llava"`` or ``"openflamingo"``."""
+  present = [s for s in MLLM_SECTIONS if config.get(s) is not None]
+  if len(present) != 1:
+    raise ValueError(f"certify.protection needs exactly one MLLM section of {MLLM_SECTIONS} "
+                     f"in the config, got {present or 'none'} (e.g. configs/llava15_7b.py or "
+                     "configs/openflamingo_9b.py).")
+  return present[0]
 
-  A checkpoint trained on another tower (``vision_config: null``, e.g. ``train.llava``'s
-  embedded model) loads with ``config.encoder``; anything else is
-  :func:`fsjax.llava.build` (a LLaVA directory with its CLIP tower, or a random init).
+
+def build_mllm(config) -> tuple[mllm.MLLM, dict]:
+  """The unsmoothed MLLM ``(model, params)``, ``params = {"vision": ..., "language": ...}``.
+
+  ``config.openflamingo``: :func:`fsjax.flamingo.build`. ``config.llava``: a checkpoint
+  trained on another tower (``vision_config: null``, e.g. ``train.llava``'s embedded
+  model) loads with ``config.encoder``; anything else is :func:`fsjax.llava.build` (a
+  LLaVA directory with its CLIP tower, or a random init).
   """
+  if mllm_section(config) == "openflamingo":
+    of = flamingo.build(config).replace(smoothing=None)
+    if of.tokenizer is None:
+      raise ValueError("config.openflamingo.tokenizer is not set: certify.protection asks the "
+                       "model in words; pass --config.openflamingo.tokenizer=/path/to/mpt-7b "
+                       "(the gpt-neox-20b tokenizer folder).")
+    return of, of.mllm_params
   c = config.llava
   if c.get("checkpoint") and _external_tower(c.checkpoint):
     encoder, encoder_params = encoders_lib.build(config.encoder)
@@ -123,7 +164,14 @@ def build_mllm(config) -> tuple[llava.Llava, dict]:
                              system_prompt=c.get("system_prompt")), params
 
 
-def build_rows(config, model: llava.Llava, params: dict) -> list[Row]:
+def _mllm_name(config) -> str:
+  """The MLLM in the tables' captions: its checkpoint, or "random init"."""
+  section = mllm_section(config)
+  checkpoint = config[section].get("checkpoint")
+  return f"{section} {checkpoint}" if checkpoint else f"{section} (random init)"
+
+
+def build_rows(config, model: mllm.MLLM, params: dict) -> list[Row]:
   """The table's rows, in order (see the module docstring)."""
   c = config.protection
   rows = [Row("original", model.encoder, params["vision"], False)]
@@ -141,6 +189,10 @@ def build_rows(config, model: llava.Llava, params: dict) -> list[Row]:
     if c.smooth_extra:
       rows.append(Row(f"{label} + smoothed", encoder, encoder_params, True))
   return rows
+
+
+def _caption_prompt(c) -> str:
+  return c.get("caption_prompt", tasks.CAPTION_PROMPT)
 
 
 def check_protection_config(c) -> None:
@@ -164,6 +216,14 @@ def check_protection_config(c) -> None:
     if not e.get("label") or not e.get("name"):
       raise ValueError(f"config.protection.extra_encoders[{i}] needs a 'label' (the row "
                        "name) and an encoder 'name' (plus the other config.encoder keys).")
+  if c.data.get("source", "embedded") not in DATA_SOURCES:
+    raise ValueError(f"config.protection.data.source={c.data.source!r} must be one of "
+                     f"{DATA_SOURCES}.")
+  prompt = _caption_prompt(c)
+  if not isinstance(prompt, str) or not prompt.strip():
+    raise ValueError(f"config.protection.caption_prompt={prompt!r} must be the caption "
+                     "task's text, e.g. the paper's 'Describe this image in one concise "
+                     "sentence, no longer than 20 words.' (OpenFlamingo: 'Output:').")
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,29 +243,52 @@ def _images(spec, *, classes: Sequence[int], per_class: int, seed_offset: int = 
   return images, labels
 
 
-def task_data(config, task: str) -> dict[str, Any]:
-  """Clean images, their :class:`fsjax.tasks.Question` (None for captions), targets.
+def _balanced(labels: np.ndarray, n: int) -> np.ndarray:
+  """Indices of the first ``n`` images in round-robin order over the classes (rank within
+  its class, then class), so that any ``n`` is balanced."""
+  seen, rank = {}, np.zeros(len(labels), int)
+  for i, l in enumerate(np.asarray(labels).tolist()):
+    rank[i] = seen.get(l, 0)
+    seen[l] = rank[i] + 1
+  return np.lexsort((labels, rank))[:n]
 
-  Clean images are balanced over the attacked classes (the nine clean classes; all ten
-  for VQA), in a seeded interleaved order so any ``num_images`` is balanced.
+
+def _too_few(what: str, have: int, n: int) -> None:
+  if have < n:
+    raise ValueError(f"{what} has only {have} images for config.protection.num_images={n}; "
+                     "lower num_images or add images.")
+
+
+def task_data(config, task: str) -> dict[str, Any]:
+  """The task's evaluation set, from ``config.protection.data`` (``source``).
+
+  Returns:
+    ``images`` (clean, ``[N, S, S, 3]`` in [0, 1]), ``labels`` (int ``[N]``: the
+    dataset's class, -1 where none), ``questions`` (a :class:`fsjax.tasks.Question` per
+    image; None for captions), ``targets`` (the attacker's target images, ``[N, S, S,
+    3]``), ``titles`` (the clean images' titles in the PNG strip) and ``option_names``
+    (classification: the name of each option, the target last; else None).
   """
   c = config.protection
+  source = c.data.get("source", "embedded")
+  if source == "embedded":
+    return _embedded_data(c, task)
+  if source == "paper":
+    return _paper_data(c, task)
+  raise ValueError(f"config.protection.data.source={source!r} must be one of {DATA_SOURCES}.")
+
+
+def _embedded_data(c, task: str) -> dict[str, Any]:
+  """The embedded Fashion-MNIST questions; clean images balanced over the attacked classes
+  (the nine clean classes; all ten for VQA), in a seeded interleaved order."""
   spec = dict(c.data)
   n = int(c.num_images)
   attacked = [l for l in range(10) if task == "vqa" or l != instructions.TARGET_LABEL]
   per_class = -(-n // len(attacked))
   images, labels = _images(spec, classes=attacked, per_class=per_class)
-  # Round robin over the classes (rank within its class, then class), so that the first
-  # n images are balanced whatever n.
-  seen, rank = {}, np.zeros(len(labels), int)
-  for i, l in enumerate(labels.tolist()):
-    rank[i] = seen.get(l, 0)
-    seen[l] = rank[i] + 1
-  order = np.lexsort((labels, rank))[:n]
+  order = _balanced(labels, n)
   images, labels = images[order], labels[order]
-  if len(images) < n:
-    raise ValueError(f"{spec['name']} split {spec['split']!r} has too few images for "
-                     f"config.protection.num_images={n}.")
+  _too_few(f"{spec['name']} split {spec['split']!r}", len(images), n)
   if task == "vqa":
     questions, target_labels = instructions.vqa_questions(labels, seed=int(spec.get("seed", 0)))
     counts = np.bincount(target_labels, minlength=10)
@@ -222,14 +305,64 @@ def task_data(config, task: str) -> dict[str, Any]:
                  if task == "classify" else None)
     targets, _ = _images(spec, classes=[instructions.TARGET_LABEL], per_class=n,
                          seed_offset=1)
-    if len(targets) < n:
-      raise ValueError(f"{spec['name']} has only {len(targets)} target images (class "
-                       f"{instructions.TARGET_LABEL}); lower config.protection.num_images.")
-  return {"images": images, "labels": labels, "questions": questions, "targets": targets}
+    _too_few(f"{spec['name']}'s target class {instructions.TARGET_LABEL}", len(targets), n)
+  options = [instructions.CLASS_NAMES[l] for l in instructions.CLEAN_LABELS]
+  return {"images": images, "labels": labels, "questions": questions, "targets": targets,
+          "titles": [f"clean: {instructions.CLASS_NAMES[int(l)]}" for l in labels],
+          "option_names": (options + [instructions.CLASS_NAMES[instructions.TARGET_LABEL]]
+                           if task == "classify" else None)}
 
 
-def prompts_of(task: str, questions, n: int) -> list[str]:
-  return [tasks.CAPTION_PROMPT] * n if task == "caption" else [q.prompt for q in questions]
+def _path(spec, key: str, what: str) -> str:
+  if not spec.get(key):
+    raise ValueError(f"config.protection.data.{key} is not set: {what} "
+                     f"(--config.protection.data.{key}=/path). Nothing is downloaded.")
+  return spec[key]
+
+
+def _paper_data(c, task: str) -> dict[str, Any]:
+  """The paper's evaluation sets (``configs.common.paper_protection_data``)."""
+  spec, n = c.data, int(c.num_images)
+  size = int(spec.image_size)
+  if task == "classify":
+    per_class = -(-n // len(tasks.PAPER_CLASSES))
+    d = tasks.classification_images(
+        image_size=size, per_class=per_class, dataset=spec.dataset, split=spec.split,
+        seed=int(spec.get("seed", 0)), data_dir=spec.get("data_dir"),
+        manual_dir=spec.get("manual_dir"))
+    order = _balanced(d.labels, n)
+    _too_few(f"{spec.dataset} split {spec.split!r}", len(order), n)
+    labels = d.labels[order]
+    return {"images": d.images[order], "labels": labels, "targets": d.target_images[order],
+            "questions": [tasks.classification_question(tasks.PAPER_CLASSES, int(l))
+                          for l in labels],
+            "titles": [f"clean: {tasks.PAPER_CLASSES[int(l)]}" for l in labels],
+            "option_names": list(tasks.PAPER_CLASSES) + [tasks.PAPER_TARGET_CLASS]}
+  target_dir = _path(spec, "target_dir", "the folder of target images (M-Attack's "
+                     "target_images)")
+  if task == "caption":
+    clean_dir = _path(spec, "clean_dir", "the folder of clean images (M-Attack's NIPS-2017 "
+                      "dev images)")
+    pairs = tasks.image_pairs(clean_dir, target_dir, image_size=size, num_examples=n)
+    return {"images": pairs.clean, "labels": np.full(n, -1), "questions": None,
+            "targets": pairs.target, "titles": pairs.clean_names, "option_names": None}
+  q = tasks.load_scienceqa(_path(spec, "scienceqa", "a ScienceQA-format JSON/JSONL file"),
+                           image_size=size, num_examples=n)
+  _too_few(f"config.protection.data.scienceqa={spec.scienceqa}", len(q.images), n)
+  # The target folder's images (image_pairs of the folder with itself), in turn: images
+  # unrelated to the question, whose answer is then "None of the above" (our choice).
+  targets = tasks.image_pairs(target_dir, target_dir, image_size=size).target
+  targets = targets[np.arange(n) % len(targets)]
+  return {"images": q.images, "labels": np.full(n, -1), "targets": targets,
+          "questions": [tasks.vqa_question(q.questions[i], q.choices[i], int(q.answers[i]))
+                        for i in range(n)],
+          "titles": [f"clean: {i}" for i in q.ids], "option_names": None}
+
+
+def prompts_of(task: str, questions, n: int, caption_prompt: str = tasks.CAPTION_PROMPT
+               ) -> list[str]:
+  """The N prompts of a task (the user's text; the model's format places the image)."""
+  return [caption_prompt] * n if task == "caption" else [q.prompt for q in questions]
 
 
 # ---------------------------------------------------------------------------------------
@@ -237,10 +370,11 @@ def prompts_of(task: str, questions, n: int) -> list[str]:
 # ---------------------------------------------------------------------------------------
 
 
-def llm_features(model: llava.Llava, params: dict, row: Row, x: np.ndarray, c,
+def llm_features(model: mllm.MLLM, params: dict, row: Row, x: np.ndarray, c,
                  key: jax.Array) -> np.ndarray:
-  """``[N, T, D]`` features the LLM consumes for the row: the encoder's tokens, or the
-  smoothed encoder's (``fsjax.llava.smoothed_tokens`` with ``c.n`` samples)."""
+  """``[N, T, D]`` features the language side consumes for the row: the encoder's tokens,
+  or the smoothed encoder's (``fsjax.llava.smoothed_tokens`` with ``c.n`` samples). For
+  LLaVA they feed the projector, for OpenFlamingo the Perceiver resampler."""
   m = model.with_encoder(row.encoder)
   if row.smoothed:
     m = m.smoothed(c.sigma, n=c.n, chunk_size=min(c.n, 16))
@@ -252,20 +386,17 @@ def llm_features(model: llava.Llava, params: dict, row: Row, x: np.ndarray, c,
   return np.concatenate(out)
 
 
-def generate(model: llava.Llava, params: dict, features: np.ndarray, prompts: list[str], *,
+def generate(model: mllm.MLLM, params: dict, features: np.ndarray, prompts: list[str], *,
              max_new_tokens: int, batch_size: int) -> list[str]:
-  """Greedy answers from features ``[N, T, D]`` and N prompts (``params["language"]`` used)."""
+  """Greedy answers from features ``[N, T, D]`` and N prompts (``params["language"]`` used),
+  in batches of ``batch_size`` (the last one padded: one shape, one compilation)."""
   out = []
-  t = features.shape[1]
   for sl in batching.batch_slices(len(prompts), batch_size):
     n = sl.stop - sl.start
     ps = prompts[sl] + [prompts[sl][-1]] * (batch_size - n)
-    ids, valid = model.prompt_ids(ps, batch=batch_size, num_image_tokens=t)
-    tokens, _ = model.generate_ids(params, ids, batching.pad_rows(features[sl], batch_size),
-                                   valid=valid, max_new_tokens=max_new_tokens)
-    out += llava_prompt.decode(model.tokenizer, np.asarray(tokens)[:n],
-                               eos_token_id=model.eos_token_id)
-  return [s.strip() for s in out]
+    out += mllm.answer(model, params, batching.pad_rows(features[sl], batch_size), ps,
+                       max_new_tokens=max_new_tokens)[:n]
+  return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,19 +427,35 @@ def _judge(c):
   return tasks.judges.get(c.judge, **options)
 
 
-def run(config, workdir: str, task: str = "classify", attack: str = "all") -> list[dict]:
-  """Runs the attacks on every row and task; writes the files; returns the table rows."""
-  if task not in TASKS:
-    raise ValueError(f"--task={task!r} must be one of {TASKS}.")
+def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
+        judge: tasks.Judge | None = None) -> list[dict]:
+  """Runs the attacks on every row; writes the files; returns the table rows.
+
+  Args:
+    config: a config with ``protection`` and one MLLM section (``llava`` or
+      ``openflamingo``).
+    workdir: the output folder.
+    task: ``caption``, ``classify``, ``vqa`` or ``timing``; None: ``config.protection.task``.
+    attack: an attack name, a comma-separated list, or ``all``.
+    judge: the caption judge, overriding ``config.protection.judge`` (e.g.
+      ``fsjax.tasks.LLMJudge(complete)``, the paper's GPT judge on your endpoint).
+  """
   c = config.get("protection")
   if c is None:
     raise ValueError("certify.protection needs a config.protection section (see "
-                     "configs/llava_embedded.py).")
+                     "configs/common.py:protection_config).")
+  task = c.get("task", "classify") if task is None else task
+  if task not in TASKS:
+    raise ValueError(f"--task={task!r} must be one of {TASKS}.")
   check_protection_config(c)
+  mllm_section(config)
   if task == "timing":
     return timing(config, workdir)
   names = robustness.attack_names(attack)
-  judge = _judge(c) if task == "caption" else None
+  judge_name = repr(c.judge) if judge is None else getattr(judge, "__name__",
+                                                             type(judge).__name__)
+  if task == "caption" and judge is None:
+    judge = _judge(c)
   workdir = pathlib.Path(workdir)
   stem = f"protection_{task}"
   report.save_config(config, workdir, f"{stem}_config.json")
@@ -316,7 +463,7 @@ def run(config, workdir: str, task: str = "classify", attack: str = "all") -> li
   rows = build_rows(config, model, params)
   data = task_data(config, task)
   x, t, questions = data["images"], data["targets"], data["questions"]
-  prompts = prompts_of(task, questions, len(x))
+  prompts = prompts_of(task, questions, len(x), _caption_prompt(c))
   key = jax.random.PRNGKey(config.seed)
   ask = lambda z: generate(model, params, z, prompts,  # pylint: disable=g-long-lambda
                            max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
@@ -355,27 +502,34 @@ def run(config, workdir: str, task: str = "classify", attack: str = "all") -> li
                           questions[i] if questions else None, references, judge))
         strips[name][row.label] = (adv[:c.examples], adv_answers[:c.examples])
       table.append(line)
-  caption = (f"Table {dict(caption=3, classify=4, vqa=5)[task]} ({task}) of the MLLM at "
-             f"{config.llava.get('checkpoint') or 'random init'} on {c.data.name} "
-             f"{c.data.split}: {len(x)} images; l_inf budget {c.linf_budget * 255:g}/255, "
-             f"{c.steps} steps of {c.step_size * 255:g}/255; smoothed rows: sigma = "
-             f"{c.sigma:g}, n = {c.n}, {c.eot_samples} EOT draws per attack step. "
+  caption = (f"Table {dict(caption=3, classify=4, vqa=5)[task]} ({task}) of the MLLM "
+             f"{_mllm_name(config)} on {_data_name(c.data, task)}: {len(x)} images; l_inf "
+             f"budget {c.linf_budget * 255:g}/255, {c.steps} steps of "
+             f"{c.step_size * 255:g}/255; smoothed rows: sigma = {c.sigma:g}, n = {c.n}, "
+             f"{c.eot_samples} EOT draws per attack step. "
              + ("Captions: rate of judge scores >= "
-                f"{c.threshold:g} (mean score), judge {c.judge!r} against the original "
+                f"{c.threshold:g} (mean score), judge {judge_name} against the original "
                 "model's captions of the clean (ACC) and target (ASR) images."
                 if task == "caption" else
                 "ACC / ASR: answers naming the correct / the target option; unparsable "
                 "answers count as neither."))
   print(report.write_table(table, workdir, stem, caption=caption))
   if c.examples:
-    clean_titles = [f"clean: {instructions.CLASS_NAMES[int(l)]}"
-                    for l in data["labels"][:c.examples]]
+    options = data["option_names"]
     for name in names:
       plot_strip(x[:c.examples], t[:c.examples], strips[name],
                  workdir / f"{stem}_{name}.png", title=f"{task}, {name}",
-                 clean_titles=clean_titles,
-                 describe=describe_option if task == "classify" else None)
+                 clean_titles=data["titles"][:c.examples],
+                 describe=(lambda a: describe_option(a, options)) if options else None)
   return table
+
+
+def _data_name(spec, task: str) -> str:
+  if spec.get("source", "embedded") == "embedded":
+    return f"{spec.name} {spec.split}"
+  return {"caption": f"the image pairs of {spec.get('clean_dir')} / {spec.get('target_dir')}",
+          "classify": f"{spec.dataset} {spec.split} (the paper's ten classes, target shark)",
+          "vqa": f"ScienceQA {spec.get('scienceqa')}"}[task]
 
 
 def score(task, answers: list[str], questions, references, judge, threshold,
@@ -404,13 +558,13 @@ def image_row(task, variant, attack, i, label, clean_answer, answer, fcs, linf, 
   return row
 
 
-def describe_option(answer: str) -> str:
-  """A classification answer with the class it names: ``"9"`` -> ``"9 (bag)"``."""
-  option = tasks.parse_integer(answer, len(instructions.CLEAN_LABELS) + 1)
+def describe_option(answer: str, option_names: Sequence[str]) -> str:
+  """A classification answer with the class it names: ``"9"`` -> ``"9 (bag)"``
+  (``option_names``: the name of each option, the target last)."""
+  option = tasks.parse_integer(answer, len(option_names))
   if option == tasks.UNPARSABLE:
     return answer
-  labels = list(instructions.CLEAN_LABELS) + [instructions.TARGET_LABEL]
-  return f"{answer} ({instructions.CLASS_NAMES[labels[option]]})"
+  return f"{answer} ({option_names[option]})"
 
 
 def plot_strip(x, targets, adversarial: dict, path: pathlib.Path, *, title: str,
@@ -440,25 +594,37 @@ def _wrap(text: str, width: int = 28) -> str:
 # ---------------------------------------------------------------------------------------
 
 
+def _answer_images(model: mllm.MLLM, params: dict, x: np.ndarray, prompts: list[str], *,
+                   key: jax.Array, max_new_tokens: int) -> list[str]:
+  """Image in, answers out: the encoder (smoothed or not), then greedy generation."""
+  return mllm.answer(model, params, model.image_features(params, x, key=key), prompts,
+                     max_new_tokens=max_new_tokens)
+
+
 def timing(config, workdir: str) -> list[dict]:
-  """Per-image wall time of ``generate`` (image in, answer out), smoothed with each n of
-  ``timing_n`` vs unsmoothed, in the same run; the first call of each is compilation and
-  not timed; the median of ``timing_repeats`` calls is reported."""
+  """Per-image wall time of image in, answer out (encoder, smoothed with each n of
+  ``timing_n`` or not, then greedy generation), in the same run, on the images and
+  prompt of ``config.protection.task``; the first call of each is compilation and not
+  timed; the median of ``timing_repeats`` calls is reported."""
   c = config.protection
+  task = c.get("task", "classify")
+  task = task if task in TASKS[:3] else "classify"
   workdir = pathlib.Path(workdir)
   report.save_config(config, workdir, "timing_config.json")
   model, params = build_mllm(config)
-  data = task_data(config, "classify")
+  data = task_data(config, task)
   x = data["images"][:c.timing_images]
   if len(x) < c.timing_images:
     raise ValueError("config.protection.timing_images is larger than num_images.")
-  prompt = data["questions"][0].prompt
+  prompts = prompts_of(task, data["questions"], len(x), _caption_prompt(c))[:1] * len(x)
+  key = jax.random.PRNGKey(config.seed)
   variants = [("original", None)] + [(f"smoothed n={int(n)}", int(n)) for n in c.timing_n]
   table = []
   with report.rows(workdir / "timing.jsonl") as write:
     for label, n in variants:
       m = model if n is None else model.smoothed(c.sigma, n=n, chunk_size=min(n, 16))
-      call = lambda: m.generate(params, x, prompt, max_new_tokens=c.max_new_tokens)  # pylint: disable=cell-var-from-loop
+      call = functools.partial(_answer_images, m, params, x, prompts, key=key,
+                               max_new_tokens=c.max_new_tokens)
       call()  # compile
       times = []
       for _ in range(c.timing_repeats):
@@ -472,22 +638,21 @@ def timing(config, workdir: str) -> list[dict]:
   for row in table:
     row["x original"] = row["seconds per image"] / base
   caption = (f"Table 7: per-image inference time (image -> greedy answer of at most "
-             f"{c.max_new_tokens} tokens) of the MLLM at "
-             f"{config.llava.get('checkpoint') or 'random init'}, batch of {len(x)} images, "
-             f"median of {c.timing_repeats} calls after compilation, on "
+             f"{c.max_new_tokens} tokens, {task} prompt) of the MLLM {_mllm_name(config)}, "
+             f"batch of {len(x)} images, median of {c.timing_repeats} calls after compilation, on "
              f"{jax.devices()[0].platform} ({os.cpu_count()} CPUs), same run.")
   print(report.write_table(table, workdir, "timing", caption=caption))
   return table
 
 
-def main(config, workdir: str, task: str = "classify", attack: str = "all") -> None:
+def main(config, workdir: str, task: str | None = None, attack: str = "all") -> None:
   run(config, workdir, task, attack)
 
 
 if __name__ == "__main__":
   def _flags():
-    flags.DEFINE_enum("task", "classify", list(TASKS), "The MLLM task (Tables 3-5) or "
-                      "'timing' (Table 7).")
+    flags.DEFINE_enum("task", None, list(TASKS), "The MLLM task (Tables 3-5) or 'timing' "
+                      "(Table 7); default config.protection.task.")
     flags.DEFINE_string("attack", robustness.ALL, f"One of {sorted(attacks.ATTACKS)}, a "
                         f"comma-separated list of them, or {robustness.ALL!r}.")
   cli.run(main, workdir_help="Where the table, per-image rows and PNG strip are written.",

@@ -50,6 +50,92 @@ def mllm_smoothing_config(a: dict) -> ml_collections.ConfigDict:
       chunk_size=8))
 
 
+# The paper's caption instruction (Appendix A.4.1, l.364); fsjax.tasks.CAPTION_PROMPT.
+CAPTION_PROMPT = "Describe this image in one concise sentence, no longer than 20 words."
+
+
+def embedded_protection_data(**overrides) -> ml_collections.ConfigDict:
+  """``config.protection.data`` of the embedded questions (``fsjax.tasks.instructions``).
+
+  Fashion-MNIST test images (an ``fsjax.data`` name with Fashion-MNIST's ten labels),
+  balanced over the classes a task attacks; targets: bags (classify, caption) or images
+  of a class the VQA question does not list.
+  """
+  c = ml_collections.ConfigDict(dict(
+      source="embedded", name="fashion_mnist", split="test", image_size=64, seed=0))
+  c.update(overrides)
+  return c
+
+
+def paper_protection_data(**overrides) -> ml_collections.ConfigDict:
+  """``config.protection.data`` of the paper's evaluation sets, local files only.
+
+  * caption (Table 3): ``clean_dir`` / ``target_dir``, M-Attack's NIPS-2017 dev images and
+    target images, paired in order (``fsjax.tasks.image_pairs``);
+  * classify (Table 4): the paper's ten ImageNet classes and "shark" target images from
+    ``dataset`` (TFDS, prepared from the ILSVRC-2012 tars in ``manual_dir``);
+  * vqa (Table 5): ``scienceqa``, a ScienceQA-format JSON/JSONL file
+    (``fsjax.tasks.load_scienceqa``); its target images are those of ``target_dir``
+    (images unrelated to the question, whose answer is "None of the above": our choice,
+    the paper does not say).
+  """
+  c = ml_collections.ConfigDict(dict(
+      source="paper",
+      image_size=224,  # images are loaded at this side; set it to the encoder's resolution
+      seed=0,
+      clean_dir=config_dict.placeholder(str),
+      target_dir=config_dict.placeholder(str),
+      dataset="imagenet2012",
+      split="validation",
+      data_dir=config_dict.placeholder(str),
+      manual_dir=config_dict.placeholder(str),
+      scienceqa=config_dict.placeholder(str),
+  ))
+  c.update(overrides)
+  return c
+
+
+def protection_config(data: ml_collections.ConfigDict | None = None,
+                      **overrides) -> ml_collections.ConfigDict:
+  """``config.protection``: the MLLM experiment (``certify.protection``, Tables 3-5 and 7).
+
+  The paper's threat model: l_inf 16/255, 300 steps of 1/255, white-box through the
+  smoothing (EOT) and GSB; the smoothed MLLM uses n = 8 noise samples (Table 7). sigma
+  (not printed for the MLLM runs; Table 1's smaller sigma), ``eot_samples``,
+  ``num_images`` and the batch sizes are our choices.
+
+  Args:
+    data: :func:`embedded_protection_data` (default) or :func:`paper_protection_data`.
+    **overrides: any other key.
+  """
+  c = ml_collections.ConfigDict(dict(
+      task="classify",       # default --task: caption, classify or vqa
+      data=embedded_protection_data() if data is None else data,
+      num_images=16,
+      linf_budget=16 / 255,  # the paper's threat model
+      step_size=1 / 255,
+      steps=300,             # paper: 300
+      sigma=0.25,            # smoothing noise of the smoothed rows (our choice)
+      n=8,                   # Monte Carlo samples of the smoothed features (Table 7: 8)
+      eot_samples=2,         # noise draws per attack step on a smoothed encoder (EOT)
+      options={},            # per-attack keyword overrides, e.g. {"foa": {"num_clusters": 3}}
+      extra_encoders=(),     # more rows: encoder sub-configs with a "label" (FARE, TeCoA)
+      smooth_extra=True,     # also a smoothed row for every extra encoder
+      batch_size=16,         # images per attack / generation call
+      examples=4,            # images in the PNG strip
+      judge="exact",         # caption judge: exact, item, clip, bleu, cider, llm
+      judge_options={},      # keyword arguments of the judge (e.g. {"checkpoint": ...})
+      threshold=0.3,         # a caption judge score >= threshold is a match (M-Attack's)
+      caption_prompt=CAPTION_PROMPT,  # the user's text of the caption task
+      max_new_tokens=16,
+      timing_n=(1, 4, 8, 64),  # Table 7
+      timing_images=4,
+      timing_repeats=3,
+  ))
+  c.update(overrides)
+  return c
+
+
 def certify_config(**overrides) -> ml_collections.ConfigDict:
   """``config.certify``: the paper's Table 1 settings (Section 5.1) and our bounds."""
   c = ml_collections.ConfigDict(dict(

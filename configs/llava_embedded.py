@@ -68,33 +68,12 @@ def get_config(arg=None):
           seed=0,
       ),
   ))
-  # certify.protection (Tables 3-5 on the MLLM) and its Table 7 timing.
-  config.protection = ml_collections.ConfigDict(dict(
-      task="classify",      # default --task: caption, classify or vqa
-      # Clean images (Fashion-MNIST test, balanced over the classes a task attacks) and
-      # their target images: bags for classify, images of an unlisted class for vqa,
-      # bags for caption.
-      data=dict(name="fashion_mnist", split="test", image_size=64, seed=0),
-      num_images=16,
-      linf_budget=16 / 255,  # the paper's threat model
-      step_size=1 / 255,
+  # certify.protection (Tables 3-5 on the MLLM) and its Table 7 timing, on the embedded
+  # Fashion-MNIST questions (bags as the target, fsjax.tasks.instructions).
+  config.protection = common.protection_config(
+      data=common.embedded_protection_data(image_size=64),
       steps=20,              # paper: 300; CPU-sized
-      sigma=0.25,            # smoothing noise of the smoothed rows (our choice)
-      n=8,                   # Monte Carlo samples of the smoothed features (Table 7: 8)
-      eot_samples=2,         # noise draws per attack step on a smoothed encoder (EOT)
-      options={},            # per-attack keyword overrides, e.g. {"foa": {"num_clusters": 3}}
-      extra_encoders=(),     # more rows: encoder sub-configs with a "label" (FARE, TeCoA)
-      smooth_extra=True,     # also a smoothed row for every extra encoder
-      batch_size=16,         # images per attack / generation call
-      examples=4,            # images in the PNG strip
-      judge="exact",         # caption judge: exact, item, clip, bleu, cider, llm
-      judge_options={},      # keyword arguments of the judge (e.g. {"checkpoint": ...})
-      threshold=0.3,         # a caption judge score >= threshold is a match
-      max_new_tokens=16,
-      timing_n=(1, 4, 8, 64),  # Table 7
-      timing_images=4,
-      timing_repeats=3,
-  ))
+      max_new_tokens=16)     # the longest caption is 12 words
   if a.runlocal:
     config.llava.train.update(per_class=6, test_per_class=2, steps=20, batch_size=8,
                               warmup_steps=2, log_every=5, checkpoint_every=10)

@@ -23,6 +23,10 @@ snapshot):
 GSB booster (``config.gsb.checkpoint``) plugs in with ``of.replace(encoder=
 fsjax.gsb.BoostedEncoder(...), encoder_params=...)``.
 
+``protection``: ``certify.protection`` (Tables 3 and 7) with the paper's settings (l_inf
+16/255, 300 steps, sigma 0.25, n = 8) on its data, from local folders
+(``protection.data``).
+
 ``openflamingo.architecture`` records OpenFlamingo-9B's sizes (the loader reads them from
 the files; the tests check this record against open_flamingo's model). Parameters are
 stored in ``param_dtype`` (bfloat16: ~16 GB; float32: ~31 GB), computed in ``dtype``.
@@ -72,6 +76,10 @@ def get_config(arg=None):
       param_dtype="bfloat16",  # ~16 GB of weights instead of ~31
       seed=0,
       max_new_tokens=20,
+      # How a task's prompt (the user's text) is given, zero-shot: OpenFlamingo's own
+      # evaluation queries are "<image>Output:" (captions) and "<image>Question: ...
+      # Short answer:" (VQA).
+      prompt_format="<image>{prompt}",
       architecture=dict(
           lang=dict(vocab_size=50280,  # gpt-neox-20b's 50277 + <|endofchunk|>, <image>, <PAD>
                     d_model=4096, n_heads=32, n_layers=32, expansion_ratio=4,
@@ -85,4 +93,20 @@ def get_config(arg=None):
   config.prompts = ml_collections.ConfigDict(dict(
       caption="<image>Output:",  # Table 3 (captioning only: the paper's Tables 4-5 are LLaVA)
       instruction=CAPTION))
+  # certify.protection: Table 3 (and Table 7) on the paper's data (local files: set
+  # data.clean_dir / data.target_dir; classify / vqa run too, on ImageNet / ScienceQA).
+  config.protection = common.protection_config(
+      data=common.paper_protection_data(image_size=config.encoder.resolution),
+      task="caption",
+      caption_prompt="Output:",  # OpenFlamingo's own zero-shot caption query
+      sigma=a["sigma"],
+      num_images=100,            # ours (NIPS-2017 dev: 1000 images)
+      batch_size=8,
+      max_new_tokens=20,
+      # CLIP text-text similarity against the original model's captions (the text tower
+      # of the OpenAI CLIP above). The paper's judge is GPT: pass judge=
+      # fsjax.tasks.LLMJudge(complete) to certify.protection.run. 0.3 is M-Attack's GPT
+      # threshold: with the CLIP judge read the mean score, or set your own threshold.
+      judge="clip",
+      judge_options=dict(checkpoint=_path("FSJAX_CLIP_L14", "openai--clip-vit-large-patch14")))
   return config

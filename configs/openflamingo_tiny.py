@@ -8,12 +8,15 @@ r"""A tiny random-init OpenFlamingo on the tiny CLIP, for smoke runs on CPU (sec
 32 px images, patch 8: 16 vision tokens of width 32; a 4-layer MPT (width 64, vocab 130)
 with gated cross-attention before layers 1 and 3; random weights seeded by
 ``openflamingo.seed`` (cross-attention gates 0.5, so the image matters). Set
-``openflamingo.tokenizer`` to a tokenizer folder (<= 127 base tokens) to use ``caption``;
+``openflamingo.tokenizer`` to a tokenizer folder (<= 127 base tokens) to use ``caption``
+and ``certify.protection`` (its ``protection`` section: seconds, the embedded questions);
 ``--config.smoothing.n=4`` smooths the vision side.
 """
 
 import ml_collections
 from ml_collections import config_dict
+
+from configs import common
 
 
 def get_config(arg=None):
@@ -43,6 +46,7 @@ def get_config(arg=None):
       param_dtype="float32",
       seed=0,
       max_new_tokens=8,
+      prompt_format="<image>{prompt}",  # a task's prompt text in OpenFlamingo's format
       architecture=dict(
           lang=dict(vocab_size=130, d_model=64, n_heads=4, n_layers=4, expansion_ratio=4,
                     max_seq_len=128),
@@ -53,4 +57,11 @@ def get_config(arg=None):
   config.smoothing = ml_collections.ConfigDict(dict(
       sigma=0.25, n=0, features="direction", chunk_size=4))  # n > 0: smoothed vision side
   config.prompts = ml_collections.ConfigDict(dict(caption="<image>Output:"))
+  # certify.protection on the embedded Fashion-MNIST questions, sized for seconds (the
+  # random model's answers mean nothing; shapes, rows and files are real).
+  config.protection = common.protection_config(
+      data=common.embedded_protection_data(image_size=32),
+      caption_prompt="Output:",  # "<image>Output:" in OpenFlamingo's prompt format
+      num_images=2, steps=2, n=2, eot_samples=1, batch_size=2, examples=2,
+      max_new_tokens=4, timing_n=(1, 2), timing_images=1, timing_repeats=1)
   return config

@@ -346,7 +346,9 @@ def build(config) -> model_lib.OpenFlamingo:
   ``config.openflamingo`` the rest: with ``checkpoint`` None, a random init of
   ``architecture`` (a dict of :class:`~fsjax.flamingo.model.FlamingoConfig` fields) seeded
   by ``seed``, for smoke runs; else :func:`load` of ``checkpoint``, ``lang_encoder`` and
-  ``tokenizer``. ``config.smoothing.n > 0`` smooths the vision side
+  ``tokenizer``; ``prompt_format`` (optional) how a task's prompt is given
+  (:attr:`~fsjax.flamingo.model.OpenFlamingo.prompt_format`). ``config.smoothing.n > 0``
+  smooths the vision side
   (:meth:`~fsjax.flamingo.model.OpenFlamingo.smoothed`). See ``configs/openflamingo_9b.py``.
   """
   m = config.openflamingo
@@ -376,6 +378,8 @@ def build(config) -> model_lib.OpenFlamingo:
     of = load(m.checkpoint, lang_encoder=m.lang_encoder,
               vision_encoder=encoders.build(config.encoder), tokenizer=m.tokenizer,
               dtype=dtype, param_dtype=param_dtype)
+  if m.get("prompt_format"):
+    of = of.replace(prompt_format=m.prompt_format)
   if smoothing is not None and smoothing.n > 0:
     of = of.smoothed(smoothing.sigma, n=smoothing.n, features=smoothing.features,
                      chunk_size=smoothing.chunk_size)

@@ -309,6 +309,12 @@ def _encode_smoothed(params, x, key, sigma, *, encoder, n, features, chunk_size)
 class OpenFlamingo:
   """A loaded OpenFlamingo: the model, its vision encoder and tokenizer, ready to caption.
 
+  It is also an :class:`fsjax.mllm.MLLM` (``image_features``, ``prompt_ids``,
+  ``generate_ids``, ``detokenize``: pure functions of :attr:`mllm_params`), the surface
+  ``certify.protection`` queries. Its ``image_features`` are the vision encoder's tokens
+  *before* the Perceiver resampler: smoothing smooths the vision tower, and the resampler,
+  the gated cross-attention and MPT run once, on the smoothed tokens.
+
   Attributes:
     model: the :class:`Flamingo` module.
     params: its parameters.
@@ -320,6 +326,10 @@ class OpenFlamingo:
       :meth:`caption`), or None.
     smoothing: if set (:meth:`smoothed`), the images go through the smoothed encoder
       (``fsjax.llava.smoothed_tokens``: n noisy copies per image, then the LLM once).
+    prompt_format: how :meth:`prompt_ids` formats a task's prompt (the user's text):
+      ``"<image>{prompt}"``, zero-shot (no in-context examples), as OpenFlamingo's own
+      evaluation formats its queries ("<image>Output:" for captions, "<image>Question:
+      ... Short answer:" for VQA, with the prompt text "Question: ... Short answer:").
   """
 
   model: Flamingo
@@ -328,6 +338,7 @@ class OpenFlamingo:
   encoder_params: Any
   tokenizer: Any = None
   smoothing: Any = None
+  prompt_format: str = "<image>{prompt}"
 
   def replace(self, **changes) -> "OpenFlamingo":
     return dataclasses.replace(self, **changes)
@@ -337,6 +348,54 @@ class OpenFlamingo:
     """The same model seeing through the smoothed encoder (``n`` noise samples per image;
     ``features`` as :func:`fsjax.llava.model.smoothed_tokens`)."""
     return self.replace(smoothing=llava_model.Smoothing(sigma, n, features, chunk_size))
+
+  @property
+  def mllm_params(self) -> dict:
+    """``{"vision": encoder_params, "language": params}``: the parameters of the pure
+    :class:`fsjax.mllm.MLLM` methods, as a LLaVA's."""
+    return {"vision": self.encoder_params, "language": self.params}
+
+  def with_encoder(self, encoder: encoders.Encoder) -> "OpenFlamingo":
+    """The same language side on another encoder, for the pure methods (its parameters go
+    in ``params["vision"]``); :meth:`replace` with ``encoder_params`` for :meth:`caption`."""
+    return self.replace(encoder=encoder, encoder_params=None)
+
+  # -- vision side ------------------------------------------------------------------------
+
+  def _encode(self, encoder_params, flat, *, sigma, key) -> jax.Array:
+    """``[N, H, W, 3]`` -> ``[N, v, vis_dim]`` encoder tokens (smoothed under smoothing)."""
+    if encoder_params is None:
+      raise ValueError("this OpenFlamingo's encoder came from with_encoder(): pass its "
+                       "parameters as params['vision'] to image_features, or use "
+                       "replace(encoder=..., encoder_params=...).")
+    encoders.check_images(flat, name="images")
+    if self.smoothing is None:
+      tokens = _encode(self.encoder, encoder_params, flat, sigma)
+    else:
+      if sigma is not None:
+        raise ValueError("sigma: a smoothed OpenFlamingo uses its smoothing's sigma "
+                         f"({self.smoothing.sigma}); do not pass another.")
+      s = self.smoothing
+      key = jax.random.PRNGKey(0) if key is None else key
+      tokens = _encode_smoothed(encoder_params, flat, key, jnp.float32(s.sigma),
+                                encoder=self.encoder, n=s.n, features=s.features,
+                                chunk_size=s.chunk_size)
+      # The Monte Carlo sum comes back replicated on the smoothing engine's explicit
+      # "samples" mesh; hand the language side a plain replicated array (as LLaVA does).
+      tokens = jax.device_put(tokens, jax.NamedSharding(
+          llava_model.make_mesh(axis="replicated"), jax.P()))
+    if tokens.shape[-1] != self.model.config.vis_dim:
+      raise ValueError(f"the encoder gives tokens of width {tokens.shape[-1]}, the model expects "
+                       f"{self.model.config.vis_dim}: use the CLIP tower it was trained with.")
+    return tokens
+
+  def image_features(self, params, images, *, key: jax.Array | None = None) -> jax.Array:
+    """``[B, H, W, 3]`` images in [0, 1] -> ``[B, v, vis_dim]`` vision tokens, the input of
+    the Perceiver resampler (one image per prompt; ``params["vision"]`` the encoder's)."""
+    if np.ndim(images) != 4:
+      raise ValueError(f"images must be [B, H, W, 3] (one image per prompt), got shape "
+                       f"{np.shape(images)}.")
+    return self._encode(params["vision"], jnp.asarray(images, jnp.float32), sigma=None, key=key)
 
   def vision_tokens(self, images, *, sigma: Any = None, key: jax.Array | None = None
                     ) -> jax.Array:
@@ -355,25 +414,67 @@ class OpenFlamingo:
                        f"got shape {shape}.")
     b, m = shape[:2]
     flat = jnp.reshape(jnp.asarray(images), (b * m, *shape[2:]))
-    encoders.check_images(flat, name="images")
-    if self.smoothing is None:
-      tokens = _encode(self.encoder, self.encoder_params, flat, sigma)
-    else:
-      if sigma is not None:
-        raise ValueError("sigma: a smoothed OpenFlamingo uses its smoothing's sigma "
-                         f"({self.smoothing.sigma}); do not pass another.")
-      s = self.smoothing
-      key = jax.random.PRNGKey(0) if key is None else key
-      tokens = _encode_smoothed(self.encoder_params, flat, key, jnp.float32(s.sigma),
-                                encoder=self.encoder, n=s.n, features=s.features,
-                                chunk_size=s.chunk_size)
-      # The Monte Carlo sum comes back on the smoothing engine's device mesh; the language
-      # side runs on the default device.
-      tokens = jax.device_put(tokens, jax.devices()[0])
-    if tokens.shape[-1] != self.model.config.vis_dim:
-      raise ValueError(f"the encoder gives tokens of width {tokens.shape[-1]}, the model expects "
-                       f"{self.model.config.vis_dim}: use the CLIP tower it was trained with.")
+    tokens = self._encode(self.encoder_params, flat, sigma=sigma, key=key)
     return tokens.reshape(b, m, *tokens.shape[1:])
+
+  # -- prompts ----------------------------------------------------------------------------
+
+  def _tokenizer(self):
+    if self.tokenizer is None:
+      raise ValueError("this OpenFlamingo has no tokenizer: load it with tokenizer=<path of the "
+                       "gpt-neox-20b tokenizer folder>, or use generate() with token ids.")
+    tok = self.tokenizer
+    tok.padding_side = "left"  # generation continues from the last position of every row
+    return tok
+
+  def prompt_ids(self, prompt: str | Sequence[str], *, batch: int,
+                 num_image_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A task's prompts in :attr:`prompt_format` -> left-padded ``(input_ids int32 [B, L],
+    valid bool [B, L])``.
+
+    Args:
+      prompt: the user's text (one for all rows or one per row), without ``<image>``.
+      batch: the number of rows B.
+      num_image_tokens: unused (one ``<image>`` token per image, whatever the number of
+        vision tokens: the resampler makes the latents); accepted as every MLLM's.
+    """
+    del num_image_tokens
+    prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
+    if len(prompts) != batch:
+      raise ValueError(f"prompt: got {len(prompts)} prompts for {batch} images; pass one "
+                       "string (used for every image) or one per image.")
+    for p in prompts:
+      if not isinstance(p, str) or "<image>" in p:
+        raise ValueError(f"prompt {p!r} must be the user's text without <image>: "
+                         f"prompt_format {self.prompt_format!r} places the image.")
+    if self.prompt_format.count("<image>") != 1 or "{prompt}" not in self.prompt_format:
+      raise ValueError(f"prompt_format={self.prompt_format!r} must hold one <image> and "
+                       "'{prompt}', e.g. '<image>{prompt}'.")
+    texts = [self.prompt_format.replace("{prompt}", p) for p in prompts]
+    out = self._tokenizer()(texts, return_tensors="np", padding=True)
+    return (np.asarray(out["input_ids"], np.int32),
+            np.asarray(out["attention_mask"]).astype(bool))
+
+  # -- language side ----------------------------------------------------------------------
+
+  def generate_ids(self, params, input_ids, features, *, valid=None, max_new_tokens: int = 20
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Greedy decoding from ids and injected vision tokens ``[B, v, vis_dim]`` (one image per
+    row, the resampler's input): ``(tokens int32 [B, max_new_tokens], num_steps)``."""
+    features = jnp.asarray(features)
+    if features.ndim != 3:
+      raise ValueError(f"features must be [B, v, {self.model.config.vis_dim}] (one image per "
+                       f"prompt), got shape {tuple(features.shape)}.")
+    pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+    return generate(self.model, params["language"], input_ids, features[:, None], valid,
+                    max_new_tokens=max_new_tokens, pad_token_id=pad)
+
+  def detokenize(self, tokens) -> list[str]:
+    """Generated ids ``[B, N]`` -> B strings up to ``<|endofchunk|>``, special tokens removed."""
+    tok = self._tokenizer()
+    eoc = self.model.config.eoc_token_id
+    rows = [row[:row.index(eoc)] if eoc in row else row for row in np.asarray(tokens).tolist()]
+    return [tok.decode(row, skip_special_tokens=True).strip() for row in rows]
 
   def generate(self, input_ids, images=None, *, attention_mask=None, vision_tokens=None,
                max_new_tokens: int = 20, sigma: Any = None, key: jax.Array | None = None,
@@ -411,21 +512,14 @@ class OpenFlamingo:
     Returns:
       B strings: the generated text up to ``<|endofchunk|>``, special tokens removed.
     """
-    if self.tokenizer is None:
-      raise ValueError("this OpenFlamingo has no tokenizer: load it with tokenizer=<path of the "
-                       "gpt-neox-20b tokenizer folder>, or use generate() with token ids.")
+    tok = self._tokenizer()
     if vision_tokens is None:
       vision_tokens = self.vision_tokens(images, sigma=sigma, key=key)
     b = vision_tokens.shape[0]
     prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
     if len(prompts) != b:
       raise ValueError(f"got {len(prompts)} prompts for {b} images.")
-    tok = self.tokenizer
-    tok.padding_side = "left"  # generation continues from the last position of every row
     batch = tok(prompts, return_tensors="np", padding=True)
     tokens, num_steps = self.generate(batch["input_ids"], attention_mask=batch["attention_mask"],
                                       vision_tokens=vision_tokens, max_new_tokens=max_new_tokens)
-    tokens = np.asarray(tokens)[:, :int(num_steps)]
-    eoc = self.model.config.eoc_token_id
-    rows = [row[:list(row).index(eoc)] if eoc in row else row for row in tokens]
-    return [tok.decode(row, skip_special_tokens=True).strip() for row in rows]
+    return self.detokenize(np.asarray(tokens)[:, :int(num_steps)])

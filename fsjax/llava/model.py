@@ -10,7 +10,9 @@ LM head; it takes features of any count ``T`` and width ``D`` (the projector's i
 width fixes ``D``; ``T`` must equal the number of ``<image>`` tokens of the prompt).
 
 :class:`Llava` ties both to a tokenizer: ``model.generate(params, images, prompt)`` ->
-strings, with ``params = {"vision": encoder params, "language": language params}``.
+strings, with ``params = {"vision": encoder params, "language": language params}``. It is
+an :class:`fsjax.mllm.MLLM` (``image_features``, ``prompt_ids``, ``generate_ids``,
+``detokenize``), the surface ``certify.protection`` queries.
 
 The language side's parameter tree (HF LLaVA names, kernels ``[in, out]``)::
 
@@ -630,6 +632,13 @@ class Llava:
     ids, valid = self.prompt_ids(prompt, batch=b, num_image_tokens=features.shape[1])
     tokens, _ = self.generate_ids(params, ids, features, valid=valid,
                                   max_new_tokens=max_new_tokens)
+    return self.detokenize(tokens)
+
+  def detokenize(self, tokens: Any) -> list[str]:
+    """Generated ids ``[B, N]`` -> B strings, cut at each row's first EOS, special tokens
+    removed."""
+    if self.tokenizer is None:
+      raise ValueError("This model has no tokenizer: read the generated ids directly.")
     return prompt_lib.decode(self.tokenizer, np.asarray(tokens), eos_token_id=self.eos_token_id)
 
 

@@ -1,5 +1,6 @@
-"""certify.protection: the MLLM experiment end to end on a tiny random LLaVA, metrics
-recomputed from the jsonl rows, and the smoothed row's features against a closed form."""
+"""certify.protection: the MLLM experiment end to end on a tiny random LLaVA and a tiny
+random OpenFlamingo, metrics recomputed from the jsonl rows, and the smoothed row's
+features (what each MLLM's language side consumes) against a closed form."""
 
 import csv
 import dataclasses
@@ -15,9 +16,16 @@ import pytest
 
 import fsjax.llava
 from certify import protection
+from configs import llava15_7b
 from configs import llava_embedded
 from configs import llava_tiny
+from configs import openflamingo_9b
+from configs import openflamingo_tiny
 from fsjax import encoders
+from fsjax import flamingo
+from fsjax import mllm
+from fsjax import tasks
+from fsjax.tasks import _instructions as instructions
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +75,14 @@ def test_classification_end_to_end(tmp_path, folder):
           if l]
   assert [t["variant"] for t in table] == ["original", "smoothed"]
   assert len(rows) == 2 * 2 * 3  # variants x attacks x images
+  _check_classification_cells(tmp_path, rows, ("attackvlm", "pgd"))
+
+
+def _check_classification_cells(tmp_path, rows, attacks):
+  """The table's cells, recomputed from the jsonl rows with a parser written again."""
   cells = {r["variant"]: r for r in _csv(tmp_path / "protection_classify.csv")}
   for variant in ("original", "smoothed"):
-    for attack in ("attackvlm", "pgd"):
+    for attack in attacks:
       rs = [r for r in rows if r["variant"] == variant and r["attack"] == attack]
       assert [r["image"] for r in rs] == [0, 1, 2]
       # Clean images are never of the target class ("bag", 8); options 0-9, target 9.
@@ -86,6 +99,65 @@ def test_classification_end_to_end(tmp_path, folder):
       assert cell[f"{attack} FCS"] == f"{np.mean([r['fcs'] for r in rs]):.3f}"
   # The random tower's features of an attacked image move: FCS < 1 for the original.
   assert max(r["fcs"] for r in rows if r["variant"] == "original") < 1
+
+
+@pytest.fixture(scope="module")
+def flamingo_tokenizer(tmp_path_factory):
+  """A word-level tokenizer folder for the tiny OpenFlamingo: 127 base tokens (the
+  prompts' words, then fillers), so that OpenFlamingo's added ``<|endofchunk|>``,
+  ``<image>`` and ``<PAD>`` get ids 127-129 (configs/openflamingo_tiny.py)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  split = tokenizers.pre_tokenizers.Whitespace()
+  texts = [instructions.classify_prompt(), tasks.CAPTION_PROMPT, "Output:"]
+  words = ["<unk>"] + sorted({w for t in texts for w, _ in split.pre_tokenize_str(t)})
+  words += [f"w{i}" for i in range(127 - len(words))]
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+  tok.pre_tokenizer = split
+  folder = tmp_path_factory.mktemp("flamingo_tokenizer")
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(
+      folder)
+  return folder
+
+
+def _flamingo_config(folder, tokenizer):
+  config = openflamingo_tiny.get_config()
+  config.openflamingo.tokenizer = str(tokenizer)
+  config.protection.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1,
+                           examples=2, max_new_tokens=4)
+  config.protection.data = ml_collections.ConfigDict(dict(
+      name=f"folder:{folder}", split="test", image_size=28, seed=0))
+  return config
+
+
+def test_openflamingo_classification_end_to_end(tmp_path, folder, flamingo_tokenizer):
+  config = _flamingo_config(folder, flamingo_tokenizer)
+  table = protection.run(config, str(tmp_path), task="classify", attack="attackvlm")
+  for name in ("protection_classify.jsonl", "protection_classify.md",
+               "protection_classify.csv", "protection_classify_config.json",
+               "protection_classify_attackvlm.png"):
+    assert (tmp_path / name).is_file(), name
+  assert "openflamingo (random init)" in (tmp_path / "protection_classify.md").read_text()
+  rows = [json.loads(l) for l in (tmp_path / "protection_classify.jsonl").read_text().split("\n")
+          if l]
+  assert [t["variant"] for t in table] == ["original", "smoothed"]
+  assert len(rows) == 2 * 1 * 3  # variants x attacks x images
+  _check_classification_cells(tmp_path, rows, ("attackvlm",))
+  # The original row's clean answers are OpenFlamingo's own, through its id-level
+  # generate on the images: "<image>" + the prompt, cut at <|endofchunk|> (id 127).
+  of = flamingo.build(config)
+  data = protection.task_data(config, "classify")
+  batch = of.tokenizer(["<image>" + q.prompt for q in data["questions"]], return_tensors="np",
+                       padding=True)
+  tokens, _ = of.generate(batch["input_ids"], data["images"],
+                          attention_mask=batch["attention_mask"], max_new_tokens=4)
+  expected = [of.tokenizer.decode(row[:row.index(127)] if 127 in row else row,
+                                  skip_special_tokens=True).strip()
+              for row in np.asarray(tokens).tolist()]
+  answers = [r["answer_clean"] for r in rows
+             if r["variant"] == "original" and r["attack"] == "attackvlm"]
+  assert answers == expected
 
 
 def test_captions_judged_against_the_original_models_captions(tmp_path, folder):
@@ -133,7 +205,18 @@ class LogNormalEncoder(encoders.Encoder):
     return s[:, None, None] * params["u"][None]
 
 
-def test_smoothed_row_features_equal_the_closed_form():
+def _toy_mllm(kind, encoder):
+  """A LLaVA or an OpenFlamingo (vision width 5) on ``encoder``; no language params."""
+  if kind == "llava":
+    return fsjax.llava.Llava(config=None, encoder=encoder)
+  arch = openflamingo_tiny.get_config().openflamingo.architecture.to_dict()
+  model = flamingo.Flamingo(flamingo.FlamingoConfig.from_dict(arch | {"vis_dim": 5}))
+  return flamingo.OpenFlamingo(model=model, params=None, encoder=encoder, encoder_params=None)
+
+
+@pytest.mark.parametrize("kind", ["llava", "openflamingo"])
+def test_smoothed_row_features_equal_the_closed_form(kind):
+  """The features handed to LLaVA's projector / OpenFlamingo's resampler in a smoothed row."""
   encoder = LogNormalEncoder(resolution=8)
   u = jax.random.normal(jax.random.key(1), (2, 5))
   params = {"w": jnp.float32(20.0), "u": u}
@@ -141,7 +224,8 @@ def test_smoothed_row_features_equal_the_closed_form():
   config = llava_embedded.get_config("runlocal").protection
   config.update(n=4096, sigma=0.25, batch_size=2)
   row = protection.Row("smoothed", encoder, params, True)
-  model = fsjax.llava.Llava(config=None, encoder=encoder)
+  model = _toy_mllm(kind, encoder)
+  assert isinstance(model, mllm.MLLM)
   z = protection.llm_features(model, {"vision": params}, row, x, config, jax.random.key(0))
   p = 8 * 8 * 3
   expected = np.exp(20.0 * x.reshape(2, -1).mean(-1) + 20.0 ** 2 * 0.25 ** 2 / (2 * p))
@@ -168,6 +252,64 @@ def test_bad_settings_are_named(tmp_path, folder):
   config = llava_embedded.get_config("runlocal")
   with pytest.raises(ValueError, match="config.llava.checkpoint"):
     protection.build_mllm(config)
+  config.openflamingo = openflamingo_tiny.get_config().openflamingo
+  with pytest.raises(ValueError, match="exactly one MLLM section"):
+    protection.build_mllm(config)
+  with pytest.raises(ValueError, match="config.openflamingo.tokenizer is not set"):
+    protection.build_mllm(openflamingo_tiny.get_config())
+  config = _config(folder)
+  config.protection.data.source = "web"
+  with pytest.raises(ValueError, match="config.protection.data.source"):
+    protection.run(config, str(tmp_path), task="classify")
+
+
+def _png_folder(root, count, seed):
+  root.mkdir(parents=True)
+  rng = np.random.default_rng(seed)
+  for i in range(count):
+    Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(root / f"{i}.png")
+  return root
+
+
+def test_paper_data_from_local_files(tmp_path):
+  """The paper's caption pairs and ScienceQA questions, read from local files."""
+  config = llava15_7b.get_config()
+  config.protection.update(num_images=3)
+  config.protection.data.update(image_size=16)
+  with pytest.raises(ValueError, match="config.protection.data.target_dir is not set"):
+    protection.task_data(config, "caption")
+  config.protection.data.target_dir = str(_png_folder(tmp_path / "target", 2, seed=1))
+  with pytest.raises(ValueError, match="config.protection.data.clean_dir is not set"):
+    protection.task_data(config, "caption")
+  config.protection.data.clean_dir = str(_png_folder(tmp_path / "clean", 4, seed=0))
+  with pytest.raises(ValueError, match="num_examples=3 exceeds the 2 pairs"):
+    protection.task_data(config, "caption")
+  config.protection.num_images = 2
+  d = protection.task_data(config, "caption")
+  assert d["images"].shape == d["targets"].shape == (2, 16, 16, 3)
+  assert d["questions"] is None and d["titles"] == ["0.png", "1.png"]
+  records = [{"id": f"q{i}", "question": f"Question {i}?", "choices": ["a", "b", "c"],
+              "answer": i, "image": f"clean/{i}.png"} for i in range(3)]
+  (tmp_path / "sqa.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+  config.protection.data.scienceqa = str(tmp_path / "sqa.jsonl")
+  config.protection.num_images = 3
+  d = protection.task_data(config, "vqa")
+  assert [q.answer for q in d["questions"]] == [0, 1, 2]
+  assert all(q.target == 3 and "D. None of the above" in q.prompt for q in d["questions"])
+  # Targets: the target folder's images in turn (2 images for 3 questions).
+  np.testing.assert_array_equal(d["targets"][2], d["targets"][0])
+  assert not np.array_equal(d["targets"][1], d["targets"][0])
+  assert d["titles"] == ["clean: q0", "clean: q1", "clean: q2"]
+
+
+def test_mllm_configs_carry_the_papers_protection_settings():
+  for config in (llava15_7b.get_config(), openflamingo_9b.get_config()):
+    c = config.protection
+    assert (c.linf_budget, c.step_size, c.steps, c.sigma, c.n) == (16 / 255, 1 / 255, 300,
+                                                                  0.25, 8)
+    assert c.data.source == "paper" and c.data.image_size == config.encoder.resolution
+  assert llava15_7b.get_config().protection.caption_prompt == tasks.CAPTION_PROMPT
+  assert openflamingo_9b.get_config("sigma=0.5").protection.sigma == 0.5
 
 
 def test_item_judge_on_fixed_strings():

@@ -209,7 +209,11 @@ def test_smoothed_vision_tokens(models, features):
   images = _images(2, 1, seed=4)
   key, sigma, n = jax.random.PRNGKey(3), 0.25, 3
   smoothed = of.smoothed(sigma, n=n, features=features, chunk_size=2)  # chunks of 2: 3 masks 1
-  got = np.asarray(smoothed.vision_tokens(images, key=key))
+  got = smoothed.vision_tokens(images, key=key)
+  # Handed to the language side as a plain array: no explicit mesh axis of the smoothing
+  # engine, which the decoder's cache updates would reject (jax ShardingTypeError).
+  assert jax.sharding.AxisType.Explicit not in jax.typeof(got).sharding.mesh.axis_types
+  got = np.asarray(got)
   x = images[:, 0]
   tokens = jax.jit(of.encoder.tokens)
   raw = np.stack([np.asarray(tokens(of.encoder_params, x + smoothing.noise(key, i, x.shape, sigma)))
