@@ -21,13 +21,16 @@ injected features.
 Rows (one language side, several vision sides; ``config.protection``):
 
 * ``original``: the MLLM as it is, on its encoder.
-* ``smoothed`` (FS alone), or ``smoothed + GSB (FS+D+M)`` when ``config.gsb.checkpoint``
-  is set (a ``train.gsb`` workdir of the same encoder, ``fsjax.variants``): the language
-  side sees the smoothed *vision encoder*'s features (``fsjax.llava.smoothed_tokens``:
-  ``n`` noise samples, the smoothed direction at the Monte Carlo mean norm). LLaVA's
-  projector and OpenFlamingo's Perceiver resampler come after the smoothed encoder.
+* ``smoothed`` (FS alone): the language side sees the smoothed *vision encoder*'s
+  features (``fsjax.llava.smoothed_tokens``: ``n`` noise samples, the smoothed direction
+  at the Monte Carlo mean norm). LLaVA's projector and OpenFlamingo's Perceiver resampler
+  come after the smoothed encoder.
+* ``smoothed + GSB (FS+D+M)`` when ``config.gsb.checkpoint`` is set (a ``train.gsb``
+  workdir of the MLLM's encoder and token view): the same, on the boosted encoder.
 * one row per encoder sub-config of ``extra_encoders`` (a ``label`` plus the keys of
-  ``config.encoder``: FARE, TeCoA), and its smoothed row when ``smooth_extra``.
+  ``config.encoder``: FARE, TeCoA), its smoothed row when ``smooth_extra``, and, with a
+  booster, its smoothed row boosted by the booster trained on the *vanilla* encoder (the
+  paper's "+ GSB" rows of FARE and TeCoA).
 
 The attacks are feature-space and white-box against the encoder the row's MLLM uses:
 through the smoothing with ``eot_samples`` noise draws per step (EOT) and through GSB's
@@ -92,10 +95,10 @@ from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import flamingo
+from fsjax import gsb as gsb_lib
 from fsjax import llava
 from fsjax import mllm
 from fsjax import tasks
-from fsjax import variants as variants_lib
 from fsjax.tasks import _instructions as instructions
 
 TASKS = ("caption", "classify", "vqa", "timing")
@@ -174,13 +177,22 @@ def _mllm_name(config) -> str:
 def build_rows(config, model: mllm.MLLM, params: dict) -> list[Row]:
   """The table's rows, in order (see the module docstring)."""
   c = config.protection
-  rows = [Row("original", model.encoder, params["vision"], False)]
+  rows = [Row("original", model.encoder, params["vision"], False),
+          Row("smoothed", model.encoder, params["vision"], True)]
   gsb = config.get("gsb")
+  boosted = None
   if gsb is not None and gsb.get("checkpoint"):
-    name, encoder, encoder_params = variants_lib.most_boosted(config)
+    modules = gsb_lib.checkpoint.load(gsb.checkpoint, config=config)
+
+    def boosted(encoder, encoder_params):  # the most boosted variant of an encoder
+      variants = gsb_lib.ablation_variants(encoder, encoder_params, modules, config)
+      if not variants:
+        raise ValueError(f"config.gsb.checkpoint={gsb.checkpoint!r} holds no trained GSB "
+                         "module; finish `python -m train.gsb` or unset it.")
+      return variants[-1]
+
+    name, encoder, encoder_params = boosted(model.encoder, params["vision"])
     rows.append(Row(f"smoothed + GSB ({name})", encoder, encoder_params, True))
-  else:
-    rows.append(Row("smoothed", model.encoder, params["vision"], True))
   for e in c.extra_encoders:
     e = e.to_dict() if isinstance(e, ml_collections.ConfigDict) else dict(e)
     label = e.pop("label")
@@ -188,6 +200,9 @@ def build_rows(config, model: mllm.MLLM, params: dict) -> list[Row]:
     rows.append(Row(label, encoder, encoder_params, False))
     if c.smooth_extra:
       rows.append(Row(f"{label} + smoothed", encoder, encoder_params, True))
+      if boosted is not None:
+        name, b_encoder, b_params = boosted(encoder, encoder_params)
+        rows.append(Row(f"{label} + smoothed + GSB ({name})", b_encoder, b_params, True))
   return rows
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import fsjax.llava
 from certify import protection
+from configs import common
 from configs import llava15_7b
 from configs import llava_embedded
 from configs import llava_tiny
@@ -318,3 +319,36 @@ def test_item_judge_on_fixed_strings():
   ref = ["a bag in the center of the image", "a picture of a dark gray t-shirt",
          "a grayscale photo of a t-shirt", "a black background", "a picture of a sandal"]
   np.testing.assert_array_equal(protection.item_match(pred, ref), [1, 1, 0, 0, 0])
+
+
+def test_gsb_rows_follow_the_smoothed_row(folder, monkeypatch):
+  """With a booster: original, smoothed, smoothed + GSB, and each extra encoder boosted by
+  the booster of the vanilla encoder (the paper's FARE/TeCoA "+ GSB" rows)."""
+  from fsjax import gsb  # pylint: disable=g-import-not-at-top
+  config = _config(folder)
+  with config.unlocked():
+    config.gsb = common.gsb_config()
+  encoder = LogNormalEncoder(resolution=8)  # tokens [B, 2, 8]
+  params = {"vision": {"w": jnp.float32(1.0), "u": jnp.ones((2, 8))}}
+  model = _toy_mllm("llava", encoder)
+  mapper_params = {"trained": np.zeros(3)}  # passed through, never called here
+  loaded = []
+  monkeypatch.setattr(gsb.checkpoint, "load", lambda path, config=None: loaded.append(path)
+                      or {"mapper": mapper_params})
+  fare_params = dict(params["vision"])  # another tower (a copy), built by its sub-config
+  monkeypatch.setattr(protection.encoders_lib, "build",
+                      lambda c: (model.encoder, fare_params) if c.name == "fare" else None)
+  with config.unlocked():
+    config.gsb.checkpoint = "/gsb/workdir"
+    config.protection.extra_encoders = ({"label": "FARE", "name": "fare"},)
+  rows = protection.build_rows(config, model, params)
+  assert [r.label for r in rows] == [
+      "original", "smoothed", "smoothed + GSB (FS+M)", "FARE", "FARE + smoothed",
+      "FARE + smoothed + GSB (FS+M)"]
+  assert loaded == ["/gsb/workdir"]  # loaded once, used for both boosted rows
+  assert [r.smoothed for r in rows] == [False, True, True, False, True, True]
+  for boosted, base_row in ((rows[2], rows[0]), (rows[5], rows[3])):
+    assert isinstance(boosted.encoder, gsb.BoostedEncoder)
+    assert boosted.encoder.base is base_row.encoder and boosted.encoder.denoiser is None
+    assert boosted.params["encoder"] is base_row.params
+    assert boosted.params["mapper"] is mapper_params
