@@ -44,8 +44,8 @@ def get_config(arg=None):
   # Table 2's FS head: a projection to 10 dimensions and prototypes trained with CosFace's
   # margin on the noisy boosted features (train.head); our choices, measured in the README.
   config.prediction = common.prediction_config(
-      train_per_class=50, test_per_class=2, noise_draws=2, head_dim=10, head_margin=0.6,
-      head_scale=32.0, bound="betting", n0=32, n=512)
+      train_per_class=200, test_per_class=2, noise_draws=2, head_dim=10, head_margin=1.0,
+      head_scale=32.0, bound="betting", n0=32, n=1024)
   config.gsb = common.gsb_config(log_every=5)
   # GSB training sized to finish in under 10 minutes on 2 CPU cores (`python -m
   # train.gsb` above): 320 images, 2 noise draws each, a width-8 denoiser (612,803
