@@ -81,18 +81,19 @@ def _stage2_statistic(features, references, center, bets=None):
 
 
 @functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
-def _robustness_score(params, x, key, sigma, *, encoder, n, chunk_size):
+def _robustness_score(params, x, key, sigma, *, encoder, n, chunk_size, reporter=None):
   clean = encoder(params, x, sigma=sigma)
   total = smoothing.monte_carlo_sum(
       params, x, key, (clean,), encoder=encoder, sigma=sigma, n=n, chunk_size=chunk_size,
-      statistic=lambda f, c: {"deficit": _clean_deficit(f, c)})
+      statistic=lambda f, c: {"deficit": _clean_deficit(f, c)}, reporter=reporter)
   return 1.0 - total["deficit"] / n
 
 
 def gaussian_robustness_score(params: Any, x: jax.typing.ArrayLike, *,
                               encoder: encoders_lib.Encoder, sigma: float, n: int,
                               key: jax.Array,
-                              chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> jax.Array:
+                              chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                              progress: smoothing.Progress | None = None) -> jax.Array:
   """Monte Carlo estimate of the Gaussian robustness score S(x) (Eq. 5).
 
   ``S(x) = E_delta[(1 + cos(f(x + delta), f(x))) / 2]``, a point estimate over n samples.
@@ -105,24 +106,32 @@ def gaussian_robustness_score(params: Any, x: jax.typing.ArrayLike, *,
     n: number of noise samples.
     key: PRNG key.
     chunk_size: samples per vectorised chunk.
+    progress: optional callable, called with the number of noise samples done as the
+      chunks finish (:func:`fsjax.smoothing.with_progress`; the result does not change).
 
   Returns:
     ``[B]`` float32 in [0, 1].
   """
   encoders_lib.check_images(x)
   smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
-  return _robustness_score(params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
-                           encoder=encoder, n=int(n), chunk_size=int(chunk_size))
+  return smoothing.with_progress(
+      progress, _robustness_score, params, jnp.asarray(x, jnp.float32), key,
+      jnp.float32(sigma), encoder=encoder, n=int(n), chunk_size=int(chunk_size))
 
 
 @functools.partial(jax.jit,
                    static_argnames=("encoder", "n0", "n", "alpha", "bounds", "chunk_size"))
-def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chunk_size):
-  """Both stages; returns ``{bound: deficit [B, 2]}`` for references (clean, mean)."""
+def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chunk_size,
+                    reporter=None):
+  """Both stages; returns ``{bound: deficit [B, 2]}`` for references (clean, mean).
+
+  Every bound needs only sums over the stage-2 samples (the betting wealth too: a sum of
+  logs, with bets fixed by stage 1), so the engine's running sums are all there is.
+  """
   clean = encoder(params, x, sigma=sigma)  # f(x), [B, D]
   stage1 = smoothing.monte_carlo_sum(
       params, x, key, (clean,), encoder=encoder, sigma=sigma, n=n0, chunk_size=chunk_size,
-      statistic=_stage1_statistic)
+      statistic=_stage1_statistic, reporter=reporter)
   mean = stage1["feature"] / n0  # estimate of f_s(x), Eq. 3
   mean_norm = jnp.linalg.norm(mean, axis=-1)
   u_mean = _prediction._unit(mean)  # pylint: disable=protected-access
@@ -137,7 +146,7 @@ def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chu
     aux += (_bounds.bet_sizes(jnp.stack([var0, var0], axis=1), n=n, alpha=alpha),)
   stage2 = smoothing.monte_carlo_sum(
       params, x, key, aux, encoder=encoder, sigma=sigma, n=n, chunk_size=chunk_size,
-      statistic=_stage2_statistic, first_index=n0)
+      statistic=_stage2_statistic, first_index=n0, reporter=reporter)
   stats = _bounds.ScoreStats(*stage2)
   deficits = {bound: _bounds.lower_confidence_bound(stats, center, n=n, alpha=alpha, bound=bound)
               for bound in bounds}
@@ -147,13 +156,18 @@ def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chu
 def score_deficits(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
                    sigma: float, key: jax.Array, n: int = 10_000, n0: int = 100,
                    alpha: float = DEFAULT_ALPHA, bounds: Sequence[str] = _bounds.BOUNDS,
-                   chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> dict[str, dict[str, jax.Array]]:
+                   chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                   progress: smoothing.Progress | None = None
+                   ) -> dict[str, dict[str, jax.Array]]:
   """Every bound for every reference from one two-stage Monte Carlo run.
 
   What ``certify.run`` uses to fill a whole table from one pass over the noise.
 
   ``bounds`` picks which bounds to compute ("betting" adds a few thousand logs per sample
-  and reference; the others are nearly free). Other arguments as in :func:`fcsb`.
+  and reference; the others are nearly free). ``progress``, if given, is called with the
+  number of noise samples done as the chunks of both stages finish (n0 + n in all; see
+  :func:`fsjax.smoothing.with_progress`): the results are the same bits, and the call
+  returns when they are ready. Other arguments as in :func:`fcsb`.
 
   Returns:
     ``{reference: {bound: deficit [B], "direction": u [B, D]}}``: ``1 - L`` where L is the
@@ -165,9 +179,10 @@ def score_deficits(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_li
   check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size)
   for bound in bounds:
     check_certify_args(sigma=sigma, n=n, bound=bound)
-  deficits, references = _score_deficits(
-      params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma), encoder=encoder,
-      n0=int(n0), n=int(n), alpha=float(alpha), bounds=tuple(bounds), chunk_size=int(chunk_size))
+  deficits, references = smoothing.with_progress(
+      progress, _score_deficits, params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
+      encoder=encoder, n0=int(n0), n=int(n), alpha=float(alpha), bounds=tuple(bounds),
+      chunk_size=int(chunk_size))
   out = {ref: {bound: d[:, i] for bound, d in deficits.items()}
          for i, ref in enumerate(REFERENCES)}
   for i, ref in enumerate(REFERENCES):
@@ -213,8 +228,8 @@ def certificate_from_deficit(deficit: jax.Array, direction: jax.Array, *, eps, s
 def fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
          sigma: float, eps: float | Sequence[float], key: jax.Array, n: int = 10_000,
          n0: int = 100, alpha: float = DEFAULT_ALPHA, bound: str = "bernstein",
-         reference: str = "mean",
-         chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> FeatureCertificate:
+         reference: str = "mean", chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+         progress: smoothing.Progress | None = None) -> FeatureCertificate:
   """Feature cosine similarity bound (Theorem 3.2), certified with probability 1 - alpha.
 
   For every adversarial x' with ``||x' - x||_2 <= eps`` (pixel space [0, 1]):
@@ -237,6 +252,9 @@ def fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
     reference: "mean" (u = smoothed mean direction; never worse) or "clean" (u = f(x),
       the paper's FCSB).
     chunk_size: samples per vectorised chunk.
+    progress: optional callable, called with the number of noise samples done (n0 + n in
+      all) as the Monte Carlo runs, e.g. a tqdm bar's ``update``; the results do not
+      change (:func:`score_deficits`).
 
   Returns:
     A :class:`FeatureCertificate`.
@@ -248,7 +266,8 @@ def fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
   check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound, reference=reference,
                      eps=eps, chunk_size=chunk_size)
   deficits = score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n, n0=n0,
-                            alpha=alpha, bounds=(bound,), chunk_size=chunk_size)
+                            alpha=alpha, bounds=(bound,), chunk_size=chunk_size,
+                            progress=progress)
   return certificate_from_deficit(deficits[reference][bound], deficits[reference]["direction"],
                                   eps=eps, sigma=sigma,
                                   is_certificate=bound != "point")
@@ -257,13 +276,13 @@ def fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
 def certified_radius(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
                      sigma: float, key: jax.Array, n: int = 10_000, cos: float = 0.5,
                      n0: int = 100, alpha: float = DEFAULT_ALPHA, bound: str = "bernstein",
-                     reference: str = "mean",
-                     chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> jax.Array:
+                     reference: str = "mean", chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                     progress: smoothing.Progress | None = None) -> jax.Array:
   """Certified l2 radius for ``cos(f_s(x'), u) >= cos`` (Corollary 3.3, any level).
 
   ``R = sigma * (Phi^-1(L) - Phi^-1((1 + cos) / 2))`` with L the lower confidence bound of
-  h_u(x) (see :func:`fcsb` for the arguments). Returns ``[B]``; R <= 0 means the cosine
-  level is not certified at any radius.
+  h_u(x) (see :func:`fcsb` for the arguments, ``progress`` included). Returns ``[B]``;
+  R <= 0 means the cosine level is not certified at any radius.
 
   ``bound="point"`` is refused: a bare radius array could not say that it is an estimate.
   For the paper's plug-in radius use ``certify.fcsb(..., bound="point")`` (marked
@@ -278,5 +297,6 @@ def certified_radius(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_
                      "certify.gaussian_robustness_score(...)).")
   _closed_form._check_cos(cos)
   deficits = score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n, n0=n0,
-                            alpha=alpha, bounds=(bound,), chunk_size=chunk_size)
+                            alpha=alpha, bounds=(bound,), chunk_size=chunk_size,
+                            progress=progress)
   return _closed_form.radius_from_deficit(deficits[reference][bound], jnp.float32(sigma), cos)

@@ -78,7 +78,8 @@ def prediction_margin(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders
                       prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
                       n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
                       bound: str = "bernstein",
-                      chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> PredictionMargin:
+                      chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                      progress: smoothing.Progress | None = None) -> PredictionMargin:
   """The Monte Carlo half of :func:`certify_prediction`: class, margin and deficit.
 
   Arguments as in :func:`certify_prediction`.
@@ -90,7 +91,8 @@ def prediction_margin(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders
                            jnp.asarray(x, jnp.float32))
   _prediction.check_prototypes(prototypes, feature.shape[-1])  # before any Monte Carlo
   deficits = _feature.score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n,
-                                     n0=n0, alpha=alpha, bounds=(bound,), chunk_size=chunk_size)
+                                     n0=n0, alpha=alpha, bounds=(bound,), chunk_size=chunk_size,
+                                     progress=progress)
   cls, delta = _prediction.angle_margin(deficits["mean"]["direction"], prototypes)
   return PredictionMargin(np.asarray(cls), np.asarray(delta),
                           np.asarray(deficits["mean"][bound]))
@@ -100,7 +102,8 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
                        prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
                        n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
                        bound: str = "bernstein",
-                       chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE
+                       chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                       progress: smoothing.Progress | None = None
                        ) -> PredictionCertificate | PredictionEstimate:
   """FS-certified prediction of a cosine-prototype head (Theorem A.3.2, closed-form radius).
 
@@ -118,6 +121,8 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
     bound: confidence bound ("bernstein", "betting", "hoeffding"); "point" gives the
       paper's plug-in estimate, returned as a :class:`PredictionEstimate`.
     chunk_size: samples per vectorised chunk.
+    progress: optional callable advanced by the number of noise samples done (n0 + n in
+      all); the results do not change (:func:`certify.score_deficits`).
 
   Returns:
     A :class:`PredictionCertificate` ``(predicted_class [B], radius [B])`` (a
@@ -126,7 +131,8 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
     provably cannot change.
   """
   m = prediction_margin(params, x, encoder=encoder, prototypes=prototypes, sigma=sigma,
-                        key=key, n0=n0, n=n, alpha=alpha, bound=bound, chunk_size=chunk_size)
+                        key=key, n0=n0, n=n, alpha=alpha, bound=bound, chunk_size=chunk_size,
+                        progress=progress)
   return certificate_of(m, sigma=sigma, bound=bound)
 
 
@@ -147,10 +153,11 @@ def _head_counts(features, kernel, bias):
 
 
 @functools.partial(jax.jit, static_argnames=("encoder", "n", "first_index", "chunk_size"))
-def _class_counts(params, x, key, sigma, kernel, bias, *, encoder, n, first_index, chunk_size):
+def _class_counts(params, x, key, sigma, kernel, bias, *, encoder, n, first_index, chunk_size,
+                  reporter=None):
   return smoothing.monte_carlo_sum(
       params, x, key, (kernel, bias), encoder=encoder, sigma=sigma, n=n, chunk_size=chunk_size,
-      statistic=_head_counts, first_index=first_index)["counts"]
+      statistic=_head_counts, first_index=first_index, reporter=reporter)["counts"]
 
 
 def _linear_head(head: Any) -> tuple[jax.Array, jax.Array]:
@@ -165,23 +172,30 @@ def _linear_head(head: Any) -> tuple[jax.Array, jax.Array]:
 
 def class_counts(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
                  head: Any, sigma: float, n: int, key: jax.Array, first_index: int = 0,
-                 chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> np.ndarray:
-  """Counts ``[B, K]`` of the linear head's predictions on ``x + delta_i``, ``i < n``."""
+                 chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                 progress: smoothing.Progress | None = None) -> np.ndarray:
+  """Counts ``[B, K]`` of the linear head's predictions on ``x + delta_i``, ``i < n``.
+
+  ``progress``, if given, is called with the number of noise samples done as the chunks
+  finish (:func:`fsjax.smoothing.with_progress`; the same counts).
+  """
   encoders_lib.check_images(x)
   smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
   checks.check_positive_int(first_index, name="first_index", minimum=0,
                             meaning="the index of the first noise sample")
   kernel, bias = _linear_head(head)
-  counts = _class_counts(params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma), kernel,
-                         bias, encoder=encoder, n=int(n), first_index=int(first_index),
-                         chunk_size=int(chunk_size))
+  counts = smoothing.with_progress(
+      progress, _class_counts, params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
+      kernel, bias, encoder=encoder, n=int(n), first_index=int(first_index),
+      chunk_size=int(chunk_size))
   return np.asarray(counts)
 
 
 def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
                head: Any, sigma: float, key: jax.Array, n0: int = 100, n: int = 10_000,
                alpha: float = _feature.DEFAULT_ALPHA,
-               chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+               chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+               progress: smoothing.Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Randomized smoothing CERTIFY (Cohen et al. 2019) with a linear head on f(x + delta).
 
   n0 samples select the class, n fresh samples give the one-sided Clopper-Pearson bound
@@ -189,7 +203,7 @@ def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.En
 
   Args:
     head: variables of :class:`certify.LinearHead` on the encoder's unit features.
-    Other arguments as in :func:`certify_prediction`.
+    Other arguments as in :func:`certify_prediction` (``progress`` counts n0 + n).
 
   Returns:
     A :class:`PredictionCertificate` ``(predicted_class [B], radius [B])``, class -1
@@ -197,9 +211,9 @@ def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.En
   """
   _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size)
   counts0 = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n0, key=key,
-                         chunk_size=chunk_size)
+                         chunk_size=chunk_size, progress=progress)
   counts = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n, key=key,
-                        first_index=n0, chunk_size=chunk_size)
+                        first_index=n0, chunk_size=chunk_size, progress=progress)
   return PredictionCertificate(*_prediction.rs_certify_from_counts(
       counts0, counts, sigma=sigma, alpha=alpha))
 

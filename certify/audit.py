@@ -55,7 +55,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
 from certify import _closed_form
 from certify import _feature
@@ -156,32 +155,51 @@ def attack_direction(params: Any, x: jax.typing.ArrayLike, u: jax.typing.ArrayLi
 # ---------------------------------------------------------------------------------------
 
 
-def _measure_pairs(params, x_adv, u, certified, encoder, a, key):
+def _task(progress: report.SampleProgress | None, label: str, **kwargs):
+  """``progress.task(label, ...)``, or None without a bar (then nothing reports)."""
+  return None if progress is None else progress.task(label, **kwargs)
+
+
+def _grow(progress: report.SampleProgress | None, samples: int) -> None:
+  if progress is not None:
+    progress.grow(samples)
+
+
+def _measure_pairs(params, x_adv, u, certified, encoder, a, key, *,
+                   progress: report.SampleProgress | None = None, label: str = "measure"):
   """Measures ``<f_s(x_adv), u>``; returns ``(mean, standard error, samples used)``.
 
   Without ``a.screen_n`` every pair gets ``a.measure_n`` fresh samples. With it, every
   pair first gets ``screen_n``; pairs whose screened margin over the bound is below
   ``screen_k`` standard errors are measured again with ``measure_n`` fresh samples (a
   cheap screen: a pair 6 standard errors clear of B cannot turn into a violation).
+  ``progress`` counts the first measurement in its total already; the second one is
+  added to it when it is known to be needed.
   """
   b = x_adv.shape[0]
+  task = lambda n, what: _task(progress, f"{label}: {what}, {n} samples", images=b,
+                               compile_key=("measure", encoder, b, n))
   if not a.get("screen_n"):
-    measured, se = smoothing.measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
-                                         n=a.measure_n, chunk_size=a.chunk_size, key=key)
+    measured, se = smoothing.measure_inner_product(
+        params, x_adv, u, encoder=encoder, sigma=a.sigma, n=a.measure_n,
+        chunk_size=a.chunk_size, key=key, progress=task(a.measure_n, "measuring"))
     return np.asarray(measured, np.float64), np.asarray(se, np.float64), np.full(
         b, a.measure_n)
-  measured, se = smoothing.measure_inner_product(params, x_adv, u, encoder=encoder, sigma=a.sigma,
-                                       n=a.screen_n, chunk_size=a.chunk_size,
-                                       key=jax.random.fold_in(key, 0))
+  measured, se = smoothing.measure_inner_product(
+      params, x_adv, u, encoder=encoder, sigma=a.sigma, n=a.screen_n,
+      chunk_size=a.chunk_size, key=jax.random.fold_in(key, 0),
+      progress=task(a.screen_n, "screening"))
   measured, se = np.asarray(measured, np.float64), np.asarray(se, np.float64)
   used = np.full(b, a.screen_n)
   close = np.flatnonzero(measured - certified < a.screen_k * se)
   if close.size:
+    _grow(progress, b * a.measure_n)
     m2, se2 = smoothing.measure_inner_product(
         params, batching.pad_rows(np.asarray(x_adv)[close], b),
         batching.pad_rows(np.asarray(u)[close], b),
         encoder=encoder, sigma=a.sigma, n=a.measure_n, chunk_size=a.chunk_size,
-        key=jax.random.fold_in(key, 1))
+        key=jax.random.fold_in(key, 1),
+        progress=task(a.measure_n, f"measuring {close.size} close pairs"))
     measured[close] = np.asarray(m2, np.float64)[:close.size]
     se[close] = np.asarray(se2, np.float64)[:close.size]
     used[close] = a.measure_n
@@ -190,8 +208,8 @@ def _measure_pairs(params, x_adv, u, certified, encoder, a, key):
 
 def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
                  labels: np.ndarray, audit, key: jax.Array, *, name: str = "FS",
-                 first_index: int = 0,
-                 pad_to: int | None = None) -> tuple[list[dict], dict]:
+                 first_index: int = 0, pad_to: int | None = None,
+                 progress: report.SampleProgress | None = None) -> tuple[list[dict], dict]:
   """Audits the certificate on a batch of images; returns ``(rows, counts)``.
 
   Args:
@@ -205,6 +223,9 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
     first_index: index of ``images[0]`` in the audited set (recorded).
     pad_to: certify a batch padded to this many images (a smaller last batch then reuses
       the compilation of the full ones); padded images are dropped.
+    progress: the program's bar (noise samples x images through the encoder; attack
+      steps count ``eot_samples`` each). Its total must hold this batch's certification;
+      the attacks and measurements are added to it once the certified pairs are known.
 
   Returns:
     One row per (image, eps, reference) tested, and counts of the images and
@@ -213,10 +234,13 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
   a = audit
   sigma = float(a.sigma)
   b = images.shape[0]
+  padded = batching.pad_rows(images, max(pad_to or b, b))
   out = _feature.score_deficits(
-      params, batching.pad_rows(images, max(pad_to or b, b)), encoder=encoder, sigma=sigma,
+      params, padded, encoder=encoder, sigma=sigma,
       key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0, alpha=a.alpha,
-      bounds=(a.bound,), chunk_size=a.chunk_size)
+      bounds=(a.bound,), chunk_size=a.chunk_size, progress=_task(
+          progress, f"{name}: certifying, {a.n0} + {a.n} samples x {len(padded)} images",
+          images=len(padded), compile_key=("certify", encoder, padded.shape)))
   rows, skipped = [], collections.Counter()
   for r_index, reference in enumerate(a.references):
     deficit = np.asarray(out[reference][a.bound], np.float64)
@@ -243,6 +267,12 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
     # <f_s(x), u> at the clean image, for the attack's effect (clean - adversarial).
     clean_n = a.get("screen_n") or a.measure_n
     certified = sorted({p[0] for p in pairs})
+    label = f"{name}, {reference}"
+    # The work ahead, in padded batches of bs: the clean measurements, then per batch of
+    # pairs the attack and the first measurement (clean_n samples too; a second one with
+    # measure_n joins when _measure_pairs finds close pairs).
+    _grow(progress, bs * (-(-len(certified) // bs) * clean_n
+                          + -(-len(pairs) // bs) * (a.steps * a.eot_samples + clean_n)))
     clean = {}
     for start in range(0, len(certified), bs):
       idx = np.array(certified[start:start + bs])
@@ -250,7 +280,9 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
           params, batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs),
           encoder=encoder, sigma=sigma,
           n=clean_n, chunk_size=a.chunk_size,
-          key=jax.random.fold_in(key, 100_000 + 1000 * r_index + start // bs))
+          key=jax.random.fold_in(key, 100_000 + 1000 * r_index + start // bs),
+          progress=_task(progress, f"{label}: clean images, {clean_n} samples", images=bs,
+                         compile_key=("measure", encoder, bs, clean_n)))
       clean.update(zip(idx.tolist(), np.asarray(m, np.float64)[:len(idx)].tolist()))
     for start in range(0, len(pairs), bs):
       chunk = pairs[start:start + bs]
@@ -260,15 +292,21 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
       x_c, u_c, eps_c = (batching.pad_rows(images[idx], bs), batching.pad_rows(u[idx], bs),
                          batching.pad_rows(eps, bs))
       ck = jax.random.fold_in(key, 1000 * r_index + start // bs + 1)
-      x_adv = attack_direction(params, x_c, u_c, encoder=encoder, eps=eps_c, sigma=sigma,
-                               steps=a.steps, eot_samples=a.eot_samples,
-                               step_factor=a.step_factor,
-                               key=jax.random.fold_in(ck, _ATTACK))
+      attacked = _task(
+          progress, f"{label}: attacking pairs {start + 1}-{start + len(chunk)} of "
+          f"{len(pairs)}", images=bs, compile_key=("attack", encoder))
+      x_adv = jax.block_until_ready(attack_direction(
+          params, x_c, u_c, encoder=encoder, eps=eps_c, sigma=sigma, steps=a.steps,
+          eot_samples=a.eot_samples, step_factor=a.step_factor,
+          key=jax.random.fold_in(ck, _ATTACK)))
+      if attacked is not None:
+        attacked(a.steps * a.eot_samples)
       certified = np.asarray(_closed_form.bound_from_deficit(
           jnp.asarray(batching.pad_rows(deficit[idx], bs), jnp.float32), jnp.asarray(eps_c), sigma),
           np.float64)
       measured, se, used = _measure_pairs(params, x_adv, u_c, certified, encoder, a,
-                                          jax.random.fold_in(ck, _MEASURE))
+                                          jax.random.fold_in(ck, _MEASURE),
+                                          progress=progress, label=label)
       dist = np.sqrt(np.sum((np.asarray(x_adv) - x_c) ** 2, axis=(1, 2, 3)))
       for j, (i, e, frac) in enumerate(chunk):
         rows.append({
@@ -402,13 +440,16 @@ def run(config, workdir: str) -> dict[str, Any]:
   key = jax.random.PRNGKey(config.seed)
   rows, skipped, offset = [], collections.Counter(), 0
   report.save_config(config, workdir, "audit_config.json")
-  with report.rows(workdir / "audit.jsonl") as write:
-    for b, batch in enumerate(tqdm.tqdm(dataset, desc="audit", unit="batch")):
+  # The certifications; attacks and measurements join the total as pairs are certified.
+  certify_samples = len(dataset) * dataset.batch_size * len(variants) * (a.n0 + a.n)
+  with report.rows(workdir / "audit.jsonl") as write, report.SampleProgress(
+      certify_samples, "audit") as progress:
+    for b, batch in enumerate(dataset):
       for name, encoder, params in variants:
         batch_rows, batch_skipped = audit_images(
             encoder, params, batch["image"], batch["label"], a,
             jax.random.fold_in(key, b), name=name, first_index=offset,
-            pad_to=dataset.batch_size)
+            pad_to=dataset.batch_size, progress=progress)
         skipped.update(batch_skipped)
         for r in batch_rows:
           write(r)

@@ -9,6 +9,9 @@ Every program writes the same kinds of files into its workdir:
 * ``config.json``: the config the program ran with;
 * PNG figures, drawn with matplotlib's Agg backend (no screen needed).
 
+While it runs, a program shows one :class:`SampleProgress` bar: noise samples x images
+through the encoder, advanced as each chunk of samples finishes, with tqdm's rate and ETA.
+
 The column vocabulary (docs/vocabulary in the README): ``variant`` (FS, FS+D, FS+M,
 FS+D+M, or a row label such as "original" / "smoothed"), ``image`` (index in the evaluated
 set), ``sigma``, ``reference`` (clean / mean), ``bound`` (the confidence-bound method:
@@ -23,9 +26,10 @@ import contextlib
 import csv
 import json
 import pathlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
+import tqdm
 
 
 def _format(value: Any, digits: int) -> str:
@@ -126,3 +130,46 @@ def image_strip(panels, path: str | pathlib.Path, *, title: str, scale: float = 
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+class SampleProgress:
+  """A program's one progress bar over its Monte Carlo: noise samples x images, with an ETA.
+
+  ``with SampleProgress(total, "certify") as progress:``, then for each certify call
+  ``progress.task(label, images=B)`` gives the ``progress`` callable the certify
+  functions take (advanced by noise samples; the bar counts samples x B). The label is the
+  bar's postfix; the first task with a new ``compile_key`` (e.g. variant and batch shape)
+  says "compiling" until its first chunk of samples is done, so a long first compilation
+  shows something. ``grow(samples)`` adds work found on the way (e.g. audit pairs).
+  """
+
+  def __init__(self, total: int, desc: str):
+    self.bar = tqdm.tqdm(total=int(total), desc=desc, unit="sample", unit_scale=True,
+                         dynamic_ncols=True)
+    self._compiled: set[Hashable] = set()
+
+  def task(self, label: str, *, images: int,
+           compile_key: Hashable | None = None) -> Callable[[int], None]:
+    """Shows ``label``; returns ``advance(samples)``, which adds ``samples x images``."""
+    compiling = compile_key is not None and compile_key not in self._compiled
+    self._compiled.add(compile_key)
+    self.bar.set_postfix_str(f"{label} (compiling first)" if compiling else label)
+
+    def advance(samples: int) -> None:
+      nonlocal compiling
+      if compiling:  # the first chunk is done: compiled
+        self.bar.set_postfix_str(label, refresh=False)
+        compiling = False
+      self.bar.update(int(samples) * int(images))
+    return advance
+
+  def grow(self, samples: int) -> None:
+    """Adds ``samples`` (already multiplied by images) to the bar's total."""
+    self.bar.total += int(samples)
+    self.bar.refresh()
+
+  def __enter__(self) -> "SampleProgress":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.bar.close()

@@ -32,7 +32,6 @@ from typing import Iterable
 from absl import flags
 import jax
 import numpy as np
-import tqdm
 
 from certify import _closed_form
 from certify import _feature
@@ -52,7 +51,8 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
   gives every bound for both references) and the closed forms of Theorem 3.2 /
   Corollary 3.3 applied to the score *deficit* 1 - L, which keeps float32 precision where
   L is within 1e-7 of 1 (``certify.fcsb`` computes the same numbers). ``progress`` (a
-  tqdm bar) advances once per (variant, sigma).
+  :class:`certify.report.SampleProgress`) advances by noise samples x images after each
+  chunk of samples of the Monte Carlo (the results do not change).
   """
   c = config.certify
   eps = np.asarray(c.eps, np.float32)
@@ -60,14 +60,12 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
     for sigma in c.sigmas:
       # The same noise for every variant and image batch position at a sigma.
       k = smoothing.sigma_key(key, sigma)
-      if progress is not None:
-        progress.set_postfix_str(f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples "
-                                 f"x {len(images)} images")
+      advance = None if progress is None else progress.task(
+          f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples x {len(images)} images",
+          images=len(images), compile_key=(name, images.shape))
       out = _feature.score_deficits(params, images, encoder=encoder, sigma=sigma, key=k,
                                     n=c.n, n0=c.n0, alpha=c.alpha, bounds=tuple(c.bounds),
-                                    chunk_size=c.chunk_size)
-      if progress is not None:
-        progress.update(1)
+                                    chunk_size=c.chunk_size, progress=advance)
       for reference in c.references:
         for bound in c.bounds:
           deficit = out[reference][bound]
@@ -227,12 +225,14 @@ def run(config, workdir: str) -> list[dict]:
   dataset = data_lib.from_config(config.data)
   key = jax.random.PRNGKey(config.seed)
   rows, first = [], 0
-  units = len(dataset) * len(variants) * len(config.certify.sigmas)
-  with report.rows(workdir / "results.jsonl") as write, tqdm.tqdm(
-      total=units, desc="certify", unit="run", dynamic_ncols=True) as bar:
+  c = config.certify
+  images = len(dataset) * dataset.batch_size if dataset.drop_remainder else dataset.num_examples
+  samples = images * len(variants) * len(c.sigmas) * (c.n0 + c.n)
+  with report.rows(workdir / "results.jsonl") as write, report.SampleProgress(
+      samples, "certify") as progress:
     for batch in dataset:
       for row in certify_images(variants, batch["image"], batch["label"], config, key,
-                                first_image=first, progress=bar):
+                                first_image=first, progress=progress):
         rows.append(row)
         write(row)
       first += len(batch["image"])

@@ -39,7 +39,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tqdm
 
 import certify
 from certify import report
@@ -101,7 +100,8 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     key: the sigma's key; batch ``b`` uses ``fold_in(key, b)``.
     settings: :func:`prediction_settings`.
     variant: the encoder variant's name, recorded in the rows.
-    progress: an optional tqdm bar, advanced once per batch and method.
+    progress: an optional :class:`certify.report.SampleProgress`, advanced by noise
+      samples x images (the padded batch) as the chunks of samples of each method finish.
 
   Returns:
     Rows ``{"method", "variant", "sigma", "image", "label", "predicted_class", "radius",
@@ -118,17 +118,18 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     xp = batching.pad_rows(x, bs)
     k = jax.random.fold_in(key, b)
     out = {}
+    task = lambda method, enc: None if progress is None else progress.task(
+        f"sigma {sigma:g}, batch {b + 1} of {-(-len(images) // bs)}: {method}, "
+        f"{settings['n0']} + {settings['n']} noise samples x {bs} images", images=bs,
+        compile_key=(method, enc, xp.shape))
     margin = certify.prediction_margin(fs_params, xp, encoder=fs_encoder,
                                        prototypes=prototypes, sigma=sigma, key=k,
-                                       bound=settings["bound"], **mc)
+                                       bound=settings["bound"],
+                                       progress=task("FS", fs_encoder), **mc)
     out["FS"] = certify.certificate_of(margin, sigma=sigma, bound=settings["bound"])
     need = np.asarray(certify.required_margin(deficit=margin.deficit, sigma=sigma))
-    if progress is not None:
-      progress.update(1)
     out["RS"] = certify.rs_certify(params, xp, encoder=encoder, head=heads["linear"],
-                                   sigma=sigma, key=k, **mc)
-    if progress is not None:
-      progress.update(1)
+                                   sigma=sigma, key=k, progress=task("RS", encoder), **mc)
     for method in METHODS:
       cls, radius = (np.asarray(a)[:len(x)] for a in out[method])
       for i in range(len(x)):
@@ -258,14 +259,17 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   key = jax.random.PRNGKey(config.seed)
   sigmas = [float(s) for s in config.certify.sigmas]
   batches = -(-len(images) // settings["batch_size"])
+  # Every method draws n0 + n noise samples for each image of each (padded) batch.
+  samples = (len(sigmas) * batches * settings["batch_size"] * len(METHODS)
+             * (settings["n0"] + settings["n"]))
   rows = []
-  with report.rows(workdir / "prediction_results.jsonl") as write, tqdm.tqdm(
-      total=len(sigmas) * batches * len(METHODS), desc="table2", unit="call") as bar:
+  with report.rows(workdir / "prediction_results.jsonl") as write, report.SampleProgress(
+      samples, "table2") as progress:
     for sigma in sigmas:
       k = smoothing.sigma_key(key, sigma)  # as certify.run and train.head
       for row in certify_images(params, images, labels, encoder=encoder, heads=heads[sigma],
                                 sigma=sigma, key=k, settings=settings, variant=encoder_name,
-                                progress=bar):
+                                progress=progress):
         rows.append(row)
         write(row)
   radii = [float(r) for r in config.prediction.radii]

@@ -14,7 +14,10 @@ over noise samples of a per-sample statistic of the unit feature f(x + delta)*.
   and therefore the results, do not depend on the chunk size or the device count
   (sums are re-associated, so equal to float32 rounding, ~1e-7 relative);
 * chunks are split over all local devices with ``jax.shard_map`` (contiguous blocks of
-  chunks per device), with one ``psum`` at the end; the image batch rides along.
+  chunks per device), with one ``psum`` at the end; the image batch rides along;
+* with a ``reporter`` (:func:`with_progress`), each device reports every chunk it
+  finishes to the host, so a program can show a progress bar with an ETA during one
+  long jitted call; the sums are equal bit for bit with or without it.
 
 The noise is not clipped to [0, 1]: the smoothed function is E[f(x + delta)] with
 Gaussian delta, exactly as the certificate's lemma needs.
@@ -23,7 +26,9 @@ Gaussian delta, exactly as the certificate's lemma needs.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import threading
 from typing import Any, Callable
 
 import jax
@@ -72,10 +77,46 @@ def local_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
 
 
+# A callable advanced by the number of noise samples just done (e.g. a tqdm bar's update).
+Progress = Callable[[int], Any]
+
+_reporters: dict[int, Progress] = {}  # the runs in flight that report progress, by id
+_reporter_ids = itertools.count(1)
+_reporters_lock = threading.Lock()
+
+
+def _report(reporter, samples, _) -> None:
+  """Host side of a loop's progress callback: ``samples`` more done for ``reporter``."""
+  progress = _reporters.get(int(reporter))
+  if progress is not None and int(samples) > 0:
+    progress(int(samples))
+
+
+def with_progress(progress: Progress | None, fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """``fn(*args, **kwargs)``, a jitted Monte Carlo, reporting to ``progress`` as it runs.
+
+  With ``progress`` None this is the plain call. Otherwise ``fn`` gets a ``reporter``
+  keyword (an int32 id, a traced argument, so the id does not recompile) that it hands to
+  :func:`monte_carlo_sum`, whose loop then calls ``progress(samples)`` from the device
+  after each chunk; the call blocks until the results are ready, so every report has
+  arrived when it returns.
+  """
+  if progress is None:
+    return fn(*args, **kwargs)
+  with _reporters_lock:
+    reporter = next(_reporter_ids) % 2**31
+    _reporters[reporter] = progress
+  try:
+    return jax.block_until_ready(fn(*args, reporter=jnp.int32(reporter), **kwargs))
+  finally:
+    with _reporters_lock:
+      del _reporters[reporter]
+
+
 def monte_carlo_sum(params: PyTree, x: jax.Array, key: jax.Array, aux: PyTree = (), *,
                     encoder: encoders_lib.Encoder, sigma: float, n: int,
                     statistic: Statistic, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                    first_index: int = 0) -> PyTree:
+                    first_index: int = 0, reporter: jax.Array | None = None) -> PyTree:
   """Sums ``statistic(f(x + delta_i), *aux)`` over noise samples ``i < n``.
 
   Traceable (call it inside ``jax.jit``); sharded over local devices.
@@ -92,6 +133,10 @@ def monte_carlo_sum(params: PyTree, x: jax.Array, key: jax.Array, aux: PyTree = 
     chunk_size: samples per vectorised chunk (static); trades memory for speed.
     first_index: offset of the sample indices, so two stages of one certification
       (n0 then n) can draw disjoint samples from one key.
+    reporter: None, or the id :func:`with_progress` gives: then each device reports the
+      samples of every chunk it finishes to the host (a ``jax.debug.callback`` that
+      reads the chunk index and one element of the running sums: the sums are the same
+      bits as without it).
 
   Returns:
     The statistic's pytree with the chunk axis summed away: leaves ``[B, ...]``.
@@ -113,21 +158,38 @@ def monte_carlo_sum(params: PyTree, x: jax.Array, key: jax.Array, aux: PyTree = 
       return jnp.sum(v * w, axis=1)
     return jax.tree.map(masked_sum, per_sample)
 
-  def per_device(x, key, params, aux):
+  def chunk_samples(chunk_index):
+    return jnp.clip(n - chunk_index * chunk_size, 0, chunk_size)
+
+  def report(reporter, samples, total):
+    """Reports ``samples`` done; ``total`` holds their sums, which orders the callback
+    after them (it reads one element; the sums are not changed)."""
+    jax.debug.callback(_report, reporter, samples, jax.tree.leaves(total)[0].reshape(-1)[0])
+
+  def per_device(x, key, params, aux, reporter):
     device = jax.lax.axis_index(SAMPLES_AXIS)
     # Start from zeros rather than a peeled first chunk: the encoder then appears once in
     # the program, not twice (half the HLO to compile; the sums are the same).
     shapes = jax.eval_shape(chunk_statistic, 0, x, key, params, aux)
     total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # Each iteration reports the chunk before it (whose sums it receives), the last chunk
+    # is reported after the loop. A loop of one chunk has no callback inside: XLA removes
+    # such a loop and simplifies its body, and a callback would prevent that (other bits).
+    report_each = reporter is not None and chunks_per_device > 1
     def body(i, total):
-      part = chunk_statistic(device * chunks_per_device + i, x, key, params, aux)
+      chunk_index = device * chunks_per_device + i
+      if report_each:
+        report(reporter, jnp.where(i > 0, chunk_samples(chunk_index - 1), 0), total)
+      part = chunk_statistic(chunk_index, x, key, params, aux)
       return jax.tree.map(jnp.add, total, part)
     total = jax.lax.fori_loop(0, chunks_per_device, body, total)
+    if reporter is not None:
+      report(reporter, chunk_samples((device + 1) * chunks_per_device - 1), total)
     return jax.lax.psum(total, SAMPLES_AXIS)
 
   replicated = jax.P()
   return jax.shard_map(per_device, mesh=mesh, in_specs=replicated, out_specs=replicated,
-                       check_vma=False)(x, key, params, aux)
+                       check_vma=False)(x, key, params, aux, reporter)
 
 
 def feature_sum(features: jax.Array) -> dict[str, jax.Array]:
@@ -166,7 +228,7 @@ def smoothed_features(params: PyTree, x: jax.typing.ArrayLike, *,
 
 
 @functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
-def _measure(params, x, u, key, sigma, *, encoder, n, chunk_size):
+def _measure(params, x, u, key, sigma, *, encoder, n, chunk_size, reporter=None):
   # Centre the sums at the base feature's value, so the float32 variance does not cancel.
   center = jnp.sum(encoder(params, x, sigma=sigma) * u, axis=-1)
 
@@ -178,7 +240,7 @@ def _measure(params, x, u, key, sigma, *, encoder, n, chunk_size):
     return {"d": d, "d2": d * d}
 
   total = monte_carlo_sum(params, x, key, (u, center), encoder=encoder, sigma=sigma, n=n,
-                          statistic=statistic, chunk_size=chunk_size)
+                          statistic=statistic, chunk_size=chunk_size, reporter=reporter)
   mean_d = total["d"] / n
   var = jnp.maximum(total["d2"] - n * mean_d**2, 0.0) / (n - 1)
   return center + mean_d, jnp.sqrt(var / n)
@@ -186,9 +248,8 @@ def _measure(params, x, u, key, sigma, *, encoder, n, chunk_size):
 
 def measure_inner_product(params: Any, x: jax.typing.ArrayLike, u: jax.typing.ArrayLike, *,
                           encoder: encoders_lib.Encoder, sigma: float, n: int,
-                          key: jax.Array,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE
-                          ) -> tuple[jax.Array, jax.Array]:
+                          key: jax.Array, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                          progress: Progress | None = None) -> tuple[jax.Array, jax.Array]:
   """Monte Carlo ``<f_s(x), u>`` and its standard error, from n samples.
 
   A measurement, not a bound: the soundness audit compares it with certified bounds.
@@ -203,6 +264,8 @@ def measure_inner_product(params: Any, x: jax.typing.ArrayLike, u: jax.typing.Ar
     n: samples >= 2.
     key: PRNG key; sample i uses ``fold_in(key, i)`` (:func:`noise`).
     chunk_size: samples per vectorised chunk.
+    progress: optional callable, called with the number of noise samples done as the
+      chunks finish (:func:`with_progress`; the results do not change).
 
   Returns:
     ``([B] mean of <f(x + delta_i), u>, [B] sample std / sqrt(n))``.
@@ -211,5 +274,6 @@ def measure_inner_product(params: Any, x: jax.typing.ArrayLike, u: jax.typing.Ar
   check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
   checks.check_positive_int(n, name="n", minimum=2, meaning="a standard error needs a "
                             "sample variance")
-  return _measure(params, jnp.asarray(x, jnp.float32), jnp.asarray(u, jnp.float32), key,
-                  jnp.float32(sigma), encoder=encoder, n=int(n), chunk_size=int(chunk_size))
+  return with_progress(progress, _measure, params, jnp.asarray(x, jnp.float32),
+                       jnp.asarray(u, jnp.float32), key, jnp.float32(sigma), encoder=encoder,
+                       n=int(n), chunk_size=int(chunk_size))

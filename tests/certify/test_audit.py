@@ -114,6 +114,21 @@ def test_measurement_matches_numpy(toy):
   np.testing.assert_allclose(se, ip.std(0, ddof=1) / np.sqrt(n), rtol=1e-3, atol=1e-7)
 
 
+def test_measurement_progress_changes_no_bit(toy):
+  """Issue 14: measuring with ``progress`` reports all n samples chunk by chunk and gives
+  the same bits as without it (the shapes of test_measurement_matches_numpy)."""
+  encoder, params = toy
+  x = _images(2, 8)
+  u = np.asarray(encoder(params, x + 0.1))
+  args = dict(encoder=encoder, sigma=SIGMA, n=512, key=jax.random.PRNGKey(5))
+  want = smoothing.measure_inner_product(params, x, u, **args)
+  done = []
+  got = smoothing.measure_inner_product(params, x, u, progress=done.append, **args)
+  assert done == [64] * 8
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_screen_measures_close_pairs_again(toy):
   """Pairs far above B keep the screen's n; pairs near or below B get measure_n."""
   encoder, params = toy

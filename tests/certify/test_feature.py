@@ -278,3 +278,32 @@ def test_certificate_is_exact_whatever_the_default_matmul_precision(precision):
   assert len(dots) >= 2  # stage 1's clean score and stage 2's scores
   assert all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for e in dots), [
       e.params["precision"] for e in dots]
+
+
+def test_progress_counts_every_sample_and_changes_no_bit(toy):
+  """Issue 14: with ``progress`` the samples done arrive chunk by chunk and sum to n0 + n,
+  and every bound (betting included) and direction is the same bits as without it.
+
+  Stage 1 (n0 = 20 < chunk_size) is a one-chunk loop, which XLA removes; stage 2 is a
+  full chunk and a partial one. (The arguments of test_results_do_not_depend_on_chunk_size
+  [64]: the call without progress reuses its compilation.)
+  """
+  enc, params = toy
+  x = _images()
+  args = dict(encoder=enc, sigma=0.5, key=KEY, n=100, n0=20, chunk_size=64)
+  want = certify.score_deficits(params, x, **args)
+  done = []
+  got = certify.score_deficits(params, x, progress=done.append, **args)
+  assert sorted(done) == [20, 36, 64]
+  for ref in want:
+    for bound in want[ref]:
+      np.testing.assert_array_equal(got[ref][bound], want[ref][bound], err_msg=f"{ref}/{bound}")
+  assert not smoothing._reporters  # pylint: disable=protected-access  # unregistered
+
+
+def test_with_progress_unregisters_when_the_call_fails():
+  def failing(reporter):
+    raise ValueError(f"boom {reporter}")
+  with pytest.raises(ValueError, match="boom"):
+    smoothing.with_progress(lambda samples: None, failing)
+  assert not smoothing._reporters  # pylint: disable=protected-access

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from certify import report
 from certify import run as run_lib
 from configs import clip_tiny
 from configs import common
@@ -24,12 +25,21 @@ def result(tmp_path_factory):
     config.certify.update(n0=8, n=32, sigmas=(0.25,), eps=(0.125, 0.5), chunk_size=16)
     config.data.update(num_examples=2, batch_size=2)
   workdir = tmp_path_factory.mktemp("certify_run")
-  table = run_lib.run(config, str(workdir))
-  return config, workdir, table
+  bars = []  # the run's progress bars, recorded
+
+  class Recorded(report.SampleProgress):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      bars.append(self)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(report, "SampleProgress", Recorded)
+    table = run_lib.run(config, str(workdir))
+  return config, workdir, table, bars
 
 
 def test_outputs_written(result):
-  _, workdir, table = result
+  _, workdir, table, _ = result
   for name in ("results.jsonl", "table.md", "table.csv", "fcsb.png"):
     assert (workdir / name).stat().st_size > 0
   # 1 variant x 1 sigma x 2 references x 4 bounds rows in the table, 2 images each.
@@ -39,7 +49,7 @@ def test_outputs_written(result):
 
 
 def test_rows_follow_the_closed_form(result):
-  config, workdir, _ = result
+  config, workdir, _, _ = result
   for line in (workdir / "results.jsonl").read_text().splitlines():
     r = json.loads(line)
     z = stats.norm.isf(r["score_deficit"])
@@ -50,7 +60,7 @@ def test_rows_follow_the_closed_form(result):
 
 
 def test_certified_bounds_never_exceed_point_estimate(result):
-  _, _, table = result
+  _, _, table, _ = result
   by = {(r["reference"], r["bound"]): r for r in table}
   for ref in ("clean", "mean"):
     point = by[(ref, "point (estimate)")]["B@0.125"]
@@ -110,3 +120,25 @@ def test_table1_rows_match_the_half_space_closed_form():
       if r["bound"] != "point":  # the certified bound is below the exact one
         exact_b = 2 * stats.norm.cdf(stats.norm.ppf(h) - float(eps) / sigma) - 1
         assert b <= exact_b + 1e-6
+
+
+def test_progress_says_compiling_then_counts_samples_times_images():
+  progress = report.SampleProgress(100, "certify")
+  advance = progress.task("FS, sigma 0.25", images=4, compile_key=("FS", (4, 8, 8, 3)))
+  assert "compiling" in progress.bar.postfix  # until the first chunk is done
+  advance(16)
+  assert progress.bar.n == 64 and progress.bar.postfix == "FS, sigma 0.25"
+  progress.task("FS, sigma 0.5", images=4, compile_key=("FS", (4, 8, 8, 3)))
+  assert progress.bar.postfix == "FS, sigma 0.5"  # compiled already
+  progress.grow(28)
+  assert progress.bar.total == 128
+  progress.bar.close()
+
+
+def test_run_shows_one_bar_of_samples_times_images_that_reaches_its_total(result):
+  """Issue 14: certify.run's one bar counts (n0 + n) noise samples x images per variant
+  and sigma (8 + 32 samples x 2 images here), advanced chunk by chunk, to its end."""
+  _, _, _, bars = result
+  assert len(bars) == 1
+  assert bars[0].bar.total == (8 + 32) * 2 and bars[0].bar.n == bars[0].bar.total
+  assert bars[0].bar.unit == "sample"

@@ -197,3 +197,17 @@ def test_prediction_of_bfloat16_images_is_that_of_their_float32_values(toy):
   for a, b in zip(certify.certify_prediction(params, x16, **mc),
                   certify.certify_prediction(params, x32, **mc)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_class_counts_progress_counts_samples_and_changes_nothing(toy):
+  """Issue 14: counting with ``progress`` reports the n samples chunk by chunk and counts
+  exactly as without it (the arguments of test_rs_counts_match_direct_loop)."""
+  enc, params = toy
+  x = _images(2)
+  head = _head(enc, params, x)
+  args = dict(encoder=enc, head=head, sigma=0.5, n=30, key=KEY, first_index=5, chunk_size=7)
+  want = certify.class_counts(params, x, **args)
+  done = []
+  got = certify.class_counts(params, x, progress=done.append, **args)
+  assert sorted(done) == [2, 7, 7, 7, 7]
+  np.testing.assert_array_equal(got, want)

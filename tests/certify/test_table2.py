@@ -93,6 +93,9 @@ def test_rows_match_direct_certify_calls(result):
       per_class=TEST_PER_CLASS, seed=0)
   _, heads = heads_lib.load_heads(workdir)
   bs = config.certify.batch_size
+  # The head projects: FS certifies x -> P^T f(x) (fsjax.heads.fs_encoder). One wrapper for
+  # every call: jit caches by the encoder's identity.
+  projected = heads_lib.ProjectedEncoder(encoder)
   radii_seen = []
   for sigma in SIGMAS:
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), int(round(sigma * 1e6)))
@@ -100,11 +103,12 @@ def test_rows_match_direct_certify_calls(result):
       x = images[b * bs:(b + 1) * bs]
       x = np.concatenate([x, np.repeat(x[-1:], bs - len(x), axis=0)])  # the padding
       k = jax.random.fold_in(key, b)
-      mc = dict(sigma=sigma, key=k, n0=8, n=32, alpha=config.certify.alpha, chunk_size=16)
-      # The head projects: FS certifies x -> P^T f(x) (fsjax.heads.fs_encoder).
+      # With a progress callable, as the program calls them: the same compilations (and,
+      # test_feature checks, the same bits as without one).
+      mc = dict(sigma=sigma, key=k, n0=8, n=32, alpha=config.certify.alpha, chunk_size=16,
+                progress=lambda samples: None)
       kernel = heads[sigma]["cosine"]["params"]["projection"]
       fs_params = {"encoder": params, "projection": kernel}
-      projected = heads_lib.ProjectedEncoder(encoder)
       w = certify.unit_prototypes(heads[sigma]["cosine"])
       fs = certify.certify_prediction(fs_params, x, encoder=projected, bound="point",
                                       prototypes=w, **mc)
