@@ -32,10 +32,33 @@ def most_boosted(config) -> Variant:
 
   Raises ValueError when ``config.gsb.checkpoint`` is set but yields no GSB variant.
   """
-  variants = encoder_variants(config)
+  encoder, params = encoders_lib.build(config.encoder)
   gsb = config.get("gsb")
-  if gsb is not None and gsb.get("checkpoint") and len(variants) == 1:
-    raise ValueError(f"config.gsb.checkpoint={gsb.checkpoint!r} is set but no GSB variant "
-                     "was built from it; check that it is a trained train.gsb workdir, or "
-                     "unset it to use the base encoder.")
+  if gsb is None or not gsb.get("checkpoint"):
+    return ("FS", encoder, params)
+  return boost(encoder, params, gsb_lib.checkpoint.load(gsb.checkpoint, config=config),
+               config)
+
+
+def boost(encoder: encoders_lib.Encoder, params: Any, gsb_params: Any, config) -> Variant:
+  """The most boosted GSB variant of ``(encoder, params)``: the one picker of every program.
+
+  Args:
+    encoder: the base encoder.
+    params: its parameters.
+    gsb_params: a loaded booster (``fsjax.gsb.checkpoint.load``).
+    config: the experiment config (``config.gsb`` gives the architectures).
+
+  Returns:
+    The last of :func:`fsjax.gsb.ablation_variants`: "FS+D+M" when both modules are
+    trained, else "FS+D" or "FS+M".
+
+  Raises:
+    ValueError: the booster holds no trained module.
+  """
+  variants = gsb_lib.ablation_variants(encoder, params, gsb_params, config)
+  if not variants:
+    raise ValueError(f"config.gsb.checkpoint={config.gsb.get('checkpoint')!r} is set but no "
+                     "GSB variant was built from it; check that it is a trained train.gsb "
+                     "workdir, or unset it to use the base encoder.")
   return variants[-1]
