@@ -27,6 +27,10 @@ def is_concrete(x: Any) -> bool:
 
 
 def _float_array(value: Any, name: str, meaning: str) -> np.ndarray:
+  # numpy would read True as 1.0 and "0.25" as 0.25: a flag or a string is never a number.
+  if np.asarray(value).dtype.kind in "bcUS":
+    raise ValueError(f"{name} must be a number or an array of numbers ({meaning}), got "
+                     f"{value!r} of type {type(value).__name__}.")
   try:
     return np.asarray(value, dtype=np.float64)
   except (TypeError, ValueError) as e:
