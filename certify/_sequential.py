@@ -156,6 +156,7 @@ def update(state: SequenceState, values: jax.Array, *, alpha: float,
   lam = bets(state)
   values = jnp.asarray(values, jnp.float32)
   w = jnp.ones_like(values) if weights is None else jnp.asarray(weights, jnp.float32)
+  values = jnp.where(w > 0, values, 0.0)  # a dropped sample may hold anything (even NaN)
   # log1p(lambda (d_k - e)): d_k - e is a difference of deficits, exact near 0 in float32.
   gap = d - values[..., None]  # [..., k, G]
   log_factor = jnp.sum(w[..., :, None, None]
