@@ -18,7 +18,11 @@ The MLLM is the config's: ``config.llava`` (``fsjax.llava``) or ``config.openfla
 (smoothed or not), a task's prompt in the model's own format, greedy answers from
 injected features.
 
-Rows (one language side, several vision sides; ``config.protection``):
+The threat model, the smoothing and the rows are ``config.attack``, the section
+``certify.robustness`` reads too (``fsjax.attacks.ThreatModel``); the two programs differ
+only in what judges the adversarial features: here the MLLM's answer
+(``config.protection``), there a prototype head. Rows (one language side, several vision
+sides; ``fsjax.attacks.build_rows``):
 
 * ``original``: the MLLM as it is, on its encoder.
 * ``smoothed`` (FS alone): the language side sees the smoothed *vision encoder*'s
@@ -83,37 +87,27 @@ from typing import Any, Sequence
 
 from absl import flags
 import jax
-import ml_collections
 import numpy as np
 import tqdm
 
 from certify import report
-from certify import robustness
 from fsjax import attacks
 from fsjax import batching
+from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import flamingo
-from fsjax import gsb as gsb_lib
 from fsjax import llava
 from fsjax import mllm
 from fsjax import tasks
-from fsjax.tasks import _instructions as instructions
+
+instructions = tasks.instructions  # the embedded Fashion-MNIST questions
 
 TASKS = ("caption", "classify", "vqa", "timing")
 # The config sections naming the MLLM (exactly one is present).
 MLLM_SECTIONS = ("llava", "openflamingo")
 DATA_SOURCES = ("embedded", "paper")
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-  """One row of the table: the MLLM's language side on one vision side."""
-  label: str
-  encoder: encoders_lib.Encoder
-  params: Any          # the encoder's parameters
-  smoothed: bool
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,63 +168,37 @@ def _mllm_name(config) -> str:
   return f"{section} {checkpoint}" if checkpoint else f"{section} (random init)"
 
 
-def build_rows(config, model: mllm.MLLM, params: dict) -> list[Row]:
-  """The table's rows, in order (see the module docstring)."""
-  c = config.protection
-  rows = [Row("original", model.encoder, params["vision"], False),
-          Row("smoothed", model.encoder, params["vision"], True)]
-  gsb = config.get("gsb")
-  boosted = None
-  if gsb is not None and gsb.get("checkpoint"):
-    modules = gsb_lib.checkpoint.load(gsb.checkpoint, config=config)
-
-    def boosted(encoder, encoder_params):  # the most boosted variant of an encoder
-      variants = gsb_lib.ablation_variants(encoder, encoder_params, modules, config)
-      if not variants:
-        raise ValueError(f"config.gsb.checkpoint={gsb.checkpoint!r} holds no trained GSB "
-                         "module; finish `python -m train.gsb` or unset it.")
-      return variants[-1]
-
-    name, encoder, encoder_params = boosted(model.encoder, params["vision"])
-    rows.append(Row(f"smoothed + GSB ({name})", encoder, encoder_params, True))
-  for e in c.extra_encoders:
-    e = e.to_dict() if isinstance(e, ml_collections.ConfigDict) else dict(e)
-    label = e.pop("label")
-    encoder, encoder_params = encoders_lib.build(ml_collections.ConfigDict(e))
-    rows.append(Row(label, encoder, encoder_params, False))
-    if c.smooth_extra:
-      rows.append(Row(f"{label} + smoothed", encoder, encoder_params, True))
-      if boosted is not None:
-        name, b_encoder, b_params = boosted(encoder, encoder_params)
-        rows.append(Row(f"{label} + smoothed + GSB ({name})", b_encoder, b_params, True))
-  return rows
+def build_rows(config, model: mllm.MLLM, params: dict) -> list[attacks.Row]:
+  """The table's rows (module docstring): ``fsjax.attacks.build_rows`` on the MLLM's
+  vision tower and the extra encoders of ``config.attack``."""
+  towers = [("original", model.encoder, params["vision"])]
+  towers += [tower for tower, _ in attacks.extra_towers(config.attack)]
+  return attacks.build_rows(config, towers)
 
 
 def _caption_prompt(c) -> str:
   return c.get("caption_prompt", tasks.CAPTION_PROMPT)
 
 
-def check_protection_config(c) -> None:
-  """Validates ``config.protection`` before anything is built; errors name the key."""
-  from fsjax.attacks import _common  # pylint: disable=g-import-not-at-top
-  _common.check_budget(budget=c.linf_budget, step_size=c.step_size, steps=c.steps,
-                       norm="linf")
-  for key, minimum in (("n", 1), ("eot_samples", 0), ("num_images", 1), ("batch_size", 1),
-                       ("examples", 0), ("max_new_tokens", 1), ("timing_images", 1),
-                       ("timing_repeats", 1)):
-    if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < minimum:
-      raise ValueError(f"config.protection.{key}={c[key]!r} must be an integer >= {minimum}.")
-  if not np.isfinite(c.sigma) or c.sigma <= 0:
-    raise ValueError(f"config.protection.sigma={c.sigma!r} must be > 0 (the smoothing noise "
-                     "level in [0, 1] pixel units, e.g. 0.25).")
-  if not 0 <= c.threshold <= 1:
-    raise ValueError(f"config.protection.threshold={c.threshold!r} must lie in [0, 1].")
-  if not c.timing_n or any(int(n) != n or n < 1 for n in c.timing_n):
-    raise ValueError(f"config.protection.timing_n={c.timing_n!r} must be integers >= 1.")
-  for i, e in enumerate(c.extra_encoders):
-    if not e.get("label") or not e.get("name"):
-      raise ValueError(f"config.protection.extra_encoders[{i}] needs a 'label' (the row "
-                       "name) and an encoder 'name' (plus the other config.encoder keys).")
+def check_protection_config(config) -> None:
+  """Validates ``config.attack`` and ``config.protection`` before anything is built."""
+  attacks.check_attack_config(config.get("attack"))
+  c = config.get("protection")
+  if c is None:
+    raise ValueError("certify.protection needs a config.protection section (see "
+                     "configs/common.py:protection_config).")
+  for key, meaning in (("max_new_tokens", "the longest answer, in tokens"),
+                       ("timing_images", "images per timed call"),
+                       ("timing_repeats", "timed calls per row")):
+    checks.check_positive_int(c[key], name=f"config.protection.{key}", meaning=meaning)
+  checks.check_probability(c.threshold, name="config.protection.threshold",
+                           meaning="the judge score a caption needs to match")
+  if not c.timing_n:
+    raise ValueError("config.protection.timing_n is empty: give the noise sample counts "
+                     "of Table 7, e.g. (1, 4, 8, 64).")
+  for n in c.timing_n:
+    checks.check_positive_int(n, name="config.protection.timing_n",
+                              meaning="noise samples of a timed smoothed row")
   if c.data.get("source", "embedded") not in DATA_SOURCES:
     raise ValueError(f"config.protection.data.source={c.data.source!r} must be one of "
                      f"{DATA_SOURCES}.")
@@ -270,7 +238,7 @@ def _balanced(labels: np.ndarray, n: int) -> np.ndarray:
 
 def _too_few(what: str, have: int, n: int) -> None:
   if have < n:
-    raise ValueError(f"{what} has only {have} images for config.protection.num_images={n}; "
+    raise ValueError(f"{what} has only {have} images for config.attack.num_images={n}; "
                      "lower num_images or add images.")
 
 
@@ -284,20 +252,19 @@ def task_data(config, task: str) -> dict[str, Any]:
     3]``), ``titles`` (the clean images' titles in the PNG strip) and ``option_names``
     (classification: the name of each option, the target last; else None).
   """
-  c = config.protection
+  c, n = config.protection, int(config.attack.num_images)
   source = c.data.get("source", "embedded")
   if source == "embedded":
-    return _embedded_data(c, task)
+    return _embedded_data(c, task, n)
   if source == "paper":
-    return _paper_data(c, task)
+    return _paper_data(c, task, n)
   raise ValueError(f"config.protection.data.source={source!r} must be one of {DATA_SOURCES}.")
 
 
-def _embedded_data(c, task: str) -> dict[str, Any]:
+def _embedded_data(c, task: str, n: int) -> dict[str, Any]:
   """The embedded Fashion-MNIST questions; clean images balanced over the attacked classes
   (the nine clean classes; all ten for VQA), in a seeded interleaved order."""
   spec = dict(c.data)
-  n = int(c.num_images)
   attacked = [l for l in range(10) if task == "vqa" or l != instructions.TARGET_LABEL]
   per_class = -(-n // len(attacked))
   images, labels = _images(spec, classes=attacked, per_class=per_class)
@@ -335,9 +302,9 @@ def _path(spec, key: str, what: str) -> str:
   return spec[key]
 
 
-def _paper_data(c, task: str) -> dict[str, Any]:
+def _paper_data(c, task: str, n: int) -> dict[str, Any]:
   """The paper's evaluation sets (``configs.common.paper_protection_data``)."""
-  spec, n = c.data, int(c.num_images)
+  spec = c.data
   size = int(spec.image_size)
   if task == "classify":
     per_class = -(-n // len(tasks.PAPER_CLASSES))
@@ -385,11 +352,12 @@ def prompts_of(task: str, questions, n: int, caption_prompt: str = tasks.CAPTION
 # ---------------------------------------------------------------------------------------
 
 
-def llm_features(model: mllm.MLLM, params: dict, row: Row, x: np.ndarray, c,
+def llm_features(model: mllm.MLLM, params: dict, row: attacks.Row, x: np.ndarray, c,
                  key: jax.Array) -> np.ndarray:
   """``[N, T, D]`` features the language side consumes for the row: the encoder's tokens,
-  or the smoothed encoder's (``fsjax.llava.smoothed_tokens`` with ``c.n`` samples). For
-  LLaVA they feed the projector, for OpenFlamingo the Perceiver resampler."""
+  or the smoothed encoder's (``fsjax.llava.smoothed_tokens`` with ``c.n`` samples; ``c``:
+  ``config.attack``). For LLaVA they feed the projector, for OpenFlamingo the Perceiver
+  resampler."""
   m = model.with_encoder(row.encoder)
   if row.smoothed:
     m = m.smoothed(c.sigma, n=c.n, chunk_size=min(c.n, 16))
@@ -462,11 +430,13 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
   task = c.get("task", "classify") if task is None else task
   if task not in TASKS:
     raise ValueError(f"--task={task!r} must be one of {TASKS}.")
-  check_protection_config(c)
+  check_protection_config(config)
   mllm_section(config)
   if task == "timing":
     return timing(config, workdir)
-  names = robustness.attack_names(attack)
+  names = attacks.attack_names(attack)
+  a = config.attack
+  threat = attacks.ThreatModel.from_config(a)
   judge_name = repr(c.judge) if judge is None else getattr(judge, "__name__",
                                                              type(judge).__name__)
   if task == "caption" and judge is None:
@@ -481,47 +451,46 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
   prompts = prompts_of(task, questions, len(x), _caption_prompt(c))
   key = jax.random.PRNGKey(config.seed)
   ask = lambda z: generate(model, params, z, prompts,  # pylint: disable=g-long-lambda
-                           max_new_tokens=c.max_new_tokens, batch_size=c.batch_size)
+                           max_new_tokens=c.max_new_tokens, batch_size=a.batch_size)
 
   references = None
   if task == "caption":  # the vanilla MLLM's captions of the clean and target images
     original = rows[0]
-    references = (ask(llm_features(model, params, original, x, c, key)),
-                  ask(llm_features(model, params, original, t, c, key)))
+    references = (ask(llm_features(model, params, original, x, a, key)),
+                  ask(llm_features(model, params, original, t, a, key)))
 
   table, strips = [], {n: {} for n in names}
   with report.rows(workdir / f"{stem}.jsonl") as write:
     for r, row in enumerate(rows):
       rk = jax.random.fold_in(key, r)
-      z_clean = llm_features(model, params, row, x, c, jax.random.fold_in(rk, 0))
+      z_clean = llm_features(model, params, row, x, a, jax.random.fold_in(rk, 0))
       clean_answers = ask(z_clean)
       clean = score(task, clean_answers, questions, references, judge, c.threshold,
                     np.ones(len(x)))
       line = {"variant": row.label, "clean ACC": clean.cells()["ACC"]}
-      for a, name in enumerate(tqdm.tqdm(names, desc=row.label, unit="attack")):
+      for k, name in enumerate(tqdm.tqdm(names, desc=row.label, unit="attack")):
         # The same attack randomness for every row: fold in the attack, not the row.
-        adv = robustness.attack_model(
-            robustness.Model(row.label, row.encoder, row.params, row.smoothed), name, x, t,
-            c, jax.random.fold_in(key, 1000 + a))
-        z_adv = llm_features(model, params, row, adv, c, jax.random.fold_in(rk, 1 + a))
+        adv = attacks.attack_images(
+            name, row.encoder, row.params, x, t, threat=threat,
+            key=jax.random.fold_in(key, 1000 + k), batch_size=a.batch_size,
+            sigma=a.sigma if row.smoothed else None)
+        z_adv = llm_features(model, params, row, adv, a, jax.random.fold_in(rk, 1 + k))
         fcs = tasks.features_cosine(z_clean, z_adv)
         adv_answers = ask(z_adv)
         summary = score(task, adv_answers, questions, references, judge, c.threshold, fcs)
         line.update({f"{name} {k}": v for k, v in summary.cells().items()})
         if task != "caption":
           line[f"{name} unparsable"] = summary.unparsable
-        linf = np.abs(adv - x).reshape(len(x), -1).max(-1)
+        linf = attacks.linf_distances(adv, x)
         for i in range(len(x)):
           write(image_row(task, row.label, name, i, int(data["labels"][i]), clean_answers[i],
                           adv_answers[i], float(fcs[i]), float(linf[i]),
                           questions[i] if questions else None, references, judge))
-        strips[name][row.label] = (adv[:c.examples], adv_answers[:c.examples])
+        strips[name][row.label] = (adv[:a.examples], adv_answers[:a.examples])
       table.append(line)
   caption = (f"Table {dict(caption=3, classify=4, vqa=5)[task]} ({task}) of the MLLM "
-             f"{_mllm_name(config)} on {_data_name(c.data, task)}: {len(x)} images; l_inf "
-             f"budget {c.linf_budget * 255:g}/255, {c.steps} steps of "
-             f"{c.step_size * 255:g}/255; smoothed rows: sigma = {c.sigma:g}, n = {c.n}, "
-             f"{c.eot_samples} EOT draws per attack step. "
+             f"{_mllm_name(config)} on {_data_name(c.data, task)}: {len(x)} images; "
+             f"{threat.describe()}; smoothed rows: sigma = {a.sigma:g}, n = {a.n}. "
              + ("Captions: rate of judge scores >= "
                 f"{c.threshold:g} (mean score), judge {judge_name} against the original "
                 "model's captions of the clean (ACC) and target (ASR) images."
@@ -529,12 +498,12 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
                 "ACC / ASR: answers naming the correct / the target option; unparsable "
                 "answers count as neither."))
   print(report.write_table(table, workdir, stem, caption=caption))
-  if c.examples:
+  if a.examples:
     options = data["option_names"]
     for name in names:
-      plot_strip(x[:c.examples], t[:c.examples], strips[name],
+      plot_strip(x[:a.examples], t[:a.examples], strips[name],
                  workdir / f"{stem}_{name}.png", title=f"{task}, {name}",
-                 clean_titles=data["titles"][:c.examples],
+                 clean_titles=data["titles"][:a.examples],
                  describe=(lambda a: describe_option(a, options)) if options else None)
   return table
 
@@ -637,7 +606,8 @@ def timing(config, workdir: str) -> list[dict]:
   table = []
   with report.rows(workdir / "timing.jsonl") as write:
     for label, n in variants:
-      m = model if n is None else model.smoothed(c.sigma, n=n, chunk_size=min(n, 16))
+      m = model if n is None else model.smoothed(config.attack.sigma, n=n,
+                                                 chunk_size=min(n, 16))
       call = functools.partial(_answer_images, m, params, x, prompts, key=key,
                                max_new_tokens=c.max_new_tokens)
       call()  # compile
@@ -668,7 +638,7 @@ if __name__ == "__main__":
   def _flags():
     flags.DEFINE_enum("task", None, list(TASKS), "The MLLM task (Tables 3-5) or 'timing' "
                       "(Table 7); default config.protection.task.")
-    flags.DEFINE_string("attack", robustness.ALL, f"One of {sorted(attacks.ATTACKS)}, a "
-                        f"comma-separated list of them, or {robustness.ALL!r}.")
+    flags.DEFINE_string("attack", attacks.ALL, f"One of {sorted(attacks.ATTACKS)}, a "
+                        f"comma-separated list of them, or {attacks.ALL!r}.")
   cli.run(main, workdir_help="Where the table, per-image rows and PNG strip are written.",
           define_extra=_flags)

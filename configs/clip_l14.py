@@ -55,9 +55,9 @@ def get_config(arg=None):
   # 300 steps, 16/255. FARE / TeCoA rows: add OpenCLIP checkpoints, e.g.
   #   config.attack.extra_encoders = (dict(config.encoder, label="FARE",
   #                                        checkpoint="/path/to/fare2.pt"),)
-  config.attack = common.attack_config(
-      classes=(7, 368, 207, 1, 8, 54, 296, 148, 121, 21, 2), target_class=2,
-      num_images=500, n=16, eot_samples=4, batch_size=8, head="auto")
+  config.attack = common.attack_config(num_images=500, n=16, eot_samples=4, batch_size=8)
+  config.robustness = common.robustness_config(
+      classes=(7, 368, 207, 1, 8, 54, 296, 148, 121, 21, 2), target_class=2, head="auto")
   # certify.audit: 100 ImageNet validation images x 4 fractions x both references.
   config.audit = common.audit_config(num_images=100, measure_n=10_000, screen_n=256)
   if arg.runlocal:  # a few images and samples: minutes on a CPU

@@ -61,9 +61,9 @@ def get_config(arg=None):
   config.gsb.mapper.update(num_blocks=1, num_heads=2, sigma_hidden=8, batch_size=4,
                            epochs=1, learning_rate=0.1)
   # certify.robustness: Fashion-MNIST at 32 px, a few steps.
-  config.attack = common.attack_config(
-      steps=5, n=4, eot_samples=2, num_images=4, batch_size=4,
-      prototypes_per_class=2, examples=2)
+  config.attack = common.attack_config(steps=5, n=4, eot_samples=2, num_images=4,
+                                       batch_size=4, examples=2)
+  config.robustness = common.robustness_config(prototypes_per_class=2)
   # certify.audit: a quick audit on config.data.
   config.audit = common.audit_config(n0=16, n=256, measure_n=512, steps=10, eot_samples=4,
                                      batch_size=8)

@@ -97,12 +97,10 @@ def paper_protection_data(**overrides) -> ml_collections.ConfigDict:
 
 def protection_config(data: ml_collections.ConfigDict | None = None,
                       **overrides) -> ml_collections.ConfigDict:
-  """``config.protection``: the MLLM experiment (``certify.protection``, Tables 3-5 and 7).
+  """``config.protection``: what judges the MLLM's answers (``certify.protection``).
 
-  The paper's threat model: l_inf 16/255, 300 steps of 1/255, white-box through the
-  smoothing (EOT) and GSB; the smoothed MLLM uses n = 8 noise samples (Table 7). sigma
-  (not printed for the MLLM runs; Table 1's smaller sigma), ``eot_samples``,
-  ``num_images`` and the batch sizes are our choices.
+  The threat model, the smoothing of the rows and the extra rows are ``config.attack``
+  (:func:`mllm_attack_config`), shared with ``certify.robustness``.
 
   Args:
     data: :func:`embedded_protection_data` (default) or :func:`paper_protection_data`.
@@ -111,18 +109,6 @@ def protection_config(data: ml_collections.ConfigDict | None = None,
   c = ml_collections.ConfigDict(dict(
       task="classify",       # default --task: caption, classify or vqa
       data=embedded_protection_data() if data is None else data,
-      num_images=16,
-      linf_budget=16 / 255,  # the paper's threat model
-      step_size=1 / 255,
-      steps=300,             # paper: 300
-      sigma=0.25,            # smoothing noise of the smoothed rows (our choice)
-      n=8,                   # Monte Carlo samples of the smoothed features (Table 7: 8)
-      eot_samples=2,         # noise draws per attack step on a smoothed encoder (EOT)
-      options={},            # per-attack keyword overrides, e.g. {"foa": {"num_clusters": 3}}
-      extra_encoders=(),     # more rows: encoder sub-configs with a "label" (FARE, TeCoA)
-      smooth_extra=True,     # also a smoothed row for every extra encoder
-      batch_size=16,         # images per attack / generation call
-      examples=4,            # images in the PNG strip
       judge="exact",         # caption judge: exact, item, clip, bleu, cider, llm
       judge_options={},      # keyword arguments of the judge (e.g. {"checkpoint": ...})
       threshold=0.3,         # a caption judge score >= threshold is a match (M-Attack's)
@@ -134,6 +120,15 @@ def protection_config(data: ml_collections.ConfigDict | None = None,
   ))
   c.update(overrides)
   return c
+
+
+def mllm_attack_config(**overrides) -> ml_collections.ConfigDict:
+  """``config.attack`` of an MLLM config (``certify.protection``, Tables 3-5 and 7).
+
+  :func:`attack_config` with the MLLM's smoothing: n = 8 noise samples (Table 7), 2 EOT
+  draws per step, 16 images per attack / generation call (our choices).
+  """
+  return attack_config(**dict(dict(n=8, eot_samples=2, batch_size=16), **overrides))
 
 
 def certify_config(**overrides) -> ml_collections.ConfigDict:
@@ -225,33 +220,44 @@ def gsb_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def attack_config(**overrides) -> ml_collections.ConfigDict:
-  """``config.attack``: the robustness table (Table 4, classification; ``certify.robustness``).
+  """``config.attack``: the threat model of both attack tables and their rows.
 
-  The paper's threat model: l_inf 16/255, 300 steps of 1/255, white-box through the
-  smoothing (EOT) and GSB. ``n`` (Monte Carlo samples of a smoothed row's features) and
-  ``eot_samples`` (noise draws per attack step) are our choices (the paper's Table 7
-  compares n = 1 ... 64 and uses n = 8).
+  Read by ``certify.robustness`` (Table 4, classification) and ``certify.protection``
+  (Tables 3-5 on an MLLM) through ``fsjax.attacks.ThreatModel.from_config``. The paper's
+  threat model: l_inf 16/255, 300 steps of 1/255, white-box through the smoothing (EOT)
+  and GSB. ``n`` (Monte Carlo samples of a smoothed row's features) and ``eot_samples``
+  (noise draws per attack step) are our choices (the paper's Table 7 compares n = 1 ...
+  64 and uses n = 8).
   """
   c = ml_collections.ConfigDict(dict(
       linf_budget=16 / 255,  # l_inf attack budget (paper)
       step_size=1 / 255,   # sign-step size (paper)
       steps=300,           # paper: 300; lower on CPU
+      eot_samples=4,       # noise draws per attack step on a smoothed encoder (EOT)
+      options={},          # per-attack keyword overrides, e.g. {"foa": {"num_clusters": 3}}
       sigma=0.25,          # smoothing noise level of the smoothed rows
       n=16,                # Monte Carlo samples of the smoothed encoder at evaluation
-      eot_samples=4,       # noise draws per attack step on a smoothed encoder (EOT)
+      extra_encoders=(),   # more rows: encoder sub-configs with a "label" (FARE, TeCoA)
+      smooth_extra=True,   # also a smoothed row for every extra encoder
+      num_images=16,       # attacked images
+      batch_size=8,        # images per attack call
+      examples=4,          # images in the PNG strips
+  ))
+  c.update(overrides)
+  return c
+
+
+def robustness_config(**overrides) -> ml_collections.ConfigDict:
+  """``config.robustness``: the classifier that judges the adversarial features (Table 4,
+  classification; ``certify.robustness``). The threat model is ``config.attack``."""
+  c = ml_collections.ConfigDict(dict(
       data=config_dict.placeholder(ml_collections.ConfigDict),  # None: config.test_data
-      num_images=16,       # attacked images (from classes other than target_class)
       classes=config_dict.placeholder(tuple),  # class ids the classifier knows; None: all
       target_class=-1,     # the attacker's target class id, held out (<0: from the end)
       head="auto",         # "auto", "class_mean" or "zero_shot" (CLIP text prototypes)
       prototype_split="train",  # split of the class-mean prototypes' images
       prototypes_per_class=10,
       templates=("a photo of a {}.",),  # zero-shot prompt templates
-      extra_encoders=(),   # more rows: encoder sub-configs with a "label" (FARE, TeCoA)
-      options={},          # per-attack keyword overrides, e.g. {"foa": {"num_clusters": 3}}
-      smooth_extra=True,   # also a smoothed row for every extra encoder
-      batch_size=8,        # images per attack call
-      examples=4,          # images in the PNG strips
   ))
   c.update(overrides)
   return c

@@ -63,9 +63,9 @@ def get_config(arg=None):
   # 0-8 pushed towards class 9 ("Ankle boot"); class-mean prototypes from 10 train images
   # per class. CPU-sized (about 5 minutes on 2 cores): 16 images, 20 steps, 2 EOT draws,
   # 8 smoothing samples.
-  config.attack = common.attack_config(
-      steps=20, n=8, eot_samples=2, num_images=16, batch_size=16,
-      prototypes_per_class=10)
+  config.attack = common.attack_config(steps=20, n=8, eot_samples=2, num_images=16,
+                                       batch_size=16)
+  config.robustness = common.robustness_config(prototypes_per_class=10)
   # certify.audit: all 18 skimage photos x 12 fractions of the radius (cos >= 0.5) x both
   # references, CPU-sized (short attack; pairs screened with 32 samples, close ones
   # measured with 1024).

@@ -21,9 +21,10 @@ separated):
 * ``sigma=0.25``: the noise level (the paper does not print it for the MLLM runs; 0.25
   is Table 1's smaller sigma, our choice).
 
-``protection``: ``certify.protection`` (Tables 3-5 and 7) with the paper's settings (l_inf
-16/255, 300 steps of 1/255, sigma 0.25, n = 8) and prompts on its data, read from local
-folders (``protection.data``: NIPS-2017 / target images, ImageNet, a ScienceQA file).
+``attack`` and ``protection``: ``certify.protection`` (Tables 3-5 and 7) with the paper's
+threat model and smoothing (``attack``: l_inf 16/255, 300 steps of 1/255, sigma 0.25,
+n = 8) and prompts on its data, read from local folders (``protection.data``: NIPS-2017 /
+target images, ImageNet, a ScienceQA file).
 
 The paper's "Smoothed X" rows add the GSB booster trained on the vanilla encoder
 (``config.gsb.checkpoint``, a ``train.gsb`` workdir); plug it in with
@@ -94,12 +95,13 @@ def get_config(arg=None):
       classes=CLASSES, target_class=10))
   # certify.protection: Tables 3-5 (and 7) with the paper's settings and prompts
   # (fsjax.tasks) on its data, from local files (config.protection.data).
+  config.attack = common.mllm_attack_config(
+      sigma=a["sigma"],
+      num_images=100,   # ours (paper: 500 ImageNet images for Table 4, 100 ScienceQA for 5)
+      batch_size=8)
   config.protection = common.protection_config(
       data=common.paper_protection_data(image_size=config.encoder.resolution),
       caption_prompt=CAPTION,
-      sigma=a["sigma"],
-      num_images=100,   # ours (paper: 500 ImageNet images for Table 4, 100 ScienceQA for 5)
-      batch_size=8,
       max_new_tokens=32,
       # CLIP text-text similarity against the original model's captions (OpenAI's CLIP
       # ViT-L/14 text tower). The paper's judge is GPT: pass judge=

@@ -70,13 +70,14 @@ def get_config(arg=None):
   ))
   # certify.protection (Tables 3-5 on the MLLM) and its Table 7 timing, on the embedded
   # Fashion-MNIST questions (bags as the target, fsjax.tasks.instructions).
+  config.attack = common.mllm_attack_config(steps=20)  # paper: 300 steps; CPU-sized
   config.protection = common.protection_config(
       data=common.embedded_protection_data(image_size=64),
-      steps=20,              # paper: 300; CPU-sized
       max_new_tokens=16)     # the longest caption is 12 words
   if a.runlocal:
     config.llava.train.update(per_class=6, test_per_class=2, steps=20, batch_size=8,
                               warmup_steps=2, log_every=5, checkpoint_every=10)
-    config.protection.update(steps=2, n=2, eot_samples=1, num_images=2, batch_size=2,
-                             examples=2, timing_n=(1, 2), timing_images=1, timing_repeats=1)
+    config.attack.update(steps=2, n=2, eot_samples=1, num_images=2, batch_size=2,
+                         examples=2)
+    config.protection.update(timing_n=(1, 2), timing_images=1, timing_repeats=1)
   return config

@@ -23,9 +23,9 @@ snapshot):
 GSB booster (``config.gsb.checkpoint``) plugs in with ``of.replace(encoder=
 fsjax.gsb.BoostedEncoder(...), encoder_params=...)``.
 
-``protection``: ``certify.protection`` (Tables 3 and 7) with the paper's settings (l_inf
-16/255, 300 steps, sigma 0.25, n = 8) on its data, from local folders
-(``protection.data``).
+``attack`` and ``protection``: ``certify.protection`` (Tables 3 and 7) with the paper's
+threat model and smoothing (``attack``: l_inf 16/255, 300 steps, sigma 0.25, n = 8) on
+its data, from local folders (``protection.data``).
 
 ``openflamingo.architecture`` records OpenFlamingo-9B's sizes (the loader reads them from
 the files; the tests check this record against open_flamingo's model). Parameters are
@@ -95,13 +95,14 @@ def get_config(arg=None):
       instruction=CAPTION))
   # certify.protection: Table 3 (and Table 7) on the paper's data (local files: set
   # data.clean_dir / data.target_dir; classify / vqa run too, on ImageNet / ScienceQA).
+  config.attack = common.mllm_attack_config(
+      sigma=a["sigma"],
+      num_images=100,            # ours (NIPS-2017 dev: 1000 images)
+      batch_size=8)
   config.protection = common.protection_config(
       data=common.paper_protection_data(image_size=config.encoder.resolution),
       task="caption",
       caption_prompt="Output:",  # OpenFlamingo's own zero-shot caption query
-      sigma=a["sigma"],
-      num_images=100,            # ours (NIPS-2017 dev: 1000 images)
-      batch_size=8,
       max_new_tokens=20,
       # CLIP text-text similarity against the original model's captions (the text tower
       # of the OpenAI CLIP above). The paper's judge is GPT: pass judge=

@@ -9,7 +9,7 @@ r"""A tiny random-init OpenFlamingo on the tiny CLIP, for smoke runs on CPU (sec
 with gated cross-attention before layers 1 and 3; random weights seeded by
 ``openflamingo.seed`` (cross-attention gates 0.5, so the image matters). Set
 ``openflamingo.tokenizer`` to a tokenizer folder (<= 127 base tokens) to use ``caption``
-and ``certify.protection`` (its ``protection`` section: seconds, the embedded questions);
+and ``certify.protection`` (its ``attack`` and ``protection`` sections: seconds, the embedded questions);
 ``--config.smoothing.n=4`` smooths the vision side.
 """
 
@@ -59,9 +59,10 @@ def get_config(arg=None):
   config.prompts = ml_collections.ConfigDict(dict(caption="<image>Output:"))
   # certify.protection on the embedded Fashion-MNIST questions, sized for seconds (the
   # random model's answers mean nothing; shapes, rows and files are real).
+  config.attack = common.mllm_attack_config(steps=2, n=2, eot_samples=1, num_images=2,
+                                            batch_size=2, examples=2)
   config.protection = common.protection_config(
       data=common.embedded_protection_data(image_size=32),
       caption_prompt="Output:",  # "<image>Output:" in OpenFlamingo's prompt format
-      num_images=2, steps=2, n=2, eot_samples=1, batch_size=2, examples=2,
       max_new_tokens=4, timing_n=(1, 2), timing_images=1, timing_repeats=1)
   return config

@@ -16,11 +16,11 @@ images in [0, 1] within the budget. Every attack has the signature
 A GSB-boosted encoder has the same interface (params ``{"encoder", "denoiser",
 "mapper"}``), so every attack goes through its denoiser and mapper: the paper's
 white-box setting (Section 5.2).
+
+The attack tables (``certify.robustness``, ``certify.protection``) share one threat model
+(:class:`ThreatModel`, the ``config.attack`` section, :func:`check_attack_config`), one
+attack loop (:func:`attack_images`) and one builder of their rows (:func:`build_rows`).
 """
-
-from typing import Any
-
-import jax
 
 from fsjax.attacks._crop import crop_and_resize
 from fsjax.attacks._crop import random_resized_crop
@@ -36,33 +36,24 @@ from fsjax.attacks._metrics import attack_success_rate
 from fsjax.attacks._metrics import feature_cosine_similarity
 from fsjax.attacks._pgd import attackvlm
 from fsjax.attacks._pgd import pgd
-
-ATTACKS = {"pgd": pgd, "attackvlm": attackvlm, "mattack": mattack, "foa": foa}
-
-
-def run(name: str, params: Any, x: jax.typing.ArrayLike,
-        target: jax.typing.ArrayLike | None = None, *, encoder: Any, **kwargs) -> jax.Array:
-  """Runs the attack registered as ``name`` in :data:`ATTACKS`.
-
-  Args:
-    name: ``"pgd"``, ``"attackvlm"``, ``"mattack"`` or ``"foa"``.
-    params: encoder parameters (a tuple for an ensemble in mattack/foa).
-    x: ``[B, H, W, 3]`` clean images in [0, 1].
-    target: ``[B, H', W', 3]`` target images (required except for untargeted pgd).
-    encoder: the ``Encoder`` under attack (a tuple for an ensemble in mattack/foa).
-    **kwargs: the attack's options (``budget``, ``step_size``, ``steps``, ``key``, ...).
-
-  Returns:
-    ``[B, H, W, 3]`` adversarial images.
-  """
-  if name not in ATTACKS:
-    raise ValueError(f"attack {name!r} is not known; known attacks: {sorted(ATTACKS)}.")
-  return ATTACKS[name](params, x, target, encoder=encoder, **kwargs)
-
+from fsjax.attacks._rows import Row
+from fsjax.attacks._rows import Tower
+from fsjax.attacks._rows import build_rows
+from fsjax.attacks._rows import extra_towers
+from fsjax.attacks._threat import ALL
+from fsjax.attacks._threat import ATTACKS
+from fsjax.attacks._threat import ThreatModel
+from fsjax.attacks._threat import attack_images
+from fsjax.attacks._threat import attack_names
+from fsjax.attacks._threat import check_attack_config
+from fsjax.attacks._threat import linf_distances
+from fsjax.attacks._threat import run
 
 __all__ = [
-    "ATTACKS", "accuracy", "attack_success_rate", "attackvlm", "crop_and_resize",
-    "dynamic_ensemble_weights", "feature_cosine_similarity", "foa", "kmeans",
-    "local_alignment_loss", "mattack", "pgd", "random_resized_crop", "run",
-    "sample_crop_boxes", "transport_cost",
+    "ALL", "ATTACKS", "Row", "ThreatModel", "Tower", "accuracy", "attack_images",
+    "attack_names", "attack_success_rate", "attackvlm", "build_rows", "check_attack_config",
+    "crop_and_resize", "dynamic_ensemble_weights", "extra_towers",
+    "feature_cosine_similarity", "foa", "kmeans",
+    "linf_distances", "local_alignment_loss", "mattack", "pgd", "random_resized_crop",
+    "run", "sample_crop_boxes", "transport_cost",
 ]

@@ -22,6 +22,7 @@ from configs import llava_embedded
 from configs import llava_tiny
 from configs import openflamingo_9b
 from configs import openflamingo_tiny
+from fsjax import attacks
 from fsjax import encoders
 from fsjax import flamingo
 from fsjax import mllm
@@ -46,9 +47,10 @@ def folder(tmp_path_factory):
 def _config(folder):
   config = llava_tiny.get_config()
   config.seed = 0
-  config.protection = llava_embedded.get_config("runlocal").protection
-  config.protection.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1,
-                           examples=2, max_new_tokens=4)
+  embedded = llava_embedded.get_config("runlocal")
+  config.attack, config.protection = embedded.attack, embedded.protection
+  config.attack.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1, examples=2)
+  config.protection.update(max_new_tokens=4)
   config.protection.data = ml_collections.ConfigDict(dict(
       name=f"folder:{folder}", split="test", image_size=28, seed=0))
   return config
@@ -125,8 +127,8 @@ def flamingo_tokenizer(tmp_path_factory):
 def _flamingo_config(folder, tokenizer):
   config = openflamingo_tiny.get_config()
   config.openflamingo.tokenizer = str(tokenizer)
-  config.protection.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1,
-                           examples=2, max_new_tokens=4)
+  config.attack.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1, examples=2)
+  config.protection.update(max_new_tokens=4)
   config.protection.data = ml_collections.ConfigDict(dict(
       name=f"folder:{folder}", split="test", image_size=28, seed=0))
   return config
@@ -222,9 +224,9 @@ def test_smoothed_row_features_equal_the_closed_form(kind):
   u = jax.random.normal(jax.random.key(1), (2, 5))
   params = {"w": jnp.float32(20.0), "u": u}
   x = np.stack([np.full((8, 8, 3), 0.2, np.float32), np.full((8, 8, 3), 0.35, np.float32)])
-  config = llava_embedded.get_config("runlocal").protection
+  config = llava_embedded.get_config("runlocal").attack
   config.update(n=4096, sigma=0.25, batch_size=2)
-  row = protection.Row("smoothed", encoder, params, True)
+  row = attacks.Row("smoothed", encoder, params, smoothed=True)
   model = _toy_mllm(kind, encoder)
   assert isinstance(model, mllm.MLLM)
   z = protection.llm_features(model, {"vision": params}, row, x, config, jax.random.key(0))
@@ -247,8 +249,8 @@ def test_bad_settings_are_named(tmp_path, folder):
   config = _config(folder)
   with pytest.raises(ValueError, match="--task"):
     protection.run(config, str(tmp_path), task="dance")
-  config.protection.n = 0
-  with pytest.raises(ValueError, match="config.protection.n"):
+  config.attack.n = 0
+  with pytest.raises(ValueError, match="config.attack.n"):
     protection.run(config, str(tmp_path), task="classify")
   config = llava_embedded.get_config("runlocal")
   with pytest.raises(ValueError, match="config.llava.checkpoint"):
@@ -275,7 +277,7 @@ def _png_folder(root, count, seed):
 def test_paper_data_from_local_files(tmp_path):
   """The paper's caption pairs and ScienceQA questions, read from local files."""
   config = llava15_7b.get_config()
-  config.protection.update(num_images=3)
+  config.attack.update(num_images=3)
   config.protection.data.update(image_size=16)
   with pytest.raises(ValueError, match="config.protection.data.target_dir is not set"):
     protection.task_data(config, "caption")
@@ -285,7 +287,7 @@ def test_paper_data_from_local_files(tmp_path):
   config.protection.data.clean_dir = str(_png_folder(tmp_path / "clean", 4, seed=0))
   with pytest.raises(ValueError, match="num_examples=3 exceeds the 2 pairs"):
     protection.task_data(config, "caption")
-  config.protection.num_images = 2
+  config.attack.num_images = 2
   d = protection.task_data(config, "caption")
   assert d["images"].shape == d["targets"].shape == (2, 16, 16, 3)
   assert d["questions"] is None and d["titles"] == ["0.png", "1.png"]
@@ -293,7 +295,7 @@ def test_paper_data_from_local_files(tmp_path):
               "answer": i, "image": f"clean/{i}.png"} for i in range(3)]
   (tmp_path / "sqa.jsonl").write_text("\n".join(json.dumps(r) for r in records))
   config.protection.data.scienceqa = str(tmp_path / "sqa.jsonl")
-  config.protection.num_images = 3
+  config.attack.num_images = 3
   d = protection.task_data(config, "vqa")
   assert [q.answer for q in d["questions"]] == [0, 1, 2]
   assert all(q.target == 3 and "D. None of the above" in q.prompt for q in d["questions"])
@@ -305,12 +307,13 @@ def test_paper_data_from_local_files(tmp_path):
 
 def test_mllm_configs_carry_the_papers_protection_settings():
   for config in (llava15_7b.get_config(), openflamingo_9b.get_config()):
-    c = config.protection
-    assert (c.linf_budget, c.step_size, c.steps, c.sigma, c.n) == (16 / 255, 1 / 255, 300,
+    a = config.attack
+    assert (a.linf_budget, a.step_size, a.steps, a.sigma, a.n) == (16 / 255, 1 / 255, 300,
                                                                   0.25, 8)
+    c = config.protection
     assert c.data.source == "paper" and c.data.image_size == config.encoder.resolution
   assert llava15_7b.get_config().protection.caption_prompt == tasks.CAPTION_PROMPT
-  assert openflamingo_9b.get_config("sigma=0.5").protection.sigma == 0.5
+  assert openflamingo_9b.get_config("sigma=0.5").attack.sigma == 0.5
 
 
 def test_item_judge_on_fixed_strings():
@@ -340,7 +343,7 @@ def test_gsb_rows_follow_the_smoothed_row(folder, monkeypatch):
                       lambda c: (model.encoder, fare_params) if c.name == "fare" else None)
   with config.unlocked():
     config.gsb.checkpoint = "/gsb/workdir"
-    config.protection.extra_encoders = ({"label": "FARE", "name": "fare"},)
+    config.attack.extra_encoders = ({"label": "FARE", "name": "fare"},)
   rows = protection.build_rows(config, model, params)
   assert [r.label for r in rows] == [
       "original", "smoothed", "smoothed + GSB (FS+M)", "FARE", "FARE + smoothed",

@@ -35,16 +35,17 @@ def _build(config):
       "b": jnp.asarray(rng.normal(size=(6,)) * 0.1, jnp.float32)}
 
 
-def _config(**attack):
+def _config(attack=None, **robustness):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.encoder = ml_collections.ConfigDict(dict(name="test_robustness_patch", seed=0))
   config.test_data = ml_collections.ConfigDict(dict(
       name="fashion_mnist", split="test", image_size=8, batch_size=8, seed=0))
-  config.attack = common.attack_config(
-      steps=10, n=4, eot_samples=2, num_images=4, batch_size=4,
-      prototypes_per_class=4, examples=2)
-  config.attack.update(attack)
+  config.attack = common.attack_config(steps=10, n=4, eot_samples=2, num_images=4,
+                                       batch_size=4, examples=2)
+  config.attack.update(attack or {})
+  config.robustness = common.robustness_config(prototypes_per_class=4)
+  config.robustness.update(robustness)
   return config
 
 
@@ -94,12 +95,14 @@ def test_metrics_follow_the_per_image_rows(result):
 def test_fcs_is_the_library_metric(result):
   """The original row's FCS is fsjax.attacks.feature_cosine_similarity of its images."""
   config, workdir, _ = result
-  models = robustness.build_models(config)
+  rows, _ = robustness.build_rows(config)
   data = robustness.attack_data(config)
   x, t = data["images"], data["targets"]
-  adv = robustness.attack_model(models[0], "pgd", x, t, config.attack,
-                                jax.random.fold_in(jax.random.PRNGKey(0), 1000))
-  fcs = attacks.feature_cosine_similarity(models[0].params, adv, x, encoder=models[0].encoder)
+  adv = attacks.attack_images("pgd", rows[0].encoder, rows[0].params, x, t,
+                              threat=attacks.ThreatModel.from_config(config.attack),
+                              key=jax.random.fold_in(jax.random.PRNGKey(0), 1000),
+                              batch_size=config.attack.batch_size)
+  fcs = attacks.feature_cosine_similarity(rows[0].params, adv, x, encoder=rows[0].encoder)
   rows = [json.loads(l) for l in (workdir / "robustness.jsonl").read_text().splitlines()]
   mine = [r["fcs"] for r in rows if r["variant"] == "original" and r["attack"] == "pgd"]
   np.testing.assert_allclose(mine, fcs, atol=1e-5)
@@ -109,19 +112,20 @@ def test_unknown_attack_errors(tmp_path):
   with pytest.raises(ValueError, match="not known"):
     robustness.run(_config(), str(tmp_path), "fgsm")
   with pytest.raises(ValueError, match="not known"):
-    robustness.attack_names("pgd,nope")
-  assert robustness.attack_names("all") == list(attacks.ATTACKS)
+    attacks.attack_names("pgd,nope")
+  assert attacks.attack_names("all") == list(attacks.ATTACKS)
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(head="linear"), "head"),
-    (dict(n=0), "config.attack.n must"),
-    (dict(linf_budget=-1.0), "budget"),
-    (dict(extra_encoders=(dict(name="clip"),)), "label"),
+@pytest.mark.parametrize("attack, robustness_overrides, match", [
+    ({}, dict(head="linear"), "config.robustness.head"),
+    ({}, dict(prototypes_per_class=0), "config.robustness.prototypes_per_class"),
+    (dict(n=0), {}, "config.attack.n must"),
+    (dict(linf_budget=-1.0), {}, "budget"),
+    (dict(extra_encoders=(dict(name="clip"),)), {}, "label"),
 ])
-def test_bad_config_errors(overrides, match):
+def test_bad_config_errors(attack, robustness_overrides, match):
   with pytest.raises(ValueError, match=match):
-    robustness.check_attack_config(_config(**overrides).attack)
+    robustness.check_robustness_config(_config(attack, **robustness_overrides))
 
 
 def test_bad_target_class_and_zero_shot_error(tmp_path):
@@ -132,7 +136,7 @@ def test_bad_target_class_and_zero_shot_error(tmp_path):
 
 
 def test_class_subset_and_target():
-  data = robustness.attack_data(_config(classes=(3, 5, 7), target_class=-1, num_images=6))
+  data = robustness.attack_data(_config(dict(num_images=6), classes=(3, 5, 7), target_class=-1))
   assert data["target_class"] == 7 and data["classes"] == [3, 5, 7]
   assert set(data["labels"].tolist()) <= {3, 5} and len(data["targets"]) == 6
   assert robustness.attack_data(_config(classes=(3, 5, 7), target_class=5))[
