@@ -249,3 +249,86 @@ def test_metrics():
 def test_bad_input_raises(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+# ---------------------------------------------------------------------------------------
+# The threat model and the rows of the attack tables.
+# ---------------------------------------------------------------------------------------
+
+
+def _attack_section(**overrides):
+  from configs import common  # pylint: disable=g-import-not-at-top
+  return common.attack_config(**dict(dict(steps=2, n=2, eot_samples=3, batch_size=2),
+                                     **overrides))
+
+
+def test_threat_model_from_config_and_its_keywords():
+  c = _attack_section(options={"foa": {"num_clusters": 3, "steps": 1}})
+  threat = attacks.ThreatModel.from_config(c)
+  assert (threat.budget, threat.step_size, threat.steps, threat.eot_samples) == (
+      16 / 255, 1 / 255, 2, 3)
+  k = jax.random.key(1)
+  assert threat.kwargs("pgd", key=k) == dict(budget=16 / 255, step_size=1 / 255, steps=2,
+                                             key=k)
+  # Smoothed: EOT over the smoothing noise; per-attack options override the rest.
+  assert threat.kwargs("foa", key=k, sigma=0.25) == dict(
+      budget=16 / 255, step_size=1 / 255, steps=1, key=k, sigma=0.25, eot_samples=3,
+      num_clusters=3)
+  assert "16/255, 2 steps of 1/255, 3 EOT draws" in threat.describe()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(n=0), "config.attack.n must be an integer >= 1"),
+    (dict(eot_samples=-1), "config.attack.eot_samples"),
+    (dict(batch_size=0), "config.attack.batch_size"),
+    (dict(sigma=0.0), "config.attack.sigma"),
+    (dict(linf_budget=-0.1), "budget"),
+    (dict(options={"fgsm": {}}), "config.attack.options has options for 'fgsm'"),
+    (dict(extra_encoders=({"name": "clip"},)), r"extra_encoders\[0\] needs a 'label'"),
+])
+def test_attack_config_errors_name_the_key(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    attacks.ThreatModel.from_config(_attack_section(**overrides))
+  with pytest.raises(ValueError, match="config.attack is missing"):
+    attacks.check_attack_config(None)
+
+
+def test_attack_names():
+  assert attacks.attack_names("all") == list(attacks.ATTACKS)
+  assert attacks.attack_names("foa, pgd,foa") == ["foa", "pgd"]
+  with pytest.raises(ValueError, match="not known"):
+    attacks.attack_names("pgd,fgsm")
+
+
+def test_attack_images_is_the_attack_batch_by_batch():
+  """3 images in batches of 2: each batch padded to 2 rows and attacked with the key
+  folded with its first index; the padding row changes nothing of the real ones."""
+  x = np.random.default_rng(4).uniform(size=(3, 8, 8, 3)).astype(np.float32)
+  t = np.random.default_rng(5).uniform(size=(3, 8, 8, 3)).astype(np.float32)
+  threat = attacks.ThreatModel(budget=0.03, step_size=0.01, steps=3, eot_samples=2)
+  adv = attacks.attack_images("pgd", ENC, PARAMS, x, t, threat=threat, key=KEY,
+                              batch_size=2, sigma=0.1)
+  first = attacks.pgd(PARAMS, x[:2], t[:2], encoder=ENC, budget=0.03, step_size=0.01,
+                      steps=3, key=jax.random.fold_in(KEY, 0), sigma=0.1, eot_samples=2)
+  last = attacks.pgd(PARAMS, x[[2, 2]], t[[2, 2]], encoder=ENC, budget=0.03,
+                     step_size=0.01, steps=3, key=jax.random.fold_in(KEY, 2), sigma=0.1,
+                     eot_samples=2)
+  np.testing.assert_array_equal(adv, np.concatenate([first, last[:1]]))
+  np.testing.assert_allclose(attacks.linf_distances(adv, x),
+                             [np.max(np.abs(adv[i] - x[i])) for i in range(3)])
+  assert attacks.linf_distances(adv, x).max() <= 0.03 + 1e-6
+
+
+def test_rows_of_towers_without_a_booster():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"attack": _attack_section()})
+  towers = [("original", ENC, PARAMS), ("FARE", ENC2, PARAMS2)]
+  rows = attacks.build_rows(config, towers)
+  assert [(r.label, r.tower) for r in rows] == [
+      ("original", "original"), ("smoothed", "original"), ("FARE", "FARE"),
+      ("FARE + smoothed", "FARE")]
+  assert [r.encoder is e and r.params is p for r, (_, e, p) in zip(rows, [
+      towers[0], towers[0], towers[1], towers[1]])] == [True] * 4
+  config.attack.smooth_extra = False
+  assert [r.label for r in attacks.build_rows(config, towers)] == [
+      "original", "smoothed", "FARE"]
