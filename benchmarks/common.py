@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any
 
+from fsjax import tables
+
 
 def log(msg: str) -> None:
   """Progress to stderr, so that stdout holds only the Markdown report."""
@@ -13,6 +15,5 @@ def log(msg: str) -> None:
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
+  """:func:`fsjax.tables.markdown` with every cell as ``str`` (no final newline)."""
+  return tables.markdown(header, rows, digits=None).rstrip("\n")

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import tables
 from fsjax.attacks import _common as attacks_common
 from fsjax.attacks import accuracy
 from fsjax.attacks import attack_success_rate
@@ -186,10 +187,9 @@ def markdown_table(results: Mapping[str, Mapping[str, Summary]]) -> str:
     raise ValueError("results is empty: nothing to lay out.")
   attacks = list(next(iter(results.values())))
   header = ["model"] + [f"{a} {m}" for a in attacks for m in ("FCS", "ACC", "ASR")]
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  rows = []
   for model, row in results.items():
     if list(row) != attacks:
       raise ValueError(f"model {model!r} has attacks {list(row)}, expected {attacks}.")
-    cells = [c for a in attacks for c in row[a].cells().values()]
-    lines.append("| " + " | ".join([model] + cells) + " |")
-  return "\n".join(lines) + "\n"
+    rows.append([model] + [c for a in attacks for c in row[a].cells().values()])
+  return tables.markdown(header, rows)
