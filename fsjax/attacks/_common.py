@@ -6,13 +6,13 @@ are in those units, the l2 norm taken over all pixels of one image (method.md, N
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import checks
 from fsjax import encoders as encoders_lib
 
 NORMS = ("linf", "l2")
@@ -51,8 +51,7 @@ def check_budget(*, budget: Any, step_size: Any, steps: Any, norm: str = "linf",
                      "(e.g. 16 / 255 for the paper's l_inf threat model).")
   if np.any(np.asarray(step_size) <= 0):
     raise ValueError(f"step_size={step_size} must be > 0 (e.g. 1 / 255).")
-  if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-    raise ValueError(f"steps={steps!r} must be an integer >= 1.")
+  checks.check_positive_int(steps, name="steps", meaning="attack steps")
 
 
 def per_image(value: Any, batch: int) -> jax.Array:
@@ -62,9 +61,8 @@ def per_image(value: Any, batch: int) -> jax.Array:
 
 def check_smoothing(*, sigma: Any, eot_samples: Any) -> None:
   """Raises ValueError unless ``(sigma, eot_samples)`` describe a valid EOT setting."""
-  if isinstance(eot_samples, bool) or not isinstance(eot_samples, numbers.Integral) \
-      or eot_samples < 0:
-    raise ValueError(f"eot_samples={eot_samples!r} must be an integer >= 0 (0 = no EOT).")
+  checks.check_positive_int(eot_samples, name="eot_samples", minimum=0,
+                            meaning="noise draws per step; 0 = no EOT")
   if sigma is not None and not isinstance(sigma, jax.core.Tracer):
     s = np.asarray(sigma)
     if s.ndim != 0 or not np.isfinite(s) or s < 0:

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from fsjax import checks
 from fsjax import encoders as encoders_lib
 from fsjax.attacks import _common
 from fsjax.attacks import _crop
@@ -122,10 +123,10 @@ def foa(params: Any, x: jax.typing.ArrayLike, target: jax.typing.ArrayLike, *,
   Returns:
     ``[B, H, W, 3]`` adversarial images.
   """
-  for name, value in (("num_clusters", num_clusters),
-                      ("kmeans_iterations", kmeans_iterations)):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-      raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+  checks.check_positive_int(num_clusters, name="num_clusters",
+                            meaning="k-means clusters of the local alignment")
+  checks.check_positive_int(kmeans_iterations, name="kmeans_iterations",
+                            meaning="k-means iterations")
   if not isinstance(local_weight, numbers.Real) or not local_weight >= 0:
     raise ValueError(f"local_weight={local_weight!r} must be a real number >= 0.")
   if not isinstance(ot_epsilon, numbers.Real) or not ot_epsilon > 0:
