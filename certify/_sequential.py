@@ -28,8 +28,9 @@ Everything is a running sum, updated chunk by chunk, vectorised over any batch s
 
 Stopping for *futility* (the decision cannot be reached by n_max) never produces a
 certificate, so it cannot make one unsound; it only decides when to give up. Its rule
-uses an anytime *lower* bound on mu (:func:`futility_lower_deficit`, empirical Bernstein
-with a union bound over chunks, Maurer & Pontil 2009).
+uses an anytime *lower* bound on mu from the mirrored sequence (the same test on the
+values ``1 - e_i``, side 1 of the state; :func:`lower_deficit`), or a proof that no data
+could reach the decision by n_max (:func:`unreachable`).
 
 References:
   Waudby-Smith & Ramdas 2023, https://arxiv.org/abs/2010.09686 (betting confidence
@@ -45,6 +46,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
+
+from certify import _norm
 
 GRID = 1024
 GRID_Z = 6.0
@@ -74,13 +77,15 @@ class SequenceState(NamedTuple):
 
   Attributes:
     count: ``[...]`` values seen.
-    steps: ``[...]`` chunks seen (the futility bound's union index).
+    steps: ``[...]`` chunks seen.
     center: ``[...]`` prior mean (fixed; the sums are centred on it for float32 precision).
     prior_variance: ``[...]`` prior variance (fixed).
     total: ``[...]`` sum of ``e - center``.
     total_sq: ``[...]`` sum of ``(e - center)^2``.
-    log_wealth: ``[..., len(BET_SCALES), G]`` log K_t of every bet and grid cell.
-    rejected: ``[..., G]`` bool, cell ever reached ``log(1/alpha)``.
+    log_wealth: ``[..., 2, len(BET_SCALES), G]`` log K_t of every side, bet and grid
+      cell; side 0 tests the values e (the upper bound, the certificate), side 1 the
+      values 1 - e (the lower bound, only ever used to give up).
+    rejected: ``[..., 2, G]`` bool, cell ever reached ``log(1/alpha)``.
   """
   count: jax.Array
   steps: jax.Array
@@ -104,9 +109,9 @@ def init(center: jax.typing.ArrayLike, variance: jax.typing.ArrayLike, *,
   zeros = jnp.zeros(center.shape, jnp.float32)
   return SequenceState(count=zeros, steps=zeros, center=center, prior_variance=variance,
                        total=zeros, total_sq=zeros,
-                       log_wealth=jnp.zeros(center.shape + (len(BET_SCALES), grid_size),
+                       log_wealth=jnp.zeros(center.shape + (2, len(BET_SCALES), grid_size),
                                             jnp.float32),
-                       rejected=jnp.zeros(center.shape + (grid_size,), bool))
+                       rejected=jnp.zeros(center.shape + (2, grid_size), bool))
 
 
 def estimates(state: SequenceState) -> tuple[jax.Array, jax.Array]:
@@ -122,14 +127,16 @@ def estimates(state: SequenceState) -> tuple[jax.Array, jax.Array]:
 
 
 def bets(state: SequenceState) -> jax.Array:
-  """Bets ``[..., len(BET_SCALES), G]`` for the next chunk, from the state *before* it.
+  """Bets ``[..., 2, len(BET_SCALES), G]`` for the next chunk, from the state *before* it.
 
-  Predictable: they depend on earlier chunks and the prior only.
+  Predictable: they depend on earlier chunks and the prior only. Side 1 bets on the
+  values 1 - e, whose mean is 1 - mu.
   """
   d = grid(state.log_wealth.shape[-1])
   mean, var = estimates(state)
-  g = d - mean[..., None]
-  lam = g / (var[..., None] + g * g)  # aGRAPA
+  side_mean = jnp.stack([mean, 1.0 - mean], axis=-1)  # [..., 2]
+  g = d - side_mean[..., None]
+  lam = g / (var[..., None, None] + g * g)  # aGRAPA
   lam = lam[..., None, :] * jnp.asarray(BET_SCALES, jnp.float32)[:, None]
   return jnp.clip(lam, 0.0, CAP / (1.0 - d))
 
@@ -157,10 +164,12 @@ def update(state: SequenceState, values: jax.Array, *, alpha: float,
   values = jnp.asarray(values, jnp.float32)
   w = jnp.ones_like(values) if weights is None else jnp.asarray(weights, jnp.float32)
   values = jnp.where(w > 0, values, 0.0)  # a dropped sample may hold anything (even NaN)
-  # log1p(lambda (d_k - e)): d_k - e is a difference of deficits, exact near 0 in float32.
-  gap = d - values[..., None]  # [..., k, G]
-  log_factor = jnp.sum(w[..., :, None, None]
-                       * jnp.log1p(lam[..., None, :, :] * gap[..., None, :]), axis=-3)
+  # log1p(lambda (d_k - e)): d_k - e is a difference of deficits, exact near 0 in float32
+  # (side 0, the certificate). Side 1's 1 - e only decides when to give up.
+  sides = jnp.stack([values, 1.0 - values], axis=-2)  # [..., 2, k]
+  gap = d - sides[..., None]  # [..., 2, k, G]
+  log_factor = jnp.sum(w[..., None, :, None, None]
+                       * jnp.log1p(lam[..., :, None, :, :] * gap[..., :, :, None, :]), axis=-3)
   log_wealth = state.log_wealth + log_factor
   mixture = jax.nn.logsumexp(log_wealth, axis=-2) - math.log(len(BET_SCALES))
   rejected = state.rejected | (mixture >= math.log(1.0 / alpha))
@@ -176,32 +185,28 @@ def update(state: SequenceState, values: jax.Array, *, alpha: float,
       jnp.reshape(active, active.shape + (1,) * (a.ndim - active.ndim)), a, b), new, state)
 
 
+def _leading_bound(rejected: jax.Array) -> jax.Array:
+  d = grid(rejected.shape[-1])
+  leading = jnp.cumprod(rejected.astype(jnp.int32), axis=-1)
+  count = jnp.sum(leading, axis=-1)
+  return jnp.where(count > 0, d[jnp.maximum(count - 1, 0)], 1.0)
+
+
 def upper_deficit(state: SequenceState) -> jax.Array:
   """Anytime upper bound D on the mean deficit ``[...]`` (1 if nothing is rejected yet).
 
   ``1 - D`` is the lower confidence bound of the score, valid at every time at once.
   """
-  d = grid(state.rejected.shape[-1])
-  leading = jnp.cumprod(state.rejected.astype(jnp.int32), axis=-1)
-  count = jnp.sum(leading, axis=-1)
-  return jnp.where(count > 0, d[jnp.maximum(count - 1, 0)], 1.0)
+  return _leading_bound(state.rejected[..., 0, :])
 
 
-def futility_lower_deficit(state: SequenceState, *, alpha: float) -> jax.Array:
-  """Anytime lower bound on the mean deficit ``[...]``, for stopping for futility.
+def lower_deficit(state: SequenceState) -> jax.Array:
+  """Anytime lower bound on the mean deficit ``[...]`` (side 1; 0 if nothing rejected).
 
-  Empirical Bernstein (Maurer & Pontil 2009, Thm 4) at level ``alpha / (j (j + 1))``
-  after chunk j (the levels sum to alpha over all chunks). Used only to *give up*: a
-  wrong futility stop abstains, it never certifies. 0 before two samples.
+  Valid at the sequence's level like :func:`upper_deficit`, but used only to give up
+  (float32 rounds ``1 - e`` near 1, which a futility rule may ignore, a certificate not).
   """
-  n = jnp.maximum(state.count, 2.0)
-  j = jnp.maximum(state.steps, 1.0)
-  log_term = jnp.log(2.0 * j * (j + 1.0) / alpha)
-  mean_dev = state.total / n
-  var = jnp.maximum(state.total_sq - n * mean_dev**2, 0.0) / (n - 1.0)
-  low = (state.center + mean_dev - jnp.sqrt(2.0 * var * log_term / n)
-         - 7.0 * log_term / (3.0 * (n - 1.0)))
-  return jnp.where(state.count >= 2, jnp.clip(low, 0.0, 1.0), 0.0)
+  return jnp.clip(1.0 - _leading_bound(state.rejected[..., 1, :]), 0.0, 1.0)
 
 
 def unreachable(state: SequenceState, thresholds: jax.Array, *, alpha: float,
@@ -214,12 +219,15 @@ def unreachable(state: SequenceState, thresholds: jax.Array, *, alpha: float,
   lift the mixture to 1/alpha, no data can certify: a proof, no statistics involved.
   """
   d = grid(state.log_wealth.shape[-1])
-  mixture = jax.nn.logsumexp(state.log_wealth, axis=-2) - math.log(len(BET_SCALES))
+  thresholds = jnp.asarray(thresholds, jnp.float32)
+  thresholds = jnp.broadcast_to(thresholds, state.count.shape + thresholds.shape[-1:])
+  mixture = jax.nn.logsumexp(state.log_wealth[..., 0, :, :], axis=-2) - math.log(
+      len(BET_SCALES))
   # k* for each threshold: cells are decreasing, so count the cells with d_k >= tau.
   k = jnp.sum(d >= thresholds[..., None], axis=-1) - 1  # [..., E]
   kc = jnp.maximum(k, 0)
   wealth = jnp.take_along_axis(mixture, kc, axis=-1)
-  done = jnp.take_along_axis(state.rejected, kc, axis=-1)
+  done = jnp.take_along_axis(state.rejected[..., 0, :], kc, axis=-1)
   dk = d[kc]
   best = wealth + (n_max - state.count[..., None]) * jnp.log1p(CAP * dk / (1.0 - dk))
   return (k < 0) | (~done & (best < math.log(1.0 / alpha)))
@@ -232,19 +240,60 @@ class Decision(NamedTuple):
   settled: jax.Array    # certified | futile
 
 
-def decide(state: SequenceState, thresholds: jax.Array, *, alpha: float, n_max: int,
-           futility_alpha: float | None = None) -> Decision:
+def decide(state: SequenceState, thresholds: jax.Array, *, alpha: float,
+           n_max: int) -> Decision:
   """Decisions ``D_t <= threshold`` for thresholds ``[..., E]`` (deficits).
 
   Futile: :func:`unreachable` (a proof), or the mean is bounded above the threshold by
-  :func:`futility_lower_deficit` at level ``futility_alpha`` (default alpha), i.e. the
-  decision is false, so no valid method would certify it except with probability about
-  alpha. Futility trades samples against agreement with a fixed-n run and has no effect
-  on soundness (it never certifies).
+  :func:`lower_deficit`, i.e. the decision is false and no valid method would certify it
+  but with probability about alpha. Futility trades samples against agreement with a
+  fixed-n run and has no effect on soundness (it never certifies).
   """
   upper = upper_deficit(state)[..., None]
   certified = upper <= thresholds
-  low = futility_lower_deficit(state, alpha=futility_alpha or alpha)[..., None]
+  low = lower_deficit(state)[..., None]
   futile = ~certified & ((low > thresholds)
                          | unreachable(state, thresholds, alpha=alpha, n_max=n_max))
+  return Decision(certified, futile, certified | futile)
+
+
+def deficit_threshold(eps: jax.typing.ArrayLike, sigma, level: jax.typing.ArrayLike) -> jax.Array:
+  """The largest deficit bound D with ``2 Phi(Phi^-1(1 - D) - eps / sigma) - 1 >= level``.
+
+  ``D = Phi(-(Phi^-1((1 + level) / 2) + eps / sigma))``: Theorem 3.2's bound B(eps) is at
+  least ``level`` iff the deficit upper bound is at most this. The inner-product decision
+  "cos >= c at eps" is ``level = c``; the norm-aware one (docs/method.md section 2c) is
+  ``level = c U(eps)``. Broadcasts; ``level`` in [0, 1).
+  """
+  z = -jax.scipy.special.ndtri((1.0 - jnp.asarray(level, jnp.float32)) / 2.0)
+  return norm.cdf(-(z + jnp.asarray(eps, jnp.float32) / sigma))
+
+
+def inner_product_decide(state: SequenceState, eps: jax.Array, sigma, cos: float, *,
+                         alpha: float, n_max: int) -> Decision:
+  """Decisions "cos(f_s(x'), u) >= cos for every ||x' - x|| <= eps" ``[..., E]``, Theorem 3.2.
+
+  ``state`` bounds the deficits ``1 - h_u`` at level ``alpha``.
+  """
+  return decide(state, deficit_threshold(eps, sigma, cos), alpha=alpha, n_max=n_max)
+
+
+def norm_aware_decide(state: SequenceState, pair_state: SequenceState, eps: jax.Array,
+                      sigma, cos: float, *, alpha: float, n_max: int) -> Decision:
+  """The same decisions with the norm-aware certificate B / U (docs/method.md section 2c).
+
+  ``state`` bounds the deficits ``1 - h_u`` and ``pair_state`` the pair values
+  ``(1 + <f_a, f_b>) / 2`` (mean ``(1 + ||f_s(x)||^2) / 2``), each at level ``alpha / 2``
+  (the union bound). Certified where ``D <= threshold(c U(eps))`` with U from the norm's
+  upper bound. Given up where even the smallest norm the data allow (``||f_s|| >= <f_s, u>
+  >= 1 - 2 D``) leaves the deficit provably above its threshold, or out of reach.
+  """
+  d = upper_deficit(state)[..., None]
+  n_upper = _norm.norm_upper_from_pair_deficit(upper_deficit(pair_state))[..., None]
+  u = _norm.norm_bound(n_upper, eps, sigma)
+  certified = d <= deficit_threshold(eps, sigma, cos * u)
+  n_low = jnp.clip(1.0 - 2.0 * d, 0.0, 1.0)
+  best = deficit_threshold(eps, sigma, cos * _norm.norm_bound(n_low, eps, sigma))
+  low = lower_deficit(state)[..., None]
+  futile = ~certified & ((low > best) | unreachable(state, best, alpha=alpha / 2, n_max=n_max))
   return Decision(certified, futile, certified | futile)

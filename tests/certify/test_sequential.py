@@ -1,0 +1,275 @@
+"""certify._sequential: soundness of sequential certificates at data-dependent stopping times.
+
+Exact-truth models whose noisy samples can be drawn directly (no encoder needed, so 10,000
+certificates take seconds):
+
+* the 1-D half-space encoder f(x) = sign(<w, x> - b) v: with u = v the per-sample deficit
+  ``1 - h_u`` is Bernoulli(1 - Phi(t / sigma)), t = <w, x> - b, and the worst case of
+  ``<f_s(x'), u>`` over ``||x' - x|| <= eps`` is exactly Theorem 3.2's B(eps) at the true
+  score: a certificate fails iff its deficit bound is below the true mean deficit;
+* the 2-D half-space encoder f(x) = (s_1, s_2) / sqrt(2) of tests/certify/test_norm.py with
+  orthogonal normals (s_1, s_2 independent), whose worst cosine over the eps-disk is found
+  by brute force: the norm-aware certificate.
+
+Each runs >= 10,000 certificates, every one stopped as soon as its decisions are settled,
+and a one-sided binomial test checks that the failure rate is not above alpha. A naive
+rule (a fixed-n Clopper-Pearson bound re-evaluated after every chunk) fails the same test,
+so the test can fail.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+from scipy.stats import norm as sp_norm
+
+from certify import _norm
+from certify import _sequential as sq
+
+ALPHA = 0.01
+SIGMA = 0.25
+COS = 0.5
+EPS = np.array([0.125, 0.25, 0.375, 0.5, 0.75], np.float32)  # Table 1's grid
+CHUNK = 200
+N_MAX = 2000
+N0 = 100
+GRID = 64  # the soundness argument holds for any grid; a small one keeps the test fast
+STREAMS = 10_000
+
+
+def _thresholds():
+  return np.asarray(sq.deficit_threshold(EPS, SIGMA, COS))
+
+
+def _true_deficits(key, streams):
+  """Mean deficits: half spread over Table 1's range, half just above a decision's threshold.
+
+  The second half are the images a sequential rule is most tempted to certify wrongly.
+  """
+  k1, k2, k3 = jax.random.split(key, 3)
+  spread = sp_norm.cdf(-np.asarray(jax.random.uniform(k1, (streams // 2,), minval=1.0,
+                                                      maxval=3.0)))
+  tau = _thresholds()
+  pick = np.asarray(jax.random.randint(k2, (streams - streams // 2,), 0, len(EPS) - 1))
+  near = tau[pick] * np.asarray(jax.random.uniform(k3, pick.shape, minval=1.0, maxval=1.15))
+  return np.concatenate([spread, near]).astype(np.float32)
+
+
+def _binomial(key, n, p):
+  """Binomial(n, p) ``[R]`` as a sum of n Bernoulli draws (cheaper to compile than jax's)."""
+  return jnp.sum(jax.random.uniform(key, p.shape + (n,)) < p[:, None], -1).astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("n_max", "chunk", "grid_size"))
+def _run_bernoulli(key, mu, *, n_max, chunk, grid_size):
+  """Sequential inner-product certificates of the 1-D half-space encoder, ``mu [R]``."""
+  streams = mu.shape[0]
+  k0, key = jax.random.split(key)
+  first = _binomial(k0, N0, mu)  # stage 1: the prior
+  m0 = first / N0
+  state = sq.init(m0, m0 * (1.0 - m0), grid_size=grid_size)
+  values = jnp.broadcast_to(jnp.array([0.0, 1.0]), (streams, 2))
+  eps = jnp.asarray(EPS)
+
+  def body(carry, j):
+    state, done, counts = carry
+    ones = _binomial(jax.random.fold_in(key, j), chunk, mu)
+    weights = jnp.stack([chunk - ones, ones], axis=-1)
+    state = sq.update(state, values, weights=weights, alpha=ALPHA, active=~done)
+    decision = sq.inner_product_decide(state, eps, SIGMA, COS, alpha=ALPHA, n_max=n_max)
+    done = done | jnp.all(decision.settled, axis=-1) | (state.count >= n_max)
+    counts = counts + ones
+    return (state, done, counts), counts
+
+  init = (state, jnp.zeros(streams, bool), jnp.zeros(streams, jnp.float32))
+  (state, _, _), counts = jax.lax.scan(body, init, jnp.arange(n_max // chunk))
+  decision = sq.inner_product_decide(state, eps, SIGMA, COS, alpha=ALPHA, n_max=n_max)
+  return sq.upper_deficit(state), decision.certified, state.count, counts
+
+
+def test_inner_product_certificates_are_sound_at_stopping_times():
+  mu = _true_deficits(jax.random.PRNGKey(0), STREAMS)
+  d, certified, used, counts = map(np.asarray, _run_bernoulli(
+      jax.random.PRNGKey(1), jnp.asarray(mu), n_max=N_MAX, chunk=CHUNK, grid_size=GRID))
+  failures = int(np.sum(d < mu))  # the deficit bound below the truth: B(eps) overstated
+  wrong = np.any(certified & (_thresholds()[None] < mu[:, None]), axis=-1)
+  assert np.all(wrong <= (d < mu))
+  assert stats.binomtest(failures, STREAMS, ALPHA, alternative="greater").pvalue > 1e-3, failures
+  # The rule stops early where it can (half the images sit just above a threshold).
+  assert np.mean(used < N_MAX) > 0.15
+  assert np.mean(np.any(certified, -1)) > 0.3
+  # The same test rejects a naive rule: a fixed-n Clopper-Pearson bound at level alpha,
+  # looked at after every chunk (stopping when it first certifies below the truth).
+  n = CHUNK * np.arange(1, counts.shape[0] + 1)[:, None]
+  naive = stats.beta.ppf(1 - ALPHA, counts + 1, n - counts)  # upper bound on the deficit
+  naive_failures = int(np.sum(np.any(naive < mu[None], axis=0)))
+  assert stats.binomtest(naive_failures, STREAMS, ALPHA,
+                         alternative="greater").pvalue < 1e-6, naive_failures
+
+
+# The 2-D model: s_i = sign(x_i - b_i) (orthogonal unit normals), f = (s_1, s_2) / sqrt(2).
+OFFSET = np.array([0.2, -0.1])
+POINTS = np.array([[a, b] for a in (0.35, 0.5, 0.7, 0.9) for b in (0.1, 0.3, 0.5, 0.8, 1.0)])
+
+
+def _smoothed(x):
+  return (2.0 * sp_norm.cdf((x - OFFSET) / SIGMA) - 1.0) / np.sqrt(2.0)
+
+
+def _worst_cosines(x0, u):
+  """Brute-force ``min cos(f_s(x'), u)`` over the eps-disk, for each eps of EPS."""
+  out = []
+  for eps in EPS:
+    r = eps * np.sqrt(np.linspace(0.0, 1.0, 40))[:, None]
+    a = np.linspace(0.0, 2 * np.pi, 360, endpoint=False)[None, :]
+    pts = x0 + np.stack([r * np.cos(a), r * np.sin(a)], -1).reshape(-1, 2)
+    f = _smoothed(pts)
+    out.append(np.min(f @ u / np.linalg.norm(f, axis=-1)))
+  return np.array(out)
+
+
+@functools.partial(jax.jit, static_argnames=("n_max", "chunk", "grid_size"))
+def _run_two_dim(key, q, u, *, n_max, chunk, grid_size):
+  """Sequential norm-aware certificates; ``q [R, 2]`` = P(s_i = +1), ``u [R, 2]`` fixed unit."""
+  streams = q.shape[0]
+  signs = jnp.array([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]])
+  sample_deficit = 0.5 * (1.0 - (u @ signs.T) / jnp.sqrt(2.0))  # [R, 4]
+  pair_value = jnp.broadcast_to(jnp.array([0.0, 0.5, 1.0]), (streams, 3))
+  eps = jnp.asarray(EPS)
+
+  def draw(k, m):
+    s = jnp.where(jax.random.uniform(k, (streams, m, 2)) < q[:, None, :], 1.0, -1.0)
+    return s
+
+  def category_counts(s):
+    c = (s[..., 0] > 0) * 2 + (s[..., 1] > 0)  # index into signs
+    return jnp.sum(jax.nn.one_hot(c, 4), axis=1)
+
+  k0, key = jax.random.split(key)
+  s0 = draw(k0, N0)  # stage 1: the priors (independent of stage 2)
+  w0 = category_counts(s0)
+  m0 = jnp.sum(w0 * sample_deficit, -1) / N0
+  v0 = jnp.sum(w0 * (sample_deficit - m0[:, None])**2, -1) / N0
+  state = sq.init(m0, v0, grid_size=grid_size)
+  pm0 = 0.5 * (1.0 + jnp.sum(jnp.mean(s0, 1)**2, -1) / 2.0)
+  pair_state = sq.init(pm0, jnp.full_like(pm0, 0.05), grid_size=grid_size)
+
+  def body(carry, j):
+    state, pair_state, done = carry
+    s = draw(jax.random.fold_in(key, j), chunk)
+    agree = jnp.sum(s[:, 0::2] * s[:, 1::2], -1)  # s1a s1b + s2a s2b in {-2, 0, 2}
+    pair_w = jnp.sum(jax.nn.one_hot((agree / 2 + 1).astype(jnp.int32), 3), axis=1)
+    state = sq.update(state, sample_deficit, weights=category_counts(s), alpha=ALPHA / 2,
+                      active=~done)
+    pair_state = sq.update(pair_state, pair_value, weights=pair_w, alpha=ALPHA / 2,
+                           active=~done)
+    decision = sq.norm_aware_decide(state, pair_state, eps, SIGMA, COS, alpha=ALPHA,
+                                    n_max=n_max)
+    done = done | jnp.all(decision.settled, axis=-1) | (state.count >= n_max)
+    return (state, pair_state, done), None
+
+  init = (state, pair_state, jnp.zeros(streams, bool))
+  (state, pair_state, _), _ = jax.lax.scan(body, init, jnp.arange(n_max // chunk))
+  d = sq.upper_deficit(state)
+  n_upper = _norm.norm_upper_from_pair_deficit(sq.upper_deficit(pair_state))
+  cos = _norm.cosine_bound(d[:, None], n_upper[:, None], eps[None], SIGMA)
+  return d, n_upper, cos, state.count
+
+
+def test_norm_aware_certificates_are_sound_at_stopping_times():
+  per_point = STREAMS // len(POINTS)
+  fs = _smoothed(POINTS)
+  n_true = np.linalg.norm(fs, axis=-1)
+  u = fs / n_true[:, None]
+  worst = np.stack([_worst_cosines(x0, v) for x0, v in zip(POINTS, u)])  # [P, E]
+  mu = 0.5 * (1.0 - n_true)  # true mean deficit of h_u with u the exact mean direction
+  q = sp_norm.cdf((POINTS - OFFSET) / SIGMA)
+  rep = lambda a: np.repeat(a, per_point, axis=0)  # noqa: E731
+  d, n_upper, cos, used = map(np.asarray, _run_two_dim(
+      jax.random.PRNGKey(2), jnp.asarray(rep(q), jnp.float32), jnp.asarray(rep(u), jnp.float32),
+      n_max=N_MAX, chunk=CHUNK, grid_size=GRID))
+  total = per_point * len(POINTS)
+  assert total >= 10_000
+  # Certificate-level: a certified cosine above the brute-force worst case.
+  cert_fail = np.any(cos > rep(worst) + 1e-5, axis=-1)
+  # Component level (what the union bound spends alpha on): either bound wrong.
+  comp_fail = (d < rep(mu) * (1 - 1e-6)) | (n_upper < rep(n_true) * (1 - 1e-6))
+  for failures in (int(cert_fail.sum()), int(comp_fail.sum())):
+    assert stats.binomtest(failures, total, ALPHA, alternative="greater").pvalue > 1e-3
+  # It certifies something and stops early on the easy images.
+  assert np.mean(np.any(cos >= COS, -1)) > 0.3
+  assert np.mean(used < N_MAX) > 0.15
+  # The norm pays: somewhere the certified cosine beats Theorem 3.2's B alone.
+  plain = np.where(d[:, None] <= 1, 2 * sp_norm.cdf(sp_norm.ppf(1 - d)[:, None] - EPS / SIGMA)
+                   - 1, -1)
+  assert np.max(cos - plain) > 0.01
+
+
+def test_grid_and_thresholds_match_closed_forms():
+  d = np.asarray(sq.grid(64))
+  np.testing.assert_allclose(d, sp_norm.cdf(-np.linspace(-6, 6, 64)), rtol=1e-5, atol=1e-9)
+  got = np.asarray(sq.deficit_threshold(EPS, SIGMA, COS))
+  want = sp_norm.cdf(-(sp_norm.ppf((1 + COS) / 2) + EPS / SIGMA))
+  np.testing.assert_allclose(got, want, rtol=1e-4)
+  # B at the threshold is exactly the level.
+  b = 2 * sp_norm.cdf(sp_norm.ppf(1 - want) - EPS / SIGMA) - 1
+  np.testing.assert_allclose(b, COS, atol=1e-5)
+
+
+def test_wealth_matches_a_float64_oracle():
+  """The state's wealth against a direct product with the same predictable bets."""
+  rng = np.random.default_rng(0)
+  values = rng.beta(1, 30, size=(3, 5, 20)).astype(np.float32)  # 5 chunks of 20
+  state = sq.init(jnp.full((3,), 0.05), jnp.full((3,), 0.002), grid_size=32)
+  log_k = np.zeros((3, 2, len(sq.BET_SCALES), 32))
+  d = np.asarray(sq.grid(32), np.float64)
+  update = jax.jit(functools.partial(sq.update, alpha=ALPHA))
+  for j in range(5):
+    lam = np.asarray(sq.bets(state), np.float64)  # fixed before the chunk is seen
+    v = values[:, j].astype(np.float64)
+    for side, side_values in enumerate((v, 1.0 - v)):
+      log_k[:, side] += np.sum(np.log1p(lam[:, side, None] * (
+          d - side_values[:, :, None, None])), axis=1)
+    state = update(state, jnp.asarray(values[:, j]))
+  np.testing.assert_allclose(np.asarray(state.log_wealth), log_k, rtol=1e-4, atol=2e-4)
+  mix = np.log(np.mean(np.exp(log_k), axis=2))  # [3, 2, G]
+  rejected = np.asarray(state.rejected)
+  assert np.all(rejected >= (mix >= math.log(1 / ALPHA) + 1e-3))
+  # The bounds are the last cell of the leading run of rejected cells.
+  lead = np.cumprod(rejected, axis=-1).sum(-1)  # [3, 2]
+  want = np.where(lead > 0, d[np.maximum(lead - 1, 0)], 1.0)
+  np.testing.assert_allclose(np.asarray(sq.upper_deficit(state)), want[:, 0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(sq.lower_deficit(state)), 1.0 - want[:, 1], atol=1e-6)
+  mean = values.reshape(3, -1).mean(-1)
+  assert np.all(want[:, 0] >= mean) and np.all(1.0 - want[:, 1] <= mean)
+
+
+def test_bets_are_predictable_and_capped():
+  state = sq.init(jnp.array([0.01, 0.3]), jnp.array([1e-4, 0.05]), grid_size=64)
+  lam = np.asarray(sq.bets(state))  # [2, 2, S, G]
+  d = np.asarray(sq.grid(64))
+  assert np.all(lam >= 0) and np.all(lam * (1 - d) <= sq.CAP + 1e-6)
+  # Cells whose null is the likely truth are not bet on.
+  mean = np.asarray(sq.estimates(state)[0])
+  for i in range(2):
+    assert np.all(lam[i, 0][:, d < mean[i]] == 0)
+    assert np.all(lam[i, 1][:, d < 1 - mean[i]] == 0)
+    assert np.any(lam[i, 0] > 0) and np.any(lam[i, 1] > 0)
+
+
+def test_unreachable_is_a_proof():
+  """A decision reported unreachable is not reached even by all-zero deficits."""
+  state = sq.init(jnp.array([0.5]), jnp.array([0.01]), grid_size=64)
+  thresholds = jnp.array([[1e-4, 1e-2, 0.2]])
+  n_max = 300
+  flags = np.asarray(sq.unreachable(state, thresholds, alpha=ALPHA, n_max=n_max))[0]
+  update = jax.jit(functools.partial(sq.update, alpha=ALPHA))
+  for _ in range(n_max // 50):
+    state = update(state, jnp.zeros((1, 50)))
+  reached = np.asarray(sq.upper_deficit(state))[0] <= np.asarray(thresholds)[0]
+  assert not np.any(flags & reached)
+  assert flags[0]  # 1e-4 in 300 samples: beyond even the ceiling alpha^(1/n)
