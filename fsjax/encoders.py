@@ -27,6 +27,7 @@ and register a builder in ``_BUILDERS`` keyed by the ``config.encoder.name`` it 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -88,10 +89,24 @@ def resize(x: jax.Array, size: int) -> jax.Array:
   return x[:, top:top + size, left:left + size, :]
 
 
+# Norms below this count as zero: a zero vector stays zero instead of becoming NaN.
+TINY_NORM = 1e-12
+
+
+def unit(z: jax.Array, *, axis: int = -1) -> jax.Array:
+  """``z / ||z||`` along ``axis`` (a zero vector stays zero): the one unit-vector helper."""
+  return z / jnp.maximum(jnp.linalg.norm(z, axis=axis, keepdims=True), TINY_NORM)
+
+
+def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Row-wise cosine of ``[..., F]`` and ``[..., F]`` -> ``[...]`` (0 against a zero vector)."""
+  den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+  return jnp.sum(a * b, axis=-1) / jnp.maximum(den, TINY_NORM)
+
+
 def normalise(tokens: jax.Array) -> jax.Array:
   """``[B, N, D]`` -> ``[B, N * D]`` unit vectors in float32 (f = g / ||g||, method.md 1)."""
-  z = tokens.reshape(tokens.shape[0], -1).astype(jnp.float32)
-  return z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-12)
+  return unit(tokens.reshape(tokens.shape[0], -1).astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -108,6 +123,27 @@ class Encoder:
   def __call__(self, params: Params, x: jax.Array, *, sigma: Any = None) -> jax.Array:
     """``[B, H, W, 3]`` in [0, 1] -> unit features ``[B, N * D]`` float32: f(x)."""
     return normalise(self.tokens(params, x, sigma=sigma))
+
+  def with_key(self, params: Params, key: jax.Array) -> Params:
+    """``params`` carrying the PRNG ``key`` of the encoder's own randomness.
+
+    A deterministic encoder has none and returns ``params`` unchanged; an encoder that
+    draws noise (:class:`fsjax.smoothing.SmoothedEncoder`) takes its key in its params,
+    so that every function of ``(encoder, params)`` (attacks, Monte Carlo sums, MLLMs)
+    works on it unchanged. Pass a fresh key per call.
+    """
+    del key
+    return params
+
+  def jitted_tokens(self, params: Params, x: jax.Array, *, sigma: Any = None) -> jax.Array:
+    """:meth:`tokens` as one jitted call on concrete arrays: what an MLLM hands its
+    language side (the smoothed encoder also re-shards its output here, once)."""
+    return _jitted_tokens(self, params, jnp.asarray(x, jnp.float32), sigma)
+
+
+@functools.partial(jax.jit, static_argnames="encoder")
+def _jitted_tokens(encoder, params, x, sigma):
+  return encoder.tokens(params, x, sigma=sigma)
 
 
 _BUILDERS: dict[str, Callable[..., tuple[Encoder, Params]]] = {}

@@ -25,14 +25,16 @@ Gaussian delta, exactly as the certificate's lemma needs.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fsjax import checks
 from fsjax import encoders as encoders_lib
@@ -197,11 +199,87 @@ def feature_sum(features: jax.Array) -> dict[str, jax.Array]:
   return {"feature": features}
 
 
+# ------------------------------------------------------------------------------------------
+# The smoothed encoder: f_s(x) and the smoothed token view, one implementation.
+# ------------------------------------------------------------------------------------------
+
+# What the smoothed token view hands on (see smoothed_tokens); "mean" is f_s itself.
+SMOOTHED_FEATURES = ("direction", "raw_mean")
+_SUMS = {"mean": ("unit",), "direction": ("unit", "norm"), "raw_mean": ("raw",)}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _RawFlat(encoders_lib.Encoder):
+  """The raw token view of ``base`` flattened to ``[B, T * D]`` (no normalisation), so
+  that :func:`monte_carlo_sum` hands the statistic raw features."""
+
+  base: encoders_lib.Encoder = None
+
+  def __call__(self, params, x, *, sigma=None):
+    z = self.base.tokens(params, x, sigma=sigma)
+    return z.reshape(z.shape[0], -1).astype(jnp.float32)
+
+
+def _smoothed(params, x, key, sigma, *, encoder, n, features, chunk_size):
+  """``[B, T * D]`` float32: f_s(x) (``"mean"``) or the smoothed token view, flattened."""
+  names = _SUMS[features]
+
+  def statistic(raw):  # per sample: f = g / ||g|| (method.md 1), ||g||, g itself
+    norm = jnp.linalg.norm(raw, axis=-1, keepdims=True)
+    stats = {"unit": raw / jnp.maximum(norm, encoders_lib.TINY_NORM), "norm": norm, "raw": raw}
+    return {k: stats[k] for k in names}
+
+  total = monte_carlo_sum(params, x, key, encoder=_RawFlat(encoder.resolution, encoder),
+                          sigma=sigma, n=n, statistic=statistic, chunk_size=chunk_size)
+  if features == "raw_mean":
+    return total["raw"] / n
+  f_s = total["unit"] / n  # Eq. 3
+  if features == "mean":
+    return f_s
+  return encoders_lib.unit(f_s) * (total["norm"] / n)
+
+
+def smoothed_tokens(params: PyTree, x: jax.Array, key: jax.Array, sigma, *,
+                    encoder: encoders_lib.Encoder, n: int, features: str = "direction",
+                    chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+  """The smoothed encoder's token view: what an MLLM's language side consumes (traceable).
+
+  The encoder runs ``n`` times on ``x + delta_i`` (the noise of :func:`noise`, sample
+  ``i`` from ``fold_in(key, i)``), the language side then runs once on the result. With
+  ``features="direction"`` (default) the result is the direction of the smoothed feature
+  ``f_s(x) = E[f(x + delta)]`` (Eq. 3, f the unit flattened token view), rescaled to the
+  Monte Carlo mean raw norm ``E||g(x + delta)||`` so a projector sees features of the
+  scale it was trained on. The certificate bounds the direction of the *exact* f_s
+  (``cos(f_s(x'), f_s(x))``, method.md 2, mean reference; a positive rescaling does not
+  change it); what the language side receives is its ``n``-sample estimate, and the norm
+  is not certified. ``features="raw_mean"`` gives the plain Monte Carlo mean of the raw
+  features ``E[g(x + delta)]``, which no certificate covers.
+
+  Args:
+    params: encoder parameters.
+    x: ``[B, H, W, 3]`` images in [0, 1].
+    key: PRNG key of the noise.
+    sigma: noise level in [0, 1] pixel units.
+    encoder: the (static) base encoder; its ``tokens`` view is ``[B, T, D]``.
+    n: noise samples (static; the paper uses 8 at inference).
+    features: "direction" or "raw_mean".
+    chunk_size: samples per vectorised chunk.
+
+  Returns:
+    ``[B, T, D]`` float32.
+  """
+  if features not in SMOOTHED_FEATURES:
+    raise ValueError(f"features={features!r} must be one of {SMOOTHED_FEATURES}.")
+  t_d = jax.eval_shape(lambda p, y: encoder.tokens(p, y, sigma=0.0), params, x).shape[1:]
+  z = _smoothed(params, x, key, sigma, encoder=encoder, n=n, features=features,
+                chunk_size=chunk_size)
+  return z.reshape((x.shape[0],) + tuple(t_d))
+
+
 @functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
 def _smoothed_features(params, x, key, sigma, *, encoder, n, chunk_size):
-  total = monte_carlo_sum(params, x, key, encoder=encoder, sigma=sigma, n=n,
-                          statistic=feature_sum, chunk_size=chunk_size)
-  return total["feature"] / n
+  return _smoothed(params, x, key, sigma, encoder=encoder, n=n, features="mean",
+                   chunk_size=chunk_size)
 
 
 def smoothed_features(params: PyTree, x: jax.typing.ArrayLike, *,
@@ -225,6 +303,106 @@ def smoothed_features(params: PyTree, x: jax.typing.ArrayLike, *,
   check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
   return _smoothed_features(params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
                             encoder=encoder, n=int(n), chunk_size=int(chunk_size))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SmoothedEncoder(encoders_lib.Encoder):
+  """The smoothed encoder as a value: ``base`` seen through ``n`` Gaussian noise samples.
+
+  An :class:`fsjax.encoders.Encoder` like any other (as ``fsjax.gsb.BoostedEncoder``
+  wraps one): its token view is :func:`smoothed_tokens` of ``base`` (the view an MLLM's
+  language side consumes), its feature ``normalise(tokens)`` the direction of the
+  ``n``-sample estimate of f_s. An MLLM is smoothed by
+  ``model.with_encoder(SmoothedEncoder(model.encoder, sigma=...))``
+  (:func:`fsjax.mllm.smoothed`); an attack through the smoothing (EOT) attacks a
+  ``SmoothedEncoder`` whose ``n`` is the number of EOT draws.
+
+  **The noise key travels in the params** (the decision of issue 19, kept for issue 22):
+  ``params = {"encoder": base_params, "key": key}``. The encoder contract stays
+  ``(params, x, sigma=)``, so every function of ``(encoder, params)`` (attacks and their
+  gradients, :func:`monte_carlo_sum`, the MLLMs) takes a smoothed encoder unchanged.
+  There is no default key: params without ``"key"`` raise ValueError, so no call
+  silently reuses one fixed draw (a deterministic function an attacker could target).
+  Put a fresh key per call with :meth:`with_key` (``Encoder.with_key`` is the identity
+  for deterministic encoders, so callers need not ask which encoder they hold).
+
+  Attributes:
+    base: the encoder being smoothed (a plain or GSB-boosted one; it sees ``sigma``).
+    sigma: noise level in [0, 1] pixel units (> 0).
+    n: noise samples per call (the paper uses 8 at inference).
+    features: the token view handed on, "direction" or "raw_mean" (:func:`smoothed_tokens`).
+    chunk_size: samples per vectorised chunk (capped at ``n``).
+  """
+
+  base: encoders_lib.Encoder
+  sigma: float
+  n: int = 8
+  features: str = "direction"
+  chunk_size: int = DEFAULT_CHUNK_SIZE
+  resolution: int = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    if not isinstance(self.base, encoders_lib.Encoder):
+      raise ValueError(f"base must be an fsjax.encoders.Encoder, got {type(self.base)}.")
+    check_sampling(sigma=self.sigma, n=self.n, chunk_size=self.chunk_size)
+    if self.features not in SMOOTHED_FEATURES:
+      raise ValueError(f"features={self.features!r} must be one of {SMOOTHED_FEATURES}.")
+    object.__setattr__(self, "resolution", self.base.resolution)
+    object.__setattr__(self, "sigma", float(self.sigma))
+
+  def with_key(self, params: PyTree, key: jax.Array) -> dict[str, PyTree]:
+    """``{"encoder": base params, "key": key}`` from this encoder's params (with or
+    without a key already): the next call draws its noise from ``key``."""
+    self._check(params, need_key=False)
+    if key is None:
+      raise ValueError("key=None: a SmoothedEncoder needs a PRNG key for its noise; pass "
+                       "a fresh one per call, e.g. jax.random.fold_in(key, call_index).")
+    return {"encoder": params["encoder"], "key": key}
+
+  def _check(self, params: PyTree, *, need_key: bool = True) -> None:
+    keys = set(params) if isinstance(params, Mapping) else None
+    if keys is None or not keys <= {"encoder", "key"} or "encoder" not in keys:
+      got = sorted(keys) if keys is not None else type(params).__name__
+      raise ValueError(f"params of a SmoothedEncoder must be {{'encoder': base params, "
+                       f"'key': PRNG key}}, got {got}.")
+    if need_key and "key" not in keys:
+      raise ValueError("params of this SmoothedEncoder hold no noise key: there is no default "
+                       "key (a fixed one would give the same noise every call); pass "
+                       "encoder.with_key(params, key) with a fresh key per call, or key= to "
+                       "the MLLM's image_features.")
+
+  def tokens(self, params: PyTree, x: jax.Array, *, sigma: Any = None) -> jax.Array:
+    """``[B, H, W, 3]`` -> the smoothed token view ``[B, T, D]`` float32 (traceable).
+
+    ``sigma`` is not used: the base encoder sees this encoder's own :attr:`sigma`.
+    """
+    del sigma
+    self._check(params)
+    return smoothed_tokens(params["encoder"], x, params["key"], jnp.float32(self.sigma),
+                           encoder=self.base, n=self.n, features=self.features,
+                           chunk_size=min(self.chunk_size, self.n))
+
+  def jitted_tokens(self, params: PyTree, x: jax.Array, *, sigma: Any = None) -> jax.Array:
+    """:meth:`tokens`, jitted, re-sharded once as a plain replicated array.
+
+    The Monte Carlo sum comes back replicated on the engine's explicit ``"samples"``
+    mesh, which a language side's own jitted functions (and their parameters' meshes)
+    reject; this hands it over on an ``Auto`` mesh of all local devices.
+    """
+    if sigma is not None and not isinstance(sigma, jax.core.Tracer) \
+        and float(np.asarray(sigma)) != self.sigma:
+      raise ValueError(f"sigma={sigma!r}: this SmoothedEncoder uses its smoothing's sigma "
+                       f"({self.sigma}); do not pass another.")
+    self._check(params)
+    z = super().jitted_tokens(params, x)
+    return jax.device_put(z, jax.NamedSharding(_replicated_mesh(), jax.P()))
+
+
+@functools.cache
+def _replicated_mesh() -> jax.sharding.Mesh:
+  devices = jax.local_devices()
+  return jax.make_mesh((len(devices),), ("replicated",),
+                       axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 @functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsjax import encoders
+from fsjax import mllm
 from fsjax.weights import read_state_dict
 from fsjax.clip import checkpoint as clip_checkpoint
 from fsjax.clip import encoder as clip_encoder
@@ -339,24 +340,27 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
                                 encoder_params=encoder_params, tokenizer=tok)
 
 
-def build(config) -> model_lib.OpenFlamingo:
-  """Builds an :class:`~fsjax.flamingo.model.OpenFlamingo` from a config file's sections.
+@mllm.register("openflamingo")
+def build(config) -> tuple[model_lib.OpenFlamingo, dict]:
+  """``(model, params)``: an :class:`~fsjax.flamingo.model.OpenFlamingo` from a config's sections.
+
+  The registered builder of ``"openflamingo"`` (:func:`fsjax.mllm.build`); ``params`` is
+  the model's :attr:`~fsjax.flamingo.model.OpenFlamingo.mllm_params` (``{"vision":
+  ..., "language": ...}``, what every MLLM's pure methods take; the model also holds
+  them for :meth:`~fsjax.flamingo.model.OpenFlamingo.caption`). Never smoothed
+  (:func:`fsjax.mllm.smoothed` smooths it).
 
   ``config.encoder`` (any :func:`fsjax.encoders.build` encoder) gives the vision side;
   ``config.openflamingo`` the rest: with ``checkpoint`` None, a random init of
   ``architecture`` (a dict of :class:`~fsjax.flamingo.model.FlamingoConfig` fields) seeded
   by ``seed``, for smoke runs; else :func:`load` of ``checkpoint``, ``lang_encoder`` and
   ``tokenizer``; ``prompt_format`` (optional) how a task's prompt is given
-  (:attr:`~fsjax.flamingo.model.OpenFlamingo.prompt_format`). ``config.smoothing.n > 0``
-  smooths the vision side
-  (:meth:`~fsjax.flamingo.model.OpenFlamingo.smoothed`). See ``configs/openflamingo_9b.py``.
+  (:attr:`~fsjax.flamingo.model.OpenFlamingo.prompt_format`). See
+  ``configs/openflamingo_9b.py``.
   """
   m = config.openflamingo
   dtype = _dtype(m.get("dtype", "float32"), "config.openflamingo.dtype")
   param_dtype = _dtype(m.get("param_dtype", "float32"), "config.openflamingo.param_dtype")
-  smoothing = config.get("smoothing")
-  if smoothing is not None and smoothing.n < 0:
-    raise ValueError(f"config.smoothing.n={smoothing.n} must be >= 0 (0: no smoothing).")
   if m.get("checkpoint") is None:
     architecture = m.get("architecture")
     if architecture is None:
@@ -380,7 +384,4 @@ def build(config) -> model_lib.OpenFlamingo:
               dtype=dtype, param_dtype=param_dtype)
   if m.get("prompt_format"):
     of = of.replace(prompt_format=m.prompt_format)
-  if smoothing is not None and smoothing.n > 0:
-    of = of.smoothed(smoothing.sigma, n=smoothing.n, features=smoothing.features,
-                     chunk_size=smoothing.chunk_size)
-  return of
+  return of, of.mllm_params

@@ -40,8 +40,6 @@ from fsjax import encoders
 from fsjax import random_init
 from fsjax.flamingo import mpt
 from fsjax.flamingo import resampler
-# The smoothed token view is one implementation for both MLLMs (it lives with LLaVA).
-from fsjax.llava import model as llava_model
 
 Dtype = Any
 # OpenFlamingo's own captioning prompt (its COCO evaluation, zero-shot).
@@ -294,17 +292,6 @@ def generate(model: Flamingo, params, input_ids, vision_tokens, attention_mask=N
                    eos_token_id=eos, pad_token_id=pad)
 
 
-@functools.partial(jax.jit, static_argnames="encoder")
-def _encode(encoder, params, x, sigma):
-  return encoder.tokens(params, x, sigma=sigma)
-
-
-@functools.partial(jax.jit, static_argnames=("encoder", "n", "features", "chunk_size"))
-def _encode_smoothed(params, x, key, sigma, *, encoder, n, features, chunk_size):
-  return llava_model.smoothed_tokens(params, x, key, sigma, encoder=encoder, n=n,
-                                     features=features, chunk_size=chunk_size)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class OpenFlamingo:
   """A loaded OpenFlamingo: the model, its vision encoder and tokenizer, ready to caption.
@@ -320,12 +307,11 @@ class OpenFlamingo:
     params: its parameters.
     encoder: any :class:`fsjax.encoders.Encoder` whose ``tokens`` are ``[B, v, vis_dim]``
       (swap in a smoothed / GSB / FARE / TeCoA encoder with ``of.replace(encoder=...,
-      encoder_params=...)``).
+      encoder_params=...)``; a :class:`fsjax.smoothing.SmoothedEncoder` draws its noise
+      from the ``key`` of each call).
     encoder_params: the encoder's parameters.
     tokenizer: a transformers tokenizer with ``<image>`` and ``<|endofchunk|>`` (for
       :meth:`caption`), or None.
-    smoothing: if set (:meth:`smoothed`), the images go through the smoothed encoder
-      (``fsjax.llava.smoothed_tokens``: n noisy copies per image, then the LLM once).
     prompt_format: how :meth:`prompt_ids` formats a task's prompt (the user's text):
       ``"<image>{prompt}"``, zero-shot (no in-context examples), as OpenFlamingo's own
       evaluation formats its queries ("<image>Output:" for captions, "<image>Question:
@@ -337,17 +323,10 @@ class OpenFlamingo:
   encoder: encoders.Encoder
   encoder_params: Any
   tokenizer: Any = None
-  smoothing: Any = None
   prompt_format: str = "<image>{prompt}"
 
   def replace(self, **changes) -> "OpenFlamingo":
     return dataclasses.replace(self, **changes)
-
-  def smoothed(self, sigma: float, *, n: int = 8, features: str = "direction",
-               chunk_size: int = 64) -> "OpenFlamingo":
-    """The same model seeing through the smoothed encoder (``n`` noise samples per image;
-    ``features`` as :func:`fsjax.llava.model.smoothed_tokens`)."""
-    return self.replace(smoothing=llava_model.Smoothing(sigma, n, features, chunk_size))
 
   @property
   def mllm_params(self) -> dict:
@@ -363,27 +342,15 @@ class OpenFlamingo:
   # -- vision side ------------------------------------------------------------------------
 
   def _encode(self, encoder_params, flat, *, sigma, key) -> jax.Array:
-    """``[N, H, W, 3]`` -> ``[N, v, vis_dim]`` encoder tokens (smoothed under smoothing)."""
+    """``[N, H, W, 3]`` -> ``[N, v, vis_dim]`` encoder tokens (``key``: the encoder's noise)."""
     if encoder_params is None:
       raise ValueError("this OpenFlamingo's encoder came from with_encoder(): pass its "
                        "parameters as params['vision'] to image_features, or use "
                        "replace(encoder=..., encoder_params=...).")
     encoders.check_images(flat, name="images")
-    if self.smoothing is None:
-      tokens = _encode(self.encoder, encoder_params, flat, sigma)
-    else:
-      if sigma is not None:
-        raise ValueError("sigma: a smoothed OpenFlamingo uses its smoothing's sigma "
-                         f"({self.smoothing.sigma}); do not pass another.")
-      s = self.smoothing
-      key = jax.random.PRNGKey(0) if key is None else key
-      tokens = _encode_smoothed(encoder_params, flat, key, jnp.float32(s.sigma),
-                                encoder=self.encoder, n=s.n, features=s.features,
-                                chunk_size=s.chunk_size)
-      # The Monte Carlo sum comes back replicated on the smoothing engine's explicit
-      # "samples" mesh; hand the language side a plain replicated array (as LLaVA does).
-      tokens = jax.device_put(tokens, jax.NamedSharding(
-          llava_model.make_mesh(axis="replicated"), jax.P()))
+    if key is not None:
+      encoder_params = self.encoder.with_key(encoder_params, key)
+    tokens = self.encoder.jitted_tokens(encoder_params, flat, sigma=sigma)
     if tokens.shape[-1] != self.model.config.vis_dim:
       raise ValueError(f"the encoder gives tokens of width {tokens.shape[-1]}, the model expects "
                        f"{self.model.config.vis_dim}: use the CLIP tower it was trained with.")
@@ -401,9 +368,9 @@ class OpenFlamingo:
                     ) -> jax.Array:
     """Images ``[B, H, W, 3]`` or ``[B, M, H, W, 3]`` in [0, 1] -> ``[B, M, v, vis_dim]``.
 
-    ``sigma`` is passed to a plain encoder (a GSB-boosted one conditions on it); with
-    :attr:`smoothing` set, the smoothing's sigma is used and ``key`` (default
-    ``PRNGKey(0)``) draws the noise.
+    ``sigma`` is passed to a plain encoder (a GSB-boosted one conditions on it); a
+    smoothed encoder uses its own sigma and draws its noise from ``key`` (required: no
+    default key).
     """
     shape = np.shape(images)
     if len(shape) == 4:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsjax import encoders as encoders_lib
+from fsjax import mllm
 from fsjax.clip import checkpoint as clip_checkpoint
 from fsjax.clip import model as clip_model
 from fsjax.llava import model as model_lib
@@ -279,16 +280,31 @@ def _to_torch_layout(flax_path: str, value) -> np.ndarray:
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _external_tower(checkpoint: str) -> bool:
+  """Whether a LLaVA directory was trained on another tower (``vision_config: null``)."""
+  path = os.path.join(os.path.expanduser(checkpoint), "config.json")
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("vision_config", {}) is None
+
+
+@mllm.register("llava")
 def build(config) -> tuple[model_lib.Llava, dict]:
   """``(model, params)`` from a config (``configs/llava15_7b.py``, ``configs/llava_tiny.py``).
 
+  The registered builder of ``"llava"`` (:func:`fsjax.mllm.build`); never smoothed
+  (:func:`fsjax.mllm.smoothed`, e.g. with ``**config.smoothing``, smooths it).
+
   * ``config.llava.checkpoint``: a local LLaVA directory (:func:`load`); None means a
     random init of ``config.llava.architecture`` (an HF LLaVA config dict) with a
-    word-level tokenizer of ``config.llava.words``, for smoke runs.
+    word-level tokenizer of ``config.llava.words``, for smoke runs. A directory trained
+    on another tower (``vision_config: null``, e.g. ``train.llava``'s embedded model)
+    loads with ``config.encoder`` as its vision side.
   * ``config.encoder.checkpoint``: when set, the vision side is that encoder
     (``fsjax.encoders.build(config.encoder)``: e.g. a FARE/TeCoA OpenCLIP tower at 224
     px, penultimate layer, CLS dropped) instead of the checkpoint's own tower.
-  * ``config.smoothing.n > 0``: the model sees through the smoothed encoder.
+  * ``config.llava.system_prompt``: the text before "USER:" (default none).
   """
   c = config.llava
   for name in ("dtype", "param_dtype"):
@@ -298,6 +314,14 @@ def build(config) -> tuple[model_lib.Llava, dict]:
   encoder = encoder_params = None
   if config.get("encoder") is not None and config.encoder.get("checkpoint"):
     encoder, encoder_params = encoders_lib.build(config.encoder)
+  elif c.get("checkpoint") and _external_tower(c.checkpoint):
+    encoder, encoder_params = encoders_lib.build(config.encoder)
+  elif config.get("encoder") is not None and config.encoder.get("name") != "clip" \
+      and not c.get("checkpoint"):
+    raise ValueError(
+        f"config.llava.checkpoint is not set: a LLaVA on config.encoder.name="
+        f"{config.encoder.name!r} must be trained first; train it with `python -m "
+        "train.llava --config ... --workdir DIR` and pass --config.llava.checkpoint=DIR.")
   if c.checkpoint:
     model, params = load(c.checkpoint, encoder=encoder, encoder_params=encoder_params,
                          dtype=dtype, param_dtype=param_dtype)
@@ -324,7 +348,4 @@ def build(config) -> tuple[model_lib.Llava, dict]:
                             pad_token_id=text.pad_token_id or 0)
     params = {"vision": encoder_params, "language": language}
   model = dataclasses.replace(model, system_prompt=c.get("system_prompt"))
-  s = config.get("smoothing")
-  if s is not None and s.n > 0:
-    model = model.smoothed(s.sigma, n=s.n, features=s.features, chunk_size=s.chunk_size)
   return model, params

@@ -3,8 +3,8 @@
 The model is split where the paper protects it. The *vision side* is any
 :class:`fsjax.encoders.Encoder`: its token view ``[B, T, D]`` are the image features
 (the checkpoint's CLIP tower at ``vision_feature_layer`` with or without CLS, a
-FARE/TeCoA OpenCLIP tower, the GSB-boosted encoder, the smoothed encoder of
-:func:`smoothed_tokens`, an EfficientNet tower...). The *language side*,
+FARE/TeCoA OpenCLIP tower, the GSB-boosted encoder, the smoothed encoder
+:class:`fsjax.smoothing.SmoothedEncoder`, an EfficientNet tower...). The *language side*,
 :class:`LlavaLanguageModel`, is the two-layer GELU projector, the LLaMA decoder and the
 LM head; it takes features of any count ``T`` and width ``D`` (the projector's input
 width fixes ``D``; ``T`` must equal the number of ``<image>`` tokens of the prompt).
@@ -39,7 +39,6 @@ import numpy as np
 
 from fsjax import decoding
 from fsjax import encoders as encoders_lib
-from fsjax import smoothing as smoothing_lib
 from fsjax.clip import encoder as clip_encoder
 from fsjax.clip import model as clip_model
 from fsjax.llava import llama
@@ -48,8 +47,6 @@ from fsjax.llava import prompt as prompt_lib
 Dtype = Any
 Params = Any
 STRATEGIES = ("default", "full")
-# Smoothed features handed to the projector (see smoothed_tokens).
-SMOOTHED_FEATURES = ("direction", "raw_mean")
 
 # transformers' LlavaConfig() default tower: CLIP ViT-L/14 at 336 px (used when a
 # config.json has no vision_config at all, as transformers does).
@@ -325,101 +322,8 @@ def token_shape(encoder: encoders_lib.Encoder, params: Params) -> tuple[int, int
 
 
 # ------------------------------------------------------------------------------------------
-# Smoothed image features.
-# ------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _RawFlat(encoders_lib.Encoder):
-  """The raw token view of ``base`` flattened to ``[B, T * D]`` (no normalisation), so
-  that :func:`fsjax.smoothing_lib.monte_carlo_sum` hands the statistic raw features."""
-
-  base: encoders_lib.Encoder = None
-
-  def __call__(self, params, x, *, sigma=None):
-    z = self.base.tokens(params, x, sigma=sigma)
-    return z.reshape(z.shape[0], -1).astype(jnp.float32)
-
-
-def _smoothing_statistic(raw: jax.Array) -> dict[str, jax.Array]:
-  """Per sample: the unit feature f = g / ||g|| (method.md 1), ||g||, and g itself."""
-  norm = jnp.linalg.norm(raw, axis=-1, keepdims=True)
-  return {"unit": raw / jnp.maximum(norm, 1e-12), "norm": norm, "raw": raw}
-
-
-def smoothed_tokens(params: Params, x: jax.Array, key: jax.Array, sigma, *,
-                    encoder: encoders_lib.Encoder, n: int, features: str = "direction",
-                    chunk_size: int = smoothing_lib.DEFAULT_CHUNK_SIZE) -> jax.Array:
-  """Image features for the projector from the smoothed encoder (traceable).
-
-  The encoder runs ``n`` times on ``x + delta_i`` (the noise of
-  :func:`fsjax.smoothing.noise`, sample ``i`` from ``fold_in(key, i)``), the LLM then runs
-  once on the result. With ``features="direction"`` (default) the result is the
-  direction of the smoothed feature ``f_s(x) = E[f(x + delta)]`` (Eq. 3, f the unit
-  flattened token view), rescaled to the Monte Carlo mean raw norm ``E||g(x + delta)||``
-  so the projector sees features of the scale it was trained on. The *direction* is the
-  certified quantity: the certificate bounds ``cos(f_s(x'), f_s(x))`` (method.md 2, mean
-  reference), and a positive rescaling does not change it; the norm itself is not
-  certified. ``features="raw_mean"`` gives the plain Monte Carlo mean of the raw
-  features ``E[g(x + delta)]``, which is not covered by the certificate.
-
-  Args:
-    params: encoder parameters.
-    x: ``[B, H, W, 3]`` images in [0, 1].
-    key: PRNG key of the noise.
-    sigma: noise level in [0, 1] pixel units.
-    encoder: the (static) encoder; its ``tokens`` view is ``[B, T, D]``.
-    n: noise samples (static; the paper uses 8 at inference).
-    features: "direction" or "raw_mean".
-    chunk_size: samples per vectorised chunk.
-
-  Returns:
-    ``[B, T, D]`` float32.
-  """
-  if features not in SMOOTHED_FEATURES:
-    raise ValueError(f"features={features!r} must be one of {SMOOTHED_FEATURES}.")
-  t_d = jax.eval_shape(lambda p, y: encoder.tokens(p, y, sigma=0.0), params, x).shape[1:]
-  total = smoothing_lib.monte_carlo_sum(params, x, key, encoder=_RawFlat(encoder.resolution, encoder),
-                                    sigma=sigma, n=n, statistic=_smoothing_statistic,
-                                    chunk_size=chunk_size)
-  if features == "raw_mean":
-    z = total["raw"] / n
-  else:
-    f_s = total["unit"] / n  # Eq. 3
-    direction = f_s / jnp.maximum(jnp.linalg.norm(f_s, axis=-1, keepdims=True), 1e-12)
-    z = direction * (total["norm"] / n)
-  return z.reshape((x.shape[0],) + tuple(t_d))
-
-
-@dataclasses.dataclass(frozen=True)
-class Smoothing:
-  """Smoothing settings of a :class:`Llava`'s vision side (see :func:`smoothed_tokens`)."""
-
-  sigma: float
-  n: int = 8
-  features: str = "direction"
-  chunk_size: int = smoothing_lib.DEFAULT_CHUNK_SIZE
-
-  def __post_init__(self):
-    smoothing_lib.check_sampling(sigma=self.sigma, n=self.n, chunk_size=self.chunk_size)
-    if self.features not in SMOOTHED_FEATURES:
-      raise ValueError(f"features={self.features!r} must be one of {SMOOTHED_FEATURES}.")
-
-
-# ------------------------------------------------------------------------------------------
 # Jitted pieces.
 # ------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames="encoder")
-def _encode(params, x, *, encoder):
-  return encoder.tokens(params, x)
-
-
-@functools.partial(jax.jit, static_argnames=("encoder", "n", "features", "chunk_size"))
-def _encode_smoothed(params, x, key, sigma, *, encoder, n, features, chunk_size):
-  return smoothed_tokens(params, x, key, sigma, encoder=encoder, n=n, features=features,
-                         chunk_size=chunk_size)
 
 
 def _positions(valid):
@@ -485,7 +389,6 @@ class Llava:
     encoder: the vision side; its token view gives the image features.
     tokenizer: a transformers tokenizer (None: only the id-level methods work).
     dtype: compute dtype of the language side.
-    smoothing: if set, the vision side is the smoothed encoder (:func:`smoothed_tokens`).
     system_prompt: text put before "USER:" (None: none, as llava-hf's chat template).
     chat_template: the checkpoint's chat template (jinja), or None for LLaVA-1.5's format.
     eos_token_id, pad_token_id: generation ids (from generation_config.json).
@@ -495,7 +398,6 @@ class Llava:
   encoder: encoders_lib.Encoder
   tokenizer: Any = None
   dtype: Dtype = jnp.float32
-  smoothing: Smoothing | None = None
   system_prompt: str | None = None
   chat_template: str | None = None
   eos_token_id: int | tuple[int, ...] = 2
@@ -505,11 +407,6 @@ class Llava:
   def language(self) -> LlavaLanguageModel:
     return LlavaLanguageModel(self.config, self.dtype)
 
-  def smoothed(self, sigma: float, *, n: int = 8, features: str = "direction",
-               chunk_size: int = smoothing_lib.DEFAULT_CHUNK_SIZE) -> "Llava":
-    """The same model seeing through the smoothed encoder (n noise samples per image)."""
-    return dataclasses.replace(self, smoothing=Smoothing(sigma, n, features, chunk_size))
-
   def with_encoder(self, encoder: encoders_lib.Encoder) -> "Llava":
     """The same language side on another encoder (its token width must fit the projector)."""
     return dataclasses.replace(self, encoder=encoder)
@@ -518,18 +415,15 @@ class Llava:
 
   def image_features(self, params: Params, images: Any, *, key: jax.Array | None = None
                      ) -> jax.Array:
-    """``[B, H, W, 3]`` images in [0, 1] -> ``[B, T, D]`` features for the projector."""
+    """``[B, H, W, 3]`` images in [0, 1] -> ``[B, T, D]`` features for the projector.
+
+    ``key``: the noise key of this call for an encoder that draws noise (a
+    :class:`fsjax.smoothing.SmoothedEncoder`: required, fresh per call); ignored by a
+    deterministic encoder.
+    """
     encoders_lib.check_images(images, name="images")
-    x = jnp.asarray(images, jnp.float32)
-    if self.smoothing is None:
-      return _encode(params["vision"], x, encoder=self.encoder)
-    s = self.smoothing
-    key = jax.random.key(0) if key is None else key
-    z = _encode_smoothed(params["vision"], x, key, jnp.float32(s.sigma), encoder=self.encoder,
-                         n=s.n, features=s.features, chunk_size=s.chunk_size)
-    # The Monte Carlo sum comes back replicated on the smoothing engine's explicit
-    # "samples" mesh; hand the language side a plain replicated array.
-    return jax.device_put(z, jax.NamedSharding(make_mesh(axis="replicated"), jax.P()))
+    vision = params["vision"] if key is None else self.encoder.with_key(params["vision"], key)
+    return self.encoder.jitted_tokens(vision, images)
 
   # -- prompts ------------------------------------------------------------------------------
 
@@ -619,8 +513,8 @@ class Llava:
       prompt: the user's text (one for all images, or one per image), without
         ``<image>``: the chat format adds it.
       max_new_tokens: the most tokens generated per answer.
-      key: PRNG key of the smoothing noise (used only by a smoothed model; default
-        ``jax.random.key(0)``).
+      key: PRNG key of the encoder's noise (required by a smoothed encoder, see
+        :meth:`image_features`).
 
     Returns:
       B decoded strings, special tokens and everything after EOS removed.

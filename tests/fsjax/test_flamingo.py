@@ -28,6 +28,7 @@ from configs import openflamingo_9b
 from configs import openflamingo_tiny
 from fsjax import clip as fsjax_clip
 from fsjax import flamingo
+from fsjax import mllm
 from fsjax import smoothing
 
 WORDS = [f"w{i}" for i in range(124)] + ["Output", ":", "<unk>"]  # ids 0..126
@@ -208,7 +209,10 @@ def test_smoothed_vision_tokens(models, features):
   _, of, _ = models
   images = _images(2, 1, seed=4)
   key, sigma, n = jax.random.PRNGKey(3), 0.25, 3
-  smoothed = of.smoothed(sigma, n=n, features=features, chunk_size=2)  # chunks of 2: 3 masks 1
+  smoothed = of.replace(  # chunks of 2: 3 masks 1
+      encoder=smoothing.SmoothedEncoder(of.encoder, sigma=sigma, n=n, features=features,
+                                        chunk_size=2),
+      encoder_params={"encoder": of.encoder_params})
   got = smoothed.vision_tokens(images, key=key)
   # Handed to the language side as a plain array: no explicit mesh axis of the smoothing
   # engine, which the decoder's cache updates would reject (jax ShardingTypeError).
@@ -229,7 +233,9 @@ def test_smoothed_vision_tokens(models, features):
   assert got.shape == (2, 1) + raw.shape[2:]
   np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="smoothing's sigma"):
-    smoothed.vision_tokens(images, sigma=0.5)
+    smoothed.vision_tokens(images, sigma=0.5, key=key)
+  with pytest.raises(ValueError, match="no noise key"):  # no silent default key
+    smoothed.vision_tokens(images)
 
 
 def test_loader_errors(models, tmp_path, toy):
@@ -331,7 +337,8 @@ def test_9b_config_matches_open_flamingo():
 
 def test_tiny_config_builds_and_generates():
   config = openflamingo_tiny.get_config()
-  of = flamingo.build(config)
+  of, params = flamingo.build(config)
+  assert params == of.mllm_params
   images = _images(2, 1, seed=5)[:, 0]
   images = np.asarray(jax.image.resize(images, (2, 32, 32, 3), "bilinear")).clip(0, 1)
   ids = np.array([[3, 128, 9, 10], [128, 5, 6, 7]])
@@ -344,10 +351,13 @@ def test_tiny_config_builds_and_generates():
   np.testing.assert_array_equal(out[0, 0], out[2, 0])  # before the image: no change
   with pytest.raises(ValueError, match="takes no argument"):
     openflamingo_tiny.get_config("x")
-  # The smoothing section turns the smoothed vision side on.
+  # The registry builds it by the config's section; the smoothing section smooths it.
   config.smoothing.n = 2
-  smoothed = flamingo.build(config)
-  assert smoothed.smoothing.n == 2 and smoothed.smoothing.sigma == 0.25
+  built, built_params = mllm.build(config)
+  assert isinstance(built, flamingo.OpenFlamingo) and set(built_params) == {"vision", "language"}
+  smoothed, _ = mllm.smoothed(built, built_params, **config.smoothing)
+  assert (smoothed.encoder.n, smoothed.encoder.sigma) == (2, 0.25)
+  assert smoothed.encoder.base is built.encoder
 
 
 def test_9b_config_options():

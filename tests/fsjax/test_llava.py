@@ -15,6 +15,7 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import fsjax.llava as fl
+from fsjax import mllm
 from fsjax import smoothing
 from fsjax.clip.encoder import CLIP_MEAN, CLIP_STD
 
@@ -194,20 +195,27 @@ def test_smoothed_path(tmp_path):
   rng = np.random.default_rng(4)
   x = rng.uniform(size=(2, 28, 28, 3)).astype(np.float32)
   key, sigma, n = jax.random.key(7), 0.25, 5
-  smoothed = model.smoothed(sigma, n=n, chunk_size=2)
-  features = np.asarray(smoothed.image_features(params, x, key=key))
+  smoothed, sparams = mllm.smoothed(model, params, sigma=sigma, n=n, chunk_size=2)
+  assert isinstance(smoothed.encoder, smoothing.SmoothedEncoder)
+  assert smoothed.encoder.base is model.encoder and sparams["language"] is params["language"]
+  features = np.asarray(smoothed.image_features(sparams, x, key=key))
   ref = _smoothed_reference(model.encoder, params["vision"], x, key, sigma, n)
   np.testing.assert_allclose(features, ref.reshape(features.shape), rtol=1e-5, atol=1e-5)
+  # The key travels in the params just as well; without one there is no default.
+  keyed = {"vision": smoothed.encoder.with_key(sparams["vision"], key)}
+  np.testing.assert_array_equal(np.asarray(smoothed.image_features(keyed, x)), features)
+  with pytest.raises(ValueError, match="no noise key"):
+    smoothed.image_features(sparams, x)
 
-  raw = np.asarray(model.smoothed(sigma, n=n, features="raw_mean").image_features(
-      params, x, key=key))
+  raw_model, raw_params = mllm.smoothed(model, params, sigma=sigma, n=n, features="raw_mean")
+  raw = np.asarray(raw_model.image_features(raw_params, x, key=key))
   tokens = jax.jit(model.encoder.tokens)
   raw_ref = np.mean([np.asarray(tokens(
       params["vision"], x + smoothing.noise(key, i, x.shape, sigma))) for i in range(n)], 0)
   np.testing.assert_allclose(raw, raw_ref, rtol=1e-5, atol=1e-5)
 
   ids = _prompt_ids(4, rng)
-  ours = np.asarray(smoothed.logits(params, ids, features))
+  ours = np.asarray(smoothed.logits(sparams, ids, features))
   with torch.no_grad():
     projected = torch_model.model.multi_modal_projector(torch.tensor(features))
     injected = {"image": BaseModelOutputWithPooling(pooler_output=[projected])}
@@ -236,10 +244,10 @@ def test_generate_strings_and_smoothed_generate(tmp_path):
   assert answers == [tok.decode(r, skip_special_tokens=True) for r in np.asarray(tokens)]
   assert all(isinstance(a, str) and a for a in answers)
 
-  smoothed = model.smoothed(0.25, n=3)
+  smoothed, sparams = mllm.smoothed(model, params, sigma=0.25, n=3)
   key = jax.random.key(1)
-  answers_s = smoothed.generate(params, x, "describe this image", max_new_tokens=8, key=key)
-  tokens_s, _ = model.generate_ids(params, ids, smoothed.image_features(params, x, key=key),
+  answers_s = smoothed.generate(sparams, x, "describe this image", max_new_tokens=8, key=key)
+  tokens_s, _ = model.generate_ids(params, ids, smoothed.image_features(sparams, x, key=key),
                                    max_new_tokens=8)
   assert answers_s == [tok.decode(r, skip_special_tokens=True) for r in np.asarray(tokens_s)]
 
@@ -303,7 +311,9 @@ def test_bad_inputs(tmp_path):
   with pytest.raises(ValueError, match=r"\[0, 1\]"):
     model.image_features(params, x * 255)
   with pytest.raises(ValueError, match="sigma"):
-    model.smoothed(0.0)
+    mllm.smoothed(model, params, sigma=0.0)
+  with pytest.raises(ValueError, match="features='mean' must be one of"):
+    mllm.smoothed(model, params, sigma=0.25, features="mean")
   with pytest.raises(ValueError, match="max_new_tokens"):
     model.generate_ids(params, _prompt_ids(4, np.random.default_rng(0)), features,
                        max_new_tokens=0)
@@ -319,7 +329,8 @@ def test_smoothed_gsb_boosted_encoder_feeds_the_language_side(toy):
   vision = boosted.init_params(jax.random.key(0), base_params)
   x = np.random.default_rng(10).uniform(size=(2, 8, 8, 3)).astype(np.float32)
   key, sigma, n = jax.random.key(3), 0.5, 4
-  smoothed = jax.jit(lambda p, y, k: fl.smoothed_tokens(p, y, k, sigma, encoder=boosted, n=n))
+  smoothed = jax.jit(lambda p, y, k: smoothing.smoothed_tokens(p, y, k, sigma, encoder=boosted,
+                                                               n=n))
   got = np.asarray(smoothed(vision, jnp.asarray(x), key))
   tokens = jax.jit(lambda p, y: boosted.tokens(p, y, sigma=sigma))
   units, norms = [], []
@@ -338,12 +349,13 @@ def test_smoothed_gsb_boosted_encoder_feeds_the_language_side(toy):
                         num_hidden_layers=1, num_attention_heads=4, pad_token_id=0)
   config = fl.LlavaConfig(text_config=text, vision_config=None, image_token_id=IMAGE,
                           vision_feature_size=16)
-  model = fl.Llava(config=config, encoder=boosted).smoothed(sigma, n=n)
-  params = {"vision": vision, "language": fl.init_language(config, seed=1)}
+  plain = fl.Llava(config=config, encoder=boosted)
+  model, params = mllm.smoothed(
+      plain, {"vision": vision, "language": fl.init_language(config, seed=1)}, sigma=sigma, n=n)
   features = model.image_features(params, x, key=key)
   np.testing.assert_allclose(np.asarray(features), got, rtol=1e-6, atol=1e-6)
   tokens_out, _ = model.generate_ids(params, np.array([[1, 5, IMAGE, 6]] * 2), features,
                                      max_new_tokens=4)
   assert tokens_out.shape == (2, 4)
   with pytest.raises(ValueError, match="sigma is required"):
-    dataclasses.replace(model, smoothing=None).image_features(params, x)
+    plain.image_features({"vision": vision}, x)

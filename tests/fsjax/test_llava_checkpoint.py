@@ -13,6 +13,8 @@ import torch
 import transformers
 
 import fsjax.llava as fl
+from fsjax import mllm
+from fsjax import smoothing
 
 IMAGE = 100
 
@@ -212,9 +214,16 @@ def test_configs_build():
   x = np.random.default_rng(0).uniform(size=(2, 40, 30, 3)).astype(np.float32)
   answers = model.generate(params, x, "describe this image", max_new_tokens=4)
   assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
-  assert model.smoothing is None
-  smoothed, _ = fl.build(llava_tiny.get_config("smoothed"))
-  assert smoothed.smoothing == fl.Smoothing(sigma=0.25, n=4, features="direction", chunk_size=4)
+  assert not isinstance(model.encoder, smoothing.SmoothedEncoder)
+  # The registry builds the same model; config.smoothing smooths it in one place.
+  config = llava_tiny.get_config("smoothed")
+  built, built_params = mllm.build(config)
+  assert isinstance(built, fl.Llava) and set(built_params) == {"vision", "language"}
+  smoothed, _ = mllm.smoothed(built, built_params, **config.smoothing)
+  encoder = smoothed.encoder
+  assert isinstance(encoder, smoothing.SmoothedEncoder) and encoder.base is built.encoder
+  assert (encoder.sigma, encoder.n, encoder.features, encoder.chunk_size) == (
+      0.25, 4, "direction", 4)
 
   clip = llava15_7b.get_config()
   assert clip.encoder.checkpoint is None and clip.smoothing.n == 0
