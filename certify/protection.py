@@ -12,8 +12,9 @@ r"""MLLM protection, measured: the paper's Tables 3-5 (and Table 7) on LLaVA or 
 ``attackvlm``, ``mattack``, ``foa``, ``pgd`` (fsjax.attacks), a comma-separated list, or
 ``all``.
 
-The MLLM is the config's: ``config.llava`` (``fsjax.llava``) or ``config.openflamingo``
-(``fsjax.flamingo``), one of the two. The program only uses their common surface
+The MLLM is the one the config names (``fsjax.mllm.build``, the MLLM registry:
+``config.llava``, ``config.openflamingo``, or ``config.mllm.name``); this program imports
+no MLLM package. It only uses their common surface
 (:class:`fsjax.mllm.MLLM`): the features the language side consumes from an encoder
 (smoothed or not), a task's prompt in the model's own format, greedy answers from
 injected features.
@@ -26,7 +27,7 @@ sides; ``fsjax.attacks.build_rows``):
 
 * ``original``: the MLLM as it is, on its encoder.
 * ``smoothed`` (FS alone): the language side sees the smoothed *vision encoder*'s
-  features (``fsjax.llava.smoothed_tokens``: ``n`` noise samples, the smoothed direction
+  features (``fsjax.smoothing.SmoothedEncoder``: ``n`` noise samples, the smoothed direction
   at the Monte Carlo mean norm). LLaVA's projector and OpenFlamingo's Perceiver resampler
   come after the smoothed encoder.
 * ``smoothed + GSB (FS+D+M)`` when ``config.gsb.checkpoint`` is set (a ``train.gsb``
@@ -77,9 +78,7 @@ per-image inference time (image in, answer out) of the smoothed MLLM for each ``
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 import pathlib
 import time
@@ -97,16 +96,12 @@ from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
-from fsjax import flamingo
-from fsjax import llava
 from fsjax import mllm
 from fsjax import tasks
 
 instructions = tasks.instructions  # the embedded Fashion-MNIST questions
 
 TASKS = ("caption", "classify", "vqa", "timing")
-# The config sections naming the MLLM (exactly one is present).
-MLLM_SECTIONS = ("llava", "openflamingo")
 DATA_SOURCES = ("embedded", "paper")
 
 
@@ -115,56 +110,22 @@ DATA_SOURCES = ("embedded", "paper")
 # ---------------------------------------------------------------------------------------
 
 
-def _external_tower(checkpoint: str) -> bool:
-  path = pathlib.Path(os.path.expanduser(checkpoint)) / "config.json"
-  return path.is_file() and json.loads(path.read_text()).get("vision_config", {}) is None
-
-
-def mllm_section(config) -> str:
-  """The config section that names the MLLM: ``"llava"`` or ``"openflamingo"``."""
-  present = [s for s in MLLM_SECTIONS if config.get(s) is not None]
-  if len(present) != 1:
-    raise ValueError(f"certify.protection needs exactly one MLLM section of {MLLM_SECTIONS} "
-                     f"in the config, got {present or 'none'} (e.g. configs/llava15_7b.py or "
-                     "configs/openflamingo_9b.py).")
-  return present[0]
-
-
 def build_mllm(config) -> tuple[mllm.MLLM, dict]:
-  """The unsmoothed MLLM ``(model, params)``, ``params = {"vision": ..., "language": ...}``.
-
-  ``config.openflamingo``: :func:`fsjax.flamingo.build`. ``config.llava``: a checkpoint
-  trained on another tower (``vision_config: null``, e.g. ``train.llava``'s embedded
-  model) loads with ``config.encoder``; anything else is :func:`fsjax.llava.build` (a
-  LLaVA directory with its CLIP tower, or a random init).
-  """
-  if mllm_section(config) == "openflamingo":
-    of = flamingo.build(config).replace(smoothing=None)
-    if of.tokenizer is None:
-      raise ValueError("config.openflamingo.tokenizer is not set: certify.protection asks the "
-                       "model in words; pass --config.openflamingo.tokenizer=/path/to/mpt-7b "
-                       "(the gpt-neox-20b tokenizer folder).")
-    return of, of.mllm_params
-  c = config.llava
-  if c.get("checkpoint") and _external_tower(c.checkpoint):
-    encoder, encoder_params = encoders_lib.build(config.encoder)
-    model, params = llava.load(c.checkpoint, encoder=encoder, encoder_params=encoder_params)
-  elif config.get("encoder") is not None and config.encoder.get("name") != "clip" \
-      and not c.get("checkpoint"):
-    raise ValueError(
-        f"config.llava.checkpoint is not set: certify.protection needs the trained MLLM "
-        f"on config.encoder.name={config.encoder.name!r}; train it with `python -m "
-        "train.llava --config ... --workdir DIR` and pass --config.llava.checkpoint=DIR.")
-  else:
-    model, params = llava.build(config)
-  return dataclasses.replace(model, smoothing=None,
-                             system_prompt=c.get("system_prompt")), params
+  """The unsmoothed MLLM ``(model, params)`` the config names (:func:`fsjax.mllm.build`,
+  the MLLM registry), ``params = {"vision": ..., "language": ...}``."""
+  model, params = mllm.build(config)
+  if getattr(model, "tokenizer", None) is None:
+    name = mllm.name_of(config)
+    raise ValueError(f"config.{name}.tokenizer is not set: certify.protection asks the "
+                     f"model in words; pass --config.{name}.tokenizer=/path/to/tokenizer "
+                     "(OpenFlamingo: the gpt-neox-20b tokenizer folder of mpt-7b).")
+  return model, params
 
 
 def _mllm_name(config) -> str:
   """The MLLM in the tables' captions: its checkpoint, or "random init"."""
-  section = mllm_section(config)
-  checkpoint = config[section].get("checkpoint")
+  section = mllm.name_of(config)
+  checkpoint = (config.get(section) or {}).get("checkpoint")
   return f"{section} {checkpoint}" if checkpoint else f"{section} (random init)"
 
 
@@ -355,16 +316,14 @@ def prompts_of(task: str, questions, n: int, caption_prompt: str = tasks.CAPTION
 def llm_features(model: mllm.MLLM, params: dict, row: attacks.Row, x: np.ndarray, c,
                  key: jax.Array) -> np.ndarray:
   """``[N, T, D]`` features the language side consumes for the row: the encoder's tokens,
-  or the smoothed encoder's (``fsjax.llava.smoothed_tokens`` with ``c.n`` samples; ``c``:
-  ``config.attack``). For LLaVA they feed the projector, for OpenFlamingo the Perceiver
+  or, for a smoothed row (a ``fsjax.smoothing.SmoothedEncoder``), its smoothed token view
+  (``c``: ``config.attack``). For LLaVA they feed the projector, for OpenFlamingo the Perceiver
   resampler."""
-  m = model.with_encoder(row.encoder)
-  if row.smoothed:
-    m = m.smoothed(c.sigma, n=c.n, chunk_size=min(c.n, 16))
+  m, p = model.with_encoder(row.encoder), {"vision": row.params}
   out = []
   for sl in batching.batch_slices(len(x), c.batch_size):
     xb = batching.pad_rows(x[sl], c.batch_size)  # one shape: one compilation
-    z = m.image_features({"vision": row.params}, xb, key=jax.random.fold_in(key, sl.start))
+    z = m.image_features(p, xb, key=jax.random.fold_in(key, sl.start))
     out.append(np.asarray(z)[:sl.stop - sl.start])
   return np.concatenate(out)
 
@@ -431,7 +390,7 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
   if task not in TASKS:
     raise ValueError(f"--task={task!r} must be one of {TASKS}.")
   check_protection_config(config)
-  mllm_section(config)
+  mllm.name_of(config)
   if task == "timing":
     return timing(config, workdir)
   names = attacks.attack_names(attack)
@@ -472,8 +431,7 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
         # The same attack randomness for every row: fold in the attack, not the row.
         adv = attacks.attack_images(
             name, row.encoder, row.params, x, t, threat=threat,
-            key=jax.random.fold_in(key, 1000 + k), batch_size=a.batch_size,
-            sigma=a.sigma if row.smoothed else None)
+            key=jax.random.fold_in(key, 1000 + k), batch_size=a.batch_size)
         z_adv = llm_features(model, params, row, adv, a, jax.random.fold_in(rk, 1 + k))
         fcs = tasks.features_cosine(z_clean, z_adv)
         adv_answers = ask(z_adv)
@@ -606,9 +564,9 @@ def timing(config, workdir: str) -> list[dict]:
   table = []
   with report.rows(workdir / "timing.jsonl") as write:
     for label, n in variants:
-      m = model if n is None else model.smoothed(config.attack.sigma, n=n,
-                                                 chunk_size=min(n, 16))
-      call = functools.partial(_answer_images, m, params, x, prompts, key=key,
+      m, p = (model, params) if n is None else mllm.smoothed(
+          model, params, sigma=config.attack.sigma, n=n, chunk_size=min(n, 16))
+      call = functools.partial(_answer_images, m, p, x, prompts, key=key,
                                max_new_tokens=c.max_new_tokens)
       call()  # compile
       times = []

@@ -26,6 +26,7 @@ from fsjax import attacks
 from fsjax import encoders
 from fsjax import flamingo
 from fsjax import mllm
+from fsjax import smoothing
 from fsjax import tasks
 from fsjax.tasks import _instructions as instructions
 
@@ -149,7 +150,7 @@ def test_openflamingo_classification_end_to_end(tmp_path, folder, flamingo_token
   _check_classification_cells(tmp_path, rows, ("attackvlm",))
   # The original row's clean answers are OpenFlamingo's own, through its id-level
   # generate on the images: "<image>" + the prompt, cut at <|endofchunk|> (id 127).
-  of = flamingo.build(config)
+  of, _ = flamingo.build(config)
   data = protection.task_data(config, "classify")
   batch = of.tokenizer(["<image>" + q.prompt for q in data["questions"]], return_tensors="np",
                        padding=True)
@@ -226,7 +227,8 @@ def test_smoothed_row_features_equal_the_closed_form(kind):
   x = np.stack([np.full((8, 8, 3), 0.2, np.float32), np.full((8, 8, 3), 0.35, np.float32)])
   config = llava_embedded.get_config("runlocal").attack
   config.update(n=4096, sigma=0.25, batch_size=2)
-  row = attacks.Row("smoothed", encoder, params, smoothed=True)
+  row = attacks.Row("smoothed", smoothing.SmoothedEncoder(encoder, sigma=0.25, n=4096,
+                                                          chunk_size=16), {"encoder": params})
   model = _toy_mllm(kind, encoder)
   assert isinstance(model, mllm.MLLM)
   z = protection.llm_features(model, {"vision": params}, row, x, config, jax.random.key(0))
@@ -239,8 +241,8 @@ def test_smoothed_row_features_equal_the_closed_form(kind):
   cos = (z * expected).sum((1, 2)) / np.linalg.norm(z.reshape(2, -1), axis=1) \
       / np.linalg.norm(expected.reshape(2, -1), axis=1)
   np.testing.assert_allclose(cos, 1.0, atol=1e-5)  # the direction is exact
-  plain = protection.llm_features(model, {"vision": params}, dataclasses.replace(
-      row, smoothed=False), x, config, jax.random.key(0))
+  plain = protection.llm_features(model, {"vision": params}, attacks.Row(
+      "original", encoder, params), x, config, jax.random.key(0))
   np.testing.assert_allclose(plain, np.exp(20.0 * x.reshape(2, -1).mean(-1))[:, None, None]
                              * np.asarray(u)[None], rtol=1e-5)
 
@@ -349,9 +351,11 @@ def test_gsb_rows_follow_the_smoothed_row(folder, monkeypatch):
       "original", "smoothed", "smoothed + GSB (FS+M)", "FARE", "FARE + smoothed",
       "FARE + smoothed + GSB (FS+M)"]
   assert loaded == ["/gsb/workdir"]  # loaded once, used for both boosted rows
-  assert [r.smoothed for r in rows] == [False, True, True, False, True, True]
+  assert [isinstance(r.encoder, smoothing.SmoothedEncoder) for r in rows] == [
+      False, True, True, False, True, True]
   for boosted, base_row in ((rows[2], rows[0]), (rows[5], rows[3])):
-    assert isinstance(boosted.encoder, gsb.BoostedEncoder)
-    assert boosted.encoder.base is base_row.encoder and boosted.encoder.denoiser is None
-    assert boosted.params["encoder"] is base_row.params
-    assert boosted.params["mapper"] is mapper_params
+    booster = boosted.encoder.base  # smoothed(boosted(base))
+    assert isinstance(booster, gsb.BoostedEncoder)
+    assert booster.base is base_row.encoder and booster.denoiser is None
+    assert boosted.params["encoder"]["encoder"] is base_row.params
+    assert boosted.params["encoder"]["mapper"] is mapper_params
