@@ -161,3 +161,31 @@ def test_the_program_rule_sees_a_violation(tmp_path):
   assert sorted(m for m in found if m in PROGRAMS or _private(m)) == [
       "certify.robustness", "fsjax.attacks._common"]
   assert "certify.protection" in PROGRAMS and "certify.report" not in PROGRAMS
+
+
+# The MLLM packages (registered in fsjax.mllm.PACKAGES: one package per model).
+MLLM_PACKAGES = ("fsjax.llava", "fsjax.flamingo")
+
+
+def _in(module: str, package: str) -> bool:
+  return module == package or module.startswith(package + ".")
+
+
+def test_the_mllm_packages_are_siblings():
+  """Neither MLLM package imports the other: what they share (the smoothed encoder, the
+  checkpoint reader, decoding) lives in the library below them."""
+  from fsjax import mllm  # pylint: disable=g-import-not-at-top
+  assert set(MLLM_PACKAGES) == set(mllm.PACKAGES.values())
+  for package in MLLM_PACKAGES:
+    others = [p for p in MLLM_PACKAGES if p != package]
+    for name in (m for m in MODULES if _in(m, package)):
+      bad = sorted(m for m in GRAPH[name] if any(_in(m, o) for o in others))
+      assert not bad, f"{name} imports the sibling MLLM package: {bad}"
+
+
+def test_the_protection_program_imports_no_mllm_package():
+  """certify.protection builds its MLLM through the registry (fsjax.mllm.build)."""
+  bad = sorted(m for m in GRAPH["certify.protection"]
+               if any(_in(m, p) for p in MLLM_PACKAGES))
+  assert not bad, f"certify.protection imports {bad}; build the model with fsjax.mllm.build"
+  assert "fsjax.mllm" in GRAPH["certify.protection"]
