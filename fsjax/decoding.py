@@ -100,9 +100,12 @@ class KVCache:
   """Static-shape keys and values of every layer, and where the next token goes.
 
   Attributes:
-    keys: one ``[B, S, H_kv, D_head]`` array per layer (S = the static capacity in
-      tokens). Separate buffers rather than one stacked array, so that each layer's
-      write is an in-place update of its own buffer inside the decoding loop.
+    keys: one ``[B, H_kv, S, D_head]`` array per layer (S = the static capacity in
+      tokens): heads first, the layout attention's batched matmuls read, so that no step
+      transposes the cache (a ``[B, S, H, D]`` cache cost one full re-layout of every
+      layer's keys and values per generated token). Separate buffers rather than one
+      stacked array, so that each layer's write is an in-place update of its own buffer
+      inside the decoding loop.
     values: same shapes as ``keys``.
     mask: bool ``[B, S]``, True where a slot holds a real token (False: empty, or a
       left-padding position of a shorter prompt).
@@ -118,24 +121,24 @@ class KVCache:
   def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int,
             head_dim: int, dtype: Any = jnp.float32) -> "KVCache":
     """A cache of zeros with room for ``capacity`` tokens per row."""
-    shape = (batch, capacity, num_kv_heads, head_dim)
+    shape = (batch, num_kv_heads, capacity, head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     return cls(keys=zeros(), values=zeros(), mask=jnp.zeros((batch, capacity), bool),
                index=jnp.int32(0))
 
   @property
   def capacity(self) -> int:
-    return self.keys[0].shape[1]
+    return self.keys[0].shape[2]
 
   def write(self, layer: int, keys: jax.Array, values: jax.Array
             ) -> tuple["KVCache", jax.Array, jax.Array]:
-    """Stores ``[B, T, H_kv, D_head]`` keys/values of ``layer`` at ``index``.
+    """Stores ``[B, H_kv, T, D_head]`` keys/values of ``layer`` at ``index``.
 
-    Returns the updated cache and the layer's full keys and values ``[B, S, H_kv, D]``
+    Returns the updated cache and the layer's full keys and values ``[B, H_kv, S, D]``
     to attend over (mask them with :meth:`attention_mask`). ``index`` is not advanced:
     call :meth:`advance` once per forward pass, after the last layer.
     """
-    at = (0, self.index, 0, 0)
+    at = (0, 0, self.index, 0)
     k = jax.lax.dynamic_update_slice(self.keys[layer], keys.astype(self.keys[layer].dtype), at)
     v = jax.lax.dynamic_update_slice(self.values[layer], values.astype(self.values[layer].dtype),
                                      at)

@@ -162,17 +162,20 @@ class MPTAttention(nn.Module):
     if cfg.clip_qkv is not None:
       qkv = jnp.clip(qkv, -cfg.clip_qkv, cfg.clip_qkv)
     b, t = x.shape[:2]
-    q, k, v = (y.reshape(b, t, cfg.n_heads, cfg.head_dim) for y in jnp.split(qkv, 3, axis=-1))
+    # [B, T, D] -> [B, H, T, D_head]: the cache's layout (for T = 1 a reshape, no copy).
+    q, k, v = (y.reshape(b, t, cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)
+               for y in jnp.split(qkv, 3, axis=-1))
     query_positions = cache.index + jnp.arange(t)
-    cache, k, v = cache.write(self.layer, k, v)
+    cache, k, v = cache.write(self.layer, k, v)  # [B, H, S, D_head]
     scale = cfg.softmax_scale if cfg.softmax_scale is not None else cfg.head_dim ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     distance = jnp.arange(cache.capacity)[None, :] - query_positions[:, None]  # [T, S]
     slopes = jnp.asarray(alibi_slopes(cfg.n_heads, cfg.alibi_bias_max))
     logits = logits + slopes[:, None, None] * distance.astype(jnp.float32)[None]
     logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype)).reshape(b, t, cfg.d_model)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.astype(self.dtype))
+    out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
     return dense(cfg.d_model, name="out_proj")(out), cache
 
 

@@ -116,14 +116,14 @@ class RMSNorm(nn.Module):
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, rotate-half convention: ``[B, T, H, D]`` at ``positions`` ``[B, T]``.
+  """Rotary embedding, rotate-half convention: ``[B, H, T, D]`` at ``positions`` ``[B, T]``.
 
   Angles, cos and sin in float32 (transformers' LlamaRotaryEmbedding, "default" type).
   """
   d = x.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :, :]  # [B, 1, T, D]
   x32 = x.astype(jnp.float32)
   half = jnp.concatenate([-x32[..., d // 2:], x32[..., :d // 2]], axis=-1)
   return (x32 * jnp.cos(angles) + half * jnp.sin(angles)).astype(x.dtype)
@@ -142,20 +142,28 @@ class LlamaAttention(nn.Module):
     dense = functools.partial(nn.Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
                               param_dtype=jnp.float32)
     b, t, _ = x.shape
-    q = dense(h * hd, name="q_proj")(x).reshape(b, t, h, hd)
-    k = dense(kv * hd, name="k_proj")(x).reshape(b, t, kv, hd)
-    v = dense(kv * hd, name="v_proj")(x).reshape(b, t, kv, hd)
+    g = h // kv
+
+    def heads(y, n):  # [B, T, n * D] -> [B, n, T, D] (for T = 1 a reshape, no copy)
+      return y.reshape(b, t, n, hd).transpose(0, 2, 1, 3)
+
+    q = heads(dense(h * hd, name="q_proj")(x), h)
+    k = heads(dense(kv * hd, name="k_proj")(x), kv)
+    v = heads(dense(kv * hd, name="v_proj")(x), kv)
     q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
     if cache is not None:
-      cache, k, v = cache.write(layer, k, v)  # [B, S, KV, D]: every slot of the cache
-    # Query heads grouped by their KV head: head j uses KV head j // (h / kv), as
-    # transformers' repeat_kv.
-    q = q.reshape(b, t, kv, h // kv, hd)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits * hd ** -0.5
+      cache, k, v = cache.write(layer, k, v)  # [B, KV, S, D]: every slot of the cache
+    s = k.shape[2]
+    # Query head j uses KV head j // g (transformers' repeat_kv): the g query heads of a
+    # KV head and their T positions form one [g T, D] block, so both products are plain
+    # batched matmuls over (B, KV) on the cache's own layout.
+    q = q.reshape(b, kv, g * t, hd)
+    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, kv, g, t, s) * hd ** -0.5
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype)).reshape(b, t, h * hd)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype).reshape(b, kv, g * t, s)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(self.dtype))  # [B, KV, g T, D]
+    out = out.reshape(b, h, t, hd).transpose(0, 2, 1, 3).reshape(b, t, h * hd)
     return dense(cfg.hidden_size, name="o_proj")(out), cache
 
 

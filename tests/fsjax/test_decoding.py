@@ -110,8 +110,11 @@ def test_kv_cache_equals_full_causal_attention():
   for lo, hi in [(0, 5), (5, 6), (6, 7), (7, 8)]:
     pv = jnp.asarray(valid[:, lo:hi])
     mask = cache.attention_mask(pv)
-    cache, ks, vs = cache.write(1, jnp.asarray(k[:, lo:hi]), jnp.asarray(v[:, lo:hi]))
-    outs.append(_attend(q[:, lo:hi], np.asarray(ks), np.asarray(vs), np.asarray(mask)))
+    heads_first = lambda a: jnp.asarray(a[:, lo:hi].transpose(0, 2, 1, 3))  # [B, H, T, D]
+    cache, ks, vs = cache.write(1, heads_first(k), heads_first(v))
+    assert ks.shape == (b, h, 10, d)  # the cache's layout: heads first, then slots
+    ks, vs = (np.asarray(a).transpose(0, 2, 1, 3) for a in (ks, vs))
+    outs.append(_attend(q[:, lo:hi], ks, vs, np.asarray(mask)))
     cache = cache.advance(pv)
   out = np.concatenate(outs, 1)
   np.testing.assert_allclose(out[1], ref[1], atol=1e-5)
