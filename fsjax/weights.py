@@ -6,15 +6,18 @@
   through the restricted unpickler :mod:`fsjax.torch_pickle`: numpy only, never arbitrary
   pickle code.
 
-Every error names the file.
+Every error names the file. :func:`hf_directory` is the one reader of a Hugging Face
+checkpoint directory (CLIP, LLaVA, MPT): path resolution (``~``, a cache repository
+folder -> its snapshot), ``config.json`` and the first weight file present.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -80,3 +83,79 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__}).")
   state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
   return {k: v for k, v in state.items() if isinstance(v, np.ndarray)}
+
+
+def resolve(path: str | os.PathLike, *, what: str) -> str:
+  """Expands ``~``; maps a Hugging Face cache repository folder to its current snapshot.
+
+  Args:
+    path: a file, a directory, or a cache folder (``models--org--name`` with
+      ``snapshots/`` and ``refs/main``).
+    what: how the error names the path (e.g. ``"CLIP checkpoint path"``).
+
+  Raises:
+    ValueError: the path does not exist, or a cache folder has several snapshots and no
+      ``refs/main``.
+  """
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.exists(path):
+    raise ValueError(f"{what} {path!r} does not exist. Pass a local directory in Hugging "
+                     "Face layout (config.json + model.safetensors) or a weight file; "
+                     "nothing is ever downloaded.")
+  snapshots = os.path.join(path, "snapshots")
+  if os.path.isdir(snapshots) and not os.path.exists(os.path.join(path, "config.json")):
+    ref = os.path.join(path, "refs", "main")
+    if os.path.exists(ref):
+      with open(ref) as f:
+        return os.path.join(snapshots, f.read().strip())
+    names = sorted(os.listdir(snapshots))
+    if len(names) != 1:
+      raise ValueError(f"Hugging Face cache folder {path} has {len(names)} snapshots and no "
+                       "refs/main; pass the snapshot directory itself.")
+    return os.path.join(snapshots, names[0])
+  return path
+
+
+@dataclasses.dataclass(frozen=True)
+class HFDirectory:
+  """A Hugging Face checkpoint directory, read: see :func:`hf_directory`.
+
+  Attributes:
+    path: the resolved directory.
+    config: ``config.json`` as a dict.
+    config_file: its path (for errors that name it).
+    weights: the first weight file of the caller's list that is present.
+  """
+
+  path: str
+  config: dict[str, Any]
+  config_file: str
+  weights: str
+
+
+def hf_directory(path: str | os.PathLike, *, what: str,
+                 weight_files: Sequence[str]) -> HFDirectory:
+  """Reads a Hugging Face checkpoint directory: ``config.json`` plus a weight file.
+
+  Args:
+    path: the directory (or cache folder; :func:`resolve`).
+    what: the model in errors, e.g. ``"CLIP"``, ``"LLaVA"``, ``"MPT"``.
+    weight_files: the weight file names, in order of preference.
+
+  Raises:
+    ValueError: naming the path: it does not exist, is not a directory with
+      ``config.json``, or holds none of ``weight_files``.
+  """
+  path = resolve(path, what=f"{what} checkpoint path")
+  config_file = os.path.join(path, "config.json")
+  if not os.path.isdir(path) or not os.path.exists(config_file):
+    raise ValueError(f"{path} is not a Hugging Face {what} directory: it needs config.json "
+                     f"and one of {list(weight_files)}.")
+  with open(config_file) as f:
+    config = json.load(f)
+  weights = next((os.path.join(path, w) for w in weight_files
+                  if os.path.exists(os.path.join(path, w))), None)
+  if weights is None:
+    raise ValueError(f"{what} directory {path} has config.json but none of the weight files "
+                     f"{list(weight_files)}.")
+  return HFDirectory(path=path, config=config, config_file=config_file, weights=weights)

@@ -71,26 +71,20 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32,
   """
   path = _resolve(path)
   if os.path.isdir(path):
-    config_file = os.path.join(path, "config.json")
-    if os.path.exists(config_file):
-      with open(config_file) as f:
-        config = model_lib.CLIPConfig.from_hf_dict(json.load(f))
-      weights = next((os.path.join(path, w) for w in _HF_WEIGHTS
-                      if os.path.exists(os.path.join(path, w))), None)
-      if weights is None:
-        raise ValueError(f"CLIP checkpoint directory {path} has config.json but none of the "
-                         f"weight files {list(_HF_WEIGHTS)}.")
-      if weights.endswith(".msgpack"):
-        flat, sources = _read_flax_msgpack(weights)
+    if os.path.exists(os.path.join(path, "config.json")):
+      directory = weights.hf_directory(path, what="CLIP", weight_files=_HF_WEIGHTS)
+      config = model_lib.CLIPConfig.from_hf_dict(directory.config)
+      if directory.weights.endswith(".msgpack"):
+        flat, sources = _read_flax_msgpack(directory.weights)
       else:
-        flat, sources = _hf_torch_to_flax(_read_state_dict(weights))
-      return _build(config, flat, sources, dtype=dtype, origin=weights)
-    weights = next((os.path.join(path, w) for w in _OPENCLIP_WEIGHTS
-                    if os.path.exists(os.path.join(path, w))), None)
-    if weights is None:
+        flat, sources = _hf_torch_to_flax(_read_state_dict(directory.weights))
+      return _build(config, flat, sources, dtype=dtype, origin=directory.weights)
+    weight_file = next((os.path.join(path, w) for w in _OPENCLIP_WEIGHTS
+                        if os.path.exists(os.path.join(path, w))), None)
+    if weight_file is None:
       raise ValueError(f"{path} is neither a Hugging Face CLIP directory (config.json + "
                        f"weights) nor an OpenCLIP one ({' or '.join(_OPENCLIP_WEIGHTS)}).")
-    path = weights
+    path = weight_file
   state = _read_state_dict(path)
   if any(k.startswith(("vision_model.", "text_model.")) for k in state):
     raise ValueError(f"{path} holds Hugging Face CLIP weights, which need their config: pass "
@@ -103,24 +97,8 @@ def load(path: str | os.PathLike, *, dtype: Any = jnp.float32,
 
 
 def _resolve(path) -> str:
-  """Expands ``~``; maps a Hugging Face cache repo folder to its current snapshot."""
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.exists(path):
-    raise ValueError(f"CLIP checkpoint path {path!r} does not exist. Pass a local directory "
-                     "in Hugging Face layout (config.json + model.safetensors) or an OpenCLIP "
-                     "checkpoint file; nothing is ever downloaded.")
-  snapshots = os.path.join(path, "snapshots")
-  if os.path.isdir(snapshots) and not os.path.exists(os.path.join(path, "config.json")):
-    ref = os.path.join(path, "refs", "main")
-    if os.path.exists(ref):
-      with open(ref) as f:
-        return os.path.join(snapshots, f.read().strip())
-    names = sorted(os.listdir(snapshots))
-    if len(names) != 1:
-      raise ValueError(f"Hugging Face cache folder {path} has {len(names)} snapshots and no "
-                       "refs/main; pass the snapshot directory itself.")
-    return os.path.join(snapshots, names[0])
-  return path
+  """:func:`fsjax.weights.resolve` of a CLIP checkpoint path."""
+  return weights.resolve(path, what="CLIP checkpoint path")
 
 
 def _read_state_dict(path: str) -> dict[str, np.ndarray]:

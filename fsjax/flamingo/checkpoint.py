@@ -29,7 +29,6 @@ lists them all with their source names and shapes.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -41,7 +40,7 @@ import numpy as np
 
 from fsjax import encoders
 from fsjax import mllm
-from fsjax.weights import read_state_dict
+from fsjax import weights as weights_lib
 from fsjax.clip import checkpoint as clip_checkpoint
 from fsjax.clip import encoder as clip_encoder
 from fsjax.flamingo import model as model_lib
@@ -106,33 +105,15 @@ def _dtype(value, name: str):
   return value
 
 
-def _resolve_dir(path, what: str) -> str:
-  path = os.path.expanduser(os.fspath(path))
-  if not os.path.isdir(path):
-    raise ValueError(f"{what}={path!r} is not a directory. Pass the local Hugging Face folder "
-                     "(config.json + weights); nothing is ever downloaded.")
-  snapshots = os.path.join(path, "snapshots")
-  if os.path.isdir(snapshots) and not os.path.exists(os.path.join(path, "config.json")):
-    return clip_checkpoint._resolve(path)  # pylint: disable=protected-access
-  return path
-
-
 def _read_mpt_folder(path) -> tuple[mpt.MPTConfig, dict[str, np.ndarray], str]:
-  path = _resolve_dir(path, "lang_encoder")
-  config_file = os.path.join(path, "config.json")
-  if not os.path.exists(config_file):
-    raise ValueError(f"lang_encoder={path!r} has no config.json; pass the MPT-7B Hugging Face "
-                     "folder.")
-  with open(config_file) as f:
-    config = mpt.MPTConfig.from_hf_dict(json.load(f), origin=config_file)
-  weights = next((os.path.join(path, w) for w in _MPT_WEIGHTS
-                  if os.path.exists(os.path.join(path, w))), None)
-  if weights is None:
-    raise ValueError(f"MPT folder {path} has config.json but none of the weight files "
-                     f"{list(_MPT_WEIGHTS)}.")
-  state = read_state_dict(weights)
+  try:
+    directory = weights_lib.hf_directory(path, what="MPT", weight_files=_MPT_WEIGHTS)
+  except ValueError as e:
+    raise ValueError(f"lang_encoder: {e} Pass the MPT-7B Hugging Face folder.") from None
+  config = mpt.MPTConfig.from_hf_dict(directory.config, origin=directory.config_file)
+  state = weights_lib.read_state_dict(directory.weights)
   state.pop("lm_head.weight", None)  # tied to transformer.wte.weight
-  return config, state, weights
+  return config, state, directory.weights
 
 
 def _describe_mpt(c: mpt.MPTConfig) -> str:
@@ -297,7 +278,8 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
   dtype, param_dtype = _dtype(dtype, "dtype"), _dtype(param_dtype, "param_dtype")
   checkpoint = os.path.expanduser(os.fspath(checkpoint))
   if os.path.isdir(checkpoint):  # the model's folder (or its Hugging Face cache folder)
-    checkpoint = os.path.join(clip_checkpoint._resolve(checkpoint), "checkpoint.pt")  # pylint: disable=protected-access
+    checkpoint = os.path.join(weights_lib.resolve(checkpoint, what="checkpoint"),
+                              "checkpoint.pt")
   if not os.path.isfile(checkpoint):
     raise ValueError(f"checkpoint={checkpoint!r} is not a file; pass OpenFlamingo's "
                      "checkpoint.pt. Nothing is ever downloaded.")
@@ -311,7 +293,7 @@ def load(checkpoint, *, lang_encoder, vision_encoder=None, tokenizer=None,
                      "(<|endofchunk|>).")
   encoder, encoder_params = _vision(vision_encoder, dtype=dtype)
   lang, mpt_state, mpt_origin = _read_mpt_folder(lang_encoder)
-  ckpt = deduplicate(read_state_dict(checkpoint), origin=checkpoint)
+  ckpt = deduplicate(weights_lib.read_state_dict(checkpoint), origin=checkpoint)
   ckpt.pop("lang_encoder.lm_head.weight", None)  # tied to the token embedding
   # A frozen copy of the CLIP tower, if saved at all (the released file has none): the
   # vision side is vision_encoder's.

@@ -33,6 +33,7 @@ import numpy as np
 
 from fsjax import encoders as encoders_lib
 from fsjax import mllm
+from fsjax import weights as weights_lib
 from fsjax.clip import checkpoint as clip_checkpoint
 from fsjax.clip import model as clip_model
 from fsjax.llava import model as model_lib
@@ -82,18 +83,9 @@ def load(path: str | os.PathLike, *, encoder: encoders_lib.Encoder | None = None
     ValueError: no checkpoint there, another architecture, or tensors that do not fit
       (one error listing every missing, unexpected and mis-shaped tensor).
   """
-  path = clip_checkpoint._resolve(path)  # pylint: disable=protected-access
-  config_file = os.path.join(path, "config.json")
-  if not os.path.isdir(path) or not os.path.exists(config_file):
-    raise ValueError(f"{path} is not a Hugging Face LLaVA directory: it needs config.json and "
-                     f"one of {list(_WEIGHTS)}.")
-  with open(config_file) as f:
-    config = model_lib.LlavaConfig.from_hf_dict(json.load(f), origin=config_file)
-  weights = next((os.path.join(path, w) for w in _WEIGHTS
-                  if os.path.exists(os.path.join(path, w))), None)
-  if weights is None:
-    raise ValueError(f"LLaVA directory {path} has config.json but none of the weight files "
-                     f"{list(_WEIGHTS)}.")
+  directory = weights_lib.hf_directory(path, what="LLaVA", weight_files=_WEIGHTS)
+  path, config_file, weights = directory.path, directory.config_file, directory.weights
+  config = model_lib.LlavaConfig.from_hf_dict(directory.config, origin=config_file)
   if encoder is not None and encoder_params is None:
     raise ValueError("encoder_params: pass the parameters of the encoder you pass.")
   if encoder is None and config.vision_config is None:
