@@ -5,6 +5,8 @@ r"""LLaVA-1.5-7B of the paper's Tables 3-5, with its own tower, FARE or TeCoA, s
   config = llava15_7b.get_config("tower=fare,smoothed")
   model, params = fsjax.llava.build(config)            # nothing is downloaded
   model.generate(params, images, config.prompts.caption)
+  smoothed, sparams = fsjax.mllm.smoothed(model, params, **config.smoothing)  # n > 0
+  smoothed.generate(sparams, images, config.prompts.caption, key=key)  # fresh key per call
 
 ``config.llava.checkpoint`` is a local Hugging Face directory of llava-hf/llava-1.5-7b-hf
 (default $FSJAX_LLAVA15_7B, else the Hugging Face cache folder). Arguments (comma
@@ -17,7 +19,7 @@ separated):
   LLaVA: last block removed (hidden state -2), CLS dropped: 256 image tokens.
 * ``smoothed``: the vision side is feature-space smoothed with n = 8 noise samples
   (Table 7: 8 at inference); the LLM sees the smoothed feature's direction at the Monte
-  Carlo mean raw norm (``fsjax.llava.smoothed_tokens``).
+  Carlo mean raw norm (``fsjax.smoothing.SmoothedEncoder``, ``config.smoothing``).
 * ``sigma=0.25``: the noise level (the paper does not print it for the MLLM runs; 0.25
   is Table 1's smaller sigma, our choice).
 

@@ -2,8 +2,10 @@ r"""OpenFlamingo-9B (openflamingo/OpenFlamingo-9B-vitl-mpt7b): CLIP ViT-L/14 + M
 
   from configs import openflamingo_9b
   config = openflamingo_9b.get_config("tower=fare,smoothed")
-  of = fsjax.flamingo.build(config)                    # nothing is downloaded
+  of, params = fsjax.flamingo.build(config)            # nothing is downloaded
   captions = of.caption(images, config.prompts.caption)  # images: [B, H, W, 3] in [0, 1]
+  smoothed, sparams = fsjax.mllm.smoothed(of, params, **config.smoothing)  # n > 0
+  features = smoothed.image_features(sparams, images, key=key)  # a fresh key per call
 
 Three local parts (each a folder, or a Hugging Face cache folder, which resolves to its
 snapshot):

@@ -2,7 +2,7 @@ r"""A tiny random-init OpenFlamingo on the tiny CLIP, for smoke runs on CPU (sec
 
   import fsjax.flamingo
   from configs import openflamingo_tiny
-  of = fsjax.flamingo.build(openflamingo_tiny.get_config())
+  of, params = fsjax.flamingo.build(openflamingo_tiny.get_config())
   tokens, num_steps = of.generate(input_ids, images, max_new_tokens=8)
 
 32 px images, patch 8: 16 vision tokens of width 32; a 4-layer MPT (width 64, vocab 130)
@@ -10,12 +10,14 @@ with gated cross-attention before layers 1 and 3; random weights seeded by
 ``openflamingo.seed`` (cross-attention gates 0.5, so the image matters). Set
 ``openflamingo.tokenizer`` to a tokenizer folder (<= 127 base tokens) to use ``caption``
 and ``certify.protection`` (its ``attack`` and ``protection`` sections: seconds, the embedded questions);
-``--config.smoothing.n=4`` smooths the vision side.
+``--config.smoothing.n=4`` describes a smoothed vision side
+(``fsjax.mllm.smoothed(of, params, **config.smoothing)``).
 """
 
 import ml_collections
 from ml_collections import config_dict
 
+from configs import clip_tiny
 from configs import common
 
 
@@ -25,19 +27,8 @@ def get_config(arg=None):
     raise ValueError(f"configs/openflamingo_tiny.py takes no argument, got {arg!r}.")
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.encoder = ml_collections.ConfigDict(dict(
-      name="clip",
-      checkpoint=config_dict.placeholder(str),  # None: random init of `architecture`
-      architecture=dict(
-          hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-          image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu",
-          layer_norm_eps=1e-5),
-      seed=0,
-      dtype="float32",
-      feature="patch_tokens",
-      layer=-1,
-      resolution=32,
-  ))
+  config.encoder = clip_tiny.get_config().encoder  # the one tiny CLIP, its patch tokens
+  config.encoder.feature = "patch_tokens"
   config.openflamingo = ml_collections.ConfigDict(dict(
       checkpoint=config_dict.placeholder(str),  # None: random init of `architecture`
       lang_encoder=config_dict.placeholder(str),
