@@ -40,11 +40,13 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.stats import norm
 
 from certify import _norm
@@ -297,3 +299,358 @@ def norm_aware_decide(state: SequenceState, pair_state: SequenceState, eps: jax.
   low = lower_deficit(state)[..., None]
   futile = ~certified & ((low > best) | unreachable(state, best, alpha=alpha / 2, n_max=n_max))
   return Decision(certified, futile, certified | futile)
+
+
+# ---------------------------------------------------------------------------------------
+# The engine: sequential certification of an image batch with cross-image dynamic batching.
+# ---------------------------------------------------------------------------------------
+
+STOPS = ("decision", "radius")
+DEFAULT_SLOTS = 8
+
+
+class _Slots(NamedTuple):
+  """Device state of the fixed batch of slots ``[S, ...]`` (one jitted step updates it)."""
+  x: jax.Array          # [S, H, W, 3] the slot's image
+  image: jax.Array      # [S] int32 index of the image in the caller's batch (noise key)
+  active: jax.Array     # [S] bool, holds an image that is not finished
+  chunk: jax.Array      # [S] int32 chunks drawn so far (stage 1 first)
+  feature_sum: jax.Array  # [S, D] stage-1 sum of f(x + delta)
+  stage1_sq: jax.Array  # [S] stage-1 sum of squared clean deficits (the prior variance)
+  stage1_dev: jax.Array  # [S] stage-1 sum of clean deficits
+  direction: jax.Array  # [S, D] the reference u (set at the end of stage 1)
+  state: SequenceState  # [S] deficits 1 - h_u
+  pair_state: SequenceState  # [S] pair values (1 + <f_a, f_b>) / 2 (norm-aware only)
+  done: jax.Array       # [S] bool, finished at this step (read back by the host)
+
+
+def _slot_noise(key, image, chunk, shape, sigma):
+  """Noise of one image's chunk: ``fold_in(fold_in(key, image), chunk)``, ``[k, H, W, 3]``.
+
+  Depends on the image's index and the chunk's, never on the slot: any slot order draws
+  the same samples for an image.
+  """
+  return sigma * jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, image), chunk),
+                                   shape, jnp.float32)
+
+
+def _empty_slots(slots, image_shape, dim, grid_size) -> _Slots:
+  zeros = jnp.zeros((slots,), jnp.float32)
+  seq = init(zeros, zeros, grid_size=grid_size)
+  return _Slots(x=jnp.zeros((slots,) + image_shape, jnp.float32),
+                image=jnp.zeros((slots,), jnp.int32), active=jnp.zeros((slots,), bool),
+                chunk=jnp.zeros((slots,), jnp.int32),
+                feature_sum=jnp.zeros((slots, dim), jnp.float32), stage1_sq=zeros,
+                stage1_dev=zeros, direction=jnp.zeros((slots, dim), jnp.float32),
+                state=seq, pair_state=seq, done=jnp.zeros((slots,), bool))
+
+
+@functools.partial(jax.jit, static_argnames=("grid_size",))
+def _refill(slots: _Slots, load: jax.Array, x: jax.Array, image: jax.Array, *,
+            grid_size: int) -> _Slots:
+  """Puts new images in the slots where ``load [S]`` is True (fixed shapes: no recompiles)."""
+  fresh = _empty_slots(load.shape[0], x.shape[1:], slots.direction.shape[-1], grid_size)
+  fresh = fresh._replace(x=x, image=image, active=load)
+
+  def pick(new, old):
+    return jnp.where(load.reshape(load.shape + (1,) * (new.ndim - 1)), new, old)
+  return jax.tree.map(pick, fresh, slots)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "encoder", "chunk_size", "n0", "n_max", "alpha", "cos", "norm_aware", "reference", "stop",
+    "tolerance"))
+def _step(params, slots: _Slots, key, sigma, eps, *, encoder, chunk_size, n0, n_max, alpha,
+          cos, norm_aware, reference, stop, tolerance) -> _Slots:
+  """One chunk of samples for every slot: the fixed-shape jitted step of the engine."""
+  s, k = slots.x.shape[0], chunk_size
+  stage1_chunks = -(-n0 // k)
+  noise = jax.vmap(lambda img, j: _slot_noise(key, img, j, (k,) + slots.x.shape[1:], sigma))(
+      slots.image, slots.chunk)  # [S, k, H, W, 3]
+  noisy = (slots.x[:, None] + noise).reshape((s * k,) + slots.x.shape[1:])
+  feats = encoder(params, noisy, sigma=sigma).reshape(s, k, -1)  # f(x + delta), [S, k, D]
+  in_stage1 = slots.active & (slots.chunk < stage1_chunks)
+  in_stage2 = slots.active & (slots.chunk >= stage1_chunks)
+
+  # Stage 1: n0 samples choose u (reference "mean") and the priors of the bets.
+  index1 = slots.chunk[:, None] * k + jnp.arange(k)  # [S, k]
+  valid1 = (in_stage1[:, None] & (index1 < n0)).astype(jnp.float32)
+  clean = encoder(params, slots.x, sigma=sigma)  # [S, D] f(x)
+  clean_dev = 0.5 * (1.0 - jnp.einsum("skd,sd->sk", feats, clean,
+                                      precision=jax.lax.Precision.HIGHEST))
+  feature_sum = slots.feature_sum + jnp.einsum("sk,skd->sd", valid1, feats,
+                                               precision=jax.lax.Precision.HIGHEST)
+  stage1_dev = slots.stage1_dev + jnp.sum(valid1 * clean_dev, -1)
+  stage1_sq = slots.stage1_sq + jnp.sum(valid1 * clean_dev**2, -1)
+  # At the end of stage 1: fix u and the priors (both independent of stage 2).
+  starting = slots.active & (slots.chunk == stage1_chunks - 1)
+  mean_norm = jnp.linalg.norm(feature_sum, axis=-1) / n0
+  m1 = stage1_dev / n0
+  var1 = jnp.maximum(stage1_sq / n0 - m1**2, 0.0) * n0 / max(n0 - 1, 1)
+  if reference == "mean":
+    u = feature_sum / jnp.maximum(jnp.linalg.norm(feature_sum, axis=-1, keepdims=True), 1e-30)
+    center = 0.5 * (1.0 - mean_norm)
+  else:  # "clean": u = f(x), the paper's reference
+    u, center = clean, m1
+  grid_size = slots.state.rejected.shape[-1]
+  prior = init(center, var1, grid_size=grid_size)
+  pair_prior = init(0.5 * (1.0 + mean_norm**2), 2.0 * var1, grid_size=grid_size)
+
+  def at_start(new, old):
+    return jnp.where(starting.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+  direction = at_start(u, slots.direction)
+  state = jax.tree.map(at_start, prior, slots.state)
+  pair_state = jax.tree.map(at_start, pair_prior, slots.pair_state)
+
+  # Stage 2: deficits 1 - h_u and, norm-aware, pair values; the last chunk may run past
+  # n_max (weight 0).
+  index2 = (slots.chunk - stage1_chunks)[:, None] * k + jnp.arange(k)
+  weights = (in_stage2[:, None] & (index2 < n_max)).astype(jnp.float32)
+  deficits = 0.5 * (1.0 - jnp.einsum("skd,sd->sk", feats, direction,
+                                     precision=jax.lax.Precision.HIGHEST))
+  level = alpha / 2 if norm_aware else alpha
+  state = update(state, deficits, weights=weights, alpha=level, active=in_stage2)
+  if norm_aware:
+    pair_w = weights[:, 0::2] * weights[:, 1::2]
+    pair_state = update(pair_state, _norm.pair_values(feats), weights=pair_w, alpha=level,
+                        active=in_stage2)
+    decision = norm_aware_decide(state, pair_state, eps, sigma, cos, alpha=alpha, n_max=n_max)
+  else:
+    decision = inner_product_decide(state, eps, sigma, cos, alpha=alpha, n_max=n_max)
+  if stop == "decision":
+    settled = jnp.all(decision.settled, axis=-1)
+  else:  # "radius": stop when continuing to n_max could add at most `tolerance` of it
+    settled = _radius_settled(state, pair_state if norm_aware else None, sigma, cos,
+                              n_max=n_max, tolerance=tolerance)
+  finished = in_stage2 & (settled | (state.count >= n_max))
+  return _Slots(x=slots.x, image=slots.image, active=slots.active & ~finished,
+                chunk=slots.chunk + slots.active.astype(jnp.int32), feature_sum=feature_sum,
+                stage1_sq=stage1_sq, stage1_dev=stage1_dev, direction=direction, state=state,
+                pair_state=pair_state, done=finished)
+
+
+def _radius_of(state, pair_state, sigma, cos, deficit=None):
+  d = upper_deficit(state) if deficit is None else deficit
+  if pair_state is None:
+    z = -jax.scipy.special.ndtri(jnp.clip(d, 1e-12, 1.0))
+    return sigma * (z + jax.scipy.special.ndtri((1.0 - cos) / 2.0))
+  n_upper = _norm.norm_upper_from_pair_deficit(upper_deficit(pair_state))
+  return _norm.radius(d, n_upper, sigma, cos)
+
+
+def _radius_settled(state, pair_state, sigma, cos, *, n_max, tolerance):
+  """The radius can grow by at most ``tolerance`` (relative) by n_max, or is provably 0.
+
+  With R_t the certified radius now and R_hat the running estimate's, the certified
+  radius at n_max is about ``R_hat - (R_hat - R_t) sqrt(n_t / n_max)`` (a confidence
+  width shrinks as 1 / sqrt(n)); stop when R_t is within ``tolerance`` of that. A
+  stopping rule only (any stopping time keeps the certificate valid).
+  """
+  r_now = _radius_of(state, pair_state, sigma, cos)
+  mean, _ = estimates(state)
+  r_hat = _radius_of(state, pair_state, sigma, cos, deficit=jnp.clip(mean, 1e-12, 1.0))
+  shrink = jnp.sqrt(state.count / n_max)
+  r_end = r_hat - jnp.maximum(r_hat - r_now, 0.0) * shrink
+  hopeless = _radius_of(state, pair_state, sigma, cos, deficit=lower_deficit(state)) <= 0.0
+  return (r_now >= (1.0 - tolerance) * r_end) & (r_now > 0) | hopeless
+
+
+class SequentialCertificate(NamedTuple):
+  """Sequential feature certificates of a batch of images (docs/method.md section 2b).
+
+  Attributes:
+    deficit: ``[B]`` ``1 - L`` at the image's stopping time, L the anytime lower bound of
+      h_u(x) (level alpha, or alpha / 2 when norm-aware).
+    norm_upper: ``[B]`` the anytime upper bound on ||f_s(x)|| (level alpha / 2); 1 when
+      not norm-aware (Theorem 3.2's ||f_s(x')|| <= 1).
+    direction: ``[B, D]`` the unit reference u.
+    samples: ``[B]`` int32, noise samples the image used (n0 of stage 1 + stage 2's).
+    eps: ``[E]`` the radii of the decisions.
+    inner_product_bound: ``[B, E]`` B(eps), Theorem 3.2.
+    cosine_bound: ``[B, E]``: B / U(eps) norm-aware, else B; -1 (vacuous) where B < 0.
+    certified: ``[B, E]`` bool, ``cosine_bound >= cos``: the decisions.
+    radius: ``[B]`` the radius within which the cosine stays >= cos (0: none).
+    cos: the cosine level of the decisions and the radius.
+    alpha: the failure probability of each image's certificate.
+    norm_aware: whether the cosine uses the norm bound.
+  """
+  deficit: jax.Array
+  norm_upper: jax.Array
+  direction: jax.Array
+  samples: jax.Array
+  eps: jax.Array
+  inner_product_bound: jax.Array
+  cosine_bound: jax.Array
+  certified: jax.Array
+  radius: jax.Array
+  cos: float
+  alpha: float
+  norm_aware: bool
+
+  @property
+  def is_certificate(self) -> bool:
+    return True
+
+  @property
+  def score(self) -> jax.Array:
+    """``[B]`` L = 1 - deficit."""
+    return 1.0 - self.deficit
+
+
+@jax.jit
+def _read(slots: _Slots):
+  """What the host keeps of finished slots: deficit and norm bounds, count, direction."""
+  return (upper_deficit(slots.state),
+          _norm.norm_upper_from_pair_deficit(upper_deficit(slots.pair_state)),
+          slots.state.count, slots.direction)
+
+
+@functools.partial(jax.jit, static_argnames=("norm_aware",))
+def _finish(state_d, norm_upper, eps, sigma, cos, *, norm_aware):
+  inner = 2.0 * norm.cdf(-jax.scipy.special.ndtri(jnp.clip(state_d, 1e-12, 1.0))[:, None]
+                         - eps[None] / sigma) - 1.0
+  if norm_aware:
+    cosine = _norm.cosine_bound(state_d[:, None], norm_upper[:, None], eps[None], sigma)
+    radius = _norm.radius(state_d, norm_upper, sigma, cos)
+  else:
+    cosine = jnp.where(inner >= 0.0, inner, -1.0)
+    z = -jax.scipy.special.ndtri(jnp.clip(state_d, 1e-12, 1.0))
+    radius = jnp.maximum(sigma * (z + jax.scipy.special.ndtri((1.0 - cos) / 2.0)), 0.0)
+  return inner, cosine, radius
+
+
+def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma: float,
+                    eps: Sequence[float], key: jax.Array, cos: float = 0.5,
+                    n_max: int = 10_000, n0: int = 100, alpha: float = 0.001,
+                    norm_aware: bool = True, reference: str = "mean",
+                    stop: str = "decision", tolerance: float = 0.05,
+                    chunk_size: int = 64, slots: int = DEFAULT_SLOTS,
+                    grid_size: int = GRID,
+                    image_ids: jax.typing.ArrayLike | None = None) -> SequentialCertificate:
+  """Sequential feature certificates: each image stops once its decisions are settled.
+
+  For each image, samples are drawn ``chunk_size`` at a time; after each chunk an
+  anytime-valid betting confidence sequence on ``h_u(x)`` (and, norm-aware, one on
+  ``||f_s(x)||`` from consecutive pairs) is updated, and the image stops when every
+  decision "cos(f_s(x'), u) >= cos for all ||x' - x|| <= eps" is certified or given up
+  (``stop="decision"``), when its radius is within ``tolerance`` of what n_max could give
+  (``stop="radius"``), or at ``n_max``. The certificate holds with probability 1 - alpha
+  at the data-dependent stopping time.
+
+  Cross-image dynamic batching: one jitted step runs a chunk for a fixed batch of
+  ``slots`` images; a finished image's slot is refilled from the queue at once (same
+  shapes: no recompiles). The noise of image i's chunk j comes from
+  ``fold_in(fold_in(key, id_i), j)`` (``id_i = image_ids[i]``, default i), so which slot
+  an image lands in never changes its samples: with the same ``slots`` the results are
+  the same bits in any order (tested); another slot count changes the encoder's batch
+  shape, whose arithmetic may differ in the last bit.
+
+  Args:
+    params: encoder parameters.
+    x: ``[B, H, W, 3]`` images in [0, 1].
+    encoder: the encoder (static).
+    sigma: noise level > 0 (pixel units).
+    eps: ``[E]`` the radii of the decisions (e.g. Table 1's grid).
+    key: PRNG key.
+    cos: the cosine level, in [0, 1) (Corollary 3.3 is 0.5).
+    n_max: most stage-2 samples per image.
+    n0: stage-1 samples: they choose u (reference "mean") and the priors of the bets.
+    alpha: failure probability of each image's certificate.
+    norm_aware: use the norm-aware cosine B / U (alpha split in halves).
+    reference: "mean" (stage-1 mean direction) or "clean" (u = f(x), the paper's).
+    stop: "decision" or "radius".
+    tolerance: relative radius left on the table by ``stop="radius"``.
+    chunk_size: samples per chunk (even when norm-aware).
+    slots: images in flight at once.
+    grid_size: cells of the confidence sequence's grid.
+    image_ids: optional ``[B]`` distinct non-negative ints naming each image's noise
+      stream (e.g. its index in a dataset, so a subset or a shuffled batch draws the
+      same noise per image); default ``arange(B)``.
+
+  Returns:
+    A :class:`SequentialCertificate`.
+
+  References:
+    Voracek 2024, https://arxiv.org/abs/2406.17830; Waudby-Smith & Ramdas 2023,
+    https://arxiv.org/abs/2010.09686.
+  """
+  from fsjax import checks  # pylint: disable=g-import-not-at-top
+  from fsjax import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
+  encoders_lib.check_images(x)
+  checks.check_sigma(sigma)
+  checks.check_alpha(alpha)
+  for name, value, minimum in (("n_max", n_max, 2), ("n0", n0, 1),
+                               ("chunk_size", chunk_size, 1), ("slots", slots, 1),
+                               ("grid_size", grid_size, 2)):
+    checks.check_positive_int(value, name=name, minimum=minimum)
+  checks.check_choice(stop, name="stop", choices=STOPS)
+  checks.check_choice(reference, name="reference", choices=("clean", "mean"))
+  if isinstance(norm_aware, (bool, np.bool_)) is False:
+    raise ValueError(f"norm_aware must be True or False, got {norm_aware!r}.")
+  eps_arr = np.asarray(eps, np.float32)
+  if eps_arr.ndim != 1 or eps_arr.size == 0 or not np.all(np.isfinite(eps_arr)) or np.any(
+      eps_arr < 0):
+    raise ValueError(f"eps must be a non-empty list of l2 radii >= 0 (shape [E]), got {eps!r}.")
+  checks.check_in_range(cos, name="cos", low=0.0, high=1.0, meaning="the cosine level")
+  if np.ndim(cos) or float(cos) >= 1.0:
+    raise ValueError(f"cos must be one number in [0, 1), got {cos!r}.")
+  checks.check_in_range(tolerance, name="tolerance", low=0.0, high=1.0,
+                        meaning="the relative radius stop='radius' may leave")
+  if norm_aware and chunk_size % 2:
+    raise ValueError(f"chunk_size must be even when norm_aware (the norm bound pairs "
+                     f"consecutive samples), got {chunk_size}.")
+
+  x = np.asarray(x, np.float32)
+  batch = x.shape[0]
+  ids = np.arange(batch) if image_ids is None else np.asarray(image_ids)
+  if (ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer) or np.any(ids < 0)
+      or len(np.unique(ids)) != batch or np.any(ids >= 2**31)):
+    raise ValueError(f"image_ids must be {batch} distinct non-negative integers (one noise "
+                     f"stream per image), got {image_ids!r}.")
+  dim = int(jax.eval_shape(lambda p, v: encoder(p, v, sigma=sigma), params,
+                           jax.ShapeDtypeStruct((1,) + x.shape[1:], jnp.float32)).shape[-1])
+  step = functools.partial(
+      _step, encoder=encoder, chunk_size=int(chunk_size), n0=int(n0), n_max=int(n_max),
+      alpha=float(alpha), cos=float(cos), norm_aware=bool(norm_aware), reference=reference,
+      stop=stop, tolerance=float(tolerance))
+  state = _empty_slots(slots, x.shape[1:], dim, grid_size)
+  sigma32, eps32 = jnp.float32(sigma), jnp.asarray(eps_arr)
+
+  out_d = np.ones(batch, np.float32)
+  out_n = np.ones(batch, np.float32)
+  out_u = np.zeros((batch, dim), np.float32)
+  out_samples = np.zeros(batch, np.int32)
+  queue = list(range(batch))
+  owner = np.full(slots, -1)  # image in each slot, -1 free
+  while True:
+    free = np.flatnonzero(owner < 0)
+    take = min(len(free), len(queue))
+    if take:
+      load = np.zeros(slots, bool)
+      new_x = np.zeros((slots,) + x.shape[1:], np.float32)
+      new_i = np.zeros(slots, np.int32)
+      for s_idx in free[:take]:
+        img = queue.pop(0)
+        owner[s_idx], load[s_idx], new_x[s_idx], new_i[s_idx] = img, True, x[img], ids[img]
+      state = _refill(state, jnp.asarray(load), jnp.asarray(new_x), jnp.asarray(new_i),
+                      grid_size=grid_size)
+    if np.all(owner < 0):
+      break
+    state = step(params, state, key, sigma32, eps32)
+    done = np.asarray(state.done)
+    if done.any():
+      d, n_up, count, direction = map(np.asarray, _read(state))
+      if not norm_aware:
+        n_up = np.ones(slots, np.float32)
+      for s_idx in np.flatnonzero(done):
+        img = owner[s_idx]
+        out_d[img], out_n[img], out_u[img] = d[s_idx], n_up[s_idx], direction[s_idx]
+        out_samples[img] = int(count[s_idx]) + int(n0)
+        owner[s_idx] = -1
+  inner, cosine, radius = _finish(jnp.asarray(out_d), jnp.asarray(out_n), eps32, sigma32,
+                                  jnp.float32(cos), norm_aware=bool(norm_aware))
+  return SequentialCertificate(
+      deficit=jnp.asarray(out_d), norm_upper=jnp.asarray(out_n), direction=jnp.asarray(out_u),
+      samples=jnp.asarray(out_samples), eps=eps32, inner_product_bound=inner,
+      cosine_bound=cosine, certified=cosine >= cos, radius=radius, cos=float(cos),
+      alpha=float(alpha), norm_aware=bool(norm_aware))

@@ -17,6 +17,7 @@ rule (a fixed-n Clopper-Pearson bound re-evaluated after every chunk) fails the 
 so the test can fail.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -29,6 +30,7 @@ from scipy.stats import norm as sp_norm
 
 from certify import _norm
 from certify import _sequential as sq
+from fsjax import encoders
 
 ALPHA = 0.01
 SIGMA = 0.25
@@ -273,3 +275,73 @@ def test_unreachable_is_a_proof():
   reached = np.asarray(sq.upper_deficit(state))[0] <= np.asarray(thresholds)[0]
   assert not np.any(flags & reached)
   assert flags[0]  # 1e-4 in 300 samples: beyond even the ceiling alpha^(1/n)
+
+
+# --- The engine on encoders -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _HalfSpace1D(encoders.Encoder):
+  """f(x) = sign(x[0, 0, 0] - 0.5) e_1 (3-D features): the exact-truth encoder on images."""
+
+  def tokens(self, params, x, *, sigma=None):
+    s = jnp.sign(x[:, 0, 0, 0] - 0.5)
+    return jnp.stack([s, jnp.zeros_like(s), jnp.zeros_like(s)], -1)[:, None, :]
+
+
+def _half_space_images(reds):
+  x = np.full((len(reds), 2, 2, 3), 0.5, np.float32)
+  x[:, 0, 0, 0] = reds
+  return x
+
+
+def test_engine_is_sound_on_the_half_space_encoder_and_stops_early():
+  reds = np.array([0.95, 0.9, 0.8, 0.7, 0.62, 0.55, 1.0, 0.85])
+  x = _half_space_images(reds)
+  eps = [0.05, 0.1, 0.2]
+  cert = sq.sequential_fcsb({}, x, encoder=_HalfSpace1D(resolution=2), sigma=SIGMA, eps=eps,
+                            key=jax.random.PRNGKey(0), n_max=4000, n0=64, chunk_size=64,
+                            slots=3, alpha=0.01, norm_aware=False, reference="clean",
+                            grid_size=GRID)
+  p = sp_norm.cdf((reds - 0.5) / SIGMA)  # exact h_u with u = f(x) = e_1: P(sign = +1)
+  assert np.all(np.asarray(cert.deficit) >= 1 - p)  # the anytime bound holds
+  true_b = 2 * sp_norm.cdf((reds[:, None] - 0.5 - np.asarray(eps)[None]) / SIGMA) - 1
+  assert np.all(np.asarray(cert.inner_product_bound) <= true_b + 1e-6)
+  assert np.all(np.asarray(cert.certified) <= (true_b >= COS))
+  used = np.asarray(cert.samples)
+  assert np.all(used >= 64 + 64) and np.all(used <= 4000 + 64)
+  assert np.min(used) < 1000 and np.any(np.asarray(cert.certified))
+
+
+def test_engine_results_do_not_depend_on_slot_order(toy):
+  encoder, params = toy
+  x = np.random.default_rng(0).uniform(0, 1, (5, 8, 8, 3)).astype(np.float32)
+  kw = dict(encoder=encoder, sigma=SIGMA, eps=[0.125, 0.25], key=jax.random.PRNGKey(3),
+            n_max=1024, n0=64, chunk_size=64, alpha=0.01, slots=2, grid_size=GRID)
+  a = sq.sequential_fcsb(params, x, **kw)
+  order = np.array([3, 0, 4, 1, 2])
+  b = sq.sequential_fcsb(params, x[order], image_ids=order, **kw)
+  inverse = np.argsort(order)
+  for name in ("deficit", "norm_upper", "direction", "samples", "cosine_bound", "radius"):
+    np.testing.assert_array_equal(np.asarray(getattr(a, name)),
+                                  np.asarray(getattr(b, name))[inverse], err_msg=name)
+  # Norm-aware: the norm bound is a real bound (<= 1) and the cosine beats B where B >= 0.
+  assert np.all(np.asarray(a.norm_upper) <= 1.0)
+  inner = np.asarray(a.inner_product_bound)
+  assert np.all(np.asarray(a.cosine_bound)[inner >= 0] >= inner[inner >= 0] - 1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stop="never"), "stop"),
+    (dict(chunk_size=63), "even"),
+    (dict(eps=[]), "eps"),
+    (dict(cos=1.0), "cos"),
+    (dict(image_ids=[0, 0]), "image_ids"),
+    (dict(n_max=1), "n_max"),
+])
+def test_engine_rejects_bad_arguments(toy, kwargs, match):
+  encoder, params = toy
+  args = dict(encoder=encoder, sigma=SIGMA, eps=[0.1], key=jax.random.PRNGKey(0))
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    sq.sequential_fcsb(params, np.zeros((2, 8, 8, 3), np.float32), **args)
