@@ -15,6 +15,11 @@ from certify._feature import certified_radius
 from certify._feature import fcsb
 from certify._feature import gaussian_robustness_score
 from certify._feature import score_deficits
+from certify._norm import NormAwareCertificate
+from certify._norm import norm_aware_cosine_bound
+from certify._norm import norm_aware_fcsb
+from certify._norm import norm_aware_radius
+from certify._norm import norm_bound
 from certify._prediction import ABSTAIN
 from certify._prediction import angle_margin
 from certify._prediction import certified_accuracy
@@ -26,6 +31,8 @@ from certify._prediction import prototype_logit_bounds
 from certify._prediction import required_margin
 from certify._prediction import rs_certify_from_counts
 from certify._prediction import rs_predict_from_counts
+from certify._sequential import SequentialCertificate
+from certify._sequential import sequential_fcsb
 from certify._smoothed_prediction import PredictionCertificate
 from certify._smoothed_prediction import PredictionEstimate
 from certify._smoothed_prediction import PredictionMargin

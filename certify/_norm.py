@@ -77,7 +77,7 @@ def norm_bound(norm_upper: jax.typing.ArrayLike, eps: jax.typing.ArrayLike,
   return 1.0 - 2.0 * norm.cdf(-(z + jnp.asarray(eps, jnp.float32) / sigma))
 
 
-def cosine_bound(deficit: jax.typing.ArrayLike, norm_upper: jax.typing.ArrayLike,
+def norm_aware_cosine_bound(deficit: jax.typing.ArrayLike, norm_upper: jax.typing.ArrayLike,
                  eps: jax.typing.ArrayLike, sigma) -> jax.Array:
   """Norm-aware certified cosine ``B(eps) / U(eps)`` (-1, vacuous, where B < 0).
 
@@ -98,7 +98,7 @@ def cosine_bound(deficit: jax.typing.ArrayLike, norm_upper: jax.typing.ArrayLike
   return jnp.where(b >= 0.0, jnp.minimum(b / jnp.maximum(u, 1e-30), 1.0), -1.0)
 
 
-def radius(deficit: jax.typing.ArrayLike, norm_upper: jax.typing.ArrayLike, sigma,
+def norm_aware_radius(deficit: jax.typing.ArrayLike, norm_upper: jax.typing.ArrayLike, sigma,
            cos: float) -> jax.Array:
   """The largest eps with ``B(eps) / U(eps) >= cos``, ``[...]`` (0 if none, cos > 0).
 
@@ -173,7 +173,7 @@ def certificate_from_bounds(deficit: jax.Array, norm_upper: jax.Array, direction
   eps = jnp.asarray(eps, jnp.float32)
   d, n = (deficit[:, None], norm_upper[:, None]) if eps.ndim else (deficit, norm_upper)
   inner = _closed_form.bound_from_deficit(d, eps, jnp.float32(sigma))
-  cos = cosine_bound(d, n, eps, jnp.float32(sigma))
+  cos = norm_aware_cosine_bound(d, n, eps, jnp.float32(sigma))
   return NormAwareCertificate(score=1.0 - deficit, norm_upper=norm_upper,
                               inner_product_bound=inner, cosine_bound=cos,
                               certified=inner >= 0.0, direction=direction,

@@ -435,7 +435,7 @@ def _radius_of(state, pair_state, sigma, cos, deficit=None):
     z = -jax.scipy.special.ndtri(jnp.clip(d, 1e-12, 1.0))
     return sigma * (z + jax.scipy.special.ndtri((1.0 - cos) / 2.0))
   n_upper = _norm.norm_upper_from_pair_deficit(upper_deficit(pair_state))
-  return _norm.radius(d, n_upper, sigma, cos)
+  return _norm.norm_aware_radius(d, n_upper, sigma, cos)
 
 
 def _radius_settled(state, pair_state, sigma, cos, *, n_max, tolerance):
@@ -510,8 +510,8 @@ def _finish(state_d, norm_upper, eps, sigma, cos, *, norm_aware):
   inner = 2.0 * norm.cdf(-jax.scipy.special.ndtri(jnp.clip(state_d, 1e-12, 1.0))[:, None]
                          - eps[None] / sigma) - 1.0
   if norm_aware:
-    cosine = _norm.cosine_bound(state_d[:, None], norm_upper[:, None], eps[None], sigma)
-    radius = _norm.radius(state_d, norm_upper, sigma, cos)
+    cosine = _norm.norm_aware_cosine_bound(state_d[:, None], norm_upper[:, None], eps[None], sigma)
+    radius = _norm.norm_aware_radius(state_d, norm_upper, sigma, cos)
   else:
     cosine = jnp.where(inner >= 0.0, inner, -1.0)
     z = -jax.scipy.special.ndtri(jnp.clip(state_d, 1e-12, 1.0))

@@ -54,7 +54,7 @@ def test_cosine_bound_is_b_over_u_and_never_below_b():
   eps = np.array([0.0, 0.25, 0.5, 1.0])
   b = np.asarray(_closed_form.bound_from_deficit(deficit[:, None], eps[None], SIGMA))
   u = 2 * sp_norm.cdf(sp_norm.ppf((1 + norm_upper[:, None]) / 2) + eps[None] / SIGMA) - 1
-  got = np.asarray(_norm.cosine_bound(deficit[:, None], norm_upper[:, None], eps[None], SIGMA))
+  got = np.asarray(_norm.norm_aware_cosine_bound(deficit[:, None], norm_upper[:, None], eps[None], SIGMA))
   want = np.where(b >= 0, np.minimum(b / u, 1.0), -1.0)
   np.testing.assert_allclose(got, want, atol=1e-5)
   assert np.all(got[b >= 0] >= b[b >= 0] - 1e-6)
@@ -64,7 +64,7 @@ def test_cosine_bound_is_b_over_u_and_never_below_b():
 def test_radius_solves_b_over_u_equals_cos(cos):
   deficit = np.array([0.001, 0.02, 0.1, 0.4])
   norm_upper = np.array([0.998, 0.97, 0.85, 0.5])
-  got = np.asarray(_norm.radius(jnp.asarray(deficit), jnp.asarray(norm_upper), SIGMA, cos))
+  got = np.asarray(_norm.norm_aware_radius(jnp.asarray(deficit), jnp.asarray(norm_upper), SIGMA, cos))
   for d, n, r in zip(deficit, norm_upper, got):
     zl, zn = sp_norm.ppf(1 - d), sp_norm.ppf((1 + n) / 2)
     g = lambda t: (2 * sp_norm.cdf(zl - t) - 1) - cos * (2 * sp_norm.cdf(zn + t) - 1)  # noqa: E731
@@ -89,7 +89,7 @@ def test_brute_force_worst_case_on_half_space_encoder(x0):
     f = _smoothed(pts)
     worst_cos = np.min(f @ u / np.linalg.norm(f, axis=-1))
     worst_norm = np.max(np.linalg.norm(f, axis=-1))
-    bound = float(_norm.cosine_bound(jnp.float32(deficit), jnp.float32(n_exact), eps, SIGMA))
+    bound = float(_norm.norm_aware_cosine_bound(jnp.float32(deficit), jnp.float32(n_exact), eps, SIGMA))
     plain = float(_closed_form.bound_from_deficit(jnp.float32(deficit), eps, SIGMA))
     assert worst_norm <= float(_norm.norm_bound(jnp.float32(n_exact), eps, SIGMA)) + 1e-5
     if plain >= 0:
@@ -104,7 +104,7 @@ def test_radius_is_sound_on_half_space_encoder():
   fs = _smoothed(x0)
   n_exact = np.linalg.norm(fs)
   u = fs / n_exact
-  r = float(_norm.radius(jnp.float32((1 - n_exact) / 2), jnp.float32(n_exact), SIGMA, 0.5))
+  r = float(_norm.norm_aware_radius(jnp.float32((1 - n_exact) / 2), jnp.float32(n_exact), SIGMA, 0.5))
   assert r > 0
   f = _smoothed(_disk(x0, r))
   assert np.min(f @ u / np.linalg.norm(f, axis=-1)) >= 0.5 - 1e-5

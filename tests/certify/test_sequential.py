@@ -178,7 +178,7 @@ def _run_two_dim(key, q, u, *, n_max, chunk, grid_size):
   (state, pair_state, _), _ = jax.lax.scan(body, init, jnp.arange(n_max // chunk))
   d = sq.upper_deficit(state)
   n_upper = _norm.norm_upper_from_pair_deficit(sq.upper_deficit(pair_state))
-  cos = _norm.cosine_bound(d[:, None], n_upper[:, None], eps[None], SIGMA)
+  cos = _norm.norm_aware_cosine_bound(d[:, None], n_upper[:, None], eps[None], SIGMA)
   return d, n_upper, cos, state.count
 
 
