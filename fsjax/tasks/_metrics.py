@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import encoders
 from fsjax import tables
-from fsjax.attacks import _common as attacks_common
 from fsjax.attacks import accuracy
 from fsjax.attacks import attack_success_rate
 from fsjax.attacks import feature_cosine_similarity  # FCS from images (reexported).
@@ -55,7 +55,7 @@ def features_cosine(clean: jax.typing.ArrayLike, adversarial: jax.typing.ArrayLi
     raise ValueError(f"clean and adversarial features must have the same shape [B, ...], "
                      f"got {clean.shape} and {adversarial.shape}.")
   b = clean.shape[0]
-  return np.asarray(attacks_common.cosine(clean.reshape(b, -1), adversarial.reshape(b, -1)))
+  return np.asarray(encoders.cosine(clean.reshape(b, -1), adversarial.reshape(b, -1)))
 
 
 def choice_outcomes(pred: Sequence[int], answer: Sequence[int],
