@@ -18,7 +18,8 @@ Prints Markdown tables, all measured in one run on one machine:
    rounds is reported. On CPU each fsjax row is compiled for each XLA:CPU dot backend
    of ``CPU_DOTS`` (the default YNNPACK, and oneDNN).
 3. **Memory vs n**: XLA's ``memory_analysis()`` of the compiled two-stage certification
-   (``certify.score_deficits``) on the tiny CLIP of ``configs/clip_tiny.py`` for several n:
+   (``certify.estimate_scores``, all bounds and references) on the tiny CLIP of
+   ``configs/clip_tiny.py`` for several n:
    temp + argument + output bytes stay flat because samples are summed chunk by chunk.
    Each n is also run for real, with its wall time.
 
@@ -419,8 +420,9 @@ def memory_vs_n(sizes: list[int], *, n0: int, chunk: int, run: bool) -> str:
   key = jax.random.key(0)
   rows = []
   for n in sizes:
-    certify_fn = jax.jit(lambda p, x, k, n=n: certify.score_deficits(
-        p, x, encoder=encoder, sigma=SIGMA, key=k, n=n, n0=n0, chunk_size=chunk))
+    certify_fn = jax.jit(lambda p, x, k, n=n: certify.estimate_scores(
+        p, x, encoder=encoder, sigma=SIGMA, key=k, n=n, n0=n0, chunk_size=chunk,
+        bounds=certify.BOUNDS, references=certify.REFERENCES))
     compiled = certify_fn.lower(params, x, key).compile()
     mem = compiled.memory_analysis()
     total = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -435,7 +437,7 @@ def memory_vs_n(sizes: list[int], *, n0: int, chunk: int, run: bool) -> str:
   header = ["n", "temp", "arguments", "outputs", "total"]
   if run:
     header += ["wall time, first call (n0 + n)", "samples/s"]
-  title = (f"`certify.score_deficits` (n0 = {n0} + n samples, all bounds, chunk {chunk}) on "
+  title = (f"`certify.estimate_scores` (n0 = {n0} + n samples, all bounds, chunk {chunk}) on "
            f"the {ARCH_NAMES['tiny']}: XLA `memory_analysis()` of the compiled executable")
   return title + "\n\n" + markdown_table(header, rows)
 

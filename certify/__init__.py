@@ -2,6 +2,14 @@
 
 The design card's calls, e.g. ``certify.fcsb(params, x, encoder=..., sigma=0.25, eps=0.5,
 key=key)``. Implementation lives in private modules, re-exported here (optax style).
+
+One pipeline for both halves: the Monte Carlo gives a :class:`ScoreEstimate`
+(:func:`estimate_scores`; :func:`prediction_margin` adds the class and the margin), and a
+certificate with its radius follows from it (:func:`feature_certificate`,
+:func:`prediction_certificate`); ``fcsb`` / ``certify_prediction`` do both in one call.
+Every estimate and certificate says whether it is one: ``is_certificate`` is False for
+``bound="point"`` (the paper's plug-in estimate). Arguments are validated once, at the
+public entry (:func:`check_certify_args`).
 """
 
 from certify._bounds import BOUNDS
@@ -11,10 +19,13 @@ from certify._closed_form import radius_from_score
 from certify._feature import DEFAULT_ALPHA
 from certify._feature import FeatureCertificate
 from certify._feature import REFERENCES
+from certify._feature import ScoreEstimate
 from certify._feature import certified_radius
+from certify._feature import check_certify_args
+from certify._feature import estimate_scores
 from certify._feature import fcsb
+from certify._feature import feature_certificate
 from certify._feature import gaussian_robustness_score
-from certify._feature import score_deficits
 from certify._norm import NormAwareCertificate
 from certify._norm import norm_aware_cosine_bound
 from certify._norm import norm_aware_fcsb
@@ -34,15 +45,15 @@ from certify._prediction import rs_predict_from_counts
 from certify._sequential import SequentialCertificate
 from certify._sequential import sequential_fcsb
 from certify._smoothed_prediction import PredictionCertificate
-from certify._smoothed_prediction import PredictionEstimate
 from certify._smoothed_prediction import PredictionMargin
 from certify._smoothed_prediction import certify_prediction
-from certify._smoothed_prediction import certificate_of
 from certify._smoothed_prediction import class_counts
-from certify._smoothed_prediction import rs_certify
+from certify._smoothed_prediction import prediction_certificate
 from certify._smoothed_prediction import prediction_margin
+from certify._smoothed_prediction import rs_certify
 from certify._smoothed_prediction import rs_predict
 # The heads are library modules (fsjax.heads); certify re-exports them for its callers.
 from fsjax.heads import CosinePrototypeHead  # pylint: disable=g-bad-import-order
 from fsjax.heads import LinearHead
+from fsjax.heads import fs_classifier
 from fsjax.heads import unit_prototypes

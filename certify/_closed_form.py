@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import ndtri
 from jax.scipy.stats import norm
 
@@ -27,14 +28,22 @@ from certify import _bounds
 from fsjax import checks
 
 
-def _check_eps(eps) -> None:
+def check_eps(eps) -> None:
+  """Raises ValueError unless ``eps`` is one radius or a non-empty list ``[E]`` of radii >= 0."""
+  if np.ndim(eps) > 1 or np.size(eps) == 0:
+    raise ValueError(f"eps must be one l2 radius or a non-empty list of them (shape [E]), got "
+                     f"shape {np.shape(eps)}; certify each image's radii separately.")
   checks.check_nonnegative(eps, name="eps", meaning="an l2 radius in [0, 1] pixel units")
 
 
-def _check_cos(cos) -> None:
-  if checks.is_concrete(cos) and not 0.0 <= cos < 1.0:
-    raise ValueError(f"cos must be in [0, 1): the inner-product bound certifies a cosine only "
-                     f"when it is >= 0; got {cos}.")
+def check_cos(cos) -> None:
+  """Raises ValueError unless ``cos`` is one certified cosine level in [0, 1)."""
+  checks.check_in_range(cos, name="cos", low=0.0, high=1.0,
+                        meaning="the cosine level to certify; the inner-product bound "
+                        "certifies a cosine only when it is >= 0")
+  if np.ndim(cos) or float(cos) >= 1.0:
+    raise ValueError(f"cos must be one number in [0, 1) (1 is reached only at radius 0 by a "
+                     f"constant encoder), got {cos!r}.")
 
 
 def _check_score(score) -> None:
@@ -46,14 +55,14 @@ def _check_score(score) -> None:
 def bound_from_deficit(deficit: jax.Array, eps: jax.Array, sigma) -> jax.Array:
   """``2 Phi(Phi^-1(1 - deficit) - eps / sigma) - 1``; broadcasts deficit against eps.
 
+  Unchecked: the public entries (:func:`fcsb_from_score`, ``certify.feature_certificate``,
+  ``certify.fcsb``) validate their arguments once and call this.
+
   Args:
-    deficit: ``1 - L`` in [0, 1] (``certify.score_deficits``' output), any shape.
+    deficit: ``1 - L`` in [0, 1], any shape.
     eps: l2 radii >= 0, broadcast against ``deficit``.
     sigma: noise level > 0.
   """
-  checks.check_deficit(deficit)
-  _check_eps(eps)
-  checks.check_sigma(sigma)
   z = _bounds.probit_of_deficit(jnp.asarray(deficit, jnp.float32))
   return 2.0 * norm.cdf(z - jnp.asarray(eps, jnp.float32) / sigma) - 1.0
 
@@ -62,11 +71,8 @@ def radius_from_deficit(deficit: jax.Array, sigma, cos: float) -> jax.Array:
   """``sigma * (Phi^-1(1 - deficit) - Phi^-1((1 + cos) / 2))`` (Corollary 3.3 at cos = 0.5).
 
   ``Phi^-1((1 + cos) / 2)`` is computed as ``-Phi^-1((1 - cos) / 2)``, which keeps its
-  digits for a level near 1.
+  digits for a level near 1. Unchecked, as :func:`bound_from_deficit`.
   """
-  checks.check_deficit(deficit)
-  checks.check_sigma(sigma)
-  _check_cos(cos)
   z = _bounds.probit_of_deficit(jnp.asarray(deficit, jnp.float32))
   return sigma * (z + ndtri(jnp.float32((1.0 - cos) / 2.0)))
 
@@ -86,7 +92,7 @@ def fcsb_from_score(score: jax.typing.ArrayLike, *, eps: jax.typing.ArrayLike,
     the cosine only where it is >= 0.
   """
   _check_score(score)
-  _check_eps(eps)
+  check_eps(eps)
   checks.check_sigma(sigma)
   deficit = 1.0 - jnp.asarray(score, jnp.float32)
   eps = jnp.asarray(eps, jnp.float32)
@@ -108,5 +114,5 @@ def radius_from_score(score: jax.typing.ArrayLike, *, sigma: float, cos: float =
   """
   _check_score(score)
   checks.check_sigma(sigma)
-  _check_cos(cos)
+  check_cos(cos)
   return radius_from_deficit(1.0 - jnp.asarray(score, jnp.float32), jnp.float32(sigma), cos)

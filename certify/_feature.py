@@ -22,6 +22,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
 from certify import _bounds
 from certify import _closed_form
 from certify import _prediction
@@ -33,13 +35,23 @@ REFERENCES = ("clean", "mean")
 DEFAULT_ALPHA = 0.001  # Cohen et al. 2019
 
 
-def check_certify_args(*, sigma, n: int, n0: int | None = None, alpha: float | None = None,
-                       bound: str | None = None, reference: str | None = None,
-                       eps=None, chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE) -> None:
-  """Validates certification settings; each error names the argument and the fix."""
-  smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
-  checks.check_positive_int(n, name="n", minimum=2, meaning="second-stage noise samples; "
-                            "the Bernstein bound needs a sample variance")
+def check_certify_args(*, sigma, n: int | None = None, n0: int | None = None,
+                       alpha: float | None = None, bound: str | None = None,
+                       reference: str | None = None, eps=None, cos: float | None = None,
+                       chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                       progress: Any = None) -> None:
+  """Validates certification settings; each error names the argument and the fix.
+
+  The one validation of the pipeline: every public entry calls it once, before any
+  Monte Carlo or jit, and the private steps after it trust their arguments. Programs call
+  it on their config (before data or models load).
+  """
+  if n is None:
+    checks.check_sigma(sigma)
+  else:
+    smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
+    checks.check_positive_int(n, name="n", minimum=2, meaning="second-stage noise samples; "
+                              "the Bernstein bound needs a sample variance")
   if n0 is not None:
     checks.check_positive_int(n0, name="n0", meaning="first-stage noise samples, which "
                               "choose the mean direction")
@@ -50,7 +62,18 @@ def check_certify_args(*, sigma, n: int, n0: int | None = None, alpha: float | N
   if reference is not None:
     checks.check_choice(reference, name="reference", choices=REFERENCES)
   if eps is not None:
-    _closed_form._check_eps(eps)  # pylint: disable=protected-access
+    _closed_form.check_eps(eps)
+  if cos is not None:
+    _closed_form.check_cos(cos)
+  check_progress(progress)
+
+
+def check_progress(progress: Any) -> None:
+  """Raises ValueError unless ``progress`` is None or callable, before the Monte Carlo starts
+  (a bad one would otherwise fail late, inside the host callback of the first chunk)."""
+  if progress is not None and not callable(progress):
+    raise ValueError(f"progress must be None or a callable taking the number of noise "
+                     f"samples done (e.g. a tqdm bar's update), got {progress!r}.")
 
 
 def _inner(features: jax.Array, references: jax.Array) -> jax.Array:
@@ -114,6 +137,7 @@ def gaussian_robustness_score(params: Any, x: jax.typing.ArrayLike, *,
   """
   encoders_lib.check_images(x)
   smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
+  check_progress(progress)
   return smoothing.with_progress(
       progress, _robustness_score, params, jnp.asarray(x, jnp.float32), key,
       jnp.float32(sigma), encoder=encoder, n=int(n), chunk_size=int(chunk_size))
@@ -153,96 +177,233 @@ def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chu
   return deficits, references
 
 
-def score_deficits(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
-                   sigma: float, key: jax.Array, n: int = 10_000, n0: int = 100,
-                   alpha: float = DEFAULT_ALPHA, bounds: Sequence[str] = _bounds.BOUNDS,
-                   chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
-                   progress: smoothing.Progress | None = None
-                   ) -> dict[str, dict[str, jax.Array]]:
-  """Every bound for every reference from one two-stage Monte Carlo run.
+class ScoreEstimate(NamedTuple):
+  """What the Monte Carlo says about ``h_u(x) = (1 + <f_s(x), u>) / 2``: the input of a certificate.
 
-  What ``certify.run`` uses to fill a whole table from one pass over the noise.
+  One reference direction u and one bound, for a batch of images. It carries what it was
+  computed with (bound, sigma, alpha, samples), so a certificate built from it
+  (:func:`feature_certificate`, ``certify.prediction_certificate``) can neither be
+  labelled with another bound nor rescaled by another sigma. The fixed-n two-stage run
+  (:func:`estimate_scores`) and a sequential run produce the same type.
 
-  ``bounds`` picks which bounds to compute ("betting" adds a few thousand logs per sample
-  and reference; the others are nearly free). ``progress``, if given, is called with the
-  number of noise samples done as the chunks of both stages finish (n0 + n in all; see
-  :func:`fsjax.smoothing.with_progress`): the results are the same bits, and the call
-  returns when they are ready. Other arguments as in :func:`fcsb`.
-
-  Returns:
-    ``{reference: {bound: deficit [B], "direction": u [B, D]}}``: ``1 - L`` where L is the
-    point estimate (``"point"``) or the (1 - alpha) lower confidence bound of h_u(x), and
-    the unit reference direction u itself. Deficits keep the precision near 1; feed them
-    to ``certify.fcsb_from_score(1 - d, ...)`` or use :func:`fcsb` directly.
+  Attributes:
+    deficit: ``[B]`` ``1 - L``, L the ``bound``'s (1 - alpha) lower confidence bound of
+      h_u(x) (the Monte Carlo mean for ``bound="point"``). The deficit keeps the precision
+      float32 loses in L near 1.
+    direction: ``[B, D]`` the unit reference u (fixed before the samples that bound h_u).
+    samples: ``[B]`` int32, the noise samples drawn for each image (n0 + n at fixed n).
+    reference: ``"clean"`` (u = f(x), the paper's) or ``"mean"`` (the stage-1 direction).
+    bound: one of ``certify.BOUNDS``; ``"point"`` is the paper's plug-in estimate.
+    sigma: the noise level the samples were drawn with.
+    alpha: the failure probability of the bound.
   """
-  encoders_lib.check_images(x)
-  check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size)
-  for bound in bounds:
-    check_certify_args(sigma=sigma, n=n, bound=bound)
-  deficits, references = smoothing.with_progress(
+  deficit: jax.Array
+  direction: jax.Array
+  samples: jax.Array
+  reference: str
+  bound: str
+  sigma: float
+  alpha: float
+
+  @property
+  def is_certificate(self) -> bool:
+    """False for ``bound="point"``: an estimate, not a certificate."""
+    return self.bound != "point"
+
+  @property
+  def score(self) -> jax.Array:
+    """``[B]`` L = 1 - deficit (see ``deficit`` for why the deficit is kept)."""
+    return 1.0 - self.deficit
+
+  def take(self, index) -> ScoreEstimate:
+    """The estimate of the images ``index`` (an int array or a slice) of the batch."""
+    return self._replace(deficit=self.deficit[index], direction=self.direction[index],
+                         samples=self.samples[index])
+
+
+def register_labelled(cls: type, labels: Sequence[str]) -> type:
+  """Registers a NamedTuple of arrays and labels as a pytree whose leaves are the arrays.
+
+  The labels (bound names, sigma, ...) are static, so jit can return the type and
+  ``jax.tree.map`` never sees a string. The labels must be the last fields.
+  """
+  data = cls._fields[:len(cls._fields) - len(labels)]
+  assert cls._fields[len(data):] == tuple(labels), (cls._fields, labels)
+  jax.tree_util.register_pytree_node(
+      cls, lambda t: (tuple(t[:len(data)]), tuple(t[len(data):])),
+      lambda meta, leaves: cls(*leaves, *meta))
+  return cls
+
+
+register_labelled(ScoreEstimate, ("reference", "bound", "sigma", "alpha"))
+
+
+def _check_estimate(estimate: Any, name: str = "estimate") -> None:
+  if not isinstance(estimate, ScoreEstimate):
+    raise ValueError(f"{name} must be a certify.ScoreEstimate (from certify.estimate_scores), "
+                     f"got {type(estimate).__name__}.")
+  checks.check_choice(estimate.bound, name=f"{name}.bound", choices=_bounds.BOUNDS)
+  checks.check_choice(estimate.reference, name=f"{name}.reference", choices=REFERENCES)
+  checks.check_sigma(estimate.sigma, name=f"{name}.sigma")
+  checks.check_alpha(estimate.alpha, name=f"{name}.alpha")
+  if np.ndim(estimate.deficit) != 1 or np.shape(estimate.direction)[:1] != np.shape(
+      estimate.deficit) or np.ndim(estimate.direction) != 2:
+    raise ValueError(f"{name}.deficit must be [B] and {name}.direction [B, D], got shapes "
+                     f"{np.shape(estimate.deficit)} and {np.shape(estimate.direction)}.")
+  checks.check_deficit(estimate.deficit, name=f"{name}.deficit")
+
+
+def _estimate(params, x, key, *, encoder, sigma, n, n0, alpha, bounds, references,
+              chunk_size, progress) -> tuple[ScoreEstimate, ...]:
+  """The two-stage Monte Carlo of validated arguments (:func:`estimate_scores`)."""
+  deficits, directions = smoothing.with_progress(
       progress, _score_deficits, params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
       encoder=encoder, n0=int(n0), n=int(n), alpha=float(alpha), bounds=tuple(bounds),
       chunk_size=int(chunk_size))
-  out = {ref: {bound: d[:, i] for bound, d in deficits.items()}
-         for i, ref in enumerate(REFERENCES)}
-  for i, ref in enumerate(REFERENCES):
-    out[ref]["direction"] = references[:, i]
-  return out
+  samples = jnp.full(directions.shape[:1], int(n0) + int(n), jnp.int32)
+  return tuple(ScoreEstimate(deficits[bound][:, REFERENCES.index(ref)],
+                             directions[:, REFERENCES.index(ref)], samples, ref, bound,
+                             float(sigma), float(alpha))
+               for ref in references for bound in bounds)
+
+
+def estimate_scores(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
+                    sigma: float, key: jax.Array, n: int = 10_000, n0: int = 100,
+                    alpha: float = DEFAULT_ALPHA, bounds: Sequence[str] = ("bernstein",),
+                    references: Sequence[str] = ("mean",),
+                    chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+                    progress: smoothing.Progress | None = None) -> tuple[ScoreEstimate, ...]:
+  """The Monte Carlo step of every feature and prediction certificate: two stages, once.
+
+  Stage 1 (samples ``0 .. n0-1``) picks the mean direction, stage 2 (``n0 .. n0+n-1``)
+  bounds h_u for each reference u; every bound follows from one pass over the noise
+  (``"betting"`` adds a few thousand logs per sample and reference; the others are nearly
+  free). What ``certify.run`` uses to fill a whole table. ``progress``, if given, is called
+  with the number of noise samples done as the chunks of both stages finish (n0 + n in
+  all; :func:`fsjax.smoothing.with_progress`): the results are the same bits. Other
+  arguments as in :func:`fcsb`.
+
+  Returns:
+    One :class:`ScoreEstimate` per (reference, bound), references outermost, e.g.
+    ``(mean_est,) = estimate_scores(...)`` with the defaults. Turn one into a certificate
+    with :func:`feature_certificate` (or ``certify.prediction_margin`` for predictions).
+  """
+  encoders_lib.check_images(x)
+  check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size,
+                     progress=progress)
+  for name, values, choices in (("bounds", bounds, _bounds.BOUNDS),
+                                ("references", references, REFERENCES)):
+    if isinstance(values, str) or not len(values):  # pylint: disable=g-explicit-length-test
+      raise ValueError(f"{name} must be a non-empty sequence of names from {choices}, got "
+                       f"{values!r}.")
+    for v in values:
+      checks.check_choice(v, name=name[:-1], choices=choices)
+  return _estimate(params, x, key, encoder=encoder, sigma=sigma, n=n, n0=n0, alpha=alpha,
+                   bounds=tuple(bounds), references=tuple(references), chunk_size=chunk_size,
+                   progress=progress)
 
 
 class FeatureCertificate(NamedTuple):
-  """The certified bound of Theorem 3.2 for a batch of images.
+  """The certified bound of Theorem 3.2 and the radius of Corollary 3.3 for a batch of images.
+
+  An estimate, not a certificate, where ``is_certificate`` is False (``bound="point"``).
 
   Attributes:
-    score: ``[B]`` the score h_u(x) the bound was computed from: the lower confidence
-      bound at level 1 - alpha, or the plug-in point estimate when ``bound="point"``.
-    inner_product_bound: ``[B]`` or ``[B, E]``: B(eps), a bound on ``<f_s(x'), u>`` for
-      every ``||x' - x|| <= eps``.
+    inner_product_bound: ``[B]`` (scalar eps) or ``[B, E]``: B(eps), a bound on
+      ``<f_s(x'), u>`` for every ``||x' - x|| <= eps``.
     cosine_bound: same shape: the certified cosine ``cos(f_s(x'), u) >= cosine_bound``;
       where B < 0 the cosine is not certified and this is the vacuous -1.
     certified: same shape, bool: B >= 0 (the cosine bound is meaningful).
-    direction: ``[B, D]`` the unit reference u the bound is about.
-    is_certificate: False for ``bound="point"`` (the paper's plug-in estimate).
+    radius: ``[B]`` the l2 radius within which ``cos(f_s(x'), u) >= cos``; <= 0 where
+      that level is not certified at all.
+    eps: the radii (float32, scalar or ``[E]``) of the bounds.
+    estimate: the :class:`ScoreEstimate` it was computed from.
+    cos: the cosine level of ``radius``.
   """
-  score: jax.Array
   inner_product_bound: jax.Array
   cosine_bound: jax.Array
   certified: jax.Array
-  direction: jax.Array
-  is_certificate: bool
+  radius: jax.Array
+  eps: jax.Array
+  estimate: ScoreEstimate
+  cos: float
+
+  @property
+  def is_certificate(self) -> bool:
+    """False for ``bound="point"`` (the paper's plug-in estimate)."""
+    return self.estimate.is_certificate
+
+  @property
+  def bound(self) -> str:
+    return self.estimate.bound
+
+  @property
+  def score(self) -> jax.Array:
+    """``[B]`` the score h_u(x) the bound was computed from (L, or the point estimate)."""
+    return self.estimate.score
+
+  @property
+  def direction(self) -> jax.Array:
+    """``[B, D]`` the unit reference u the bound is about."""
+    return self.estimate.direction
 
 
-def certificate_from_deficit(deficit: jax.Array, direction: jax.Array, *, eps, sigma: float,
-                             is_certificate: bool) -> FeatureCertificate:
-  """Builds a :class:`FeatureCertificate` from a score deficit ``1 - h`` of shape ``[B]``."""
+register_labelled(FeatureCertificate, ("cos",))
+
+
+def _feature_certificate(estimate: ScoreEstimate, eps, cos) -> FeatureCertificate:
+  """:func:`feature_certificate` of validated arguments."""
   eps = jnp.asarray(eps, jnp.float32)
-  d = deficit[:, None] if eps.ndim else deficit
-  inner = _closed_form.bound_from_deficit(d, eps, jnp.float32(sigma))
+  sigma = jnp.float32(estimate.sigma)
+  d = estimate.deficit[:, None] if eps.ndim else estimate.deficit
+  inner = _closed_form.bound_from_deficit(d, eps, sigma)  # Theorem 3.2
   certified = inner >= 0.0
-  return FeatureCertificate(score=1.0 - deficit, inner_product_bound=inner,
+  radius = _closed_form.radius_from_deficit(estimate.deficit, sigma, float(cos))  # Cor. 3.3
+  return FeatureCertificate(inner_product_bound=inner,
                             cosine_bound=jnp.where(certified, inner, -1.0),
-                            certified=certified, direction=direction,
-                            is_certificate=is_certificate)
+                            certified=certified, radius=radius, eps=eps, cos=float(cos),
+                            estimate=estimate)
+
+
+def feature_certificate(estimate: ScoreEstimate, *, eps: float | Sequence[float],
+                        cos: float = 0.5) -> FeatureCertificate:
+  """The feature certificate (Theorem 3.2, Corollary 3.3) a :class:`ScoreEstimate` gives.
+
+  ``B(eps) = 2 Phi(Phi^-1(L) - eps / sigma) - 1`` and
+  ``R = sigma * (Phi^-1(L) - Phi^-1((1 + cos) / 2))``, with L and sigma those of the
+  estimate; an estimate with ``bound="point"`` gives the paper's plug-in numbers, marked
+  ``is_certificate=False``.
+
+  Args:
+    estimate: from :func:`estimate_scores` (or a sequential run).
+    eps: l2 radius, scalar or ``[E]``.
+    cos: the cosine level of the radius, in [0, 1).
+  """
+  _check_estimate(estimate)
+  check_certify_args(sigma=estimate.sigma, eps=eps, cos=cos)
+  return _feature_certificate(estimate, eps, cos)
 
 
 def fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
          sigma: float, eps: float | Sequence[float], key: jax.Array, n: int = 10_000,
          n0: int = 100, alpha: float = DEFAULT_ALPHA, bound: str = "bernstein",
-         reference: str = "mean", chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
+         reference: str = "mean", cos: float = 0.5,
+         chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
          progress: smoothing.Progress | None = None) -> FeatureCertificate:
   """Feature cosine similarity bound (Theorem 3.2), certified with probability 1 - alpha.
 
   For every adversarial x' with ``||x' - x||_2 <= eps`` (pixel space [0, 1]):
   ``<f_s(x'), u> >= B = 2 Phi(Phi^-1(L) - eps / sigma) - 1`` where L is the lower
   confidence bound of ``h_u(x) = (1 + <f_s(x), u>) / 2`` from n fresh samples, and hence
-  ``cos(f_s(x'), u) >= B`` where B >= 0.
+  ``cos(f_s(x'), u) >= B`` where B >= 0. :func:`estimate_scores` then
+  :func:`feature_certificate`, in one call.
 
   Args:
     params: encoder parameters.
     x: ``[B, H, W, 3]`` images in [0, 1].
     encoder: the encoder (static; a GSB-boosted encoder works unchanged).
     sigma: noise level > 0 (pixel units).
-    eps: l2 radius, scalar or sequence.
+    eps: l2 radius, scalar or ``[E]``.
     key: PRNG key.
     n: second-stage samples (>= 2).
     n0: first-stage samples (choose the mean direction u; >= 1).
@@ -251,10 +412,11 @@ def fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
       estimate, not a certificate).
     reference: "mean" (u = smoothed mean direction; never worse) or "clean" (u = f(x),
       the paper's FCSB).
+    cos: the cosine level of the certificate's ``radius`` (Corollary 3.3 is 0.5).
     chunk_size: samples per vectorised chunk.
     progress: optional callable, called with the number of noise samples done (n0 + n in
       all) as the Monte Carlo runs, e.g. a tqdm bar's ``update``; the results do not
-      change (:func:`score_deficits`).
+      change (:func:`estimate_scores`).
 
   Returns:
     A :class:`FeatureCertificate`.
@@ -263,14 +425,13 @@ def fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
     Salman et al. 2019, https://arxiv.org/abs/1906.04584 (the Lipschitz lemma);
     Cohen et al. 2019, https://arxiv.org/abs/1902.02918 (two-stage certification).
   """
+  encoders_lib.check_images(x)
   check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound, reference=reference,
-                     eps=eps, chunk_size=chunk_size)
-  deficits = score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n, n0=n0,
-                            alpha=alpha, bounds=(bound,), chunk_size=chunk_size,
-                            progress=progress)
-  return certificate_from_deficit(deficits[reference][bound], deficits[reference]["direction"],
-                                  eps=eps, sigma=sigma,
-                                  is_certificate=bound != "point")
+                     eps=eps, cos=cos, chunk_size=chunk_size, progress=progress)
+  (estimate,) = _estimate(params, x, key, encoder=encoder, sigma=sigma, n=n, n0=n0,
+                          alpha=alpha, bounds=(bound,), references=(reference,),
+                          chunk_size=chunk_size, progress=progress)
+  return _feature_certificate(estimate, eps, cos)
 
 
 def certified_radius(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
@@ -285,18 +446,14 @@ def certified_radius(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_
   R <= 0 means the cosine level is not certified at any radius.
 
   ``bound="point"`` is refused: a bare radius array could not say that it is an estimate.
-  For the paper's plug-in radius use ``certify.fcsb(..., bound="point")`` (marked
+  For the paper's plug-in radius use ``certify.fcsb(..., bound="point").radius`` (marked
   ``is_certificate=False``) or ``certify.radius_from_score`` of a point estimate.
   """
-  check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound, reference=reference,
-                     chunk_size=chunk_size)
   if bound == "point":
     raise ValueError("certified_radius(bound='point') would return the paper's plug-in "
                      "estimate as if it were certified; use bound='bernstein', 'betting' or "
-                     "'hoeffding', or for the estimate certify.radius_from_score("
-                     "certify.gaussian_robustness_score(...)).")
-  _closed_form._check_cos(cos)
-  deficits = score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n, n0=n0,
-                            alpha=alpha, bounds=(bound,), chunk_size=chunk_size,
-                            progress=progress)
-  return _closed_form.radius_from_deficit(deficits[reference][bound], jnp.float32(sigma), cos)
+                     "'hoeffding', or for the estimate certify.fcsb(..., bound='point')"
+                     ".radius (marked is_certificate=False).")
+  return fcsb(params, x, encoder=encoder, sigma=sigma, eps=0.0, key=key, n=n, n0=n0,
+              alpha=alpha, bound=bound, reference=reference, cos=cos, chunk_size=chunk_size,
+              progress=progress).radius

@@ -170,8 +170,8 @@ def prototype_logit_bounds(z: ArrayLike, prototypes: ArrayLike,
 
   Both ends are attained with ``z, w_k, z'`` in one plane (``z`` rotated by ``phi``
   towards or away from ``w_k``). The lemma holds for every ``gamma`` in [-1, 1]; the FS
-  certificate supplies ``gamma >= 0`` (docs/method.md section 2). ``gamma`` is clipped to
-  [-1, 1].
+  certificate supplies ``gamma >= 0`` (docs/method.md section 2). A ``gamma`` outside
+  [-1, 1] (NaN included) is refused.
 
   Args:
     z: ``[B, D]`` clean unit features (renormalised here).
@@ -184,6 +184,8 @@ def prototype_logit_bounds(z: ArrayLike, prototypes: ArrayLike,
   dim = _check_features(z)
   check_prototypes(prototypes, dim)
   _check_batch(gamma, "gamma", np.shape(z)[0])
+  checks.check_in_range(gamma, name="gamma", low=-1.0, high=1.0,
+                        meaning="a certified cosine cos(z, z') >= gamma")
   return _prototype_logit_bounds(jnp.asarray(z, jnp.float32),
                                  jnp.asarray(prototypes, jnp.float32),
                                  jnp.asarray(gamma, jnp.float32))
@@ -359,6 +361,9 @@ def required_margin(h_lcb: ArrayLike | None = None, *, sigma: float, radius: flo
     ``[B]`` float32 margins in radians, in ``[0, 2 pi]``.
   """
   checks.check_sigma(sigma)
+  if np.ndim(radius):
+    raise ValueError(f"radius must be one l2 radius (a scalar), got shape {np.shape(radius)}; "
+                     "call required_margin once per radius.")
   checks.check_in_range(radius, name="radius", low=0.0, high=np.inf,
                         meaning="an l2 radius in [0, 1] pixel units")
   given = deficit if h_lcb is None else h_lcb

@@ -21,128 +21,172 @@ from certify import _feature
 from certify import _prediction
 from fsjax import checks
 from fsjax import encoders as encoders_lib
+from fsjax import heads as heads_lib
 from fsjax import smoothing
 
 
 class PredictionCertificate(NamedTuple):
-  """Certified predictions of a batch: ``cls, radius = certify_prediction(...)`` unpacks it.
+  """Certified predictions of a batch, FS or RS; an estimate where ``is_certificate`` is False.
 
   Attributes:
     predicted_class: ``[B]`` the class, or ``ABSTAIN`` (-1) where not certified even at
       radius 0.
     radius: ``[B]`` l2 radius (pixel units) within which the prediction provably cannot
       change, with probability ``1 - alpha``; 0 where it abstains.
+    samples: ``[B]`` the noise samples drawn for each image.
+    bound: the confidence bound behind it: FS's bound of h_u(x) (``"point"``: the paper's
+      plug-in estimate, NOT a certificate), or ``"clopper-pearson"`` (RS).
+    sigma: the noise level.
+    alpha: the failure probability.
   """
   predicted_class: np.ndarray
   radius: np.ndarray
+  samples: np.ndarray
+  bound: str
+  sigma: float
+  alpha: float
 
   @property
   def is_certificate(self) -> bool:
-    return True
-
-
-class PredictionEstimate(NamedTuple):
-  """What ``certify_prediction(bound="point")`` returns: the paper's plug-in estimate.
-
-  The same fields as :class:`PredictionCertificate`, computed from the Monte Carlo mean
-  of h_u(x) instead of its lower confidence bound: NOT a certificate (``is_certificate``
-  is False, and the type's name says so wherever the result is printed).
-  """
-  predicted_class: np.ndarray
-  radius: np.ndarray
-
-  @property
-  def is_certificate(self) -> bool:
-    return False
+    """False for ``bound="point"``: the paper's plug-in estimate, not a certificate."""
+    return self.bound != "point"
 
 
 class PredictionMargin(NamedTuple):
-  """What an FS prediction certificate is made of (Theorem A.3.2), per image.
+  """The Monte Carlo half of an FS prediction certificate (Theorem A.3.2), per image.
 
   Attributes:
     predicted_class: ``[B]`` ``c = argmax_k <u, w_k>``, ``u`` the mean direction of the
       ``n0`` selection samples.
     margin: ``[B]`` the angular margin ``Delta`` of ``u`` (radians).
-    deficit: ``[B]`` ``1 - L``, ``L`` the ``bound``'s lower confidence bound of ``h_u(x)``
-      from ``n`` fresh samples (the Monte Carlo mean for ``bound="point"``).
-  The certificate: :func:`certify.certified_prediction` ``(margin, predicted_class,
-  deficit=deficit, sigma=sigma)``; the margin it needs at radius r:
-  :func:`certify.required_margin` ``(deficit=deficit, sigma=sigma, radius=r)``.
+    estimate: the :class:`certify.ScoreEstimate` of ``h_u(x)`` (reference ``"mean"``),
+      which carries the bound, sigma and alpha.
+  The certificate: :func:`prediction_certificate` ``(margin)``; the margin it needs at
+  radius r: :func:`certify.required_margin` ``(deficit=m.deficit, sigma=m.sigma, radius=r)``.
   """
   predicted_class: np.ndarray
   margin: np.ndarray
-  deficit: np.ndarray
+  estimate: _feature.ScoreEstimate
+
+  @property
+  def deficit(self) -> np.ndarray:
+    """``[B]`` ``1 - L``, L the bound of ``h_u(x)`` (the mean for ``bound="point"``)."""
+    return np.asarray(self.estimate.deficit)
+
+  @property
+  def sigma(self) -> float:
+    return self.estimate.sigma
+
+  @property
+  def bound(self) -> str:
+    return self.estimate.bound
+
+  @property
+  def is_certificate(self) -> bool:
+    return self.estimate.is_certificate
+
+
+_feature.register_labelled(PredictionCertificate, ("bound", "sigma", "alpha"))
+
+
+def _check_classifier(encoder, params, x, prototypes, head, sigma):
+  """``(encoder, params, prototypes)`` FS certifies, checked before any Monte Carlo.
+
+  ``head`` (a :class:`certify.CosinePrototypeHead`'s variables) certifies on the head's
+  projection of the encoder when it has one; ``prototypes`` are unit prototypes on the
+  encoder's own feature (e.g. CLIP zero-shot text embeddings).
+  """
+  if (prototypes is None) == (head is None):
+    raise ValueError("pass exactly one of head (the variables of a certify."
+                     "CosinePrototypeHead, projected or not) and prototypes ([K, D] unit "
+                     "prototypes on the encoder's own feature, e.g. CLIP text embeddings).")
+  if head is not None:
+    encoder, params, prototypes = heads_lib.fs_classifier(encoder, params, head)
+  feature = jax.eval_shape(lambda p, x: encoder(p, x, sigma=sigma), params,
+                           jnp.asarray(x, jnp.float32))
+  _prediction.check_prototypes(prototypes, feature.shape[-1])
+  return encoder, params, prototypes
 
 
 def prediction_margin(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
-                      prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
+                      sigma: float, key: jax.Array, head: Any = None,
+                      prototypes: jax.typing.ArrayLike | None = None,
                       n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
                       bound: str = "bernstein",
                       chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
                       progress: smoothing.Progress | None = None) -> PredictionMargin:
-  """The Monte Carlo half of :func:`certify_prediction`: class, margin and deficit.
+  """The Monte Carlo half of :func:`certify_prediction`: class, margin and the estimate.
 
   Arguments as in :func:`certify_prediction`.
   """
-  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound,
-                              chunk_size=chunk_size)
   encoders_lib.check_images(x)
-  feature = jax.eval_shape(lambda p, x: encoder(p, x, sigma=sigma), params,
-                           jnp.asarray(x, jnp.float32))
-  _prediction.check_prototypes(prototypes, feature.shape[-1])  # before any Monte Carlo
-  deficits = _feature.score_deficits(params, x, encoder=encoder, sigma=sigma, key=key, n=n,
-                                     n0=n0, alpha=alpha, bounds=(bound,), chunk_size=chunk_size,
-                                     progress=progress)
-  cls, delta = _prediction.angle_margin(deficits["mean"]["direction"], prototypes)
-  return PredictionMargin(np.asarray(cls), np.asarray(delta),
-                          np.asarray(deficits["mean"][bound]))
+  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, bound=bound,
+                              chunk_size=chunk_size, progress=progress)
+  encoder, params, prototypes = _check_classifier(encoder, params, x, prototypes, head, sigma)
+  (estimate,) = _feature._estimate(  # pylint: disable=protected-access  # checked above
+      params, x, key, encoder=encoder, sigma=sigma, n=n, n0=n0, alpha=alpha, bounds=(bound,),
+      references=("mean",), chunk_size=chunk_size, progress=progress)
+  cls, delta = _prediction.angle_margin(estimate.direction, prototypes)
+  return PredictionMargin(np.asarray(cls), np.asarray(delta), estimate)
 
 
 def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
-                       prototypes: jax.typing.ArrayLike, sigma: float, key: jax.Array,
+                       sigma: float, key: jax.Array, head: Any = None,
+                       prototypes: jax.typing.ArrayLike | None = None,
                        n0: int = 100, n: int = 10_000, alpha: float = _feature.DEFAULT_ALPHA,
                        bound: str = "bernstein",
                        chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
-                       progress: smoothing.Progress | None = None
-                       ) -> PredictionCertificate | PredictionEstimate:
+                       progress: smoothing.Progress | None = None) -> PredictionCertificate:
   """FS-certified prediction of a cosine-prototype head (Theorem A.3.2, closed-form radius).
 
   Args:
     params: encoder parameters.
     x: ``[B, H, W, 3]`` images in [0, 1].
-    encoder: the encoder (base or GSB-boosted; a head with a projection certifies on
-      :func:`fsjax.heads.fs_encoder`).
-    prototypes: ``[K, D]`` unit prototypes (learned, or CLIP zero-shot text embeddings).
+    encoder: the encoder (base or GSB-boosted).
     sigma: noise level > 0.
     key: PRNG key.
+    head: the variables of a :class:`certify.CosinePrototypeHead`; a head with a
+      projection is certified on the projected encoder (:func:`fsjax.heads.fs_classifier`),
+      the classifier it is. Or:
+    prototypes: ``[K, D]`` unit prototypes on the encoder's own feature (e.g. CLIP
+      zero-shot text embeddings). Exactly one of ``head`` and ``prototypes``.
     n0: samples that choose the mean direction and the class.
     n: fresh samples for the lower confidence bound of h_u(x).
     alpha: failure probability.
     bound: confidence bound ("bernstein", "betting", "hoeffding"); "point" gives the
-      paper's plug-in estimate, returned as a :class:`PredictionEstimate`.
+      paper's plug-in estimate, marked ``is_certificate=False``.
     chunk_size: samples per vectorised chunk.
     progress: optional callable advanced by the number of noise samples done (n0 + n in
-      all); the results do not change (:func:`certify.score_deficits`).
+      all); the results do not change (:func:`certify.estimate_scores`).
 
   Returns:
-    A :class:`PredictionCertificate` ``(predicted_class [B], radius [B])`` (a
-    :class:`PredictionEstimate` for ``bound="point"``): class -1 (abstain) where not
-    certified even at radius 0; radius is the l2 radius within which the prediction
-    provably cannot change.
+    A :class:`PredictionCertificate`: class -1 (abstain) where not certified even at
+    radius 0; radius is the l2 radius within which the prediction provably cannot change.
   """
-  m = prediction_margin(params, x, encoder=encoder, prototypes=prototypes, sigma=sigma,
-                        key=key, n0=n0, n=n, alpha=alpha, bound=bound, chunk_size=chunk_size,
-                        progress=progress)
-  return certificate_of(m, sigma=sigma, bound=bound)
+  return _prediction_certificate(prediction_margin(
+      params, x, encoder=encoder, sigma=sigma, key=key, head=head, prototypes=prototypes,
+      n0=n0, n=n, alpha=alpha, bound=bound, chunk_size=chunk_size, progress=progress))
 
 
-def certificate_of(m: PredictionMargin, *, sigma: float, bound: str
-                   ) -> PredictionCertificate | PredictionEstimate:
-  """The certificate (an estimate for ``bound="point"``) a :class:`PredictionMargin` gives."""
-  cls, radius = _prediction.certified_prediction(m.margin, m.predicted_class, sigma=sigma,
-                                                 deficit=m.deficit)
-  result = PredictionEstimate if bound == "point" else PredictionCertificate
-  return result(np.asarray(cls), np.asarray(radius))
+def _prediction_certificate(m: PredictionMargin) -> PredictionCertificate:
+  cls, radius = _prediction.certified_prediction(m.margin, m.predicted_class,
+                                                 sigma=m.estimate.sigma, deficit=m.deficit)
+  return PredictionCertificate(np.asarray(cls), np.asarray(radius),
+                               np.asarray(m.estimate.samples), m.estimate.bound,
+                               m.estimate.sigma, m.estimate.alpha)
+
+
+def prediction_certificate(margin: PredictionMargin) -> PredictionCertificate:
+  """The certificate (an estimate for ``bound="point"``) a :class:`PredictionMargin` gives.
+
+  Bound, sigma and alpha are the margin's own (those its Monte Carlo ran with), so the
+  result can be neither labelled with another bound nor rescaled by another sigma.
+  """
+  if not isinstance(margin, PredictionMargin):
+    raise ValueError(f"margin must be a certify.PredictionMargin (from certify."
+                     f"prediction_margin), got {type(margin).__name__}.")
+  _feature._check_estimate(margin.estimate, "margin.estimate")  # pylint: disable=protected-access
+  return _prediction_certificate(margin)
 
 
 def _head_counts(features, kernel, bias):
@@ -183,6 +227,7 @@ def class_counts(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.
   smoothing.check_sampling(sigma=sigma, n=n, chunk_size=chunk_size)
   checks.check_positive_int(first_index, name="first_index", minimum=0,
                             meaning="the index of the first noise sample")
+  _feature.check_progress(progress)
   kernel, bias = _linear_head(head)
   counts = smoothing.with_progress(
       progress, _class_counts, params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
@@ -206,16 +251,18 @@ def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.En
     Other arguments as in :func:`certify_prediction` (``progress`` counts n0 + n).
 
   Returns:
-    A :class:`PredictionCertificate` ``(predicted_class [B], radius [B])``, class -1
-    where it abstains.
+    A :class:`PredictionCertificate` (bound ``"clopper-pearson"``), class -1 where it
+    abstains.
   """
-  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size)
+  _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size,
+                              progress=progress)
   counts0 = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n0, key=key,
                          chunk_size=chunk_size, progress=progress)
   counts = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n, key=key,
                         first_index=n0, chunk_size=chunk_size, progress=progress)
-  return PredictionCertificate(*_prediction.rs_certify_from_counts(
-      counts0, counts, sigma=sigma, alpha=alpha))
+  cls, radius = _prediction.rs_certify_from_counts(counts0, counts, sigma=sigma, alpha=alpha)
+  return PredictionCertificate(cls, radius, np.full(cls.shape, int(n0) + int(n)),
+                               "clopper-pearson", float(sigma), float(alpha))
 
 
 def rs_predict(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,

@@ -12,9 +12,9 @@ the paper's u = f(x)) and L the lower confidence bound of h_u(x). This CLI tries
 it. For each image, variant and reference it
 
 1. certifies with the same two-stage Monte Carlo as :func:`certify.fcsb`
-   (:func:`certify.score_deficits`, then the closed form: for the same key and image
-   batch the numbers are ``certify.fcsb``'s), which gives L, u and the radius R_c for
-   cos >= c;
+   (:func:`certify.estimate_scores`, then :func:`certify.feature_certificate`: for the
+   same key and image batch the numbers are ``certify.fcsb``'s), which gives L, u and the
+   radius R_c for cos >= c;
 2. picks eps inside the certificate: ``config.audit.eps_fractions`` of R_c (images
    with R_c <= 0 are not certified at level c and are skipped), or, with
    ``config.audit.eps`` set, those radii where the cosine is certified (B >= 0);
@@ -53,11 +53,9 @@ import pathlib
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from certify import _closed_form
-from certify import _feature
+import certify
 from certify import report
 from fsjax import attacks
 from fsjax import batching
@@ -86,15 +84,17 @@ def audit_settings(config) -> Any:
 
 def check_audit_config(a) -> None:
   """Validates ``config.audit`` (errors name the key and the fix), before any jit."""
-  _feature.check_certify_args(sigma=a.sigma, n=a.n, n0=a.n0, alpha=a.alpha, bound=a.bound,
-                              chunk_size=a.chunk_size)
+  try:
+    certify.check_certify_args(sigma=a.sigma, n=a.n, n0=a.n0, alpha=a.alpha, bound=a.bound,
+                               cos=a.cos, chunk_size=a.chunk_size)
+  except ValueError as e:
+    raise ValueError(f"config.audit: {e}") from None
   if a.bound == "point":
     raise ValueError("config.audit.bound='point' is the paper's plug-in estimate, not a "
                      "certificate; audit 'bernstein', 'betting' or 'hoeffding'.")
-  _closed_form._check_cos(a.cos)  # pylint: disable=protected-access
-  if not a.references or any(r not in _feature.REFERENCES for r in a.references):
+  if not a.references or any(r not in certify.REFERENCES for r in a.references):
     raise ValueError(f"config.audit.references={a.references!r}: use a non-empty subset of "
-                     f"{_feature.REFERENCES}.")
+                     f"{certify.REFERENCES}.")
   if a.eps is None:
     fr = np.asarray(a.eps_fractions, np.float64)
     if fr.ndim != 1 or fr.size == 0 or np.any(fr <= 0) or np.any(fr > 1):
@@ -235,34 +235,41 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
   sigma = float(a.sigma)
   b = images.shape[0]
   padded = batching.pad_rows(images, max(pad_to or b, b))
-  out = _feature.score_deficits(
+  estimates = certify.estimate_scores(
       params, padded, encoder=encoder, sigma=sigma,
       key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0, alpha=a.alpha,
-      bounds=(a.bound,), chunk_size=a.chunk_size, progress=_task(
+      bounds=(a.bound,), references=tuple(a.references), chunk_size=a.chunk_size,
+      progress=_task(
           progress, f"{name}: certifying, {a.n0} + {a.n} samples x {len(padded)} images",
           images=len(padded), compile_key=("certify", encoder, padded.shape)))
   rows, skipped = [], collections.Counter()
-  for r_index, reference in enumerate(a.references):
-    deficit = np.asarray(out[reference][a.bound], np.float64)
-    u = np.asarray(out[reference]["direction"], np.float32)
-    radius = np.asarray(_closed_form.radius_from_deficit(
-        jnp.asarray(deficit, jnp.float32), jnp.float32(sigma), float(a.cos)), np.float64)
-    # The (image, eps) pairs inside the certificate.
-    pairs = []  # (image, eps, fraction or None)
+  for r_index, estimate in enumerate(estimates):
+    reference = estimate.reference
+    deficit = np.asarray(estimate.deficit, np.float64)
+    u = np.asarray(estimate.direction, np.float32)
+    radius = np.asarray(certify.feature_certificate(estimate, eps=0.0, cos=a.cos).radius,
+                        np.float64)
+    # The (image, eps) pairs inside the certificate, each with its bound B(eps).
+    pairs = []  # (image, eps, fraction or None, B)
     for i in range(b):
       if a.eps is None:
         if radius[i] <= 0:
           skipped["uncertified"] += 1
           continue
-        pairs += [(i, float(f) * radius[i], float(f)) for f in a.eps_fractions]
+        eps = [float(f) * radius[i] for f in a.eps_fractions]
+        fractions = [float(f) for f in a.eps_fractions]
       else:
-        eps = np.asarray(a.eps, np.float32)
-        certified = np.asarray(_closed_form.bound_from_deficit(
-            jnp.full(eps.shape, deficit[i], jnp.float32), jnp.asarray(eps), sigma))
-        kept = [(i, float(e), None) for e, bb in zip(eps, certified) if bb >= 0]
+        eps, fractions = [float(e) for e in np.asarray(a.eps, np.float32)], [None] * len(a.eps)
+      # The attack runs at float32(eps), so B is that radius's.
+      bound = np.asarray(certify.feature_certificate(
+          estimate.take(np.array([i])), eps=np.asarray(eps, np.float32),
+          cos=a.cos).inner_product_bound[0], np.float64)
+      kept = [(i, e, f, float(bb)) for e, f, bb in zip(eps, fractions, bound)
+              if a.eps is None or bb >= 0]
+      if a.eps is not None:
         skipped["uncertified"] += int(not kept)
         skipped["uncertified_eps"] += len(eps) - len(kept)
-        pairs += kept
+      pairs += kept
     bs = int(a.batch_size)
     # <f_s(x), u> at the clean image, for the attack's effect (clean - adversarial).
     clean_n = a.get("screen_n") or a.measure_n
@@ -301,14 +308,12 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
           key=jax.random.fold_in(ck, _ATTACK)))
       if attacked is not None:
         attacked(a.steps * a.eot_samples)
-      certified = np.asarray(_closed_form.bound_from_deficit(
-          jnp.asarray(batching.pad_rows(deficit[idx], bs), jnp.float32), jnp.asarray(eps_c), sigma),
-          np.float64)
+      certified = batching.pad_rows(np.array([p[3] for p in chunk], np.float64), bs)
       measured, se, used = _measure_pairs(params, x_adv, u_c, certified, encoder, a,
                                           jax.random.fold_in(ck, _MEASURE),
                                           progress=progress, label=label)
       dist = np.sqrt(np.sum((np.asarray(x_adv) - x_c) ** 2, axis=(1, 2, 3)))
-      for j, (i, e, frac) in enumerate(chunk):
+      for j, (i, e, frac, _) in enumerate(chunk):
         rows.append({
             "variant": name, "image": first_index + int(i), "label": int(labels[i]),
             "reference": reference, "bound": a.bound, "sigma": sigma,

@@ -33,8 +33,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from certify import _closed_form
-from certify import _feature
+import certify
 from certify import report
 from certify import table2
 from fsjax import cli
@@ -47,12 +46,13 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
                    *, first_image: int = 0, progress=None) -> Iterable[dict]:
   """Yields one result row per (variant, sigma, image, reference, bound).
 
-  Certificates come from :func:`certify.score_deficits` (one two-stage Monte Carlo run
-  gives every bound for both references) and the closed forms of Theorem 3.2 /
-  Corollary 3.3 applied to the score *deficit* 1 - L, which keeps float32 precision where
-  L is within 1e-7 of 1 (``certify.fcsb`` computes the same numbers). ``progress`` (a
-  :class:`certify.report.SampleProgress`) advances by noise samples x images after each
-  chunk of samples of the Monte Carlo (the results do not change).
+  One two-stage Monte Carlo run per (variant, sigma) gives every bound for both
+  references (:func:`certify.estimate_scores`); each estimate's certificate is
+  :func:`certify.feature_certificate` (Theorem 3.2 / Corollary 3.3 on the score deficit
+  1 - L, which keeps float32 precision where L is within 1e-7 of 1; ``certify.fcsb``
+  computes the same numbers). ``progress`` (a :class:`certify.report.SampleProgress`)
+  advances by noise samples x images after each chunk of samples of the Monte Carlo (the
+  results do not change).
   """
   c = config.certify
   eps = np.asarray(c.eps, np.float32)
@@ -63,21 +63,21 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
       advance = None if progress is None else progress.task(
           f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples x {len(images)} images",
           images=len(images), compile_key=(name, images.shape))
-      out = _feature.score_deficits(params, images, encoder=encoder, sigma=sigma, key=k,
-                                    n=c.n, n0=c.n0, alpha=c.alpha, bounds=tuple(c.bounds),
-                                    chunk_size=c.chunk_size, progress=advance)
-      for reference in c.references:
-        for bound in c.bounds:
-          deficit = out[reference][bound]
-          inner = np.asarray(_closed_form.bound_from_deficit(deficit[:, None], eps, sigma))
-          radius = np.asarray(_closed_form.radius_from_deficit(deficit, sigma, c.cos))
-          for i in range(images.shape[0]):
-            yield {"variant": name, "image": first_image + i, "sigma": float(sigma),
-                   "reference": reference, "bound": bound, "certificate": bound != "point",
-                   "label": int(labels[i]), "score": float(1.0 - deficit[i]),
-                   "score_deficit": float(deficit[i]),
-                   "inner_product_bound": dict(zip(map(float, eps), map(float, inner[i]))),
-                   "radius": float(radius[i]), "cos": float(c.cos)}
+      estimates = certify.estimate_scores(
+          params, images, encoder=encoder, sigma=sigma, key=k, n=c.n, n0=c.n0, alpha=c.alpha,
+          bounds=tuple(c.bounds), references=tuple(c.references), chunk_size=c.chunk_size,
+          progress=advance)
+      for estimate in estimates:
+        cert = certify.feature_certificate(estimate, eps=eps, cos=c.cos)
+        deficit, inner, radius, samples = (np.asarray(a) for a in (
+            estimate.deficit, cert.inner_product_bound, cert.radius, estimate.samples))
+        for i in range(images.shape[0]):
+          yield {"variant": name, "image": first_image + i, "sigma": float(sigma),
+                 "reference": estimate.reference, "bound": estimate.bound,
+                 "certificate": estimate.is_certificate, "label": int(labels[i]),
+                 "score": float(1.0 - deficit[i]), "score_deficit": float(deficit[i]),
+                 "inner_product_bound": dict(zip(map(float, eps), map(float, inner[i]))),
+                 "radius": float(radius[i]), "cos": float(c.cos), "samples": int(samples[i])}
 
 
 def _bound_label(bound: str) -> str:
@@ -207,9 +207,9 @@ def check_config(config) -> None:
     for bound in c.bounds:
       for reference in c.references:
         try:
-          _feature.check_certify_args(sigma=sigma, n=c.n, n0=c.n0, alpha=c.alpha,
-                                      bound=bound, reference=reference, eps=list(c.eps),
-                                      chunk_size=c.chunk_size)
+          certify.check_certify_args(sigma=sigma, n=c.n, n0=c.n0, alpha=c.alpha, bound=bound,
+                                     reference=reference, eps=list(c.eps), cos=c.cos,
+                                     chunk_size=c.chunk_size)
         except ValueError as e:
           raise ValueError(f"config.certify: {e}") from None
 

@@ -8,8 +8,8 @@ Paper Appendix A.3 and Table 2; method.md section 3. The heads come from
 and each test image (``config.test_data`` restricted to the heads' classes,
 ``config.prediction.test_per_class`` each):
 
-* FS: :func:`certify.certify_prediction` with the sigma's unit prototypes (on the
-  head's projection of the encoder when it has one, :func:`fsjax.heads.fs_encoder`): the mean
+* FS: :func:`certify.certify_prediction` with the sigma's cosine head (on the head's
+  projection of the encoder when it has one, :func:`fsjax.heads.fs_classifier`): the mean
   direction from ``n0`` samples picks the class, the ``prediction.bound`` lower
   confidence bound of ``h_u(x)`` from ``n`` fresh samples gives the closed-form radius.
 * RS: :func:`certify.rs_certify` (Cohen et al.'s CERTIFY) with the sigma's linear head as
@@ -108,8 +108,6 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     "certified", "correct"}`` plus the Monte Carlo settings; ``predicted_class`` is -1
     and ``radius`` 0 where the method abstains.
   """
-  prototypes = certify.unit_prototypes(heads["cosine"])
-  fs_encoder, fs_params = heads_lib.fs_encoder(encoder, params, heads["cosine"])
   bs = settings["batch_size"]
   mc = {k: settings[k] for k in ("n0", "n", "alpha", "chunk_size")}
   rows = []
@@ -122,16 +120,17 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
         f"sigma {sigma:g}, batch {b + 1} of {-(-len(images) // bs)}: {method}, "
         f"{settings['n0']} + {settings['n']} noise samples x {bs} images", images=bs,
         compile_key=(method, enc, xp.shape))
-    margin = certify.prediction_margin(fs_params, xp, encoder=fs_encoder,
-                                       prototypes=prototypes, sigma=sigma, key=k,
-                                       bound=settings["bound"],
-                                       progress=task("FS", fs_encoder), **mc)
-    out["FS"] = certify.certificate_of(margin, sigma=sigma, bound=settings["bound"])
-    need = np.asarray(certify.required_margin(deficit=margin.deficit, sigma=sigma))
+    # FS certifies the head's own classifier (on its projection of the encoder, if any).
+    margin = certify.prediction_margin(params, xp, encoder=encoder, head=heads["cosine"],
+                                       sigma=sigma, key=k, bound=settings["bound"],
+                                       progress=task("FS", encoder), **mc)
+    out["FS"] = certify.prediction_certificate(margin)
+    need = np.asarray(certify.required_margin(deficit=margin.deficit, sigma=margin.sigma))
     out["RS"] = certify.rs_certify(params, xp, encoder=encoder, head=heads["linear"],
                                    sigma=sigma, key=k, progress=task("RS", encoder), **mc)
     for method in METHODS:
-      cls, radius = (np.asarray(a)[:len(x)] for a in out[method])
+      cls, radius = (np.asarray(a)[:len(x)] for a in (out[method].predicted_class,
+                                                        out[method].radius))
       for i in range(len(x)):
         label = int(labels[start + i])
         rows.append({"method": method, "variant": variant, "sigma": float(sigma),
@@ -140,7 +139,8 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
                      "radius": float(radius[i]),
                      "certified": bool(int(cls[i]) != certify.ABSTAIN),
                      "correct": bool(int(cls[i]) == label),
-                     "bound": settings["bound"] if method == "FS" else "clopper-pearson",
+                     "bound": out[method].bound,
+                     "certificate": out[method].is_certificate,
                      "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]})
         if method == "FS":  # what the certificate is made of (the margins plot)
           rows[-1].update({"clean_class": int(margin.predicted_class[i]),

@@ -129,7 +129,7 @@ def check_deficit(value: Any, *, name: str = "deficit") -> None:
   """:func:`check_in_range` on [0, 1] for a deficit ``1 - L`` of a bound ``L`` in [0, 1]."""
   check_in_range(value, name=name, low=0.0, high=1.0,
                  meaning="the deficit 1 - L of a lower confidence bound L in [0, 1], as "
-                 "certify.score_deficits returns it",
+                 "a certify.ScoreEstimate holds it",
                  fix="A negative deficit would claim L > 1, i.e. more than certain.")
 
 

@@ -40,7 +40,8 @@ class CosinePrototypeHead(nn.Module):
   Parameters: ``prototypes`` ``[K, D]``, stored unnormalised (initialised from a standard
   normal, i.e. uniform directions) and normalised on use, so gradient steps never leave
   the sphere. Initialise them from CLIP text embeddings of class prompts to get
-  zero-shot CLIP. Use :func:`unit_prototypes` for the certificate.
+  zero-shot CLIP. Certify it with ``certify.certify_prediction(..., head=variables)``
+  (:func:`fs_classifier`).
 
   With ``projection_dim`` d, a linear map ``projection`` ``[D, d]`` (no bias) comes first:
   ``z -> P^T (z / ||z||)``, then the prototypes ``[K, d]``. The FS certificate then smooths
@@ -122,8 +123,27 @@ def fs_encoder(encoder: encoders_lib.Encoder, params: Any, cosine_head: Any
   return _projected(encoder), {"encoder": params, "projection": head["projection"]}
 
 
+def fs_classifier(encoder: encoders_lib.Encoder, params: Any, cosine_head: Any
+                  ) -> tuple[encoders_lib.Encoder, Any, jax.Array]:
+  """``(encoder, params, prototypes)`` FS certifies for a cosine head: the classifier it is.
+
+  With a projection, the encoder is :func:`fs_encoder`'s ``P^T f`` and the prototypes
+  live in its space; without one, the encoder itself and the head's unit prototypes.
+  The one way from a head to what ``certify.certify_prediction(..., head=...)`` smooths,
+  so prototypes of a projected head are never paired with the base encoder.
+  """
+  encoder, params = fs_encoder(encoder, params, cosine_head)
+  head = cosine_head.get("params", cosine_head)
+  return encoder, params, encoders_lib.normalise(jnp.asarray(head["prototypes"], jnp.float32))
+
+
 def unit_prototypes(params: Any) -> jax.Array:
-  """The unit prototypes ``w_k`` ``[K, D]`` of a :class:`CosinePrototypeHead`.
+  """The unit prototypes ``w_k`` ``[K, D]`` of a :class:`CosinePrototypeHead` without projection.
+
+  A projected head's prototypes score ``P^T f``, not the feature ``f``: certified against
+  the base encoder they would certify another classifier (silently, when the projection
+  is square), so they are refused here; certify such a head with
+  ``certify.certify_prediction(..., head=variables)`` (:func:`fs_classifier`).
 
   Args:
     params: the head's parameters, ``head.init(...)["params"]`` (the whole variables
@@ -131,6 +151,12 @@ def unit_prototypes(params: Any) -> jax.Array:
   """
   if "params" in params:
     params = params["params"]
+  if "projection" in params:
+    raise ValueError("this cosine head projects the feature before its prototypes (it has "
+                     "a 'projection'), so its prototypes do not classify the encoder's "
+                     "feature: pass the head itself, certify.certify_prediction(..., "
+                     "head=variables), or use fsjax.heads.fs_classifier(encoder, params, "
+                     "variables) for the (encoder, params, prototypes) it certifies.")
   return encoders_lib.normalise(jnp.asarray(params["prototypes"], jnp.float32))
 
 
@@ -244,9 +270,8 @@ def load_heads(workdir: str | os.PathLike) -> tuple[dict[str, Any], dict[float, 
     ``(meta, heads)``: ``meta`` is the ``heads.json`` sidecar (``sigmas``, ``classes``,
     ``class_names``, ``dim``, ``encoder``, settings, training ``history``);
     ``heads[sigma] = {"cosine": variables, "linear": variables}`` for each trained sigma.
-    Certify with ``certify.unit_prototypes(heads[sigma]["cosine"])`` on
-    :func:`fs_encoder` ``(encoder, params, heads[sigma]["cosine"])`` (FS) and
-    ``head=heads[sigma]["linear"]`` (RS).
+    Certify with ``certify.certify_prediction(..., head=heads[sigma]["cosine"])`` (FS)
+    and ``certify.rs_certify(..., head=heads[sigma]["linear"])`` (RS).
   """
   workdir = pathlib.Path(workdir)
   sidecar = workdir / SIDECAR

@@ -82,11 +82,44 @@ def test_radius_bad_cos():
     certify.radius_from_score(0.9, sigma=0.25, cos=1.0)
 
 
+def _estimate(deficit, **labels):
+  d = np.asarray(deficit, np.float32)
+  fields = dict(deficit=d, direction=np.eye(len(d), 4, dtype=np.float32),
+                samples=np.full(len(d), 100), reference="mean", bound="bernstein", sigma=0.5,
+                alpha=0.001)
+  fields.update(labels)
+  return certify.ScoreEstimate(**fields)
+
+
 @pytest.mark.parametrize("deficit", [-1e-3, 1.5, float("nan")])
-def test_deficit_functions_refuse_out_of_range(deficit):
+def test_certificates_refuse_a_deficit_out_of_range(deficit):
   """A negative deficit claims L > 1: it must not become the maximum radius (issue 13 d)."""
-  from certify import _closed_form
   with pytest.raises(ValueError, match="deficit"):
-    _closed_form.radius_from_deficit(np.array([0.01, deficit]), 0.5, 0.5)
-  with pytest.raises(ValueError, match="deficit"):
-    _closed_form.bound_from_deficit(np.array([0.01, deficit]), 0.25, 0.5)
+    certify.feature_certificate(_estimate([0.01, deficit]), eps=0.25)
+
+
+@pytest.mark.parametrize("labels, match", [
+    (dict(sigma=0.0), "estimate.sigma"), (dict(sigma=True), "estimate.sigma"),
+    (dict(bound="chernoff"), "estimate.bound"), (dict(reference="x"), "estimate.reference"),
+    (dict(alpha=1.0), "estimate.alpha"),
+])
+def test_certificates_refuse_a_mislabelled_estimate(labels, match):
+  with pytest.raises(ValueError, match=match):
+    certify.feature_certificate(_estimate([0.01, 0.02], **labels), eps=0.25)
+
+
+def test_feature_certificate_of_an_estimate_against_scipy():
+  """Theorem 3.2 and Corollary 3.3 from the estimate's own deficit and sigma (float64 scipy)."""
+  deficit = np.array([1e-6, 1e-3, 0.05, 0.3], np.float32)
+  eps, sigma, cos = np.array([0.0, 0.1, 0.5], np.float32), 0.25, 0.7
+  for bound in ("bernstein", "point"):
+    cert = certify.feature_certificate(_estimate(deficit, sigma=sigma, bound=bound), eps=eps,
+                                       cos=cos)
+    z = stats.norm.isf(deficit.astype(np.float64))
+    want = 2 * stats.norm.cdf(z[:, None] - eps.astype(np.float64) / sigma) - 1
+    np.testing.assert_allclose(cert.inner_product_bound, want, atol=2e-6)
+    np.testing.assert_array_equal(cert.certified, want >= 0)
+    np.testing.assert_allclose(cert.radius, sigma * (z - stats.norm.ppf((1 + cos) / 2)),
+                               rtol=1e-5)
+    assert cert.is_certificate == (bound != "point") and cert.bound == bound
+    np.testing.assert_array_equal(cert.score, 1 - deficit)

@@ -25,6 +25,13 @@ def _images(b=2, seed=3):
   return jax.random.uniform(jax.random.PRNGKey(seed), (b, 8, 8, 3), minval=0.2, maxval=0.8)
 
 
+def _estimates(params, x, **kwargs):
+  """``{(reference, bound): ScoreEstimate}`` of every bound for both references."""
+  kwargs.setdefault("bounds", certify.BOUNDS)
+  out = certify.estimate_scores(params, x, references=certify.REFERENCES, **kwargs)
+  return {(e.reference, e.bound): e for e in out}
+
+
 def test_robustness_score_matches_direct_monte_carlo(toy):
   enc, params = toy
   x = _images()
@@ -45,39 +52,40 @@ def test_robustness_score_matches_direct_monte_carlo(toy):
 def test_results_do_not_depend_on_chunk_size(toy, chunk_size):
   enc, params = toy
   x = _images()
-  ref = certify.score_deficits(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20,
-                               chunk_size=16)
-  got = certify.score_deficits(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20,
-                               chunk_size=chunk_size)
-  for r in ref:
-    for b in ref[r]:
-      # Same samples; only the summation order differs (float32 rounding).
-      np.testing.assert_allclose(got[r][b], ref[r][b], rtol=2e-5, atol=2e-6, err_msg=f"{r}/{b}")
+  ref = _estimates(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20, chunk_size=16)
+  got = _estimates(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20,
+                   chunk_size=chunk_size)
+  for rb in ref:
+    # Same samples; only the summation order differs (float32 rounding).
+    np.testing.assert_allclose(got[rb].deficit, ref[rb].deficit, rtol=2e-5, atol=2e-6,
+                               err_msg=str(rb))
+    np.testing.assert_allclose(got[rb].direction, ref[rb].direction, atol=2e-6)
 
 
 def test_results_do_not_depend_on_device_count(toy, tmp_path):
   enc, params = toy
   x = _images()
-  ref = certify.score_deficits(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20,
-                               chunk_size=8)
+  ref = _estimates(params, x, encoder=enc, sigma=0.5, key=KEY, n=100, n0=20, chunk_size=8)
   script = textwrap.dedent(f"""
       import json, jax, numpy as np, certify, sys
       sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})  # tests/conftest.py
       from conftest import ToyEncoder, toy_params
       assert jax.local_device_count() == 8, jax.local_device_count()
       x = jax.random.uniform(jax.random.PRNGKey(3), (2, 8, 8, 3), minval=0.2, maxval=0.8)
-      d = certify.score_deficits(toy_params(), x, encoder=ToyEncoder(resolution=8), sigma=0.5,
-                                 key=jax.random.PRNGKey(0), n=100, n0=20, chunk_size=8)
-      print(json.dumps({{r: {{b: np.asarray(v).tolist() for b, v in d[r].items() if b != "direction"}} for r in d}}))
+      d = certify.estimate_scores(toy_params(), x, encoder=ToyEncoder(resolution=8), sigma=0.5,
+                                  key=jax.random.PRNGKey(0), n=100, n0=20, chunk_size=8,
+                                  bounds=certify.BOUNDS, references=certify.REFERENCES)
+      print(json.dumps([[e.reference, e.bound, np.asarray(e.deficit).tolist()] for e in d]))
   """)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   got = json.loads(out.stdout.strip().splitlines()[-1])
-  for r in got:
-    for b in got[r]:
-      np.testing.assert_allclose(got[r][b], ref[r][b], rtol=2e-5, atol=2e-6, err_msg=f"{r}/{b}")
+  assert len(got) == len(ref)
+  for r, b, deficit in got:
+    np.testing.assert_allclose(deficit, ref[r, b].deficit, rtol=2e-5, atol=2e-6,
+                               err_msg=f"{r}/{b}")
 
 
 def test_one_compilation_for_repeated_calls(toy):
@@ -104,6 +112,44 @@ def test_fcsb_fields_and_vacuous_cosine(toy):
   assert np.all(point.inner_product_bound >= cert.inner_product_bound[:, 1])
 
 
+def test_fcsb_is_the_estimate_then_its_certificate(toy):
+  """The one pipeline: fcsb == feature_certificate(estimate_scores(...)), same bits, and the
+  certificate's radius is Corollary 3.3 of its estimate's deficit and sigma (scipy)."""
+  enc, params = toy
+  x = _images()
+  mc = dict(encoder=enc, sigma=0.25, key=KEY, n=200, n0=20, alpha=0.01)
+  cert = certify.fcsb(params, x, eps=[0.0, 0.25], cos=0.6, **mc)
+  (est,) = certify.estimate_scores(params, x, **mc)
+  assert (est.reference, est.bound, est.sigma, est.alpha) == ("mean", "bernstein", 0.25, 0.01)
+  np.testing.assert_array_equal(est.samples, [220, 220])
+  two_step = certify.feature_certificate(est, eps=[0.0, 0.25], cos=0.6)
+  for a, b in zip(jax.tree.leaves(cert), jax.tree.leaves(two_step)):
+    np.testing.assert_array_equal(a, b)
+  from scipy import stats
+  want = 0.25 * (stats.norm.isf(np.asarray(est.deficit, np.float64)) - stats.norm.ppf(0.8))
+  np.testing.assert_allclose(cert.radius, want, rtol=1e-5)
+  np.testing.assert_array_equal(
+      certify.certified_radius(params, x, cos=0.6, **mc), cert.radius)
+  # A pytree of its arrays (labels static): jit can return it.
+  jitted = jax.jit(lambda e: e)(est)
+  assert jitted.bound == "bernstein" and jitted.sigma == 0.25
+  np.testing.assert_array_equal(jitted.take(np.array([1])).deficit, est.deficit[1:])
+
+
+def test_each_setting_is_validated_once(toy, monkeypatch):
+  """Issue 19.3: one sigma was validated 22 times per batch; now once per public call."""
+  from fsjax import checks
+  enc, params = toy
+  calls = []
+  real = checks.check_sigma
+  monkeypatch.setattr(checks, "check_sigma", lambda *a, **k: (calls.append(1), real(*a, **k)))
+  mc = dict(encoder=enc, sigma=0.25, eps=0.1, key=KEY, n=50, n0=10, alpha=0.01)
+  certify.fcsb(params, _images(), **mc)  # compiles (tracing may check more)
+  calls.clear()
+  certify.fcsb(params, _images(), **mc)
+  assert len(calls) == 1
+
+
 def test_two_stage_point_scores_match_direct_loop(toy):
   """Both references and both stages against a float64 loop over the documented noise.
 
@@ -114,33 +160,32 @@ def test_two_stage_point_scores_match_direct_loop(toy):
   enc, params = toy
   x = _images(3)
   sigma, n0, n, alpha = 0.5, 30, 120, 0.01
-  got = certify.score_deficits(params, x, encoder=enc, sigma=sigma, key=KEY, n=n, n0=n0,
-                               alpha=alpha, bounds=("point", "hoeffding", "bernstein"),
-                               chunk_size=16)
+  got = _estimates(params, x, encoder=enc, sigma=sigma, key=KEY, n=n, n0=n0, alpha=alpha,
+                   bounds=("point", "hoeffding", "bernstein"), chunk_size=16)
   feats = np.stack([np.asarray(enc(params, x + smoothing.noise(KEY, i, x.shape, sigma)),
                                np.float64) for i in range(n0 + n)], axis=1)  # [B, n0 + n, D]
   clean = np.asarray(enc(params, x), np.float64)
   mean = feats[:, :n0].mean(1)
   u = mean / np.linalg.norm(mean, axis=-1, keepdims=True)
-  np.testing.assert_allclose(got["mean"]["direction"], u, atol=2e-6)
+  np.testing.assert_allclose(got["mean", "point"].direction, u, atol=2e-6)
   for ref, direction in (("clean", clean), ("mean", u)):
     scores = (1 + np.einsum("bkd,bd->bk", feats[:, n0:], direction)) / 2  # [B, n]
     mu, var = scores.mean(1), scores.var(1, ddof=1)
-    np.testing.assert_allclose(got[ref]["point"], 1 - mu, atol=2e-6, err_msg=ref)
-    np.testing.assert_allclose(got[ref]["hoeffding"],
+    np.testing.assert_allclose(got[ref, "point"].deficit, 1 - mu, atol=2e-6, err_msg=ref)
+    np.testing.assert_allclose(got[ref, "hoeffding"].deficit,
                                1 - mu + np.sqrt(np.log(1 / alpha) / (2 * n)), atol=2e-6)
     lt = np.log(2 / alpha)
-    np.testing.assert_allclose(got[ref]["bernstein"],
+    np.testing.assert_allclose(got[ref, "bernstein"].deficit,
                                1 - mu + np.sqrt(2 * var * lt / n) + 7 * lt / (3 * (n - 1)),
                                atol=2e-6, err_msg=ref)
 
 
 def test_mean_reference_not_worse_than_clean_two_stage(toy):
   enc, params = toy
-  d = certify.score_deficits(params, _images(4), encoder=enc, sigma=0.5, key=KEY, n=2000,
-                             n0=200, bounds=("bernstein",))
+  d = _estimates(params, _images(4), encoder=enc, sigma=0.5, key=KEY, n=2000, n0=200,
+                 bounds=("bernstein",))
   # Two-stage: u is estimated from n0 samples, so "never worse" holds up to Monte Carlo error.
-  assert np.all(d["mean"]["bernstein"] <= d["clean"]["bernstein"] + 2e-3)
+  assert np.all(d["mean", "bernstein"].deficit <= d["clean", "bernstein"].deficit + 2e-3)
 
 
 @pytest.mark.parametrize("reference", ["clean", "mean"])
@@ -189,6 +234,12 @@ def test_soundness_against_gradient_attack(toy, reference):
     (dict(reference="target"), "reference"),
     (dict(n=0), "n must"), (dict(n0=2.5), "n0"), (dict(alpha=float("nan")), "alpha"),
     (dict(sigma=float("inf")), "sigma"), (dict(chunk_size=0), "chunk_size"),
+    # Issue 20.5: no eps, a grid of grids, a flag or a string as sigma, a flag as progress.
+    (dict(eps=[]), r"eps must be one l2 radius or a non-empty list"),
+    (dict(eps=[[0.1, 0.2]]), r"shape \[E\]"), (dict(sigma=True), "sigma .* bool"),
+    (dict(sigma="0.25"), "sigma .* str"), (dict(alpha=True), "alpha"),
+    (dict(progress=True), "progress must be None or a callable"),
+    (dict(cos=1.0), "cos"), (dict(cos=float("nan")), "cos"),
 ])
 def test_bad_arguments(toy, kwargs, match):
   enc, params = toy
@@ -265,15 +316,15 @@ def test_certificate_is_exact_whatever_the_default_matmul_precision(precision):
   params = {"w": 3 * jax.random.normal(k1, (192,)), "b": jax.random.normal(k2, (192,))}
   x = _images(2)
   args = dict(encoder=enc, sigma=0.5, key=KEY, n=64, n0=16, alpha=0.01, chunk_size=16)
-  want = certify.score_deficits(params, x, **args)
+  want = _estimates(params, x, **args)
   with jax.default_matmul_precision(precision):
-    got = certify.score_deficits(params, x, **args)
+    got = _estimates(params, x, **args)
     jaxpr = jax.make_jaxpr(lambda p, x, k, s: _feature._score_deficits(  # pylint: disable=protected-access
         p, x, k, s, encoder=enc, n0=16, n=64, alpha=0.01, bounds=_bounds.BOUNDS,
         chunk_size=16))(params, x, KEY, jnp.float32(0.5))
-  for ref in want:
-    for bound in want[ref]:
-      np.testing.assert_array_equal(got[ref][bound], want[ref][bound], err_msg=f"{ref}/{bound}")
+  for rb in want:
+    np.testing.assert_array_equal(got[rb].deficit, want[rb].deficit, err_msg=str(rb))
+    np.testing.assert_array_equal(got[rb].direction, want[rb].direction, err_msg=str(rb))
   dots = list(_dots(jaxpr))
   assert len(dots) >= 2  # stage 1's clean score and stage 2's scores
   assert all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for e in dots), [
@@ -291,13 +342,13 @@ def test_progress_counts_every_sample_and_changes_no_bit(toy):
   enc, params = toy
   x = _images()
   args = dict(encoder=enc, sigma=0.5, key=KEY, n=100, n0=20, chunk_size=64)
-  want = certify.score_deficits(params, x, **args)
+  want = _estimates(params, x, **args)
   done = []
-  got = certify.score_deficits(params, x, progress=done.append, **args)
+  got = _estimates(params, x, progress=done.append, **args)
   assert sorted(done) == [20, 36, 64]
-  for ref in want:
-    for bound in want[ref]:
-      np.testing.assert_array_equal(got[ref][bound], want[ref][bound], err_msg=f"{ref}/{bound}")
+  for rb in want:
+    np.testing.assert_array_equal(got[rb].deficit, want[rb].deficit, err_msg=str(rb))
+    np.testing.assert_array_equal(got[rb].direction, want[rb].direction, err_msg=str(rb))
   assert not smoothing._reporters  # pylint: disable=protected-access  # unregistered
 
 

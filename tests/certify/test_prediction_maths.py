@@ -266,6 +266,13 @@ def test_bad_inputs_raise():
       (lambda: pred.angle_margin(z, w[:, :3]), "dimension"),
       (lambda: pred.angle_margin(z, w[:1]), "K >= 2"),
       (lambda: pred.prototype_logit_bounds(z, w, np.ones(3)), "batch size"),
+      # Issue 20.5: gamma = NaN returned NaN bounds; a vector radius was taken.
+      (lambda: pred.prototype_logit_bounds(z, w, np.array([0.5, np.nan])), "gamma contains NaN"),
+      (lambda: pred.prototype_logit_bounds(z, w, np.array([0.5, 1.5])), "gamma must lie in"),
+      (lambda: pred.required_margin(np.array([0.9, 0.99]), sigma=0.5, radius=[0.1, 0.2]),
+       "radius must be one l2 radius"),
+      (lambda: pred.required_margin(np.array([0.9, 0.99]), sigma=True), "sigma .* bool"),
+      (lambda: pred.prediction_radius(np.ones(2), np.ones(2), sigma="0.5"), "sigma .* str"),
       (lambda: pred.prediction_radius(np.ones(2), np.ones(2), sigma=0.0), "sigma"),
       (lambda: pred.prediction_radius(np.ones(2), np.ones(2), sigma=-1.0), "sigma"),
       (lambda: pred.rs_certify_from_counts(good, good, sigma=0.0, alpha=0.01), "sigma"),

@@ -27,16 +27,20 @@ def test_fs_certified_prediction_matches_closed_form(toy):
   enc, params = toy
   x = _images()
   w = _prototypes(enc, params, x)
-  cls, radius = certify.certify_prediction(params, x, encoder=enc, prototypes=w, sigma=0.25,
-                                           key=KEY, n0=50, n=500, alpha=0.01)
-  d = certify.score_deficits(params, x, encoder=enc, sigma=0.25, key=KEY, n=500, n0=50,
-                             alpha=0.01, bounds=("bernstein",))["mean"]
-  u = np.asarray(d["direction"])
+  cert = certify.certify_prediction(params, x, encoder=enc, prototypes=w, sigma=0.25,
+                                    key=KEY, n0=50, n=500, alpha=0.01)
+  cls, radius = cert.predicted_class, cert.radius
+  assert (cert.bound, cert.sigma, cert.alpha, cert.is_certificate) == ("bernstein", 0.25, 0.01,
+                                                                       True)
+  np.testing.assert_array_equal(cert.samples, [550] * 4)
+  (d,) = certify.estimate_scores(params, x, encoder=enc, sigma=0.25, key=KEY, n=500, n0=50,
+                                 alpha=0.01)
+  u = np.asarray(d.direction)
   theta = np.arccos(np.clip(u @ np.asarray(w).T, -1, 1))
   expect_cls = np.argmax(u @ np.asarray(w).T, 1)
   margin = np.sort(theta, 1)[:, 1] - np.sort(theta, 1)[:, 0]
   from scipy import stats
-  expect_r = 0.25 * (stats.norm.isf(np.asarray(d["bernstein"], np.float64))
+  expect_r = 0.25 * (stats.norm.isf(np.asarray(d.deficit, np.float64))
                      - stats.norm.ppf((1 + np.cos(margin / 2)) / 2))
   certified = expect_r > 0
   np.testing.assert_array_equal(cls, np.where(certified, expect_cls, -1))
@@ -48,9 +52,9 @@ def test_fs_abstains_with_identical_prototypes(toy):
   x = _images(2)
   w = _prototypes(enc, params, x)[:1]
   w = jnp.concatenate([w, w], 0)  # margin 0: never certifiable
-  cls, radius = certify.certify_prediction(params, x, encoder=enc, prototypes=w, sigma=0.25,
-                                           key=KEY, n0=20, n=100)
-  assert np.all(cls == -1)
+  cert = certify.certify_prediction(params, x, encoder=enc, prototypes=w, sigma=0.25,
+                                    key=KEY, n0=20, n=100)
+  assert np.all(cert.predicted_class == -1)
 
 
 def test_prototype_dimension_error(toy):
@@ -89,7 +93,8 @@ def test_rs_certify_and_abstain(toy):
   rs = certify.rs_certify(params, x, encoder=enc, head=head, sigma=0.25, key=KEY, n0=10,
                           n=1000, alpha=0.001)
   assert type(rs).__name__ == "PredictionCertificate" and rs.is_certificate
-  cls, radius = rs
+  assert rs.bound == "clopper-pearson" and np.all(rs.samples == 1010)
+  cls, radius = rs.predicted_class, rs.radius
   assert np.all(cls == 1)
   from scipy import stats
   pa = 0.001 ** (1 / 1000)  # Clopper-Pearson lower bound when all n agree
@@ -140,8 +145,9 @@ def test_a_tie_in_counts_abstains(toy):
     assert counts[i, 0] == counts[i, 1] == n // 2
     assert certify.rs_predict(params, x, encoder=enc, head=head, sigma=sigma, key=KEY, n=n,
                               alpha=alpha)[i] == certify.ABSTAIN
-    cls, radius = certify.rs_certify(params, x, encoder=enc, head=head, sigma=sigma, key=KEY,
-                                     n0=n, n=n, alpha=alpha)
+    rs = certify.rs_certify(params, x, encoder=enc, head=head, sigma=sigma, key=KEY, n0=n,
+                            n=n, alpha=alpha)
+    cls, radius = rs.predicted_class, rs.radius
     k = int(np.sum(proj[i, n:] > t[i]))  # class 0 on the fresh samples n .. 2n - 1
     p_a = stats.beta.ppf(alpha, k, n - k + 1) if k else 0.0
     if p_a > 0.5:
@@ -158,19 +164,86 @@ def test_point_estimate_is_marked_as_such(toy):
   mc = dict(encoder=enc, prototypes=w, sigma=0.25, key=KEY, n0=20, n=100, alpha=0.01)
   point = certify.certify_prediction(params, x, bound="point", **mc)
   cert = certify.certify_prediction(params, x, bound="bernstein", **mc)
-  assert type(point).__name__ == "PredictionEstimate" and not point.is_certificate
-  assert type(cert).__name__ == "PredictionCertificate" and cert.is_certificate
-  assert "PredictionEstimate(" in repr(point)
-  cls, radius = point  # unpacks like a certificate, for code that handles both
-  d = certify.score_deficits(params, x, encoder=enc, sigma=0.25, key=KEY, n=100, n0=20,
-                             alpha=0.01, bounds=("point",))["mean"]
-  u, wn = np.asarray(d["direction"], np.float64), np.asarray(w, np.float64)
+  assert not point.is_certificate and cert.is_certificate
+  assert "bound='point'" in repr(point)  # printed, it says what it is
+  cls, radius = point.predicted_class, point.radius
+  (d,) = certify.estimate_scores(params, x, encoder=enc, sigma=0.25, key=KEY, n=100, n0=20,
+                                 alpha=0.01, bounds=("point",))
+  u, wn = np.asarray(d.direction, np.float64), np.asarray(w, np.float64)
   theta = np.sort(np.arccos(np.clip(u @ wn.T, -1, 1)), 1)
   from scipy import stats
-  want = 0.25 * (stats.norm.isf(np.asarray(d["point"], np.float64))
+  want = 0.25 * (stats.norm.isf(np.asarray(d.deficit, np.float64))
                  - stats.norm.ppf((1 + np.cos((theta[:, 1] - theta[:, 0]) / 2)) / 2))
   np.testing.assert_allclose(radius[cls >= 0], want[cls >= 0], rtol=1e-3, atol=1e-4)
   assert np.all((cls >= 0) == (want > 0))
+
+
+def test_the_margin_carries_its_bound_and_sigma(toy):
+  """Issue 20.5: certificate_of(margin, sigma=, bound=) trusted both arguments, so a point
+  margin could be labelled a certificate and another sigma rescaled the radius. The
+  certificate now takes both from the margin's own estimate."""
+  enc, params = toy
+  x = _images(2)
+  w = _prototypes(enc, params, x)
+  mc = dict(encoder=enc, prototypes=w, key=KEY, n0=20, n=100, alpha=0.01)
+  point = certify.prediction_margin(params, x, sigma=0.25, bound="point", **mc)
+  assert not point.is_certificate and not certify.prediction_certificate(point).is_certificate
+  with pytest.raises(TypeError):
+    certify.prediction_certificate(point, sigma=0.5, bound="bernstein")  # pylint: disable=unexpected-keyword-arg
+  for sigma in (0.25, 0.5):
+    m = certify.prediction_margin(params, x, sigma=sigma, **mc)
+    assert (m.sigma, m.bound) == (sigma, "bernstein")
+    got = certify.prediction_certificate(m)
+    from scipy import stats  # radius = sigma (Phi^-1(L) - Phi^-1((1 + cos(Delta/2)) / 2))
+    want = sigma * (stats.norm.isf(m.deficit.astype(np.float64))
+                    - stats.norm.ppf((1 + np.cos(m.margin.astype(np.float64) / 2)) / 2))
+    np.testing.assert_allclose(got.radius, np.where(want > 0, want, 0.0), rtol=1e-4, atol=1e-6)
+    assert got.sigma == sigma and got.is_certificate
+  with pytest.raises(ValueError, match="PredictionMargin"):
+    certify.prediction_certificate(tuple(m))
+
+
+@pytest.mark.parametrize("dim", [16, 4])  # 16: a square projection, the silent case
+def test_a_projected_head_is_certified_as_the_classifier_it_is(toy, dim):
+  """Issue 20.5: unit prototypes of a projected head could be certified against the base
+  encoder, which with a square projection is another classifier, silently."""
+  enc, params = toy
+  x = _images(2)
+  head = certify.CosinePrototypeHead(num_classes=3, dim=16, projection_dim=dim).init(
+      jax.random.PRNGKey(1), enc(params, x))
+  with pytest.raises(ValueError, match="projects the feature"):
+    certify.unit_prototypes(head)
+  mc = dict(sigma=0.25, key=KEY, n0=20, n=100, alpha=0.01, bound="point")
+  got = certify.prediction_margin(params, x, encoder=enc, head=head, **mc)
+  # Independently: the projected feature unit(P^T f) scored against unit prototypes.
+  p = head["params"]
+  kernel = np.asarray(p["projection"], np.float64)
+  w = np.asarray(p["prototypes"], np.float64)
+  w /= np.linalg.norm(w, axis=1, keepdims=True)
+  feats = np.stack([np.asarray(enc(params, x + smoothing.noise(KEY, i, x.shape, 0.25)),
+                               np.float64) @ kernel for i in range(20)], 1)
+  feats /= np.linalg.norm(feats, axis=-1, keepdims=True)
+  u = feats.mean(1)
+  np.testing.assert_array_equal(got.predicted_class, np.argmax(u @ w.T, 1))
+  with pytest.raises(ValueError, match="exactly one of head"):
+    certify.prediction_margin(params, x, encoder=enc, head=head, prototypes=jnp.asarray(w),
+                              **mc)
+
+
+@pytest.mark.parametrize("call", ["certify_prediction", "rs_certify", "class_counts"])
+def test_progress_must_be_callable_before_anything_runs(toy, call):
+  """Issue 20.5: progress=True failed late, inside the host callback of the first chunk."""
+  enc, params = toy
+  x = _images(1)
+  args = dict(encoder=enc, sigma=0.25, key=KEY, n=10, progress=True)
+  if call == "certify_prediction":
+    args.update(prototypes=jnp.eye(2, 16), n0=5)
+  else:
+    args.update(head=_head(enc, params, x))
+    if call == "rs_certify":
+      args.update(n0=5)
+  with pytest.raises(ValueError, match="progress must be None or a callable"):
+    getattr(certify, call)(params, x, **args)
 
 
 @pytest.mark.parametrize("x, match", [
@@ -194,8 +267,8 @@ def test_prediction_of_bfloat16_images_is_that_of_their_float32_values(toy):
   x32 = np.asarray(x16).astype(np.float32)
   w = _prototypes(enc, params, jnp.asarray(x32))
   mc = dict(encoder=enc, prototypes=w, sigma=0.25, key=KEY, n0=20, n=100, alpha=0.01)
-  for a, b in zip(certify.certify_prediction(params, x16, **mc),
-                  certify.certify_prediction(params, x32, **mc)):
+  for a, b in zip(jax.tree.leaves(certify.certify_prediction(params, x16, **mc)),
+                  jax.tree.leaves(certify.certify_prediction(params, x32, **mc))):
     np.testing.assert_array_equal(a, b)
 
 

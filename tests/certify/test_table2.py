@@ -93,7 +93,7 @@ def test_rows_match_direct_certify_calls(result):
       per_class=TEST_PER_CLASS, seed=0)
   _, heads = heads_lib.load_heads(workdir)
   bs = config.certify.batch_size
-  # The head projects: FS certifies x -> P^T f(x) (fsjax.heads.fs_encoder). One wrapper for
+  # The head projects: FS certifies x -> P^T f(x) (fsjax.heads.fs_classifier). One wrapper for
   # every call: jit caches by the encoder's identity.
   projected = heads_lib.ProjectedEncoder(encoder)
   radii_seen = []
@@ -109,7 +109,8 @@ def test_rows_match_direct_certify_calls(result):
                 progress=lambda samples: None)
       kernel = heads[sigma]["cosine"]["params"]["projection"]
       fs_params = {"encoder": params, "projection": kernel}
-      w = certify.unit_prototypes(heads[sigma]["cosine"])
+      w = np.asarray(heads[sigma]["cosine"]["params"]["prototypes"], np.float32)
+      w = w / np.linalg.norm(w, axis=1, keepdims=True)  # in the projection's space
       fs = certify.certify_prediction(fs_params, x, encoder=projected, bound="point",
                                       prototypes=w, **mc)
       margin = certify.prediction_margin(fs_params, x, encoder=projected, bound="point",
@@ -124,7 +125,8 @@ def test_rows_match_direct_certify_calls(result):
       np.testing.assert_allclose([r["required_margin"] for r in got_fs], need, rtol=1e-4,
                                  atol=1e-5)
       rs = certify.rs_certify(params, x, encoder=encoder, head=heads[sigma]["linear"], **mc)
-      for method, (cls, radius) in (("FS", fs), ("RS", rs)):
+      for method, cert in (("FS", fs), ("RS", rs)):
+        cls, radius = cert.predicted_class, cert.radius
         got = sorted((r for r in rows if r["sigma"] == sigma and r["method"] == method
                       and b * bs <= r["image"] < (b + 1) * bs), key=lambda r: r["image"])
         n_real = len(got)
