@@ -84,7 +84,8 @@ class SequenceState(NamedTuple):
     prior_variance: ``[...]`` prior variance (fixed).
     total: ``[...]`` sum of ``e - center``.
     total_sq: ``[...]`` sum of ``(e - center)^2``.
-    log_wealth: ``[..., 2, len(BET_SCALES), G]`` log K_t of every side, bet and grid
+    scales: ``[..., S]`` the bet scales (:data:`BET_SCALES` by default; fixed).
+    log_wealth: ``[..., 2, S, G]`` log K_t of every side, bet scale and grid
       cell; side 0 tests the values e (the upper bound, the certificate), side 1 the
       values 1 - e (the lower bound, only ever used to give up).
     rejected: ``[..., 2, G]`` bool, cell ever reached ``log(1/alpha)``.
@@ -95,23 +96,27 @@ class SequenceState(NamedTuple):
   prior_variance: jax.Array
   total: jax.Array
   total_sq: jax.Array
+  scales: jax.Array
   log_wealth: jax.Array
   rejected: jax.Array
 
 
 def init(center: jax.typing.ArrayLike, variance: jax.typing.ArrayLike, *,
-         grid_size: int = GRID) -> SequenceState:
+         grid_size: int = GRID, scales: Sequence[float] = BET_SCALES) -> SequenceState:
   """A fresh state from a prior mean and variance ``[...]`` of the deficits.
 
   The prior must not depend on the values the sequence will see (e.g. it comes from a
   first stage of other samples); any prior keeps the sequence valid, a good one tightens it.
+  ``scales``: the aGRAPA bet is multiplied by each and the wealths averaged (any positive
+  scales keep it valid; fewer cost less of alpha, ``log(len(scales))`` of log-wealth).
   """
   center = jnp.clip(jnp.asarray(center, jnp.float32), 0.0, 1.0)
   variance = jnp.broadcast_to(jnp.asarray(variance, jnp.float32), center.shape)
   zeros = jnp.zeros(center.shape, jnp.float32)
+  scales = jnp.broadcast_to(jnp.asarray(scales, jnp.float32), center.shape + (len(scales),))
   return SequenceState(count=zeros, steps=zeros, center=center, prior_variance=variance,
-                       total=zeros, total_sq=zeros,
-                       log_wealth=jnp.zeros(center.shape + (2, len(BET_SCALES), grid_size),
+                       total=zeros, total_sq=zeros, scales=scales,
+                       log_wealth=jnp.zeros(center.shape + (2, scales.shape[-1], grid_size),
                                             jnp.float32),
                        rejected=jnp.zeros(center.shape + (2, grid_size), bool))
 
@@ -129,7 +134,7 @@ def estimates(state: SequenceState) -> tuple[jax.Array, jax.Array]:
 
 
 def bets(state: SequenceState) -> jax.Array:
-  """Bets ``[..., 2, len(BET_SCALES), G]`` for the next chunk, from the state *before* it.
+  """Bets ``[..., 2, S, G]`` for the next chunk, from the state *before* it.
 
   Predictable: they depend on earlier chunks and the prior only. Side 1 bets on the
   values 1 - e, whose mean is 1 - mu.
@@ -139,7 +144,7 @@ def bets(state: SequenceState) -> jax.Array:
   side_mean = jnp.stack([mean, 1.0 - mean], axis=-1)  # [..., 2]
   g = d - side_mean[..., None]
   lam = g / (var[..., None, None] + g * g)  # aGRAPA
-  lam = lam[..., None, :] * jnp.asarray(BET_SCALES, jnp.float32)[:, None]
+  lam = lam[..., None, :] * state.scales[..., None, :, None]
   return jnp.clip(lam, 0.0, CAP / (1.0 - d))
 
 
@@ -173,14 +178,14 @@ def update(state: SequenceState, values: jax.Array, *, alpha: float,
   log_factor = jnp.sum(w[..., None, :, None, None]
                        * jnp.log1p(lam[..., :, None, :, :] * gap[..., :, :, None, :]), axis=-3)
   log_wealth = state.log_wealth + log_factor
-  mixture = jax.nn.logsumexp(log_wealth, axis=-2) - math.log(len(BET_SCALES))
+  mixture = jax.nn.logsumexp(log_wealth, axis=-2) - math.log(log_wealth.shape[-2])
   rejected = state.rejected | (mixture >= math.log(1.0 / alpha))
   dev = values - state.center[..., None]
   new = SequenceState(count=state.count + jnp.sum(w, -1), steps=state.steps + 1.0,
                       center=state.center, prior_variance=state.prior_variance,
                       total=state.total + jnp.sum(w * dev, -1),
                       total_sq=state.total_sq + jnp.sum(w * dev * dev, -1),
-                      log_wealth=log_wealth, rejected=rejected)
+                      scales=state.scales, log_wealth=log_wealth, rejected=rejected)
   if active is None:
     return new
   return jax.tree.map(lambda a, b: jnp.where(
@@ -224,7 +229,7 @@ def unreachable(state: SequenceState, thresholds: jax.Array, *, alpha: float,
   thresholds = jnp.asarray(thresholds, jnp.float32)
   thresholds = jnp.broadcast_to(thresholds, state.count.shape + thresholds.shape[-1:])
   mixture = jax.nn.logsumexp(state.log_wealth[..., 0, :, :], axis=-2) - math.log(
-      len(BET_SCALES))
+      state.log_wealth.shape[-2])
   # k* for each threshold: cells are decreasing, so count the cells with d_k >= tau.
   k = jnp.sum(d >= thresholds[..., None], axis=-1) - 1  # [..., E]
   kc = jnp.maximum(k, 0)
