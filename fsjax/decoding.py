@@ -162,3 +162,66 @@ class KVCache:
     """Records this pass's ``valid`` ``[B, T]`` tokens and moves ``index`` past them."""
     mask = jax.lax.dynamic_update_slice(self.mask, valid, (0, self.index))
     return self.replace(mask=mask, index=self.index + valid.shape[1])
+
+
+# Extend(tokens int32 [B, T], cache) -> logits [B, T, V]: T new tokens after the cache.
+Extend = Callable[[jax.Array, PyTree], jax.Array]
+
+
+def pad_options(options: Sequence[Sequence[int]]) -> tuple[jax.Array, jax.Array]:
+  """Token sequences of a finite answer set -> right-padded ``(ids int32 [K, M], valid bool [K, M])``.
+
+  Raises:
+    ValueError: no options, or an option without tokens (before any jit).
+  """
+  options = [list(map(int, o)) for o in options]
+  if not options:
+    raise ValueError("options is empty: give at least one answer's token ids.")
+  empty = [i for i, o in enumerate(options) if not o]
+  if empty:
+    raise ValueError(f"options {empty} have no tokens: every answer needs at least one token "
+                     "id (tokenize it without special tokens).")
+  m = max(len(o) for o in options)
+  ids = jnp.asarray([o + [0] * (m - len(o)) for o in options], jnp.int32)
+  valid = jnp.asarray([[True] * len(o) + [False] * (m - len(o)) for o in options])
+  return ids, valid
+
+
+def option_log_likelihoods(extend: Extend, logits: jax.Array, cache: PyTree, options: jax.Array,
+                           option_valid: jax.Array) -> jax.Array:
+  """Log-likelihood of every option's token sequence after each prompt, in one pass.
+
+  Scoring a finite answer set (multiple choice, a class name, yes/no) needs no decoding:
+  ``log p(option | prompt) = sum_j log p(o_j | prompt, o_<j)``. The first token's
+  probability comes from the prefill's last logits; the others from one forward pass of
+  all ``B x K`` (prompt, option) pairs over the prompt's cache, repeated K times, so the
+  prompt (and its image tokens) is run once per row, not once per option. Traceable;
+  shapes are static (options right-padded to M tokens: :func:`pad_options`).
+
+  Args:
+    extend: the model's multi-token step, ``extend(tokens int32 [B K, T], cache) ->
+      logits [B K, T, V]`` (T new tokens, all valid, after what the cache holds).
+    logits: ``[B, V]`` logits of the last prompt position, from the prefill.
+    cache: the cache after the prefill, with room for ``M - 1`` more tokens. Every leaf
+      with at least one axis must have the batch as its first axis (scalars, such as
+      :class:`KVCache`'s ``index``, are shared); it is repeated K times along it.
+    options: int32 ``[K, M]``, the options' ids, right-padded.
+    option_valid: bool ``[K, M]``, True on each option's real tokens (a prefix).
+
+  Returns:
+    float32 ``[B, K]``: the log-likelihood of option k after prompt b (log-softmax of the
+    float32 logits; padding contributes nothing). ``argmax`` over K is the answer.
+  """
+  b = logits.shape[0]
+  k, m = options.shape
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, V]
+  total = logp[:, options[:, 0]]  # [B, K]
+  if m == 1:
+    return total
+  # Row b * K + k of the repeated batch is (prompt b, option k).
+  repeated = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0) if jnp.ndim(a) else a, cache)
+  out = extend(jnp.tile(options[:, :-1], (b, 1)), repeated)  # [B K, M - 1, V]
+  logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
+  nxt = jnp.take_along_axis(logp, jnp.tile(options[:, 1:], (b, 1))[..., None], axis=-1)[..., 0]
+  nxt = jnp.where(jnp.tile(option_valid[:, 1:], (b, 1)), nxt, 0.0)
+  return total + jnp.sum(nxt, axis=-1).reshape(b, k)

@@ -124,6 +124,11 @@ class MLLM(Protocol):
     """Greedy decoding from ids and injected features ``[B, T, D]``:
     ``(tokens int32 [B, max_new_tokens], num_steps)``."""
 
+  def option_scores(self, params: Any, input_ids: Any, features: Any,
+                    options: Sequence[Sequence[int]], *, valid: Any = None) -> jax.Array:
+    """Log-likelihood of each option's token ids after each prompt, ``float32 [B, K]``
+    (answers from a finite set without decoding: :func:`fsjax.decoding.option_log_likelihoods`)."""
+
   def detokenize(self, tokens: Any) -> list[str]:
     """Generated ids ``[B, N]`` -> B answers, cut at the end of generation."""
 

@@ -252,6 +252,19 @@ def _generate(model, params, ids, valid, vision_tokens, *, max_new_tokens, eos_t
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
+@functools.partial(jax.jit, static_argnames="model")
+def _score_options(model, params, ids, valid, vision_tokens, options, option_valid):
+  variables = {"params": params}
+  cache = model.apply(variables, vision_tokens, capacity=ids.shape[1] + options.shape[1] - 1,
+                      method="start")
+  logits, cache = model.apply(variables, ids, cache, valid, method="decode")
+
+  def extend(tokens, cache):  # T option tokens after the prompt, for fsjax.decoding
+    return model.apply(variables, tokens, cache, jnp.ones(tokens.shape, bool), method="decode")[0]
+
+  return decoding.option_log_likelihoods(extend, logits[:, -1], cache, options, option_valid)
+
+
 def generate(model: Flamingo, params, input_ids, vision_tokens, attention_mask=None, *,
              max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None) -> tuple[jax.Array, jax.Array]:
@@ -435,6 +448,23 @@ class OpenFlamingo:
     pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
     return generate(self.model, params["language"], input_ids, features[:, None], valid,
                     max_new_tokens=max_new_tokens, pad_token_id=pad)
+
+  def option_scores(self, params, input_ids, features, options: Sequence[Sequence[int]], *,
+                    valid=None) -> jax.Array:
+    """Log-likelihood of each option's ids after each prompt: ``float32 [B, K]``.
+
+    ``features`` as :meth:`generate_ids`. One prefill per prompt, then all K options in
+    one batched pass over its cache (:func:`fsjax.decoding.option_log_likelihoods`).
+    """
+    features = jnp.asarray(features)
+    if features.ndim != 3:
+      raise ValueError(f"features must be [B, v, {self.model.config.vis_dim}] (one image per "
+                       f"prompt), got shape {tuple(features.shape)}.")
+    opts, opts_valid = decoding.pad_options(options)
+    ids, valid = mpt.check_prompt(input_ids, valid, max_new_tokens=opts.shape[1],
+                                  max_seq_len=self.model.config.lang.max_seq_len)
+    return _score_options(self.model, params["language"], ids, valid, features[:, None], opts,
+                          opts_valid)
 
   def detokenize(self, tokens) -> list[str]:
     """Generated ids ``[B, N]`` -> B strings up to ``<|endofchunk|>``, special tokens removed."""

@@ -372,6 +372,21 @@ def _generate(module, params, input_ids, valid, features, eos_token_id, pad_toke
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
+@functools.partial(jax.jit, static_argnames=("module", "projected"))
+def _score_options(module, params, input_ids, valid, features, options, option_valid, *,
+                   projected):
+  logits, cache, last = prefill(module, params, input_ids, valid, features,
+                                capacity=input_ids.shape[1] + options.shape[1] - 1,
+                                projected=projected)
+
+  def extend(tokens, state):  # T option tokens after the prompt, for fsjax.decoding
+    cache, position = state
+    positions = position[:, None] + 1 + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+    return module.apply({"params": params}, tokens, positions, cache, method="step")[0]
+
+  return decoding.option_log_likelihoods(extend, logits, (cache, last), options, option_valid)
+
+
 # ------------------------------------------------------------------------------------------
 # The model.
 # ------------------------------------------------------------------------------------------
@@ -502,6 +517,19 @@ class Llava:
                      jnp.atleast_1d(jnp.asarray(eos, jnp.int32)),
                      jnp.int32(self.pad_token_id), max_new_tokens=int(max_new_tokens),
                      projected=projected)
+
+  def option_scores(self, params: Params, input_ids: Any, features: Any,
+                    options: Sequence[Sequence[int]], *, valid: Any = None,
+                    projected: bool = False) -> jax.Array:
+    """Log-likelihood of each option's ids after each prompt: ``float32 [B, K]``.
+
+    One prefill per prompt, then all K options in one batched pass over its cache
+    (:func:`fsjax.decoding.option_log_likelihoods`); ``argmax`` over K is the answer.
+    """
+    ids, valid = self._check_ids(input_ids, valid, features, projected)
+    opts, opts_valid = decoding.pad_options(options)
+    return _score_options(self.language, params["language"], ids, valid, jnp.asarray(features),
+                          opts, opts_valid, projected=projected)
 
   def generate(self, params: Params, images: Any, prompt: str | Sequence[str], *,
                max_new_tokens: int = 64, key: jax.Array | None = None) -> list[str]:

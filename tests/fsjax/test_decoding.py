@@ -122,3 +122,120 @@ def test_kv_cache_equals_full_causal_attention():
   assert int(cache.index) == 8
   np.testing.assert_array_equal(np.asarray(cache.mask)[:, :8], valid)
   assert np.all(np.asarray(cache.keys)[0] == 0)  # layer 0 untouched
+
+
+# -- option scoring ----------------------------------------------------------------------
+
+
+def test_option_log_likelihoods_on_a_markov_model():
+  """logits after token t = table[t]: every option's log-likelihood by hand in numpy."""
+  rng = np.random.default_rng(3)
+  v, b = 9, 3
+  table = rng.normal(size=(v, v)).astype(np.float32)
+  first = rng.normal(size=(b, v)).astype(np.float32)
+  options = [[4], [2, 7, 1], [5, 5]]
+  ids, valid = decoding.pad_options(options)
+  assert ids.shape == (3, 3) and np.asarray(valid).sum() == 6
+  calls = []
+
+  def extend(tokens, cache):  # the cache: one row per (prompt, option), batch first
+    calls.append((tokens.shape, cache["rows"].shape, cache["index"].shape))
+    return jnp.asarray(table)[tokens]
+
+  cache = {"rows": jnp.arange(b), "index": jnp.int32(0)}
+  out = np.asarray(jax.jit(lambda f, c: decoding.option_log_likelihoods(extend, f, c, ids, valid))(
+      jnp.asarray(first), cache))
+  log_softmax = lambda x: x - np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1,
+                                            keepdims=True)) - x.max(-1, keepdims=True)
+  ref = np.zeros((b, len(options)))
+  for i in range(b):
+    for k, o in enumerate(options):
+      ref[i, k] = log_softmax(first[i])[o[0]] + sum(
+          log_softmax(table[o[j - 1]])[o[j]] for j in range(1, len(o)))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # One batched pass of B x K rows, M - 1 tokens; the scalar index is not repeated.
+  assert calls == [((b * 3, 2), (b * 3,), ())]
+
+
+def test_pad_options_errors():
+  with pytest.raises(ValueError, match="options is empty"):
+    decoding.pad_options([])
+  with pytest.raises(ValueError, match=r"options \[1\] have no tokens"):
+    decoding.pad_options([[3], []])
+
+
+def _tiny_llava(tmp_path):
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  import fsjax.llava as fl  # pylint: disable=import-outside-toplevel
+  vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         image_size=28, patch_size=14, projection_dim=16)
+  text = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                  pad_token_id=0, rms_norm_eps=1e-5, rope_theta=500.0)
+  config = transformers.LlavaConfig(vision_config=vision, text_config=text,
+                                    image_token_index=100)
+  torch.manual_seed(0)
+  ref = transformers.LlavaForConditionalGeneration(config).eval()
+  with torch.no_grad():  # larger weights: peaked, varied next-token distributions
+    for p in ref.model.language_model.parameters():
+      if p.ndim == 2:
+        p.mul_(4.0)
+  ref.save_pretrained(tmp_path / "llava")
+  return ref, fl.load(tmp_path / "llava")
+
+
+def test_llava_option_scores_match_transformers_and_greedy(tmp_path):
+  """Option scores = log-softmax sums of transformers' own logits over prompt + option; the
+  greedy answer's prefixes score as the greedy path does and beat every other last token."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from fsjax.clip.encoder import CLIP_MEAN, CLIP_STD  # pylint: disable=import-outside-toplevel
+  ref, (model, params) = _tiny_llava(tmp_path)
+  rng = np.random.default_rng(0)
+  images = rng.uniform(size=(2, 28, 28, 3)).astype(np.float32)
+  ids = np.array([[1, 5, 6] + [100] * 4 + [7, 8, 9], [1, 9, 4] + [100] * 4 + [11, 3, 8]])
+  with jax.default_matmul_precision("highest"):
+    feats = model.image_features(params, images)
+    greedy, _ = model.generate_ids(params, ids, feats, max_new_tokens=3)
+    greedy = np.asarray(greedy)
+    other = int(greedy[0, 2] + 1) % 128  # any token but the greedy one
+    options = [[17], [40, 41, 42], [23, 99], list(greedy[0]), list(greedy[0, :2]) + [other]]
+    scores = np.asarray(model.option_scores(params, ids, feats, options))
+  assert scores.shape == (2, len(options))
+  pix = torch.tensor(((images - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(0, 3, 1, 2),
+                     dtype=torch.float32)
+  want = np.zeros_like(scores)
+  for k, o in enumerate(options):
+    full = torch.tensor(np.concatenate([ids, np.tile(o, (2, 1))], axis=1))
+    with torch.no_grad():
+      logp = torch.log_softmax(ref(input_ids=full, pixel_values=pix).logits.double(), -1).numpy()
+    for j, tok in enumerate(o):
+      want[:, k] += logp[:, ids.shape[1] - 1 + j, tok]
+  np.testing.assert_allclose(scores, want, atol=2e-4, rtol=1e-5)
+  # Row 0's greedy answer (option 3) beats the same prefix with another last token (4).
+  assert scores[0, 3] > scores[0, 4]
+
+
+def test_flamingo_option_scores_equal_a_full_forward():
+  """Cached option scoring = log-softmax of one uncached forward over prompt + option."""
+  from configs import openflamingo_tiny  # pylint: disable=import-outside-toplevel
+  from fsjax import flamingo  # pylint: disable=import-outside-toplevel
+  of, params = flamingo.build(openflamingo_tiny.get_config())
+  rng = np.random.default_rng(1)
+  images = rng.uniform(size=(2, 32, 32, 3)).astype(np.float32)
+  feats = of.image_features(params, images)
+  ids = np.array([[128, 9, 10, 11], [128, 5, 6, 7]])
+  options = [[20], [30, 31, 32], [40, 41]]
+  scores = np.asarray(of.option_scores(params, ids, feats, options))
+  # One jitted uncached forward of every (prompt, option) pair, options right-padded with
+  # token 0 (causal: padding after an option changes none of its logits).
+  padded = np.array([o + [0] * (3 - len(o)) for o in options])
+  full = np.concatenate([np.repeat(ids, 3, 0), np.tile(padded, (2, 1))], axis=1)
+  logits = jax.jit(of.model.apply)({"params": params["language"]}, full,
+                                   np.repeat(np.asarray(feats)[:, None], 3, 0))
+  logp = np.asarray(jax.nn.log_softmax(logits, -1)).reshape(2, 3, full.shape[1], -1)
+  for k, o in enumerate(options):
+    want = sum(logp[:, k, ids.shape[1] - 1 + j, t] for j, t in enumerate(o))
+    np.testing.assert_allclose(scores[:, k], want, atol=1e-4, rtol=1e-5)
