@@ -64,7 +64,6 @@ steps of ``config.attack.step_size``. Writes ``robustness.md``, ``robustness.csv
 
 from __future__ import annotations
 
-import functools
 import numbers
 import pathlib
 from typing import Any, Sequence
@@ -83,7 +82,6 @@ from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
-from fsjax import smoothing
 
 HEADS = ("auto", "class_mean", "zero_shot")
 
@@ -187,26 +185,9 @@ def _cosine(a, b):
 
 
 def features(row: attacks.Row, x: np.ndarray, c, key: jax.Array) -> np.ndarray:
-  """``[N, D]`` features of the row: f(x), or mean_i f(x + delta_i) when smoothed
-  (``c``: ``config.attack``)."""
-  out = []
-  bs = int(c.batch_size)
-  for sl in batching.batch_slices(x.shape[0], bs):
-    start, stop = sl.start, sl.stop
-    xb = batching.pad_rows(x[sl], bs)  # one shape per row: one compilation
-    if row.smoothed:
-      z = smoothing.smoothed_features(row.params, xb, encoder=row.encoder, sigma=c.sigma,
-                                      n=c.n, key=jax.random.fold_in(key, start),
-                                      chunk_size=c.n)
-    else:
-      z = _base_features(row.params, jnp.asarray(xb, jnp.float32), encoder=row.encoder)
-    out.append(np.asarray(z)[:stop - start])
-  return np.concatenate(out)
-
-
-@functools.partial(jax.jit, static_argnames=("encoder",))
-def _base_features(params, x, *, encoder):
-  return encoder(params, x)
+  """``[N, D]`` features of the row (``fsjax.attacks.row_features``): f(x), or the Monte
+  Carlo f_s(x) = mean_i f(x + delta_i) of a smoothed row (``c``: ``config.attack``)."""
+  return attacks.row_features(row, x, key=key, batch_size=int(c.batch_size))
 
 
 @jax.jit
@@ -284,8 +265,7 @@ def run(config, workdir: str, attack: str = attacks.ALL) -> list[dict]:
         # The same attack noise/crops for every row: fold in the attack, not the row.
         adv = attacks.attack_images(
             name, row.encoder, row.params, x, t, threat=threat,
-            key=jax.random.fold_in(key, 1000 + a), batch_size=c.batch_size,
-            sigma=c.sigma if row.smoothed else None)
+            key=jax.random.fold_in(key, 1000 + a), batch_size=c.batch_size)
         z_adv = features(row, adv, c, jax.random.fold_in(mk, 2 + a))
         pred = classes[np.asarray(_predict(jnp.asarray(z_adv), jnp.asarray(prototypes)))]
         fcs = np.asarray(_cosine(jnp.asarray(z_adv), jnp.asarray(z_clean)))

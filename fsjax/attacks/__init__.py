@@ -40,6 +40,7 @@ from fsjax.attacks._rows import Row
 from fsjax.attacks._rows import Tower
 from fsjax.attacks._rows import build_rows
 from fsjax.attacks._rows import extra_towers
+from fsjax.attacks._rows import row_features
 from fsjax.attacks._threat import ALL
 from fsjax.attacks._threat import ATTACKS
 from fsjax.attacks._threat import ThreatModel
@@ -55,5 +56,5 @@ __all__ = [
     "crop_and_resize", "dynamic_ensemble_weights", "extra_towers",
     "feature_cosine_similarity", "foa", "kmeans",
     "linf_distances", "local_alignment_loss", "mattack", "pgd", "random_resized_crop",
-    "run", "sample_crop_boxes", "transport_cost",
+    "row_features", "run", "sample_crop_boxes", "transport_cost",
 ]

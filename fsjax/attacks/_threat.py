@@ -30,6 +30,7 @@ import numpy as np
 
 from fsjax import batching
 from fsjax import checks
+from fsjax import smoothing
 from fsjax.attacks import _common
 from fsjax.attacks._ensemble import foa
 from fsjax.attacks._ensemble import mattack
@@ -164,27 +165,31 @@ def check_attack_config(c, *, name: str = "config.attack") -> None:
 
 def attack_images(attack: str, encoder: Any, params: Any, x: np.ndarray,
                   targets: np.ndarray, *, threat: ThreatModel, key: jax.Array,
-                  batch_size: int, sigma: Any = None) -> np.ndarray:
+                  batch_size: int) -> np.ndarray:
   """Adversarial images of ``x`` under ``attack``, batch by batch.
 
   Every batch is padded to ``batch_size`` rows (one shape: one compilation) and attacked
-  with ``key`` folded with its first index.
+  with ``key`` folded with its first index. A :class:`fsjax.smoothing.SmoothedEncoder` is
+  attacked white-box through its smoothing: the attack runs on its base encoder (through
+  GSB's denoiser and mapper when boosted) with the smoothing's ``sigma`` and averages
+  ``threat.eot_samples`` fresh noise draws per step (EOT, the adaptive attack).
 
   Args:
     attack: the attack's name (:data:`fsjax.attacks.ATTACKS`).
-    encoder: the attacked ``Encoder``.
+    encoder: the attacked ``Encoder`` (a row's encoder, smoothed or not).
     params: its parameters.
     x: ``[N, H, W, 3]`` clean images in [0, 1].
     targets: ``[N, H', W', 3]`` target images.
     threat: the threat model.
     key: the attack's PRNG key.
     batch_size: images per attack call.
-    sigma: the noise level when the encoder is attacked through its smoothing (EOT with
-      ``threat.eot_samples`` draws), else None.
 
   Returns:
     ``[N, H, W, 3]`` adversarial images (numpy).
   """
+  sigma = None
+  if isinstance(encoder, smoothing.SmoothedEncoder):
+    encoder, params, sigma = encoder.base, params["encoder"], encoder.sigma
   out = []
   for sl in batching.batch_slices(x.shape[0], batch_size):
     kwargs = threat.kwargs(attack, key=jax.random.fold_in(key, sl.start), sigma=sigma)

@@ -9,6 +9,7 @@ import pytest
 
 from fsjax import attacks
 from fsjax import encoders
+from fsjax import smoothing
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -306,8 +307,10 @@ def test_attack_images_is_the_attack_batch_by_batch():
   x = np.random.default_rng(4).uniform(size=(3, 8, 8, 3)).astype(np.float32)
   t = np.random.default_rng(5).uniform(size=(3, 8, 8, 3)).astype(np.float32)
   threat = attacks.ThreatModel(budget=0.03, step_size=0.01, steps=3, eot_samples=2)
-  adv = attacks.attack_images("pgd", ENC, PARAMS, x, t, threat=threat, key=KEY,
-                              batch_size=2, sigma=0.1)
+  # A smoothed row is attacked through its smoothing: its base, its sigma, EOT draws.
+  smoothed = smoothing.SmoothedEncoder(ENC, sigma=0.1, n=64)
+  adv = attacks.attack_images("pgd", smoothed, {"encoder": PARAMS}, x, t, threat=threat,
+                              key=KEY, batch_size=2)
   first = attacks.pgd(PARAMS, x[:2], t[:2], encoder=ENC, budget=0.03, step_size=0.01,
                       steps=3, key=jax.random.fold_in(KEY, 0), sigma=0.1, eot_samples=2)
   last = attacks.pgd(PARAMS, x[[2, 2]], t[[2, 2]], encoder=ENC, budget=0.03,
@@ -327,8 +330,14 @@ def test_rows_of_towers_without_a_booster():
   assert [(r.label, r.tower) for r in rows] == [
       ("original", "original"), ("smoothed", "original"), ("FARE", "FARE"),
       ("FARE + smoothed", "FARE")]
-  assert [r.encoder is e and r.params is p for r, (_, e, p) in zip(rows, [
-      towers[0], towers[0], towers[1], towers[1]])] == [True] * 4
+  assert rows[0].encoder is ENC and rows[0].params is PARAMS
+  assert rows[2].encoder is ENC2 and rows[2].params is PARAMS2
+  for row, (base, params) in ((rows[1], (ENC, PARAMS)), (rows[3], (ENC2, PARAMS2))):
+    # A smoothed row is a value: the smoothed encoder of the tower (config.attack's sigma
+    # and n), its params the tower's.
+    assert isinstance(row.encoder, smoothing.SmoothedEncoder)
+    assert (row.encoder.base, row.encoder.sigma, row.encoder.n) == (base, 0.25, 2)
+    assert row.params == {"encoder": params}
   config.attack.smooth_extra = False
   assert [r.label for r in attacks.build_rows(config, towers)] == [
       "original", "smoothed", "FARE"]
