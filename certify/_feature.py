@@ -177,6 +177,15 @@ def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chu
   return deficits, references
 
 
+def _is_certificate(self) -> bool:
+  """False for ``bound="point"``: the paper's plug-in estimate, not a certificate."""
+  return self.bound != "point"
+
+
+# The one mark of "estimate, not a certificate", on every result type with a ``bound``.
+IS_CERTIFICATE = property(_is_certificate)
+
+
 class ScoreEstimate(NamedTuple):
   """What the Monte Carlo says about ``h_u(x) = (1 + <f_s(x), u>) / 2``: the input of a certificate.
 
@@ -205,10 +214,7 @@ class ScoreEstimate(NamedTuple):
   sigma: float
   alpha: float
 
-  @property
-  def is_certificate(self) -> bool:
-    """False for ``bound="point"``: an estimate, not a certificate."""
-    return self.bound != "point"
+  is_certificate = IS_CERTIFICATE
 
   @property
   def score(self) -> jax.Array:
@@ -236,6 +242,12 @@ def register_labelled(cls: type, labels: Sequence[str]) -> type:
 
 
 register_labelled(ScoreEstimate, ("reference", "bound", "sigma", "alpha"))
+
+
+def estimate_property(name: str) -> property:
+  """A read-only attribute of a result that is its ``estimate``'s own (one source of truth)."""
+  doc = f"``estimate.{name}``: " + (getattr(ScoreEstimate, name).__doc__ or "see ScoreEstimate.")
+  return property(lambda self: getattr(self.estimate, name), doc=doc)
 
 
 def _check_estimate(estimate: Any, name: str = "estimate") -> None:
@@ -328,24 +340,11 @@ class FeatureCertificate(NamedTuple):
   estimate: ScoreEstimate
   cos: float
 
-  @property
-  def is_certificate(self) -> bool:
-    """False for ``bound="point"`` (the paper's plug-in estimate)."""
-    return self.estimate.is_certificate
-
-  @property
-  def bound(self) -> str:
-    return self.estimate.bound
-
-  @property
-  def score(self) -> jax.Array:
-    """``[B]`` the score h_u(x) the bound was computed from (L, or the point estimate)."""
-    return self.estimate.score
-
-  @property
-  def direction(self) -> jax.Array:
-    """``[B, D]`` the unit reference u the bound is about."""
-    return self.estimate.direction
+  is_certificate = estimate_property("is_certificate")
+  bound = estimate_property("bound")
+  sigma = estimate_property("sigma")
+  score = estimate_property("score")
+  direction = estimate_property("direction")
 
 
 register_labelled(FeatureCertificate, ("cos",))

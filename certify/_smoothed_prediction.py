@@ -46,10 +46,7 @@ class PredictionCertificate(NamedTuple):
   sigma: float
   alpha: float
 
-  @property
-  def is_certificate(self) -> bool:
-    """False for ``bound="point"``: the paper's plug-in estimate, not a certificate."""
-    return self.bound != "point"
+  is_certificate = _feature.IS_CERTIFICATE
 
 
 class PredictionMargin(NamedTuple):
@@ -68,22 +65,14 @@ class PredictionMargin(NamedTuple):
   margin: np.ndarray
   estimate: _feature.ScoreEstimate
 
+  is_certificate = _feature.estimate_property("is_certificate")
+  bound = _feature.estimate_property("bound")
+  sigma = _feature.estimate_property("sigma")
+
   @property
   def deficit(self) -> np.ndarray:
     """``[B]`` ``1 - L``, L the bound of ``h_u(x)`` (the mean for ``bound="point"``)."""
     return np.asarray(self.estimate.deficit)
-
-  @property
-  def sigma(self) -> float:
-    return self.estimate.sigma
-
-  @property
-  def bound(self) -> str:
-    return self.estimate.bound
-
-  @property
-  def is_certificate(self) -> bool:
-    return self.estimate.is_certificate
 
 
 _feature.register_labelled(PredictionCertificate, ("bound", "sigma", "alpha"))
