@@ -95,7 +95,6 @@ from fsjax import batching
 from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
-from fsjax import encoders as encoders_lib
 from fsjax import mllm
 from fsjax import tasks
 
