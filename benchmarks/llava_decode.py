@@ -60,8 +60,8 @@ def _log(*a):
   print(*a, file=sys.stderr, flush=True)
 
 
-def _hf_dict(shapes):
-  return dict(model_type="llava", image_token_index=IMAGE, vision_feature_layer=-2,
+def _hf_dict(shapes, image_token=IMAGE):
+  return dict(model_type="llava", image_token_index=image_token, vision_feature_layer=-2,
               vision_feature_select_strategy="default", projector_hidden_act="gelu",
               text_config=dict(shapes["text"], model_type="llama"),
               vision_config=dict(shapes["vision"], model_type="clip_vision_model"))
@@ -86,12 +86,13 @@ def _fsjax_small(torch_model):
     return fl.load(d)
 
 
-def _fsjax_random(shapes, dtype):
+def _fsjax_random(shapes, dtype, image_token=IMAGE):
   """Random weights drawn on the device (no host copy of a 7B tree)."""
-  config = fl.LlavaConfig.from_hf_dict(_hf_dict(shapes))
+  config = fl.LlavaConfig.from_hf_dict(_hf_dict(shapes, image_token))
   encoder = fl.clip_tower_encoder(config, dtype=dtype)
+  size = shapes["vision"]["image_size"]
   vision = jax.eval_shape(encoder.model.init, jax.random.key(0),
-                          jnp.zeros((1, 336, 336, 3)))["params"]["vision_model"]
+                          jnp.zeros((1, size, size, 3)))["params"]["vision_model"]
   def draw(key):
     leaves, tree = jax.tree.flatten(vision)
     out = [jnp.ones(l.shape, dtype) if len(l.shape) == 1 else
