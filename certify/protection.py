@@ -142,11 +142,7 @@ def _caption_prompt(c) -> str:
 
 def check_protection_config(config) -> None:
   """Validates ``config.attack`` and ``config.protection`` before anything is built."""
-  attacks.check_attack_config(config.get("attack"))
-  c = config.get("protection")
-  if c is None:
-    raise ValueError("certify.protection needs a config.protection section (see "
-                     "configs/common.py:protection_config).")
+  _, c = attacks.table_sections(config, "protection", program="certify.protection")
   for key, meaning in (("max_new_tokens", "the longest answer, in tokens"),
                        ("timing_images", "images per timed call"),
                        ("timing_repeats", "timed calls per row")):
@@ -381,14 +377,11 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
     judge: the caption judge, overriding ``config.protection.judge`` (e.g.
       ``fsjax.tasks.LLMJudge(complete)``, the paper's GPT judge on your endpoint).
   """
-  c = config.get("protection")
-  if c is None:
-    raise ValueError("certify.protection needs a config.protection section (see "
-                     "configs/common.py:protection_config).")
+  check_protection_config(config)
+  c = config.protection
   task = c.get("task", "classify") if task is None else task
   if task not in TASKS:
     raise ValueError(f"--task={task!r} must be one of {TASKS}.")
-  check_protection_config(config)
   mllm.name_of(config)
   if task == "timing":
     return timing(config, workdir)

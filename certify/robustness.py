@@ -88,11 +88,7 @@ HEADS = ("auto", "class_mean", "zero_shot")
 
 def check_robustness_config(config) -> None:
   """Validates ``config.attack`` and ``config.robustness`` before anything is built."""
-  attacks.check_attack_config(config.get("attack"))
-  c = config.get("robustness")
-  if c is None:
-    raise ValueError("certify.robustness needs a config.robustness section (the classifier "
-                     "that judges the attack: configs/common.py:robustness_config).")
+  _, c = attacks.table_sections(config, "robustness", program="certify.robustness")
   checks.check_positive_int(c.prototypes_per_class,
                             name="config.robustness.prototypes_per_class",
                             meaning="clean images per class of a class-mean prototype")

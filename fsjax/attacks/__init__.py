@@ -49,6 +49,7 @@ from fsjax.attacks._threat import attack_names
 from fsjax.attacks._threat import check_attack_config
 from fsjax.attacks._threat import linf_distances
 from fsjax.attacks._threat import run
+from fsjax.attacks._threat import table_sections
 
 __all__ = [
     "ALL", "ATTACKS", "Row", "ThreatModel", "Tower", "accuracy", "attack_images",
@@ -56,5 +57,5 @@ __all__ = [
     "crop_and_resize", "dynamic_ensemble_weights", "extra_towers",
     "feature_cosine_similarity", "foa", "kmeans",
     "linf_distances", "local_alignment_loss", "mattack", "pgd", "random_resized_crop",
-    "row_features", "run", "sample_crop_boxes", "transport_cost",
+    "row_features", "run", "table_sections", "sample_crop_boxes", "transport_cost",
 ]

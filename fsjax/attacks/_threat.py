@@ -163,6 +163,26 @@ def check_attack_config(c, *, name: str = "config.attack") -> None:
                        "encoder 'name' (plus the other config.encoder keys).")
 
 
+def table_sections(config, judge: str, *, program: str) -> tuple[Any, Any]:
+  """``(config.attack, config.<judge>)`` of an attack table, ``config.attack`` checked.
+
+  Args:
+    config: the experiment config.
+    judge: the section of what judges the adversarial features (``"robustness"``,
+      ``"protection"``).
+    program: the table's program, for the error (``"certify.robustness"``).
+
+  Raises:
+    ValueError: ``config.attack`` is invalid or the judge's section is missing.
+  """
+  check_attack_config(config.get("attack"))
+  section = config.get(judge)
+  if section is None:
+    raise ValueError(f"{program} needs a config.{judge} section (what judges the attack: "
+                     f"configs/common.py:{judge}_config).")
+  return config.attack, section
+
+
 def attack_images(attack: str, encoder: Any, params: Any, x: np.ndarray,
                   targets: np.ndarray, *, threat: ThreatModel, key: jax.Array,
                   batch_size: int) -> np.ndarray:

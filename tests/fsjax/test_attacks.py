@@ -341,3 +341,12 @@ def test_rows_of_towers_without_a_booster():
   config.attack.smooth_extra = False
   assert [r.label for r in attacks.build_rows(config, towers)] == [
       "original", "smoothed", "FARE"]
+
+
+def test_table_sections():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"attack": _attack_section(), "judge": {"k": 1}})
+  a, j = attacks.table_sections(config, "judge", program="certify.t")
+  assert a is config.attack and j.k == 1
+  with pytest.raises(ValueError, match="certify.t needs a config.head section"):
+    attacks.table_sections(config, "head", program="certify.t")
