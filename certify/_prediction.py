@@ -318,14 +318,19 @@ def prediction_radius(delta: ArrayLike, h_lcb: ArrayLike | None = None, *, sigma
   Returns:
     ``[B]`` float32 radii; ``-inf`` when ``Delta = 0`` or ``L = 0``.
   """
+  deficit = _check_radius_args(delta, h_lcb, deficit, sigma)
+  return _prediction_radius(jnp.asarray(delta, jnp.float32), deficit,
+                            jnp.asarray(sigma, jnp.float32))
+
+
+def _check_radius_args(delta, h_lcb, deficit, sigma) -> jax.Array:
+  """Checks the arguments of :func:`prediction_radius`; returns the ``[B]`` deficit."""
   checks.check_sigma(sigma)
   b = _check_batch(delta, "delta")
   # float32(pi) is just above pi: angle_margin's largest margin must pass.
   checks.check_in_range(delta, name="delta", low=0.0, high=float(np.float32(np.pi)),
                         meaning="an angular margin in radians, from angle_margin")
-  deficit = _deficit_of(h_lcb, deficit, b)
-  return _prediction_radius(jnp.asarray(delta, jnp.float32), deficit,
-                            jnp.asarray(sigma, jnp.float32))
+  return _deficit_of(h_lcb, deficit, b)
 
 
 @jax.jit
@@ -389,13 +394,21 @@ def certified_prediction(delta: ArrayLike, predicted_class: ArrayLike,
     where ``R_pred <= 0`` (not certified even at ``eps = 0``; core.py's convention), else
     ``c`` and ``R_pred`` (:func:`prediction_radius`).
   """
-  radius = prediction_radius(delta, h_lcb, sigma=sigma, deficit=deficit)
-  _check_batch(predicted_class, "predicted_class", radius.shape[0])
+  deficit = _check_radius_args(delta, h_lcb, deficit, sigma)
+  _check_batch(predicted_class, "predicted_class", np.shape(delta)[0])
   if checks.is_concrete(predicted_class):
     c = np.asarray(predicted_class)
     if not np.issubdtype(c.dtype, np.integer) or np.any(c < 0):
       raise ValueError(f"predicted_class must be class indices >= 0 (from angle_margin), got "
                        f"dtype {c.dtype} with minimum {c.min()}.")
+  return certified_prediction_unchecked(delta, predicted_class, deficit, sigma)
+
+
+def certified_prediction_unchecked(delta, predicted_class, deficit, sigma
+                                   ) -> tuple[jax.Array, jax.Array]:
+  """:func:`certified_prediction` of arguments its caller has validated (the pipeline's)."""
+  radius = _prediction_radius(jnp.asarray(delta, jnp.float32),
+                              jnp.asarray(deficit, jnp.float32), jnp.asarray(sigma, jnp.float32))
   certified = radius > 0
   cls = jnp.where(certified, jnp.asarray(predicted_class, jnp.int32), ABSTAIN)
   return cls, jnp.where(certified, radius, 0.0)
@@ -469,6 +482,13 @@ def rs_certify_from_counts(counts0: ArrayLike, counts: ArrayLike, *, sigma: floa
   if counts0.shape != counts.shape:
     raise ValueError(f"counts0 {counts0.shape} and counts {counts.shape} must have the same "
                      "shape [B, K] (same images, same classes).")
+  return rs_certify_unchecked(counts0, counts, sigma, alpha)
+
+
+def rs_certify_unchecked(counts0: np.ndarray, counts: np.ndarray, sigma: float,
+                         alpha: float) -> tuple[np.ndarray, np.ndarray]:
+  """:func:`rs_certify_from_counts` of arguments its caller has validated (the pipeline's)."""
+  counts0, counts = np.asarray(counts0, np.int64), np.asarray(counts, np.int64)
   c_hat = np.argmax(counts0, axis=1)
   n_a = counts[np.arange(len(c_hat)), c_hat]
   p_a = clopper_pearson_lower(n_a, counts.sum(axis=1), alpha)

@@ -158,8 +158,8 @@ def certify_prediction(params: Any, x: jax.typing.ArrayLike, *, encoder: encoder
 
 
 def _prediction_certificate(m: PredictionMargin) -> PredictionCertificate:
-  cls, radius = _prediction.certified_prediction(m.margin, m.predicted_class,
-                                                 sigma=m.estimate.sigma, deficit=m.deficit)
+  cls, radius = _prediction.certified_prediction_unchecked(m.margin, m.predicted_class,
+                                                           m.deficit, m.estimate.sigma)
   return PredictionCertificate(np.asarray(cls), np.asarray(radius),
                                np.asarray(m.estimate.samples), m.estimate.bound,
                                m.estimate.sigma, m.estimate.alpha)
@@ -217,10 +217,15 @@ def class_counts(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.
   checks.check_positive_int(first_index, name="first_index", minimum=0,
                             meaning="the index of the first noise sample")
   _feature.check_progress(progress)
-  kernel, bias = _linear_head(head)
+  return _counts(params, x, key, sigma, _linear_head(head), encoder=encoder, n=n,
+                 first_index=first_index, chunk_size=chunk_size, progress=progress)
+
+
+def _counts(params, x, key, sigma, head, *, encoder, n, first_index, chunk_size, progress):
+  """:func:`class_counts` of validated arguments; ``head`` is ``(kernel, bias)``."""
   counts = smoothing.with_progress(
       progress, _class_counts, params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
-      kernel, bias, encoder=encoder, n=int(n), first_index=int(first_index),
+      *head, encoder=encoder, n=int(n), first_index=int(first_index),
       chunk_size=int(chunk_size))
   return np.asarray(counts)
 
@@ -229,7 +234,7 @@ def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.En
                head: Any, sigma: float, key: jax.Array, n0: int = 100, n: int = 10_000,
                alpha: float = _feature.DEFAULT_ALPHA,
                chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
-               progress: smoothing.Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+               progress: smoothing.Progress | None = None) -> PredictionCertificate:
   """Randomized smoothing CERTIFY (Cohen et al. 2019) with a linear head on f(x + delta).
 
   n0 samples select the class, n fresh samples give the one-sided Clopper-Pearson bound
@@ -245,11 +250,12 @@ def rs_certify(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.En
   """
   _feature.check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size,
                               progress=progress)
-  counts0 = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n0, key=key,
-                         chunk_size=chunk_size, progress=progress)
-  counts = class_counts(params, x, encoder=encoder, head=head, sigma=sigma, n=n, key=key,
-                        first_index=n0, chunk_size=chunk_size, progress=progress)
-  cls, radius = _prediction.rs_certify_from_counts(counts0, counts, sigma=sigma, alpha=alpha)
+  encoders_lib.check_images(x)
+  head = _linear_head(head)
+  mc = dict(encoder=encoder, chunk_size=chunk_size, progress=progress)
+  counts0 = _counts(params, x, key, sigma, head, n=n0, first_index=0, **mc)
+  counts = _counts(params, x, key, sigma, head, n=n, first_index=n0, **mc)
+  cls, radius = _prediction.rs_certify_unchecked(counts0, counts, sigma, alpha)
   return PredictionCertificate(cls, radius, np.full(cls.shape, int(n0) + int(n)),
                                "clopper-pearson", float(sigma), float(alpha))
 

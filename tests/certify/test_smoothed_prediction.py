@@ -284,3 +284,20 @@ def test_class_counts_progress_counts_samples_and_changes_nothing(toy):
   got = certify.class_counts(params, x, progress=done.append, **args)
   assert sorted(done) == [2, 7, 7, 7, 7]
   np.testing.assert_array_equal(got, want)
+
+
+def test_each_setting_is_validated_once(toy, monkeypatch):
+  """Issue 19.3: sigma was validated again at every step of a batch; now once per call."""
+  from fsjax import checks
+  enc, params = toy
+  x = _images(2)
+  calls = []
+  real = checks.check_sigma
+  monkeypatch.setattr(checks, "check_sigma", lambda *a, **k: (calls.append(1), real(*a, **k)))
+  mc = dict(encoder=enc, sigma=0.25, key=KEY, n0=5, n=10)
+  for fn, extra in ((certify.certify_prediction, dict(prototypes=_prototypes(enc, params, x))),
+                    (certify.rs_certify, dict(head=_head(enc, params, x)))):
+    fn(params, x, **mc, **extra)  # compiles (tracing may check more)
+    calls.clear()
+    fn(params, x, **mc, **extra)
+    assert len(calls) == 1, fn.__name__
