@@ -310,7 +310,7 @@ def norm_aware_decide(state: SequenceState, pair_state: SequenceState, eps: jax.
 # The engine: sequential certification of an image batch with cross-image dynamic batching.
 # ---------------------------------------------------------------------------------------
 
-STOPS = ("decision", "radius")
+STOPS = ("decision", "radius", "never")
 DEFAULT_SLOTS = 8
 
 
@@ -424,6 +424,8 @@ def _step(params, slots: _Slots, key, sigma, eps, *, encoder, chunk_size, n0, n_
     decision = inner_product_decide(state, eps, sigma, cos, alpha=alpha, n_max=n_max)
   if stop == "decision":
     settled = jnp.all(decision.settled, axis=-1)
+  elif stop == "never":  # fixed n = n_max: the sequence read at n, for reporting a number
+    settled = jnp.zeros_like(in_stage2)
   else:  # "radius": stop when continuing to n_max could add at most `tolerance` of it
     settled = _radius_settled(state, pair_state if norm_aware else None, sigma, cos,
                               n_max=n_max, tolerance=tolerance)
@@ -539,8 +541,10 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
   ``||f_s(x)||`` from consecutive pairs) is updated, and the image stops when every
   decision "cos(f_s(x'), u) >= cos for all ||x' - x|| <= eps" is certified or given up
   (``stop="decision"``), when its radius is within ``tolerance`` of what n_max could give
-  (``stop="radius"``), or at ``n_max``. The certificate holds with probability 1 - alpha
-  at the data-dependent stopping time.
+  (``stop="radius"``), or at ``n_max`` (``stop="never"``: every image uses n_max, the
+  fixed-n bound for reporting a number; benchmarks/bound_limit.py measures it, tightest
+  with a finer ``grid_size`` such as 4096). The certificate holds with probability
+  1 - alpha at the data-dependent stopping time.
 
   Cross-image dynamic batching: one jitted step runs a chunk for a fixed batch of
   ``slots`` images; a finished image's slot is refilled from the queue at once (same
@@ -563,7 +567,7 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     alpha: failure probability of each image's certificate.
     norm_aware: use the norm-aware cosine B / U (alpha split in halves).
     reference: "mean" (stage-1 mean direction) or "clean" (u = f(x), the paper's).
-    stop: "decision" or "radius".
+    stop: "decision", "radius" or "never" (fixed n = n_max).
     tolerance: relative radius left on the table by ``stop="radius"``.
     chunk_size: samples per chunk (even when norm-aware).
     slots: images in flight at once.

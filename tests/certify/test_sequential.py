@@ -332,7 +332,7 @@ def test_engine_results_do_not_depend_on_slot_order(toy):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(stop="never"), "stop"),
+    (dict(stop="sometimes"), "stop"),
     (dict(chunk_size=63), "even"),
     (dict(eps=[]), "eps"),
     (dict(cos=1.0), "cos"),
@@ -345,3 +345,20 @@ def test_engine_rejects_bad_arguments(toy, kwargs, match):
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     sq.sequential_fcsb(params, np.zeros((2, 8, 8, 3), np.float32), **args)
+
+
+def test_engine_fixed_n_and_radius_stops():
+  reds = np.array([0.95, 0.8, 0.6, 1.0])
+  x = _half_space_images(reds)
+  kw = dict(encoder=_HalfSpace1D(resolution=2), sigma=SIGMA, eps=[0.1],
+            key=jax.random.PRNGKey(1), n_max=1024, n0=64, chunk_size=128, slots=2,
+            alpha=0.01, norm_aware=False, reference="clean", grid_size=GRID)
+  fixed = sq.sequential_fcsb({}, x, stop="never", **kw)
+  radius = sq.sequential_fcsb({}, x, stop="radius", tolerance=0.05, **kw)
+  np.testing.assert_array_equal(np.asarray(fixed.samples), 64 + 1024)
+  assert np.all(np.asarray(radius.samples) <= 64 + 1024)
+  p = sp_norm.cdf((reds - 0.5) / SIGMA)
+  exact_radius = np.maximum(SIGMA * (sp_norm.ppf(p) - sp_norm.ppf(0.75)), 0)
+  for cert in (fixed, radius):
+    assert np.all(np.asarray(cert.deficit) >= 1 - p)
+    assert np.all(np.asarray(cert.radius) <= exact_radius + 1e-6)
