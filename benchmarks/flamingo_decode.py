@@ -178,8 +178,9 @@ def main():
   rows = {}
   for name in variants:
     decode = [(n - 1) / max(tn - t1, 1e-9) for t1, tn in zip(times[(name, 1)], times[(name, n)])]
+    best = (n - 1) / max(min(times[(name, n)]) - min(times[(name, 1)]), 1e-9)  # fastest calls
     rows[name] = (statistics.median(times[(name, 1)]), statistics.median(decode),
-                  min(times[(name, 1)]), max(decode))
+                  min(times[(name, 1)]), best)
   same = bool(np.array_equal(outputs[("fsjax", n)], outputs[("torch", n)]))
   print(f"### OpenFlamingo greedy decoding, small (MPT 4 layers, d_model 512, 256 vision "
         f"tokens -> 64 latents), batch {b}, {1 + args.prompt_tokens} prompt tokens, {n} new "
