@@ -202,16 +202,15 @@ def test_encoder_is_pluggable(models):
                              2.0 * np.asarray(of.vision_tokens(images)), rtol=1e-6)
 
 
-@pytest.mark.parametrize("features", ["raw_mean", "direction"])
-def test_smoothed_vision_tokens(models, features):
+def test_smoothed_vision_tokens(models):
   """The smoothed view: n noisy copies x + delta_i (fsjax.smoothing's noise), tokens
-  averaged as raw features or as the mean unit direction rescaled to the mean norm."""
+  averaged as the mean unit direction rescaled to the mean norm (features="raw_mean" is
+  checked on the toy encoder: tests/fsjax/test_smoothed_encoder.py)."""
   _, of, _ = models
   images = _images(2, 1, seed=4)
   key, sigma, n = jax.random.PRNGKey(3), 0.25, 3
   smoothed = of.replace(  # chunks of 2: 3 masks 1
-      encoder=smoothing.SmoothedEncoder(of.encoder, sigma=sigma, n=n, features=features,
-                                        chunk_size=2),
+      encoder=smoothing.SmoothedEncoder(of.encoder, sigma=sigma, n=n, chunk_size=2),
       encoder_params={"encoder": of.encoder_params})
   got = smoothed.vision_tokens(images, key=key)
   # Handed to the language side as a plain array: no explicit mesh axis of the smoothing
@@ -222,14 +221,11 @@ def test_smoothed_vision_tokens(models, features):
   tokens = jax.jit(of.encoder.tokens)
   raw = np.stack([np.asarray(tokens(of.encoder_params, x + smoothing.noise(key, i, x.shape, sigma)))
                   for i in range(n)])
-  if features == "raw_mean":
-    want = raw.mean(0)
-  else:
-    flat = raw.reshape(n, 2, -1)
-    norms = np.linalg.norm(flat, axis=-1, keepdims=True)
-    mean_unit = (flat / norms).mean(0)
-    want = (mean_unit / np.linalg.norm(mean_unit, axis=-1, keepdims=True)
-            * norms.mean(0)).reshape(raw.shape[1:])
+  flat = raw.reshape(n, 2, -1)
+  norms = np.linalg.norm(flat, axis=-1, keepdims=True)
+  mean_unit = (flat / norms).mean(0)
+  want = (mean_unit / np.linalg.norm(mean_unit, axis=-1, keepdims=True)
+          * norms.mean(0)).reshape(raw.shape[1:])
   assert got.shape == (2, 1) + raw.shape[2:]
   np.testing.assert_allclose(got[:, 0], want, rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="smoothing's sigma"):
