@@ -90,13 +90,13 @@ def _tokens(params, x, *, encoder):
 
 def build_tokenizer():
   """The word-level tokenizer of the instruction data (fixed ids, see fsjax.tasks)."""
-  return tasks.build_tokenizer(tasks.vocabulary_texts())
+  return tasks.build_tokenizer(tasks.vocabulary_texts(llava.format_prompt))
 
 
 def token_arrays(tokenizer, examples, *, num_image_tokens: int) -> dict[str, np.ndarray]:
   """``fsjax.tasks.training_arrays`` of the examples, plus ``image`` (the image index)."""
   arrays = tasks.training_arrays(tokenizer, [e.prompt for e in examples],
-                                 [e.answer for e in examples],
+                                 [e.answer for e in examples], format_prompt=llava.format_prompt,
                                  num_image_tokens=num_image_tokens)
   arrays["image"] = np.array([e.image for e in examples], np.int32)
   return arrays

@@ -30,14 +30,13 @@ image set (``fsjax.data.load(..., per_class=...)``) the answers are balanced too
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import os
 
 import numpy as np
 
 from fsjax import data
-from fsjax.llava import prompt as llava_prompt
 from fsjax.tasks import _prompts
 
 # Fashion-MNIST's classes (labels 0-9) as the prompts name them, snake case as the
@@ -209,8 +208,12 @@ def vqa_questions(labels: Sequence[int], *, seed: int = 0
   return questions, np.array(targets, np.int32)
 
 
-def vocabulary_texts() -> list[str]:
+def vocabulary_texts(format_prompt: Callable[[str], str]) -> list[str]:
   """Every word the instruction data can use, as texts for ``build_tokenizer``.
+
+  ``format_prompt`` is the chat format of the model to be trained (the user's text ->
+  the model's prompt with one ``<image>``; e.g. ``fsjax.llava.format_prompt``): the
+  task data knows no model's format.
 
   The chat-formatted prompts of the three tasks (the VQA prompt with every class name)
   and every possible answer (" 0".." 9", " A".." E", each caption of each class, tone
@@ -228,7 +231,7 @@ def vocabulary_texts() -> list[str]:
     for level in (0.8, 0.6, 0.3):  # white, light gray, dark gray
       image = np.full((2, 2, 3), level, np.float32)
       answers += [caption(image, label, t) for t in range(len(CAPTION_TEMPLATES))]
-  return [llava_prompt.format_prompt(p) for p in prompts] + [" " + a for a in answers]
+  return [format_prompt(p) for p in prompts] + [" " + a for a in answers]
 
 
 def load_instructions(*, split: str = "train", image_size: int = 64, per_class: int = 100,

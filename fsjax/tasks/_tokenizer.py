@@ -8,22 +8,22 @@ exactly. Special tokens: ``<pad>`` 0, ``<s>`` 1 (BOS, prepended), ``</s>`` 2 (EO
 ``<unk>`` 3, ``<image>`` 4 (one id, as LLaVA's image placeholder). Saved with
 ``save_pretrained``, it loads with ``transformers.AutoTokenizer.from_pretrained(dir)``.
 
-The chat format is LLaVA-1.5's, :func:`fsjax.llava.format_prompt`:
-``USER: <image>\\n{prompt} ASSISTANT:``, then `` {answer}</s>`` in training. For
-inference, ``fsjax.llava.prompt.tokenize`` expands ``<image>`` the same way.
+The chat format is the caller's (``format_prompt``: the user's text -> the model's prompt
+with one ``<image>``; the embedded MLLM uses LLaVA-1.5's, :func:`fsjax.llava.format_prompt`,
+``USER: <image>\\n{prompt} ASSISTANT:``), then `` {answer}</s>`` in training; the task
+data knows no model's format. For inference, ``fsjax.llava.prompt.tokenize`` expands
+``<image>`` the same way.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 import os
 
 import numpy as np
 
-from fsjax.llava import prompt as llava_prompt
-
-IMAGE = llava_prompt.IMAGE_TOKEN  # "<image>"
+IMAGE = "<image>"  # the image placeholder of every chat format (one token id)
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, IMAGE)  # ids 0..4
 # Letter runs (with "_" as in golden_retriever) or digit runs, each with an optional
@@ -85,8 +85,8 @@ def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
 
 
 def training_arrays(tokenizer, prompts: Sequence[str], answers: Sequence[str], *,
-                    num_image_tokens: int, max_length: int | None = None
-                    ) -> dict[str, np.ndarray]:
+                    format_prompt: Callable[[str], str], num_image_tokens: int,
+                    max_length: int | None = None) -> dict[str, np.ndarray]:
   """Padded arrays to train a causal LM on ``format_prompt(prompt) + " " + answer + EOS``.
 
   The ``<image>`` token is repeated ``num_image_tokens`` times in place, as the
@@ -98,6 +98,8 @@ def training_arrays(tokenizer, prompts: Sequence[str], answers: Sequence[str], *
     tokenizer: from :func:`build_tokenizer` (or loaded with ``AutoTokenizer``).
     prompts: N prompt texts (without the chat format).
     answers: N answer texts.
+    format_prompt: the model's chat format, the user's text -> a prompt with one
+      ``<image>`` (e.g. ``fsjax.llava.format_prompt``).
     num_image_tokens: T, the number of image tokens of the encoder.
     max_length: the padded length L; default the longest sequence. A longer sequence
       is an error (truncating would cut the answer).
@@ -120,7 +122,11 @@ def training_arrays(tokenizer, prompts: Sequence[str], answers: Sequence[str], *
     raise ValueError(f"the tokenizer has no {IMAGE!r} token; build it with build_tokenizer.")
   rows = []
   for prompt, answer in zip(prompts, answers):
-    head = tokenizer(llava_prompt.format_prompt(prompt))["input_ids"]  # BOS prepended
+    text = format_prompt(prompt)
+    if not isinstance(text, str) or text.count(IMAGE) != 1:
+      raise ValueError(f"format_prompt({prompt!r}) must give a string with exactly one "
+                       f"{IMAGE!r}, got {text!r}.")
+    head = tokenizer(text)["input_ids"]  # BOS prepended
     tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     at = head.index(image_id)
     head = head[:at] + [image_id] * int(num_image_tokens) + head[at + 1:]

@@ -263,7 +263,7 @@ def corpus():
   images, labels, _ = _fashion_like()
   examples = (tasks.instruction_examples(images, labels, seed=0)
               + tasks.instruction_examples(images, labels, seed=1))
-  return examples, tasks.vocabulary_texts()
+  return examples, tasks.vocabulary_texts(format_prompt)
 
 
 def test_vocabulary_order_is_hand_computed():
@@ -302,7 +302,8 @@ def test_tokenizer_round_trip_and_special_tokens(corpus, tmp_path):
     assert loaded.decode(loaded(text)["input_ids"]) == "<s>" + text
   # Stable: the vocabulary is a function of the (fixed) texts; it covers a corpus of
   # examples, and a corpus adds no word to it.
-  assert tasks.build_tokenizer(tasks.vocabulary_texts()).get_vocab() == tok.get_vocab()
+  assert tasks.build_tokenizer(
+      tasks.vocabulary_texts(format_prompt)).get_vocab() == tok.get_vocab()
   used = [format_prompt(e.prompt) for e in examples] + [" " + e.answer for e in examples]
   assert set(tasks.build_tokenizer(used).get_vocab()) <= set(tok.get_vocab())
   # <image> repeated in the text (as LlavaProcessor expands it) is one id per copy.
@@ -314,7 +315,7 @@ def test_training_arrays_hand_built(num_image_tokens):
   tok = tasks.build_tokenizer([format_prompt("Is it red?"), " yes", " no no"])
   t = num_image_tokens
   arrays = tasks.training_arrays(tok, ["Is it red?", "Is it red?"], ["yes", "no no"],
-                                 num_image_tokens=t)
+                                 format_prompt=format_prompt, num_image_tokens=t)
   ids = tok.convert_tokens_to_ids
   prompt = (["<s>", "USER", ":", " ", "<image>"] + ["<image>"] * (t - 1)
             + ["\n", "Is", " it", " red", "?", " ASSISTANT", ":"])
@@ -325,20 +326,26 @@ def test_training_arrays_hand_built(num_image_tokens):
   np.testing.assert_array_equal(arrays["attention_mask"], [[1] * (n + 2) + [0], [1] * (n + 3)])
   assert arrays["input_ids"].dtype == np.int32 and arrays["loss_mask"].dtype == np.float32
   assert int(np.sum(arrays["input_ids"][0] == 4)) == t
-  padded = tasks.training_arrays(tok, ["Is it red?"], ["yes"], num_image_tokens=t,
-                                 max_length=n + 5)
+  padded = tasks.training_arrays(tok, ["Is it red?"], ["yes"], format_prompt=format_prompt,
+                                 num_image_tokens=t, max_length=n + 5)
   assert padded["input_ids"].shape == (1, n + 5) and padded["input_ids"][0, -1] == 0
   with pytest.raises(ValueError, match="max_length=.* shorter"):
-    tasks.training_arrays(tok, ["Is it red?"], ["yes"], num_image_tokens=t, max_length=n)
+    tasks.training_arrays(tok, ["Is it red?"], ["yes"], format_prompt=format_prompt,
+                          num_image_tokens=t, max_length=n)
   with pytest.raises(ValueError, match="num_image_tokens"):
-    tasks.training_arrays(tok, ["Is it red?"], ["yes"], num_image_tokens=0)
+    tasks.training_arrays(tok, ["Is it red?"], ["yes"], format_prompt=format_prompt,
+                          num_image_tokens=0)
+  with pytest.raises(ValueError, match="exactly one '<image>'"):
+    tasks.training_arrays(tok, ["Is it red?"], ["yes"], format_prompt=lambda p: p,
+                          num_image_tokens=t)
 
 
 def test_training_arrays_split_matches_joint_tokenization(corpus):
   examples, texts = corpus
   tok = tasks.build_tokenizer(texts)
   arrays = tasks.training_arrays(tok, [e.prompt for e in examples],
-                                 [e.answer for e in examples], num_image_tokens=3)
+                                 [e.answer for e in examples], format_prompt=format_prompt,
+                                 num_image_tokens=3)
   for row, e in enumerate(examples):
     text = format_prompt(e.prompt).replace("<image>", "<image>" * 3) + " " + e.answer
     joint = tok(text)["input_ids"] + [2]
