@@ -189,3 +189,10 @@ def test_the_protection_program_imports_no_mllm_package():
                if any(_in(m, p) for p in MLLM_PACKAGES))
   assert not bad, f"certify.protection imports {bad}; build the model with fsjax.mllm.build"
   assert "fsjax.mllm" in GRAPH["certify.protection"]
+
+
+def test_the_task_data_imports_no_mllm_package():
+  """fsjax.tasks (prompts, data, tokenizer) takes a model's chat format from its caller."""
+  for name in (m for m in MODULES if _in(m, "fsjax.tasks")):
+    bad = sorted(m for m in GRAPH[name] if any(_in(m, p) for p in MLLM_PACKAGES))
+    assert not bad, f"{name} imports {bad}; take the chat format as an argument"
