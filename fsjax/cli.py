@@ -5,17 +5,27 @@ import, so programs can import each other's helpers without absl flag clashes.
 
 What a person sees: third-party INFO logs (orbax, absl, TensorFlow) and known noisy
 warnings are off unless ``--verbose``; a bad command line (a missing config file, a
-mistyped ``--config.a.b`` key, a bad value) is one line naming the fix, not a traceback.
+mistyped ``--config.a.b`` key, a bad value, an empty ``--workdir``) is one line naming the
+fix, not a traceback.
+
+Ctrl-C, the same for every program: :func:`interruptible` turns the first SIGINT into a flag
+that the program checks at safe points (between steps, between images); a program that
+stops there raises :class:`Interrupted` after saving what it can. :func:`run` turns any
+Ctrl-C into one line on stderr and exit status 130 (128 + SIGINT, as a shell does), so
+``python -m train.gsb ... && python -m certify.run ...`` stops instead of going on with a
+half-finished result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import logging as std_logging
 import os
+import signal
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 import warnings
 
 from absl import app
@@ -25,6 +35,69 @@ from ml_collections import config_flags
 
 # TensorFlow (the TFDS pipelines) reads this when it is first imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+# The exit status of a run stopped by Ctrl-C: 128 + SIGINT, what a shell reports.
+INTERRUPTED_EXIT_STATUS = 130
+
+
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C arrived and the program stopped at a safe point; ``str(e)`` is the one line
+  a person reads (what was saved and how to resume)."""
+
+
+# The flag of the innermost active :func:`interruptible` (shared by nested ones).
+_pressed: list[int] | None = None
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[Callable[[], bool]]:
+  """``with interruptible() as stop: ... if stop(): save; raise Interrupted(...)``.
+
+  While inside, SIGINT only sets a flag (a second Ctrl-C interrupts at once, as usual):
+  an XLA compilation, a data load or a step is never cut in half, and the program saves
+  before stopping. Nested uses share one flag (a Ctrl-C while a trainer loads its data is
+  seen by the loop that starts afterwards). A SIGINT that the shell set to be ignored (a
+  background job) stays ignored; outside the main thread nothing is installed.
+  """
+  global _pressed
+  if _pressed is not None:  # nested: the outer handler is in charge
+    pressed = _pressed
+    yield lambda: bool(pressed)
+    return
+  pressed: list[int] = []
+  previous = signal.getsignal(signal.SIGINT)
+
+  def handler(signum, frame):
+    if pressed:  # the second Ctrl-C: the user insists
+      signal.signal(signal.SIGINT, previous)
+      raise KeyboardInterrupt
+    pressed.append(signum)
+    print("\nCtrl-C: stopping at the next safe point, after saving (Ctrl-C again to "
+          "abort without saving)...", file=sys.stderr, flush=True)
+
+  installed = False
+  if previous is not signal.SIG_IGN:
+    try:
+      signal.signal(signal.SIGINT, handler)
+      installed = True
+    except ValueError:  # not the main thread: leave SIGINT alone
+      pass
+  _pressed = pressed
+  try:
+    yield lambda: bool(pressed)
+  finally:
+    _pressed = None
+    if installed and signal.getsignal(signal.SIGINT) is handler:
+      signal.signal(signal.SIGINT, previous)
+
+
+def interrupted_line(program: str, error: KeyboardInterrupt) -> str:
+  """The one line printed for a Ctrl-C: the program's own (:class:`Interrupted`), or a
+  plain one for a Ctrl-C that struck outside any safe point."""
+  if isinstance(error, Interrupted) and str(error):
+    return str(error)
+  return f"{program}: interrupted (Ctrl-C); nothing more was saved."
 
 
 class _QuietThirdParty(std_logging.Filter):
@@ -150,6 +223,11 @@ def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
       print(f"{os.path.basename(argv[0])}: --workdir is required ({workdir_help})",
             file=sys.stderr)
       sys.exit(2)
+    if not flags.FLAGS.workdir.strip():
+      # '' would put checkpoints and results into the current directory.
+      print(f"{os.path.basename(argv[0])}: --workdir is empty; give a folder, e.g. "
+            f"--workdir=runs/default ({workdir_help})", file=sys.stderr)
+      sys.exit(2)
     return rest
 
   def _main(argv):
@@ -157,9 +235,16 @@ def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not flags.FLAGS.verbose:
       quiet()
+    program = _program_name(main)
     try:
-      main(flags.FLAGS.config, flags.FLAGS.workdir,
-           **{name: flags.FLAGS[name].value for name in extra})
+      with interruptible():  # a Ctrl-C while loading is seen at the first safe point
+        main(flags.FLAGS.config, flags.FLAGS.workdir,
+             **{name: flags.FLAGS[name].value for name in extra})
+    except KeyboardInterrupt as e:
+      if flags.FLAGS.verbose and not isinstance(e, Interrupted):
+        raise
+      print(interrupted_line(program, e), file=sys.stderr, flush=True)
+      sys.exit(INTERRUPTED_EXIT_STATUS)
     except (ValueError, FileNotFoundError) as e:
       if flags.FLAGS.verbose:
         raise
@@ -168,3 +253,12 @@ def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
       sys.exit(1)
 
   app.run(_main, flags_parser=parse)
+
+
+def _program_name(main: Callable[..., object]) -> str:
+  """``train.gsb`` for a ``main`` of the module run as ``python -m train.gsb``."""
+  module = getattr(main, "__module__", None)
+  if module == "__main__":
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    module = spec.name if spec is not None else os.path.basename(sys.argv[0])
+  return module or "fsjax"

@@ -374,11 +374,29 @@ class _FolderSource:
   def labels(self, indices: np.ndarray) -> np.ndarray:
     return self._labels[indices]
 
+  def check(self, indices: np.ndarray) -> None:
+    """Raises ValueError naming the first selected file that is not a readable image
+    (PIL's header check and ``verify``), before any work starts."""
+    for i in indices:
+      try:
+        with Image.open(self._paths[i]) as im:
+          im.verify()
+      except Exception as e:  # pylint: disable=broad-except
+        raise self._unreadable(i, e) from e
+
+  def _unreadable(self, i: int, error: Exception) -> ValueError:
+    cause = (str(error).splitlines() or [type(error).__name__])[0]
+    return ValueError(f"folder dataset: {self._paths[i]} is not a readable image "
+                      f"({cause}); remove or replace it.")
+
   def read(self, indices: np.ndarray) -> list[dict[str, Any]]:
     out = []
     for i in indices:
-      with Image.open(self._paths[i]) as im:
-        image = np.asarray(im.convert("RGB"))
+      try:
+        with Image.open(self._paths[i]) as im:
+          image = np.asarray(im.convert("RGB"))
+      except Exception as e:  # pylint: disable=broad-except  (e.g. a truncated JPEG)
+        raise self._unreadable(i, e) from e
       out.append({"image": image, "label": int(self._labels[i]),
                   "name": self._paths[i].relative_to(self._root).as_posix()})
     return out
@@ -603,6 +621,8 @@ def load(name: str, *, split: str, image_size: int, batch_size: int,
   indices = _select(source, split=split, num_examples=num_examples, seed=seed,
                     shuffle=shuffle, classes=classes, per_class=per_class,
                     num_classes=len(class_names))
+  if isinstance(source, _FolderSource):
+    source.check(indices)  # an unreadable file is one line now, not a traceback later
   return Dataset(name=name, split=split, class_names=class_names,
                  indices=indices, image_size=image_size, batch_size=batch_size,
                  drop_remainder=drop_remainder, _source=source)

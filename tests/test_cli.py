@@ -2,8 +2,10 @@
 
 import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 
 from fsjax import cli
@@ -55,3 +57,29 @@ def test_optional_fields_are_overridable_from_the_command_line(tmp_path):
            "--config.certify.n0=2", "--config.certify.n=2")
   assert "not supported for overriding" not in p.stderr
   assert p.returncode != 0 and "/no/such/ckpt.pth" in p.stderr
+
+
+def test_empty_workdir_is_refused_in_one_line(tmp_path):
+  """--workdir '' would write checkpoints and results into the current directory."""
+  p = subprocess.run([sys.executable, "-m", "train.gsb", f"--config={TINY}", "--workdir="],
+                     cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                            PYTHONPATH=str(ROOT)),
+                     text=True, capture_output=True, timeout=240)
+  assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+  assert p.stderr.startswith(
+      "gsb.py: --workdir is empty; give a folder, e.g. --workdir=runs/default"), p.stderr
+  assert not list(tmp_path.iterdir())  # nothing written here
+
+
+def test_interruptible_nests_and_ctrl_c_is_one_line():
+  """Nested interruptible() share one flag (a Ctrl-C while loading reaches the loop that
+  starts later); the line printed for a Ctrl-C is the program's own when it has one."""
+  with cli.interruptible() as outer:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.05)
+    with cli.interruptible() as inner:
+      assert inner() and outer()
+  assert cli.interrupted_line("certify.run", KeyboardInterrupt()) == (
+      "certify.run: interrupted (Ctrl-C); nothing more was saved.")
+  assert cli.interrupted_line("x", cli.Interrupted("x: saved at step 3")) == (
+      "x: saved at step 3")

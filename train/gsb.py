@@ -23,8 +23,12 @@ What lands in ``workdir``:
   that differs in what shapes the result (encoder, data, seed, ``gsb``) is refused.
 * ``denoiser/<step>``, ``mapper/<step>``: orbax checkpoints of each stage's train state,
   every ``config.gsb.checkpoint_every`` steps, every ``config.gsb.checkpoint_seconds``
-  seconds (default 120), at the end of the stage and on Ctrl-C (which saves, then exits).
-  :func:`fsjax.gsb.checkpoint.load` reads the final parameters back.
+  seconds (default 120), at the end of the stage and on Ctrl-C (which saves, then exits
+  with status 130 and one line, so ``train.gsb && certify.run`` stops). A finished stage
+  keeps only its final parameters (no optimiser state, no older step): all that resuming
+  and :func:`fsjax.gsb.checkpoint.load` need.
+* ``.lock`` while a run is going: one writer per workdir; a second ``train.gsb`` on the
+  same workdir is refused and told the pid and host of the first.
 * ``metrics.jsonl``: one JSON object per ``config.gsb.log_every`` steps (and at the end
   of a stage or of a run stopped by ``max_steps``): stage, step, epoch, the loss and its
   parts, gradient and parameter norms averaged over the interval, the learning rate of
@@ -34,20 +38,27 @@ What lands in ``workdir``:
 Restarting resumes from the latest checkpoint of either stage and reproduces an
 uninterrupted run exactly: the noise of step s is ``fold_in(stage_key, s)`` and the
 order of epoch e is a permutation seeded by ``config.seed + e``, so the batches already
-done are skipped, not re-drawn. A finished run only reports. A NaN/Inf loss, gradient
+done are skipped, not re-drawn. A finished run only reports. A checkpoint that cannot be
+read (a truncated file) is one line naming its folder and the fix. A NaN/Inf loss, gradient
 or parameter stops training with the stage, the step and the loss parts, before
 anything of that step is saved.
 
 Data parallel over every local device: the batch is sharded along the mesh axis
-``"data"``, parameters and optimiser state replicated; one jitted update step per stage
-with the train state donated.
+``"data"``, parameters and optimiser state replicated; the step body is
+:func:`train.loop.run`'s, with this module's losses (:class:`WarmupLoss`,
+:class:`DenoiserLoss`, :class:`MapperLoss`: frozen dataclasses of the static encoder,
+modules and weights) and optimisers as static arguments of the one jitted
+:func:`train.loop.update_step`, so jit's own cache reuses a compilation for an equal
+configuration (a resumed run in the same process compiles nothing again).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 from absl import logging
@@ -56,7 +67,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
 
 from fsjax import cli
 from fsjax import data as data_lib
@@ -81,7 +91,7 @@ _RESTART_FREE_KEYS = ("checkpoint", "log_every", "checkpoint_every", "checkpoint
 
 
 def stage_options(config, which: str) -> ml_collections.ConfigDict:
-  """``config.gsb.<which>`` over :func:`fsjax.gsb.default_gsb_config`'s, checked.
+  """``config.gsb.<which>`` over its defaults (:func:`fsjax.gsb.resolved_gsb_config`), checked.
 
   Args:
     config: the experiment config.
@@ -90,10 +100,7 @@ def stage_options(config, which: str) -> ml_collections.ConfigDict:
   Returns:
     The merged sub-config (architecture, loss weights and training keys).
   """
-  merged = gsb_lib.default_gsb_config()[which]
-  given = config.gsb.get(which)
-  if given is not None:
-    merged.update(given.to_dict() if hasattr(given, "to_dict") else dict(given))
+  merged = gsb_lib.resolved_gsb_config(config)[which]
   keys = (("batch_size", 1), ("epochs", 0)) + ((("warmup_epochs", 0),)
                                                  if which == "denoiser" else ())
   for key, minimum in keys:
@@ -109,9 +116,9 @@ def stage_options(config, which: str) -> ml_collections.ConfigDict:
 
 def noise_options(config) -> tuple[tuple[float, float], int]:
   """``(sigma_range, noise_samples)`` from ``config.gsb``, checked."""
-  defaults = gsb_lib.default_gsb_config()
-  lo, hi = map(float, config.gsb.get("sigma_range", defaults.sigma_range))
-  n = config.gsb.get("noise_samples", defaults.noise_samples)
+  c = gsb_lib.resolved_gsb_config(config)
+  lo, hi = map(float, c.sigma_range)
+  n = c.noise_samples
   if not 0.0 <= lo <= hi:
     raise ValueError(f"config.gsb.sigma_range must be (low, high) with 0 <= low <= high, "
                      f"got {(lo, hi)}.")
@@ -192,86 +199,112 @@ def noisy_copies(x: jax.Array, key: jax.Array, *, sigma_range: tuple[float, floa
   return x_rep, x_rep + delta, sigma
 
 
-def denoiser_loss_fn(base: encoders_lib.Encoder, denoiser, *, lam_rob: float,
-                     sigma_range, noise_samples: int) -> Callable:
-  """``loss(params, frozen, images, key) -> (L_D, parts)`` for stage 1 (Eq. 7-9).
+@dataclasses.dataclass(frozen=True)
+class FrozenEncoder:
+  """The frozen encoder g as a static argument of the jitted step.
 
-  ``frozen`` is ``{"encoder": g's params}``. L_rec compares D's UNCLIPPED output with
-  the clean image (its gradient reaches every pixel); L_rob goes through exactly the
-  function that is certified, ``g(clip(D(x + delta)))`` (``BoostedEncoder.tokens``).
+  Encoders hash by identity; this wrapper is equal for encoders built from an equal
+  ``config.encoder`` (sorted JSON), so jit's cache holds one compilation per encoder
+  config, not per build: a resumed run in the same process compiles nothing again. The
+  parameters are an argument (``frozen["encoder"]``), never part of the key.
   """
-  boosted = gsb_lib.BoostedEncoder(base, denoiser=denoiser)
 
-  def loss_fn(params, frozen, images, key):
-    x = encoders_lib.resize(images.astype(jnp.float32), base.resolution)
-    x_rep, x_noisy, sigma = noisy_copies(x, key, sigma_range=sigma_range,
-                                         noise_samples=noise_samples)
-    z_clean = jax.lax.stop_gradient(base.tokens(frozen["encoder"], x))
-    p = {"encoder": frozen["encoder"], "denoiser": params}
-    denoised = boosted.denoise(p, x_noisy, sigma=sigma)  # unclipped, for Eq. 7
-    z_denoised = base.tokens(frozen["encoder"], jnp.clip(denoised, 0.0, 1.0))
-    loss, parts = losses.denoiser_loss(  # Eq. 9
-        denoised, x_rep, z_denoised, jnp.repeat(z_clean, noise_samples, axis=0),
-        lam_rob=lam_rob)
-    return loss, {**parts, "noisy_mse": losses.reconstruction_loss(x_noisy, x_rep)}
+  config: str
+  encoder: encoders_lib.Encoder = dataclasses.field(compare=False)
 
-  return loss_fn
+  @classmethod
+  def of(cls, encoder: encoders_lib.Encoder, encoder_config) -> FrozenEncoder:
+    c = loop.as_json(encoder_config) if not isinstance(encoder_config, dict) else encoder_config
+    return cls(json.dumps(c, sort_keys=True), encoder)
 
 
-def warmup_loss_fn(base: encoders_lib.Encoder, denoiser, *, sigma_range,
-                   noise_samples: int) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class WarmupLoss:
   """``loss(params, frozen, images, key) -> (L_rec, parts)``: D's warm-up (Eq. 7 only).
 
   No encoder pass: a denoiser that does not yet denoise makes L_rob's gradients noise,
   and this stage costs a fraction of a full step. ``noisy_mse`` is the input's own error
   ``||x + delta - x||^2`` (per pixel): L_rec must fall below it for D to help at all.
   """
-  boosted = gsb_lib.BoostedEncoder(base, denoiser=denoiser)
 
-  def loss_fn(params, frozen, images, key):
+  base: FrozenEncoder
+  denoiser: Any  # fsjax.gsb.Denoiser
+  sigma_range: tuple[float, float]
+  noise_samples: int
+
+  def __call__(self, params, frozen, images, key):
+    base = self.base.encoder
+    boosted = gsb_lib.BoostedEncoder(base, denoiser=self.denoiser)
     x = encoders_lib.resize(images.astype(jnp.float32), base.resolution)
-    x_rep, x_noisy, sigma = noisy_copies(x, key, sigma_range=sigma_range,
-                                         noise_samples=noise_samples)
+    x_rep, x_noisy, sigma = noisy_copies(x, key, sigma_range=self.sigma_range,
+                                         noise_samples=self.noise_samples)
     denoised = boosted.denoise({"encoder": frozen["encoder"], "denoiser": params}, x_noisy,
                                sigma=sigma)
     rec = losses.reconstruction_loss(denoised, x_rep)  # Eq. 7
     return rec, {"rec": rec, "noisy_mse": losses.reconstruction_loss(x_noisy, x_rep)}
 
-  return loss_fn
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserLoss:
+  """``loss(params, frozen, images, key) -> (L_D, parts)`` for stage 1 (Eq. 7-9).
+
+  ``frozen`` is ``{"encoder": g's params}``. L_rec compares D's UNCLIPPED output with
+  the clean image (its gradient reaches every pixel); L_rob goes through exactly the
+  function that is certified, ``g(clip(D(x + delta)))`` (``BoostedEncoder.tokens``).
+  """
+
+  base: FrozenEncoder
+  denoiser: Any  # fsjax.gsb.Denoiser
+  lam_rob: float
+  sigma_range: tuple[float, float]
+  noise_samples: int
+
+  def __call__(self, params, frozen, images, key):
+    base, n = self.base.encoder, self.noise_samples
+    boosted = gsb_lib.BoostedEncoder(base, denoiser=self.denoiser)
+    x = encoders_lib.resize(images.astype(jnp.float32), base.resolution)
+    x_rep, x_noisy, sigma = noisy_copies(x, key, sigma_range=self.sigma_range,
+                                         noise_samples=n)
+    z_clean = jax.lax.stop_gradient(base.tokens(frozen["encoder"], x))
+    p = {"encoder": frozen["encoder"], "denoiser": params}
+    denoised = boosted.denoise(p, x_noisy, sigma=sigma)  # unclipped, for Eq. 7
+    z_denoised = base.tokens(frozen["encoder"], jnp.clip(denoised, 0.0, 1.0))
+    loss, parts = losses.denoiser_loss(  # Eq. 9
+        denoised, x_rep, z_denoised, jnp.repeat(z_clean, n, axis=0), lam_rob=self.lam_rob)
+    return loss, {**parts, "noisy_mse": losses.reconstruction_loss(x_noisy, x_rep)}
 
 
-def mapper_loss_fn(base: encoders_lib.Encoder, denoiser, mapper, *, lam_id: float,
-                   lam_stat: float, id_sigma: float, sigma_range,
-                   noise_samples: int) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class MapperLoss:
   """``loss(params, frozen, images, key) -> (L_M, parts)`` for stage 2 (Eq. 11-13).
 
   ``frozen`` is ``{"encoder": ..., "denoiser": ...}`` (no ``"denoiser"`` when D is not
   trained). ``z_noisy = g(clip(D(x + delta)))`` and ``z_clean = g(x)`` carry no gradient:
   only M learns. L_id evaluates M on clean features at ``id_sigma`` (Eq. 12 says 0).
   """
-  front = gsb_lib.BoostedEncoder(base, denoiser=denoiser)
 
-  def loss_fn(params, frozen, images, key):
+  base: FrozenEncoder
+  denoiser: Any  # fsjax.gsb.Denoiser, or None when D is not trained
+  mapper: Any  # fsjax.gsb.SmoothnessMapper
+  lam_id: float
+  lam_stat: float
+  id_sigma: float
+  sigma_range: tuple[float, float]
+  noise_samples: int
+
+  def __call__(self, params, frozen, images, key):
+    base, n = self.base.encoder, self.noise_samples
+    front = gsb_lib.BoostedEncoder(base, denoiser=self.denoiser)
     x = encoders_lib.resize(images.astype(jnp.float32), base.resolution)
-    _, x_noisy, sigma = noisy_copies(x, key, sigma_range=sigma_range,
-                                     noise_samples=noise_samples)
+    _, x_noisy, sigma = noisy_copies(x, key, sigma_range=self.sigma_range, noise_samples=n)
     z_clean = base.tokens(frozen["encoder"], x)
     z_noisy = front.tokens(frozen, x_noisy, sigma=sigma)
-    z_clean = jnp.repeat(jax.lax.stop_gradient(z_clean), noise_samples, axis=0)
+    z_clean = jnp.repeat(jax.lax.stop_gradient(z_clean), n, axis=0)
     z_noisy = jax.lax.stop_gradient(z_noisy)
-    mapped_noisy = mapper.apply({"params": params}, z_noisy, sigma)
-    mapped_clean = mapper.apply({"params": params}, z_clean, id_sigma)
+    mapped_noisy = self.mapper.apply({"params": params}, z_noisy, sigma)
+    mapped_clean = self.mapper.apply({"params": params}, z_clean, self.id_sigma)
     return losses.mapper_loss(mapped_noisy, mapped_clean, z_clean,  # Eq. 13
-                              lam_id=lam_id, lam_stat=lam_stat)
-
-  return loss_fn
-
-
-def check_finite(stage: str, step: int, metrics: Mapping[str, float]) -> None:
-  """Raises :class:`train.loop.NonFiniteLossError` naming the stage, step and loss parts."""
-  loop.check_finite(f"GSB training (stage {stage!r})", step, metrics, fix=(
-      f"Lower config.gsb.{stage}.learning_rate (or check the data for NaN pixels) and "
-      "restart."))
+                              lam_id=self.lam_id, lam_stat=self.lam_stat)
 
 
 # ----------------------------------------------------------------------------------------
@@ -279,19 +312,37 @@ def check_finite(stage: str, step: int, metrics: Mapping[str, float]) -> None:
 # ----------------------------------------------------------------------------------------
 
 
+def cosine_adamw(learning_rate: float, steps: int, weight_decay: float
+                 ) -> optax.GradientTransformation:
+  """M's optimiser: AdamW with a warmup-free cosine decay from the peak to 0 over
+  ``steps`` (paper: "cosine schedule")."""
+  return optax.adamw(optax.cosine_decay_schedule(learning_rate, max(steps, 1)),
+                     weight_decay=weight_decay)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "shape"))
+def init_module(key: jax.Array, *, module, shape: tuple[int, ...]):
+  """``module.init(key, zeros(shape), 0.0)["params"]``, jitted (one compilation per
+  module value and shape)."""
+  return module.init(key, jnp.zeros(shape), 0.0)["params"]
+
+
 @dataclasses.dataclass
 class Stage:
   """Everything one stage's loop needs."""
 
   name: str
-  cache_key: str  # what the update step is a function of (see update_step)
   batch_size: int
   total_steps: int
-  tx: optax.GradientTransformation
+  optimizer: loop.Optimizer
   schedule: Callable[[int], Any]
-  loss_fn: Callable
+  loss: Callable  # a hashable loss (static argument of train.loop.update_step)
   init_params: Callable[[], Any]
   key: jax.Array  # the stage's noise key; the step's is fold_in(key, step)
+
+  @property
+  def tx(self) -> optax.GradientTransformation:
+    return self.optimizer.make()
 
 
 def data_mesh() -> jax.sharding.Mesh:
@@ -311,10 +362,8 @@ def batch_sharded(mesh) -> jax.NamedSharding:
 
 
 def init_state(stage: Stage, mesh) -> TrainState:
-  params = stage.init_params()
-  state = {"step": jnp.zeros((), jnp.int32), "params": params,
-           "opt_state": stage.tx.init(params)}
-  return jax.device_put(state, replicated(mesh))
+  return jax.device_put(loop.init_state(stage.init_params(), stage.optimizer),
+                        replicated(mesh))
 
 
 def restore_state(stage: Stage, mngr, mesh) -> TrainState:
@@ -325,29 +374,13 @@ def restore_state(stage: Stage, mngr, mesh) -> TrainState:
   like = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
       jax.eval_shape(lambda: init_state(stage, mesh)))
-  _, state = checkpointing.restore_latest(mngr, like)
-  return state
-
-
-# Compiled functions of this process (update steps, inits), by what they are a function
-# of: the encoder's architecture and config.gsb (and, through the cosine schedule, the
-# stage's length); everything else is an argument. So a second run of the same
-# configuration in one process (a resume, the tests) reuses the compilations, whose
-# seconds to minutes would otherwise dominate short runs. The encoder object a cached
-# function holds is built from the same config.encoder; its parameters are an argument.
-_COMPILED: dict[str, Callable] = {}
-
-
-def _compiled(key: str, make: Callable[[], Callable]) -> Callable:
-  if key not in _COMPILED:
-    _COMPILED[key] = make()
-  return _COMPILED[key]
+  return loop.restore(mngr, like, total=stage.total_steps,
+                      what=f"GSB {stage.name} checkpoint", sharding=replicated(mesh))
 
 
 def update_step(stage: Stage) -> Callable:
-  """The stage's jitted update step (:func:`make_update_step`), compiled once a process."""
-  return _compiled(f"step/{stage.cache_key}",
-                   lambda: loop.make_update_step(stage.loss_fn, stage.tx))
+  """``(state, frozen, images, key) -> (state, metrics)``: the stage's jitted update."""
+  return functools.partial(loop.update_step, loss=stage.loss, optimizer=stage.optimizer)
 
 
 def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Dataset,
@@ -359,45 +392,27 @@ def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Data
   ``stop_at``, and on Ctrl-C (then raises :class:`train.loop.Interrupted`).
   """
   step = int(state["step"])
-  end = stage.total_steps if stop_at is None else min(stop_at, stage.total_steps)
-  if step >= end:
-    return state
-  update = update_step(stage)
-  batch_sharding = batch_sharded(mesh)
   per_epoch = batches_per_epoch(dataset, stage.batch_size)
-  bar = tqdm.tqdm(total=stage.total_steps, initial=step, desc=f"gsb {stage.name}",
-                  unit="step", dynamic_ncols=True)
-  if step == 0:
-    bar.set_postfix_str("compiling the first step")
-  writer.reset_clock()
-  try:
-    with loop.interruptible() as interrupted:
-      while step < end:
-        epoch, skip = divmod(step, per_epoch)
-        for batch in epoch_batches(dataset, batch_size=stage.batch_size, seed=seed,
-                                   epoch=epoch, skip=skip):
-          images = jax.device_put(batch["image"], batch_sharding)
-          state, metrics = update(state, frozen, images, stage.key)
-          step += 1
-          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          check_finite(stage.name, step, metrics)  # before anything is saved
-          bar.update(1)
-          row = writer.add(step, metrics, examples=stage.batch_size, last=step == end,
-                           stage=stage.name, epoch=epoch,
-                           learning_rate=float(stage.schedule(step - 1)))
-          if row is not None:
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-          if policy.due(step) or step == end or interrupted():
-            checkpointing.save(mngr, step, state, force=True)
-          if interrupted():
-            mngr.wait_until_finished()
-            raise loop.Interrupted(f"train.gsb (stage {stage.name})", step)
-          if step == end:
-            break
-  finally:
-    bar.close()
-    mngr.wait_until_finished()
-  return state
+  batch_sharding = batch_sharded(mesh)
+
+  def batches():
+    epoch, skip = divmod(step, per_epoch)
+    while True:
+      for batch in epoch_batches(dataset, batch_size=stage.batch_size, seed=seed,
+                                 epoch=epoch, skip=skip):
+        yield jax.device_put(batch["image"], batch_sharding)
+      epoch, skip = epoch + 1, 0
+
+  return loop.run(
+      what=f"train.gsb (stage {stage.name!r})", desc=f"gsb {stage.name}", state=state,
+      total=stage.total_steps, end=stop_at, batches=batches(), frozen=frozen,
+      key=stage.key, loss=stage.loss, optimizer=stage.optimizer,
+      fix=(f"Lower config.gsb.{'denoiser' if stage.name == 'warmup' else stage.name}"
+           ".learning_rate (or check the data for NaN pixels) and restart."),
+      examples=stage.batch_size, writer=writer,
+      fields=lambda step: {"stage": stage.name, "epoch": (step - 1) // per_epoch,
+                           "learning_rate": float(stage.schedule(step - 1))},
+      mngr=mngr, policy=policy)
 
 
 # ----------------------------------------------------------------------------------------
@@ -417,11 +432,6 @@ def build_stages(config, encoder: encoders_lib.Encoder, encoder_params,
     if opts.epochs and dataset.num_examples < opts.batch_size:
       raise ValueError(f"config.train_data selects {dataset.num_examples} examples, fewer "
                        f"than one batch of config.gsb.{name}.batch_size={opts.batch_size}.")
-  c = _comparable(config)
-  m_key = json.dumps({"encoder": c["encoder"], "gsb": c["gsb"]}, sort_keys=True)
-  d_key = json.dumps({"encoder": c["encoder"],  # D's step does not depend on M
-                      "gsb": {k: v for k, v in c["gsb"].items() if k != "mapper"}},
-                     sort_keys=True)
   root = jax.random.key(config.seed)
   d_init, d_noise = jax.random.split(jax.random.fold_in(root, 0))
   m_init, m_noise = jax.random.split(jax.random.fold_in(root, 1))
@@ -441,37 +451,33 @@ def build_stages(config, encoder: encoders_lib.Encoder, encoder_params,
   w_noise = jax.random.fold_in(root, 2)
   d_lr = float(d_opts.learning_rate)
   m_steps = m_opts.epochs * batches_per_epoch(dataset, m_opts.batch_size)
-  # Warmup-free cosine decay from the peak to 0 over the stage (paper: "cosine schedule").
-  m_schedule = optax.cosine_decay_schedule(float(m_opts.learning_rate), max(m_steps, 1))
-  d_init_params = lambda: _compiled(f"init/denoiser/{d_key}", lambda: jax.jit(
-      lambda k: denoiser.init(k, jnp.zeros(image_shape), 0.0)["params"]))(d_init)
+  m_lr, m_wd = float(m_opts.learning_rate), float(m_opts.weight_decay)
+  # The logged learning rate: cosine_adamw's schedule.
+  m_schedule = optax.cosine_decay_schedule(m_lr, max(m_steps, 1))
+  base = FrozenEncoder.of(encoder, config.encoder)
+  d_init_params = lambda: init_module(d_init, module=denoiser, shape=image_shape)
+  adam = loop.Optimizer.of(optax.adam, learning_rate=d_lr)
   stages = {
       "warmup": Stage(
-          name="warmup", cache_key=f"warmup/{w_steps}/{d_key}",
-          batch_size=d_opts.batch_size, total_steps=w_steps,
-          tx=optax.adam(d_lr), schedule=lambda step: d_lr,
-          loss_fn=warmup_loss_fn(encoder, denoiser, sigma_range=sigma_range,
-                                 noise_samples=noise_samples),
+          name="warmup", batch_size=d_opts.batch_size, total_steps=w_steps,
+          optimizer=adam, schedule=lambda step: d_lr,
+          loss=WarmupLoss(base, denoiser, sigma_range, noise_samples),
           init_params=d_init_params, key=w_noise),
       "denoiser": Stage(
-          name="denoiser", cache_key=f"denoiser/{d_steps}/{d_key}",
-          batch_size=d_opts.batch_size, total_steps=d_steps,
-          tx=optax.adam(d_lr), schedule=lambda step: d_lr,
-          loss_fn=denoiser_loss_fn(encoder, denoiser, lam_rob=float(d_opts.lam_rob),
-                                   sigma_range=sigma_range, noise_samples=noise_samples),
+          name="denoiser", batch_size=d_opts.batch_size, total_steps=d_steps,
+          optimizer=adam, schedule=lambda step: d_lr,
+          loss=DenoiserLoss(base, denoiser, float(d_opts.lam_rob), sigma_range,
+                            noise_samples),
           init_params=d_init_params, key=d_noise),
       "mapper": Stage(
-          name="mapper", cache_key=f"mapper/{m_steps}/{m_key}",
-          batch_size=m_opts.batch_size, total_steps=m_steps,
-          tx=optax.adamw(m_schedule, weight_decay=float(m_opts.weight_decay)),
+          name="mapper", batch_size=m_opts.batch_size, total_steps=m_steps,
+          optimizer=loop.Optimizer.of(cosine_adamw, learning_rate=m_lr, steps=m_steps,
+                                      weight_decay=m_wd),
           schedule=m_schedule,
-          loss_fn=mapper_loss_fn(
-              encoder, denoiser if train_denoiser else None, mapper,
-              lam_id=float(m_opts.lam_id), lam_stat=float(m_opts.lam_stat),
-              id_sigma=float(m_opts.id_sigma), sigma_range=sigma_range,
-              noise_samples=noise_samples),
-          init_params=lambda: _compiled(f"init/mapper/{m_key}", lambda: jax.jit(
-              lambda k: mapper.init(k, jnp.zeros(token_shape), 0.0)["params"]))(m_init),
+          loss=MapperLoss(base, denoiser if train_denoiser else None, mapper,
+                          float(m_opts.lam_id), float(m_opts.lam_stat),
+                          float(m_opts.id_sigma), sigma_range, noise_samples),
+          init_params=lambda: init_module(m_init, module=mapper, shape=token_shape),
           key=m_noise),
   }
   return stages
@@ -500,6 +506,12 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   # Cheap checks of config.gsb first, before the encoder and the data load.
   noise_options(config)
   stage_options(config, "denoiser"), stage_options(config, "mapper")
+  with checkpointing.lock_workdir(workdir, "train.gsb"):  # one writer per workdir
+    return _train(config, workdir, max_steps)
+
+
+def _train(config, workdir: str, max_steps: int | None) -> dict[str, Any]:
+  """:func:`train_and_evaluate` once the config is checked and the workdir locked."""
   print(f"train.gsb: loading encoder {config.encoder.name!r} and "
         f"{config.train_data.name!r} ({config.train_data.get('num_examples') or 'all'} "
         "images)...", flush=True)
@@ -528,9 +540,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
       if done[after] and done[before] != total[before]:
         raise ValueError(f"workdir {workdir}: the {after} stage has started but the "
                          f"{before} checkpoint is at step {done[before]} of {total[before]}.")
-    if done == total:
-      print(f"train.gsb: {workdir} holds a finished run ({progress} steps); nothing to do.")
-    elif any(done.values()):
+    if any(done.values()) and done != total:
       print(f"train.gsb: resuming {workdir} ({progress} steps done).")
     logging.info("train.gsb: %d device(s); %s steps done.", n_devices, progress)
 
@@ -556,17 +566,36 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
       if name == "denoiser":
         frozen = {**frozen, "denoiser": out["denoiser"]}  # D is final from here on
     out.pop("warmup", None)
+    if done == total:  # said once every checkpoint is known to be readable
+      print(f"train.gsb: {workdir} holds a finished run ({progress} steps); nothing to do.")
     return out
   finally:
     for mngr in managers.values():
       checkpointing.close(mngr)
 
 
+def summary(config, workdir: str, params: Mapping[str, Any], seconds: float) -> str:
+  """What a person reads at the end: each stage's loss, where the booster is, what next."""
+  rows = loop.read_metrics(workdir)
+  stages = [f"{name} {loop.summary([r for r in rows if r.get('stage') == name])}"
+            for name in STAGES if any(r.get("stage") == name for r in rows)]
+  saved = ", ".join(f"{name}/{managed_step}" for name in STAGES
+                    if name in params and (managed_step := _final_step(workdir, name)))
+  return (f"train.gsb: done in {seconds:.0f} s; " + "; ".join(stages) + "\n"
+          f"booster saved to {workdir} ({saved}); certify it with "
+          f"--config.gsb.checkpoint={workdir}")
+
+
+def _final_step(workdir: str, name: str) -> int | None:
+  steps = [int(p) for p in os.listdir(os.path.join(workdir, name)) if p.isdigit()] if (
+      os.path.isdir(os.path.join(workdir, name))) else []
+  return max(steps, default=None)
+
+
 def main(config, workdir: str) -> None:
-  try:
-    train_and_evaluate(config, workdir)
-  except loop.Interrupted as e:
-    print(e)
+  start = time.perf_counter()
+  params = train_and_evaluate(config, workdir)  # Ctrl-C: cli.run says "saved at step N"
+  print(summary(config, os.path.abspath(workdir), params, time.perf_counter() - start))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ overwrite them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 import json
 import pathlib
 from typing import Any, Sequence
@@ -50,6 +52,7 @@ import tqdm
 
 import certify
 from fsjax import batching
+from fsjax import checkpointing
 from fsjax import cli
 from fsjax import encoders as encoders_lib
 from fsjax import heads as heads_lib
@@ -158,11 +161,37 @@ def _losses(heads, z, labels, *, modules, margin: float = 0.0):
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class HeadLoss:
+  """Both heads' summed cross-entropy on a minibatch: ``loss(params, (z, y), _, key)``.
+
+  Step t's minibatch is drawn with replacement from ``fold_in(key, t)`` (train.loop's
+  step key). Hashable: one compilation per head shape and setting.
+  """
+
+  num_classes: int
+  dim: int
+  scale: float
+  projection_dim: int | None
+  margin: float
+  batch_size: int
+
+  def __call__(self, params, data, _, step_key):
+    z, y = data
+    modules = _head_modules(self.num_classes, self.dim, scale=self.scale,
+                            projection_dim=self.projection_dim)
+    idx = jax.random.randint(step_key, (self.batch_size,), 0, len(z))
+    losses = _losses(params, z[idx], y[idx], modules=modules, margin=self.margin)
+    return (sum(l for l, _ in losses.values()),
+            {f"loss_{name}": l for name, (l, _) in losses.items()})
+
+
 def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
                 learning_rate: float, batch_size: int, key: jax.Array,
                 prototypes: Any = None, margin: float = 0.0, scale: float = 16.0,
                 projection_dim: int | None = None,
-                writer: loop.MetricsWriter | None = None, **row_fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+                writer: loop.MetricsWriter | None = None, desc: str | None = None,
+                **row_fields: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   """Trains the cosine-prototype and linear heads on cached unit features.
 
   Adam on the mean cross-entropy of minibatches drawn with replacement (step ``t`` draws
@@ -181,6 +210,7 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     scale: the cosine head's logit scale (:class:`fsjax.heads.CosinePrototypeHead`).
     projection_dim: the cosine head's projection dimension, or None (no projection).
     writer: where to append metrics rows (``row_fields`` go into each row).
+    desc: the progress bar's label.
     prototypes: ``[K, D]`` fixed unit prototypes (CLIP zero-shot); then the cosine head is
       not trained, its ``prototypes`` parameter is these.
 
@@ -226,29 +256,21 @@ def train_heads(features: Any, labels: Any, *, num_classes: int, steps: int,
     certify.check_prototypes(prototypes, dim)
     fixed["cosine"] = {"params": {"prototypes": jnp.asarray(prototypes, jnp.float32)}}
     del heads["cosine"]
-  tx = optax.adam(learning_rate)
-  state = {"step": jnp.zeros((), jnp.int32), "params": heads, "opt_state": tx.init(heads)}
+  optimizer = loop.Optimizer.of(optax.adam, learning_rate=float(learning_rate))
+  state = loop.init_state(heads, optimizer)
   z, y = jnp.asarray(z), jnp.asarray(labels)
   batch_size = min(int(batch_size), len(z))
-
-  def loss_fn(params, data, _, step_key):
-    # Minibatch of step t: indices from fold_in(k_data, t) (train.loop's step key).
-    z, y = data
-    idx = jax.random.randint(step_key, (batch_size,), 0, len(z))
-    losses = _losses(params, z[idx], y[idx], modules=modules, margin=margin)
-    return (sum(l for l, _ in losses.values()),
-            {f"loss_{name}": l for name, (l, _) in losses.items()})
-
-  train_step = loop.make_update_step(loss_fn, tx)
+  loss = HeadLoss(num_classes=num_classes, dim=dim, scale=float(scale),
+                  projection_dim=projection_dim, margin=float(margin),
+                  batch_size=batch_size)
   evaluate = jax.jit(lambda heads: _losses(heads, z, y, modules=modules))
   initial = evaluate({**state["params"], **fixed})
-  for step in range(1, int(steps) + 1):
-    state, metrics = train_step(state, (z, y), None, k_data)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    loop.check_finite("head training", step, metrics,
-                      fix="Lower config.prediction.head_learning_rate.")
-    if writer is not None:
-      writer.add(step, metrics, examples=batch_size, last=step == steps, **row_fields)
+  # The data is the step's "frozen" argument; each step draws its own minibatch.
+  state = loop.run(what="head training", desc=desc or "heads", state=state,
+                   total=int(steps), batches=itertools.repeat(None), frozen=(z, y),
+                   key=k_data, loss=loss, optimizer=optimizer, examples=batch_size,
+                   fix="Lower config.prediction.head_learning_rate.", writer=writer,
+                   fields=lambda step: row_fields, stop_on_interrupt=False)
   heads = {**state["params"], **fixed}
   final = evaluate(heads)
   history = {"steps": int(steps), "prototypes_trained": prototypes is None}
@@ -321,6 +343,11 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
   Returns:
     ``(meta, heads)`` as :func:`load_heads` returns them.
   """
+  with checkpointing.lock_workdir(workdir, "train.head"):  # one writer per workdir
+    return _train(config, workdir)
+
+
+def _train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
   p = config.prediction
   num_classes = heads_lib.check_num_classes(p.num_classes)
   workdir = pathlib.Path(workdir)
@@ -356,6 +383,8 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
           "train_images": int(len(images))}
   with loop.interruptible() as interrupted:
     for sigma in settings["sigmas"][len(trained):]:
+      if interrupted():  # e.g. pressed while the data and encoder loaded
+        raise loop.Interrupted("train.head", len(trained), unit="sigma number")
       # The same fold-in as certify.run: one key per sigma, whatever the list of sigmas.
       k_sigma = smoothing.sigma_key(key, sigma)
       k_feat, k_train = jax.random.split(k_sigma)
@@ -368,7 +397,8 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
                                 batch_size=settings["batch_size"], key=k_train,
                                 margin=settings["margin"], scale=settings["scale"],
                                 projection_dim=settings["projection_dim"],
-                                prototypes=prototypes, writer=writer, sigma=sigma)
+                                prototypes=prototypes, writer=writer,
+                                desc=f"heads sigma={sigma:g}", sigma=sigma)
       trained.append(heads)
       history[str(sigma)] = hist
       logging.info("sigma %g: %s", sigma, hist)
@@ -379,18 +409,28 @@ def train(config, workdir: str) -> tuple[dict[str, Any], dict[float, dict]]:
       heads_lib.save_heads(workdir, {**meta, "sigmas": done, "step": len(trained),
                                      "complete": complete, "history": history}, trained)
       if interrupted() and not complete:
-        raise loop.Interrupted("train.head", len(trained))
+        raise loop.Interrupted("train.head", len(trained), unit="sigma number")
   meta = {**meta, "step": len(trained), "complete": True, "history": history}
   return meta, dict(zip(settings["sigmas"], trained))
 
 
+def summary(meta: dict[str, Any], workdir: str) -> str:
+  """One line per sigma (the heads' accuracy and loss on their training features) and
+  where the heads are."""
+  lines = ["train.head: done."]
+  for sigma, h in meta["history"].items():
+    lines.append(f"  sigma {float(sigma):g}: " + "; ".join(
+        f"{name} accuracy {h[name]['accuracy_final']:.3f} (loss "
+        f"{h[name]['loss_initial']:.3g} -> {h[name]['loss_final']:.3g})"
+        for name in ("cosine", "linear")))
+  lines.append(f"heads saved to {pathlib.Path(workdir) / heads_lib.HEADS_DIR} and "
+               f"{pathlib.Path(workdir) / heads_lib.SIDECAR}")
+  return "\n".join(lines)
+
+
 def main(config, workdir: str) -> None:
-  try:
-    meta, _ = train(config, workdir)
-  except loop.Interrupted as e:
-    print(str(e).replace("step", "sigma number"))
-    return
-  print(json.dumps(meta["history"], indent=2))
+  meta, _ = train(config, workdir)  # Ctrl-C: cli.run prints the saved sigmas, exit 130
+  print(summary(meta, workdir))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ with linear warmup and cosine decay, global-norm clipping.
 Writes into ``workdir``:
 
 * ``checkpoints/``: orbax checkpoints of the train state every
-  ``checkpoint_every`` steps; a rerun resumes from the latest;
+  ``checkpoint_every`` steps and on Ctrl-C (exit status 130, one line); a rerun resumes
+  from the latest (also with more ``steps``); once training is done only the final
+  state is kept;
 * ``metrics.jsonl``: the mean loss, answer-token accuracy, gradient norm and learning
   rate every ``log_every`` steps;
 * the trained model in the Hugging Face LLaVA layout (:func:`fsjax.llava.save`:
@@ -30,11 +32,14 @@ Writes into ``workdir``:
   experiment scores them (classification and VQA accuracy, caption exact match), and
   the wall times.
 
-A NaN or Inf loss stops training before anything is saved.
+A NaN or Inf loss stops training before anything is saved. The step body (guard,
+metrics, checkpoints, Ctrl-C) is :func:`train.loop.run`'s; ``.lock`` keeps a second
+trainer out of the same workdir. The end prints the held-out scores in a few lines.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -76,7 +81,8 @@ def encoder_features(params: Any, images: np.ndarray, *, encoder: encoders_lib.E
   encoders_lib.check_images(images, name="images")
   out = []
   for sl in tqdm.tqdm(batching.batch_slices(len(images), batch_size), desc=desc,
-                      disable=desc is None, unit="batch"):
+                      disable=desc is None, unit="batch",
+                      total=-(-len(images) // batch_size)):
     xb = batching.pad_rows(images[sl], batch_size)  # one shape: one compilation
     out.append(np.asarray(_tokens(params, jnp.asarray(xb, jnp.float32), encoder=encoder))
                [:sl.stop - sl.start])
@@ -155,19 +161,40 @@ def loss_fn(language: llava_model.LlavaLanguageModel, params: Any, batch: Mappin
   return loss, {"loss": loss, "token_accuracy": accuracy}
 
 
-def optimizer(c) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def optimizer(c) -> tuple[loop.Optimizer, optax.Schedule]:
   """AdamW with linear warmup and cosine decay, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, c.learning_rate, warmup_steps=min(c.warmup_steps, c.steps), decay_steps=c.steps,
-      end_value=0.1 * c.learning_rate)
-  tx = optax.chain(optax.clip_by_global_norm(c.grad_clip),
-                   optax.adamw(schedule, weight_decay=c.weight_decay))
-  return tx, schedule
+  recipe = loop.Optimizer.of(
+      warmup_cosine_adamw, learning_rate=float(c.learning_rate), steps=int(c.steps),
+      warmup_steps=int(c.warmup_steps), weight_decay=float(c.weight_decay),
+      grad_clip=float(c.grad_clip))
+  return recipe, schedule(float(c.learning_rate), int(c.steps), int(c.warmup_steps))
 
 
-def make_train_step(language, tx):
-  """One jitted step ``(state, frozen, batch, key) -> (state, metrics)`` (train.loop's)."""
-  return loop.make_update_step(lambda p, frozen, batch, key: loss_fn(language, p, batch), tx)
+@dataclasses.dataclass(frozen=True, eq=False)
+class LanguageLoss:
+  """:func:`loss_fn` of one language model, as train.loop's hashable loss (by identity:
+  one compilation per run)."""
+
+  language: llava_model.LlavaLanguageModel
+
+  def __call__(self, params, frozen, batch, key):
+    return loss_fn(self.language, params, batch)
+
+
+def warmup_cosine_adamw(learning_rate: float, steps: int, warmup_steps: int,
+                        weight_decay: float, grad_clip: float
+                        ) -> optax.GradientTransformation:
+  """The optimiser of :func:`optimizer`, from numbers (train.loop's static recipe)."""
+  return optax.chain(optax.clip_by_global_norm(grad_clip),
+                     optax.adamw(schedule(learning_rate, steps, warmup_steps),
+                                 weight_decay=weight_decay))
+
+
+def schedule(learning_rate: float, steps: int, warmup_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to a tenth of the peak."""
+  return optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, warmup_steps=min(warmup_steps, steps), decay_steps=steps,
+      end_value=0.1 * learning_rate)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
@@ -281,10 +308,14 @@ def answers(model: llava.Llava, params: Any, features: np.ndarray, prompts: list
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains (or resumes), saves the model in the LLaVA layout, evaluates; returns eval.json."""
+  check_train_config(config.llava.train)
+  with checkpointing.lock_workdir(workdir, "train.llava"):  # one writer per workdir
+    return _train(config, pathlib.Path(workdir))
+
+
+def _train(config, workdir: pathlib.Path) -> dict[str, Any]:
+  """:func:`train_and_evaluate` once the config is checked and the workdir locked."""
   c = config.llava.train
-  check_train_config(c)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
   encoder, encoder_params = encoders_lib.build(config.encoder)
   tokenizer = build_tokenizer()
@@ -307,41 +338,38 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   model = make_model(config, tokenizer, encoder, width)
   language = model.language
 
-  tx, schedule = optimizer(c)
+  recipe, lr_schedule = optimizer(c)
   params = llava.init_language(model.config, feature_size=width, seed=config.llava.seed)
-  state = {"step": jnp.int32(0), "params": params, "opt_state": tx.init(params)}
   mngr = checkpointing.manager(str(workdir), CHECKPOINTS)
-  start, state = checkpointing.restore_latest(mngr, state)
+  state = loop.restore(mngr, loop.init_state(params, recipe), total=c.steps,
+                       what="LLaVA training checkpoint")
+  start = int(state["step"])
   if start:
     print(f"train.llava: resuming {workdir} at step {start} of {c.steps}.")
-  step_fn = make_train_step(language, tx)
   device_arrays = {t: {k: jnp.asarray(v) for k, v in a.items()} for t, a in arrays.items()}
   sizes = {t: len(a["image"]) for t, a in arrays.items()}
   device_features = jnp.asarray(features)
 
+  def batches():
+    for step in range(start, c.steps):
+      task, idx = task_batch(step, task_names, sizes, c.batch_size, c.seed)
+      batch = {k: v[idx] for k, v in device_arrays[task].items() if k != "image"}
+      batch["features"] = device_features[arrays[task]["image"][idx]]
+      yield batch
+
   t0 = time.perf_counter()
-  writer = loop.MetricsWriter(str(workdir), c.log_every)
-  policy = loop.CheckpointPolicy(c.checkpoint_every, c.get("checkpoint_seconds") or 120.0)
-  no_key = jax.random.key(0)  # the loss draws no noise
   try:
-    with loop.interruptible() as interrupted:
-      for step in tqdm.trange(int(state["step"]), c.steps, desc="llava", unit="step",
-                              initial=int(state["step"]), total=c.steps):
-        task, idx = task_batch(step, task_names, sizes, c.batch_size, c.seed)
-        batch = {k: v[idx] for k, v in device_arrays[task].items() if k != "image"}
-        batch["features"] = device_features[arrays[task]["image"][idx]]
-        state, metrics = step_fn(state, None, batch, no_key)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        done = step + 1
-        loop.check_finite("train.llava", done, metrics, fix=(  # before anything is saved
-            "Lower config.llava.train.learning_rate or raise warmup_steps."))
-        writer.add(done, metrics, examples=c.batch_size, last=done == c.steps,
-                   learning_rate=float(schedule(step)))
-        if policy.due(done) or done == c.steps or interrupted():
-          checkpointing.save(mngr, done, state, force=True)
-        if interrupted() and done < c.steps:
-          mngr.wait_until_finished()
-          raise loop.Interrupted("train.llava", done)
+    state = loop.run(
+        what="train.llava", desc="llava", state=state, total=c.steps, batches=batches(),
+        frozen=None, key=jax.random.key(0),  # the loss draws no noise
+        loss=LanguageLoss(language), optimizer=recipe,
+        fix="Lower config.llava.train.learning_rate or raise warmup_steps.",
+        examples=c.batch_size, writer=loop.MetricsWriter(str(workdir), c.log_every),
+        fields=lambda step: {"learning_rate": float(lr_schedule(step - 1))}, mngr=mngr,
+        policy=loop.CheckpointPolicy(c.checkpoint_every,
+                                     c.get("checkpoint_seconds") or 120.0),
+        # A later run with more config.llava.train.steps continues this optimiser.
+        final_opt_state=True)
   finally:
     checkpointing.close(mngr)
   train_s = time.perf_counter() - t0
@@ -364,11 +392,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   return result
 
 
+def summary(result: Mapping[str, Any], workdir: str) -> str:
+  """The headline numbers of eval.json and where everything went."""
+  scores = [f"{k.replace('_', ' ')} {result[k]:.3f}"
+            for k in ("classify_accuracy", "vqa_accuracy", "caption_match") if k in result]
+  rows = loop.read_metrics(workdir)
+  return (f"train.llava: {result['steps']} steps ({loop.summary(rows)}) in "
+          f"{result['total_s']:.0f} s; held-out {result['test_images']} images: "
+          + ", ".join(scores) + "\n"
+          f"model saved to {workdir} (fsjax.llava.load layout); scores in "
+          f"{pathlib.Path(workdir) / EVAL_FILE}")
+
+
 def main(config, workdir: str) -> None:
-  try:
-    print(json.dumps(train_and_evaluate(config, workdir), indent=2))
-  except loop.Interrupted as e:
-    print(e)
+  # Ctrl-C: cli.run prints "saved at step N" and exits with status 130.
+  print(summary(train_and_evaluate(config, workdir), workdir))
 
 
 if __name__ == "__main__":

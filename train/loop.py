@@ -1,18 +1,27 @@
-"""What every trainer shares: the jitted step, the NaN guard, metrics, config checks,
-checkpoint timing and a clean Ctrl-C.
+"""The one training loop: every trainer supplies its loss, optimiser and batches.
 
-A trainer (``train.gsb``, ``train.head``, ``train.llava``) builds its loss and optimiser,
-then runs :func:`make_update_step`'s jitted, donating step in its own loop, and uses:
+A trainer (``train.gsb``, ``train.head``, ``train.llava``) builds a hashable loss (a frozen
+dataclass whose fields are the static modules and numbers; its parameters and data are
+arguments) and an :class:`Optimizer` recipe, then hands both with an iterator of batches
+to :func:`run`, which owns the step body once:
 
-* :func:`check_finite` before anything of a step is saved (:class:`NonFiniteLossError`);
-* :class:`MetricsWriter`: averaged metrics appended to ``workdir/metrics.jsonl``;
-* :func:`check_config` / :func:`write_config`: ``workdir/config.json``, and a refusal to
-  resume a workdir started with another config (naming every difference);
-* :class:`CheckpointPolicy`: save every ``every_steps`` steps *and* every
-  ``every_seconds`` seconds (so a slow CPU run never loses more than a few minutes);
-* :func:`interruptible`: Ctrl-C (SIGINT) does not kill the process mid-step or
-  mid-compilation; the loop finishes its step, saves, and raises :class:`Interrupted`,
-  which the entry point turns into "saved at step N; rerun the same command to resume".
+* :func:`update_step`, jitted and donating, at module level: jit's own cache, keyed by
+  the loss and the optimiser recipe (equal values share one compilation), so a resumed
+  run in the same process (the tests) compiles nothing again;
+* the NaN/Inf guard (:func:`check_finite`) before anything of a step is saved
+  (:class:`NonFiniteLossError`);
+* metrics: :class:`MetricsWriter`, averaged rows appended to ``workdir/metrics.jsonl``,
+  and a progress bar that says when it compiles and shows the loss;
+* the checkpoint policy: :class:`CheckpointPolicy` (every ``every_steps`` steps *and*
+  every ``every_seconds`` seconds), a save at the end, and a finished stage keeps only
+  its final parameters (what resuming needs; no optimiser state, no older step);
+* Ctrl-C: :func:`fsjax.cli.interruptible` makes SIGINT a flag; the loop finishes its
+  step, saves, and raises :class:`Interrupted` ("saved at step N; rerun the same command
+  to resume"), which :func:`fsjax.cli.run` prints as one line with exit status 130;
+* resume: :func:`restore` gives the latest checkpoint's state (or a fresh one).
+
+Also here: :func:`check_config` / :func:`write_config` (``workdir/config.json``, and a
+refusal to resume a workdir started with another config, naming every difference).
 
 Noise keys are ``fold_in(stage_key, step)``: a function of the step alone, so a resumed
 run draws exactly the noise an uninterrupted one would.
@@ -20,16 +29,20 @@ run draws exactly the noise an uninterrupted one would.
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import functools
 import json
 import math
 import os
-import signal
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import optax
+import tqdm
+
+from fsjax import checkpointing
+from fsjax import cli
 
 TrainState = dict[str, Any]  # {"step": int32 [], "params": ..., "opt_state": ...}
 CONFIG_FILE = "config.json"
@@ -40,33 +53,78 @@ class NonFiniteLossError(FloatingPointError):
   """Training produced a NaN or Inf loss, gradient or parameter."""
 
 
-class Interrupted(KeyboardInterrupt):
-  """Ctrl-C arrived; the loop saved its state at ``step`` and stopped."""
+interruptible = cli.interruptible
 
-  def __init__(self, what: str, step: int):
-    super().__init__(f"{what}: interrupted, saved at step {step}; rerun the same command "
-                     "to resume from there.")
+
+class Interrupted(cli.Interrupted):
+  """Ctrl-C arrived; the loop saved its state at ``step`` (if any was made) and stopped."""
+
+  def __init__(self, what: str, step: int, *, unit: str = "step"):
+    super().__init__(f"{what}: interrupted, saved at {unit} {step}; rerun the same "
+                     "command to resume from there.")
     self.step = step
 
 
-def make_update_step(loss_fn: Callable, tx: optax.GradientTransformation) -> Callable:
-  """One jitted update ``(state, frozen, batch, key) -> (state, metrics)``.
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optax optimiser as a static, hashable recipe: a module-level ``factory`` and its
+  keyword arguments. Equal recipes are one compilation of :func:`update_step`."""
 
-  ``loss_fn(params, frozen, batch, key) -> (loss, {part: value})``. The state is donated
-  (its buffers are reused for the new state). The step's key is ``fold_in(key, step)``.
+  factory: Callable[..., optax.GradientTransformation]
+  kwargs: tuple[tuple[str, Any], ...] = ()
+
+  @classmethod
+  def of(cls, factory: Callable[..., optax.GradientTransformation], **kwargs) -> Optimizer:
+    return cls(factory, tuple(sorted(kwargs.items())))
+
+  def make(self) -> optax.GradientTransformation:
+    return self.factory(**dict(self.kwargs))
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "optimizer"), donate_argnums=0)
+def update_step(state: TrainState, frozen, batch, key, *, loss: Callable,
+                optimizer: Optimizer) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One update ``(state, frozen, batch, key) -> (state, metrics)``, jitted.
+
+  ``loss(params, frozen, batch, key) -> (loss, {part: value})``, hashable (a frozen
+  dataclass of static modules and numbers). The state is donated (its buffers are
+  reused for the new state). The step's key is ``fold_in(key, step)``.
   """
-  def step(state: TrainState, frozen, batch, key):
-    k = jax.random.fold_in(key, state["step"])
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], frozen, batch, k)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
-               # Non-finite parameters are caught at the step that makes them.
-               "param_norm": optax.tree.norm(params)}
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+  tx = optimizer.make()
+  k = jax.random.fold_in(key, state["step"])
+  (value, parts), grads = jax.value_and_grad(loss, has_aux=True)(
+      state["params"], frozen, batch, k)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = {"loss": value, **parts, "grad_norm": optax.tree.norm(grads),
+             # Non-finite parameters are caught at the step that makes them.
+             "param_norm": optax.tree.norm(params)}
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  return jax.jit(step, donate_argnums=0)
+
+def init_state(params, optimizer: Optimizer) -> TrainState:
+  """A fresh state at step 0."""
+  return {"step": jax.numpy.zeros((), jax.numpy.int32), "params": params,
+          "opt_state": optimizer.make().init(params)}
+
+
+def restore(mngr, like: TrainState, *, total: int, what: str,
+            sharding=None) -> TrainState:
+  """The latest checkpoint's state, or ``like`` (a fresh state) when there is none.
+
+  A finished stage's checkpoint may hold ``{"step", "params"}`` only (see :func:`run`):
+  it is read as saved, without ``like``'s optimiser state.
+
+  Raises:
+    fsjax.checkpointing.DamagedCheckpointError: the checkpoint cannot be read; the
+      message names its folder and the fix.
+  """
+  step = mngr.latest_step()
+  fix = ("rerun the same command: it resumes from the checkpoint before it (or from the "
+         "start of the stage).")
+  if step is not None and step >= total:
+    return checkpointing.restore_as_saved(mngr, step, sharding=sharding, what=what, fix=fix)
+  return checkpointing.restore_latest(mngr, like, what=what, fix=fix)[1]
 
 
 def check_finite(what: str, step: int, metrics: Mapping[str, float], *, fix: str) -> None:
@@ -174,31 +232,108 @@ class CheckpointPolicy:
     return False
 
 
-@contextlib.contextmanager
-def interruptible() -> Iterator[Callable[[], bool]]:
-  """``with interruptible() as stop: ... if stop(): save; raise Interrupted(...)``.
+def run(*, what: str, desc: str, state: TrainState, total: int, batches: Iterable[Any],
+        frozen: Any, key: jax.Array, loss: Callable, optimizer: Optimizer, fix: str,
+        examples: int, end: int | None = None, writer: MetricsWriter | None = None,
+        fields: Callable[[int], Mapping[str, Any]] = lambda step: {},
+        mngr=None, policy: CheckpointPolicy | None = None,
+        stop_on_interrupt: bool = True, final_opt_state: bool = False) -> TrainState:
+  """Trains from ``state["step"]`` to ``end`` (default: ``total``, the stage's end).
 
-  While inside, SIGINT only sets a flag (a second Ctrl-C interrupts at once, as usual):
-  an XLA compilation or a step is never cut in half, and the loop saves before stopping.
+  Args:
+    what: the trainer in messages ("train.gsb (stage denoiser)").
+    desc: the progress bar's label.
+    state: ``{"step", "params", "opt_state"}``, e.g. from :func:`restore`.
+    total: the stage's number of steps.
+    batches: the batches of steps ``state["step"] + 1, ...`` in order (read lazily).
+    frozen, key: the step's other arguments (frozen parameters or data; the noise key).
+    loss, optimizer: see :func:`update_step`.
+    fix: what to do when the loss diverges (the end of the error message).
+    examples: examples per step (for ``examples_per_s``).
+    end: stop (with a checkpoint) at this step; a later call resumes.
+    writer: metrics rows (``fields(step)`` go into the row of ``step``).
+    mngr, policy: checkpoints (None: nothing is saved). At ``total`` the final
+      ``{"step", "params"}`` is saved and older checkpoints are deleted.
+    final_opt_state: keep the optimiser state in the final checkpoint too (for a
+      trainer whose later run may raise ``total`` and continue).
+    stop_on_interrupt: stop at the next step after a Ctrl-C (False: the caller checks).
+
+  Raises:
+    NonFiniteLossError: before anything of the diverged step is saved.
+    Interrupted: after a Ctrl-C, once the state is saved.
   """
-  pressed = []
-  previous = signal.getsignal(signal.SIGINT)
+  step = int(state["step"])
+  end = total if end is None else min(end, total)
+  if step >= end:
+    return state
+  saved = step if mngr is not None else None
+  bar = tqdm.tqdm(total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+  bar.set_postfix_str("compiling the first step")
+  if writer is not None:
+    writer.reset_clock()
 
-  def handler(signum, frame):
-    if pressed:  # the second Ctrl-C: the user insists
-      signal.signal(signal.SIGINT, previous)
-      raise KeyboardInterrupt
-    pressed.append(signum)
-    print("\nCtrl-C: finishing the current step, then saving (Ctrl-C again to abort "
-          "without saving)...", flush=True)
+  def save(step: int, state: TrainState) -> None:
+    if step == total:  # finished: only what resuming needs, once
+      final = state if final_opt_state else {"step": state["step"],
+                                             "params": state["params"]}
+      checkpointing.save(mngr, step, final, force=True)
+      checkpointing.keep_only(mngr, step)
+    else:
+      checkpointing.save(mngr, step, state, force=True)
 
   try:
-    signal.signal(signal.SIGINT, handler)
-    installed = True
-  except ValueError:  # not the main thread: leave SIGINT alone
-    installed = False
-  try:
-    yield lambda: bool(pressed)
+    with cli.interruptible() as interrupted:
+      batches = iter(batches)
+      while step < end:
+        if stop_on_interrupt and interrupted():  # e.g. pressed while loading
+          raise Interrupted(what, saved) if saved else cli.Interrupted(
+              f"{what}: interrupted before its first step; nothing to save. Rerun the "
+              "same command to start.")
+        state, metrics = update_step(state, frozen, next(batches), key, loss=loss,
+                                     optimizer=optimizer)
+        step += 1
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(what, step, metrics, fix=fix)  # before anything is saved
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        if writer is not None:
+          writer.add(step, metrics, examples=examples, last=step == end, **fields(step))
+        stopping = stop_on_interrupt and interrupted()
+        if mngr is not None and (policy is None or policy.due(step) or step == end
+                                 or stopping):
+          save(step, state)
+          saved = step
+        if stopping and step < end:
+          if mngr is not None:
+            mngr.wait_until_finished()
+          if saved is None:
+            raise cli.Interrupted(f"{what}: interrupted at step {step}; nothing is saved.")
+          raise Interrupted(what, step)
   finally:
-    if installed:
-      signal.signal(signal.SIGINT, previous)
+    bar.close()
+    if mngr is not None:
+      mngr.wait_until_finished()
+  return state
+
+
+def summary(rows: list[Mapping[str, Any]], *, key: str = "loss") -> str:
+  """``"loss 1.23 -> 0.456 (steps 1-80)"`` from the metrics rows of one stage."""
+  if not rows:
+    return "no steps"
+  return (f"{key} {rows[0][key]:.4g} -> {rows[-1][key]:.4g} "
+          f"(steps {rows[0]['step']}-{rows[-1]['step']})")
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """Every row of ``workdir/metrics.jsonl`` (a torn last line is dropped)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  rows = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:
+        pass
+  return rows

@@ -10,7 +10,8 @@ depends on (method.md section 4):
   :func:`denoiser_loss` (Eq. 9), :func:`mapper_robustness_loss` (Eq. 11),
   :func:`identity_loss` and :func:`statistics_loss` (Eq. 12), :func:`mapper_loss` (Eq. 13).
 * :class:`BoostedEncoder`: ``normalise(M(g(D(x, sigma)), sigma))`` (Eq. 14), any subset.
-* :func:`default_gsb_config`, :func:`build_denoiser`, :func:`build_mapper`,
+* :func:`default_gsb_config` (and :func:`resolved_gsb_config`, a config's ``gsb`` over
+  them), :func:`build_denoiser`, :func:`build_mapper`,
   :func:`ablation_variants` (the Table 6 rows).
 * :mod:`fsjax.gsb.checkpoint`: :func:`~fsjax.gsb.checkpoint.load` reads the final D and M
   parameters of a ``python -m train.gsb`` workdir back.
@@ -39,6 +40,7 @@ from fsjax.gsb.boosted import BoostedEncoder
 from fsjax.gsb.boosted import build_denoiser
 from fsjax.gsb.boosted import build_mapper
 from fsjax.gsb.boosted import default_gsb_config
+from fsjax.gsb.boosted import resolved_gsb_config
 from fsjax.gsb.denoiser import Denoiser
 from fsjax.gsb.losses import denoiser_loss
 from fsjax.gsb.losses import identity_loss
@@ -63,6 +65,7 @@ __all__ = [
     "mapper_loss",
     "mapper_robustness_loss",
     "reconstruction_loss",
+    "resolved_gsb_config",
     "robustness_loss",
     "statistics_loss",
 ]

@@ -64,23 +64,42 @@ def default_gsb_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _module_kwargs(config, module: type[nn.Module], which: str) -> dict[str, Any]:
-  """``module``'s fields from ``config.gsb.<which>`` over :func:`default_gsb_config`.
+def resolved_gsb_config(config) -> ml_collections.ConfigDict:
+  """``config.gsb`` over :func:`default_gsb_config`: the one place the defaults are merged.
 
-  The sub-config also holds training keys (``lam_*``, ``learning_rate``, ...), which are
-  skipped; a key that is not a field but close to one (a typo) raises.
+  Every reader of ``config.gsb`` (the module factories here, ``train.gsb``) goes through
+  this, so a key missing from a config means the same default everywhere. A key of
+  ``config.gsb.denoiser`` / ``config.gsb.mapper`` that is not known but close to a known
+  one (a typo) raises.
+
+  Args:
+    config: an experiment config, with or without a ``gsb`` section.
+
+  Returns:
+    A new ConfigDict with every key of :func:`default_gsb_config` (and any extra keys
+    of ``config.gsb``, e.g. ``checkpoint``, ``log_every``).
   """
-  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
-  merged = default_gsb_config()[which].to_dict()
+  merged = default_gsb_config().to_dict()
   gsb = config.get("gsb") if hasattr(config, "get") else None
-  given = gsb.get(which) if gsb is not None else None
-  if given is not None:
-    given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-    for k in given:
-      close = difflib.get_close_matches(k, fields, n=1, cutoff=0.85)
-      if k not in merged and close:
+  given = {} if gsb is None else (gsb.to_dict() if hasattr(gsb, "to_dict") else dict(gsb))
+  for which in ("denoiser", "mapper"):
+    sub = given.pop(which, None)
+    if sub is None:
+      continue
+    sub = sub.to_dict() if hasattr(sub, "to_dict") else dict(sub)
+    for k in sub:
+      close = difflib.get_close_matches(k, merged[which], n=1, cutoff=0.85)
+      if k not in merged[which] and close:
         raise ValueError(f"config.gsb.{which}.{k} is not a key; did you mean {close[0]!r}?")
-    merged.update(given)
+    merged[which].update(sub)
+  merged.update(given)
+  return ml_collections.ConfigDict(merged)
+
+
+def _module_kwargs(config, module: type[nn.Module], which: str) -> dict[str, Any]:
+  """``module``'s fields from :func:`resolved_gsb_config` (training keys skipped)."""
+  fields = {f.name for f in dataclasses.fields(module)} - {"parent", "name"}
+  merged = resolved_gsb_config(config)[which].to_dict()
   kwargs = {k: v for k, v in merged.items() if k in fields}
   kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
   return kwargs

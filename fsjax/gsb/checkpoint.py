@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from fsjax import checkpointing
 from fsjax.gsb import boosted
 
 STAGES = ("denoiser", "mapper")
@@ -44,7 +45,12 @@ def _module_fields(module) -> dict[str, Any]:
 
 
 def _restore_params(stage_dir: pathlib.Path) -> tuple[int, Any] | None:
-  """``(step, params)`` of the latest checkpoint in ``stage_dir``, or None if it has none."""
+  """``(step, params)`` of the latest checkpoint in ``stage_dir``, or None if it has none.
+
+  Raises:
+    fsjax.checkpointing.DamagedCheckpointError: the checkpoint cannot be read (one line
+      naming its folder and the fix).
+  """
   mngr = ocp.CheckpointManager(
       stage_dir, item_handlers=ocp.StandardCheckpointHandler(),
       # Reads only (no save is ever called); read_only=True would log three warnings.
@@ -55,12 +61,10 @@ def _restore_params(stage_dir: pathlib.Path) -> tuple[int, Any] | None:
       return None
     # No target: the abstract tree comes from the checkpoint's own metadata, placed on
     # one local device whatever sharding it was saved with.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        mngr.item_metadata(step).tree,
-        is_leaf=lambda m: isinstance(m, ocp.metadata.ArrayMetadata))
-    state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    state = checkpointing.restore_as_saved(
+        mngr, step, what=f"GSB {stage_dir.name} checkpoint",
+        fix=f"rerun `python -m train.gsb --workdir {stage_dir.parent}` with the config it "
+        "was trained with (it retrains from the checkpoint before it).")
   finally:
     mngr.close()
   if not isinstance(state, dict) or "params" not in state:

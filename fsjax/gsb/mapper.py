@@ -31,6 +31,8 @@ Choices the paper leaves open, written down here:
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -68,19 +70,40 @@ class SigmaMLP(nn.Module):
                     name="out")(h)
 
 
-class MapperBlock(nn.Module):
-  """One block of the mapper: ``[B, N, D]``, ``[B]`` -> the residual ``r`` ``[B, N, D]``.
+class BlockOptions(nn.Module):
+  """The options of a mapper block, declared once: :class:`SmoothnessMapper` has them
+  and hands them to each of its :class:`MapperBlock` s.
 
-  See the module docstring for the maths.
+  Attributes:
+    num_heads: attention heads of the first block; must divide the token dim D.
+    mlp_ratio: hidden width of the MLP path as a multiple of D.
+    kernel_size: width of the depthwise convolution along the token axis.
+    sigma_hidden: hidden width of the small sigma MLPs (FiLM, amplitude/exponent).
+    damping_init: initial per-channel damping lambda_c.
+    dtype: compute dtype of the paths; the residual stream and output are float32.
   """
 
-  use_attention: bool
   num_heads: int = 4
   mlp_ratio: float = 2.0
   kernel_size: int = 3
   sigma_hidden: int = 64
   damping_init: float = 1e-3
   dtype: Dtype = jnp.float32
+
+  def block_options(self) -> dict[str, object]:
+    """This module's :class:`BlockOptions` fields, by name."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(BlockOptions)
+            if f.name not in ("parent", "name")}
+
+
+class MapperBlock(BlockOptions):
+  """One block of the mapper: ``[B, N, D]``, ``[B]`` -> the residual ``r`` ``[B, N, D]``.
+
+  See the module docstring for the maths; ``use_attention`` adds the attention path
+  (the first block only).
+  """
+
+  use_attention: bool = False
 
   @nn.compact
   def __call__(self, h: jax.Array, sigma: jax.Array) -> jax.Array:
@@ -119,26 +142,15 @@ class MapperBlock(nn.Module):
             * damping)  # r, exactly 0 at sigma = 0
 
 
-class SmoothnessMapper(nn.Module):
+class SmoothnessMapper(BlockOptions):
   """Residual smoothness mapper M(z, sigma) (Eq. 10; see module docstring).
 
   Attributes:
     num_blocks: K, the number of residual blocks (the paper does not print its K).
-    num_heads: attention heads of the first block; must divide the token dim D.
-    mlp_ratio: hidden width of the MLP path as a multiple of D.
-    kernel_size: width of the depthwise convolution along the token axis.
-    sigma_hidden: hidden width of the small sigma MLPs (FiLM, amplitude/exponent).
-    damping_init: initial per-channel damping lambda_c.
-    dtype: compute dtype of the paths; the residual stream and output are float32.
+    The options of every block: :class:`BlockOptions`.
   """
 
   num_blocks: int = 2
-  num_heads: int = 4
-  mlp_ratio: float = 2.0
-  kernel_size: int = 3
-  sigma_hidden: int = 64
-  damping_init: float = 1e-3
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, z: jax.Array, sigma) -> jax.Array:
@@ -161,7 +173,5 @@ class SmoothnessMapper(nn.Module):
     h = z.astype(jnp.float32)
     for k in range(self.num_blocks):
       h = h + MapperBlock(  # Eq. 10: h_{k+1} = h_k + Block_k(h_k, sigma)
-          use_attention=(k == 0), num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-          kernel_size=self.kernel_size, sigma_hidden=self.sigma_hidden,
-          damping_init=self.damping_init, dtype=self.dtype, name=f"block_{k}")(h, sigma)
+          use_attention=(k == 0), **self.block_options(), name=f"block_{k}")(h, sigma)
     return h

@@ -313,3 +313,19 @@ def test_concurrent_first_use_builds_once(tmp_path):
   for out, _ in results:
     assert set(out.split("\n")[:2]) == expected, out  # ("ready" was read above.)
   assert not list((data_dir / "fsjax_lfw_subset").glob("*incomplete*"))
+
+
+def test_unreadable_image_is_named_before_any_work(tmp_path):
+  """A file with an image suffix that PIL cannot read: one line naming it, at load time
+  (not a PIL traceback once batches are read); a truncated PNG the same when read."""
+  rng = np.random.default_rng(0)
+  _write_png(tmp_path / "cats" / "0.png", rng.integers(0, 256, (8, 8, 3), np.uint8))
+  (tmp_path / "cats" / "1.jpg").write_bytes(b"not a jpeg")
+  with pytest.raises(ValueError, match=r"folder dataset: .*cats/1\.jpg is not a readable "
+                     r"image \(.*\); remove or replace it\.$"):
+    data.load(f"folder:{tmp_path}", split="train", image_size=8, batch_size=1)
+  (tmp_path / "cats" / "1.jpg").unlink()
+  png = tmp_path / "cats" / "0.png"
+  png.write_bytes(png.read_bytes()[:60])  # the header survives, the pixels do not
+  with pytest.raises(ValueError, match=r"cats/0\.png is not a readable image"):
+    list(data.load(f"folder:{tmp_path}", split="train", image_size=8, batch_size=1))

@@ -8,6 +8,15 @@ Compilation dominates, so the uninterrupted run is shared by most tests.
 
 import dataclasses
 import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +24,13 @@ import ml_collections
 import numpy as np
 import pytest
 
+from fsjax import checkpointing
 from fsjax import encoders
 from fsjax import gsb
 from train import gsb as train_gsb
 
 SIDE, TOKENS, DIM = 8, 2, 8
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,9 +140,14 @@ def test_run_writes_config_metrics_and_checkpoints(full_run):
   m_lr = [r["learning_rate"] for r in rows[D_STEPS:]]
   expected = [0.1 * 0.5 * (1 + np.cos(np.pi * s / M_STEPS)) for s in range(M_STEPS)]
   np.testing.assert_allclose(m_lr, expected, rtol=1e-5, atol=1e-9)
-  # Every checkpoint_every (3) steps and at the end, the last two kept.
-  for stage, kept in (("denoiser", [9, 12]), ("mapper", [18, 20])):
-    assert sorted(int(p.name) for p in (workdir / stage).iterdir() if p.name.isdigit()) == kept
+  # Every checkpoint_every (3) steps and at the end; a finished stage keeps only its
+  # final parameters (no optimiser state): what resuming and fsjax.gsb.checkpoint need.
+  for stage, final in (("denoiser", D_STEPS), ("mapper", M_STEPS)):
+    assert sorted(int(p.name) for p in (workdir / stage).iterdir() if p.name.isdigit()) == [
+        final]
+    mngr = checkpointing.manager(str(workdir), stage)
+    assert set(checkpointing.restore_as_saved(mngr, final)) == {"step", "params"}
+    checkpointing.close(mngr)
 
 
 def _fixed_noise_losses(config, stage_name, params, frozen):
@@ -322,3 +338,128 @@ def test_load_rejects_an_encoder_with_another_token_dim(full_run, data_dir):
   # The same encoder in another compute dtype is accepted (rounding only).
   config.encoder.dim, config.encoder.dtype = DIM, "bfloat16"
   assert set(gsb.checkpoint.load(workdir, config=config)) == {"denoiser", "mapper"}
+
+
+# ----------------------------------------------------------------------------------------
+# The command line: Ctrl-C (a real SIGINT), resume, one-line errors.
+# ----------------------------------------------------------------------------------------
+
+
+CONFIG_FILE = """
+import jax
+from tests.train import test_gsb  # registers the toy encoder in this process
+
+jax.config.update("jax_default_prng_impl", "rbg")  # as the in-process runs
+
+
+def get_config():
+  return test_gsb.tiny_config({data_dir!r})
+"""
+
+
+class Run:
+  """``python -m train.gsb`` on the tiny config, its output read as it comes."""
+
+  def __init__(self, config_file, workdir):
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "train.gsb", f"--config={config_file}",
+         f"--workdir={workdir}"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    self.out, self.err = b"", b""
+    self._threads = [threading.Thread(target=self._read, args=(s, n), daemon=True)
+                     for s, n in ((self.proc.stdout, "out"), (self.proc.stderr, "err"))]
+    for t in self._threads:
+      t.start()
+
+  def _read(self, stream, name):
+    while chunk := os.read(stream.fileno(), 4096):
+      setattr(self, name, getattr(self, name) + chunk)
+
+  def wait_for(self, text: str, where: str = "out", timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while text.encode() not in getattr(self, where):
+      assert self.proc.poll() is None, (self.out + self.err).decode()[-3000:]
+      assert time.monotonic() < deadline, f"no {text!r} in {where}"
+      time.sleep(0.02)
+
+  def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+    rc = self.proc.wait(timeout=timeout)
+    for t in self._threads:
+      t.join()
+    self.proc.stdout.close()
+    self.proc.stderr.close()
+    return rc, self.out.decode(), self.err.decode()
+
+
+def last_line(err: str) -> str:
+  return err.replace("\r", "\n").strip().splitlines()[-1]
+
+
+def test_ctrl_c_exits_130_and_the_same_command_resumes_to_the_same_booster(
+    full_run, data_dir, tmp_path):
+  """SIGINT while loading, then while the first step compiles: each run stops with exit
+  status 130 and one line; the same command then finishes with the uninterrupted run's
+  parameters and metrics."""
+  _, full_workdir, full_params = full_run
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(CONFIG_FILE.format(data_dir=str(data_dir)))
+  workdir = tmp_path / "gsb"
+  # 1. Ctrl-C during loading: honoured once loading is done, before any step.
+  run = Run(config_file, workdir)
+  run.wait_for("loading encoder")
+  run.proc.send_signal(signal.SIGINT)
+  rc, out, err = run.finish()
+  assert rc == 130, err[-3000:]
+  assert "Traceback" not in err
+  assert last_line(err) == ("train.gsb (stage 'denoiser'): interrupted before its first "
+                            "step; nothing to save. Rerun the same command to start.")
+  # 2. Ctrl-C while the first step compiles: that step finishes, is saved, exit 130.
+  run = Run(config_file, workdir)
+  run.wait_for("compiling the first step", "err")
+  run.proc.send_signal(signal.SIGINT)
+  rc, out, err = run.finish()
+  assert rc == 130 and "Traceback" not in err, err[-3000:]
+  line = last_line(err)
+  saved = int(line.split("saved at step ")[1].split(";")[0])
+  assert line.startswith("train.gsb (stage 'denoiser'): interrupted") and saved >= 1, line
+  assert (workdir / "denoiser" / str(saved)).is_dir()
+  # 3. The same command resumes and finishes: the uninterrupted run's booster.
+  rc, out, err = Run(config_file, workdir).finish()
+  assert rc == 0, err[-3000:]
+  assert f"resuming {workdir}" in out
+  assert f"booster saved to {workdir} (denoiser/{D_STEPS}, mapper/{M_STEPS})" in out
+  assert_trees_equal(gsb.checkpoint.load(workdir), full_params)
+  strip = lambda rows: [{k: v for k, v in r.items() if k != "examples_per_s"} for r in rows]
+  assert strip(metrics(workdir)) == strip(metrics(full_workdir))
+
+
+def test_damaged_checkpoint_and_busy_workdir_are_one_line(full_run, data_dir, tmp_path):
+  """A truncated array file: train.gsb (which would only report) and fsjax.gsb.checkpoint
+  name the step folder and the fix; a workdir held by another trainer is refused with the
+  holder's pid and host."""
+  _, full_workdir, _ = full_run
+  config_file = tmp_path / "tiny.py"
+  config_file.write_text(CONFIG_FILE.format(data_dir=str(data_dir)))
+  workdir = tmp_path / "damaged"
+  shutil.copytree(full_workdir, workdir)
+  data = sorted((workdir / "mapper" / str(M_STEPS)).rglob("d/*"), key=lambda p: -p.stat().st_size)
+  with open(data[0], "r+b") as f:
+    f.truncate(10)
+  expected = f"GSB mapper checkpoint {workdir}/mapper/{M_STEPS} cannot be read"
+  with pytest.raises(checkpointing.DamagedCheckpointError, match=expected) as e:
+    gsb.checkpoint.load(workdir)
+  assert "\n" not in str(e.value) and "train.gsb --workdir" in str(e.value)
+  rc, out, err = Run(config_file, workdir).finish()
+  assert rc == 1 and "Traceback" not in err, err[-3000:]
+  assert err.splitlines()[0].startswith(f"error: {expected}"), err[-3000:]
+  assert "nothing to do" not in out
+  # One writer per workdir: this process holds it, the trainer is refused at once.
+  with checkpointing.lock_workdir(workdir, "a test"):
+    rc, out, err = Run(config_file, workdir).finish()
+  assert rc == 1 and "Traceback" not in err, err[-3000:]
+  assert err.splitlines()[0] == (
+      f"error: workdir {workdir} is in use by a test (pid {os.getpid()} on host "
+      f"{socket.gethostname()}, since " + err.split(", since ")[1].split(")")[0] + "): two "
+      "writers would corrupt its checkpoints. Wait for it to finish (or stop it), or use "
+      "another --workdir.")
+  assert not (workdir / checkpointing.LOCK_FILE).exists()  # released on exit

@@ -217,9 +217,14 @@ def test_interrupted_run_resumes_at_the_next_sigma(trained, tmp_path, monkeypatc
     calls.append(kwargs["sigma"])
     return real(*args, **kwargs)
   monkeypatch.setattr(head_lib, "unit_features", counting)
-  # Ctrl-C "pressed" from the start: the loop stops after the first sigma is saved.
-  monkeypatch.setattr(head_lib.loop, "interruptible", _pressed)
-  with pytest.raises(head_lib.loop.Interrupted):
+  # Ctrl-C pressed while loading: nothing is trained (and nothing saved).
+  monkeypatch.setattr(head_lib.loop, "interruptible", lambda: _pressed(after=0))
+  with pytest.raises(head_lib.loop.Interrupted, match="saved at sigma number 0"):
+    head_lib.train(config, str(tmp_path))
+  assert calls == [] and not (tmp_path / "heads.json").exists()
+  # Ctrl-C pressed during the first sigma: the loop stops after it is saved.
+  monkeypatch.setattr(head_lib.loop, "interruptible", lambda: _pressed(after=1))
+  with pytest.raises(head_lib.loop.Interrupted, match="saved at sigma number 1"):
     head_lib.train(config, str(tmp_path))
   assert calls == [0.25]
   meta = json.loads((tmp_path / "heads.json").read_text())
@@ -236,8 +241,10 @@ def test_interrupted_run_resumes_at_the_next_sigma(trained, tmp_path, monkeypatc
 
 
 @contextlib.contextmanager
-def _pressed():
-  yield lambda: True
+def _pressed(after: int):
+  """An interruptible() whose flag is up from its ``after + 1``-th look on."""
+  looks = []
+  yield lambda: looks.append(1) or len(looks) > after
 
 
 def _angular_gaps(prototypes, z, labels):
