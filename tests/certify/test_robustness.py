@@ -53,19 +53,19 @@ def _config(attack=None, **robustness):
 def result(tmp_path_factory):
   config = _config()
   workdir = tmp_path_factory.mktemp("robustness")
-  table = robustness.run(config, str(workdir), "pgd,foa")
+  table = robustness.run(config, str(workdir), "pgd,attackvlm")
   return config, workdir, table
 
 
 def test_files_written(result):
   _, workdir, table = result
   for name in ("robustness.md", "robustness.csv", "robustness.jsonl", "examples_pgd.png",
-               "examples_foa.png"):
+               "examples_attackvlm.png"):
     assert (workdir / name).stat().st_size > 0
   assert [r["variant"] for r in table] == ["original", "smoothed"]
   with open(workdir / "robustness.csv") as f:
     rows = list(csv.DictReader(f))
-  assert len(rows) == 2 and "foa ASR" in rows[0] and rows[0]["head"] == "class_mean"
+  assert len(rows) == 2 and "attackvlm ASR" in rows[0] and rows[0]["head"] == "class_mean"
   assert "Table 4" in (workdir / "robustness.md").read_text()
 
 
@@ -73,7 +73,7 @@ def test_attack_lowers_fcs_of_the_original(result):
   _, _, table = result
   original = table[0]
   # Clean FCS is 1 (same image, same unsmoothed encoder); every attack moves the feature.
-  assert original["pgd FCS"] < 0.995 and original["foa FCS"] < 0.999
+  assert original["pgd FCS"] < 0.995 and original["attackvlm FCS"] < 0.999
 
 
 def test_metrics_follow_the_per_image_rows(result):
@@ -81,7 +81,7 @@ def test_metrics_follow_the_per_image_rows(result):
   rows = [json.loads(l) for l in (workdir / "robustness.jsonl").read_text().splitlines()]
   assert len(rows) == 2 * 2 * 4  # models x attacks x images
   for t in table:
-    for attack in ("pgd", "foa"):
+    for attack in ("pgd", "attackvlm"):
       rs = [r for r in rows if r["variant"] == t["variant"] and r["attack"] == attack]
       assert t[f"{attack} ACC"] == pytest.approx(np.mean([r["pred_adv"] == r["label"]
                                                           for r in rs]))
