@@ -50,6 +50,8 @@ import numpy as np
 from jax.scipy.stats import norm
 
 from certify import _norm
+from fsjax import checks
+from fsjax import encoders as encoders_lib
 
 GRID = 1024
 GRID_Z = 6.0
@@ -583,8 +585,6 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     Voracek 2024, https://arxiv.org/abs/2406.17830; Waudby-Smith & Ramdas 2023,
     https://arxiv.org/abs/2010.09686.
   """
-  from fsjax import checks  # pylint: disable=g-import-not-at-top
-  from fsjax import encoders as encoders_lib  # pylint: disable=g-import-not-at-top
   encoders_lib.check_images(x)
   checks.check_sigma(sigma)
   checks.check_alpha(alpha)
