@@ -341,7 +341,7 @@ def test_gsb_rows_follow_the_smoothed_row(folder, monkeypatch):
   monkeypatch.setattr(gsb.checkpoint, "load", lambda path, config=None: loaded.append(path)
                       or {"mapper": mapper_params})
   fare_params = dict(params["vision"])  # another tower (a copy), built by its sub-config
-  monkeypatch.setattr(protection.encoders_lib, "build",
+  monkeypatch.setattr(encoders, "build",
                       lambda c: (model.encoder, fare_params) if c.name == "fare" else None)
   with config.unlocked():
     config.gsb.checkpoint = "/gsb/workdir"
