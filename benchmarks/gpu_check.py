@@ -140,6 +140,8 @@ class Check:
 
 
 def _num(v: float) -> str:
+  if v != v:  # nan
+    return "n/a"
   return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
@@ -223,7 +225,9 @@ def llava_rows(check: Check, s: Settings) -> None:
     def decode(b=b, generate=generate):
       t1 = check.best(generate(1))
       tn = check.best(generate(s.new_tokens))
-      return b * (s.new_tokens - 1) / max(tn - t1, 1e-9), "new tokens/s", None, "bfloat16"
+      if tn <= t1:  # timing noise swamped the N - 1 steps: no rate to report
+        return float("nan"), "new tokens/s (t(N) <= t(1): noise, raise --reps)", None, "bfloat16"
+      return b * (s.new_tokens - 1) / (tn - t1), "new tokens/s", None, "bfloat16"
 
     def options(b=b, images=images, ids=ids):
       feats = model.image_features(params, images)

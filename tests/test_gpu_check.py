@@ -9,7 +9,10 @@ SECTIONS = ("peak", "smoothing", "llava prefill", "llava decode", "llava options
 
 
 def test_gpu_check_tiny_on_cpu(tmp_path):
-  env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), JAX_PLATFORMS="cpu")
+  # Unoptimised XLA:CPU code: the run is mostly compilation, and this halves its CPU time.
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=flags)
   out = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--tiny",
                         "--reps", "1", "--budget", "600"],
                        env=env, capture_output=True, text=True, timeout=600, check=False)
@@ -18,6 +21,9 @@ def test_gpu_check_tiny_on_cpu(tmp_path):
           if line.startswith("| ") and not line.startswith("| section")]
   assert {r[0].strip() for r in rows} == set(SECTIONS)
   for r in rows:  # every row measured: a positive number, never an error or a skip
+    if r[2].strip() == "n/a":  # decode: t(N) <= t(1) on a loaded machine, said in the unit
+      assert r[0].strip() == "llava decode" and "noise" in r[3], r
+      continue
     assert float(r[2].replace(",", "")) > 0, r
   assert (tmp_path / "gpu_check.md").read_text().strip() == out.stdout.strip()
 
