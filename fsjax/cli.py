@@ -8,10 +8,11 @@ warnings are off unless ``--verbose``; a bad command line (a missing config file
 mistyped ``--config.a.b`` key, a bad value, an empty ``--workdir``) is one line naming the
 fix, not a traceback.
 
-Ctrl-C, the same for every program: :func:`interruptible` turns the first SIGINT into a flag
-that the program checks at safe points (between steps, between images); a program that
-stops there raises :class:`Interrupted` after saving what it can. :func:`run` turns any
-Ctrl-C into one line on stderr and exit status 130 (128 + SIGINT, as a shell does), so
+Ctrl-C, the same for every program: inside a loop, :func:`interruptible` turns the first
+SIGINT into a flag that the loop checks at safe points (between steps, between images); a
+program that stops there raises :class:`Interrupted` after saving what it can. Outside
+(loading, writing tables) a Ctrl-C stops at once. :func:`run` turns either into one
+line on stderr and exit status 130 (128 + SIGINT, as a shell does), so
 ``python -m train.gsb ... && python -m certify.run ...`` stops instead of going on with a
 half-finished result.
 """
@@ -237,9 +238,10 @@ def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
       quiet()
     program = _program_name(main)
     try:
-      with interruptible():  # a Ctrl-C while loading is seen at the first safe point
-        main(flags.FLAGS.config, flags.FLAGS.workdir,
-             **{name: flags.FLAGS[name].value for name in extra})
+      # No interruptible() here: a program that never looks at the flag would ignore
+      # the first Ctrl-C. Outside its loops a Ctrl-C stops at once (one line, 130).
+      main(flags.FLAGS.config, flags.FLAGS.workdir,
+           **{name: flags.FLAGS[name].value for name in extra})
     except KeyboardInterrupt as e:
       if flags.FLAGS.verbose and not isinstance(e, Interrupted):
         raise
