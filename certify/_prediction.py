@@ -6,7 +6,8 @@ Feature-space smoothing (FS) certifies the smoothed feature; a cosine-prototype 
 turns that into a certified class. Everything here is the maths after the Monte Carlo:
 the caller (the smoothing code) supplies the unit mean direction ``u``, the lower
 confidence bound ``L`` of ``h_u(x)`` (as ``h_lcb`` or as the deficit ``1 - L`` that
-``certify.score_deficits`` returns), or, for randomized smoothing (RS), the class counts. Functions take arrays and return arrays:
+a ``certify.ScoreEstimate`` holds), or, for randomized smoothing (RS), the class counts.
+Functions take arrays and return arrays:
 
 * :func:`prototype_logit_bounds` -- Lemma A.3.1, the range of ``<z', w_k>`` over a cap.
 * :func:`angle_margin` -- the clean class ``c`` and the angular margin ``Delta``.
@@ -242,7 +243,7 @@ def _deficit_of(h_lcb, deficit, b) -> jax.Array:
   """The ``[B]`` float32 deficit ``1 - h_LCB`` from exactly one of the two arguments."""
   if (h_lcb is None) == (deficit is None):
     raise ValueError("pass exactly one of h_lcb (the lower confidence bound L of h_u(x)) "
-                     "and deficit (1 - L, as certify.score_deficits returns it).")
+                     "and deficit (1 - L, as a certify.ScoreEstimate holds it).")
   if deficit is not None:
     _check_batch(deficit, "deficit", b)
     checks.check_deficit(deficit)
@@ -313,7 +314,7 @@ def prediction_radius(delta: ArrayLike, h_lcb: ArrayLike | None = None, *, sigma
     h_lcb: ``[B]`` lower confidence bounds ``L`` of ``h_u(x)``, ``u`` the direction used
       for ``delta``. Exactly one of ``h_lcb`` and ``deficit``.
     sigma: smoothing noise level (> 0), in [0, 1] pixel units.
-    deficit: ``[B]`` ``1 - L`` instead of ``h_lcb`` (``certify.score_deficits``' output).
+    deficit: ``[B]`` ``1 - L`` instead of ``h_lcb`` (``certify.ScoreEstimate.deficit``).
 
   Returns:
     ``[B]`` float32 radii; ``-inf`` when ``Delta = 0`` or ``L = 0``.
