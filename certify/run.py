@@ -1,7 +1,8 @@
 r"""The paper's Table 1 (feature certification) for the configured encoder(s).
 
   python -m certify.run --config configs/default.py --workdir /tmp/fsjax_certify
-  python -m certify.run --config configs/default.py --workdir DIR --mode=prediction  # Table 2
+
+(Table 2 is its own program: ``python -m certify.table2``.)
 
 For each encoder variant (the base encoder "FS"; with ``config.gsb.checkpoint`` also
 "FS+D", "FS+M", "FS+D+M", the Table 6 ablation), each sigma and each image, one two-stage
@@ -29,13 +30,11 @@ import collections
 import pathlib
 from typing import Iterable
 
-from absl import flags
 import jax
 import numpy as np
 
 import certify
 from certify import report
-from certify import table2
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import smoothing
@@ -243,15 +242,9 @@ def run(config, workdir: str) -> list[dict]:
   return table
 
 
-def main(config, workdir: str, mode: str = "feature") -> None:
-  if mode == "prediction":
-    table2.run_prediction(config, workdir)
-  else:
-    run(config, workdir)
+def main(config, workdir: str) -> None:
+  run(config, workdir)
 
 
 if __name__ == "__main__":
-  cli.run(main, workdir_help="Where results are written.", define_extra=lambda: flags.DEFINE_enum(
-      "mode", "feature", ["feature", "prediction"],
-      "feature: Table 1 (and the GSB ablation); prediction: Table 2 (certify.table2; run "
-      "python -m train.head first)."))
+  cli.run(main, workdir_help="Where results are written.")
