@@ -31,20 +31,12 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 import numpy as np
 import tqdm
 
-
-def _format(value: Any, digits: int) -> str:
-  return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+from fsjax import tables
 
 
 def markdown(table: Sequence[dict], *, digits: int = 3, caption: str | None = None) -> str:
   """A Markdown table of ``table``'s rows (columns: the first row's keys, in order)."""
-  lines = [caption, ""] if caption else []
-  if not table:
-    return "\n".join(lines + ["(no rows)"]) + "\n"
-  cols = list(table[0])
-  lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  lines += ["| " + " | ".join(_format(r[c], digits) for c in cols) + " |" for r in table]
-  return "\n".join(lines) + "\n"
+  return tables.records(table, digits=digits, caption=caption)
 
 
 def write_table(table: Sequence[dict], workdir: str | pathlib.Path, stem: str, *,

@@ -12,6 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
+from fsjax import checks
+
 
 def pad_rows(a: np.ndarray, size: int) -> np.ndarray:
   """Pads axis 0 of ``a`` to ``size`` rows by repeating its last row.
@@ -34,7 +36,6 @@ def pad_rows(a: np.ndarray, size: int) -> np.ndarray:
 
 def batch_slices(total: int, size: int) -> Iterator[slice]:
   """``slice(start, start + size)`` covering ``range(total)`` in order (the last shorter)."""
-  if int(size) != size or size < 1:
-    raise ValueError(f"batch size must be an integer >= 1, got {size!r}.")
-  for start in range(0, int(total), int(size)):
-    yield slice(start, min(start + int(size), int(total)))
+  size = checks.check_positive_int(size, name="batch size")
+  for start in range(0, int(total), size):
+    yield slice(start, min(start + size, int(total)))

@@ -32,6 +32,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from fsjax import checks
+
 PyTree = Any
 # step(tokens int32 [B], cache) -> (logits [B, V], cache)
 Step = Callable[[jax.Array, PyTree], tuple[jax.Array, PyTree]]
@@ -63,8 +65,7 @@ def greedy_decode(step: Step, logits: jax.Array, cache: PyTree, *, max_new_token
     followed by ``pad_token_id``; ``num_steps`` int32 scalar: the number of columns
     transformers returns (``tokens[:, :num_steps]`` equals its new tokens).
   """
-  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+  max_new_tokens = checks.check_positive_int(max_new_tokens, name="max_new_tokens")
   eos = jnp.atleast_1d(jnp.asarray(eos_token_id if not isinstance(eos_token_id, (list, tuple))
                                    else list(eos_token_id), jnp.int32))
   if eos.size == 0:

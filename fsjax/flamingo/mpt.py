@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import checks
 from fsjax import decoding
 
 Dtype = Any
@@ -324,8 +325,7 @@ def check_prompt(input_ids, attention_mask, *, max_new_tokens: int, max_seq_len:
   if not valid[:, -1].all():
     raise ValueError("attention_mask: the last prompt position must be a real token in every "
                      "row; pad prompts on the left (tokenizer.padding_side = 'left').")
-  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+  max_new_tokens = checks.check_positive_int(max_new_tokens, name="max_new_tokens")
   if ids.shape[1] + max_new_tokens > max_seq_len:
     raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                      f"the model's max_seq_len {max_seq_len}.")
