@@ -26,7 +26,6 @@ import numpy as np
 
 from certify import _bounds
 from certify import _closed_form
-from certify import _prediction
 from fsjax import checks
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
@@ -158,7 +157,7 @@ def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chu
       statistic=_stage1_statistic, reporter=reporter)
   mean = stage1["feature"] / n0  # estimate of f_s(x), Eq. 3
   mean_norm = jnp.linalg.norm(mean, axis=-1)
-  u_mean = _prediction._unit(mean)  # pylint: disable=protected-access
+  u_mean = encoders_lib.unit(mean)
   references = jnp.stack([clean, u_mean], axis=1)  # [B, 2, D] in REFERENCES order
   clean_deficit = stage1["deficit"] / n0
   center = jnp.stack([1.0 - clean_deficit, 0.5 * (1.0 + mean_norm)], axis=1)  # [B, 2]

@@ -38,6 +38,7 @@ from scipy import stats
 
 from certify import _bounds
 from fsjax import checks
+from fsjax import encoders as encoders_lib
 
 # Returned as the class when a certificate (FS) or a test (RS) abstains; core.py's value.
 ABSTAIN = -1
@@ -128,15 +129,6 @@ def _check_counts(counts: Any, name: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------
 
 
-def _unit(x: jax.Array) -> jax.Array:
-  """``x / ||x||`` along the last axis: the certify maths' one unit-vector helper.
-
-  The floor keeps a zero vector at zero instead of NaN (every angle is then pi/2, so
-  Delta = 0 and the prediction abstains).
-  """
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-30)
-
-
 def _angles(z: jax.Array, prototypes: jax.Array) -> jax.Array:
   """``theta_k = angle(z, w_k)`` in [0, pi], ``[B, D] x [K, D] -> [B, K]``.
 
@@ -145,7 +137,7 @@ def _angles(z: jax.Array, prototypes: jax.Array) -> jax.Array:
   arithmetic below tolerates. Both inputs are renormalised (the angle is a property of
   directions), so a feature a round-off away from unit norm does no harm.
   """
-  cos = jnp.matmul(_unit(z), _unit(prototypes).T, precision=jax.lax.Precision.HIGHEST)
+  cos = jnp.matmul(encoders_lib.unit(z), encoders_lib.unit(prototypes).T, precision=jax.lax.Precision.HIGHEST)
   return jnp.arccos(jnp.clip(cos, -1.0, 1.0))
 
 
@@ -196,7 +188,7 @@ def prototype_logit_bounds(z: ArrayLike, prototypes: ArrayLike,
 def _angle_margin(z, prototypes):
   theta = _angles(z, prototypes)
   # c = argmax <z, w_k> (Eq. A.39), ties to the first class, as the head's argmax does.
-  cls = jnp.argmax(jnp.matmul(_unit(z), _unit(prototypes).T,
+  cls = jnp.argmax(jnp.matmul(encoders_lib.unit(z), encoders_lib.unit(prototypes).T,
                               precision=jax.lax.Precision.HIGHEST), axis=1)
   theta_c = jnp.take_along_axis(theta, cls[:, None], axis=1)[:, 0]
   others = jnp.where(jax.nn.one_hot(cls, theta.shape[1], dtype=bool), jnp.inf, theta)

@@ -395,7 +395,7 @@ def _step(params, slots: _Slots, key, sigma, eps, *, encoder, chunk_size, n0, n_
   m1 = stage1_dev / n0
   var1 = jnp.maximum(stage1_sq / n0 - m1**2, 0.0) * n0 / max(n0 - 1, 1)
   if reference == "mean":
-    u = feature_sum / jnp.maximum(jnp.linalg.norm(feature_sum, axis=-1, keepdims=True), 1e-30)
+    u = encoders_lib.unit(feature_sum)
     center = 0.5 * (1.0 - mean_norm)
   else:  # "clean": u = f(x), the paper's reference
     u, center = clean, m1

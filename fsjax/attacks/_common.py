@@ -100,13 +100,6 @@ def as_ensemble(encoder: Any, params: Any) -> tuple[tuple[Any, ...], tuple[Any, 
   return tuple(encoder), tuple(params)
 
 
-def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
-  """Row-wise cosine of ``[B, F]`` and ``[B, F]`` -> ``[B]``."""
-  num = jnp.sum(a * b, axis=-1)
-  den = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
-  return num / jnp.maximum(den, 1e-12)
-
-
 def smoothed_tokens(encoder, params, x: jax.Array, *, sigma, eot_samples: int,
                     key: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Features and tokens of ``x``, Monte Carlo smoothed over the Gaussian noise.

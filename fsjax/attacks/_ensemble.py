@@ -178,7 +178,7 @@ def _ensemble_attack(params, x, target, key, budget, step_size, sigma, local_wei
                                              eot_samples=eot_samples, key=k_adv)
       f_tgt, t_tgt = jax.lax.stop_gradient(_common.smoothed_tokens(
           enc, p, target_crop, sigma=sigma, eot_samples=eot_samples, key=k_tgt))
-      s = _common.cosine(f_adv, f_tgt)
+      s = encoders_lib.cosine(f_adv, f_tgt)
       if local:
         s = s + local_weight * (1.0 - _local.local_alignment_loss(
             t_adv, t_tgt, num_clusters=num_clusters, iterations=kmeans_iterations,

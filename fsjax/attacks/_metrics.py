@@ -56,7 +56,7 @@ def _fcs(params, x_adv, x_ref, key, sigma, *, encoder, n):
                                     key=k_adv)
   f_ref = _common.smoothed_features(encoder, params, x_ref, sigma=sigma, eot_samples=n,
                                     key=k_ref)
-  return _common.cosine(f_adv, f_ref)
+  return encoders_lib.cosine(f_adv, f_ref)
 
 
 def _check_labels(a, b, names):

@@ -20,12 +20,12 @@ LossFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def _cosine_untargeted(f_adv: jax.Array, f_ref: jax.Array) -> jax.Array:
   # Push the adversarial feature away from the clean one: minimise the FCS.
-  return _common.cosine(f_adv, f_ref)
+  return encoders_lib.cosine(f_adv, f_ref)
 
 
 def _cosine_targeted(f_adv: jax.Array, f_ref: jax.Array) -> jax.Array:
   # Pull the adversarial feature onto the target's: maximise cos(f(x_adv), f(target)).
-  return -_common.cosine(f_adv, f_ref)
+  return -encoders_lib.cosine(f_adv, f_ref)
 
 
 def _inner_product(f_adv: jax.Array, f_ref: jax.Array) -> jax.Array:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import encoders
 from fsjax.clip import checkpoint
 from fsjax.clip import model as model_lib
 
@@ -59,6 +60,5 @@ def text_prototypes(model: model_lib.CLIP, params, checkpoint_dir: str | os.Path
     i, m = np.pad(i, ((0, pad), (0, 0))), np.pad(m, ((0, pad), (0, 0)))
     chunks.append(encode(params, i, m)[:len(i) - pad])
   z = jnp.concatenate(chunks).astype(jnp.float32)
-  z = z / jnp.linalg.norm(z, axis=-1, keepdims=True)
-  z = z.reshape(len(class_names), len(templates), -1).mean(axis=1)
-  return z / jnp.linalg.norm(z, axis=-1, keepdims=True)
+  z = encoders.unit(z).reshape(len(class_names), len(templates), -1).mean(axis=1)
+  return encoders.unit(z)
