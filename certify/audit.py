@@ -433,7 +433,6 @@ def run(config, workdir: str) -> dict[str, Any]:
   a = audit_settings(config)
   check_audit_config(a)
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   variants = variants_lib.encoder_variants(config)
   if a.get("variants"):
     unknown = sorted(set(a.variants) - {v[0] for v in variants})
@@ -444,10 +443,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   dataset = _audit_data(config)
   key = jax.random.PRNGKey(config.seed)
   rows, skipped, offset = [], collections.Counter(), 0
-  report.save_config(config, workdir, "audit_config.json")
   # The certifications; attacks and measurements join the total as pairs are certified.
   certify_samples = len(dataset) * dataset.batch_size * len(variants) * (a.n0 + a.n)
-  with report.rows(workdir / "audit.jsonl") as write, report.SampleProgress(
+  with report.rows(workdir / "audit.jsonl", config,
+                   config_name="audit_config.json") as write, report.SampleProgress(
       certify_samples, "audit") as progress:
     for b, batch in enumerate(dataset):
       for name, encoder, params in variants:
@@ -463,7 +462,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   summary = summarise(rows, alpha=float(a.alpha), k_sigma=float(a.k_sigma),
                       images=offset * len(variants))
   text = audit_markdown(summary, by_fraction(rows), a, dict(skipped))
-  (workdir / "audit.md").write_text(text)
+  report.write_text(workdir / "audit.md", text)
   print(text)
   return summary
 

@@ -394,7 +394,6 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
     judge = _judge(c)
   workdir = pathlib.Path(workdir)
   stem = f"protection_{task}"
-  report.save_config(config, workdir, f"{stem}_config.json")
   model, params = build_mllm(config)
   rows = build_rows(config, model, params)
   data = task_data(config, task)
@@ -411,7 +410,8 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
                   ask(llm_features(model, params, original, t, a, key)))
 
   table, strips = [], {n: {} for n in names}
-  with report.rows(workdir / f"{stem}.jsonl") as write:
+  with report.rows(workdir / f"{stem}.jsonl", config,
+                   config_name=f"{stem}_config.json") as write:
     for r, row in enumerate(rows):
       rk = jax.random.fold_in(key, r)
       z_clean = llm_features(model, params, row, x, a, jax.random.fold_in(rk, 0))
@@ -544,7 +544,6 @@ def timing(config, workdir: str) -> list[dict]:
   task = c.get("task", "classify")
   task = task if task in TASKS[:3] else "classify"
   workdir = pathlib.Path(workdir)
-  report.save_config(config, workdir, "timing_config.json")
   model, params = build_mllm(config)
   data = task_data(config, task)
   x = data["images"][:c.timing_images]
@@ -554,7 +553,7 @@ def timing(config, workdir: str) -> list[dict]:
   key = jax.random.PRNGKey(config.seed)
   variants = [("original", None)] + [(f"smoothed n={int(n)}", int(n)) for n in c.timing_n]
   table = []
-  with report.rows(workdir / "timing.jsonl") as write:
+  with report.rows(workdir / "timing.jsonl", config, config_name="timing_config.json") as write:
     for label, n in variants:
       m, p = (model, params) if n is None else mllm.smoothed(
           model, params, sigma=config.attack.sigma, n=n, chunk_size=min(n, 16))

@@ -9,6 +9,23 @@ Every program writes the same kinds of files into its workdir:
 * ``config.json``: the config the program ran with;
 * PNG figures, drawn with matplotlib's Agg backend (no screen needed).
 
+Nothing half-written, nothing mixed (issue 21):
+
+* every file but the rows is written to a temporary file in the same folder and renamed
+  over the old one (:func:`write_text`, :func:`save_figure`): a reader sees the old file
+  or the new one, never a torn one;
+* a run writes nothing until it is accepted: :func:`rows` checks the folder and writes
+  the config file right before the first row (arguments, data and checkpoints are checked
+  before that, so a refused run leaves the folder as it was);
+* the rows are appended, never truncated. A folder holding rows of a *different* config
+  is refused in one line (use another ``--workdir``, or delete the folder), so the
+  rows, tables, figures and config file of a folder always describe the same config. A
+  re-run with the *same* config appends its rows after the old ones (same config and
+  seed: the same numbers), and then replaces the tables and figures;
+  ``read_rows(path, key=...)`` keeps the last row per unit;
+* a torn last line (a run killed mid-write) is dropped by :func:`read_rows`, and cut off
+  before :func:`rows` appends.
+
 While it runs, a program shows one :class:`SampleProgress` bar: noise samples x images
 through the encoder, advanced as each chunk of samples finishes, with tqdm's rate and ETA.
 
@@ -24,8 +41,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
+import os
 import pathlib
+import sys
 from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import numpy as np
@@ -39,42 +59,147 @@ def markdown(table: Sequence[dict], *, digits: int = 3, caption: str | None = No
   return tables.records(table, digits=digits, caption=caption)
 
 
+@contextlib.contextmanager
+def replacing(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
+  """``with replacing(path) as tmp: write tmp``: on success ``tmp`` is renamed over
+  ``path`` (``os.replace``, atomic within a folder); on failure it is removed and
+  ``path`` is untouched."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (:func:`replacing`)."""
+  with replacing(path) as tmp:
+    tmp.write_text(text)
+
+
+def save_figure(fig, path: str | pathlib.Path, **savefig_kwargs) -> None:
+  """``fig.savefig`` into ``path`` atomically (format from ``path``'s suffix)."""
+  path = pathlib.Path(path)
+  with replacing(path) as tmp:
+    fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", **savefig_kwargs)
+
+
 def write_table(table: Sequence[dict], workdir: str | pathlib.Path, stem: str, *,
                 caption: str | None = None, digits: int = 3) -> str:
-  """Writes ``stem.md`` (with ``caption``) and ``stem.csv``; returns the Markdown."""
+  """Writes ``stem.md`` (with ``caption``) and ``stem.csv`` atomically; returns the Markdown."""
   workdir = pathlib.Path(workdir)
   text = markdown(table, digits=digits, caption=caption)
-  (workdir / f"{stem}.md").write_text(text)
-  with open(workdir / f"{stem}.csv", "w", newline="") as f:
-    if table:
-      w = csv.DictWriter(f, fieldnames=list(table[0]))
-      w.writeheader()
-      w.writerows(table)
+  out = io.StringIO(newline="")
+  if table:
+    w = csv.DictWriter(out, fieldnames=list(table[0]))
+    w.writeheader()
+    w.writerows(table)
+  write_text(workdir / f"{stem}.md", text)
+  with replacing(workdir / f"{stem}.csv") as tmp:
+    tmp.write_text(out.getvalue(), newline="")
   return text
 
 
+def _config_text(config) -> str:
+  if hasattr(config, "to_json_best_effort"):
+    return config.to_json_best_effort(indent=2) + "\n"
+  return json.dumps(dict(config), indent=2, default=str) + "\n"
+
+
+def check_workdir(config, rows_path: str | pathlib.Path, config_name: str = "config.json"
+                  ) -> None:
+  """Refuses (ValueError, one line) a folder whose ``rows_path`` holds rows of another
+  config than ``config`` (or of an unknown one: no ``config_name`` beside them)."""
+  rows_path = pathlib.Path(rows_path)
+  if not rows_path.exists() or not read_rows(rows_path):
+    return
+  saved = rows_path.parent / config_name
+  fix = (f"use another --workdir, or delete {rows_path.parent} to start again")
+  if not saved.exists():
+    raise ValueError(f"{rows_path} holds rows but no {config_name} says which config made "
+                     f"them: {fix}.")
+  try:
+    same = json.loads(saved.read_text()) == json.loads(_config_text(config))
+  except json.JSONDecodeError:
+    same = False
+  if not same:
+    raise ValueError(f"{rows_path.parent} holds results of a different config "
+                     f"({config_name}); appending would mix two runs: {fix}.")
+
+
+def save_config(config, workdir: str | pathlib.Path, name: str = "config.json") -> None:
+  """Writes the config a program ran with (``config.to_json_best_effort``) atomically."""
+  write_text(pathlib.Path(workdir) / name, _config_text(config))
+
+
+def _drop_torn_tail(path: pathlib.Path) -> None:
+  """Cuts a torn last line (no newline: the writer was killed mid-row) off ``path``."""
+  if not path.exists() or path.stat().st_size == 0:
+    return
+  with open(path, "rb+") as f:
+    f.seek(-1, os.SEEK_END)
+    if f.read(1) == b"\n":
+      return
+    f.seek(0)
+    data = f.read()
+    keep = data.rfind(b"\n") + 1
+    f.truncate(keep)
+  print(f"{path}: dropped a torn last row ({len(data) - keep} bytes; the run that wrote it "
+        "was killed mid-write)", file=sys.stderr)
+
+
 @contextlib.contextmanager
-def rows(path: str | pathlib.Path) -> Iterator[Callable[[dict], None]]:
-  """``with rows(workdir / "results.jsonl") as write: write(row)``: one JSON line per row."""
-  with open(path, "w") as f:
+def rows(path: str | pathlib.Path, config=None, *, config_name: str = "config.json"
+         ) -> Iterator[Callable[[dict], None]]:
+  """``with rows(workdir / "results.jsonl", config) as write: write(row)``: one JSON line
+  per row, appended (never truncated) and flushed as it is written.
+
+  With ``config``: first :func:`check_workdir` (a folder holding rows of another config
+  is refused), then ``config_name`` is written beside the rows. Call it once the run is
+  accepted (arguments, data and checkpoints checked), so a refused run writes nothing.
+  """
+  path = pathlib.Path(path)
+  if config is not None:
+    check_workdir(config, path, config_name)
+    save_config(config, path.parent, config_name)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _drop_torn_tail(path)
+  with open(path, "a") as f:
     def write(row: dict) -> None:
       f.write(json.dumps(row) + "\n")
       f.flush()
     yield write
 
 
-def read_rows(path: str | pathlib.Path) -> list[dict]:
-  """The rows of a ``.jsonl`` file written by :func:`rows`."""
-  return [json.loads(line) for line in pathlib.Path(path).read_text().splitlines() if line]
+def read_rows(path: str | pathlib.Path, key: Sequence[str] | None = None) -> list[dict]:
+  """The rows of a ``.jsonl`` file written by :func:`rows`, in order.
 
-
-def save_config(config, workdir: str | pathlib.Path, name: str = "config.json") -> None:
-  """Writes the config a program ran with (``config.to_json_best_effort``) into workdir."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  text = config.to_json_best_effort(indent=2) if hasattr(config, "to_json_best_effort") \
-      else json.dumps(dict(config), indent=2, default=str)
-  (workdir / name).write_text(text + "\n")
+  A torn last line (no final newline: the writer was killed mid-row) is dropped; a bad
+  line elsewhere is a ValueError naming the file and line. With ``key`` (column names,
+  e.g. ``("image", "variant", "sigma", "reference", "bound")``) only the last row of each
+  key is kept, at the place of the key's first row (a re-run appends its rows again).
+  """
+  path = pathlib.Path(path)
+  lines = path.read_text().split("\n")
+  lines.pop()  # "" after the final newline, or the torn last line
+  out = []
+  for i, line in enumerate(lines):
+    if not line:
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{i + 1}: not a JSON row ({e.msg}); the file is damaged: "
+                       "delete that line or the file") from None
+  if key is None:
+    return out
+  last = {}
+  for r in out:
+    last[tuple(r.get(k) for k in key)] = r  # dict keeps the first insertion's place
+  return list(last.values())
 
 
 def monte_carlo_caption(*, sigma: Any, n0: int | None, n: int, alpha: float | None,
@@ -120,7 +245,7 @@ def image_strip(panels, path: str | pathlib.Path, *, title: str, scale: float = 
       ax.set_title(text, fontsize=6)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path, dpi=100)
   plt.close(fig)
 
 

@@ -240,14 +240,14 @@ def run(config, workdir: str, attack: str = attacks.ALL) -> list[dict]:
   c = config.attack
   threat = attacks.ThreatModel.from_config(c)
   workdir = pathlib.Path(workdir)
-  report.save_config(config, workdir, "robustness_config.json")
   rows, text = build_rows(config)
   data = attack_data(config)
   x, y, t = data["images"], data["labels"], data["targets"]
   tc, classes = data["target_class"], np.asarray(data["classes"])
   key = jax.random.PRNGKey(config.seed)
   cache, table, examples = {}, [], {n: {} for n in names}
-  with report.rows(workdir / "robustness.jsonl") as write:
+  with report.rows(workdir / "robustness.jsonl", config,
+                   config_name="robustness_config.json") as write:
     for m, row in enumerate(rows):
       mk = jax.random.fold_in(key, m)
       kind, prototypes = head(row, text[row.tower], data, config, jax.random.fold_in(mk, 0),

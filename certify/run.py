@@ -154,7 +154,7 @@ def plot(table: list[dict], eps, path: pathlib.Path) -> None:
       if col == len(sigmas) - 1:
         ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   fig.tight_layout()
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  report.save_figure(fig, path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -182,7 +182,7 @@ def plot_certified(rows: list[dict], config, path: pathlib.Path) -> None:
            ylabel=f"share certified, cos >= {config.certify.cos:g}", ylim=(-0.02, 1.02))
   axes[0, -1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
   fig.tight_layout()
-  fig.savefig(path, dpi=120, bbox_inches="tight")
+  report.save_figure(fig, path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -219,7 +219,6 @@ def run(config, workdir: str) -> list[dict]:
   if config.certify.get("distributed"):
     jax.distributed.initialize()
   workdir = pathlib.Path(workdir)
-  report.save_config(config, workdir)
   variants = variants_lib.encoder_variants(config)
   dataset = data_lib.from_config(config.data)
   key = jax.random.PRNGKey(config.seed)
@@ -227,7 +226,7 @@ def run(config, workdir: str) -> list[dict]:
   c = config.certify
   images = len(dataset) * dataset.batch_size if dataset.drop_remainder else dataset.num_examples
   samples = images * len(variants) * len(c.sigmas) * (c.n0 + c.n)
-  with report.rows(workdir / "results.jsonl") as write, report.SampleProgress(
+  with report.rows(workdir / "results.jsonl", config) as write, report.SampleProgress(
       samples, "certify") as progress:
     for batch in dataset:
       for row in certify_images(variants, batch["image"], batch["label"], config, key,

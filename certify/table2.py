@@ -187,7 +187,7 @@ def plot(table: list[dict], radii, path: pathlib.Path) -> None:
   ax.title.set_fontsize(9)
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  report.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -227,7 +227,7 @@ def plot_margins(rows: list[dict], path: pathlib.Path, *, radius: float = 0.25) 
   fig.suptitle("Table 2, FS: each image's angular margin vs what its certificate needs",
                fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  report.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -248,7 +248,6 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   """
   workdir = pathlib.Path(workdir)
   settings = prediction_settings(config)
-  report.save_config(config, workdir, "table2_config.json")
   meta, heads = heads_lib.load_heads(workdir)
   encoder_name, encoder, params = variant or variants_lib.most_boosted(config)
   _check_heads(meta, heads, config, encoder_name)
@@ -263,7 +262,8 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   samples = (len(sigmas) * batches * settings["batch_size"] * len(METHODS)
              * (settings["n0"] + settings["n"]))
   rows = []
-  with report.rows(workdir / "prediction_results.jsonl") as write, report.SampleProgress(
+  with report.rows(workdir / "prediction_results.jsonl", config,
+                   config_name="table2_config.json") as write, report.SampleProgress(
       samples, "table2") as progress:
     for sigma in sigmas:
       k = smoothing.sigma_key(key, sigma)  # as certify.run and train.head
