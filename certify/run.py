@@ -219,6 +219,7 @@ def run(config, workdir: str) -> list[dict]:
   if config.certify.get("distributed"):
     jax.distributed.initialize()
   workdir = pathlib.Path(workdir)
+  report.check_workdir(config, workdir / "results.jsonl")  # another config's rows: refuse now
   variants = variants_lib.encoder_variants(config)
   dataset = data_lib.from_config(config.data)
   key = jax.random.PRNGKey(config.seed)
