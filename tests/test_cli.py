@@ -83,3 +83,87 @@ def test_interruptible_nests_and_ctrl_c_is_one_line():
       "certify.run: interrupted (Ctrl-C); nothing more was saved.")
   assert cli.interrupted_line("x", cli.Interrupted("x: saved at step 3")) == (
       "x: saved at step 3")
+
+
+# certify.run on the tiny config with few samples: what the output tests below run.
+_SMALL = ("--config.certify.n0=8", "--config.certify.n=32", "--config.certify.chunk_size=16")
+
+
+def _small_config():
+  """The config ``certify.run --config=TINY *_SMALL`` runs with."""
+  from configs import clip_tiny  # pylint: disable=g-import-not-at-top
+  config = clip_tiny.get_config()
+  config.certify.update(n0=8, n=32, chunk_size=16)
+  return config
+
+
+def _files(folder):
+  return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_refused_runs_change_nothing_in_the_folder(tmp_path, make_folder_dataset):
+  """A run refused for a missing checkpoint, an unreadable image or a folder holding
+  another config's results exits in one line and leaves the folder as it was (config.json
+  used to be replaced before the arguments were checked)."""
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / "table.md").write_text("an earlier run's table\n")
+  (out / "config.json").write_text('{"seed": 1}\n')
+  (out / "results.jsonl").write_text('{"image": 0, "variant": "FS"}\n')
+  before = _files(out)
+  images = make_folder_dataset(tmp_path / "images", classes=1, per_split=(("test", 4),))
+  (images / "test" / "class_0" / "1.png").write_bytes(b"not a png")
+  cases = {
+      "holds results of a different config (config.json); appending would mix two runs: "
+      "use another --workdir, or delete": (),
+      "/no/such/booster": ("--config.gsb.checkpoint=/no/such/booster",),
+      "class_0/1.png is not a readable image": (f"--config.data.name=folder:{images}",
+                                               "--config.data.split=test"),
+  }
+  for expected, args in cases.items():
+    if args:  # the other refusals, in a folder holding no rows
+      (out / "results.jsonl").write_text("")
+      before = _files(out)
+    p = _run("certify.run", f"--config={TINY}", f"--workdir={out}", *_SMALL, *args)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[0].startswith("error: ") and expected in p.stderr, p.stderr
+    assert _files(out) == before, expected
+
+
+def test_empty_workdir_is_refused_by_the_programs_too(tmp_path):
+  p = subprocess.run([sys.executable, "-m", "certify.run", f"--config={TINY}", "--workdir="],
+                     cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                            PYTHONPATH=str(ROOT)),
+                     text=True, capture_output=True, timeout=240)
+  assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+  assert p.stderr.startswith("run.py: --workdir is empty; give a folder"), p.stderr
+  assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_in_certify_run_is_one_line_and_keeps_the_old_rows(tmp_path):
+  """A re-run into a folder of the same config appends (the old rows and a torn last
+  line of a killed run: cut, the rest kept); Ctrl-C exits 130 with one line."""
+  from certify import report  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "run"
+  out.mkdir()
+  report.save_config(_small_config(), out)
+  old = '{"image": 0, "variant": "FS", "from": "the earlier run"}\n'
+  (out / "results.jsonl").write_text(old + '{"image": 1, "vari')  # killed mid-row
+  err = tmp_path / "stderr"
+  with open(err, "w") as f:
+    p = subprocess.Popen([sys.executable, "-m", "certify.run", f"--config={TINY}",
+                          f"--workdir={out}", *_SMALL], cwd=ROOT, stderr=f,
+                         stdout=subprocess.DEVNULL, text=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    deadline = time.time() + 200
+    while "certify:" not in err.read_text() and p.poll() is None and time.time() < deadline:
+      time.sleep(0.2)  # the progress bar: the run is accepted and certifying
+    p.send_signal(signal.SIGINT)
+    rc = p.wait(timeout=120)
+  text = err.read_text()
+  assert rc == cli.INTERRUPTED_EXIT_STATUS and "Traceback" not in text, text
+  lines = [l for l in text.replace("\r", "\n").splitlines() if l.strip()]
+  assert lines[-1] == "certify.run: interrupted (Ctrl-C); nothing more was saved.", text
+  assert "dropped a torn last row" in text
+  assert (out / "results.jsonl").read_text().startswith(old)  # appended, not truncated
+  assert report.read_rows(out / "results.jsonl")[0]["from"] == "the earlier run"
