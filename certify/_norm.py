@@ -149,6 +149,7 @@ class NormAwareCertificate(NamedTuple):
   """The norm-aware cosine certificate for a batch of images.
 
   Attributes:
+    deficit: ``[B]`` ``1 - L`` (exact where L is within float32 rounding of 1).
     score: ``[B]`` the lower confidence bound L of h_u(x) (level 1 - alpha / 2).
     norm_upper: ``[B]`` the upper confidence bound N on ||f_s(x)|| (level 1 - alpha / 2).
     inner_product_bound: ``[B]`` or ``[B, E]``: B(eps), Theorem 3.2 (valid alone at 1 -
@@ -158,6 +159,7 @@ class NormAwareCertificate(NamedTuple):
     direction: ``[B, D]`` the unit reference u (the stage-1 mean direction).
     is_certificate: always True here (no point estimates).
   """
+  deficit: jax.Array
   score: jax.Array
   norm_upper: jax.Array
   inner_product_bound: jax.Array
@@ -174,7 +176,7 @@ def certificate_from_bounds(deficit: jax.Array, norm_upper: jax.Array, direction
   d, n = (deficit[:, None], norm_upper[:, None]) if eps.ndim else (deficit, norm_upper)
   inner = _closed_form.bound_from_deficit(d, eps, jnp.float32(sigma))
   cos = norm_aware_cosine_bound(d, n, eps, jnp.float32(sigma))
-  return NormAwareCertificate(score=1.0 - deficit, norm_upper=norm_upper,
+  return NormAwareCertificate(deficit=deficit, score=1.0 - deficit, norm_upper=norm_upper,
                               inner_product_bound=inner, cosine_bound=cos,
                               certified=inner >= 0.0, direction=direction,
                               is_certificate=True)
@@ -263,7 +265,7 @@ def norm_aware_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_l
   checks.check_positive_int(n0, name="n0", meaning="first-stage samples")
   checks.check_alpha(alpha)
   checks.check_choice(bound, name="bound", choices=_bounds.CERTIFYING_BOUNDS)
-  _check_eps(eps)
+  _closed_form.check_eps(eps)
   if n % 2 or chunk_size % 2:
     raise ValueError(f"n and chunk_size must be even (the norm bound pairs consecutive "
                      f"samples); got n={n}, chunk_size={chunk_size}.")

@@ -501,6 +501,11 @@ class SequentialCertificate(NamedTuple):
     return True
 
   @property
+  def bound(self) -> str:
+    """The confidence bound's name, as :attr:`certify.FeatureCertificate.bound`."""
+    return "betting (sequential)"
+
+  @property
   def score(self) -> jax.Array:
     """``[B]`` L = 1 - deficit."""
     return 1.0 - self.deficit

@@ -15,6 +15,22 @@ Monte Carlo run gives every bound for both references (``clean``: the paper's u 
 * ``R``: the average certified radius for ``cos >= config.certify.cos`` (uncertified
   images count as radius 0).
 
+With ``config.certify.norm_aware`` (the default) each variant and sigma gains a row of
+the norm-aware cosine certificate (docs/method.md section 2c; :func:`certify.norm_aware_fcsb`,
+mean reference, bound ``config.certify.norm_aware_bound``, alpha split between the score
+and the norm), labelled ``<bound> + norm``, and every row gains the certified cosine
+columns ``cos@eps``: ``B / U(eps)`` for the norm-aware row, Theorem 3.2's ``B`` for the
+others (-1, vacuous, where B < 0), so the inner-product and cosine bounds sit side by
+side; its ``R`` is the norm-aware radius.
+
+``config.certify.mode = "sequential"`` replaces the fixed-n Monte Carlo by
+:func:`certify.sequential_fcsb` (anytime-valid betting confidence sequences, cross-image
+dynamic batching; docs/method.md section 2b): each image stops once its decisions
+"cos >= config.certify.cos at every eps" are settled (``config.certify.stop``), or at
+``n_max = config.certify.n``; rows are labelled ``betting (sequential)`` and record the
+samples each image used (``samples``; the table's ``samples`` column is their mean). The
+fixed-n mode (``"fixed"``, the default) is unchanged.
+
 Rows with bound ``point`` are the paper's plug-in estimates, NOT certificates. Writes
 ``results.jsonl`` (one row per image, variant, sigma, reference, bound), ``table.md``
 (captioned with alpha, n0, n and the number of images), ``table.csv``, ``config.json``,
@@ -59,6 +75,10 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
     for sigma in c.sigmas:
       # The same noise for every variant and image batch position at a sigma.
       k = smoothing.sigma_key(key, sigma)
+      if c.get("mode", "fixed") == "sequential":
+        yield from _sequential_rows(name, encoder, params, images, labels, config, sigma, k,
+                                    first_image=first_image)
+        continue
       advance = None if progress is None else progress.task(
           f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples x {len(images)} images",
           images=len(images), compile_key=(name, images.shape))
@@ -77,26 +97,116 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
                  "score": float(1.0 - deficit[i]), "score_deficit": float(deficit[i]),
                  "inner_product_bound": dict(zip(map(float, eps), map(float, inner[i]))),
                  "radius": float(radius[i]), "cos": float(c.cos), "samples": int(samples[i])}
+      if c.get("norm_aware"):
+        yield from _norm_aware_rows(name, encoder, params, images, labels, config, sigma, k,
+                                    first_image=first_image)
 
 
-def _bound_label(bound: str) -> str:
-  return bound if bound != "point" else "point (estimate)"
+def _cosine_row(name, sigma, i, labels, config, *, reference, bound, deficit, norm_upper,
+                inner, cosine, radius, samples, first_image, **extra) -> dict:
+  """One norm-aware (or sequential) result row; the fixed-n rows keep their own schema."""
+  eps = [float(e) for e in np.asarray(config.certify.eps, np.float32)]
+  return {"variant": name, "image": first_image + i, "sigma": float(sigma),
+          "reference": reference, "bound": bound, "certificate": True,
+          "label": int(labels[i]), "score": float(1.0 - deficit[i]),
+          "score_deficit": float(deficit[i]), **extra,
+          "norm_upper": float(norm_upper[i]),
+          "inner_product_bound": dict(zip(eps, map(float, inner[i]))),
+          "cosine_bound": dict(zip(eps, map(float, cosine[i]))),
+          "radius": float(radius[i]), "cos": float(config.certify.cos),
+          "samples": int(samples[i])}
+
+
+def _norm_aware_rows(name, encoder, params, images, labels, config, sigma, key, *,
+                     first_image: int) -> Iterable[dict]:
+  """Rows of the norm-aware cosine certificate (docs/method.md section 2c), mean reference.
+
+  :func:`certify.norm_aware_fcsb` on the same noise as the inner-product rows: the score's
+  lower bound L and the norm's upper bound N each at level alpha / 2. The row records
+  ``1 - L`` and N, from which :func:`certify.norm_aware_cosine_bound` and
+  :func:`certify.norm_aware_radius` give its cosine bounds and radius.
+  """
+  c = config.certify
+  eps = np.asarray(c.eps, np.float32)
+  cert = certify.norm_aware_fcsb(params, images, encoder=encoder, sigma=sigma, eps=eps,
+                                 key=key, n=c.n, n0=c.n0, alpha=c.alpha,
+                                 bound=c.norm_aware_bound, chunk_size=c.chunk_size)
+  radius = certify.norm_aware_radius(cert.deficit, cert.norm_upper, sigma, c.cos)
+  deficit, norm_upper, inner, cosine, radius = (np.asarray(a) for a in (
+      cert.deficit, cert.norm_upper, cert.inner_product_bound, cert.cosine_bound, radius))
+  samples = np.full(len(images), c.n0 + c.n)
+  for i in range(images.shape[0]):
+    yield _cosine_row(name, sigma, i, labels, config, reference="mean",
+                      bound=c.norm_aware_bound, cosine_kind="norm-aware", deficit=deficit,
+                      norm_upper=norm_upper, inner=inner, cosine=cosine, radius=radius,
+                      samples=samples, first_image=first_image)
+
+
+def _sequential_rows(name, encoder, params, images, labels, config, sigma, key, *,
+                     first_image: int) -> Iterable[dict]:
+  """``mode="sequential"``: :func:`certify.sequential_fcsb` rows, one per reference (inner
+  product cosine) and, with ``norm_aware``, one norm-aware row (mean reference).
+
+  Each image's noise stream is named by its index in the data (``image_ids``), so the
+  numbers do not depend on the batch an image falls in.
+  """
+  c = config.certify
+  ids = first_image + np.arange(len(images))
+  kinds = [(ref, False) for ref in c.references]
+  if c.get("norm_aware"):
+    kinds.append(("mean", True))
+  for reference, norm_aware in kinds:
+    cert = certify.sequential_fcsb(
+        params, images, encoder=encoder, sigma=sigma, eps=list(c.eps), key=key, cos=c.cos,
+        n_max=c.n, n0=c.n0, alpha=c.alpha, norm_aware=norm_aware, reference=reference,
+        stop=c.stop, chunk_size=c.sequential_chunk_size, slots=c.slots, image_ids=ids)
+    arrays = {k: np.asarray(getattr(cert, k)) for k in (
+        "deficit", "norm_upper", "inner_product_bound", "cosine_bound", "radius", "samples")}
+    for i in range(images.shape[0]):
+      yield _cosine_row(
+          name, sigma, i, labels, config, reference=reference, bound=cert.bound,
+          cosine_kind="norm-aware" if norm_aware else "inner product", mode="sequential",
+          deficit=arrays["deficit"], norm_upper=arrays["norm_upper"],
+          inner=arrays["inner_product_bound"], cosine=arrays["cosine_bound"],
+          radius=arrays["radius"], samples=arrays["samples"], first_image=first_image)
+
+
+def _bound_label(bound: str, cosine_kind: str | None = None) -> str:
+  label = bound if bound != "point" else "point (estimate)"
+  return f"{label} + norm" if cosine_kind == "norm-aware" else label
+
+
+def _cosine_bounds(r: dict, eps: float) -> float:
+  """The row's certified cosine at eps: its ``cosine_bound``, or Theorem 3.2's B (-1 where
+  B < 0) for a fixed-n inner-product row."""
+  if "cosine_bound" in r:
+    return r["cosine_bound"][float(eps)]
+  b = r["inner_product_bound"][float(eps)]
+  return b if b >= 0 else -1.0
 
 
 def summarise(rows: list[dict], eps: Iterable[float]) -> list[dict]:
   """Averages result rows over images; one summary row per (variant, sigma, ref, bound)."""
   groups = collections.defaultdict(list)
   for r in rows:
-    groups[(r["variant"], r["sigma"], r["reference"], r["bound"])].append(r)
+    groups[(r["variant"], r["sigma"], r["reference"], r["bound"],
+            r.get("cosine_kind"))].append(r)
+  norm_aware = any(r.get("cosine_kind") == "norm-aware" for r in rows)
+  sequential = any(r.get("mode") == "sequential" for r in rows)
   table = []
-  for (variant, sigma, ref, bound), rs in groups.items():
+  for (variant, sigma, ref, bound, kind), rs in groups.items():
     row = {"variant": variant, "sigma": sigma, "reference": ref,
-           "bound": _bound_label(bound), "images": len(rs)}
+           "bound": _bound_label(bound, kind), "images": len(rs)}
     for e in eps:
       b = np.array([r["inner_product_bound"][float(e)] for r in rs])
       row[f"B@{e:g}"] = float(b.mean())
       row[f"cert@{e:g}"] = float((b >= 0).mean())
     row[f"R(cos>={rs[0]['cos']:g})"] = float(np.mean([max(r["radius"], 0.0) for r in rs]))
+    if norm_aware:  # the certified cosine beside the inner-product bound
+      for e in eps:
+        row[f"cos@{e:g}"] = float(np.mean([_cosine_bounds(r, e) for r in rs]))
+    if sequential:
+      row["samples"] = float(np.mean([r["samples"] for r in rs]))
     table.append(row)
   return table
 
@@ -105,11 +215,12 @@ def headline(table: list[dict]) -> list[dict]:
   """Per (variant, sigma): the mean-reference row of the valid bound with the largest R.
 
   With only the clean reference configured, its rows are used. Point estimates are
-  never a headline (they are not certificates).
+  never a headline (they are not certificates), nor are the norm-aware rows (their B is
+  the inner-product bound at alpha / 2; their gain is in the cos@eps columns).
   """
   best = {}
   for r in table:
-    if r["bound"].startswith("point"):
+    if r["bound"].startswith("point") or r["bound"].endswith("+ norm"):
       continue
     key = (r["variant"], r["sigma"])
     radius = next(v for k, v in r.items() if k.startswith("R("))
@@ -188,12 +299,27 @@ def plot_certified(rows: list[dict], config, path: pathlib.Path) -> None:
 
 def caption(config, images: int) -> str:
   c = config.certify
-  return ("Table 1: feature certificate, average over images ("
+  sequential = c.get("mode", "fixed") == "sequential"
+  text = ("Table 1: feature certificate, average over images ("
           + report.monte_carlo_caption(sigma=list(c.sigmas), n0=c.n0, n=c.n, alpha=c.alpha,
                                        images=images)
           + "). B@eps: average bound on <f_s(x'), u> for ||x' - x|| <= eps; cert@eps: share "
           f"with B >= 0; R: average certified radius for cos >= {c.cos:g}. 'point' rows are "
           "the paper's plug-in estimates, not certificates.")
+  if c.get("norm_aware"):
+    text += (" '+ norm' rows: the norm-aware cosine certificate (mean reference; score and "
+             "norm bounds at alpha / 2 each); cos@eps: average certified cosine, B / U(eps) "
+             "for '+ norm' rows, B for the others (-1 where B < 0); R of a '+ norm' row is "
+             "its norm-aware radius.")
+  if sequential:
+    text += (f" Sequential mode (n = n_max, stop = {c.stop}): anytime-valid betting "
+             "confidence sequences; samples: average noise samples used per image (n0 "
+             "included).")
+  return text
+
+
+MODES = ("fixed", "sequential")
+STOPS = ("decision", "radius", "never")
 
 
 def check_config(config) -> None:
@@ -211,6 +337,29 @@ def check_config(config) -> None:
                                      chunk_size=c.chunk_size)
         except ValueError as e:
           raise ValueError(f"config.certify: {e}") from None
+  mode = c.get("mode", "fixed")
+  if mode not in MODES:
+    raise ValueError(f"config.certify.mode must be one of {MODES}, got {mode!r}.")
+  norm_aware = c.get("norm_aware", False)
+  if not isinstance(norm_aware, bool):
+    raise ValueError(f"config.certify.norm_aware must be True or False, got {norm_aware!r}.")
+  if norm_aware and mode == "fixed":
+    if c.norm_aware_bound not in ("hoeffding", "bernstein", "betting"):
+      raise ValueError("config.certify.norm_aware_bound must be 'hoeffding', 'bernstein' or "
+                       f"'betting' (a certificate), got {c.norm_aware_bound!r}.")
+    if c.n % 2 or c.chunk_size % 2 or c.n < 4:
+      raise ValueError("config.certify.norm_aware pairs consecutive samples: n (>= 4) and "
+                       f"chunk_size must be even, got n={c.n}, chunk_size={c.chunk_size}; "
+                       "or set --config.certify.norm_aware=False.")
+  if mode == "sequential":
+    if c.stop not in STOPS:
+      raise ValueError(f"config.certify.stop must be one of {STOPS}, got {c.stop!r}.")
+    for key in ("slots", "sequential_chunk_size"):
+      if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
+        raise ValueError(f"config.certify.{key} must be a positive integer, got {c[key]!r}.")
+    if norm_aware and c.sequential_chunk_size % 2:
+      raise ValueError("config.certify.sequential_chunk_size must be even with norm_aware "
+                       f"(pairs), got {c.sequential_chunk_size}.")
 
 
 def run(config, workdir: str) -> list[dict]:
@@ -225,13 +374,14 @@ def run(config, workdir: str) -> list[dict]:
   key = jax.random.PRNGKey(config.seed)
   rows, first = [], 0
   c = config.certify
+  sequential = c.get("mode", "fixed") == "sequential"
   images = len(dataset) * dataset.batch_size if dataset.drop_remainder else dataset.num_examples
   samples = images * len(variants) * len(c.sigmas) * (c.n0 + c.n)
   with report.rows(workdir / "results.jsonl", config) as write, report.SampleProgress(
       samples, "certify") as progress:
     for batch in dataset:
       for row in certify_images(variants, batch["image"], batch["label"], config, key,
-                                first_image=first, progress=progress):
+                                first_image=first, progress=None if sequential else progress):
         rows.append(row)
         write(row)
       first += len(batch["image"])

@@ -145,6 +145,16 @@ def certify_config(**overrides) -> ml_collections.ConfigDict:
       chunk_size=16,     # noise samples per vectorised chunk (16 measured fastest on CPU)
       batch_size=8,      # images per certify call
       distributed=False,  # multi-host: call jax.distributed.initialize() first
+      # The norm-aware cosine certificate (docs/method.md 2c): one more row per variant and
+      # sigma (mean reference, this bound; one more Monte Carlo run) and cos@eps columns.
+      norm_aware=True,
+      norm_aware_bound="betting",
+      # "fixed": n samples per image; "sequential": certify.sequential_fcsb (method.md 2b),
+      # each image stops once settled (`stop`), n_max = n.
+      mode="fixed",
+      stop="decision",   # sequential: "decision", "radius" or "never" (n_max samples)
+      sequential_chunk_size=64,  # sequential: samples per chunk (even with norm_aware)
+      slots=8,           # sequential: images in flight at once (cross-image batching)
   ))
   c.update(overrides)
   return c

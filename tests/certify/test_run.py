@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,7 @@ import ml_collections
 
 import numpy as np
 import pytest
+from scipy import optimize
 from scipy import stats
 
 from certify import report
@@ -42,10 +46,108 @@ def test_outputs_written(result):
   _, workdir, table, _ = result
   for name in ("results.jsonl", "table.md", "table.csv", "fcsb.png"):
     assert (workdir / name).stat().st_size > 0
-  # 1 variant x 1 sigma x 2 references x 4 bounds rows in the table, 2 images each.
-  assert len(table) == 8 and all(r["images"] == 2 for r in table)
+  # 1 variant x 1 sigma x (2 references x 4 bounds + the norm-aware row), 2 images each.
+  assert len(table) == 9 and all(r["images"] == 2 for r in table)
   rows = [json.loads(l) for l in (workdir / "results.jsonl").read_text().splitlines()]
-  assert len(rows) == 16
+  assert len(rows) == 18
+  # The inner-product rows keep their schema (the fixed-n output is unchanged).
+  old_keys = ["variant", "image", "sigma", "reference", "bound", "certificate", "label", "score",
+              "score_deficit", "inner_product_bound", "radius", "cos", "samples"]
+  assert [list(r) for r in rows if "cosine_kind" not in r] == [old_keys] * 16
+  assert {r["bound"] for r in table} >= {"betting + norm"}
+  assert all(f"cos@{e:g}" in r for r in table for e in (0.125, 0.5))
+
+
+def _norm_aware_exact(deficit, norm_upper, eps, sigma, cos):
+  """B, U, B / U and the radius of docs/method.md 2c with scipy (independent of certify)."""
+  z = stats.norm.isf(deficit)
+  b = lambda e: 2 * stats.norm.cdf(z - e / sigma) - 1  # noqa: E731
+  u = lambda e: 2 * stats.norm.cdf(stats.norm.ppf((1 + norm_upper) / 2) + e / sigma) - 1  # noqa: E731
+  cosine = b(eps) / u(eps) if b(eps) >= 0 else -1.0
+  if b(0.0) / u(0.0) < cos:
+    radius = 0.0
+  else:  # B / U decreases in eps: the root of B / U = cos
+    radius = optimize.brentq(lambda e: b(e) - cos * u(e), 0.0, sigma * z)
+  return b(eps), u(eps), cosine, radius
+
+
+def test_norm_aware_rows_follow_docs_method_2c(result):
+  """The norm-aware row's bounds recomputed from its recorded 1 - L and N with scipy;
+  its cosine bound is >= its own inner-product bound where that is >= 0 (U <= 1), and the
+  table's cos@eps column averages them."""
+  config, workdir, table, _ = result
+  rows = [json.loads(l) for l in (workdir / "results.jsonl").read_text().splitlines()]
+  norm_rows = [r for r in rows if r.get("cosine_kind") == "norm-aware"]
+  assert len(norm_rows) == 2 and all(r["reference"] == "mean" for r in norm_rows)
+  for r in norm_rows:
+    assert 0.0 <= r["norm_upper"] <= 1.0 and r["certificate"]
+    assert r["samples"] == config.certify.n0 + config.certify.n
+    _, _, _, radius = _norm_aware_exact(r["score_deficit"], r["norm_upper"], 0.0,
+                                        r["sigma"], r["cos"])
+    assert r["radius"] == pytest.approx(radius, abs=1e-3)
+    for eps, cosine in r["cosine_bound"].items():
+      b, u, exact, _ = _norm_aware_exact(r["score_deficit"], r["norm_upper"], float(eps),
+                                         r["sigma"], r["cos"])
+      assert r["inner_product_bound"][eps] == pytest.approx(b, abs=1e-4)
+      assert cosine == pytest.approx(exact, abs=1e-4)
+      if b >= 0:
+        assert cosine >= b - 1e-6 and u <= 1.0
+  row = next(t for t in table if t["bound"] == "betting + norm")
+  for e in (0.125, 0.5):
+    assert row[f"cos@{e:g}"] == pytest.approx(
+        np.mean([r["cosine_bound"][str(e)] for r in norm_rows]), abs=1e-6)
+  # An inner-product row's cos@eps is Theorem 3.2's B where B >= 0, else the vacuous -1.
+  for t in table:
+    if not t["bound"].endswith("+ norm"):
+      rs = [r for r in rows if "cosine_kind" not in r and r["reference"] == t["reference"]
+            and run_lib._bound_label(r["bound"]) == t["bound"]]
+      for e in ("0.125", "0.5"):
+        bs = [r["inner_product_bound"][e] for r in rs]
+        assert t[f"cos@{e}"] == pytest.approx(np.mean([b if b >= 0 else -1.0 for b in bs]),
+                                              abs=1e-6)
+
+
+def test_sequential_mode_through_the_cli(tmp_path):
+  """config.certify.mode=sequential end to end through the command line: rows record the
+  samples each image used (n0 + a multiple of the chunk, at most n0 + n_max), the table
+  their mean, and the bounds follow Theorem 3.2 from the recorded deficit."""
+  workdir = tmp_path / "seq"
+  flags = ["--config.certify.mode=sequential", "--config.certify.n=256",
+           "--config.certify.sequential_chunk_size=32", "--config.certify.slots=2",
+           "--config.certify.references=('mean',)", "--config.data.num_examples=3",
+           "--config.data.batch_size=3"]
+  done = subprocess.run([sys.executable, "-m", "certify.run", "--config",
+                         "configs/clip_tiny.py", f"--workdir={workdir}", *flags],
+                        capture_output=True, text=True, timeout=600, check=False,
+                        cwd=pathlib.Path(__file__).resolve().parents[2])
+  assert done.returncode == 0, done.stderr[-2000:]
+  rows = report.read_rows(workdir / "results.jsonl")
+  assert {(r["bound"], r["cosine_kind"]) for r in rows} == {
+      ("betting (sequential)", "inner product"), ("betting (sequential)", "norm-aware")}
+  assert len(rows) == 6 and all(r["mode"] == "sequential" for r in rows)
+  for r in rows:
+    assert 16 + 32 <= r["samples"] <= 16 + 256 and (r["samples"] - 16) % 32 == 0
+    for eps, b in r["inner_product_bound"].items():
+      z = stats.norm.isf(r["score_deficit"])
+      assert b == pytest.approx(2 * stats.norm.cdf(z - float(eps) / r["sigma"]) - 1, abs=1e-4)
+  text = (workdir / "table.md").read_text()
+  assert "samples" in text and "Sequential mode" in text and "+ norm" in text
+
+
+def test_check_config_names_the_new_keys():
+  config = clip_tiny.get_config()
+  for key, value, match in (("mode", "adaptive", "config.certify.mode"),
+                            ("norm_aware_bound", "point", "norm_aware_bound"),
+                            ("n", 33, "even")):
+    bad = clip_tiny.get_config()
+    with bad.unlocked():
+      bad.certify[key] = value
+    with pytest.raises(ValueError, match=match):
+      run_lib.check_config(bad)
+  with config.unlocked():
+    config.certify.update(mode="sequential", slots=0)
+  with pytest.raises(ValueError, match="config.certify.slots"):
+    run_lib.check_config(config)
 
 
 def test_rows_follow_the_closed_form(result):
@@ -105,6 +207,10 @@ def test_table1_rows_match_the_half_space_closed_form():
   exact = {"clean": (1 + p) / 2,                           # u = f(x) = e1: h = (1 + p) / 2
            "mean": (1 + np.sqrt(p**2 + (1 - p) ** 2)) / 2}  # u = f_s / ||f_s||: the maximum
   for r in rows:
+    if r.get("cosine_kind") == "norm-aware":  # N >= ||f_s(x)|| = sqrt(p^2 + (1 - p)^2)
+      i = r["image"]
+      assert r["norm_upper"] >= np.sqrt(p[i]**2 + (1 - p[i]) ** 2) - 1e-6
+      assert r["norm_upper"] <= np.sqrt(p[i]**2 + (1 - p[i]) ** 2) + 0.1
     h = exact[r["reference"]][r["image"]]
     se = np.sqrt(h * (1 - h) / n) + 1e-3  # Monte Carlo standard error of h, with slack
     if r["bound"] == "point":
