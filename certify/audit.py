@@ -433,6 +433,7 @@ def run(config, workdir: str) -> dict[str, Any]:
   a = audit_settings(config)
   check_audit_config(a)
   workdir = pathlib.Path(workdir)
+  report.check_workdir(config, workdir / "audit.jsonl", "audit_config.json")
   variants = variants_lib.encoder_variants(config)
   if a.get("variants"):
     unknown = sorted(set(a.variants) - {v[0] for v in variants})

@@ -394,6 +394,7 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
     judge = _judge(c)
   workdir = pathlib.Path(workdir)
   stem = f"protection_{task}"
+  report.check_workdir(config, workdir / f"{stem}.jsonl", f"{stem}_config.json")
   model, params = build_mllm(config)
   rows = build_rows(config, model, params)
   data = task_data(config, task)
@@ -544,6 +545,7 @@ def timing(config, workdir: str) -> list[dict]:
   task = c.get("task", "classify")
   task = task if task in TASKS[:3] else "classify"
   workdir = pathlib.Path(workdir)
+  report.check_workdir(config, workdir / "timing.jsonl", "timing_config.json")
   model, params = build_mllm(config)
   data = task_data(config, task)
   x = data["images"][:c.timing_images]

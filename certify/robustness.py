@@ -240,6 +240,7 @@ def run(config, workdir: str, attack: str = attacks.ALL) -> list[dict]:
   c = config.attack
   threat = attacks.ThreatModel.from_config(c)
   workdir = pathlib.Path(workdir)
+  report.check_workdir(config, workdir / "robustness.jsonl", "robustness_config.json")
   rows, text = build_rows(config)
   data = attack_data(config)
   x, y, t = data["images"], data["labels"], data["targets"]

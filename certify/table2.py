@@ -251,6 +251,7 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   meta, heads = heads_lib.load_heads(workdir)
   encoder_name, encoder, params = variant or variants_lib.most_boosted(config)
   _check_heads(meta, heads, config, encoder_name)
+  report.check_workdir(config, workdir / "prediction_results.jsonl", "table2_config.json")
   num_classes = len(meta["classes"])
   images, labels, _ = heads_lib.load_subset(config.test_data, num_classes=num_classes,
                                            per_class=config.prediction.test_per_class)
