@@ -109,12 +109,21 @@ def _config_text(config) -> str:
   return json.dumps(dict(config), indent=2, default=str) + "\n"
 
 
+def _has_rows(path: pathlib.Path) -> bool:
+  """Whether ``path`` holds a complete row (its first line; a torn one does not count)."""
+  if not path.exists():
+    return False
+  with open(path, "rb") as f:
+    line = f.readline()
+  return line.endswith(b"\n") and bool(line.strip())
+
+
 def check_workdir(config, rows_path: str | pathlib.Path, config_name: str = "config.json"
                   ) -> None:
   """Refuses (ValueError, one line) a folder whose ``rows_path`` holds rows of another
   config than ``config`` (or of an unknown one: no ``config_name`` beside them)."""
   rows_path = pathlib.Path(rows_path)
-  if not rows_path.exists() or not read_rows(rows_path):
+  if not _has_rows(rows_path):
     return
   saved = rows_path.parent / config_name
   fix = (f"use another --workdir, or delete {rows_path.parent} to start again")
