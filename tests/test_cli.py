@@ -54,7 +54,7 @@ def test_optional_fields_are_overridable_from_the_command_line(tmp_path):
   that does not exist is an error that names it."""
   p = _run("certify.run", f"--config={ROOT / 'configs' / 'default.py'}",
            f"--workdir={tmp_path / 'run'}", "--config.encoder.checkpoint=/no/such/ckpt.pth",
-           "--config.certify.n0=2", "--config.certify.n=2")
+           "--config.certify.n0=2", "--config.certify.n=4")
   assert "not supported for overriding" not in p.stderr
   assert p.returncode != 0 and "/no/such/ckpt.pth" in p.stderr
 
