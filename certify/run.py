@@ -286,7 +286,7 @@ def plot_certified(rows: list[dict], config, path: pathlib.Path) -> None:
         continue
       radii = np.array([r["radius"] for r in rows if r["variant"] == variant
                         and r["sigma"] == sigma and r["reference"] == ref
-                        and r["bound"] == bound])
+                        and r["bound"] == bound and r.get("cosine_kind") != "norm-aware"])
       grid = np.linspace(0.0, max(float(radii.max(initial=0.0)), 1e-3) * 1.05, 200)
       ax.plot(grid, [(radii >= g).mean() for g in grid], label=f"{variant} ({ref}, {bound})")
     ax.set(title=f"sigma = {sigma:g}", xlabel="radius r (l2, [0,1] pixels)",
