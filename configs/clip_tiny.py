@@ -50,7 +50,10 @@ def get_config(arg=None):
   config.test_data = ml_collections.ConfigDict(dict(
       name="fashion_mnist", split="test", image_size=32, batch_size=4, seed=0))
   # One sigma: every program runs once per sigma, and one is enough to exercise them.
-  config.certify = common.certify_config(sigmas=(0.5,), n0=16, n=128, batch_size=4)
+  # No norm-aware rows (one more compile per variant: ~10 s each on a CPU core, 4 variants
+  # in tests/test_entry_points.py); tests/certify/test_run.py turns them on.
+  config.certify = common.certify_config(sigmas=(0.5,), n0=16, n=128, batch_size=4,
+                                         norm_aware=False)
   config.prediction = common.prediction_config(
       num_classes=3, train_per_class=4, test_per_class=2, head_steps=20, noise_draws=1,
       n0=8, n=32)

@@ -26,7 +26,8 @@ from fsjax import encoders
 def result(tmp_path_factory):
   config = clip_tiny.get_config()
   with config.unlocked():
-    config.certify.update(n0=8, n=32, sigmas=(0.25,), eps=(0.125, 0.5), chunk_size=16)
+    config.certify.update(n0=8, n=32, sigmas=(0.25,), eps=(0.125, 0.5), chunk_size=16,
+                          norm_aware=True)
     config.data.update(num_examples=2, batch_size=2)
   workdir = tmp_path_factory.mktemp("certify_run")
   bars = []  # the run's progress bars, recorded
@@ -112,7 +113,8 @@ def test_sequential_mode_through_the_cli(tmp_path):
   samples each image used (n0 + a multiple of the chunk, at most n0 + n_max), the table
   their mean, and the bounds follow Theorem 3.2 from the recorded deficit."""
   workdir = tmp_path / "seq"
-  flags = ["--config.certify.mode=sequential", "--config.certify.n=256",
+  flags = ["--config.certify.mode=sequential", "--config.certify.norm_aware=True",
+           "--config.certify.n=256",
            "--config.certify.sequential_chunk_size=32", "--config.certify.slots=2",
            "--config.certify.references=('mean',)", "--config.data.num_examples=3",
            "--config.data.batch_size=3"]
@@ -141,6 +143,7 @@ def test_check_config_names_the_new_keys():
                             ("n", 33, "even")):
     bad = clip_tiny.get_config()
     with bad.unlocked():
+      bad.certify.norm_aware = True
       bad.certify[key] = value
     with pytest.raises(ValueError, match=match):
       run_lib.check_config(bad)
