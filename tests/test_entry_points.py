@@ -13,6 +13,7 @@ from scipy import stats
 from certify import audit
 from certify import robustness
 from certify import run as certify_run
+from certify import table2
 from configs import clip_tiny
 from train import gsb as train_gsb
 from train import head as train_head
@@ -69,7 +70,7 @@ def test_train_head_then_table2(config, trained_gsb, workdir):
   train_head.main(config, str(out))
   meta = json.loads((out / "heads.json").read_text())
   assert meta["encoder"] == "FS+D+M" and len(meta["classes"]) == 3
-  certify_run.main(config, str(out), mode="prediction")
+  table2.run_prediction(config, str(out))  # python -m certify.table2
   rows = [json.loads(l) for l in (out / "prediction_results.jsonl").read_text().splitlines()]
   assert {r["method"] for r in rows} == {"FS", "RS"}
   assert {r["variant"] for r in rows} == {"FS+D+M"}
