@@ -386,9 +386,15 @@ def run(config, workdir: str) -> list[dict]:
         write(row)
       first += len(batch["image"])
   table = summarise(rows, config.certify.eps)
-  print(report.write_table(table, workdir, "table", caption=caption(config, first)))
+  report.write_table(table, workdir, "table", caption=caption(config, first))
   plot(table, list(config.certify.eps), workdir / "fcsb.png")
   plot_certified(rows, config, workdir / "certified.png")
+  # What a person reads at the end: the headline rows, not the whole table (it is on disk).
+  print(report.markdown(headline(table), caption=f"Table 1, headline rows (each variant's "
+                        f"tightest valid bound; {first} images):"))
+  print(f"The whole table: {workdir / 'table.md'} (and table.csv); one row per image: "
+        f"{workdir / 'results.jsonl'}; plots: {workdir / 'fcsb.png'}, "
+        f"{workdir / 'certified.png'}.")
   return table
 
 
