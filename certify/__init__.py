@@ -42,6 +42,7 @@ from certify._prediction import prototype_logit_bounds
 from certify._prediction import required_margin
 from certify._prediction import rs_certify_from_counts
 from certify._prediction import rs_predict_from_counts
+from certify._sequential import STOPS as SEQUENTIAL_STOPS
 from certify._sequential import SequentialCertificate
 from certify._sequential import sequential_fcsb
 from certify._smoothed_prediction import PredictionCertificate

@@ -319,7 +319,7 @@ def caption(config, images: int) -> str:
 
 
 MODES = ("fixed", "sequential")
-STOPS = ("decision", "radius", "never")
+STOPS = certify.SEQUENTIAL_STOPS
 
 
 def check_config(config) -> None:
