@@ -367,22 +367,55 @@ def _refill(slots: _Slots, load: jax.Array, x: jax.Array, image: jax.Array, *,
 @functools.partial(jax.jit, static_argnames=(
     "encoder", "chunk_size", "n0", "n_max", "alpha", "cos", "norm_aware", "reference", "stop",
     "tolerance"))
-def _step(params, slots: _Slots, key, sigma, eps, *, encoder, chunk_size, n0, n_max, alpha,
-          cos, norm_aware, reference, stop, tolerance) -> _Slots:
-  """One chunk of samples for every slot: the fixed-shape jitted step of the engine."""
+def _step(params, slots: _Slots, slot_of, key, sigma, eps, *, encoder, chunk_size, n0, n_max,
+          alpha, cos, norm_aware, reference, stop, tolerance) -> _Slots:
+  """One engine step: ``P = S`` chunks of samples, chunk ``p`` for slot ``slot_of[p]``.
+
+  The fixed-shape jitted step: the encoder always sees ``S * chunk_size`` samples. While the
+  queue is full every slot gets one chunk; once it runs dry the host hands the free
+  positions to the images still running (``slot_of`` repeats their slots), so the last hard
+  images of a run draw up to S chunks per step instead of leaving the device computing
+  empty slots. A slot's chunks are applied in order, one by one (a scan over positions),
+  each exactly as if it were a step of its own: its bets, its stopping rule and its noise
+  (:func:`_slot_noise`, by image and chunk index) do not depend on how chunks are grouped
+  into steps, so neither do the results. Chunks a slot draws after it stops in this step
+  are ignored. ``done`` marks the slots that finished in this step.
+  """
   s, k = slots.x.shape[0], chunk_size
+  onehot = (slot_of[:, None] == jnp.arange(s)).astype(jnp.int32)  # [P, S]
+  offset = jnp.sum((jnp.cumsum(onehot, axis=0) - onehot) * onehot, axis=1)  # earlier chunks
+  chunk = slots.chunk[slot_of] + offset  # [P] the chunk index each position draws
+  x = slots.x[slot_of]
+  noise = jax.vmap(lambda img, j: _slot_noise(key, img, j, (k,) + x.shape[1:], sigma))(
+      slots.image[slot_of], chunk)  # [P, k, H, W, 3]
+  noisy = (x[:, None] + noise).reshape((slot_of.shape[0] * k,) + x.shape[1:])
+  feats = encoder(params, noisy, sigma=sigma).reshape(slot_of.shape[0], k, -1)  # [P, k, D]
+  clean = encoder(params, slots.x, sigma=sigma)  # [S, D] f(x)
+  advance = functools.partial(
+      _advance, sigma=sigma, eps=eps, chunk_size=chunk_size, n0=n0, n_max=n_max, alpha=alpha,
+      cos=cos, norm_aware=norm_aware, reference=reference, stop=stop, tolerance=tolerance)
+
+  def body(slots, position):
+    o, f = position
+    one = jax.tree.map(lambda a: a[o][None], slots)
+    new = advance(one, f[None], clean[o][None])
+    new = new._replace(done=one.done | new.done)
+    return jax.tree.map(lambda a, b: a.at[o].set(b[0]), slots, new), None
+  slots = slots._replace(done=jnp.zeros_like(slots.done))
+  return jax.lax.scan(body, slots, (slot_of, feats))[0]
+
+
+def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, alpha, cos,
+             norm_aware, reference, stop, tolerance) -> _Slots:
+  """One chunk ``feats [S, k, D]`` for each slot (``clean [S, D]``: f(x)); see :func:`_step`."""
+  k = chunk_size
   stage1_chunks = -(-n0 // k)
-  noise = jax.vmap(lambda img, j: _slot_noise(key, img, j, (k,) + slots.x.shape[1:], sigma))(
-      slots.image, slots.chunk)  # [S, k, H, W, 3]
-  noisy = (slots.x[:, None] + noise).reshape((s * k,) + slots.x.shape[1:])
-  feats = encoder(params, noisy, sigma=sigma).reshape(s, k, -1)  # f(x + delta), [S, k, D]
   in_stage1 = slots.active & (slots.chunk < stage1_chunks)
   in_stage2 = slots.active & (slots.chunk >= stage1_chunks)
 
   # Stage 1: n0 samples choose u (reference "mean") and the priors of the bets.
   index1 = slots.chunk[:, None] * k + jnp.arange(k)  # [S, k]
   valid1 = (in_stage1[:, None] & (index1 < n0)).astype(jnp.float32)
-  clean = encoder(params, slots.x, sigma=sigma)  # [S, D] f(x)
   clean_dev = 0.5 * (1.0 - jnp.einsum("skd,sd->sk", feats, clean,
                                       precision=jax.lax.Precision.HIGHEST))
   feature_sum = slots.feature_sum + jnp.einsum("sk,skd->sd", valid1, feats,
@@ -648,9 +681,13 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
         owner[s_idx], load[s_idx], new_x[s_idx], new_i[s_idx] = img, True, x[img], ids[img]
       state = _refill(state, jnp.asarray(load), jnp.asarray(new_x), jnp.asarray(new_i),
                       grid_size=grid_size)
-    if np.all(owner < 0):
+    running = np.flatnonzero(owner >= 0)
+    if not running.size:
       break
-    state = step(params, state, key, sigma32, eps32)
+    # Every slot one chunk while the queue lasts; then the free positions go to the images
+    # still running (round robin), so the device never computes empty slots.
+    positions = running[np.arange(slots) % running.size].astype(np.int32)
+    state = step(params, state, jnp.asarray(positions), key, sigma32, eps32)
     done = np.asarray(state.done)
     if done.any():
       d, n_up, count, direction = map(np.asarray, _read(state))
