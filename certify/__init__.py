@@ -16,6 +16,10 @@ from certify._bounds import BOUNDS
 from certify._bounds import lower_confidence_bound
 from certify._closed_form import fcsb_from_score
 from certify._closed_form import radius_from_score
+from certify._estimate import concentration_radius
+from certify._estimate import cosine_of_perturbed
+from certify._estimate import estimate_cosine_bound
+from certify._estimate import samples_for_tolerance
 from certify._feature import DEFAULT_ALPHA
 from certify._feature import FeatureCertificate
 from certify._feature import REFERENCES
@@ -37,6 +41,7 @@ from certify._prediction import certified_accuracy
 from certify._prediction import certified_prediction
 from certify._prediction import check_prototypes
 from certify._prediction import clopper_pearson_lower
+from certify._prediction import per_class_radius
 from certify._prediction import prediction_radius
 from certify._prediction import prototype_logit_bounds
 from certify._prediction import required_margin
@@ -45,6 +50,7 @@ from certify._prediction import rs_predict_from_counts
 from certify._sequential import STOPS as SEQUENTIAL_STOPS
 from certify._sequential import SequentialCertificate
 from certify._sequential import sequential_fcsb
+from certify._smoothed_prediction import PREDICTION_CERTIFICATES
 from certify._smoothed_prediction import PredictionCertificate
 from certify._smoothed_prediction import PredictionMargin
 from certify._smoothed_prediction import certify_prediction
