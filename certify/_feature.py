@@ -146,7 +146,8 @@ def gaussian_robustness_score(params: Any, x: jax.typing.ArrayLike, *,
                    static_argnames=("encoder", "n0", "n", "alpha", "bounds", "chunk_size"))
 def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chunk_size,
                     reporter=None):
-  """Both stages; returns ``{bound: deficit [B, 2]}`` for references (clean, mean).
+  """Both stages; returns ``{bound: deficit [B, 2]}`` for references (clean, mean), the
+  references ``[B, 2, D]`` and the :class:`ScoreStatistics` every bound was computed from.
 
   Every bound needs only sums over the stage-2 samples (the betting wealth too: a sum of
   logs, with bets fixed by stage 1), so the engine's running sums are all there is.
@@ -173,7 +174,24 @@ def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chu
   stats = _bounds.ScoreStats(*stage2)
   deficits = {bound: _bounds.lower_confidence_bound(stats, center, n=n, alpha=alpha, bound=bound)
               for bound in bounds}
-  return deficits, references
+  return deficits, references, ScoreStatistics(center, stats)
+
+
+class ScoreStatistics(NamedTuple):
+  """The stage-2 sums behind every fixed-n bound: what re-derives an estimate's deficit.
+
+  ``certify._bounds.lower_confidence_bound(stats, center, n=n, alpha=alpha, bound=bound)``
+  of these (one reference's slice) is the estimate's deficit, bit for bit (certify.verify).
+  Leaves ``[B, 2, ...]``, references in :data:`REFERENCES` order (clean, mean).
+
+  Attributes:
+    center: ``[B, 2]`` the stage-1 mean each reference's sums are centred on.
+    stats: ``certify._bounds.ScoreStats`` summed over the n stage-2 samples: ``total`` and
+      ``total_sq`` ``[B, 2]``; ``log_capital`` ``[B, 2, NUM_BETS, BETTING_GRID]`` (None
+      unless ``"betting"`` was among the bounds).
+  """
+  center: jax.Array
+  stats: _bounds.ScoreStats
 
 
 def _is_certificate(self) -> bool:
@@ -265,17 +283,18 @@ def _check_estimate(estimate: Any, name: str = "estimate") -> None:
 
 
 def _estimate(params, x, key, *, encoder, sigma, n, n0, alpha, bounds, references,
-              chunk_size, progress) -> tuple[ScoreEstimate, ...]:
+              chunk_size, progress, statistics=False):
   """The two-stage Monte Carlo of validated arguments (:func:`estimate_scores`)."""
-  deficits, directions = smoothing.with_progress(
+  deficits, directions, sums = smoothing.with_progress(
       progress, _score_deficits, params, jnp.asarray(x, jnp.float32), key, jnp.float32(sigma),
       encoder=encoder, n0=int(n0), n=int(n), alpha=float(alpha), bounds=tuple(bounds),
       chunk_size=int(chunk_size))
   samples = jnp.full(directions.shape[:1], int(n0) + int(n), jnp.int32)
-  return tuple(ScoreEstimate(deficits[bound][:, REFERENCES.index(ref)],
-                             directions[:, REFERENCES.index(ref)], samples, ref, bound,
-                             float(sigma), float(alpha))
-               for ref in references for bound in bounds)
+  estimates = tuple(ScoreEstimate(deficits[bound][:, REFERENCES.index(ref)],
+                                  directions[:, REFERENCES.index(ref)], samples, ref, bound,
+                                  float(sigma), float(alpha))
+                    for ref in references for bound in bounds)
+  return (estimates, sums) if statistics else estimates
 
 
 def estimate_scores(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_lib.Encoder,
@@ -283,7 +302,8 @@ def estimate_scores(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_l
                     alpha: float = DEFAULT_ALPHA, bounds: Sequence[str] = ("bernstein",),
                     references: Sequence[str] = ("mean",),
                     chunk_size: int = smoothing.DEFAULT_CHUNK_SIZE,
-                    progress: smoothing.Progress | None = None) -> tuple[ScoreEstimate, ...]:
+                    progress: smoothing.Progress | None = None, statistics: bool = False
+                    ) -> tuple[ScoreEstimate, ...]:
   """The Monte Carlo step of every feature and prediction certificate: two stages, once.
 
   Stage 1 (samples ``0 .. n0-1``) picks the mean direction, stage 2 (``n0 .. n0+n-1``)
@@ -298,6 +318,9 @@ def estimate_scores(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_l
     One :class:`ScoreEstimate` per (reference, bound), references outermost, e.g.
     ``(mean_est,) = estimate_scores(...)`` with the defaults. Turn one into a certificate
     with :func:`feature_certificate` (or ``certify.prediction_margin`` for predictions).
+    With ``statistics=True``: ``(estimates, sums)``, ``sums`` the :class:`ScoreStatistics`
+    the deficits were computed from (what ``certify.run`` records so that
+    ``python -m certify.verify`` can re-derive every certificate); the same numbers.
   """
   encoders_lib.check_images(x)
   check_certify_args(sigma=sigma, n=n, n0=n0, alpha=alpha, chunk_size=chunk_size,
@@ -311,7 +334,7 @@ def estimate_scores(params: Any, x: jax.typing.ArrayLike, *, encoder: encoders_l
       checks.check_choice(v, name=name[:-1], choices=choices)
   return _estimate(params, x, key, encoder=encoder, sigma=sigma, n=n, n0=n0, alpha=alpha,
                    bounds=tuple(bounds), references=tuple(references), chunk_size=chunk_size,
-                   progress=progress)
+                   progress=progress, statistics=bool(statistics))
 
 
 class FeatureCertificate(NamedTuple):

@@ -51,6 +51,7 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 import numpy as np
 import tqdm
 
+from fsjax import cpu
 from fsjax import tables
 
 
@@ -103,10 +104,25 @@ def write_table(table: Sequence[dict], workdir: str | pathlib.Path, stem: str, *
   return text
 
 
+def compute_dtype(config) -> str | None:
+  """The encoder's compute dtype as it runs here (``config.encoder.dtype``, ``"auto"``
+  resolved by :func:`fsjax.cpu.resolve_dtype`); None for a config without one."""
+  encoder = config.get("encoder") if hasattr(config, "get") else None
+  dtype = encoder.get("dtype") if hasattr(encoder, "get") else None
+  return None if dtype is None else cpu.resolve_dtype(dtype)
+
+
 def _config_text(config) -> str:
+  """The config as JSON, plus ``compute_dtype`` (:func:`compute_dtype`): the same config
+  file says "auto" on every machine, while the numbers depend on what it resolved to."""
   if hasattr(config, "to_json_best_effort"):
-    return config.to_json_best_effort(indent=2) + "\n"
-  return json.dumps(dict(config), indent=2, default=str) + "\n"
+    data = json.loads(config.to_json_best_effort())
+  else:
+    data = json.loads(json.dumps(dict(config), default=str))
+  dtype = compute_dtype(config)
+  if dtype is not None:
+    data["compute_dtype"] = dtype
+  return json.dumps(data, indent=2) + "\n"
 
 
 def _has_rows(path: pathlib.Path) -> bool:

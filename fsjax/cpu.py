@@ -16,6 +16,7 @@ Usage::
   cpu.native_bfloat16()    # True for "amx" and "avx512"
   cpu.fast_bfloat16()      # True only with AMX: bfloat16 matmuls beat float32 ones
   cpu.preferred_dtype()    # "bfloat16" on AMX CPUs and accelerators, else "float32"
+  cpu.resolve_dtype("auto")  # a config's dtype as it runs: "auto" -> preferred_dtype()
 """
 
 from __future__ import annotations
@@ -95,6 +96,16 @@ def preferred_dtype(backend: str | None = None,
   if backend != "cpu":
     return "bfloat16"
   return "bfloat16" if fast_bfloat16(cpu_flags) else "float32"
+
+
+def resolve_dtype(dtype: str, backend: str | None = None) -> str:
+  """The compute dtype a config's ``dtype`` names here: ``"auto"`` is
+  :func:`preferred_dtype` (what the encoders run with), any other name is itself.
+
+  Programs record it (``config.json``, table captions, result records), since ``"auto"``
+  alone does not say which arithmetic produced the numbers.
+  """
+  return preferred_dtype(backend) if dtype == "auto" else dtype
 
 
 def describe(cpu_flags: frozenset[str] | None = None, path: str = CPUINFO) -> str:
