@@ -19,6 +19,7 @@ from certify._closed_form import radius_from_score
 from certify._estimate import concentration_radius
 from certify._estimate import cosine_of_perturbed
 from certify._estimate import estimate_cosine_bound
+from certify._estimate import llm_input_bounds
 from certify._estimate import samples_for_tolerance
 from certify._feature import DEFAULT_ALPHA
 from certify._feature import FeatureCertificate

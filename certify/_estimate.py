@@ -29,6 +29,8 @@ import math
 
 import numpy as np
 
+from certify import _closed_form
+from certify import _norm
 from fsjax import checks
 
 _BISECTION_STEPS = 200
@@ -156,3 +158,31 @@ def samples_for_tolerance(inner_bound, norm_upper=1.0, *, tolerance: float,
     hi = np.where(good, mid, hi)
     lo = np.where(good | (hi - lo <= 1), lo, mid)
   return hi
+
+
+def llm_input_bounds(deficit, norm_upper, eps, sigma, *, n: int, alpha: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """From a norm-aware certificate to both cosines at radius ``eps`` (per image).
+
+  Args:
+    deficit: ``[...]`` ``1 - L`` of the certificate (``NormAwareCertificate.deficit``).
+    norm_upper: ``[...]`` its N >= ||f_s(x)|| (``NormAwareCertificate.norm_upper``; 1 for a
+      plain certificate).
+    eps: ``[...]`` l2 radii, broadcast against ``deficit`` (e.g. each image's attack).
+    sigma: the certificate's noise level.
+    n: samples of the estimate the LLM receives.
+    alpha: per-query failure probability of the concentration term.
+
+  Returns:
+    ``(cos_fs, cos_zn)`` float64: the certified ``cos(f_s(x'), u)`` (``B / U``, -1 where B
+    < 0; section 2c) and the bound on ``cos(z_n(x'), u)`` (section 2d), -1 where vacuous.
+  """
+  checks.check_deficit(deficit)
+  checks.check_nonnegative(eps, name="eps", meaning="an l2 radius in [0, 1] pixel units")
+  checks.check_sigma(sigma)
+  b = np.asarray(_closed_form.bound_from_deficit(deficit, eps, np.float32(sigma)), np.float64)
+  u = np.asarray(_norm.norm_bound(norm_upper, eps, sigma), np.float64)
+  u = np.maximum(np.minimum(u, 1.0), np.maximum(b, 0.0))
+  b = np.clip(b, -1.0, 1.0)
+  cos_fs = np.where(b >= 0, np.minimum(b / np.maximum(u, 1e-300), 1.0), -1.0)
+  return cos_fs, estimate_cosine_bound(b, u, n=n, alpha=alpha)

@@ -158,3 +158,16 @@ def test_failure_rate_through_the_smoothed_encoder_passes_a_binomial_test():
   # The Monte Carlo matches the exact sum (the encoder is the closed form's).
   exact = _failure_probability(tau_adv, u, b / big_u)
   assert naive / queries == pytest.approx(exact, abs=5 * np.sqrt(exact / queries) + 1e-4)
+
+
+def test_llm_input_bounds_from_a_certificate():
+  deficit, norm_upper = np.array([1e-4, 0.01, 0.3]), np.array([0.9999, 0.99, 0.5])
+  eps = np.array([0.05, 0.1, 0.0])
+  cos_fs, cos_zn = certify.llm_input_bounds(deficit, norm_upper, eps, SIGMA, n=N, alpha=ALPHA)
+  z = stats.norm.isf(deficit)
+  b = 2 * stats.norm.cdf(z - eps / SIGMA) - 1
+  u = np.maximum(2 * stats.norm.cdf(stats.norm.ppf((1 + norm_upper) / 2) + eps / SIGMA) - 1, b)
+  np.testing.assert_allclose(cos_fs, np.minimum(b / u, 1), atol=1e-5)
+  want = [float(_estimate.estimate_cosine_bound(bi, ui, n=N, alpha=ALPHA)) for bi, ui in zip(b, u)]
+  np.testing.assert_allclose(cos_zn, want, atol=1e-4)
+  assert np.all(cos_zn <= cos_fs)
