@@ -50,6 +50,7 @@ import jax
 import numpy as np
 
 import certify
+from certify import records
 from certify import report
 from fsjax import cli
 from fsjax import data as data_lib
@@ -103,8 +104,12 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
 
 
 def _cosine_row(name, sigma, i, labels, config, *, reference, bound, deficit, norm_upper,
-                inner, cosine, radius, samples, first_image, **extra) -> dict:
-  """One norm-aware (or sequential) result row; the fixed-n rows keep their own schema."""
+                inner, cosine, radius, samples, first_image, record, **extra) -> dict:
+  """One norm-aware (or sequential) result row; the fixed-n rows keep their own schema.
+
+  ``record``: :func:`certify.records.group`'s part of the row's record; the image's
+  statistics (its bounds ``deficit`` and ``norm_upper``) are added here.
+  """
   eps = [float(e) for e in np.asarray(config.certify.eps, np.float32)]
   return {"variant": name, "image": first_image + i, "sigma": float(sigma),
           "reference": reference, "bound": bound, "certificate": True,
@@ -114,7 +119,9 @@ def _cosine_row(name, sigma, i, labels, config, *, reference, bound, deficit, no
           "inner_product_bound": dict(zip(eps, map(float, inner[i]))),
           "cosine_bound": dict(zip(eps, map(float, cosine[i]))),
           "radius": float(radius[i]), "cos": float(config.certify.cos),
-          "samples": int(samples[i])}
+          "samples": int(samples[i]),
+          "record": records.record(record, i, {"deficit": float(deficit[i]),
+                                               "norm_upper": float(norm_upper[i])})}
 
 
 def _norm_aware_rows(name, encoder, params, images, labels, config, sigma, key, *,
@@ -135,11 +142,13 @@ def _norm_aware_rows(name, encoder, params, images, labels, config, sigma, key, 
   deficit, norm_upper, inner, cosine, radius = (np.asarray(a) for a in (
       cert.deficit, cert.norm_upper, cert.inner_product_bound, cert.cosine_bound, radius))
   samples = np.full(len(images), c.n0 + c.n)
+  record = records.group(config, variant=name, params=params, sigma_key=key, sigma=sigma,
+                         first_image=first_image, images=len(images), kind="norm-aware")
   for i in range(images.shape[0]):
     yield _cosine_row(name, sigma, i, labels, config, reference="mean",
                       bound=c.norm_aware_bound, cosine_kind="norm-aware", deficit=deficit,
                       norm_upper=norm_upper, inner=inner, cosine=cosine, radius=radius,
-                      samples=samples, first_image=first_image)
+                      samples=samples, first_image=first_image, record=record)
 
 
 def _sequential_rows(name, encoder, params, images, labels, config, sigma, key, *,
@@ -155,6 +164,8 @@ def _sequential_rows(name, encoder, params, images, labels, config, sigma, key, 
   kinds = [(ref, False) for ref in c.references]
   if c.get("norm_aware"):
     kinds.append(("mean", True))
+  record = records.group(config, variant=name, params=params, sigma_key=key, sigma=sigma,
+                         first_image=first_image, images=len(images), kind="sequential")
   for reference, norm_aware in kinds:
     cert = certify.sequential_fcsb(
         params, images, encoder=encoder, sigma=sigma, eps=list(c.eps), key=key, cos=c.cos,
@@ -168,7 +179,8 @@ def _sequential_rows(name, encoder, params, images, labels, config, sigma, key, 
           cosine_kind="norm-aware" if norm_aware else "inner product", mode="sequential",
           deficit=arrays["deficit"], norm_upper=arrays["norm_upper"],
           inner=arrays["inner_product_bound"], cosine=arrays["cosine_bound"],
-          radius=arrays["radius"], samples=arrays["samples"], first_image=first_image)
+          radius=arrays["radius"], samples=arrays["samples"], first_image=first_image,
+          record=record)
 
 
 def _bound_label(bound: str, cosine_kind: str | None = None) -> str:
