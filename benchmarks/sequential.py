@@ -4,15 +4,20 @@ The decisions "cos(f_s(x'), u) >= 0.5 for every ||x' - x|| <= eps" over Table 1'
 on the embedded default's encoder (EfficientNet-Lite0, configs/default.py, no booster) and
 its Fashion-MNIST test images, in one run:
 
-* fixed n: ``certify.fcsb(bound="betting", reference="mean", n=N)``, every image N samples;
+* fixed n: ``certify.norm_aware_fcsb(bound="betting", n=N)``, every image N samples (its
+  inner product bound B is the baseline of the inner-product rows, its cosine B / U that of
+  the norm-aware rows);
 * sequential: ``certify.sequential_fcsb(n_max=N)``, inner-product and norm-aware.
 
 Reports the decisions each certifies, where they disagree, samples per image (median and
 mean) and wall-clock certificates (images) per minute, compile time included for both (one
-call each; the machine is shared, so compare rows of one run only).
+call each; the machine is shared, so compare rows of one run only). ``--fixed-images K``
+runs fixed n on the first K images only (its work per image does not depend on the image,
+so its certificates per minute do not either): decisions are compared on those K, samples
+and certificates per minute of the sequential rows are over all images.
 
     python benchmarks/sequential.py                  # N = 10,000, 8 images, sigma 0.25
-    python benchmarks/sequential.py --sigma 0.5 --images 16
+    python benchmarks/sequential.py --sigma 0.5 --images 32 --fixed-images 8
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
 
 import certify  # noqa: E402
 from benchmarks import common  # noqa: E402
@@ -46,6 +52,10 @@ def main() -> None:
   parser.add_argument("--alpha", type=float, default=1e-3)
   parser.add_argument("--chunk", type=int, default=64)
   parser.add_argument("--slots", type=int, default=8)
+  parser.add_argument("--fixed-images", type=int, default=None,
+                      help="run fixed n on the first K images only (default: all)")
+  parser.add_argument("--variants", nargs="+", default=["inner", "norm-aware"],
+                      choices=["inner", "norm-aware"], help="sequential variants to run")
   args = parser.parse_args()
   config = default_config.get_config()
   encoder, params = encoders.build(config.encoder)
@@ -55,21 +65,33 @@ def main() -> None:
   key = jax.random.PRNGKey(0)
   rows, decisions = [], {}
 
-  common.log(f"fixed n = {args.n} on {len(x)} images")
+  k = len(x) if args.fixed_images is None else min(args.fixed_images, len(x))
+  common.log(f"fixed n = {args.n} on {k} images")
   start = time.perf_counter()
-  fixed = certify.fcsb(params, x, encoder=encoder, sigma=args.sigma, eps=EPS, key=key,
-                       n=args.n, n0=args.n0, alpha=args.alpha, bound="betting",
-                       reference="mean", chunk_size=args.chunk)
-  cos_fixed = np.asarray(jax.block_until_ready(fixed.cosine_bound))
+  fixed = certify.norm_aware_fcsb(params, x[:k], encoder=encoder, sigma=args.sigma, eps=EPS,
+                                  key=key, n=args.n, n0=args.n0, alpha=args.alpha,
+                                  bound="betting", chunk_size=args.chunk)
+  jax.block_until_ready(fixed.cosine_bound)
   seconds = time.perf_counter() - start
-  decisions["fixed"] = cos_fixed >= COS
-  samples = np.full(len(x), args.n0 + args.n)
-  rows.append(["fixed n, betting", f"{decisions['fixed'].mean():.3f}", "-",
+  # One fixed-n run gives both baselines: the norm-aware cosine and the inner product
+  # bound B (each at level alpha / 2 there, so B is a little below fcsb's at alpha).
+  base = {False: np.asarray(fixed.inner_product_bound) >= COS,
+          True: np.asarray(fixed.cosine_bound) >= COS}
+  z = -stats.norm.ppf(np.clip(np.asarray(fixed.deficit, np.float64), 1e-12, 1.0))
+  base_radius = {False: np.maximum(args.sigma * (z - stats.norm.ppf((1 + COS) / 2)), 0.0),
+                 True: np.asarray(certify.norm_aware_radius(
+                     fixed.deficit, fixed.norm_upper, args.sigma, COS))}
+  samples = np.full(k, args.n0 + args.n)
+  fixed_rate = 60 * k / seconds
+  rows.append([f"fixed n, betting, norm-aware ({k} images)", f"{base[True].mean():.3f}", "-",
+               "-",
                f"{np.median(samples):.0f}", f"{samples.mean():.0f}", f"{seconds:.1f}",
-               f"{60 * len(x) / seconds:.2f}"])
+               f"{fixed_rate:.2f}", "1"])
 
   for name, norm_aware in (("sequential, inner product", False),
                            ("sequential, norm-aware", True)):
+    if ("norm-aware" if norm_aware else "inner") not in args.variants:
+      continue
     common.log(f"{name}, n_max = {args.n}")
     start = time.perf_counter()
     seq = certify.sequential_fcsb(params, x, encoder=encoder, sigma=args.sigma, eps=EPS,
@@ -79,22 +101,30 @@ def main() -> None:
     seconds = time.perf_counter() - start
     decisions[name] = np.asarray(seq.certified)
     samples = np.asarray(seq.samples)
-    differ = int(np.sum(decisions[name] != decisions["fixed"]))
-    rows.append([name, f"{decisions[name].mean():.3f}", str(differ),
+    differ = int(np.sum(decisions[name][:k] != base[norm_aware]))
+    fixed_radius = base_radius[norm_aware]
+    # Radius within 5%: where both certify the largest eps they share, compare radii.
+    ratio = np.asarray(seq.radius)[:k] / np.maximum(np.asarray(fixed_radius), 1e-12)
+    both = (np.asarray(seq.radius)[:k] > 0) & (np.asarray(fixed_radius) > 0)
+    ratio_text = (f"{np.min(ratio[both]):.3f}-{np.max(ratio[both]):.3f}" if both.any()
+                  else "-")
+    rate = 60 * len(x) / seconds
+    rows.append([f"{name} ({len(x)} images)", f"{decisions[name].mean():.3f}",
+                 f"{differ} of {base[norm_aware].size}", ratio_text,
                  f"{np.median(samples):.0f}", f"{samples.mean():.0f}", f"{seconds:.1f}",
-                 f"{60 * len(x) / seconds:.2f}"])
+                 f"{rate:.2f}", f"{rate / fixed_rate:.1f}"])
     common.log(f"samples per image: {samples.tolist()}")
 
   print(f"Decisions cos >= {COS} at eps in {EPS} on {len(x)} images of the embedded default "
         f"(EfficientNet-Lite0, no booster), sigma = {args.sigma}, alpha = {args.alpha}, "
         f"n (fixed) = n_max = {args.n}, n0 = {args.n0}, chunk {args.chunk}, "
         f"{args.slots} slots; `python benchmarks/sequential.py --n {args.n} --images "
-        f"{args.images} --sigma {args.sigma}`; load average {os.getloadavg()[0]:.1f}, "
+        f"{args.images} --fixed-images {k} --sigma {args.sigma}`; load average {os.getloadavg()[0]:.1f}, "
         f"{jax.devices()[0].platform}. Seconds include compilation.\n")
   print(common.markdown_table(
       ["method", "fraction certified", "decisions differing from fixed n",
-       "median samples / image", "mean samples / image", "seconds", "certificates / min"],
-      rows))
+       "radius / fixed n's radius (min-max)", "median samples / image",
+       "mean samples / image", "seconds", "certificates / min", "vs fixed n"], rows))
 
 
 if __name__ == "__main__":
