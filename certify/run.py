@@ -35,9 +35,9 @@ Rows with bound ``point`` are the paper's plug-in estimates, NOT certificates. W
 ``results.jsonl`` (one row per image, variant, sigma, reference, bound), ``table.md``
 (captioned with alpha, n0, n and the number of images), ``table.csv``, ``config.json``,
 ``fcsb.png`` (each variant's tightest valid bound with the mean reference: the headline;
-the other bounds and references in a second panel row) and ``certified.png`` (the share
-of images certified at cos >= ``config.certify.cos`` for radius >= r, per variant) into
-the workdir.
+below it one panel row per variant with every bound and reference) and ``certified.png``
+(the share of images certified at cos >= ``config.certify.cos`` for radius >= r, per
+variant) into the workdir.
 """
 
 from __future__ import annotations
@@ -243,39 +243,54 @@ def headline(table: list[dict]) -> list[dict]:
 
 
 def plot(table: list[dict], eps, path: pathlib.Path) -> None:
-  """PNG: average bound B against eps; top row the headline per variant, bottom the rest.
+  """PNG: average bound B against eps; top row the headline per variant, then one row of
+  small multiples per variant with every reference and bound.
 
-  One panel column per sigma; one colour per variant (the same in both rows); legends
-  sit outside the axes so they never hide data.
+  One panel column per sigma. Top row: one colour per variant (legend: the variants).
+  Variant rows: one colour per bound, solid for the mean reference and dashed for the
+  clean one, so each panel holds at most (bounds x references) lines and one shared
+  legend names the bounds and references (a handful of entries, whatever the number of
+  variants). Legends sit outside the axes so they never hide data.
   """
+  from matplotlib import lines as mlines  # pylint: disable=g-import-not-at-top
   plt = report.pyplot()
   sigmas = sorted({r["sigma"] for r in table})
   variants = list(dict.fromkeys(r["variant"] for r in table))
+  bounds = list(dict.fromkeys(r["bound"] for r in table))
   colours = plt.get_cmap("tab10")
+  dashes = {"mean": "-", "clean": "--"}
   top = headline(table)
-  fig, axes = plt.subplots(2, len(sigmas), figsize=(5 * len(sigmas) + 2.5, 7.5),
+  fig, axes = plt.subplots(1 + len(variants), len(sigmas),
+                           figsize=(5 * len(sigmas) + 2.5, 3.0 * (1 + len(variants))),
                            squeeze=False, sharex=True)
-  styles = {"point (estimate)": ":", "hoeffding": "-.", "bernstein": "--", "betting": "-"}
   for col, sigma in enumerate(sigmas):
-    for row_index, rows, title in ((0, top, "tightest valid bound per variant"),
-                                   (1, table, "every reference and bound")):
-      ax = axes[row_index, col]
-      for r in rows:
-        if r["sigma"] != sigma:
-          continue
-        colour = colours(variants.index(r["variant"]) % 10)
-        label = (r["variant"] if row_index == 0 else
-                 f"{r['variant']} {r['reference']} {r['bound']}")
-        ax.plot(eps, [r[f"B@{e:g}"] for e in eps], styles.get(r["bound"], "-"),
-                color=colour, marker="o" if r["reference"] == "mean" else "x", ms=3,
-                alpha=1.0 if row_index == 0 else 0.8, label=label)
+    ax = axes[0, col]
+    for r in top:
+      if r["sigma"] == sigma:
+        ax.plot(eps, [r[f"B@{e:g}"] for e in eps], "-", marker="o", ms=3,
+                color=colours(variants.index(r["variant"]) % 10), label=r["variant"])
+    ax.set_title(f"sigma = {sigma:g}: tightest valid bound per variant", fontsize=9)
+    for v, variant in enumerate(variants):
+      ax = axes[1 + v, col]
+      for r in table:
+        if r["sigma"] == sigma and r["variant"] == variant:
+          ax.plot(eps, [r[f"B@{e:g}"] for e in eps], dashes.get(r["reference"], ":"),
+                  color=colours(bounds.index(r["bound"]) % 10), lw=1.2)
+      ax.set_title(f"sigma = {sigma:g}, {variant}: every reference and bound", fontsize=9)
+    for ax in axes[:, col]:
       ax.axhline(0.0, color="gray", lw=0.5)
-      ax.set(title=f"sigma = {sigma:g}: {title}", ylabel="average bound on cosine")
-      ax.title.set_fontsize(9)
-      if row_index == 1:
-        ax.set_xlabel("eps (l2, [0,1] pixels)")
-      if col == len(sigmas) - 1:
-        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+      ax.set_ylabel("average bound on cosine", fontsize=8)
+    axes[-1, col].set_xlabel("eps (l2, [0,1] pixels)")
+  last = axes[0, -1]
+  last.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="variant",
+              title_fontsize=7)
+  handles = [mlines.Line2D([], [], color=colours(b % 10), label=bound)
+             for b, bound in enumerate(bounds)]
+  references = list(dict.fromkeys(r["reference"] for r in table))
+  handles += [mlines.Line2D([], [], color="black", linestyle=dashes.get(ref, ":"),
+                            label=f"{ref} reference") for ref in references]
+  axes[1, -1].legend(handles=handles, fontsize=7, loc="upper left",
+                     bbox_to_anchor=(1.02, 1.0), title="bound / reference", title_fontsize=7)
   fig.tight_layout()
   report.save_figure(fig, path, dpi=120, bbox_inches="tight")
   plt.close(fig)
