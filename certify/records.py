@@ -53,6 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from certify import _feature
 from certify import report
 
 # Bump when a record's fields change meaning; certify.verify refuses formats it does not know.
@@ -204,9 +205,11 @@ def host_sums(sums) -> dict[str, np.ndarray | None]:
           "log_capital": None if stats.log_capital is None else np.asarray(stats.log_capital)}
 
 
-def fixed_statistics(sums: dict, *, reference_index: int, bound: str, i: int) -> dict:
-  """A fixed-n row's statistics (:func:`host_sums` of the run, one image and reference)."""
-  out = {name: float(sums[name][i, reference_index]) for name in ("center", "total", "total_sq")}
+def fixed_statistics(sums: dict, *, reference: str, bound: str, i: int) -> dict:
+  """A fixed-n row's statistics: :func:`host_sums` of the run at image ``i`` of the batch
+  and ``reference``; ``log_capital`` only for ``bound="betting"`` (the only bound using it)."""
+  r = _feature.REFERENCES.index(reference)
+  out = {name: float(sums[name][i, r]) for name in ("center", "total", "total_sq")}
   if bound == "betting":
-    out["log_capital"] = encode_array(sums["log_capital"][i, reference_index])
+    out["log_capital"] = encode_array(sums["log_capital"][i, r])
   return out
