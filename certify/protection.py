@@ -45,6 +45,13 @@ images. Columns per attack (Section 6.1):
 * ``FCS``: cosine between the features of the clean and of the adversarial image that
   the language side consumes (for a smoothed row both are smoothed features,
   independent noise).
+* Smoothed rows, beside FCS (docs/method.md 2c-2d; ``config.protection.certify_n`` > 0):
+  ``cert cos f_s``, the certified ``cos(f_s(x'), u)`` at each image's l2 attack distance
+  (a norm-aware certificate of the clean image, ``certify_n0`` / ``certify_n`` samples,
+  level ``certify_alpha``), and ``cert cos z_n``, the bound on ``cos(z_n(x'), u)`` for the
+  ``n``-sample estimate the LLM actually receives (per query, a further
+  ``certify_alpha``); means over the images, -1 counting an image where nothing is
+  certified (a valid lower bound on any cosine). Unsmoothed rows: "-".
 * Classification / VQA: the answer is parsed (first integer / first option letter);
   ``ACC`` = share answering the correct option, ``ASR`` = share answering the attacker's
   target option (the last one: the held-out target class, or "None of the above").
@@ -89,6 +96,7 @@ import jax
 import numpy as np
 import tqdm
 
+import certify
 from certify import report
 from fsjax import attacks
 from fsjax import batching
@@ -96,6 +104,7 @@ from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import mllm
+from fsjax import smoothing
 from fsjax import tasks
 
 instructions = tasks.instructions  # the embedded Fashion-MNIST questions
@@ -155,6 +164,16 @@ def check_protection_config(config) -> None:
   for n in c.timing_n:
     checks.check_positive_int(n, name="config.protection.timing_n",
                               meaning="noise samples of a timed smoothed row")
+  certify_n = c.get("certify_n", 0)
+  if certify_n:
+    checks.check_positive_int(certify_n, name="config.protection.certify_n", minimum=4,
+                              meaning="samples of the smoothed rows' certificate (0: none)")
+    checks.check_positive_int(c.certify_n0, name="config.protection.certify_n0",
+                              meaning="first-stage samples of that certificate")
+    checks.check_alpha(c.certify_alpha, name="config.protection.certify_alpha")
+    if certify_n % 2:
+      raise ValueError(f"config.protection.certify_n={certify_n} must be even (the norm "
+                       "bound pairs consecutive samples).")
   if c.data.get("source", "embedded") not in DATA_SOURCES:
     raise ValueError(f"config.protection.data.source={c.data.source!r} must be one of "
                      f"{DATA_SOURCES}.")
@@ -323,6 +342,36 @@ def llm_features(model: mllm.MLLM, params: dict, row: attacks.Row, x: np.ndarray
   return np.concatenate(out)
 
 
+def input_certificate(row: attacks.Row, x: np.ndarray, c, batch_size: int,
+                      key: jax.Array) -> tuple[np.ndarray, np.ndarray] | None:
+  """``(deficit [N], norm_upper [N])`` of the norm-aware certificate (docs/method.md 2c,
+  mean reference, betting bound) of each clean image under the row's smoothing, or None
+  for an unsmoothed row or ``c.certify_n == 0`` (``c``: ``config.protection``)."""
+  if not isinstance(row.encoder, smoothing.SmoothedEncoder) or not c.get("certify_n", 0):
+    return None
+  enc = row.encoder
+  chunk = min(16, int(c.certify_n))
+  deficit, norm_upper = [], []
+  for sl in batching.batch_slices(len(x), batch_size):
+    cert = certify.norm_aware_fcsb(
+        row.params["encoder"], batching.pad_rows(x[sl], batch_size), encoder=enc.base,
+        sigma=enc.sigma, eps=0.0, key=jax.random.fold_in(key, sl.start), n=int(c.certify_n),
+        n0=int(c.certify_n0), alpha=float(c.certify_alpha), bound="betting",
+        chunk_size=chunk + chunk % 2)
+    deficit.append(np.asarray(cert.deficit)[:sl.stop - sl.start])
+    norm_upper.append(np.asarray(cert.norm_upper)[:sl.stop - sl.start])
+  return np.concatenate(deficit), np.concatenate(norm_upper)
+
+
+def input_bounds(row: attacks.Row, certificate, adversarial: np.ndarray, x: np.ndarray,
+                 alpha: float) -> tuple[np.ndarray, np.ndarray]:
+  """Per image: certified ``cos(f_s(x'), u)`` and the bound on ``cos(z_n(x'), u)`` at the
+  l2 distance of ``adversarial`` from ``x`` (``certify.llm_input_bounds``)."""
+  l2 = np.linalg.norm((np.asarray(adversarial, np.float64) - x).reshape(len(x), -1), axis=-1)
+  return certify.llm_input_bounds(certificate[0], certificate[1], l2, row.encoder.sigma,
+                                  n=row.encoder.n, alpha=alpha)
+
+
 def generate(model: mllm.MLLM, params: dict, features: np.ndarray, prompts: list[str], *,
              max_new_tokens: int, batch_size: int) -> list[str]:
   """Greedy answers from features ``[N, T, D]`` and N prompts (``params["language"]`` used),
@@ -420,6 +469,7 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
       clean = score(task, clean_answers, questions, references, judge, c.threshold,
                     np.ones(len(x)))
       line = {"variant": row.label, "clean ACC": clean.cells()["ACC"]}
+      certificate = input_certificate(row, x, c, a.batch_size, jax.random.fold_in(rk, 999))
       for k, name in enumerate(tqdm.tqdm(names, desc=row.label, unit="attack")):
         # The same attack randomness for every row: fold in the attack, not the row.
         adv = attacks.attack_images(
@@ -429,19 +479,35 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
         fcs = tasks.features_cosine(z_clean, z_adv)
         adv_answers = ask(z_adv)
         summary = score(task, adv_answers, questions, references, judge, c.threshold, fcs)
-        line.update({f"{name} {k}": v for k, v in summary.cells().items()})
+        cells = summary.cells()
+        bounds = None
+        if certificate is not None:
+          bounds = input_bounds(row, certificate, adv, x, float(c.certify_alpha))
+        cells = {"FCS": cells.pop("FCS"),
+                 "cert cos f_s": "-" if bounds is None else f"{np.mean(bounds[0]):.3f}",
+                 "cert cos z_n": "-" if bounds is None else f"{np.mean(bounds[1]):.3f}",
+                 **cells}
+        line.update({f"{name} {k}": v for k, v in cells.items()})
         if task != "caption":
           line[f"{name} unparsable"] = summary.unparsable
         linf = attacks.linf_distances(adv, x)
         for i in range(len(x)):
-          write(image_row(task, row.label, name, i, int(data["labels"][i]), clean_answers[i],
+          out = image_row(task, row.label, name, i, int(data["labels"][i]), clean_answers[i],
                           adv_answers[i], float(fcs[i]), float(linf[i]),
-                          questions[i] if questions else None, references, judge))
+                          questions[i] if questions else None, references, judge)
+          if bounds is not None:
+            out.update(cert_cos_fs=float(bounds[0][i]), cert_cos_zn=float(bounds[1][i]))
+          write(out)
         strips[name][row.label] = (adv[:a.examples], adv_answers[:a.examples])
       table.append(line)
   caption = (f"Table {dict(caption=3, classify=4, vqa=5)[task]} ({task}) of the MLLM "
              f"{_mllm_name(config)} on {_data_name(c.data, task)}: {len(x)} images; "
              f"{threat.describe()}; smoothed rows: sigma = {a.sigma:g}, n = {a.n}. "
+             + (f"cert cos f_s / z_n: mean certified cosine of the exact smoothed feature / "
+                f"lower bound on the cosine of the n-sample estimate the LLM receives, at "
+                f"each image's l2 attack distance (docs/method.md 2c-2d; certificate of "
+                f"n = {c.certify_n} samples, alpha = {c.certify_alpha:g} each; -1: nothing "
+                f"certified). " if c.get("certify_n", 0) else "")
              + ("Captions: rate of judge scores >= "
                 f"{c.threshold:g} (mean score), judge {judge_name} against the original "
                 "model's captions of the clean (ACC) and target (ASR) images."

@@ -117,6 +117,11 @@ def protection_config(data: ml_collections.ConfigDict | None = None,
       timing_n=(1, 4, 8, 64),  # Table 7
       timing_images=4,
       timing_repeats=3,
+      # Smoothed rows: a norm-aware certificate of each clean image (n0 + n samples;
+      # certify_n=0: none) gives the cert cos f_s / z_n columns beside FCS (method.md 2d).
+      certify_n0=32,
+      certify_n=256,
+      certify_alpha=0.001,  # the certificate's, and again the per-query term's
   ))
   c.update(overrides)
   return c

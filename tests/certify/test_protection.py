@@ -51,7 +51,7 @@ def _config(folder):
   embedded = llava_embedded.get_config("runlocal")
   config.attack, config.protection = embedded.attack, embedded.protection
   config.attack.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1, examples=2)
-  config.protection.update(max_new_tokens=4)
+  config.protection.update(max_new_tokens=4, certify_n=8, certify_n0=4)
   config.protection.data = ml_collections.ConfigDict(dict(
       name=f"folder:{folder}", split="test", image_size=28, seed=0))
   return config
@@ -101,6 +101,12 @@ def _check_classification_cells(tmp_path, rows, attacks):
       assert cell[f"{attack} ASR"] == f"{100 * success:.1f}%"
       assert int(cell[f"{attack} unparsable"]) == sum(o == -1 for o in options)
       assert cell[f"{attack} FCS"] == f"{np.mean([r['fcs'] for r in rs]):.3f}"
+      if variant == "original":  # no smoothing, no certificate
+        assert cell[f"{attack} cert cos z_n"] == "-" and "cert_cos_zn" not in rs[0]
+      else:  # the bound on what the LLM receives never exceeds the certified f_s cosine
+        assert all(-1 <= r["cert_cos_zn"] <= r["cert_cos_fs"] <= 1 for r in rs)
+        for key, col in (("cert_cos_fs", "cert cos f_s"), ("cert_cos_zn", "cert cos z_n")):
+          assert cell[f"{attack} {col}"] == f"{np.mean([r[key] for r in rs]):.3f}"
   # The random tower's features of an attacked image move: FCS < 1 for the original.
   assert max(r["fcs"] for r in rows if r["variant"] == "original") < 1
 
@@ -129,7 +135,7 @@ def _flamingo_config(folder, tokenizer):
   config = openflamingo_tiny.get_config()
   config.openflamingo.tokenizer = str(tokenizer)
   config.attack.update(num_images=3, batch_size=3, steps=2, n=2, eot_samples=1, examples=2)
-  config.protection.update(max_new_tokens=4)
+  config.protection.update(max_new_tokens=4, certify_n=8, certify_n0=4)
   config.protection.data = ml_collections.ConfigDict(dict(
       name=f"folder:{folder}", split="test", image_size=28, seed=0))
   return config
