@@ -42,6 +42,7 @@ from certify._prediction import certified_accuracy
 from certify._prediction import certified_prediction
 from certify._prediction import check_prototypes
 from certify._prediction import clopper_pearson_lower
+from certify._prediction import per_class_radius
 from certify._prediction import prediction_radius
 from certify._prediction import prototype_logit_bounds
 from certify._prediction import required_margin
@@ -50,6 +51,7 @@ from certify._prediction import rs_predict_from_counts
 from certify._sequential import STOPS as SEQUENTIAL_STOPS
 from certify._sequential import SequentialCertificate
 from certify._sequential import sequential_fcsb
+from certify._smoothed_prediction import PREDICTION_CERTIFICATES
 from certify._smoothed_prediction import PredictionCertificate
 from certify._smoothed_prediction import PredictionMargin
 from certify._smoothed_prediction import certify_prediction

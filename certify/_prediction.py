@@ -13,6 +13,8 @@ Functions take arrays and return arrays:
 * :func:`angle_margin` -- the clean class ``c`` and the angular margin ``Delta``.
 * :func:`prediction_radius`, :func:`certified_prediction` -- the closed-form FS radius
   (beyond the paper; its derivation is in :func:`prediction_radius`).
+* :func:`per_class_radius` -- the per-class certificate of the same classifier (Salman et
+  al.'s soft smoothing applied to each prototype score; docs/method.md section 3b).
 * :func:`clopper_pearson_lower`, :func:`rs_certify_from_counts`,
   :func:`rs_predict_from_counts` -- Cohen et al. (2019) CERTIFY and PREDICT on counts,
   as in locuslab/smoothing ``code/core.py``.
@@ -405,6 +407,65 @@ def certified_prediction_unchecked(delta, predicted_class, deficit, sigma
   certified = radius > 0
   cls = jnp.where(certified, jnp.asarray(predicted_class, jnp.int32), ABSTAIN)
   return cls, jnp.where(certified, radius, 0.0)
+
+
+@jax.jit
+def _per_class_radius(deficits, predicted_class, sigma):
+  # probit_of_deficit(d) = Phi^-1(1 - d): Phi^-1(L_c) for the class, -Phi^-1(U_k) for the
+  # others (their deficit IS the upper bound U_k); both clipped as docs/method.md says.
+  probit = _bounds.probit_of_deficit(deficits)
+  is_c = jax.nn.one_hot(predicted_class, deficits.shape[1], dtype=bool)
+  lower = jnp.sum(jnp.where(is_c, probit, 0.0), axis=1)
+  others = jnp.min(jnp.where(is_c, jnp.inf, probit), axis=1)
+  return 0.5 * sigma * (lower + others)
+
+
+def per_class_radius(class_deficits: ArrayLike, predicted_class: ArrayLike, *,
+                     sigma: float) -> jax.Array:
+  """The per-class certified radius of a cosine-prototype prediction (docs/method.md 3b).
+
+      R_pc = sigma / 2 * ( Phi^-1(L_c) - max_{k != c} Phi^-1(U_k) )
+
+  where ``g_k(x) = (1 + <f_s(x), w_k>) / 2`` in [0, 1] is the smoothed score of prototype k
+  (a mean of ``(1 + <f(x + delta), w_k>) / 2``, a [0, 1]-valued function of the noise),
+  ``L_c <= g_c(x)`` and ``U_k >= g_k(x)`` for every ``k != c`` simultaneously. Why:
+  Salman et al.'s lemma (the one behind the feature certificate) makes every
+  ``x -> Phi^-1(g_k(x))`` ``1/sigma``-Lipschitz, so for ``||x' - x|| = eps``:
+  ``Phi^-1(g_c(x')) >= Phi^-1(L_c) - eps/sigma`` and
+  ``Phi^-1(g_k(x')) <= Phi^-1(U_k) + eps/sigma``; ``g_c(x') > g_k(x')`` for every ``k != c``
+  (Phi^-1 is increasing) whenever ``eps < R_pc``. ``argmax_k g_k(x') = argmax_k
+  <f_s(x'), w_k>``, the classifier Theorem A.3.2 certifies, so both certificates are about
+  the same prediction. ``R_pc <= 0``: not certified.
+
+  The deficits are those a :class:`certify.ScoreEstimate` holds, one per class: for
+  ``k = c``, ``1 - L_c``, ``L_c`` a lower bound of ``g_c``; for ``k != c``, ``1 - L'_k``,
+  ``L'_k`` a lower bound of ``1 - g_k = (1 + <f_s(x), -w_k>) / 2``, i.e. the upper bound
+  ``U_k = 1 - L'_k`` itself. Every bound is a lower bound of ``h_v = (1 + <f_s, v>) / 2``
+  for the signed prototype ``v = w_c`` or ``-w_k``; clipping each deficit to
+  ``[1e-12, 1]`` only loosens them.
+
+  Args:
+    class_deficits: ``[B, K]`` deficits as above, in [0, 1].
+    predicted_class: ``[B]`` the class ``c`` the bounds were taken for.
+    sigma: the noise level (> 0).
+
+  Returns:
+    ``[B]`` float32 radii (``-inf`` where ``L_c = 0`` or some ``U_k = 1``).
+  """
+  checks.check_sigma(sigma)
+  shape = np.shape(class_deficits)
+  if len(shape) != 2 or shape[1] < 2:
+    raise ValueError(f"class_deficits must have shape [B, K] with K >= 2 (one bound per "
+                     f"class of each image), got shape {shape}.")
+  _check_batch(predicted_class, "predicted_class", shape[0])
+  checks.check_deficit(class_deficits, name="class_deficits")
+  if checks.is_concrete(predicted_class):
+    c = np.asarray(predicted_class)
+    if not np.issubdtype(c.dtype, np.integer) or np.any(c < 0) or np.any(c >= shape[1]):
+      raise ValueError(f"predicted_class must be class indices in [0, {shape[1]}), got dtype "
+                       f"{c.dtype} with range [{c.min()}, {c.max()}].")
+  return _per_class_radius(jnp.asarray(class_deficits, jnp.float32),
+                           jnp.asarray(predicted_class, jnp.int32), jnp.float32(sigma))
 
 
 # ----------------------------------------------------------------------------------------

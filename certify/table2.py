@@ -8,10 +8,20 @@ Paper Appendix A.3 and Table 2; method.md section 3. The heads come from
 and each test image (``config.test_data`` restricted to the heads' classes,
 ``config.prediction.test_per_class`` each):
 
-* FS: :func:`certify.certify_prediction` with the sigma's cosine head (on the head's
+* FS: :func:`certify.prediction_margin` with the sigma's cosine head (on the head's
   projection of the encoder when it has one, :func:`fsjax.heads.fs_classifier`): the mean
-  direction from ``n0`` samples picks the class, the ``prediction.bound`` lower
-  confidence bound of ``h_u(x)`` from ``n`` fresh samples gives the closed-form radius.
+  direction from ``n0`` samples picks the class, ``n`` fresh samples give the
+  ``prediction.bound`` confidence bounds, and ``prediction.certificate`` says which
+  certificate follows (docs/method.md 3b): ``"select"`` (default) takes, per image, the
+  one of Theorem A.3.2's cosine cap and the per-class certificate that the ``n0``
+  selection samples predict to be larger; both are computed from the same samples, so
+  the table also shows each alone (``"FS: A.3.2 only"``, ``"FS: per-class only"``; each
+  sound on its own, at its own bounds' level).
+* The paper's protocol, labelled as what it is (``"FS paper protocol (estimate)"``): the
+  direction from ``prediction.paper_n0`` samples and the plug-in mean of ``h_u`` over
+  ``paper_n0`` more (``bound="point"``) into Theorem A.3.2's radius: an estimate, NOT a
+  certificate, on the first ``2 paper_n0`` of the same noise samples; ``paper_n0=None``
+  leaves it out.
 * RS: :func:`certify.rs_certify` (Cohen et al.'s CERTIFY) with the sigma's linear head as
   base classifier on ``f(x + delta)``: Clopper-Pearson ``pA``, radius ``sigma Phi^-1(pA)``.
 
@@ -25,8 +35,11 @@ random numbers: the comparison is paired). The key of batch ``b`` at sigma is
 
 The table reports certified accuracy (:func:`certify.certified_accuracy`: certified class
 == label and radius >= r) at each radius of ``config.prediction.radii``. Writes
-``prediction_results.jsonl`` (one row per image, sigma and method; FS rows also carry
-the margin ``Delta``, ``h_lcb`` and the ``required_margin`` at radius 0), ``table2.md``,
+``prediction_results.jsonl`` (one row per image, sigma and method, FS or RS; FS rows also
+carry the certificate used, each certificate alone (``class_cosine`` / ``radius_cosine``,
+``class_per_class`` / ``radius_per_class``), the paper protocol's ``paper_class`` /
+``paper_radius``, the margin ``Delta``, ``h_lcb`` and the ``required_margin`` at radius
+0), ``table2.md``,
 ``table2.csv``, ``table2.png`` (certified accuracy against radius) and
 ``table2_margins.png`` (each image's margin against the margin its certificate needs)
 into the workdir.
@@ -49,18 +62,36 @@ from fsjax import heads as heads_lib
 from fsjax import smoothing
 from fsjax import variants as variants_lib
 
-METHODS = ("FS", "RS")
+METHODS = ("FS", "RS")  # the rows of prediction_results.jsonl
+# The rows of the table, per sigma: (name, row method, class field, radius field). The FS
+# rows after the first come from the same FS rows (same samples); the last is an estimate.
+PAPER = "FS paper protocol (estimate)"
+TABLE_ROWS = (("FS", "FS", "predicted_class", "radius"),
+              ("FS: A.3.2 only", "FS", "class_cosine", "radius_cosine"),
+              ("FS: per-class only", "FS", "class_per_class", "radius_per_class"),
+              ("RS", "RS", "predicted_class", "radius"),
+              (PAPER, "FS", "paper_class", "paper_radius"))
 
 
 def prediction_settings(config) -> dict[str, Any]:
-  """``n0``, ``n``, ``alpha``, ``bound``, ``chunk_size`` and ``batch_size`` of Table 2."""
+  """``n0``, ``n``, ``alpha``, ``bound``, ``certificate``, ``paper_n0``, ``chunk_size`` and
+  ``batch_size`` of Table 2."""
   p, c = config.prediction, config.certify
   pick = lambda override, default: int(default if override is None else override)
+  paper_n0 = p.get("paper_n0", 16)
   settings = {"n0": pick(p.get("n0"), c.n0), "n": pick(p.get("n"), c.n),
               "alpha": float(c.alpha), "bound": str(p.get("bound", "bernstein")),
+              "certificate": str(p.get("certificate", "select")),
+              "paper_n0": None if paper_n0 is None else int(paper_n0),
               "chunk_size": int(c.chunk_size), "batch_size": int(c.batch_size)}
   checks.check_choice(settings["bound"], name="config.prediction.bound",
                       choices=certify.BOUNDS)
+  checks.check_choice(settings["certificate"], name="config.prediction.certificate",
+                      choices=certify.PREDICTION_CERTIFICATES)
+  if settings["paper_n0"] is not None:
+    checks.check_positive_int(settings["paper_n0"], name="config.prediction.paper_n0",
+                              minimum=2, meaning="samples of the paper's plug-in protocol "
+                              "(None leaves that row out)")
   checks.check_positive_int(settings["n0"], name="n0 of Table 2 (config.prediction.n0, "
                             "else config.certify.n0)")
   checks.check_positive_int(settings["n"], name="n of Table 2 (config.prediction.n, else "
@@ -123,9 +154,20 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     # FS certifies the head's own classifier (on its projection of the encoder, if any).
     margin = certify.prediction_margin(params, xp, encoder=encoder, head=heads["cosine"],
                                        sigma=sigma, key=k, bound=settings["bound"],
+                                       certificate=settings["certificate"],
                                        progress=task("FS", encoder), **mc)
     out["FS"] = certify.prediction_certificate(margin)
+    alone = {name: certify.prediction_certificate(margin, only=name)
+             for name in ("cosine", "per-class")
+             if name == "cosine" or margin.class_deficits is not None}
     need = np.asarray(certify.required_margin(deficit=margin.deficit, sigma=margin.sigma))
+    paper = None
+    if settings["paper_n0"] is not None:  # the paper's plug-in protocol: an estimate
+      pn = settings["paper_n0"]
+      paper = certify.prediction_certificate(certify.prediction_margin(
+          params, xp, encoder=encoder, head=heads["cosine"], sigma=sigma, key=k,
+          bound="point", n0=pn, n=pn, alpha=settings["alpha"],
+          chunk_size=settings["chunk_size"], progress=task("FS paper protocol", encoder)))
     out["RS"] = certify.rs_certify(params, xp, encoder=encoder, head=heads["linear"],
                                    sigma=sigma, key=k, progress=task("RS", encoder), **mc)
     for method in METHODS:
@@ -141,8 +183,18 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
                      "correct": bool(int(cls[i]) == label),
                      "bound": out[method].bound,
                      "certificate": out[method].is_certificate,
-                     "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]})
-        if method == "FS":  # what the certificate is made of (the margins plot)
+                     "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"],
+                     "certificate_used": str(out[method].certificate[i])})
+        if method == "FS":  # each certificate alone, the paper's estimate, the margins plot
+          rows[-1]["rule"] = settings["certificate"]
+          for name, cert in alone.items():
+            field = name.replace("-", "_")
+            rows[-1].update({f"class_{field}": int(cert.predicted_class[i]),
+                             f"radius_{field}": float(cert.radius[i])})
+          if paper is not None:
+            rows[-1].update({"paper_class": int(paper.predicted_class[i]),
+                             "paper_radius": float(paper.radius[i]),
+                             "paper_n0": settings["paper_n0"]})
           rows[-1].update({"clean_class": int(margin.predicted_class[i]),
                            "margin": float(margin.margin[i]),
                            "h_lcb": 1.0 - float(margin.deficit[i]),
@@ -151,20 +203,22 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
 
 
 def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -> list[dict]:
-  """Table 2: certified accuracy at each radius, one row per (sigma, method)."""
+  """Table 2: certified accuracy at each radius, one row per (sigma, :data:`TABLE_ROWS` entry
+  the rows hold), the paper protocol's estimate last."""
   table = []
   for sigma in sorted({r["sigma"] for r in rows}):
-    for method in METHODS:
-      rs = [r for r in rows if r["sigma"] == sigma and r["method"] == method]
+    for name, method, cls_field, radius_field in TABLE_ROWS:
+      rs = [r for r in rows if r["sigma"] == sigma and r["method"] == method
+            and cls_field in r]
       if not rs:
         continue
       acc = np.asarray(certify.certified_accuracy(
-          np.array([r["predicted_class"] for r in rs]), np.array([r["radius"] for r in rs]),
+          np.array([r[cls_field] for r in rs]), np.array([r[radius_field] for r in rs]),
           np.array([r["label"] for r in rs]), np.asarray(radii, np.float32),
           num_classes=num_classes))
-      row = {"method": method, "variant": encoder_name, "sigma": float(sigma),
+      row = {"method": name, "variant": encoder_name, "sigma": float(sigma),
              "images": len(rs),
-             "abstain": float(np.mean([r["predicted_class"] == certify.ABSTAIN for r in rs]))}
+             "abstain": float(np.mean([r[cls_field] == certify.ABSTAIN for r in rs]))}
       # Fractions of len(rs) images: 6 digits drop float32 noise (0.65000004 -> 0.65).
       row.update({f"{float(r):g}": round(float(a), 6) for r, a in zip(radii, acc)})
       table.append(row)
@@ -172,15 +226,19 @@ def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -
 
 
 def plot(table: list[dict], radii, path: pathlib.Path) -> None:
-  """PNG: certified accuracy against radius; colour per sigma, FS solid, RS dashed."""
+  """PNG: certified accuracy against radius; colour per sigma, FS solid, RS dashed, each FS
+  certificate alone dotted / dash-dotted, the paper protocol's estimate thin and grey-ish."""
   plt = report.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
   sigmas = sorted({r["sigma"] for r in table})
   colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for row in table:
     colour = colours[sigmas.index(row["sigma"]) % len(colours)]
-    ax.plot(radii, [row[f"{float(r):g}"] for r in radii],
-            "-" if row["method"] == "FS" else "--", color=colour, marker="o", ms=3,
+    style = {"FS": "-", "RS": "--", "FS: A.3.2 only": ":", "FS: per-class only": "-."}
+    ax.plot(radii, [row[f"{float(r):g}"] for r in radii], style.get(row["method"], ":"),
+            color=colour, marker="o" if row["method"] in ("FS", "RS") else None, ms=3,
+            lw=0.8 if row["method"] == PAPER else 1.5,
+            alpha=0.5 if row["method"] == PAPER else 1.0,
             label=f"{row['method']} sigma={row['sigma']:g}")
   ax.set(xlabel="radius (l2, [0,1] pixels)", ylabel="certified accuracy", ylim=(-0.02, 1.02),
          title="Table 2: FS (cosine prototypes, solid) vs RS (linear head, dashed)")
@@ -260,8 +318,9 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   sigmas = [float(s) for s in config.certify.sigmas]
   batches = -(-len(images) // settings["batch_size"])
   # Every method draws n0 + n noise samples for each image of each (padded) batch.
-  samples = (len(sigmas) * batches * settings["batch_size"] * len(METHODS)
-             * (settings["n0"] + settings["n"]))
+  samples = (len(sigmas) * batches * settings["batch_size"]
+             * (len(METHODS) * (settings["n0"] + settings["n"])
+                + 2 * (settings["paper_n0"] or 0)))
   rows = []
   with report.rows(workdir / "prediction_results.jsonl", config,
                    config_name="table2_config.json") as write, report.SampleProgress(
@@ -276,7 +335,10 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   radii = [float(r) for r in config.prediction.radii]
   table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
   point = (" -- FS rows are point estimates, NOT certificates" if settings["bound"] == "point"
-           else "")
+           else f"; FS: the {settings['certificate']!r} certificate (docs/method.md 3b)"
+           + ("" if settings["paper_n0"] is None else
+              f"; '{PAPER}': the paper's plug-in with n0 = n = {settings['paper_n0']}, an "
+              "estimate, NOT a certificate"))
   caption = ("Table 2: certified accuracy at radius r (" + report.monte_carlo_caption(
       sigma=sigmas, n0=settings["n0"], n=settings["n"], alpha=settings["alpha"],
       images=len(images), bound=f"{settings['bound']} (FS)") + f", {num_classes} classes)"

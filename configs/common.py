@@ -188,6 +188,13 @@ def prediction_config(**overrides) -> ml_collections.ConfigDict:
       # zero-shot).
       head_dim=config_dict.placeholder(int),
       bound="bernstein",    # FS confidence bound of h_u(x) (certify.certify_prediction)
+      # Which FS certificate (certify.PREDICTION_CERTIFICATES, docs/method.md 3b): "select"
+      # takes per image the larger of Theorem A.3.2's and the per-class one, chosen with the
+      # n0 selection samples (sound at alpha); "cosine" is Theorem A.3.2 alone.
+      certificate="select",
+      # Table 2's row with the paper's protocol (plug-in estimates from paper_n0 + paper_n0
+      # samples, NOT a certificate); None leaves it out.
+      paper_n0=16,
       # Table 2's Monte Carlo; None = config.certify.n0 / config.certify.n.
       n0=config_dict.placeholder(int),
       n=config_dict.placeholder(int),
