@@ -18,6 +18,11 @@ Rows (each timed after compilation and one warm-up call, best of ``--reps`` call
   of noise samples (``--noise-batch``); prefill GFLOP/s from 2 x parameters x tokens.
 * **option scoring**: the same model scoring 4 options of 3 tokens after the prompt
   (``Llava.option_scores``: one prefill + one batched pass), per image.
+* **answers**: noisy answers/s of the same model as the base classifier of an
+  end-to-end answer certificate (``benchmarks/answers.py``): one image plus
+  ``--noise-batch`` Gaussian noise draws (sigma 0.25, unclipped) -> tower -> projector ->
+  option scoring -> argmax, one by one and batched over the noise samples, with the
+  ratio (the same shapes as the rows above, so no new compilation on full shapes).
 * **certificate**: ``certify.fcsb`` (two-stage Monte Carlo, Bernstein bound, closed form)
   end to end on a batch of images through the ViT-L/14-336 tower in bfloat16: images/s
   and samples/s.
@@ -51,7 +56,7 @@ from common import log  # noqa: E402
 from common import markdown_table  # noqa: E402
 
 # Imported in main, after the device check (a refusal on CPU should not wait for them).
-certify = clip = smoothing = llava_decode = smoothing_throughput = None
+certify = clip = smoothing = llava_decode = smoothing_throughput = answers = None
 
 SIGMA = 0.25
 # LLaVA-1.5's tower: openai/clip-vit-large-patch14-336.
@@ -238,7 +243,35 @@ def llava_rows(check: Check, s: Settings) -> None:
     check.row("llava prefill", f"bfloat16, batch {b}, {length} tokens (image + prompt)", prefill)
     check.row("llava decode", f"bfloat16, batch {b}, {s.new_tokens} new tokens", decode)
     check.row("llava options", f"bfloat16, batch {b}, option scoring", options)
+  answer_rows(check, s, model, params, ids[:1], size)
   del params
+
+
+def answer_rows(check: Check, s: Settings, model, params, ids: np.ndarray, size: int) -> None:
+  """Noisy answers/s by option scoring: one by one, then batched over noise samples."""
+  nb = s.noise_batch
+  image = np.random.default_rng(2).uniform(size=(1, size, size, 3)).astype(np.float32)
+  noisy = np.asarray(answers.add_noise(jax.random.key(1), jnp.asarray(np.repeat(image, nb, 0)),
+                                       jnp.float32(SIGMA)))
+  opts = [list(np.random.default_rng(3 + k).integers(3, 100, 3)) for k in range(4)]
+  rates = {}
+
+  def run(b):
+    ids_b = np.repeat(ids, b, 0)
+    valid = np.ones_like(ids_b, bool)
+
+    def call():
+      for i in range(0, nb, b):
+        out = answers.option_answers(model, params, noisy[i:i + b], ids_b, valid, opts)
+      out.block_until_ready()
+    rates[b] = nb / check.best(call)
+    unit = "noisy answers/s"
+    if b == nb and 1 in rates:
+      unit += f" ({rates[nb] / rates[1]:.1f}x one by one)"
+    return rates[b], unit, None, "bfloat16"
+  for b, what in ((1, "one by one"), (nb, f"batched over {nb} noise samples")):
+    check.row("answers", f"bfloat16, sigma {SIGMA}, 4 options, {what}",
+              lambda b=b: run(b))
 
 
 def certificate_rows(check: Check, s: Settings) -> None:
@@ -282,7 +315,8 @@ def main(argv=None) -> int:
           "hours on a CPU: pass --tiny (or GPU_CHECK_TINY=1) for the tiny-shape run.",
           file=sys.stderr)
     return 2
-  global certify, clip, smoothing, llava_decode, smoothing_throughput  # pylint: disable=global-statement
+  global certify, clip, smoothing, llava_decode, smoothing_throughput, answers  # pylint: disable=global-statement
+  import answers  # pylint: disable=g-import-not-at-top,redefined-outer-name
   import certify  # pylint: disable=g-import-not-at-top,redefined-outer-name
   from fsjax import clip  # pylint: disable=g-import-not-at-top,redefined-outer-name
   from fsjax import smoothing  # pylint: disable=g-import-not-at-top,redefined-outer-name

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("peak", "smoothing", "llava prefill", "llava decode", "llava options", "certificate")
+SECTIONS = ("peak", "smoothing", "llava prefill", "llava decode", "llava options", "answers",
+            "certificate")
 
 
 def test_gpu_check_tiny_on_cpu(tmp_path):
