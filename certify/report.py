@@ -252,23 +252,48 @@ def pyplot():
   return plt
 
 
-def image_strip(panels, path: str | pathlib.Path, *, title: str, scale: float = 2.2) -> None:
-  """PNG grid of images with captions: ``panels[i]`` is row i, a list of ``(image, text)``.
+# Judged outcomes of an answer in an image strip: its caption's colour and its frame.
+OUTCOMES = {"correct": "tab:green", "attacked": "tab:red", "other": "tab:orange"}
+OUTCOMES_LEGEND = ("framed: adversarial images; green = correct answer, red = the "
+                   "attacker's target, orange = neither")
+
+
+def image_strip(panels, path: str | pathlib.Path, *, title: str, scale: float = 2.8,
+                fontsize: float = 9) -> None:
+  """PNG grid of images with captions: ``panels[i]`` is row i, a list of ``(image, text)``
+  or ``(image, text, outcome)``.
 
   The attack tables draw clean | adversarial per row (with what that row's model answered)
-  | target; images are ``[H, W, 3]`` in [0, 1].
+  | target; images are ``[H, W, 3]`` in [0, 1]. A panel with an ``outcome`` (a key of
+  :data:`OUTCOMES`: the judged answer, e.g. "attacked" where the attacker's target won) is
+  framed and captioned in that colour, and the legend (:data:`OUTCOMES_LEGEND`) goes under
+  the title.
   """
   plt = pyplot()
   cols = max(len(row) for row in panels)
-  size = (scale * cols, (scale + 0.2) * len(panels))
+  lines = max(str(p[1]).count("\n") + 1 for row in panels for p in row)
+  size = (scale * cols, (scale + 0.18 * lines * fontsize / 9) * len(panels))
   fig, axes = plt.subplots(len(panels), cols, figsize=size, squeeze=False)
+  framed = False
   for ax_row, row in zip(axes, panels):
     for ax in ax_row:
       ax.axis("off")
-    for ax, (img, text) in zip(ax_row, row):
+    for ax, panel in zip(ax_row, row):
+      img, text, outcome = (tuple(panel) + (None,))[:3]
+      if outcome is not None and outcome not in OUTCOMES:
+        raise ValueError(f"outcome={outcome!r} must be one of {sorted(OUTCOMES)} or None.")
       ax.imshow(np.clip(img, 0, 1))
-      ax.set_title(text, fontsize=6)
-  fig.suptitle(title)
+      colour = OUTCOMES.get(outcome, "black")
+      ax.set_title(text, fontsize=fontsize, color=colour)
+      if outcome is not None:
+        framed = True
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+          spine.set_color(colour)
+          spine.set_linewidth(4)
+  fig.suptitle(f"{title}\n{OUTCOMES_LEGEND}" if framed else title, fontsize=fontsize + 2)
   fig.tight_layout()
   save_figure(fig, path, dpi=100)
   plt.close(fig)

@@ -333,6 +333,9 @@ def caption(config, images: int) -> str:
           + "). B@eps: average bound on <f_s(x'), u> for ||x' - x|| <= eps; cert@eps: share "
           f"with B >= 0; R: average certified radius for cos >= {c.cos:g}. 'point' rows are "
           "the paper's plug-in estimates, not certificates.")
+  dtype = report.compute_dtype(config)
+  if dtype is not None:  # "auto" says nothing of the arithmetic behind the numbers
+    text += f" Encoder compute dtype: {dtype} (config.encoder.dtype = {config.encoder.dtype})."
   if c.get("norm_aware"):
     text += (" '+ norm' rows: the norm-aware cosine certificate (mean reference; score and "
              "norm bounds at alpha / 2 each); cos@eps: average certified cosine, B / U(eps) "
