@@ -23,6 +23,9 @@ Nothing half-written, nothing mixed (issue 21):
   re-run with the *same* config appends its rows after the old ones (same config and
   seed: the same numbers), and then replaces the tables and figures;
   ``read_rows(path, key=...)`` keeps the last row per unit;
+* resuming: :func:`done_rows` gives the rows an earlier run of the same config left,
+  by key, so a program skips what is done (``certify.run``: every (batch, variant,
+  sigma) whose rows are all there) and ends with the table an uninterrupted run makes;
 * a torn last line (a run killed mid-write) is dropped by :func:`read_rows`, and cut off
   before :func:`rows` appends.
 
@@ -227,6 +230,44 @@ def read_rows(path: str | pathlib.Path, key: Sequence[str] | None = None) -> lis
   return list(last.values())
 
 
+def _numeric_keys(value: Any) -> Any:
+  """``value`` with the keys of its dicts that JSON turned from floats into strings
+  (``{"0.5": B}`` of ``inner_product_bound``) turned back into floats."""
+  if isinstance(value, dict):
+    out = {}
+    for k, v in value.items():
+      try:
+        k = float(k) if isinstance(k, str) else k
+      except ValueError:
+        pass
+      out[k] = _numeric_keys(v) if isinstance(v, dict) else v
+    return out
+  return value
+
+
+def as_read(row: dict) -> dict:
+  """``row`` as :func:`done_rows` reads it back from the file (JSON's round trip, float
+  keys restored): a run that resumes and one that does not then summarise the same
+  values, bit for bit."""
+  return {k: _numeric_keys(v) for k, v in json.loads(json.dumps(row)).items()}
+
+
+def done_rows(path: str | pathlib.Path, key: Sequence[str]) -> dict[tuple, dict]:
+  """What a resumed run may skip: the rows ``path`` holds, ``{(row[k] for k in key): row}``
+  (the last row of each key; each as :func:`as_read` gives it), ``{}`` without a file.
+
+  Resuming is safe only for the same config: call :func:`check_workdir` first (it
+  refuses a folder holding another config's rows). A program then skips the units whose
+  keys are all present, certifies the others, and builds its tables from
+  ``{**done, **new}`` in its own canonical order, so an interrupted and resumed run ends
+  with the same table as an uninterrupted one.
+  """
+  path = pathlib.Path(path)
+  if not path.exists():
+    return {}
+  return {tuple(r.get(k) for k in key): as_read(r) for r in read_rows(path)}
+
+
 def monte_carlo_caption(*, sigma: Any, n0: int | None, n: int, alpha: float | None,
                         images: int, bound: str | None = None) -> str:
   """``"sigma = ..., n0 = ..., n = ..., alpha = ..., bound ..., N images"``."""
@@ -272,7 +313,7 @@ def image_strip(panels, path: str | pathlib.Path, *, title: str, scale: float = 
   plt = pyplot()
   cols = max(len(row) for row in panels)
   lines = max(str(p[1]).count("\n") + 1 for row in panels for p in row)
-  size = (scale * cols, (scale + 0.18 * lines * fontsize / 9) * len(panels))
+  size = (scale * cols, (scale + 0.3 + 0.22 * lines * fontsize / 9) * len(panels))
   fig, axes = plt.subplots(len(panels), cols, figsize=size, squeeze=False)
   framed = False
   for ax_row, row in zip(axes, panels):
