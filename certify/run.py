@@ -83,10 +83,14 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
       advance = None if progress is None else progress.task(
           f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples x {len(images)} images",
           images=len(images), compile_key=(name, images.shape))
-      estimates = certify.estimate_scores(
+      estimates, sums = certify.estimate_scores(
           params, images, encoder=encoder, sigma=sigma, key=k, n=c.n, n0=c.n0, alpha=c.alpha,
           bounds=tuple(c.bounds), references=tuple(c.references), chunk_size=c.chunk_size,
-          progress=advance)
+          progress=advance, statistics=True)
+      # What certify.verify re-derives each row from (certify.records).
+      sums = records.host_sums(sums)
+      record = records.group(config, variant=name, params=params, sigma_key=k, sigma=sigma,
+                             first_image=first_image, images=len(images), kind="fixed")
       for estimate in estimates:
         cert = certify.feature_certificate(estimate, eps=eps, cos=c.cos)
         deficit, inner, radius, samples = (np.asarray(a) for a in (
@@ -97,7 +101,9 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
                  "certificate": estimate.is_certificate, "label": int(labels[i]),
                  "score": float(1.0 - deficit[i]), "score_deficit": float(deficit[i]),
                  "inner_product_bound": dict(zip(map(float, eps), map(float, inner[i]))),
-                 "radius": float(radius[i]), "cos": float(c.cos), "samples": int(samples[i])}
+                 "radius": float(radius[i]), "cos": float(c.cos), "samples": int(samples[i]),
+                 "record": records.record(record, i, records.fixed_statistics(
+                     sums, reference=estimate.reference, bound=estimate.bound, i=i))}
       if c.get("norm_aware"):
         yield from _norm_aware_rows(name, encoder, params, images, labels, config, sigma, k,
                                     first_image=first_image)
