@@ -12,6 +12,16 @@ Every estimate and certificate says whether it is one: ``is_certificate`` is Fal
 public entry (:func:`check_certify_args`).
 """
 
+from certify._answers import INNER_STREAM
+from certify._answers import AnswerCertificate
+from certify._answers import OptionAnswerer
+from certify._answers import answer_certificate
+from certify._answers import answer_counts
+from certify._answers import answer_margin_loss
+from certify._answers import certify_answers
+from certify._answers import clean_answers
+from certify._answers import mllm_answerer
+from certify._answers import option_ids
 from certify._bounds import BOUNDS
 from certify._bounds import lower_confidence_bound
 from certify._closed_form import fcsb_from_score

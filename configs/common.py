@@ -136,6 +136,32 @@ def mllm_attack_config(**overrides) -> ml_collections.ConfigDict:
   return attack_config(**dict(dict(n=8, eot_samples=2, batch_size=16), **overrides))
 
 
+def answers_config(**overrides) -> ml_collections.ConfigDict:
+  """``config.answers``: certified MLLM answers (``certify.answers``, issue 22) on the
+  classification questions of ``config.protection.data``; Cohen et al.'s n0 / alpha."""
+  c = ml_collections.ConfigDict(dict(
+      sigmas=(0.25, 0.5),
+      n0=100,              # selection samples (Cohen et al.)
+      n=1_000,             # estimation samples: Clopper-Pearson bound of the top answer
+      alpha=0.001,
+      radii=(0.0, 0.125, 0.25, 0.5, 0.75, 1.0),
+      num_images=100,
+      rows=("original", "gsb", "smoothed"),  # of certify.answers.ROWS
+      inner_n=8,           # the FS-smoothed encoder's samples (the paper's inference n)
+      smoothed_images=20,  # the smoothed rows cost inner_n times more: fewer images
+      feature_n=1_000,     # the feature certificate beside (certify.fcsb); 0: skip
+      feature_eps=0.25,
+      chunk_size=16,
+      batch_size=8,
+      audit_images=20,     # per row and sigma; 0: no audit
+      audit_steps=20,
+      audit_eot=4,
+      audit_n=1_000,
+  ))
+  c.update(overrides)
+  return c
+
+
 def certify_config(**overrides) -> ml_collections.ConfigDict:
   """``config.certify``: the paper's Table 1 settings (Section 5.1) and our bounds."""
   c = ml_collections.ConfigDict(dict(

@@ -101,6 +101,9 @@ def get_config(arg=None):
       sigma=a["sigma"],
       num_images=100,   # ours (paper: 500 ImageNet images for Table 4, 100 ScienceQA for 5)
       batch_size=8)
+  # certify.answers (issue 22): certified answers of the classification task on the
+  # paper's data (protection.data, local files).
+  config.answers = common.answers_config(chunk_size=8, batch_size=4)
   config.protection = common.protection_config(
       data=common.paper_protection_data(image_size=config.encoder.resolution),
       caption_prompt=CAPTION,

@@ -75,7 +75,12 @@ def get_config(arg=None):
   config.protection = common.protection_config(
       data=common.embedded_protection_data(image_size=64),
       max_new_tokens=16)     # the longest caption is 12 words
+  # certify.answers: certified answers of the classification task (issue 22).
+  config.answers = common.answers_config()
   if a.runlocal:
+    config.answers.update(n0=4, n=8, num_images=2, batch_size=2, chunk_size=4, inner_n=2,
+                          smoothed_images=2, feature_n=4, audit_images=2, audit_steps=2,
+                          audit_eot=1, audit_n=8)
     config.llava.train.update(per_class=6, test_per_class=2, steps=20, batch_size=8,
                               warmup_steps=2, log_every=5, checkpoint_every=10)
     config.attack.update(steps=2, n=2, eot_samples=1, num_images=2, batch_size=2,
