@@ -81,14 +81,15 @@ def _fixed_bounds(values, counts, first, alpha, n):
           for b in ("hoeffding", "bernstein", "betting")}
 
 
-@functools.partial(jax.jit, static_argnames=("alpha", "scales", "grid_size"))
-def _sequence_bound(values, chunk_counts, m1, v1, *, alpha, scales, grid_size=sq.GRID):
+@functools.partial(jax.jit, static_argnames=("alpha", "scales", "grid_size", "rule", "horizon"))
+def _sequence_bound(values, chunk_counts, m1, v1, *, alpha, scales, grid_size=sq.GRID,
+                    rule="agrapa", horizon=None):
   """The confidence sequence of certify/_sequential.py read at n: ``[R]`` deficit bounds."""
   state = sq.init(m1, v1, scales=scales, grid_size=grid_size)
   vals = jnp.broadcast_to(values, (m1.shape[0],) + values.shape)
 
   def body(state, w):
-    return sq.update(state, vals, weights=w, alpha=alpha), None
+    return sq.update(state, vals, weights=w, alpha=alpha, rule=rule, horizon=horizon), None
   state, _ = jax.lax.scan(body, state, chunk_counts)
   return sq.upper_deficit(state)
 
@@ -100,6 +101,8 @@ def main() -> None:
   parser.add_argument("--alpha", type=float, default=1e-3)
   parser.add_argument("--runs", type=int, default=20)
   parser.add_argument("--chunk", type=int, default=500)
+  parser.add_argument("--star-chunk", type=int, default=50,
+                      help="samples per bet of the STaR rows (bets recalculated per chunk)")
   parser.add_argument("--support", type=int, default=128)
   parser.add_argument("--scores", type=float, nargs="+",
                       default=[0.9, 0.95, 0.97, 0.98, 0.99])
@@ -119,20 +122,26 @@ def main() -> None:
       out = _fixed_bounds(values, counts, first, alpha, n)
       m1 = (first * values).sum(1) / args.n0
       v1 = (first * (values - m1[:, None]) ** 2).sum(1) / (args.n0 - 1)
-      for name, scales, grid_size in (("sequence", sq.BET_SCALES, sq.GRID),
-                                      ("sequence-1", (1.0,), sq.GRID),
-                                      ("sequence-4096", sq.BET_SCALES, 4096)):
+      star_chunks = rng.multinomial(args.star_chunk, p,
+                                    size=(n // args.star_chunk, args.runs))
+      for name, scales, grid_size, rule in (("sequence", sq.BET_SCALES, sq.GRID, "agrapa"),
+                                            ("sequence-1", (1.0,), sq.GRID, "agrapa"),
+                                            ("sequence-4096", sq.BET_SCALES, 4096, "agrapa"),
+                                            ("star", (1.0,), sq.GRID, "star"),
+                                            ("star-4096", (1.0,), 4096, "star")):
+        star = rule == "star"
         out[name] = np.asarray(_sequence_bound(
-            jnp.asarray(values, jnp.float32), jnp.asarray(chunks, jnp.float32),
+            jnp.asarray(values, jnp.float32),
+            jnp.asarray(star_chunks if star else chunks, jnp.float32),
             jnp.asarray(m1, jnp.float32), jnp.asarray(v1, jnp.float32), alpha=alpha,
-            scales=scales, grid_size=grid_size))
+            scales=scales, grid_size=grid_size, rule=rule, horizon=n if star else None))
       if model == "half-space":
         k = counts[:, 1]
         out["clopper-pearson"] = stats.beta.ppf(1 - alpha, k + 1, n - k)
       ceiling = 1.0 - (1.0 - mu) * alpha ** (1.0 / n)
       row = [model, f"{1 - mu:.4f}", f"{100 * (1 - _radius_ratio(ceiling, mu)):.2f}"]
       for name in ("hoeffding", "bernstein", "betting", "sequence", "sequence-1",
-                   "sequence-4096", "clopper-pearson"):
+                   "sequence-4096", "star", "star-4096", "clopper-pearson"):
         if name in out:
           loss = 100 * (1 - _radius_ratio(out[name], mu))
           fails = int(np.sum(np.asarray(out[name]) < mu))
@@ -145,7 +154,7 @@ def main() -> None:
         f"benchmarks/bound_limit.py`; load average {os.getloadavg()[0]:.1f}.\n")
   print(common.markdown_table(
       ["scores", "S", "ceiling", "hoeffding", "bernstein", "betting", "sequence",
-       "sequence-1", "sequence-4096", "clopper-pearson"], rows))
+       "sequence-1", "sequence-4096", "star", "star-4096", "clopper-pearson"], rows))
 
 
 if __name__ == "__main__":

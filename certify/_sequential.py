@@ -61,6 +61,8 @@ CAP = 0.9
 # values (a Bernoulli deficit of 1% tested at 2%: aGRAPA bets 1.0, Kelly 0.51, and the
 # full bet *loses* wealth), so the smaller scales carry the growth there.
 BET_SCALES = (1.0, 0.5, 0.25)
+# Bet rules of :func:`bets`: aGRAPA for stopping early, STaR-Bets for a fixed horizon.
+BET_RULES = ("agrapa", "star")
 # Weight of the prior in the running estimates that size the bets, in samples.
 PRIOR_WEIGHT = 20.0
 _MIN_VARIANCE = 1e-10
@@ -135,24 +137,49 @@ def estimates(state: SequenceState) -> tuple[jax.Array, jax.Array]:
   return mean, jnp.maximum(var, _MIN_VARIANCE)
 
 
-def bets(state: SequenceState) -> jax.Array:
+def bets(state: SequenceState, *, rule: str = "agrapa", alpha: float | None = None,
+         horizon: int | None = None) -> jax.Array:
   """Bets ``[..., 2, S, G]`` for the next chunk, from the state *before* it.
 
   Predictable: they depend on earlier chunks and the prior only. Side 1 bets on the
   values 1 - e, whose mean is 1 - mu.
+
+  Rules (any predictable bet in ``[0, CAP / (1 - d_k)]`` keeps the sequence valid):
+
+  * ``"agrapa"``: ``lambda = g / (v + g^2)``, ``g = d_k - mu_hat`` (growth-optimal for the
+    running estimates; Waudby-Smith & Ramdas 2023), for a sequence to stop early.
+  * ``"star"``: STaR-Bets (Voracek & Orabona 2025), for a fixed horizon n: the bet that
+    reaches the target wealth ``1 / alpha`` exactly at n if the per-sample log-growth
+    ``lambda g - lambda^2 S / 2`` is spent evenly, recalculated from what is still missing:
+    ``lambda = sqrt(2 (log(1/alpha) - log K_t(d_k))_+ / ((n - t) S_k))`` with ``S_k`` the
+    predicted second moment ``E (d_k - e)^2 = v + g^2`` capped by ``d_k (1 - d_k)`` (its
+    largest value under the null). A cell that has reached its target bets 0 (its wealth
+    stays put). Needs ``alpha`` and ``horizon`` (n).
   """
   d = grid(state.log_wealth.shape[-1])
   mean, var = estimates(state)
   side_mean = jnp.stack([mean, 1.0 - mean], axis=-1)  # [..., 2]
   g = d - side_mean[..., None]
-  lam = g / (var[..., None, None] + g * g)  # aGRAPA
-  lam = lam[..., None, :] * state.scales[..., None, :, None]
+  if rule == "agrapa":
+    lam = g / (var[..., None, None] + g * g)
+    lam = lam[..., None, :] * state.scales[..., None, :, None]
+  elif rule == "star":
+    if alpha is None or horizon is None:
+      raise ValueError("rule='star' needs alpha and horizon (the fixed n it aims at).")
+    second = jnp.minimum(var[..., None, None] + g * g, d * (1.0 - d)) + _MIN_VARIANCE
+    remaining = jnp.maximum(horizon - state.count, 1.0)[..., None, None, None]
+    missing = jnp.maximum(math.log(1.0 / alpha) - state.log_wealth, 0.0)  # [..., 2, S, G]
+    lam = jnp.sqrt(2.0 * missing / (remaining * second[..., None, :]))
+    lam = lam * state.scales[..., None, :, None]
+  else:
+    raise ValueError(f"rule must be one of {BET_RULES}, got {rule!r}.")
   return jnp.clip(lam, 0.0, CAP / (1.0 - d))
 
 
 def update(state: SequenceState, values: jax.Array, *, alpha: float,
            weights: jax.Array | None = None,
-           active: jax.Array | None = None) -> SequenceState:
+           active: jax.Array | None = None, rule: str = "agrapa",
+           horizon: int | None = None) -> SequenceState:
   """Adds one chunk of deficits ``values [..., k]`` in [0, 1] to the state.
 
   Args:
@@ -164,12 +191,13 @@ def update(state: SequenceState, values: jax.Array, *, alpha: float,
       last chunk). None: one sample each.
     active: optional ``[...]`` bool; where False the state is left unchanged (empty
       slots of the dynamic batch, images already stopped).
+    rule, horizon: the bet rule of :func:`bets` ("star" aims at ``horizon`` samples).
 
   Returns:
     The new state.
   """
   d = grid(state.log_wealth.shape[-1])
-  lam = bets(state)
+  lam = bets(state, rule=rule, alpha=alpha, horizon=horizon)
   values = jnp.asarray(values, jnp.float32)
   w = jnp.ones_like(values) if weights is None else jnp.asarray(weights, jnp.float32)
   values = jnp.where(w > 0, values, 0.0)  # a dropped sample may hold anything (even NaN)
@@ -341,9 +369,9 @@ def _slot_noise(key, image, chunk, shape, sigma):
                                    shape, jnp.float32)
 
 
-def _empty_slots(slots, image_shape, dim, grid_size) -> _Slots:
+def _empty_slots(slots, image_shape, dim, grid_size, scales) -> _Slots:
   zeros = jnp.zeros((slots,), jnp.float32)
-  seq = init(zeros, zeros, grid_size=grid_size)
+  seq = init(zeros, zeros, grid_size=grid_size, scales=scales)
   return _Slots(x=jnp.zeros((slots,) + image_shape, jnp.float32),
                 image=jnp.zeros((slots,), jnp.int32), active=jnp.zeros((slots,), bool),
                 chunk=jnp.zeros((slots,), jnp.int32),
@@ -352,11 +380,12 @@ def _empty_slots(slots, image_shape, dim, grid_size) -> _Slots:
                 state=seq, pair_state=seq, done=jnp.zeros((slots,), bool))
 
 
-@functools.partial(jax.jit, static_argnames=("grid_size",))
+@functools.partial(jax.jit, static_argnames=("grid_size", "scales"))
 def _refill(slots: _Slots, load: jax.Array, x: jax.Array, image: jax.Array, *,
-            grid_size: int) -> _Slots:
+            grid_size: int, scales: tuple[float, ...]) -> _Slots:
   """Puts new images in the slots where ``load [S]`` is True (fixed shapes: no recompiles)."""
-  fresh = _empty_slots(load.shape[0], x.shape[1:], slots.direction.shape[-1], grid_size)
+  fresh = _empty_slots(load.shape[0], x.shape[1:], slots.direction.shape[-1], grid_size,
+                       scales)
   fresh = fresh._replace(x=x, image=image, active=load)
 
   def pick(new, old):
@@ -366,9 +395,9 @@ def _refill(slots: _Slots, load: jax.Array, x: jax.Array, image: jax.Array, *,
 
 @functools.partial(jax.jit, static_argnames=(
     "encoder", "chunk_size", "n0", "n_max", "alpha", "cos", "norm_aware", "reference", "stop",
-    "tolerance"))
+    "tolerance", "rule", "scales"))
 def _step(params, slots: _Slots, slot_of, key, sigma, eps, *, encoder, chunk_size, n0, n_max,
-          alpha, cos, norm_aware, reference, stop, tolerance) -> _Slots:
+          alpha, cos, norm_aware, reference, stop, tolerance, rule, scales) -> _Slots:
   """One engine step: ``P = S`` chunks of samples, chunk ``p`` for slot ``slot_of[p]``.
 
   The fixed-shape jitted step: the encoder always sees ``S * chunk_size`` samples. While the
@@ -393,7 +422,8 @@ def _step(params, slots: _Slots, slot_of, key, sigma, eps, *, encoder, chunk_siz
   clean = encoder(params, slots.x, sigma=sigma)  # [S, D] f(x)
   advance = functools.partial(
       _advance, sigma=sigma, eps=eps, chunk_size=chunk_size, n0=n0, n_max=n_max, alpha=alpha,
-      cos=cos, norm_aware=norm_aware, reference=reference, stop=stop, tolerance=tolerance)
+      cos=cos, norm_aware=norm_aware, reference=reference, stop=stop, tolerance=tolerance,
+      rule=rule, scales=scales)
 
   def body(slots, position):
     o, f = position
@@ -406,7 +436,7 @@ def _step(params, slots: _Slots, slot_of, key, sigma, eps, *, encoder, chunk_siz
 
 
 def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, alpha, cos,
-             norm_aware, reference, stop, tolerance) -> _Slots:
+             norm_aware, reference, stop, tolerance, rule, scales) -> _Slots:
   """One chunk ``feats [S, k, D]`` for each slot (``clean [S, D]``: f(x)); see :func:`_step`."""
   k = chunk_size
   stage1_chunks = -(-n0 // k)
@@ -433,8 +463,9 @@ def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, 
   else:  # "clean": u = f(x), the paper's reference
     u, center = clean, m1
   grid_size = slots.state.rejected.shape[-1]
-  prior = init(center, var1, grid_size=grid_size)
-  pair_prior = init(0.5 * (1.0 + mean_norm**2), 2.0 * var1, grid_size=grid_size)
+  prior = init(center, var1, grid_size=grid_size, scales=scales)
+  pair_prior = init(0.5 * (1.0 + mean_norm**2), 2.0 * var1, grid_size=grid_size,
+                    scales=scales)
 
   def at_start(new, old):
     return jnp.where(starting.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
@@ -449,11 +480,12 @@ def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, 
   deficits = 0.5 * (1.0 - jnp.einsum("skd,sd->sk", feats, direction,
                                      precision=jax.lax.Precision.HIGHEST))
   level = alpha / 2 if norm_aware else alpha
-  state = update(state, deficits, weights=weights, alpha=level, active=in_stage2)
+  state = update(state, deficits, weights=weights, alpha=level, active=in_stage2, rule=rule,
+                 horizon=n_max)
   if norm_aware:
     pair_w = weights[:, 0::2] * weights[:, 1::2]
     pair_state = update(pair_state, _norm.pair_values(feats), weights=pair_w, alpha=level,
-                        active=in_stage2)
+                        active=in_stage2, rule=rule, horizon=n_max // 2)
     decision = norm_aware_decide(state, pair_state, eps, sigma, cos, alpha=alpha, n_max=n_max)
   else:
     decision = inner_product_decide(state, eps, sigma, cos, alpha=alpha, n_max=n_max)
@@ -572,7 +604,7 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
                     norm_aware: bool = True, reference: str = "mean",
                     stop: str = "decision", tolerance: float = 0.05,
                     chunk_size: int = 64, slots: int = DEFAULT_SLOTS,
-                    grid_size: int = GRID,
+                    grid_size: int = GRID, bets: str = "agrapa",
                     image_ids: jax.typing.ArrayLike | None = None) -> SequentialCertificate:
   """Sequential feature certificates: each image stops once its decisions are settled.
 
@@ -583,8 +615,8 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
   (``stop="decision"``), when its radius is within ``tolerance`` of what n_max could give
   (``stop="radius"``), or at ``n_max`` (``stop="never"``: every image uses n_max, the
   fixed-n bound for reporting a number; benchmarks/bound_limit.py measures it, tightest
-  with a finer ``grid_size`` such as 4096). The certificate holds with probability
-  1 - alpha at the data-dependent stopping time.
+  with a finer ``grid_size`` such as 4096, and ``bets="star"``). The certificate holds with
+  probability 1 - alpha at the data-dependent stopping time.
 
   Cross-image dynamic batching: one jitted step runs a chunk for a fixed batch of
   ``slots`` images; a finished image's slot is refilled from the queue at once (same
@@ -612,6 +644,10 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     chunk_size: samples per chunk (even when norm-aware).
     slots: images in flight at once.
     grid_size: cells of the confidence sequence's grid.
+    bets: "agrapa" (bets that stop early) or "star" (STaR-Bets, Voracek & Orabona 2025:
+      bets aimed at n_max, the tightest bound at n = n_max; benchmarks/bound_limit.py; the
+      natural choice with ``stop="never"``). Either keeps every certificate valid at any
+      stopping time.
     image_ids: optional ``[B]`` distinct non-negative ints naming each image's noise
       stream (e.g. its index in a dataset, so a subset or a shuffled batch draws the
       same noise per image); default ``arange(B)``.
@@ -631,6 +667,7 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
                                ("grid_size", grid_size, 2)):
     checks.check_positive_int(value, name=name, minimum=minimum)
   checks.check_choice(stop, name="stop", choices=STOPS)
+  checks.check_choice(bets, name="bets", choices=BET_RULES)
   checks.check_choice(reference, name="reference", choices=("clean", "mean"))
   if isinstance(norm_aware, (bool, np.bool_)) is False:
     raise ValueError(f"norm_aware must be True or False, got {norm_aware!r}.")
@@ -656,11 +693,12 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
                      f"stream per image), got {image_ids!r}.")
   dim = int(jax.eval_shape(lambda p, v: encoder(p, v, sigma=sigma), params,
                            jax.ShapeDtypeStruct((1,) + x.shape[1:], jnp.float32)).shape[-1])
+  scales = tuple(BET_SCALES) if bets == "agrapa" else (1.0,)  # STaR: one bet, no mixture
   step = functools.partial(
       _step, encoder=encoder, chunk_size=int(chunk_size), n0=int(n0), n_max=int(n_max),
       alpha=float(alpha), cos=float(cos), norm_aware=bool(norm_aware), reference=reference,
-      stop=stop, tolerance=float(tolerance))
-  state = _empty_slots(slots, x.shape[1:], dim, grid_size)
+      stop=stop, tolerance=float(tolerance), rule=bets, scales=scales)
+  state = _empty_slots(slots, x.shape[1:], dim, grid_size, scales)
   sigma32, eps32 = jnp.float32(sigma), jnp.asarray(eps_arr)
 
   out_d = np.ones(batch, np.float32)
@@ -680,7 +718,7 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
         img = queue.pop(0)
         owner[s_idx], load[s_idx], new_x[s_idx], new_i[s_idx] = img, True, x[img], ids[img]
       state = _refill(state, jnp.asarray(load), jnp.asarray(new_x), jnp.asarray(new_i),
-                      grid_size=grid_size)
+                      grid_size=grid_size, scales=scales)
     running = np.flatnonzero(owner >= 0)
     if not running.size:
       break

@@ -338,6 +338,7 @@ def test_engine_results_do_not_depend_on_slot_order(toy):
     (dict(cos=1.0), "cos"),
     (dict(image_ids=[0, 0]), "image_ids"),
     (dict(n_max=1), "n_max"),
+    (dict(bets="kelly"), "bets"),
 ])
 def test_engine_rejects_bad_arguments(toy, kwargs, match):
   encoder, params = toy
@@ -354,11 +355,93 @@ def test_engine_fixed_n_and_radius_stops():
             key=jax.random.PRNGKey(1), n_max=1024, n0=64, chunk_size=128, slots=2,
             alpha=0.01, norm_aware=False, reference="clean", grid_size=GRID)
   fixed = sq.sequential_fcsb({}, x, stop="never", **kw)
+  star = sq.sequential_fcsb({}, x, stop="never", bets="star", **kw)
   radius = sq.sequential_fcsb({}, x, stop="radius", tolerance=0.05, **kw)
   np.testing.assert_array_equal(np.asarray(fixed.samples), 64 + 1024)
+  np.testing.assert_array_equal(np.asarray(star.samples), 64 + 1024)
   assert np.all(np.asarray(radius.samples) <= 64 + 1024)
   p = sp_norm.cdf((reds - 0.5) / SIGMA)
   exact_radius = np.maximum(SIGMA * (sp_norm.ppf(p) - sp_norm.ppf(0.75)), 0)
-  for cert in (fixed, radius):
+  for cert in (fixed, star, radius):
     assert np.all(np.asarray(cert.deficit) >= 1 - p)
     assert np.all(np.asarray(cert.radius) <= exact_radius + 1e-6)
+
+
+# --- STaR-Bets: the fixed-horizon rule (benchmarks/bound_limit.py measures its width) -----
+
+
+def test_star_bets_match_a_float64_oracle():
+  """STaR's wealth against a direct float64 product with bets from its formula."""
+  rng = np.random.default_rng(1)
+  horizon, alpha, size = 100, 0.05, 32
+  values = rng.beta(1, 20, size=(3, 5, 20))  # 5 chunks of 20
+  center, prior_var = 0.05, 0.002
+  state = sq.init(jnp.full((3,), center), jnp.full((3,), prior_var), grid_size=size,
+                  scales=(1.0,))
+  d = np.asarray(sq.grid(size), np.float64)
+  log_k = np.zeros((3, 2, 1, size))
+  total = np.zeros(3)
+  total_sq = np.zeros(3)
+  update = jax.jit(functools.partial(sq.update, alpha=alpha, rule="star", horizon=horizon))
+  for j in range(5):
+    t = 20.0 * j
+    w = t + sq.PRIOR_WEIGHT
+    shift = total / w
+    mean = center + shift
+    var = np.maximum((sq.PRIOR_WEIGHT * prior_var + total_sq - 2 * shift * total
+                      + t * shift**2) / w, 1e-10)
+    v = values[:, j]
+    for side, (side_mean, side_values) in enumerate(((mean, v), (1 - mean, 1 - v))):
+      g = d - side_mean[:, None]
+      second = np.minimum(var[:, None] + g * g, d * (1 - d)) + 1e-10
+      need = np.maximum(math.log(1 / alpha) - log_k[:, side, 0], 0.0)
+      with np.errstate(divide="ignore"):  # d = 1 in float32: no cap there (as in jax)
+        cap = sq.CAP / (1 - d)
+      lam = np.clip(np.sqrt(2 * need / ((horizon - t) * second)), 0, cap)
+      log_k[:, side, 0] += np.sum(np.log1p(lam[:, None] * (d - side_values[:, :, None])), 1)
+    total += np.sum(v - center, -1)
+    total_sq += np.sum((v - center) ** 2, -1)
+    state = update(state, jnp.asarray(v, jnp.float32))
+  np.testing.assert_allclose(np.asarray(state.log_wealth), log_k, rtol=2e-4, atol=2e-4)
+  assert np.any(np.asarray(state.rejected[:, 0]))  # the oracle is not vacuous
+  with pytest.raises(ValueError, match="horizon"):
+    sq.bets(state, rule="star")
+
+
+@functools.partial(jax.jit, static_argnames=("n", "chunk", "rule", "alpha", "grid_size"))
+def _fixed_n_bounds(key, mu, *, n, chunk, rule, alpha, grid_size):
+  """Upper deficit bounds at n of the sequence with ``rule``, Bernoulli(mu) deficits ``[R]``."""
+  k0, key = jax.random.split(key)
+  m0 = _binomial(k0, N0, mu) / N0
+  scales = (1.0,) if rule == "star" else sq.BET_SCALES
+  state = sq.init(m0, m0 * (1.0 - m0), grid_size=grid_size, scales=scales)
+  values = jnp.broadcast_to(jnp.array([0.0, 1.0]), mu.shape + (2,))
+
+  def body(carry, j):
+    state, ones_total = carry
+    ones = _binomial(jax.random.fold_in(key, j), chunk, mu)
+    state = sq.update(state, values, weights=jnp.stack([chunk - ones, ones], -1),
+                      alpha=alpha, rule=rule, horizon=n)
+    return (state, ones_total + ones), None
+  (state, ones), _ = jax.lax.scan(body, (state, jnp.zeros_like(mu)), jnp.arange(n // chunk))
+  return sq.upper_deficit(state), ones / n
+
+
+def test_star_bound_covers_the_mean_and_is_tighter_at_n():
+  """Monte Carlo coverage with a known mean: failures <= alpha (one-sided binomial test).
+
+  Bernoulli deficits, the largest variance a mean allows. The plug-in mean fails the same
+  test (so it can fail), and STaR is tighter at n than the anytime aGRAPA sequence.
+  """
+  streams, alpha, n = 2000, 0.1, 400
+  mu = jnp.full((streams,), 0.1, jnp.float32)
+  star, mean = _fixed_n_bounds(jax.random.PRNGKey(5), mu, n=n, chunk=20, rule="star",
+                               alpha=alpha, grid_size=256)
+  star, mean = np.asarray(star), np.asarray(mean)
+  fails = int(np.sum(star < 0.1))
+  assert stats.binom.sf(fails - 1, streams, alpha) > 1e-3, fails  # P(X >= fails)
+  plug_in = int(np.sum(mean < 0.1))
+  assert stats.binom.sf(plug_in - 1, streams, alpha) < 1e-6, plug_in
+  agrapa, _ = _fixed_n_bounds(jax.random.PRNGKey(5), mu, n=n, chunk=20, rule="agrapa",
+                              alpha=alpha, grid_size=256)
+  assert np.median(star) < np.median(np.asarray(agrapa))
