@@ -43,6 +43,9 @@ variant) into the workdir.
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
+import json
 import pathlib
 from typing import Iterable
 
@@ -52,8 +55,10 @@ import numpy as np
 import certify
 from certify import records
 from certify import report
+from fsjax import checkpointing
 from fsjax import cli
 from fsjax import data as data_lib
+from fsjax import pod
 from fsjax import smoothing
 from fsjax import variants as variants_lib
 
@@ -68,45 +73,82 @@ def certify_images(variants, images: np.ndarray, labels: np.ndarray, config, key
   1 - L, which keeps float32 precision where L is within 1e-7 of 1; ``certify.fcsb``
   computes the same numbers). ``progress`` (a :class:`certify.report.SampleProgress`)
   advances by noise samples x images after each chunk of samples of the Monte Carlo (the
-  results do not change).
+  results do not change). The rows of one (variant, sigma) are :func:`certify_group`'s.
+  """
+  for name, encoder, params in variants:
+    for sigma in config.certify.sigmas:
+      yield from certify_group(name, encoder, params, images, labels, config, key, sigma,
+                               first_image=first_image, progress=progress)
+
+
+def certify_group(name, encoder, params, images: np.ndarray, labels: np.ndarray, config,
+                  key: jax.Array, sigma: float, *, first_image: int = 0,
+                  progress=None) -> Iterable[dict]:
+  """The rows of one variant at one sigma for one batch of images, in the order of
+  :func:`row_kinds` (outer) and image (inner).
+
+  The noise is ``smoothing.sigma_key(key, sigma)``'s: the same for every variant, and
+  for the fixed-n rows one draw per sample for the whole batch (an image's noise depends
+  on its position in its batch, so ``config.data.batch_size`` is part of the result;
+  resuming and pod runs go by whole batches and reproduce it bit for bit). Sequential
+  rows name each image's noise stream by its index in the data.
   """
   c = config.certify
   eps = np.asarray(c.eps, np.float32)
-  for name, encoder, params in variants:
-    for sigma in c.sigmas:
-      # The same noise for every variant and image batch position at a sigma.
-      k = smoothing.sigma_key(key, sigma)
-      if c.get("mode", "fixed") == "sequential":
-        yield from _sequential_rows(name, encoder, params, images, labels, config, sigma, k,
-                                    first_image=first_image)
-        continue
-      advance = None if progress is None else progress.task(
-          f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples x {len(images)} images",
-          images=len(images), compile_key=(name, images.shape))
-      estimates, sums = certify.estimate_scores(
-          params, images, encoder=encoder, sigma=sigma, key=k, n=c.n, n0=c.n0, alpha=c.alpha,
-          bounds=tuple(c.bounds), references=tuple(c.references), chunk_size=c.chunk_size,
-          progress=advance, statistics=True)
-      # What certify.verify re-derives each row from (certify.records).
-      sums = records.host_sums(sums)
-      record = records.group(config, variant=name, params=params, sigma_key=k, sigma=sigma,
-                             first_image=first_image, images=len(images), kind="fixed")
-      for estimate in estimates:
-        cert = certify.feature_certificate(estimate, eps=eps, cos=c.cos)
-        deficit, inner, radius, samples = (np.asarray(a) for a in (
-            estimate.deficit, cert.inner_product_bound, cert.radius, estimate.samples))
-        for i in range(images.shape[0]):
-          yield {"variant": name, "image": first_image + i, "sigma": float(sigma),
-                 "reference": estimate.reference, "bound": estimate.bound,
-                 "certificate": estimate.is_certificate, "label": int(labels[i]),
-                 "score": float(1.0 - deficit[i]), "score_deficit": float(deficit[i]),
-                 "inner_product_bound": dict(zip(map(float, eps), map(float, inner[i]))),
-                 "radius": float(radius[i]), "cos": float(c.cos), "samples": int(samples[i]),
-                 "record": records.record(record, i, records.fixed_statistics(
-                     sums, reference=estimate.reference, bound=estimate.bound, i=i))}
-      if c.get("norm_aware"):
-        yield from _norm_aware_rows(name, encoder, params, images, labels, config, sigma, k,
-                                    first_image=first_image)
+  k = smoothing.sigma_key(key, sigma)
+  if c.get("mode", "fixed") == "sequential":
+    yield from _sequential_rows(name, encoder, params, images, labels, config, sigma, k,
+                                first_image=first_image)
+    return
+  advance = None if progress is None else progress.task(
+      f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples x {len(images)} images",
+      images=len(images), compile_key=(name, images.shape))
+  estimates, sums = certify.estimate_scores(
+      params, images, encoder=encoder, sigma=sigma, key=k, n=c.n, n0=c.n0, alpha=c.alpha,
+      bounds=tuple(c.bounds), references=tuple(c.references), chunk_size=c.chunk_size,
+      progress=advance, statistics=True)
+  # What certify.verify re-derives each row from (certify.records).
+  sums = records.host_sums(sums)
+  record = records.group(config, variant=name, params=params, sigma_key=k, sigma=sigma,
+                         first_image=first_image, images=len(images), kind="fixed")
+  for estimate in estimates:
+    cert = certify.feature_certificate(estimate, eps=eps, cos=c.cos)
+    deficit, inner, radius, samples = (np.asarray(a) for a in (
+        estimate.deficit, cert.inner_product_bound, cert.radius, estimate.samples))
+    for i in range(images.shape[0]):
+      yield {"variant": name, "image": first_image + i, "sigma": float(sigma),
+             "reference": estimate.reference, "bound": estimate.bound,
+             "certificate": estimate.is_certificate, "label": int(labels[i]),
+             "score": float(1.0 - deficit[i]), "score_deficit": float(deficit[i]),
+             "inner_product_bound": dict(zip(map(float, eps), map(float, inner[i]))),
+             "radius": float(radius[i]), "cos": float(c.cos), "samples": int(samples[i]),
+             "record": records.record(record, i, records.fixed_statistics(
+                 sums, reference=estimate.reference, bound=estimate.bound, i=i))}
+  if c.get("norm_aware"):
+    yield from _norm_aware_rows(name, encoder, params, images, labels, config, sigma, k,
+                                first_image=first_image)
+
+
+# A result row's identity: what a resumed run matches against results.jsonl.
+SEQUENTIAL_BOUND = "betting (sequential)"  # certify.SequentialCertificate.bound
+ROW_KEY = ("variant", "sigma", "image", "reference", "bound", "cosine_kind")
+
+
+def row_kinds(config) -> list[tuple[str, str, str | None]]:
+  """``(reference, bound, cosine_kind)`` of the rows each image gets per variant and
+  sigma, in the order :func:`certify_group` yields them."""
+  c = config.certify
+  if c.get("mode", "fixed") == "sequential":
+    kinds = [(ref, SEQUENTIAL_BOUND, "inner product") for ref in c.references]
+    return kinds + ([("mean", SEQUENTIAL_BOUND, "norm-aware")] if c.get("norm_aware") else [])
+  kinds = [(ref, bound, None) for ref in c.references for bound in c.bounds]
+  return kinds + ([("mean", c.norm_aware_bound, "norm-aware")] if c.get("norm_aware") else [])
+
+
+def group_keys(config, variant: str, sigma: float, images: range) -> list[tuple]:
+  """The :data:`ROW_KEY` of every row of one (batch, variant, sigma), in order."""
+  return [(variant, float(sigma), i, ref, bound, kind)
+          for ref, bound, kind in row_kinds(config) for i in images]
 
 
 def _cosine_row(name, sigma, i, labels, config, *, reference, bound, deficit, norm_upper,
@@ -398,36 +440,123 @@ def check_config(config) -> None:
                        f"(pairs), got {c.sequential_chunk_size}.")
 
 
+def _batch(dataset: data_lib.Dataset, b: int) -> dict[str, np.ndarray]:
+  """Batch ``b`` of ``dataset``, reading only its images."""
+  size = dataset.batch_size
+  one = dataclasses.replace(dataset, indices=dataset.indices[b * size:(b + 1) * size])
+  return next(iter(one))
+
+
+def _spans(dataset: data_lib.Dataset) -> list[range]:
+  """The image indices of each batch."""
+  size, total = dataset.batch_size, dataset.num_examples
+  return [range(b * size, min((b + 1) * size, total)) for b in range(len(dataset))]
+
+
 def run(config, workdir: str) -> list[dict]:
-  """Certifies ``config.data`` images with every variant; writes results; returns the table."""
+  """Certifies ``config.data`` images with every variant; writes results; returns the table.
+
+  Resumable: the rows already in ``workdir/results.jsonl`` (an earlier run of the same
+  config: :func:`certify.report.check_workdir` refuses another's) are kept, and only the
+  (batch, variant, sigma) groups missing any row are certified; the table is built from
+  all rows in the uninterrupted run's order, so it is the same, bit for bit. Ctrl-C
+  stops after the group being certified (its rows written; a second Ctrl-C abandons it)
+  with :class:`fsjax.cli.Interrupted`.
+
+  A pod run (several processes: :mod:`fsjax.pod`) splits the batches to certify among
+  the processes; process 0 gathers their rows after each round, writes them in the
+  single-process order and makes the table: the same results as one process.
+  """
   check_config(config)
   if config.certify.get("distributed"):
-    jax.distributed.initialize()
+    pod.initialize()
   workdir = pathlib.Path(workdir)
-  report.check_workdir(config, workdir / "results.jsonl")  # another config's rows: refuse now
+  results = workdir / "results.jsonl"
+  writer = pod.is_writer()
+  report.check_workdir(config, results)  # another config's rows: refuse now
   variants = variants_lib.encoder_variants(config)
   dataset = data_lib.from_config(config.data)
   key = jax.random.PRNGKey(config.seed)
-  rows, first = [], 0
   c = config.certify
+  sigmas = [float(s) for s in c.sigmas]
   sequential = c.get("mode", "fixed") == "sequential"
-  images = len(dataset) * dataset.batch_size if dataset.drop_remainder else dataset.num_examples
-  samples = images * len(variants) * len(c.sigmas) * (c.n0 + c.n)
-  with report.rows(workdir / "results.jsonl", config) as write, report.SampleProgress(
+  spans = _spans(dataset)
+  images = sum(map(len, spans))
+  groups = [(b, v, s) for b in range(len(spans)) for v in range(len(variants))
+            for s in range(len(sigmas))]
+  keys = {g: group_keys(config, variants[g[1]][0], sigmas[g[2]], spans[g[0]]) for g in groups}
+  done = report.done_rows(results, ROW_KEY) if writer else {}
+  # Process 0's files decide what is left, for every process.
+  left = pod.broadcast(np.array([not all(k in done for k in keys[g]) for g in groups],
+                                 np.int32))
+  todo = [g for g, missing in zip(groups, left) if missing]
+  batches = sorted({b for b, _, _ in todo})
+  rounds = [batches[i:i + jax.process_count()]
+            for i in range(0, len(batches), jax.process_count())]
+  mine = [g for g in todo if g[0] in pod.shard(batches)]
+  fresh: dict[tuple, dict] = {}
+  certified = sum(len(spans[b]) for b in range(len(spans)) if b not in batches)
+  if certified and writer:
+    print(f"certify.run: resuming {workdir}: {certified} of {images} images are certified"
+          + ("; certifying the rest." if todo else "; nothing left to certify."), flush=True)
+  samples = sum(len(spans[b]) for b, _, _ in mine) * (c.n0 + c.n)
+  # One writer: process 0 holds the workdir and appends the rows.
+  lock = checkpointing.lock_workdir(workdir, "certify.run") if writer else (
+      contextlib.nullcontext())
+  rows_file = report.rows(results, config) if writer else contextlib.nullcontext(
+      lambda row: None)
+  with lock, rows_file as write, cli.interruptible() as stop, report.SampleProgress(
       samples, "certify") as progress:
-    for batch in dataset:
-      for row in certify_images(variants, batch["image"], batch["label"], config, key,
-                                first_image=first, progress=None if sequential else progress):
-        rows.append(row)
-        write(row)
-      first += len(batch["image"])
+    for batch_round in rounds:
+      stopped, rows = False, []
+      for b in pod.shard(batch_round):
+        data = _batch(dataset, b)
+        for _, v, s in (g for g in mine if g[0] == b):
+          if stop():
+            stopped = True
+            break
+          name, encoder, params = variants[v]
+          group = [report.as_read(r) for r in certify_group(
+              name, encoder, params, data["image"], data["label"], config, key, sigmas[s],
+              first_image=spans[b].start, progress=None if sequential else progress)]
+          got = [tuple(r.get(k) for k in ROW_KEY) for r in group]
+          if got != keys[(b, v, s)]:
+            raise RuntimeError(f"certify.run: the rows of {name} at sigma {sigmas[s]:g} are "
+                               "not the ones row_kinds() promises; resuming would be wrong.")
+          rows += group
+          if jax.process_count() == 1:
+            for r in group:
+              write(r)
+          if stop():  # pressed while this group ran: its rows are written, stop here
+            stopped = True
+            break
+      # Pods: process 0 writes every process's rows, in the order of one process.
+      parts = pod.gather_bytes(json.dumps({"stopped": stopped, "rows": rows}).encode())
+      for part in map(json.loads, parts):
+        stopped = stopped or part["stopped"]
+        for r in map(report.as_read, part["rows"]):
+          fresh[tuple(r.get(k) for k in ROW_KEY)] = r
+          if jax.process_count() > 1:
+            write(r)
+      if stopped:
+        have = {**done, **fresh}
+        certified = sum(len(spans[b]) for b in range(len(spans))
+                        if all(k in have for g in groups if g[0] == b for k in keys[g]))
+        rest = "certify the rest" if certified < images else "write the tables and plots"
+        raise cli.Interrupted(
+            f"certify.run: interrupted (Ctrl-C); {certified} of {images} images are "
+            f"certified in {results}; rerun the same command to {rest}.")
+  if not writer:
+    return []
+  have = {**done, **fresh}
+  rows = [have[k] for g in groups for k in keys[g]]
   table = summarise(rows, config.certify.eps)
-  report.write_table(table, workdir, "table", caption=caption(config, first))
+  report.write_table(table, workdir, "table", caption=caption(config, images))
   plot(table, list(config.certify.eps), workdir / "fcsb.png")
   plot_certified(rows, config, workdir / "certified.png")
   # What a person reads at the end: the headline rows, not the whole table (it is on disk).
   print(report.markdown(headline(table), caption=f"Table 1, headline rows (each variant's "
-                        f"tightest valid bound; {first} images):"))
+                        f"tightest valid bound; {images} images):"))
   print(f"The whole table: {workdir / 'table.md'} (and table.csv); one row per image: "
         f"{workdir / 'results.jsonl'}; plots: {workdir / 'fcsb.png'}, "
         f"{workdir / 'certified.png'}.")

@@ -15,6 +15,9 @@ program that stops there raises :class:`Interrupted` after saving what it can. O
 line on stderr and exit status 130 (128 + SIGINT, as a shell does), so
 ``python -m train.gsb ... && python -m certify.run ...`` stops instead of going on with a
 half-finished result.
+
+Pod runs: with ``JAX_COORDINATOR_ADDRESS`` (and ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``)
+set, :func:`run` joins the pod (:func:`fsjax.pod.initialize`) before the program starts.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from fsjax import pod
 
 # TensorFlow (the TFDS pipelines) reads this when it is first imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -238,6 +243,8 @@ def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
       quiet()
     program = _program_name(main)
     try:
+      if pod.requested():  # a pod run: join it before anything touches a device
+        pod.initialize()
       # No interruptible() here: a program that never looks at the flag would ignore
       # the first Ctrl-C. Outside its loops a Ctrl-C stops at once (one line, 130).
       main(flags.FLAGS.config, flags.FLAGS.workdir,

@@ -2,9 +2,13 @@
 
 import dataclasses
 import json
+import os
 import pathlib
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +23,11 @@ from certify import report
 from certify import run as run_lib
 from configs import clip_tiny
 from configs import common
+from fsjax import cli
 from fsjax import encoders
+from fsjax import variants as variants_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +49,117 @@ def result(tmp_path_factory):
     patch.setattr(report, "SampleProgress", Recorded)
     table = run_lib.run(config, str(workdir))
   return config, workdir, table, bars
+
+
+def test_a_rerun_keeps_what_is_done_and_a_resumed_run_ends_with_the_same_files(
+    result, tmp_path, monkeypatch):
+  """Same config, same folder: nothing is certified again (no encoder is even called);
+  from a torn prefix of the rows the group is certified again and the rows, table.md and
+  table.csv are the uninterrupted run's, byte for byte."""
+  config, workdir, table, _ = result
+  names = ("results.jsonl", "table.md", "table.csv", "config.json")
+  before = {n: (workdir / n).read_bytes() for n in names}
+  variants = variants_lib.encoder_variants(config)
+  monkeypatch.setattr(variants_lib, "encoder_variants", lambda config: variants)
+  monkeypatch.setattr(run_lib.certify, "estimate_scores", None)  # would raise if called
+  assert run_lib.run(config, str(workdir)) == table
+  assert {n: (workdir / n).read_bytes() for n in names} == before
+  monkeypatch.undo()
+  resumed = tmp_path / "resumed"
+  resumed.mkdir()
+  (resumed / "config.json").write_bytes(before["config.json"])
+  lines = before["results.jsonl"].decode().splitlines(keepends=True)
+  (resumed / "results.jsonl").write_text("".join(lines[:7]) + lines[7][:30])  # killed
+  monkeypatch.setattr(variants_lib, "encoder_variants", lambda config: variants)
+  assert run_lib.run(config, str(resumed)) == table
+  key = lambda path: list(map(_numbers, report.read_rows(path, key=run_lib.ROW_KEY)))  # noqa: E731
+  assert key(resumed / "results.jsonl") == key(workdir / "results.jsonl")
+  assert (resumed / "table.md").read_bytes() == before["table.md"]
+  assert (resumed / "table.csv").read_bytes() == before["table.csv"]
+
+
+def _numbers(row):
+  """A row without what says which code computed it (the git revision moves between the
+  runs of a test in a working tree)."""
+  if isinstance(row, dict):
+    return {k: _numbers(v) for k, v in row.items() if k not in ("git", "git_dirty", "fsjax")}
+  return row
+
+
+# certify.run on the tiny config, 2 images in 2 batches (2 groups), few samples.
+_RESUME_FLAGS = ("--config.certify.n0=8", "--config.certify.n=32",
+                 "--config.certify.chunk_size=16", "--config.data.num_examples=2",
+                 "--config.data.batch_size=1")
+
+
+def popen_interruptible(*args, **kwargs) -> subprocess.Popen:
+  """``subprocess.Popen`` whose child takes Ctrl-C as in a terminal, also when the tests
+  run as a background job (started with SIGINT ignored, which a child inherits)."""
+  ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  if ignored:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the child: SIG_DFL
+  try:
+    return subprocess.Popen(*args, **kwargs)
+  finally:
+    if ignored:
+      signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _start(workdir, err_path):
+  with open(err_path, "w") as err:
+    return popen_interruptible(
+        [sys.executable, "-m", "certify.run", f"--config={ROOT}/configs/clip_tiny.py",
+         f"--workdir={workdir}", *_RESUME_FLAGS], cwd=ROOT, stdout=subprocess.DEVNULL,
+        stderr=err, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
+def _wait_for(p, path, text, timeout=300):
+  deadline = time.monotonic() + timeout
+  while text not in path.read_text():
+    assert p.poll() is None and time.monotonic() < deadline, path.read_text()[-3000:]
+    time.sleep(0.05)
+
+
+def test_ctrl_c_and_kill_then_the_same_command_give_the_uninterrupted_results(tmp_path):
+  """Issue 21: Ctrl-C while the first batch certifies (its rows are saved; exit 130, one
+  line), kill -9 at a random moment of the resumed run (and a row torn as a kill mid-write
+  leaves it), then the same command: exit 0, the earlier rows kept, and the rows and table
+  of an uninterrupted run of the same config, bit for bit."""
+  workdir, err = tmp_path / "run", tmp_path / "stderr"
+  p = _start(workdir, err)
+  _wait_for(p, err, "(compiling first)")  # the first of the two batches is certifying
+  p.send_signal(signal.SIGINT)
+  assert p.wait(timeout=300) == cli.INTERRUPTED_EXIT_STATUS, err.read_text()[-3000:]
+  text = err.read_text()
+  lines = [l for l in text.replace("\r", "\n").splitlines() if l.strip()]
+  assert "Traceback" not in text and lines[-1] == (
+      f"certify.run: interrupted (Ctrl-C); 1 of 2 images are certified in "
+      f"{workdir}/results.jsonl; rerun the same command to certify the rest."), text
+  first = (workdir / "results.jsonl").read_bytes()
+  assert first.count(b"\n") == 8 and not (workdir / "table.md").exists()
+  p = _start(workdir, err)  # resumes; killed at a random moment
+  time.sleep(random.uniform(0.0, 8.0))
+  p.kill()
+  assert p.wait(timeout=60) in (-signal.SIGKILL, 0)
+  assert (workdir / "results.jsonl").read_bytes().startswith(first)
+  with open(workdir / "results.jsonl", "a") as f:
+    f.write('{"variant": "FS", "sigma": 0.5, "ima')  # what a kill mid-row leaves
+  p = _start(workdir, err)
+  assert p.wait(timeout=300) == 0, err.read_text()[-3000:]
+  assert (workdir / "results.jsonl").read_bytes().startswith(first)
+  # The uninterrupted run, in this process.
+  config = clip_tiny.get_config()
+  with config.unlocked():
+    config.certify.update(n0=8, n=32, chunk_size=16)
+    config.data.update(num_examples=2, batch_size=1)
+  table = run_lib.run(config, str(tmp_path / "whole"))
+  key = lambda path: report.read_rows(path, key=run_lib.ROW_KEY)  # noqa: E731
+  got, whole = key(workdir / "results.jsonl"), key(tmp_path / "whole" / "results.jsonl")
+  assert len(got) == len(whole) == 16
+  assert list(map(_numbers, got)) == list(map(_numbers, whole))
+  for name in ("table.md", "table.csv", "config.json"):
+    assert (workdir / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+  assert len(table) == 8 and all(r["images"] == 2 for r in table)
 
 
 def test_outputs_written(result):
