@@ -45,10 +45,16 @@ def result(tmp_path_factory):
       super().__init__(*args, **kwargs)
       bars.append(self)
 
+  build = variants_lib.encoder_variants
+  built = _VARIANTS.setdefault("result", [])  # the run's encoders: reused, nothing recompiles
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(report, "SampleProgress", Recorded)
+    patch.setattr(variants_lib, "encoder_variants", lambda c: built.extend(build(c)) or built)
     table = run_lib.run(config, str(workdir))
   return config, workdir, table, bars
+
+
+_VARIANTS = {}
 
 
 def test_a_rerun_keeps_what_is_done_and_a_resumed_run_ends_with_the_same_files(
@@ -59,7 +65,7 @@ def test_a_rerun_keeps_what_is_done_and_a_resumed_run_ends_with_the_same_files(
   config, workdir, table, _ = result
   names = ("results.jsonl", "table.md", "table.csv", "config.json")
   before = {n: (workdir / n).read_bytes() for n in names}
-  variants = variants_lib.encoder_variants(config)
+  variants = _VARIANTS["result"]
   monkeypatch.setattr(variants_lib, "encoder_variants", lambda config: variants)
   monkeypatch.setattr(run_lib.certify, "estimate_scores", None)  # would raise if called
   assert run_lib.run(config, str(workdir)) == table
