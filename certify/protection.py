@@ -88,6 +88,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Sequence
 
@@ -413,6 +414,49 @@ def _judge(c):
   return tasks.judges.get(c.judge, **options)
 
 
+class Progress:
+  """The program's one bar, in *image-steps*: an image answered (clean or adversarial),
+  certified or pushed through one attack step. Each stage says what it does, and the
+  first call of a shape says that it compiles (an attack's first batch of each row does:
+  rows differ in their encoder)."""
+
+  def __init__(self, total: int):
+    self.bar = tqdm.tqdm(total=int(total), desc="protection", unit="image-step",
+                         dynamic_ncols=True)
+    self._seen: set = set()
+
+  def stage(self, label: str, compile_key=None) -> None:
+    first = compile_key is not None and compile_key not in self._seen
+    self._seen.add(compile_key)
+    self.bar.set_postfix_str(f"{label} (compiling first)" if first else label)
+
+  def done(self, steps: int) -> None:
+    self.bar.update(int(steps))
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+def _work(rows, names, n: int, steps: int, certified: bool) -> int:
+  """The run's image-steps: per row, the clean answers (and a smoothed row's certificate),
+  then per attack its steps and the adversarial answers."""
+  smoothed = sum(isinstance(r.encoder, smoothing.SmoothedEncoder) for r in rows)
+  return len(rows) * n * (1 + len(names) * (steps + 1)) + (smoothed * n if certified else 0)
+
+
+def outcome(task: str, row: dict, threshold: float) -> str:
+  """An answer's judged outcome (a key of ``report.OUTCOMES``) from its jsonl row, as the
+  table counts it: "attacked" (the target option / a caption matching the target's),
+  "correct" (the correct option / a caption matching the clean image's), else "other"."""
+  if task == "caption":
+    if row["score_target"] >= threshold:
+      return "attacked"
+    return "correct" if row["score_clean"] >= threshold else "other"
+  if row["option"] == row["target_option"]:
+    return "attacked"
+  return "correct" if row["option"] == row["correct_option"] else "other"
+
+
 def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
         judge: tasks.Judge | None = None) -> list[dict]:
   """Runs the attacks on every row; writes the files; returns the table rows.
@@ -444,20 +488,34 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
   workdir = pathlib.Path(workdir)
   stem = f"protection_{task}"
   report.check_workdir(config, workdir / f"{stem}.jsonl", f"{stem}_config.json")
+  tqdm.tqdm.write(f"certify.protection: loading the MLLM ({_mllm_name(config)}) and the "
+                  "rows' encoders...", file=sys.stderr)
   model, params = build_mllm(config)
   rows = build_rows(config, model, params)
+  tqdm.tqdm.write(f"certify.protection: loading the {task} data "
+                  f"({config.attack.num_images} images)...", file=sys.stderr)
   data = task_data(config, task)
   x, t, questions = data["images"], data["targets"], data["questions"]
   prompts = prompts_of(task, questions, len(x), _caption_prompt(c))
   key = jax.random.PRNGKey(config.seed)
-  ask = lambda z: generate(model, params, z, prompts,  # pylint: disable=g-long-lambda
-                           max_new_tokens=c.max_new_tokens, batch_size=a.batch_size)
+  n = len(x)
+  progress = Progress(_work(rows, names, n, threat.steps, bool(c.get("certify_n", 0)))
+                      + (2 * n if task == "caption" else 0))
+
+  def ask(z, label):
+    progress.stage(label, ("answers", z.shape[1:]))
+    out = generate(model, params, z, prompts, max_new_tokens=c.max_new_tokens,
+                   batch_size=a.batch_size)
+    progress.done(len(out))
+    return out
 
   references = None
   if task == "caption":  # the vanilla MLLM's captions of the clean and target images
     original = rows[0]
-    references = (ask(llm_features(model, params, original, x, a, key)),
-                  ask(llm_features(model, params, original, t, a, key)))
+    references = (ask(llm_features(model, params, original, x, a, key),
+                      "original: captioning the clean images"),
+                  ask(llm_features(model, params, original, t, a, key),
+                      "original: captioning the target images"))
 
   table, strips = [], {n: {} for n in names}
   with report.rows(workdir / f"{stem}.jsonl", config,
@@ -465,19 +523,27 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
     for r, row in enumerate(rows):
       rk = jax.random.fold_in(key, r)
       z_clean = llm_features(model, params, row, x, a, jax.random.fold_in(rk, 0))
-      clean_answers = ask(z_clean)
+      clean_answers = ask(z_clean, f"{row.label}: clean answers")
       clean = score(task, clean_answers, questions, references, judge, c.threshold,
                     np.ones(len(x)))
       line = {"variant": row.label, "clean ACC": clean.cells()["ACC"]}
+      if isinstance(row.encoder, smoothing.SmoothedEncoder) and c.get("certify_n", 0):
+        progress.stage(f"{row.label}: certifying the clean images ({c.certify_n0} + "
+                       f"{c.certify_n} samples)", ("certificate", row.label))
       certificate = input_certificate(row, x, c, a.batch_size, jax.random.fold_in(rk, 999))
-      for k, name in enumerate(tqdm.tqdm(names, desc=row.label, unit="attack")):
+      if certificate is not None:
+        progress.done(n)
+      for k, name in enumerate(names):
         # The same attack randomness for every row: fold in the attack, not the row.
+        progress.stage(f"{row.label}: {name}, {threat.steps} steps on {n} images",
+                       ("attack", row.label, name))
         adv = attacks.attack_images(
             name, row.encoder, row.params, x, t, threat=threat,
             key=jax.random.fold_in(key, 1000 + k), batch_size=a.batch_size)
+        progress.done(n * threat.steps)
         z_adv = llm_features(model, params, row, adv, a, jax.random.fold_in(rk, 1 + k))
         fcs = tasks.features_cosine(z_clean, z_adv)
-        adv_answers = ask(z_adv)
+        adv_answers = ask(z_adv, f"{row.label}: {name}, adversarial answers")
         summary = score(task, adv_answers, questions, references, judge, c.threshold, fcs)
         cells = summary.cells()
         bounds = None
@@ -491,15 +557,19 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
         if task != "caption":
           line[f"{name} unparsable"] = summary.unparsable
         linf = attacks.linf_distances(adv, x)
+        judged = []
         for i in range(len(x)):
           out = image_row(task, row.label, name, i, int(data["labels"][i]), clean_answers[i],
                           adv_answers[i], float(fcs[i]), float(linf[i]),
                           questions[i] if questions else None, references, judge)
           if bounds is not None:
             out.update(cert_cos_fs=float(bounds[0][i]), cert_cos_zn=float(bounds[1][i]))
+          judged.append(outcome(task, out, c.threshold))
           write(out)
-        strips[name][row.label] = (adv[:a.examples], adv_answers[:a.examples])
+        strips[name][row.label] = (adv[:a.examples], adv_answers[:a.examples],
+                                   judged[:a.examples])
       table.append(line)
+  progress.close()
   caption = (f"Table {dict(caption=3, classify=4, vqa=5)[task]} ({task}) of the MLLM "
              f"{_mllm_name(config)} on {_data_name(c.data, task)}: {len(x)} images; "
              f"{threat.describe()}; smoothed rows: sigma = {a.sigma:g}, n = {a.n}. "
@@ -570,12 +640,17 @@ def describe_option(answer: str, option_names: Sequence[str]) -> str:
 
 def plot_strip(x, targets, adversarial: dict, path: pathlib.Path, *, title: str,
                clean_titles: Sequence[str] | None = None, describe=None) -> None:
-  """PNG strip: per image, clean | adversarial of each row with its answer | target."""
+  """PNG strip: per image, clean | adversarial of each row with its answer | target.
+
+  ``adversarial[label] = (images, answers, outcomes)``: each adversarial panel is framed
+  and captioned in the colour of its judged outcome (``report.OUTCOMES``: the attacked
+  answer red, a correct ("repaired") one green, anything else orange).
+  """
   describe = describe or (lambda a: a)
   report.image_strip(
       [[(x[i], clean_titles[i] if clean_titles else "clean")]
-       + [(adv[i], f"{label}:\n{_wrap(describe(answers[i]))}")
-          for label, (adv, answers) in adversarial.items()]
+       + [(adv[i], f"adversarial, {label}:\n{_wrap(describe(answers[i]))}", judged[i])
+          for label, (adv, answers, judged) in adversarial.items()]
        + [(targets[i], "target")] for i in range(len(x))], path, title=title)
 
 

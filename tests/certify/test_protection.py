@@ -68,9 +68,13 @@ def _csv(path):
     return list(csv.DictReader(f))
 
 
-def test_classification_end_to_end(tmp_path, folder):
+def test_classification_end_to_end(tmp_path, folder, capsys):
   config = _config(folder)
   table = protection.run(config, str(tmp_path), task="classify", attack="attackvlm,pgd")
+  # One honest bar: image-steps, the stages named, compilation said, and it ends full.
+  err = capsys.readouterr().err
+  assert "image-step" in err and "compiling first" in err and "loading the MLLM" in err
+  assert "attackvlm, 2 steps on 3 images" in err and "100%" in err
   for name in ("protection_classify.jsonl", "protection_classify.md",
                "protection_classify.csv", "protection_classify_config.json",
                "protection_classify_attackvlm.png", "protection_classify_pgd.png"):
@@ -96,6 +100,11 @@ def _check_classification_cells(tmp_path, rows, attacks):
       assert options == [r["option"] for r in rs]
       correct = np.mean([o == r["correct_option"] for o, r in zip(options, rs)])
       success = np.mean([o == 9 for o in options])
+      # The strip's colours are the table's outcomes.
+      judged = [protection.outcome("classify", r, 0.3) for r in rs]
+      assert np.mean([j == "attacked" for j in judged]) == success
+      assert np.mean([j == "correct" for j in judged]) == np.mean(
+          [o == r["correct_option"] for o, r in zip(options, rs)])
       cell = cells[variant]
       assert cell[f"{attack} ACC"] == f"{100 * correct:.1f}%"
       assert cell[f"{attack} ASR"] == f"{100 * success:.1f}%"
