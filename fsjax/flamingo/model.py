@@ -149,13 +149,14 @@ class FlamingoLM(nn.Module):
     self.transformer = mpt.MPTModel(cfg.lang, self.dtype)
     self.gated_cross_attn_layers = _GatedLayers(cfg, self.dtype)
 
-  def __call__(self, input_ids, media, text_time, cache, valid):
+  def __call__(self, input_ids, media, text_time, cache, valid, last_only=False):
     blocks = dict(zip(self.config.cross_attn_layers, self.gated_cross_attn_layers.layers))
 
     def before_block(i, x):
       return blocks[i](x, media, text_time) if i in blocks else x
 
-    return mpt.decode(self.transformer, input_ids, cache, valid, before_block)
+    return mpt.decode(self.transformer, input_ids, cache, valid, before_block,
+                      last_only=last_only)
 
 
 class Flamingo(nn.Module):
@@ -203,13 +204,17 @@ class Flamingo(nn.Module):
     return FlamingoCache(kv=kv, media=self.encode_media(vision_tokens),
                          media_count=jnp.zeros((b,), jnp.int32))
 
-  def decode(self, input_ids: jax.Array, cache: FlamingoCache, valid: jax.Array
-             ) -> tuple[jax.Array, FlamingoCache]:
-    """``[B, T]`` new tokens after the cached ones -> ``([B, T, V] logits, cache)``."""
+  def decode(self, input_ids: jax.Array, cache: FlamingoCache, valid: jax.Array, *,
+             last_only: bool = False) -> tuple[jax.Array, FlamingoCache]:
+    """``[B, T]`` new tokens after the cached ones -> ``([B, T, V] logits, cache)``.
+
+    ``last_only``: the last position's logits only (``[B, 1, V]``: what a prefill needs).
+    """
     is_media = input_ids == self.config.media_token_id
     # Each token attends to its most recent image (open_flamingo: media_locations.cumsum).
     text_time = cache.media_count[:, None] + jnp.cumsum(is_media, axis=1, dtype=jnp.int32)
-    logits, kv = self.lang_encoder(input_ids, cache.media, text_time, cache.kv, valid)
+    logits, kv = self.lang_encoder(input_ids, cache.media, text_time, cache.kv, valid,
+                                   last_only)
     return logits, cache.replace(kv=kv, media_count=text_time[:, -1])
 
 
@@ -241,7 +246,7 @@ def _generate(model, params, ids, valid, vision_tokens, *, max_new_tokens, eos_t
   variables = {"params": params}
   b, t = ids.shape
   cache = model.apply(variables, vision_tokens, capacity=t + max_new_tokens - 1, method="start")
-  logits, cache = model.apply(variables, ids, cache, valid, method="decode")
+  logits, cache = model.apply(variables, ids, cache, valid, method="decode", last_only=True)
 
   def step(tokens, cache):
     logits, cache = model.apply(variables, tokens[:, None], cache, jnp.ones((b, 1), bool),
@@ -257,7 +262,7 @@ def _score_options(model, params, ids, valid, vision_tokens, options, option_val
   variables = {"params": params}
   cache = model.apply(variables, vision_tokens, capacity=ids.shape[1] + options.shape[1] - 1,
                       method="start")
-  logits, cache = model.apply(variables, ids, cache, valid, method="decode")
+  logits, cache = model.apply(variables, ids, cache, valid, method="decode", last_only=True)
 
   def extend(tokens, cache):  # T option tokens after the prompt, for fsjax.decoding
     return model.apply(variables, tokens, cache, jnp.ones(tokens.shape, bool), method="decode")[0]

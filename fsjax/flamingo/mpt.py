@@ -167,15 +167,27 @@ class MPTAttention(nn.Module):
     q, k, v = (y.reshape(b, t, cfg.n_heads, cfg.head_dim).transpose(0, 2, 1, 3)
                for y in jnp.split(qkv, 3, axis=-1))
     query_positions = cache.index + jnp.arange(t)
-    cache, k, v = cache.write(self.layer, k, v)  # [B, H, S, D_head]
+    # The prefill of a fresh cache sees only its own T keys (every other slot is empty),
+    # causally: its query blocks skip the masked upper triangle and the empty slots.
+    own = cache.fresh
+    cache, k_all, v_all = cache.write(self.layer, k, v)  # [B, H, S, D_head]
+    if not own:
+      k, v = k_all, v_all
     scale = cfg.softmax_scale if cfg.softmax_scale is not None else cfg.head_dim ** -0.5
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    distance = jnp.arange(cache.capacity)[None, :] - query_positions[:, None]  # [T, S]
     slopes = jnp.asarray(alibi_slopes(cfg.n_heads, cfg.alibi_bias_max))
-    logits = logits + slopes[:, None, None] * distance.astype(jnp.float32)[None]
-    logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, v.astype(self.dtype))
+    v = v.astype(self.dtype)
+    outs = []
+    for start, end in decoding.causal_blocks(t) if own else [(0, t)]:
+      keys = end if own else cache.capacity  # causal: queries < end see keys < end
+      qb = q if end - start == t else q[:, :, start:end]
+      logits = jnp.einsum("bhqd,bhkd->bhqk", qb, k[:, :, :keys],
+                          preferred_element_type=jnp.float32) * scale
+      distance = jnp.arange(keys)[None, :] - query_positions[start:end, None]  # [T, S]
+      logits = logits + slopes[:, None, None] * distance.astype(jnp.float32)[None]
+      logits = jnp.where(mask[:, None, start:end, :keys], logits, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :keys]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
     return dense(cfg.d_model, name="out_proj")(out), cache
 
@@ -249,7 +261,8 @@ def empty_cache(config: MPTConfig, *, batch: int, capacity: int,
 
 
 def decode(transformer: MPTModel, input_ids: jax.Array, cache: decoding.KVCache,
-           valid: jax.Array, before_block=None) -> tuple[jax.Array, decoding.KVCache]:
+           valid: jax.Array, before_block=None, *, last_only: bool = False
+           ) -> tuple[jax.Array, decoding.KVCache]:
   """Runs the decoder on ``[B, T]`` new tokens after what ``cache`` holds.
 
   Args:
@@ -259,9 +272,12 @@ def decode(transformer: MPTModel, input_ids: jax.Array, cache: decoding.KVCache,
     valid: bool ``[B, T]``, False for left padding.
     before_block: optional ``f(i, x) -> x`` run before block ``i`` (OpenFlamingo's gated
       cross-attention).
+    last_only: the logits of the last position only (``[B, 1, vocab]``): a prefill needs
+      no more, and the tied LM head over every prompt position can cost more than the
+      decoder (50280 x 512 per position).
 
   Returns:
-    ``(logits [B, T, vocab] float32, cache advanced by T)``.
+    ``(logits [B, T or 1, vocab] float32, cache advanced by T)``.
   """
   cfg = transformer.config
   x = transformer.wte(input_ids)
@@ -270,6 +286,8 @@ def decode(transformer: MPTModel, input_ids: jax.Array, cache: decoding.KVCache,
     if before_block is not None:
       x = before_block(i, x)
     x, cache = block(x, cache, mask)
+  if last_only:
+    x = x[:, -1:]
   x = transformer.norm_f(x.astype(jnp.float32))
   logits = transformer.wte.attend(x.astype(transformer.dtype)).astype(jnp.float32)  # tied head
   if cfg.logit_scale is not None:
@@ -292,16 +310,18 @@ class MPTForCausalLM(nn.Module):
     self.transformer = MPTModel(self.config, self.dtype)
 
   def __call__(self, input_ids: jax.Array, *, cache: decoding.KVCache | None = None,
-               valid: jax.Array | None = None) -> tuple[jax.Array, decoding.KVCache]:
+               valid: jax.Array | None = None, last_only: bool = False
+               ) -> tuple[jax.Array, decoding.KVCache]:
     """Logits of ``input_ids`` ``[B, T]`` after the cached tokens.
 
     Args:
       input_ids: int ``[B, T]``.
       cache: None for a plain forward pass (a fresh cache of capacity T is used).
       valid: bool ``[B, T]`` (transformers' ``attention_mask``); default all True.
+      last_only: the last position's logits only (``[B, 1, vocab]``, see :func:`decode`).
 
     Returns:
-      ``(logits [B, T, vocab] float32, cache)``.
+      ``(logits [B, T or 1, vocab] float32, cache)``.
     """
     input_ids = jnp.asarray(input_ids)
     if valid is None:
@@ -309,7 +329,8 @@ class MPTForCausalLM(nn.Module):
     if cache is None:
       cache = empty_cache(self.config, batch=input_ids.shape[0], capacity=input_ids.shape[1],
                           dtype=self.dtype)
-    return decode(self.transformer, input_ids, cache, jnp.asarray(valid, bool))
+    return decode(self.transformer, input_ids, cache, jnp.asarray(valid, bool),
+                  last_only=last_only)
 
 
 def check_prompt(input_ids, attention_mask, *, max_new_tokens: int, max_seq_len: int):
@@ -337,7 +358,7 @@ def check_prompt(input_ids, attention_mask, *, max_new_tokens: int, max_seq_len:
 def _generate(model, params, ids, valid, *, max_new_tokens, eos_token_id, pad_token_id):
   b, t = ids.shape
   cache = empty_cache(model.config, batch=b, capacity=t + max_new_tokens - 1, dtype=model.dtype)
-  logits, cache = model.apply({"params": params}, ids, cache=cache, valid=valid)
+  logits, cache = model.apply({"params": params}, ids, cache=cache, valid=valid, last_only=True)
 
   def step(tokens, cache):
     logits, cache = model.apply({"params": params}, tokens[:, None], cache=cache,

@@ -151,18 +151,33 @@ class LlamaAttention(nn.Module):
     k = heads(dense(kv * hd, name="k_proj")(x), kv)
     v = heads(dense(kv * hd, name="v_proj")(x), kv)
     q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+    # A pass over its own keys only (no cache, or the prefill of a fresh cache: every
+    # other slot is empty) is causal: its query blocks skip the masked upper triangle.
+    own = cache is None or cache.fresh
     if cache is not None:
-      cache, k, v = cache.write(layer, k, v)  # [B, KV, S, D]: every slot of the cache
+      cache, k_all, v_all = cache.write(layer, k, v)  # [B, KV, S, D]: every slot of the cache
+      if own:
+        mask = mask[:, :, :t]  # a fresh cache's slots [0, T) are this pass's keys
+      else:
+        k, v = k_all, v_all
     s = k.shape[2]
+    v = v.astype(self.dtype)
     # Query head j uses KV head j // g (transformers' repeat_kv): the g query heads of a
-    # KV head and their T positions form one [g T, D] block, so both products are plain
+    # KV head and their queries form one [g T, D] block, so both products are plain
     # batched matmuls over (B, KV) on the cache's own layout.
-    q = q.reshape(b, kv, g * t, hd)
-    logits = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
-    logits = logits.reshape(b, kv, g, t, s) * hd ** -0.5
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype).reshape(b, kv, g * t, s)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(self.dtype))  # [B, KV, g T, D]
+    q = q.reshape(b, kv, g, t, hd)
+    outs = []
+    for start, end in decoding.causal_blocks(t) if own else [(0, t)]:
+      n, keys = end - start, end if own else s  # causal: queries < end see keys < end
+      qb = q if n == t else q[:, :, :, start:end]
+      logits = jnp.einsum("bkqd,bksd->bkqs", qb.reshape(b, kv, g * n, hd), k[:, :, :keys],
+                          preferred_element_type=jnp.float32)
+      logits = logits.reshape(b, kv, g, n, keys) * hd ** -0.5
+      logits = jnp.where(mask[:, None, None, start:end, :keys], logits,
+                         jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype).reshape(b, kv, g * n, keys)
+      outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, :keys]).reshape(b, kv, g, n, hd))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, KV, g, T, D]
     out = out.reshape(b, h, t, hd).transpose(0, 2, 1, 3).reshape(b, t, h * hd)
     return dense(cfg.hidden_size, name="o_proj")(out), cache
 

@@ -124,6 +124,20 @@ def test_kv_cache_equals_full_causal_attention():
   assert np.all(np.asarray(cache.keys)[0] == 0)  # layer 0 untouched
 
 
+def test_fresh_cache_and_causal_blocks():
+  """A cache is fresh until its first advance; the blocks tile range(t), <= block long."""
+  cache = decoding.KVCache.empty(num_layers=1, batch=1, capacity=4, num_kv_heads=1, head_dim=2)
+  assert cache.fresh and not cache.advance(jnp.ones((1, 2), bool)).fresh
+  assert jax.tree.leaves(cache)[-1].shape == ()  # fresh is static, not a leaf
+  assert decoding.causal_blocks(7) == [(0, 7)]
+  assert decoding.causal_blocks(592) == [(0, 120), (120, 240), (240, 360), (360, 480),
+                                         (480, 592)]
+  for t in (1, 128, 129, 300, 1000):
+    blocks = decoding.causal_blocks(t, block=64)
+    assert [s for s, _ in blocks] == [0] + [e for _, e in blocks[:-1]] and blocks[-1][1] == t
+    assert all(e - s <= 64 and (e == t or (e - s) % 8 == 0) for s, e in blocks)
+
+
 # -- option scoring ----------------------------------------------------------------------
 
 
