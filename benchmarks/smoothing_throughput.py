@@ -16,7 +16,7 @@ Prints Markdown tables, all measured in one run on one machine:
    row's compute dtype. Variants are timed in interleaved rounds, so load changes on a
    shared machine hit them alike; ratios are taken within a round, then the median over
    rounds is reported. On CPU each fsjax row is compiled for each XLA:CPU dot backend
-   of ``CPU_DOTS`` (the default YNNPACK, and oneDNN).
+   of ``CPU_DOTS`` (the default YNNPACK, XLA's own Eigen matmul, and oneDNN).
 3. **Memory vs n**: XLA's ``memory_analysis()`` of the compiled two-stage certification
    (``certify.estimate_scores``, all bounds and references) on the tiny CLIP of
    ``configs/clip_tiny.py`` for several n:
@@ -89,8 +89,11 @@ SIGMA = 0.25
 # Known crash (jax 0.10.2): in float32, a vmapped multi-head attention whose vmap and
 # batch sizes are both > 1 dies at run time with "partition compile failed" and SIGILL,
 # so the float32 oneDNN rows are skipped for --batch > 1.
+# "eigen" turns the YNNPACK fusion off and nothing else: the dots go to XLA's own
+# (Eigen) matmul, the same as XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=".
 CPU_DOTS = {
     "default": {},
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
     "onednn": {"xla_cpu_experimental_ynn_fusion_type": "",
                "xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
@@ -477,7 +480,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="memory table from the compiled executables only, no real runs")
   p.add_argument("--peak-size", type=int, default=None,
                  help="matmul side for the peak (default 4096 on CPU, 8192 on GPU)")
-  p.add_argument("--cpu-dots", default="default,onednn",
+  p.add_argument("--cpu-dots", default="default,eigen,onednn",
                  help="XLA:CPU dot backends for the fsjax rows and XLA matmuls, comma-separated "
                       f"subset of {','.join(CPU_DOTS)} (ignored off the CPU)")
   p.add_argument("--sections", default="peak,throughput,memory",
