@@ -219,7 +219,7 @@ def run(config, workdir: str) -> list[dict]:
         cert = certify.certify_answers(
             p, xb, answerer=answerer, sigma=float(sigma), key=bkey, n0=int(c.n0),
             n=int(c.n), alpha=float(c.alpha), chunk_size=int(c.chunk_size),
-            progress=lambda k, b=len(idx), s=c.batch_size: bar.update(k * b / s))
+            progress=lambda k, b=len(idx): bar.update(k * b))
         seconds = (time.time() - t0) / len(idx)
         clean = certify.clean_answers(p, xb, answerer=answerer, key=bkey, sigma=float(sigma))
         feats = (_feature_columns(c, encoder, vparams, xb, float(sigma), bkey)
