@@ -13,6 +13,8 @@ option of a finite answer set. This script times that base classifier, in one ru
   one prefill of the prompt, then every option's tokens in one batched pass), batched
   over noise samples and images (``--batch`` noisy images per call) and one by one
   (batch 1, ``--single`` calls);
+* **option scoring, LLM only**: the same, from the tower's features computed beforehand
+  (how much of the cost is the vision tower's);
 * **greedy decoding** of the same answers (``MLLM.generate_ids``, as many new tokens as
   the longest option), batched and one by one; the option a greedy answer spells (else
   none) is compared with the scoring's argmax ("agree").
@@ -72,6 +74,11 @@ def features(model, params, noisy):
 def option_answers(model, params, noisy, ids, valid, options):
   """``[B]`` the option each noisy image's answer scores highest (``MLLM.option_scores``)."""
   feats = features(model, params, noisy)
+  return jnp.argmax(model.option_scores(params, ids, feats, options, valid=valid), -1)
+
+
+def scored_answers(model, params, feats, ids, valid, options):
+  """``[B]`` :func:`option_answers` from features already computed: the LLM's share."""
   return jnp.argmax(model.option_scores(params, ids, feats, options, valid=valid), -1)
 
 
@@ -145,23 +152,27 @@ def measure(model, params, ids, options, images, *, samples, batch, single, sigm
   ids_b, ids_1 = np.repeat(ids, batch, 0), ids
   valid_b, valid_1 = np.ones_like(ids_b, bool), np.ones_like(ids_1, bool)
 
-  def batched(fn):
+  def batched(fn, inputs):
     def call():
-      return np.concatenate([np.asarray(fn(model, params, noisy_b[i:i + batch], ids_b,
+      return np.concatenate([np.asarray(fn(model, params, inputs[i:i + batch], ids_b,
                                            valid_b, options))
-                             for i in range(0, len(noisy_b), batch)])[:total]
+                             for i in range(0, len(inputs), batch)])[:total]
     return call
 
-  def one_by_one(fn):
+  def one_by_one(fn, inputs):
     def call():
-      return np.array([int(np.asarray(fn(model, params, noisy[i:i + 1], ids_1, valid_1,
+      return np.array([int(np.asarray(fn(model, params, inputs[i:i + 1], ids_1, valid_1,
                                          options))[0]) for i in range(single)])
     return call
 
+  feats = np.asarray(features(model, params, noisy_b))
   calls = {}
-  for method, fn in (("option scoring", option_answers), ("greedy decoding", greedy_answers)):
-    for label, call, count in (("batched", batched(fn), total),
-                               ("one by one", one_by_one(fn), single)):
+  for method, fn, inputs in (("option scoring", option_answers, noisy_b),
+                             ("greedy decoding", greedy_answers, noisy_b),
+                             # the same answers from the tower's features, computed once
+                             ("option scoring, LLM only", scored_answers, feats)):
+    for label, call, count in (("batched", batched(fn, inputs), total),
+                               ("one by one", one_by_one(fn, inputs), single)):
       log(f"{method}, {label}: compiling and warming up")
       calls[(method, label)] = (call, count, call())  # compilation and warm-up, not timed
   # Interleaved rounds (every call once per round): load drifting on a shared machine
