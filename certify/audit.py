@@ -71,14 +71,25 @@ from fsjax import variants as variants_lib
 _CERTIFY, _ATTACK, _MEASURE = 0, 1, 2
 
 
+# Taken from ``config.certify`` when ``config.audit`` does not set them: the Monte Carlo
+# settings, and the mode with the sequential engine's settings (docs/method.md 2b).
+_FROM_CERTIFY = ("n0", "n", "alpha", "chunk_size", "mode", "stop", "sequential_chunk_size",
+                 "slots", "eps")
+_SEQUENTIAL_DEFAULTS = dict(mode="fixed", stop="decision", sequential_chunk_size=64, slots=8)
+
+
 def audit_settings(config) -> Any:
-  """``config.audit`` with its unset Monte Carlo settings (n0, n, alpha, chunk_size)
-  taken from ``config.certify``: the audit certifies as Table 1 does unless told not to."""
+  """``config.audit`` with its unset Monte Carlo settings (n0, n, alpha, chunk_size, and
+  the mode: ``config.certify.mode="sequential"`` audits sequential certificates, stopped at
+  their data-dependent times) taken from ``config.certify``: the audit certifies as
+  Table 1 does unless told not to. (``certify_eps``: the decisions a sequential run stops
+  on, config.certify.eps.)"""
   a = config.audit.copy_and_resolve_references()
   with a.unlocked():
-    for k in ("n0", "n", "alpha", "chunk_size"):
-      if a.get(k) is None:
-        a[k] = config.certify[k]
+    for k in _FROM_CERTIFY:
+      target = "certify_eps" if k == "eps" else k
+      if a.get(target) is None:
+        a[target] = config.certify.get(k, _SEQUENTIAL_DEFAULTS.get(k))
   return a
 
 
@@ -124,6 +135,17 @@ def check_audit_config(a) -> None:
   if not a.k_sigma >= 0:
     raise ValueError(f"config.audit.k_sigma={a.k_sigma!r} must be >= 0 (e.g. 3).")
   checks.check_positive_int(a.batch_size, name="config.audit.batch_size")
+  if a.get("mode", "fixed") not in ("fixed", "sequential"):
+    raise ValueError(f"config.audit.mode={a.mode!r} (or config.certify.mode) must be 'fixed' "
+                     "or 'sequential'.")
+  if a.get("mode") == "sequential":
+    checks.check_choice(a.stop, name="config.certify.stop", choices=certify.SEQUENTIAL_STOPS)
+    for k in ("sequential_chunk_size", "slots"):
+      checks.check_positive_int(a[k], name=f"config.certify.{k}")
+    eps = np.asarray(a.certify_eps if a.eps is None else a.eps, np.float64)
+    if eps.ndim != 1 or eps.size == 0:
+      raise ValueError("a sequential audit stops on the decisions at config.certify.eps (or "
+                       f"config.audit.eps): set a non-empty list of radii, got {eps!r}.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -234,21 +256,10 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
   a = audit
   sigma = float(a.sigma)
   b = images.shape[0]
-  padded = batching.pad_rows(images, max(pad_to or b, b))
-  estimates = certify.estimate_scores(
-      params, padded, encoder=encoder, sigma=sigma,
-      key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0, alpha=a.alpha,
-      bounds=(a.bound,), references=tuple(a.references), chunk_size=a.chunk_size,
-      progress=_task(
-          progress, f"{name}: certifying, {a.n0} + {a.n} samples x {len(padded)} images",
-          images=len(padded), compile_key=("certify", encoder, padded.shape)))
   rows, skipped = [], collections.Counter()
-  for r_index, estimate in enumerate(estimates):
-    reference = estimate.reference
-    deficit = np.asarray(estimate.deficit, np.float64)
-    u = np.asarray(estimate.direction, np.float32)
-    radius = np.asarray(certify.feature_certificate(estimate, eps=0.0, cos=a.cos).radius,
-                        np.float64)
+  for r_index, (reference, deficit, u, radius, bound_of, samples) in enumerate(
+      _certificates(encoder, params, images, a, key, name=name, first_index=first_index,
+                    pad_to=pad_to, progress=progress)):
     # The (image, eps) pairs inside the certificate, each with its bound B(eps).
     pairs = []  # (image, eps, fraction or None, B)
     for i in range(b):
@@ -261,9 +272,7 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
       else:
         eps, fractions = [float(e) for e in np.asarray(a.eps, np.float32)], [None] * len(a.eps)
       # The attack runs at float32(eps), so B is that radius's.
-      bound = np.asarray(certify.feature_certificate(
-          estimate.take(np.array([i])), eps=np.asarray(eps, np.float32),
-          cos=a.cos).inner_product_bound[0], np.float64)
+      bound = bound_of(i, np.asarray(eps, np.float32))
       kept = [(i, e, f, float(bb)) for e, f, bb in zip(eps, fractions, bound)
               if a.eps is None or bb >= 0]
       if a.eps is not None:
@@ -316,7 +325,8 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
       for j, (i, e, frac, _) in enumerate(chunk):
         rows.append({
             "variant": name, "image": first_index + int(i), "label": int(labels[i]),
-            "reference": reference, "bound": a.bound, "sigma": sigma,
+            "reference": reference,
+            "bound": a.bound if samples is None else "betting (sequential)", "sigma": sigma,
             "alpha": float(a.alpha), "cos": float(a.cos), "radius": float(radius[i]),
             "fraction": frac, "eps": float(e), "perturbation_l2": float(dist[j]),
             "score_lcb": float(1.0 - deficit[i]),
@@ -325,8 +335,62 @@ def audit_images(encoder: encoders_lib.Encoder, params: Any, images: np.ndarray,
             "measured_clean": clean[i], "clean_n": int(clean_n),
             "margin": float(measured[j] - certified[j]),
             "violation": bool(measured[j] < certified[j]),
-            "violation_k_sigma": bool(measured[j] + a.k_sigma * se[j] < certified[j])})
+            "violation_k_sigma": bool(measured[j] + a.k_sigma * se[j] < certified[j]),
+            **({} if samples is None else {"mode": "sequential",
+                                           "samples": int(samples[i])})})
   return rows, dict(skipped)
+
+
+def _certificates(encoder, params, images, a, key, *, name, first_index, pad_to, progress):
+  """Per reference: ``(reference, deficit [B], u [B, D], radius [B], bound_of, samples)``.
+
+  ``bound_of(i, eps [E])`` is image i's B(eps) (float64); ``samples`` is None for fixed n,
+  else ``[B]`` the samples each sequential certificate used. Fixed n: the same two-stage
+  Monte Carlo as :func:`certify.fcsb`. Sequential (``a.mode``): :func:`certify.
+  sequential_fcsb` (inner product, each image stopped once its decisions "cos >= a.cos
+  at every eps of config.certify.eps (or a.eps)" are settled, at a data-dependent time),
+  whose deficit bound holds at that time: the audit attacks exactly that certificate.
+  """
+  sigma = float(a.sigma)
+  b = images.shape[0]
+  if a.get("mode") == "sequential":
+    eps = list(a.certify_eps if a.eps is None else a.eps)
+    for reference in a.references:
+      cert = certify.sequential_fcsb(
+          params, images, encoder=encoder, sigma=sigma, eps=eps,
+          key=jax.random.fold_in(key, _CERTIFY), cos=a.cos, n_max=a.n, n0=a.n0,
+          alpha=a.alpha, norm_aware=False, reference=reference, stop=a.stop,
+          chunk_size=a.sequential_chunk_size, slots=a.slots,
+          image_ids=first_index + np.arange(b))
+      deficit = np.asarray(cert.deficit, np.float64)
+      samples = np.asarray(cert.samples)
+      _grow(progress, int(samples.sum()))  # known once the images have stopped
+      done = _task(progress, f"{name}, {reference}: certified sequentially", images=1)
+      if done is not None:
+        done(int(samples.sum()))
+      scores = 1.0 - np.asarray(cert.deficit)
+
+      def bound_of(i, e, scores=scores):
+        return np.asarray(certify.fcsb_from_score(scores[i], eps=e, sigma=sigma), np.float64)
+      yield (reference, deficit, np.asarray(cert.direction, np.float32),
+             np.asarray(cert.radius, np.float64), bound_of, samples)
+    return
+  padded = batching.pad_rows(images, max(pad_to or b, b))
+  estimates = certify.estimate_scores(
+      params, padded, encoder=encoder, sigma=sigma,
+      key=jax.random.fold_in(key, _CERTIFY), n=a.n, n0=a.n0, alpha=a.alpha,
+      bounds=(a.bound,), references=tuple(a.references), chunk_size=a.chunk_size,
+      progress=_task(
+          progress, f"{name}: certifying, {a.n0} + {a.n} samples x {len(padded)} images",
+          images=len(padded), compile_key=("certify", encoder, padded.shape)))
+  for estimate in estimates:
+    def bound_of(i, e, estimate=estimate):
+      return np.asarray(certify.feature_certificate(
+          estimate.take(np.array([i])), eps=e, cos=a.cos).inner_product_bound[0], np.float64)
+    yield (estimate.reference, np.asarray(estimate.deficit, np.float64),
+           np.asarray(estimate.direction, np.float32),
+           np.asarray(certify.feature_certificate(estimate, eps=0.0, cos=a.cos).radius,
+                      np.float64), bound_of, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -390,8 +454,13 @@ def audit_markdown(summary: dict, table: list[dict], audit, skipped: dict) -> st
   text = [
       "# Soundness audit of the feature certificate",
       "",
-      f"sigma = {audit.sigma:g}, bound = {audit.bound}, alpha = {audit.alpha:g}, "
-      f"n0 = {audit.n0}, n = {audit.n}; {levels}; references {tuple(audit.references)}.",
+      f"sigma = {audit.sigma:g}, bound = "
+      + (f"{audit.bound}, alpha = {audit.alpha:g}, n0 = {audit.n0}, n = {audit.n}"
+         if audit.get("mode") != "sequential" else
+         f"betting (sequential: stopped once 'cos >= {audit.cos:g}' is settled at every eps "
+         f"of {tuple(audit.certify_eps if audit.eps is None else audit.eps)}, stop = "
+         f"{audit.stop}), alpha = {audit.alpha:g}, n0 = {audit.n0}, n_max = {audit.n}")
+      + f"; {levels}; references {tuple(audit.references)}.",
       f"Attack: l2 PGD + EOT ({audit.steps} steps of {audit.step_factor:g} eps / steps, "
       f"{audit.eot_samples} noise draws per step) minimising <f_s(x'), u>; measured with "
       f"{audit.measure_n} fresh samples"
@@ -444,8 +513,10 @@ def run(config, workdir: str) -> dict[str, Any]:
   dataset = _audit_data(config)
   key = jax.random.PRNGKey(config.seed)
   rows, skipped, offset = [], collections.Counter(), 0
-  # The certifications; attacks and measurements join the total as pairs are certified.
-  certify_samples = len(dataset) * dataset.batch_size * len(variants) * (a.n0 + a.n)
+  # The certifications; attacks and measurements join the total as pairs are certified
+  # (sequential: each image's samples join it once the image has stopped).
+  certify_samples = (0 if a.get("mode") == "sequential" else
+                     len(dataset) * dataset.batch_size * len(variants) * (a.n0 + a.n))
   with report.rows(workdir / "audit.jsonl", config,
                    config_name="audit_config.json") as write, report.SampleProgress(
       certify_samples, "audit") as progress:

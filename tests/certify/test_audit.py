@@ -166,3 +166,34 @@ def test_end_to_end_on_tiny_clip(tmp_path):
 def test_bad_config_errors(overrides, match):
   with pytest.raises(ValueError, match=match):
     audit.check_audit_config(_audit_config(**overrides))
+
+
+def test_sequential_audit_attacks_the_stopped_certificates(toy):
+  """``mode="sequential"``: the audited bound is sequential_fcsb's at its stopping time."""
+  encoder, params = toy
+  x = _images()
+  a = _audit_config(eps_fractions=(0.5, 1.0), references=("mean",))
+  with a.unlocked():
+    a.update(dict(mode="sequential", stop="decision", sequential_chunk_size=64, slots=2,
+                  certify_eps=(0.125, 0.25)))
+  audit.check_audit_config(a)
+  rows, skipped = audit.audit_images(encoder, params, x, np.arange(3), a,
+                                     jax.random.PRNGKey(0))
+  cert = certify.sequential_fcsb(
+      params, x, encoder=encoder, sigma=SIGMA, eps=[0.125, 0.25],
+      key=jax.random.fold_in(jax.random.PRNGKey(0), audit._CERTIFY), cos=0.5, n_max=a.n,
+      n0=a.n0, alpha=a.alpha, norm_aware=False, reference="mean", chunk_size=64, slots=2)
+  assert not skipped and len(rows) == 6
+  for r in rows:
+    i = r["image"]
+    assert r["mode"] == "sequential" and r["bound"] == "betting (sequential)"
+    assert r["samples"] == int(cert.samples[i]) <= a.n0 + a.n
+    assert r["radius"] == pytest.approx(float(cert.radius[i]), abs=1e-5)
+    assert r["score_lcb"] == pytest.approx(float(cert.score[i]), abs=1e-6)
+    assert not r["violation_k_sigma"]
+  # At the full radius the bound is the level cos = 0.5.
+  assert rows[1]["certified_inner_product"] == pytest.approx(0.5, abs=1e-4)
+  with a.unlocked():
+    a.mode = "anytime"
+  with pytest.raises(ValueError, match="mode"):
+    audit.check_audit_config(a)
