@@ -22,6 +22,52 @@ def _cap_samples(rng, z, gamma, m):
   return np.cos(a)[:, None] * z + np.sin(a)[:, None] * v
 
 
+# ---------------------------------------------------------------- per-class certificate (3b)
+
+
+def test_per_class_radius_matches_scipy_and_the_worst_case():
+  """R_pc = sigma / 2 (Phi^-1(L_c) - max_{k != c} Phi^-1(U_k)), the deficits of k != c
+  being the upper bounds U_k themselves; and at eps just below R_pc the worst case of
+  Salman's lemma (every g_c pushed down, every g_k up, by eps / sigma in probit space)
+  still ranks c first, just above it not."""
+  rng = np.random.default_rng(0)
+  b, k, sigma = 64, 5, 0.5
+  deficits = rng.uniform(0.01, 0.99, size=(b, k))
+  cls = rng.integers(0, k, size=b)
+  deficits[np.arange(b), cls] = rng.uniform(1e-6, 0.3, size=b)
+  got = np.asarray(pred.per_class_radius(deficits, cls, sigma=sigma), np.float64)
+  lower = stats.norm.ppf(1 - deficits[np.arange(b), cls])
+  others = np.where(np.arange(k)[None] == cls[:, None], -np.inf, stats.norm.ppf(deficits))
+  want = sigma / 2 * (lower - others.max(1))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert np.any(want > 0) and np.any(want < 0)
+  for i in np.flatnonzero(want > 0.01):
+    for eps, keeps in ((want[i] * 0.999, True), (want[i] * 1.001, False)):
+      g_c = stats.norm.cdf(lower[i] - eps / sigma)
+      g_k = stats.norm.cdf(others[i] + eps / sigma)
+      assert (g_c > g_k.max()) == keeps
+  # Clipping: a deficit 0 (L_c = 1, U_k = 0) is read as 1e-12, which only loosens.
+  edge = np.asarray(pred.per_class_radius(np.array([[0.0, 0.0]]), np.array([0]), sigma=1.0))
+  np.testing.assert_allclose(edge, [stats.norm.isf(1e-12)], rtol=1e-5)
+  assert np.asarray(pred.per_class_radius(np.array([[1.0, 0.1]]), np.array([0]),
+                                          sigma=1.0))[0] == -np.inf
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(class_deficits=np.full((2,), 0.1), predicted_class=np.zeros(2, int)),
+     r"class_deficits must have shape \[B, K\]"),
+    (dict(class_deficits=np.full((2, 3), 1.5), predicted_class=np.zeros(2, int)),
+     "class_deficits"),
+    (dict(class_deficits=np.full((2, 3), 0.1), predicted_class=np.array([0, 3])),
+     r"predicted_class must be class indices in \[0, 3\)"),
+    (dict(class_deficits=np.full((2, 3), 0.1), predicted_class=np.zeros(3, int)),
+     "predicted_class has batch size 3"),
+])
+def test_per_class_radius_refuses_bad_inputs(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    pred.per_class_radius(sigma=0.25, **kwargs)
+
+
 # ---------------------------------------------------------------------------- Lemma A.3.1
 
 
