@@ -78,7 +78,10 @@ Data (``config.protection.data``, local files only; ``source``):
 Writes ``protection_<task>.jsonl`` (one row per variant, attack and image: answers,
 parsed options, scores, FCS, l_inf), ``protection_<task>.md`` / ``.csv`` (the table),
 ``protection_<task>_config.json`` and ``protection_<task>_<attack>.png`` (clean |
-adversarial per row with its answer | target). ``--task=timing`` writes ``timing.*``:
+adversarial per row with its answer, framed and captioned in the colour of its judged
+outcome: red the attacker's target, green correct, orange neither | target). Progress:
+one bar in image-steps (an image answered, certified, or through one attack step), each
+stage named, first calls marked "compiling first". ``--task=timing`` writes ``timing.*``:
 per-image inference time (image in, answer out) of the smoothed MLLM for each ``n`` of
 ``timing_n`` against the unsmoothed one, in the same run (Table 7).
 """
