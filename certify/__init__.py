@@ -23,6 +23,7 @@ from certify._answers import clean_answers
 from certify._answers import mllm_answerer
 from certify._answers import option_ids
 from certify._bounds import BOUNDS
+from certify._bounds import ScoreStats  # what lower_confidence_bound takes
 from certify._bounds import lower_confidence_bound
 from certify._closed_form import fcsb_from_score
 from certify._closed_form import radius_from_score

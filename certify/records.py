@@ -11,7 +11,7 @@ What each kind of row records as ``record["statistics"]`` (the minimal sufficien
 statistics of its bound, fixed-n rows; docs/method.md section 2):
 
 * fixed n (``kind="fixed"``; the inner-product rows of every bound): the stage-2 sums of
-  :class:`certify._feature.ScoreStatistics` for the row's reference: ``center`` (the
+  the ``ScoreStatistics`` of ``certify.estimate_scores(..., statistics=True)`` for the row's reference: ``center`` (the
   stage-1 mean the sums are centred on), ``total = sum(h - center)`` and
   ``total_sq = sum((h - center)^2)``, three numbers that are all ``"point"``,
   ``"hoeffding"`` and ``"bernstein"`` use (with n and alpha). A ``"betting"`` row adds
@@ -53,7 +53,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from certify import _feature
+import certify
 from certify import report
 
 # Bump when a record's fields change meaning; certify.verify refuses formats it does not know.
@@ -198,7 +198,7 @@ def record(base: dict, position: int, statistics: dict) -> dict:
 
 
 def host_sums(sums) -> dict[str, np.ndarray | None]:
-  """:class:`certify._feature.ScoreStatistics` on the host, as ``{name: [B, 2, ...]}``."""
+  """the ``ScoreStatistics`` of ``certify.estimate_scores(..., statistics=True)`` on the host, as ``{name: [B, 2, ...]}``."""
   stats = sums.stats
   return {"center": np.asarray(sums.center), "total": np.asarray(stats.total),
           "total_sq": np.asarray(stats.total_sq),
@@ -208,7 +208,7 @@ def host_sums(sums) -> dict[str, np.ndarray | None]:
 def fixed_statistics(sums: dict, *, reference: str, bound: str, i: int) -> dict:
   """A fixed-n row's statistics: :func:`host_sums` of the run at image ``i`` of the batch
   and ``reference``; ``log_capital`` only for ``bound="betting"`` (the only bound using it)."""
-  r = _feature.REFERENCES.index(reference)
+  r = certify.REFERENCES.index(reference)
   out = {name: float(sums[name][i, r]) for name in ("center", "total", "total_sq")}
   if bound == "betting":
     out["log_capital"] = encode_array(sums["log_capital"][i, r])

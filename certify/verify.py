@@ -8,11 +8,11 @@ its bound was computed from and everything that bound needs. This program recomp
 with the same certify functions the run used (not a copy of them):
 
 * fixed-n rows: the bound's deficit ``1 - L`` from the recorded sums
-  (``certify._bounds.lower_confidence_bound``), then ``score``, every
-  ``inner_product_bound`` and the ``radius`` (``certify.feature_certificate``);
+  (``certify.lower_confidence_bound``), then ``score``, every ``inner_product_bound`` and
+  the ``radius`` (``certify.feature_certificate``);
 * norm-aware rows: ``inner_product_bound``, ``cosine_bound`` and ``radius`` from the
-  recorded bounds 1 - L and N (``certify._norm.certificate_from_bounds``,
-  ``certify.norm_aware_radius``);
+  recorded bounds 1 - L and N (``certify.feature_certificate``,
+  ``certify.norm_aware_cosine_bound``, ``certify.norm_aware_radius``);
 * sequential rows: that 1 - L (and the norm's bound) is a cell of the confidence
   sequence's grid, then the bounds and radius as the run computes them;
 
@@ -43,8 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import certify
-from certify import _bounds
-from certify import _norm
+# The one private import: the sequential certificate's grid and its step from bounds to
+# certificate have no public name yet (tests/test_layers.py PENDING).
 from certify import _sequential
 from certify import records as records_lib
 from fsjax import cli
@@ -238,9 +238,10 @@ class _Checker:
     elif bound == "betting":
       raise ValueError("a betting row without log_capital")
     m = len(members)
-    # Stage 1: the bound's deficit 1 - L from the recorded sums (certify._bounds).
-    deficit = np.asarray(_bounds.lower_confidence_bound(
-        _bounds.ScoreStats(total, total_sq, log_capital), center, n=n, alpha=alpha,
+    # Stage 1: the bound's deficit 1 - L from the recorded sums (certify._bounds), jitted
+    # as in the run (certify.estimate_scores computes it inside its jitted Monte Carlo).
+    deficit = np.asarray(_lower_confidence_bound(
+        certify.ScoreStats(total, total_sq, log_capital), center, n=n, alpha=alpha,
         bound=bound))[:m]
     bad = self._compare(members, "score_deficit (1 - L from the statistics)", deficit,
                         [row.get("score_deficit") for _, row, _ in members])
@@ -251,11 +252,8 @@ class _Checker:
     recorded = _padded([row["score_deficit"] for _, row, _ in keep])
     self._compare(keep, "score", 1.0 - recorded[:len(keep)],
                   [row.get("score") for _, row, _ in keep])
-    estimate = certify.ScoreEstimate(
-        deficit=jnp.asarray(recorded), direction=jnp.zeros((len(recorded), 1), jnp.float32),
-        samples=jnp.zeros(len(recorded), jnp.int32), reference=reference, bound=bound,
-        sigma=sigma, alpha=alpha)
-    cert = certify.feature_certificate(estimate, eps=np.asarray(eps, np.float32), cos=cos)
+    cert = certify.feature_certificate(_estimate(recorded, reference, bound, sigma, alpha),
+                                       eps=np.asarray(eps, np.float32), cos=cos)
     self._certificate_columns(keep, list(eps), np.asarray(cert.inner_product_bound)[:len(keep)],
                               np.asarray(cert.radius)[:len(keep)])
 
@@ -277,13 +275,16 @@ class _Checker:
     if not len(keep):
       return
     d, nu = _padded(deficit[keep]), _padded(norm_upper[keep])
-    cert = _norm.certificate_from_bounds(d, nu, jnp.zeros((len(d), 1), jnp.float32),
-                                         eps=np.asarray(eps, np.float32), sigma=sigma)
-    radius = certify.norm_aware_radius(cert.deficit, cert.norm_upper, sigma, cos)
+    eps32 = np.asarray(eps, np.float32)
+    # The run's steps (certify.norm_aware_fcsb's certificate, then the radius): Theorem
+    # 3.2's B (the expression certify.feature_certificate evaluates), B / U, the bisection.
+    inner = certify.feature_certificate(_estimate(d, "mean", "betting", sigma),
+                                        eps=eps32, cos=cos).inner_product_bound
+    cosine = certify.norm_aware_cosine_bound(d[:, None], nu[:, None], eps32, jnp.float32(sigma))
+    radius = certify.norm_aware_radius(d, nu, sigma, cos)
     k = len(keep)
-    self._certificate_columns([members[i] for i in keep], list(eps),
-                              np.asarray(cert.inner_product_bound)[:k], np.asarray(radius)[:k],
-                              np.asarray(cert.cosine_bound)[:k])
+    self._certificate_columns([members[i] for i in keep], list(eps), np.asarray(inner)[:k],
+                              np.asarray(radius)[:k], np.asarray(cosine)[:k])
 
   def _sequential(self, group, members) -> None:
     _, norm_aware, (sigma, eps, cos, _, _, _) = group
@@ -291,7 +292,8 @@ class _Checker:
     # An anytime bound is the deficit of a grid cell (1 when no cell is rejected), and N
     # that of the pair sequence's cell through N = sqrt(2 P - 1) (1 when not norm-aware).
     cells = np.append(np.asarray(_sequential.grid()), np.float32(1.0))
-    norms = (np.asarray(_norm.norm_upper_from_pair_deficit(jnp.asarray(cells)))
+    # N = sqrt(2 P - 1) of the pair sequence's bound P (certify._norm's map).
+    norms = (np.sqrt(np.clip(2.0 * cells - 1.0, 0.0, 1.0)).astype(np.float32)
              if norm_aware else np.ones(1, np.float32))
     for j, (line, row, _) in enumerate(members):
       if bad[j]:
@@ -313,6 +315,18 @@ class _Checker:
     k = len(keep)
     self._certificate_columns([members[i] for i in keep], list(eps), np.asarray(inner)[:k],
                               np.asarray(radius)[:k], np.asarray(cosine)[:k])
+
+
+def _estimate(deficit, reference, bound, sigma, alpha=0.5) -> certify.ScoreEstimate:
+  """A :class:`certify.ScoreEstimate` of recorded deficits ``[M]`` (no direction needed)."""
+  return certify.ScoreEstimate(
+      deficit=jnp.asarray(deficit), direction=jnp.zeros((len(deficit), 1), jnp.float32),
+      samples=jnp.zeros(len(deficit), jnp.int32), reference=reference, bound=bound,
+      sigma=sigma, alpha=alpha)
+
+
+_lower_confidence_bound = jax.jit(certify.lower_confidence_bound,
+                                  static_argnames=("n", "alpha", "bound"))
 
 
 def _padded(values) -> jax.Array:
