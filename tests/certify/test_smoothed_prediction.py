@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import certify
+from fsjax import encoders
 from fsjax import smoothing
 
 KEY = jax.random.PRNGKey(0)
@@ -307,3 +308,161 @@ def test_each_setting_is_validated_once(toy, monkeypatch):
     calls.clear()
     fn(params, x, **extra)
     assert len(calls) == 1, fn.__name__
+
+
+# ------------------------------------------------ the per-class certificate (method.md 3b)
+
+
+def test_per_class_certificate_matches_an_independent_computation(toy):
+  """Every rule against float64 numpy on the replayed samples: Bernstein bounds of each
+  prototype score (the class's from below, the others' from above) at alpha / K, the
+  stage-1 selection guess, and the radius each image gets."""
+  from scipy import stats
+  enc, params = toy
+  x = _images(2)
+  w = np.asarray(_prototypes(enc, params, x), np.float64)
+  w = np.concatenate([w, -w[:1]])  # K = 3
+  w /= np.linalg.norm(w, axis=1, keepdims=True)
+  sigma, n0, n, alpha, k = 0.25, 20, 100, 0.01, 3
+  mc = dict(encoder=enc, prototypes=jnp.asarray(w, jnp.float32), sigma=sigma, key=KEY, n0=n0,
+            n=n, alpha=alpha, bound="bernstein")
+  noise = jax.vmap(lambda i: smoothing.noise(KEY, i, x.shape, sigma))(jnp.arange(n0 + n))
+  feats = np.asarray(jax.vmap(lambda d: enc(params, x + d))(noise), np.float64)
+  feats = np.swapaxes(feats, 0, 1)  # [B, n0 + n, D], sample i = smoothing.noise(KEY, i)
+  g = 0.5 * (1 + feats @ w.T)  # [B, n0 + n, K]
+  mean = feats[:, :n0].mean(1)
+  u = mean / np.linalg.norm(mean, axis=1, keepdims=True)
+  cls = np.argmax(u @ w.T, 1)
+  theta = np.arccos(np.clip(u @ w.T, -1, 1))
+  delta = np.sort(theta, 1)[:, 1] - np.sort(theta, 1)[:, 0]
+  is_c = np.arange(k)[None] == cls[:, None]
+  for rule in ("per-class", "select", "split"):
+    level = alpha / 2 if rule == "split" else alpha
+    m = certify.prediction_margin(params, x, certificate=rule, **mc)
+    assert (m.rule, m.class_alpha, m.alpha) == (rule, pytest.approx(level / k),
+                                                pytest.approx(alpha))
+    np.testing.assert_array_equal(m.predicted_class, cls)
+    log_term = np.log(2 * k / level)  # Maurer & Pontil's empirical Bernstein at level / K
+    width = (np.sqrt(2 * g[:, n0:].var(1, ddof=1) * log_term / n)
+             + 7 * log_term / (3 * (n - 1)))
+    mean2 = g[:, n0:].mean(1)
+    want = np.clip(np.where(is_c, 1 - (mean2 - width), mean2 + width), 1e-12, 1)
+    np.testing.assert_allclose(m.class_deficits, want, rtol=2e-5, atol=2e-6)
+    r_pc = sigma / 2 * (stats.norm.isf(want[is_c]) - np.where(is_c, -np.inf,
+                                                              stats.norm.ppf(want)).max(1))
+    r_cos = sigma * (stats.norm.isf(np.asarray(m.deficit, np.float64))
+                     - stats.norm.ppf((1 + np.cos(delta / 2)) / 2))
+    if rule == "select":  # the stage-1 guess of each radius, in sigma units
+      g0 = g[:, :n0].mean(1)
+      var = g[:, :n0].var(1, ddof=1)
+      c_dev = 0.5 * (1 - np.einsum("bsd,bd->bs", feats[:, :n0], np.asarray(enc(params, x),
+                                                                              np.float64)))
+      var0 = c_dev.var(1, ddof=1)
+      guess = lambda mu, v, a, sign: stats.norm.ppf(np.clip(
+          mu + sign * (np.sqrt(2 * v * np.log(1 / a) / n) + np.log(1 / a) / n), 1e-12,
+          1 - 1e-7))
+      h0 = 0.5 * (1 + np.sqrt(np.clip((np.sum(mean**2, 1) * n0 - 1) / (n0 - 1), 0, 1)))
+      g_cos = guess(h0, var0, alpha, -1) + stats.norm.ppf(np.sin(delta / 4)**2)
+      g_pc = 0.5 * (guess(g0, var, alpha / k, -1)[is_c] - np.where(
+          is_c, -np.inf, guess(g0, var, alpha / k, 1)).max(1))
+      np.testing.assert_array_equal(m.selected, np.where(g_pc > g_cos, "per-class", "cosine"))
+      used = m.selected
+    else:
+      used = (np.full(2, "per-class") if rule == "per-class" else
+              np.where(r_pc > r_cos, "per-class", "cosine"))
+    cert = certify.prediction_certificate(m)
+    want_r = np.where(used == "per-class", r_pc, r_cos)
+    np.testing.assert_array_equal(cert.certificate, used)
+    np.testing.assert_allclose(cert.radius, np.where(want_r > 0, want_r, 0), rtol=1e-4,
+                               atol=1e-6)
+    np.testing.assert_array_equal(cert.predicted_class, np.where(want_r > 0, cls, -1))
+    assert cert.alpha == pytest.approx(alpha) and cert.is_certificate
+    alone = certify.prediction_certificate(m, only="per-class")
+    np.testing.assert_allclose(alone.radius, np.maximum(r_pc, 0), rtol=1e-4, atol=1e-6)
+    assert alone.alpha == pytest.approx(level)
+  # Theorem A.3.2 alone: the very numbers of the "cosine" rule (same samples, same bound).
+  old = certify.prediction_margin(params, x, **mc)
+  assert old.class_deficits is None and old.alpha == alpha
+  np.testing.assert_array_equal(certify.prediction_margin(
+      params, x, certificate="select", **mc).deficit, old.deficit)
+  with pytest.raises(ValueError, match="only='per-class' needs the per-class bounds"):
+    certify.prediction_certificate(old, only="per-class")
+  with pytest.raises(ValueError, match="certificate"):
+    certify.prediction_margin(params, x, certificate="max", **mc)
+
+
+class _HalfSpace(encoders.Encoder):
+  """f(x) = e_1 if x[0, 0, 0] > 1/2 else -e_1 (3-D): f_s(x) = (2 p - 1) e_1 exactly,
+  p = Phi((x[0, 0, 0] - 1/2) / sigma) (the half-space's normal is one pixel, ||w|| = 1).
+  With the prototypes e_1, -e_1, e_2 the smoothed class is 0 iff p > 1/2, at the distance
+  sigma Phi^-1(p) from the boundary; Theorem A.3.2 is the tighter certificate where
+  Phi^-1(p) > 2.1, the per-class one below (docs/method.md 3b), so both are exercised."""
+
+  def tokens(self, params, x, *, sigma=None):
+    s = jnp.where(x[:, 0, 0, 0] > 0.5, 1.0, -1.0)
+    return jnp.stack([s, jnp.zeros_like(s), jnp.zeros_like(s)], -1)[:, None, :]
+
+
+def _exact_failures(m, cert, p, w, sigma):
+  """Certificates whose radius exceeds the radius the same certificate has at the exact
+  scores (the tightest it can claim; sound by Theorem A.3.2 / Salman's lemma), or whose
+  class is not the smoothed classifier's; also checks those exact radii against the true
+  distance to the smoothed classifier's decision boundary (p = 1/2)."""
+  from scipy import stats
+  fs = np.stack([2 * p - 1, np.zeros_like(p), np.zeros_like(p)], 1)  # f_s(x), exact
+  u = np.asarray(m.estimate.direction, np.float64)
+  c = np.asarray(m.predicted_class)
+  h = 0.5 * (1 + np.sum(fs * u, 1))
+  r_cos = sigma * (stats.norm.ppf(h) - stats.norm.ppf((1 + np.cos(m.margin / 2.0)) / 2))
+  g = 0.5 * (1 + fs @ w.T)
+  is_c = np.arange(w.shape[0])[None] == c[:, None]
+  r_pc = sigma / 2 * (stats.norm.ppf(g[is_c]) - np.where(is_c, -np.inf,
+                                                        stats.norm.ppf(g)).max(1))
+  truth = np.where(p > 0.5, 0, 1)  # argmax_k <f_s(x), w_k> for w = (e_1, -e_1, e_2)
+  r_true = sigma * np.abs(stats.norm.ppf(p))  # to the boundary p = 1/2 along the normal
+  for r in (r_cos, r_pc):  # the theorems, at exact scores
+    ok = r > 0
+    assert np.all(c[ok] == truth[ok]) and np.all(r[ok] <= r_true[ok] + 1e-6)
+  exact = np.where(np.asarray(cert.certificate) == "per-class", r_pc, r_cos)
+  got = cert.predicted_class >= 0
+  return got & ((cert.predicted_class != truth) | (cert.radius > exact + 1e-5))
+
+
+def test_prediction_certificates_are_sound_against_exact_truth():
+  """Issue 20's Done-when: 10,000 certificates of every rule on the half-space encoder,
+  failures (a radius above what exact scores allow, or a wrong class) counted, one-sided
+  binomial test against alpha. The paper's plug-in estimate fails the same test, so it can
+  fail."""
+  from scipy import stats
+  sigma, alpha, images = 0.12, 0.05, 10_000  # x[0, 0, 0] = 1/2 + sigma Phi^-1(p) <= 0.95
+  rng = np.random.default_rng(0)
+  # p over (0.5, 0.9999): the smoothed class 0, from hard (p near 1/2) to easy.
+  p = stats.norm.cdf(rng.uniform(0.02, 3.7, size=images))
+  x = np.full((images, 2, 2, 3), 0.5, np.float32)
+  x[:, 0, 0, 0] = 0.5 + sigma * stats.norm.ppf(p)
+  p = stats.norm.cdf((x[:, 0, 0, 0].astype(np.float64) - 0.5) / sigma)  # as stored
+  w = np.array([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0]])
+  enc = _HalfSpace(resolution=2)
+  mc = dict(encoder=enc, prototypes=jnp.asarray(w, jnp.float32), sigma=sigma, n0=32, n=256,
+            alpha=alpha, chunk_size=32)
+  counts = {}
+  for i, rule in enumerate(("select", "split")):
+    m = certify.prediction_margin({}, x, key=jax.random.PRNGKey(i), certificate=rule,
+                                  bound="bernstein", **mc)
+    for name, cert in ((rule, certify.prediction_certificate(m)),
+                       (f"{rule}: A.3.2 only", certify.prediction_certificate(m, only="cosine")),
+                       (f"{rule}: per-class only",
+                        certify.prediction_certificate(m, only="per-class"))):
+      fail = _exact_failures(m, cert, p, w, sigma)
+      counts[name] = (int(fail.sum()), int(np.sum(cert.predicted_class >= 0)))
+      assert stats.binomtest(int(fail.sum()), images, cert.alpha,
+                             alternative="greater").pvalue > 1e-3, (name, counts)
+    if rule == "select":  # the selection took each certificate for some images
+      used = np.asarray(certify.prediction_certificate(m).certificate)
+      assert 0.05 < np.mean(used == "cosine") < 0.95, counts
+  m = certify.prediction_margin({}, x[:1000], key=jax.random.PRNGKey(9), certificate="select",
+                                bound="point", **mc)
+  cert = certify.prediction_certificate(m)
+  fail = _exact_failures(m, cert, p[:1000], w, sigma)
+  assert not cert.is_certificate
+  assert stats.binomtest(int(fail.sum()), 1000, alpha, alternative="greater").pvalue < 1e-6
