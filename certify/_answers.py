@@ -136,7 +136,9 @@ class OptionAnswerer(encoders_lib.Encoder):
     """``[B, K]`` option log-likelihoods of the images (traceable). The features are the
     vision side's token view (what ``image_features`` hands the language side), computed
     with ``sigma`` so a GSB-boosted encoder conditions on the noise level."""
-    features = self.model.encoder.tokens(params["vision"], x, sigma=sigma)
+    # jitted_tokens: the token view as the MLLM receives it (a smoothed encoder's Monte
+    # Carlo sum re-sharded off the engine's mesh, which the language side rejects).
+    features = self.model.encoder.jitted_tokens(params["vision"], x, sigma=sigma)
     b = x.shape[0]
     ids, valid = np.repeat(self.input_ids, b, 0), np.repeat(self.valid, b, 0)
     return self.model.option_scores(params, ids, features, self.options, valid=valid)
