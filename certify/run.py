@@ -38,6 +38,10 @@ Rows with bound ``point`` are the paper's plug-in estimates, NOT certificates. W
 below it one panel row per variant with every bound and reference) and ``certified.png``
 (the share of images certified at cos >= ``config.certify.cos`` for radius >= r, per
 variant) into the workdir.
+
+Every row carries a ``record`` (:mod:`certify.records`: the statistics its bound used,
+n0, n, alpha, sigma's pixel convention, the noise key, code version and parameter hash),
+from which ``python -m certify.verify WORKDIR`` re-derives its certificate.
 """
 
 from __future__ import annotations
