@@ -605,7 +605,8 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
                     stop: str = "decision", tolerance: float = 0.05,
                     chunk_size: int = 64, slots: int = DEFAULT_SLOTS,
                     grid_size: int = GRID, bets: str = "agrapa",
-                    image_ids: jax.typing.ArrayLike | None = None) -> SequentialCertificate:
+                    image_ids: jax.typing.ArrayLike | None = None,
+                    progress: Any = None) -> SequentialCertificate:
   """Sequential feature certificates: each image stops once its decisions are settled.
 
   For each image, samples are drawn ``chunk_size`` at a time; after each chunk an
@@ -651,6 +652,9 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     image_ids: optional ``[B]`` distinct non-negative ints naming each image's noise
       stream (e.g. its index in a dataset, so a subset or a shuffled batch draws the
       same noise per image); default ``arange(B)``.
+    progress: optional callable, called after every step with the noise samples it drew
+      (``slots * chunk_size``, through the encoder; e.g. ``certify.report.SampleProgress
+      .task(..., images=1)``); the results do not change.
 
   Returns:
     A :class:`SequentialCertificate`.
@@ -668,6 +672,9 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     checks.check_positive_int(value, name=name, minimum=minimum)
   checks.check_choice(stop, name="stop", choices=STOPS)
   checks.check_choice(bets, name="bets", choices=BET_RULES)
+  if progress is not None and not callable(progress):
+    raise ValueError(f"progress must be None or a callable taking the number of noise "
+                     f"samples drawn, got {progress!r}.")
   checks.check_choice(reference, name="reference", choices=("clean", "mean"))
   if isinstance(norm_aware, (bool, np.bool_)) is False:
     raise ValueError(f"norm_aware must be True or False, got {norm_aware!r}.")
@@ -727,6 +734,8 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     positions = running[np.arange(slots) % running.size].astype(np.int32)
     state = step(params, state, jnp.asarray(positions), key, sigma32, eps32)
     done = np.asarray(state.done)
+    if progress is not None:
+      progress(int(slots) * int(chunk_size))
     if done.any():
       d, n_up, count, direction = map(np.asarray, _read(state))
       if not norm_aware:

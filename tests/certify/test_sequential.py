@@ -320,7 +320,9 @@ def test_engine_results_do_not_depend_on_slot_order(toy):
             n_max=1024, n0=64, chunk_size=64, alpha=0.01, slots=2, grid_size=GRID)
   a = sq.sequential_fcsb(params, x, **kw)
   order = np.array([3, 0, 4, 1, 2])
-  b = sq.sequential_fcsb(params, x[order], image_ids=order, **kw)
+  drawn = []
+  b = sq.sequential_fcsb(params, x[order], image_ids=order, progress=drawn.append, **kw)
+  assert drawn and set(drawn) == {2 * 64} and sum(drawn) >= int(np.sum(b.samples))
   inverse = np.argsort(order)
   for name in ("deficit", "norm_upper", "direction", "samples", "cosine_bound", "radius"):
     np.testing.assert_array_equal(np.asarray(getattr(a, name)),
@@ -339,6 +341,7 @@ def test_engine_results_do_not_depend_on_slot_order(toy):
     (dict(image_ids=[0, 0]), "image_ids"),
     (dict(n_max=1), "n_max"),
     (dict(bets="kelly"), "bets"),
+    (dict(progress=True), "progress"),
 ])
 def test_engine_rejects_bad_arguments(toy, kwargs, match):
   encoder, params = toy
