@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -55,3 +56,38 @@ def _make_folder_dataset(root, *, classes=3, per_split=(("train", 4), ("test", 2
 def make_folder_dataset():
   """``make_folder_dataset(root, classes=3, per_split=...)``: a tiny class-coloured image folder."""
   return _make_folder_dataset
+
+
+# A module- or class-scoped fixture in a test file: xdist should keep the file on one worker.
+_SHARED_FIXTURE = re.compile(r"""scope\s*=\s*["'](?:module|class|package)["']""")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
+def pytest_xdist_make_scheduler(config, log):
+  """``-n N`` (pyproject's addopts: ``--dist loadgroup``): the tests of a file that defines a
+  module- or class-scoped fixture (a trained booster, a results folder) run on one worker,
+  so that the fixture is built once, not once per worker that gets one of its tests. xdist
+  hands these files out first, larger ones first; every other test is scheduled on its own,
+  so that the workers finish together. (``xdist_group`` marks are honoured too, where
+  pytest-xdist still can: pytest 9.2 drops them, pytest-dev/pytest-xdist#1386.)"""
+  if config.getvalue("dist") != "loadgroup":
+    return None
+  from xdist.scheduler import LoadGroupScheduling  # pylint: disable=g-import-not-at-top
+
+  root, shared = config.rootpath, {}
+
+  def file_is_shared(path):
+    if path not in shared:
+      try:
+        shared[path] = bool(_SHARED_FIXTURE.search((root / path).read_text()))
+      except OSError:
+        shared[path] = False
+    return shared[path]
+
+  class FileGroupScheduling(LoadGroupScheduling):
+
+    def _split_scope(self, nodeid):
+      path = nodeid.split("::", 1)[0]
+      return path if file_is_shared(path) else super()._split_scope(nodeid)
+
+  return FileGroupScheduling(config, log)

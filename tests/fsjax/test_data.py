@@ -24,8 +24,18 @@ def _idx(name: str, offset: int) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """One TFDS data dir per session: Fashion-MNIST takes ~15-40 s to build."""
+  """One TFDS data dir per session for the small embedded sets (built here, fresh)."""
   return tmp_path_factory.mktemp("tfds")
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir():
+  """Fashion-MNIST's data dir: the default one (None: $FSJAX_DATA_DIR, else
+  ~/.cache/fsjax/tensorflow_datasets), which the suite's trainers and programs read too
+  (tests/certify/test_robustness.py, tests/test_entry_points.py), so that a clean machine
+  builds the set once (~25 s of CPU), not twice. What is checked below holds for the build
+  as fsjax.data makes it, fresh or found (its path names fsjax.data's version)."""
+  return None
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +50,19 @@ def _load(name, data_dir, **kw):
   return data.load(name, data_dir=data_dir, **kw)
 
 
-def test_fashion_mnist_counts_labels_and_pixels(data_dir, fmnist_test):
-  train = _load("fashion_mnist", data_dir, shuffle=False, num_examples=20)
+def test_fashion_mnist_counts_labels_and_pixels(fmnist_dir, fmnist_test):
+  train = _load("fashion_mnist", fmnist_dir, shuffle=False, num_examples=20)
   assert data.load("fashion_mnist", split="train", image_size=28,
-                   batch_size=1, data_dir=data_dir).num_examples == 60000
+                   batch_size=1, data_dir=fmnist_dir).num_examples == 60000
   test = data.load("fashion_mnist", split="test", image_size=28, batch_size=1,
-                   data_dir=data_dir)
+                   data_dir=fmnist_dir)
   assert test.num_examples == 10000 and len(test) == 10000
   assert train.class_names == ["T-shirt/top", "Trouser", "Pullover", "Dress",
                                "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                                "Ankle boot"]
   images, labels, _ = data.load_arrays("fashion_mnist", split="train",
                                        image_size=28, shuffle=False,
-                                       num_examples=20, data_dir=data_dir)
+                                       num_examples=20, data_dir=fmnist_dir)
   ref_images = _idx("train-images-idx3-ubyte.gz", 16)[:20 * 784]
   np.testing.assert_array_equal(labels, _idx("train-labels-idx1-ubyte.gz", 8)[:20])
   # 28 -> 28 is no resize: the exact pixels, on all three channels.
@@ -60,26 +70,26 @@ def test_fashion_mnist_counts_labels_and_pixels(data_dir, fmnist_test):
       images, np.repeat(ref_images.reshape(20, 28, 28, 1), 3, -1) / np.float32(255))
 
 
-def test_seeded_order_matches_numpy_permutation(data_dir, fmnist_test):
+def test_seeded_order_matches_numpy_permutation(fmnist_dir, fmnist_test):
   ref_images, ref_labels = fmnist_test
   images, labels, _ = data.load_arrays("fashion_mnist", split="test",
                                        image_size=28, seed=3, num_examples=12,
-                                       batch_size=5, data_dir=data_dir)
+                                       batch_size=5, data_dir=fmnist_dir)
   perm = np.random.default_rng(3).permutation(10000)[:12]
   np.testing.assert_array_equal(labels, ref_labels[perm])
   np.testing.assert_array_equal(np.round(images[..., 1] * 255), ref_images[perm])
   again, _, _ = data.load_arrays("fashion_mnist", split="test", image_size=28,
-                                 seed=3, num_examples=12, data_dir=data_dir)
+                                 seed=3, num_examples=12, data_dir=fmnist_dir)
   other, _, _ = data.load_arrays("fashion_mnist", split="test", image_size=28,
-                                 seed=4, num_examples=12, data_dir=data_dir)
+                                 seed=4, num_examples=12, data_dir=fmnist_dir)
   np.testing.assert_array_equal(images, again)
   assert not np.array_equal(images, other)
 
 
-def test_balanced_subset(data_dir, fmnist_test):
+def test_balanced_subset(data_dir, fmnist_dir, fmnist_test):
   _, ref_labels = fmnist_test
   ds = data.load("fashion_mnist", split="test", image_size=28, batch_size=7,
-                 classes=[1, 3, 8], per_class=5, seed=11, data_dir=data_dir)
+                 classes=[1, 3, 8], per_class=5, seed=11, data_dir=fmnist_dir)
   labels = np.concatenate([b["label"] for b in ds])
   # Independently: walk the permutation, keep the first 5 of each class.
   expected, counts = [], {1: 0, 3: 0, 8: 0}
@@ -92,16 +102,16 @@ def test_balanced_subset(data_dir, fmnist_test):
   np.testing.assert_array_equal(labels, ref_labels[expected])
   # Without `classes`, all ten classes (0..9) come out with the quota.
   _, labels, _ = data.load_arrays("fashion_mnist", split="test", image_size=4,
-                                  per_class=2, data_dir=data_dir)
+                                  per_class=2, data_dir=fmnist_dir)
   np.testing.assert_array_equal(np.bincount(labels), np.full(10, 2))
   with pytest.raises(ValueError, match="per_class=200"):
     data.load("lfw_subset", split="train", image_size=4, batch_size=1,
               classes=[0], per_class=200, data_dir=data_dir)
 
 
-def test_resize_range_shape_and_gray_to_rgb(data_dir, fmnist_test):
+def test_resize_range_shape_and_gray_to_rgb(fmnist_dir, fmnist_test):
   ref_images, ref_labels = fmnist_test
-  batch = next(iter(_load("fashion_mnist", data_dir, split="test",
+  batch = next(iter(_load("fashion_mnist", fmnist_dir, split="test",
                           image_size=56, shuffle=False)))
   image = batch["image"]
   assert image.shape == (8, 56, 56, 3) and image.dtype == np.float32
