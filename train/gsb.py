@@ -54,6 +54,7 @@ configuration (a resumed run in the same process compiles nothing again).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -159,15 +160,23 @@ def batches_per_epoch(dataset: data_lib.Dataset, batch_size: int) -> int:
 
 
 def epoch_batches(dataset: data_lib.Dataset, *, batch_size: int, seed: int, epoch: int,
-                  skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                  skip: int = 0, process: tuple[int, int] = (0, 1)
+                  ) -> Iterator[dict[str, np.ndarray]]:
   """The batches of one epoch, in an order that depends only on ``seed + epoch``.
 
   The selection itself (which examples) is fixed by ``config.train_data``; each epoch
   visits it in the order ``np.random.default_rng(seed + epoch).permutation``. The first
-  ``skip`` batches are skipped without being read (resuming mid-epoch).
+  ``skip`` batches are skipped without being read (resuming mid-epoch). In a pod,
+  ``process = (index, count)``: this process reads only its rows of each global batch
+  (rows ``index * b .. (index + 1) * b - 1``, ``b = batch_size / count``).
   """
   order = np.random.default_rng(seed + epoch).permutation(dataset.num_examples)
   indices = dataset.indices[order][skip * batch_size:]
+  index, count = process
+  if count > 1:
+    local = batch_size // count
+    indices = indices[:len(indices) // batch_size * batch_size].reshape(-1, batch_size)
+    indices, batch_size = indices[:, index * local:(index + 1) * local].reshape(-1), local
   return iter(dataclasses.replace(dataset, indices=indices, batch_size=batch_size,
                                   drop_remainder=True))
 
@@ -361,9 +370,16 @@ def batch_sharded(mesh) -> jax.NamedSharding:
   return jax.NamedSharding(mesh, jax.P("data"))
 
 
+def put_replicated(tree, mesh):
+  """``tree`` replicated on every device of ``mesh``. In a pod through the host: a global
+  array put from a process's single-device array cannot be saved by orbax."""
+  if jax.process_count() > 1:
+    tree = jax.device_get(tree)
+  return jax.device_put(tree, replicated(mesh))
+
+
 def init_state(stage: Stage, mesh) -> TrainState:
-  return jax.device_put(loop.init_state(stage.init_params(), stage.optimizer),
-                        replicated(mesh))
+  return put_replicated(loop.init_state(stage.init_params(), stage.optimizer), mesh)
 
 
 def restore_state(stage: Stage, mngr, mesh) -> TrainState:
@@ -394,13 +410,17 @@ def run_stage(stage: Stage, state: TrainState, *, frozen, dataset: data_lib.Data
   step = int(state["step"])
   per_epoch = batches_per_epoch(dataset, stage.batch_size)
   batch_sharding = batch_sharded(mesh)
+  process = (jax.process_index(), jax.process_count())
 
   def batches():
     epoch, skip = divmod(step, per_epoch)
     while True:
       for batch in epoch_batches(dataset, batch_size=stage.batch_size, seed=seed,
-                                 epoch=epoch, skip=skip):
-        yield jax.device_put(batch["image"], batch_sharding)
+                                 epoch=epoch, skip=skip, process=process):
+        # Each process holds its rows of the global batch (all of it outside a pod).
+        images = batch["image"]
+        yield jax.make_array_from_process_local_data(
+            batch_sharding, images, (stage.batch_size, *images.shape[1:]))
       epoch, skip = epoch + 1, 0
 
   return loop.run(
@@ -506,7 +526,9 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None
   # Cheap checks of config.gsb first, before the encoder and the data load.
   noise_options(config)
   stage_options(config, "denoiser"), stage_options(config, "mapper")
-  with checkpointing.lock_workdir(workdir, "train.gsb"):  # one writer per workdir
+  # One writer per workdir (in a pod: process 0; the others save through orbax with it).
+  with (checkpointing.lock_workdir(workdir, "train.gsb") if jax.process_index() == 0
+        else contextlib.nullcontext()):
     return _train(config, workdir, max_steps)
 
 
@@ -523,7 +545,7 @@ def _train(config, workdir: str, max_steps: int | None) -> dict[str, Any]:
   n_devices = mesh.devices.size
   stages = build_stages(config, encoder, encoder_params, dataset, n_devices=n_devices)
   loop.write_config(config, workdir)  # once the config is known to be valid
-  encoder_params = jax.device_put(encoder_params, replicated(mesh))
+  encoder_params = put_replicated(encoder_params, mesh)
   c = config.gsb
   policy = loop.CheckpointPolicy(int(c.get("checkpoint_every") or 100),
                                  float(c.get("checkpoint_seconds") or 120.0))

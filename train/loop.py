@@ -23,6 +23,10 @@ to :func:`run`, which owns the step body once:
 Also here: :func:`check_config` / :func:`write_config` (``workdir/config.json``, and a
 refusal to resume a workdir started with another config, naming every difference).
 
+Pods (several processes, :mod:`fsjax.pod`): every process runs the same loop on its
+shard of each global batch; orbax saves and restores the global state together; process 0
+alone writes ``config.json`` and ``metrics.jsonl``.
+
 Noise keys are ``fold_in(stage_key, step)``: a function of the step alone, so a resumed
 run draws exactly the noise an uninterrupted one would.
 """
@@ -172,9 +176,10 @@ def check_config(config, workdir: str, *, comparable: Callable[[dict], dict],
 
 
 def write_config(config, workdir: str) -> None:
-  """Writes ``workdir/config.json`` once, atomically (a half-written one never exists)."""
+  """Writes ``workdir/config.json`` once, atomically (a half-written one never exists);
+  in a pod, process 0 writes it."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(path):
+  if os.path.exists(path) or jax.process_index() != 0:
     return
   os.makedirs(workdir, exist_ok=True)
   with open(path + ".tmp", "w") as f:
@@ -211,8 +216,9 @@ class MetricsWriter:
     now = time.perf_counter()
     row = {**fields, "step": step, **{k: v / self._count for k, v in self._sums.items()},
            "examples_per_s": self._count * examples / max(now - self._t0, 1e-9)}
-    with open(self._path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    if jax.process_index() == 0:  # one writer (a pod's processes share the numbers)
+      with open(self._path, "a") as f:
+        f.write(json.dumps(row) + "\n")
     self._sums, self._count, self._t0 = {}, 0, now
     return row
 
