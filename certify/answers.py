@@ -54,14 +54,15 @@ import numpy as np
 import tqdm
 
 import certify
-from certify import protection
 from certify import report
 from fsjax import attacks
 from fsjax import batching
 from fsjax import checks
 from fsjax import cli
+from fsjax import data as data_lib
 from fsjax import mllm
 from fsjax import smoothing
+from fsjax import tasks
 
 ROWS = ("original", "gsb", "smoothed", "smoothed_gsb")
 STEM = "answers"
@@ -101,21 +102,74 @@ def check_answers_config(config) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def _round_robin(labels: np.ndarray, n: int) -> np.ndarray:
+  """Indices of the first ``n`` images ordered by rank within their class, then class:
+  any prefix is balanced (the order of ``certify.protection``'s evaluation sets)."""
+  seen, rank = {}, np.zeros(len(labels), int)
+  for i, l in enumerate(np.asarray(labels).tolist()):
+    rank[i] = seen.get(l, 0)
+    seen[l] = rank[i] + 1
+  return np.lexsort((labels, rank))[:n]
+
+
 def task_data(config) -> dict[str, Any]:
-  """The embedded classification images and questions (``certify.protection.task_data``)
-  for ``config.answers.num_images`` images; ``answers`` the correct option per image."""
-  cfg = copy.deepcopy(config)
-  with cfg.unlocked():
-    cfg.attack.num_images = int(config.answers.num_images)
-  data = protection.task_data(cfg, "classify")
-  prompts = {q.prompt for q in data["questions"]}
-  if len(prompts) != 1:
+  """The classification images and questions of ``config.protection.data`` (the sets of
+  ``certify.protection --task=classify``: the embedded Fashion-MNIST questions, or the
+  paper's ImageNet classes from local files), ``config.answers.num_images`` of them.
+
+  Returns:
+    ``images`` ``[N, S, S, 3]``, ``labels`` (dataset classes), ``answers`` (the correct
+    option per image), ``prompt`` (shared by all images), ``answer_texts`` (how each
+    option is answered).
+  """
+  spec, n = config.protection.data, int(config.answers.num_images)
+  source = spec.get("source", "embedded")
+  if source == "embedded":
+    clean = list(tasks.instructions.CLEAN_LABELS)
+    images, labels, names = data_lib.load_arrays(
+        spec.name, split=spec.split, image_size=spec.image_size, classes=clean,
+        per_class=-(-n // len(clean)), seed=int(spec.get("seed", 0)),
+        data_dir=spec.get("data_dir"), manual_dir=spec.get("manual_dir"))
+    if len(names) != 10:
+      raise ValueError(f"config.protection.data.name={spec.name!r} has {len(names)} classes; "
+                       "the embedded questions need Fashion-MNIST's ten (labels 0-9).")
+    questions = [tasks.instructions.classify_question(int(l)) for l in labels]
+  elif source == "paper":
+    d = tasks.classification_images(
+        image_size=int(spec.image_size), per_class=-(-n // len(tasks.PAPER_CLASSES)),
+        dataset=spec.dataset, split=spec.split, seed=int(spec.get("seed", 0)),
+        data_dir=spec.get("data_dir"), manual_dir=spec.get("manual_dir"))
+    images, labels = d.images, d.labels
+    questions = [tasks.classification_question(tasks.PAPER_CLASSES, int(l)) for l in labels]
+  else:
+    raise ValueError(f"config.protection.data.source={source!r} must be 'embedded' or 'paper'.")
+  order = _round_robin(labels, n)
+  if len(order) < n:
+    raise ValueError(f"config.protection.data has only {len(order)} images for "
+                     f"config.answers.num_images={n}; lower num_images or add images.")
+  questions = [questions[i] for i in order]
+  q = questions[0]
+  if len({x.prompt for x in questions}) != 1:
     raise ValueError("the classification questions must share one prompt.")
-  data["prompt"] = prompts.pop()
-  data["answers"] = np.array([q.answer for q in data["questions"]])
-  q = data["questions"][0]
-  data["answer_texts"] = [q.answer_text(k) for k in range(q.num_options)]
-  return data
+  return {"images": images[order], "labels": labels[order], "prompt": q.prompt,
+          "answers": np.array([x.answer for x in questions]),
+          "answer_texts": [q.answer_text(k) for k in range(q.num_options)]}
+
+
+def build_mllm(config) -> tuple[Any, dict]:
+  """The unsmoothed MLLM ``(model, params)`` the config names (``fsjax.mllm.build``)."""
+  model, params = mllm.build(config)
+  if getattr(model, "tokenizer", None) is None:
+    name = mllm.name_of(config)
+    raise ValueError(f"config.{name}.tokenizer is not set: the options are scored as "
+                     f"tokens; pass --config.{name}.tokenizer=/path/to/tokenizer.")
+  return model, params
+
+
+def _mllm_name(config) -> str:
+  section = mllm.name_of(config)
+  checkpoint = (config.get(section) or {}).get("checkpoint")
+  return f"{section} {checkpoint}" if checkpoint else f"{section} (random init)"
 
 
 def build_rows(config, model, params) -> list[tuple[str, Any, Any]]:
@@ -187,7 +241,7 @@ def run(config, workdir: str) -> list[dict]:
   c = config.answers
   workdir = pathlib.Path(workdir)
   report.check_workdir(config, workdir / f"{STEM}.jsonl", f"{STEM}_config.json")
-  model, params = protection.build_mllm(config)
+  model, params = build_mllm(config)
   rows = build_rows(config, model, params)
   data = task_data(config)
   x, truth = data["images"], data["answers"]
@@ -287,7 +341,7 @@ def write_outputs(config, workdir: pathlib.Path, rows, results) -> list[dict]:
   table = table_of(config, rows, results)
   if not table:
     return table
-  caption = (f"Certified answers of the MLLM {protection._mllm_name(config)} "  # pylint: disable=protected-access
+  caption = (f"Certified answers of the MLLM {_mllm_name(config)} "
              f"(classification by option scoring): "
              + report.monte_carlo_caption(sigma=tuple(c.sigmas), n0=c.n0, n=c.n, alpha=c.alpha,
                                           images=int(c.num_images), bound="clopper-pearson")
@@ -332,7 +386,7 @@ def audit(config, workdir: str) -> list[dict]:
   if not results:
     raise ValueError(f"{workdir / (STEM + '.jsonl')} holds no certified answers: run "
                      "certify.answers without --audit first.")
-  model, params = protection.build_mllm(config)
+  model, params = build_mllm(config)
   rows = build_rows(config, model, params)
   data = task_data(config)
   x = data["images"]
