@@ -334,11 +334,12 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
         write(row)
   radii = [float(r) for r in config.prediction.radii]
   table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
-  point = (" -- FS rows are point estimates, NOT certificates" if settings["bound"] == "point"
-           else f"; FS: the {settings['certificate']!r} certificate (docs/method.md 3b)"
+  point = (f"; FS: the {settings['certificate']!r} certificate (docs/method.md 3b)"
            + ("" if settings["paper_n0"] is None else
               f"; '{PAPER}': the paper's plug-in with n0 = n = {settings['paper_n0']}, an "
-              "estimate, NOT a certificate"))
+              "estimate, NOT a certificate")
+           + (" -- FS rows are point estimates, NOT certificates"
+              if settings["bound"] == "point" else ""))
   caption = ("Table 2: certified accuracy at radius r (" + report.monte_carlo_caption(
       sigma=sigmas, n0=settings["n0"], n=settings["n"], alpha=settings["alpha"],
       images=len(images), bound=f"{settings['bound']} (FS)") + f", {num_classes} classes)"

@@ -59,13 +59,15 @@ def test_files_written(result):
   assert {(r["n0"], r["n"]) for r in rows} == {(8, 32)}
   md = (workdir / "table2.md").read_text().splitlines()
   assert md[0].startswith("Table 2") and "n0 = 8, n = 32" in md[0]  # the caption
-  assert len(md) == 4 + 2 * len(SIGMAS) and "| method |" in md[2]
+  assert len(md) == 4 + len(table2.TABLE_ROWS) * len(SIGMAS) and "| method |" in md[2]
+  assert "'select' certificate" in md[0] and "NOT a certificate" in md[0]
 
 
 def test_fs_and_rs_rows_per_sigma(result):
   config, _, table, _, _ = result
-  assert [(r["sigma"], r["method"]) for r in table] == [(s, m) for s in SIGMAS
-                                                        for m in ("FS", "RS")]
+  assert [(r["sigma"], r["method"]) for r in table] == [
+      (s, m) for s in SIGMAS for m in ("FS", "FS: A.3.2 only", "FS: per-class only", "RS",
+                                       "FS paper protocol (estimate)")]
   radii = [f"{r:g}" for r in config.prediction.radii]
   assert radii[0] == "0" and radii[-1] == "1.5"
   for row in table:
@@ -76,13 +78,14 @@ def test_fs_and_rs_rows_per_sigma(result):
 
 def test_table_is_the_certified_accuracy_of_the_rows(result):
   config, _, table, rows, _ = result
+  fields = {name: (method, c, r) for name, method, c, r in table2.TABLE_ROWS}
   for row in table:
-    rs = [r for r in rows if r["sigma"] == row["sigma"] and r["method"] == row["method"]]
+    method, cls, rad = fields[row["method"]]
+    rs = [r for r in rows if r["sigma"] == row["sigma"] and r["method"] == method]
     for radius in config.prediction.radii:
-      expected = np.mean([r["predicted_class"] == r["label"] and r["radius"] >= radius
-                          for r in rs])
+      expected = np.mean([r[cls] == r["label"] and r[rad] >= radius for r in rs])
       assert row[f"{radius:g}"] == pytest.approx(expected)
-    assert row["abstain"] == pytest.approx(np.mean([r["predicted_class"] == -1 for r in rs]))
+    assert row["abstain"] == pytest.approx(np.mean([r[cls] == -1 for r in rs]))
 
 
 def test_rows_match_direct_certify_calls(result):
@@ -111,10 +114,11 @@ def test_rows_match_direct_certify_calls(result):
       fs_params = {"encoder": params, "projection": kernel}
       w = np.asarray(heads[sigma]["cosine"]["params"]["prototypes"], np.float32)
       w = w / np.linalg.norm(w, axis=1, keepdims=True)  # in the projection's space
-      fs = certify.certify_prediction(fs_params, x, encoder=projected, bound="point",
-                                      prototypes=w, **mc)
       margin = certify.prediction_margin(fs_params, x, encoder=projected, bound="point",
-                                         prototypes=w, **mc)
+                                         prototypes=w, certificate="select", **mc)
+      fs = certify.prediction_certificate(margin)
+      paper = certify.certify_prediction(fs_params, x, encoder=projected, bound="point",
+                                         prototypes=w, **dict(mc, n0=16, n=16))
       got_fs = sorted((r for r in rows if r["sigma"] == sigma and r["method"] == "FS"
                        and b * bs <= r["image"] < (b + 1) * bs), key=lambda r: r["image"])
       n_fs = len(got_fs)
@@ -124,6 +128,16 @@ def test_rows_match_direct_certify_calls(result):
       need = 4 * np.arccos(np.sqrt(1 - margin.deficit[:n_fs].astype(np.float64)))
       np.testing.assert_allclose([r["required_margin"] for r in got_fs], need, rtol=1e-4,
                                  atol=1e-5)
+      assert [r["certificate_used"] for r in got_fs] == list(fs.certificate[:n_fs])
+      for only in ("cosine", "per-class"):  # each certificate alone, from the same margin
+        alone = certify.prediction_certificate(margin, only=only)
+        field = only.replace("-", "_")
+        assert [r[f"class_{field}"] for r in got_fs] == list(alone.predicted_class[:n_fs])
+        np.testing.assert_allclose([r[f"radius_{field}"] for r in got_fs],
+                                   alone.radius[:n_fs], rtol=1e-6)
+      assert [r["paper_class"] for r in got_fs] == list(paper.predicted_class[:n_fs])
+      np.testing.assert_allclose([r["paper_radius"] for r in got_fs], paper.radius[:n_fs],
+                                 rtol=1e-6)
       rs = certify.rs_certify(params, x, encoder=encoder, head=heads[sigma]["linear"], **mc)
       for method, cert in (("FS", fs), ("RS", rs)):
         cls, radius = cert.predicted_class, cert.radius
@@ -154,6 +168,10 @@ def test_missing_heads_and_mismatched_config_fail_clearly(result, tmp_path):
   other = config.copy_and_resolve_references()
   other.prediction.bound = "chernoff"
   with pytest.raises(ValueError, match="prediction.bound"):
+    table2.run_prediction(other, str(workdir))
+  other = config.copy_and_resolve_references()
+  other.prediction.certificate = "max"
+  with pytest.raises(ValueError, match="prediction.certificate"):
     table2.run_prediction(other, str(workdir))
 
 
