@@ -51,7 +51,8 @@ images. Columns per attack (Section 6.1):
   level ``certify_alpha``), and ``cert cos z_n``, the bound on ``cos(z_n(x'), u)`` for the
   ``n``-sample estimate the LLM actually receives (per query, a further
   ``certify_alpha``); means over the images, -1 counting an image where nothing is
-  certified (a valid lower bound on any cosine). Unsmoothed rows: "-".
+  certified (a valid lower bound on any cosine). Unsmoothed rows: "-". The jsonl rows
+  also hold each image's ``l2`` distance and both bounds at eps = 0 (``_clean``).
 * Classification / VQA: the answer is parsed (first integer / first option letter);
   ``ACC`` = share answering the correct option, ``ASR`` = share answering the attacker's
   target option (the last one: the held-out target class, or "None of the above").
@@ -368,12 +369,17 @@ def input_certificate(row: attacks.Row, x: np.ndarray, c, batch_size: int,
 
 
 def input_bounds(row: attacks.Row, certificate, adversarial: np.ndarray, x: np.ndarray,
-                 alpha: float) -> tuple[np.ndarray, np.ndarray]:
+                 alpha: float) -> dict[str, np.ndarray]:
   """Per image: certified ``cos(f_s(x'), u)`` and the bound on ``cos(z_n(x'), u)`` at the
-  l2 distance of ``adversarial`` from ``x`` (``certify.llm_input_bounds``)."""
+  l2 distance of ``adversarial`` from ``x`` (``certify.llm_input_bounds``), and both at
+  the clean image itself (eps = 0: the concentration term alone)."""
   l2 = np.linalg.norm((np.asarray(adversarial, np.float64) - x).reshape(len(x), -1), axis=-1)
-  return certify.llm_input_bounds(certificate[0], certificate[1], l2, row.encoder.sigma,
-                                  n=row.encoder.n, alpha=alpha)
+  out = {"l2": l2}
+  for suffix, eps in (("", l2), ("_clean", np.zeros_like(l2))):
+    fs, zn = certify.llm_input_bounds(certificate[0], certificate[1], eps, row.encoder.sigma,
+                                      n=row.encoder.n, alpha=alpha)
+    out.update({f"cert_cos_fs{suffix}": fs, f"cert_cos_zn{suffix}": zn})
+  return out
 
 
 def generate(model: mllm.MLLM, params: dict, features: np.ndarray, prompts: list[str], *,
@@ -553,8 +559,10 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
         if certificate is not None:
           bounds = input_bounds(row, certificate, adv, x, float(c.certify_alpha))
         cells = {"FCS": cells.pop("FCS"),
-                 "cert cos f_s": "-" if bounds is None else f"{np.mean(bounds[0]):.3f}",
-                 "cert cos z_n": "-" if bounds is None else f"{np.mean(bounds[1]):.3f}",
+                 "cert cos f_s": "-" if bounds is None
+                 else f"{np.mean(bounds['cert_cos_fs']):.3f}",
+                 "cert cos z_n": "-" if bounds is None
+                 else f"{np.mean(bounds['cert_cos_zn']):.3f}",
                  **cells}
         line.update({f"{name} {k}": v for k, v in cells.items()})
         if task != "caption":
@@ -566,7 +574,7 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
                           adv_answers[i], float(fcs[i]), float(linf[i]),
                           questions[i] if questions else None, references, judge)
           if bounds is not None:
-            out.update(cert_cos_fs=float(bounds[0][i]), cert_cos_zn=float(bounds[1][i]))
+            out.update({k: float(v[i]) for k, v in bounds.items()})
           judged.append(outcome(task, out, c.threshold))
           write(out)
         strips[name][row.label] = (adv[:a.examples], adv_answers[:a.examples],

@@ -114,6 +114,8 @@ def _check_classification_cells(tmp_path, rows, attacks):
         assert cell[f"{attack} cert cos z_n"] == "-" and "cert_cos_zn" not in rs[0]
       else:  # the bound on what the LLM receives never exceeds the certified f_s cosine
         assert all(-1 <= r["cert_cos_zn"] <= r["cert_cos_fs"] <= 1 for r in rs)
+        # A larger radius certifies less: the clean image's bounds are never below.
+        assert all(r["cert_cos_zn_clean"] >= r["cert_cos_zn"] and r["l2"] > 0 for r in rs)
         for key, col in (("cert_cos_fs", "cert cos f_s"), ("cert_cos_zn", "cert cos z_n")):
           assert cell[f"{attack} {col}"] == f"{np.mean([r[key] for r in rs]):.3f}"
   # The random tower's features of an attacked image move: FCS < 1 for the original.
