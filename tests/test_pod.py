@@ -14,6 +14,7 @@ from certify import report
 from certify import run as run_lib
 from configs import clip_tiny
 from fsjax import pod
+from tests.certify import test_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "clip_tiny.py")
@@ -43,13 +44,6 @@ def _pod(module: str, workdir, *flags, processes: int = 2, timeout: float = 600)
         p.kill()
 
 
-def _numbers(row):
-  """A row without what says which code computed it (the git revision moves)."""
-  if isinstance(row, dict):
-    return {k: _numbers(v) for k, v in row.items() if k not in ("git", "git_dirty", "fsjax")}
-  return row
-
-
 def test_incomplete_pod_variables_are_one_line(monkeypatch):
   monkeypatch.setenv(pod.ADDRESS, "127.0.0.1:1234")
   monkeypatch.delenv(pod.COUNT, raising=False)
@@ -77,7 +71,8 @@ def test_certify_run_on_two_processes_writes_what_one_process_writes(tmp_path):
     config.certify.update(n0=8, n=32, chunk_size=16)
     config.data.update(num_examples=2, batch_size=1)
   run_lib.run(config, str(tmp_path / "one"))
-  rows = lambda d: [_numbers(r) for r in report.read_rows(d / "results.jsonl")]  # noqa: E731
+  def rows(folder):
+    return list(map(test_run.numbers_only, report.read_rows(folder / "results.jsonl")))
   assert len(rows(workdir)) == 16 and rows(workdir) == rows(tmp_path / "one")
   for name in ("table.md", "table.csv", "config.json"):
     assert (workdir / name).read_bytes() == (tmp_path / "one" / name).read_bytes()

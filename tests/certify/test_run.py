@@ -78,17 +78,18 @@ def test_a_rerun_keeps_what_is_done_and_a_resumed_run_ends_with_the_same_files(
   (resumed / "results.jsonl").write_text("".join(lines[:7]) + lines[7][:30])  # killed
   monkeypatch.setattr(variants_lib, "encoder_variants", lambda config: variants)
   assert run_lib.run(config, str(resumed)) == table
-  key = lambda path: list(map(_numbers, report.read_rows(path, key=run_lib.ROW_KEY)))  # noqa: E731
+  def key(path):
+    return list(map(numbers_only, report.read_rows(path, key=run_lib.ROW_KEY)))
   assert key(resumed / "results.jsonl") == key(workdir / "results.jsonl")
   assert (resumed / "table.md").read_bytes() == before["table.md"]
   assert (resumed / "table.csv").read_bytes() == before["table.csv"]
 
 
-def _numbers(row):
+def numbers_only(row):
   """A row without what says which code computed it (the git revision moves between the
   runs of a test in a working tree)."""
   if isinstance(row, dict):
-    return {k: _numbers(v) for k, v in row.items() if k not in ("git", "git_dirty", "fsjax")}
+    return {k: numbers_only(v) for k, v in row.items() if k not in ("git", "git_dirty", "fsjax")}
   return row
 
 
@@ -162,7 +163,7 @@ def test_ctrl_c_and_kill_then_the_same_command_give_the_uninterrupted_results(tm
   key = lambda path: report.read_rows(path, key=run_lib.ROW_KEY)  # noqa: E731
   got, whole = key(workdir / "results.jsonl"), key(tmp_path / "whole" / "results.jsonl")
   assert len(got) == len(whole) == 16
-  assert list(map(_numbers, got)) == list(map(_numbers, whole))
+  assert list(map(numbers_only, got)) == list(map(numbers_only, whole))
   for name in ("table.md", "table.csv", "config.json"):
     assert (workdir / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
   assert len(table) == 8 and all(r["images"] == 2 for r in table)
