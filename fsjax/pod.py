@@ -75,7 +75,11 @@ def initialize() -> None:
     jax.distributed.initialize(coordinator_address=address, num_processes=count,
                                process_id=index)
   else:
-    jax.distributed.initialize()
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:  # no cluster JAX knows (TPU pod, Slurm, Open MPI) around
+      raise ValueError(f"no pod found to join ({e}): outside a TPU pod, Slurm or Open MPI "
+                       f"set {ADDRESS}, {COUNT} and {INDEX} on every process.") from None
 
 
 def is_writer() -> bool:
