@@ -175,7 +175,9 @@ def certify_config(**overrides) -> ml_collections.ConfigDict:
       references=("clean", "mean"),
       chunk_size=16,     # noise samples per vectorised chunk (16 measured fastest on CPU)
       batch_size=8,      # images per certify call
-      distributed=False,  # multi-host: call jax.distributed.initialize() first
+      # Join a pod JAX detects (TPU pod, Slurm, Open MPI). Any other pod: set
+      # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID instead (fsjax.pod).
+      distributed=False,
       # The norm-aware cosine certificate (docs/method.md 2c): one more row per variant and
       # sigma (mean reference, this bound; one more Monte Carlo run) and cos@eps columns.
       norm_aware=True,
