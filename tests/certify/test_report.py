@@ -102,3 +102,22 @@ def test_nothing_is_created_before_the_first_row(tmp_path):
   with report.rows(folder / "results.jsonl", _config()):
     pass
   assert sorted(os.listdir(folder)) == ["config.json", "results.jsonl"]
+
+
+def test_done_rows_are_the_rows_as_written_by_key(tmp_path):
+  """What a resumed run skips: the last row per key, float keys of the bound columns
+  restored (JSON made them strings), a torn last row dropped, nothing without a file."""
+  path = tmp_path / "results.jsonl"
+  assert report.done_rows(path, ("image",)) == {}
+  rows = [{"image": 0, "bound": "betting", "inner_product_bound": {0.125: 0.5, 0.5: -0.25},
+           "record": {"reference": "mean"}},
+          {"image": 1, "bound": "betting", "inner_product_bound": {0.125: 0.1, 0.5: -0.7}}]
+  with report.rows(path) as write:
+    for r in rows:
+      write(r)
+  with open(path, "a") as f:
+    f.write('{"image": 2, "bou')  # killed mid-row
+  done = report.done_rows(path, ("image", "bound"))
+  assert done == {(0, "betting"): rows[0], (1, "betting"): rows[1]}
+  assert [report.as_read(r) for r in rows] == rows
+  assert list(done[(0, "betting")]["inner_product_bound"]) == [0.125, 0.5]
