@@ -46,7 +46,11 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, folder):
+  """30 steps as a user resumes them: a 10-step run, then the 30-step config in the same
+  workdir, which continues from the checkpoint at step 10 (one training run fewer than a
+  30-step run and a separate resume test: ~20 s of the suite's time)."""
   workdir = tmp_path_factory.mktemp("llava")
+  train_llava.train_and_evaluate(_config(folder, steps=10), str(workdir))
   config = _config(folder)
   result = train_llava.train_and_evaluate(config, str(workdir))
   return config, workdir, result
@@ -99,14 +103,13 @@ def test_saved_model_loads_with_the_encoder_and_its_loss_is_the_masked_cross_ent
   np.testing.assert_allclose(float(loss), np.mean(nll), rtol=1e-4)
 
 
-def test_resume_continues_from_the_latest_checkpoint(tmp_path, folder):
-  train_llava.train_and_evaluate(_config(folder, steps=10), str(tmp_path))
-  train_llava.train_and_evaluate(_config(folder, steps=20), str(tmp_path))
-  steps = [r["step"] for r in _rows(tmp_path)]
-  assert steps == [5, 10, 15, 20]  # the second run started at step 10
+def test_resume_continues_from_the_latest_checkpoint(trained):
+  _, workdir, _ = trained  # 10 steps, then the 30-step config in the same workdir
+  steps = [r["step"] for r in _rows(workdir)]
+  assert steps == [5, 10, 15, 20, 25, 30]  # the second run started at step 10
   # A finished run keeps its final state only (train.loop.run).
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
-                if p.name.isdigit()) == [20]
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                if p.name.isdigit()) == [30]
 
 
 def test_nan_loss_stops_before_saving(tmp_path, folder, monkeypatch):
