@@ -58,6 +58,10 @@ def jit(fn: Callable | None = None, **jit_kwargs) -> Callable:
   @functools.wraps(fn)
   def call(*args, **kwargs):
     backend = jax.default_backend()
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
+      # Inside another jit (e.g. certify.certify_answers' chunk): compiler options are
+      # only allowed on the top-level jit, so this one is a plain nested jit.
+      backend = "nested"
     if backend not in jitted:
       options = dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else None
       jitted[backend] = jax.jit(fn, compiler_options=options, **jit_kwargs)
