@@ -585,7 +585,16 @@ def _read(slots: _Slots):
 
 
 @functools.partial(jax.jit, static_argnames=("norm_aware",))
-def _finish(state_d, norm_upper, eps, sigma, cos, *, norm_aware):
+def certificate_from_bounds(state_d, norm_upper, eps, sigma, cos, *, norm_aware):
+  """A sequential certificate's columns from its confidence bounds at the stopping time.
+
+  ``state_d [M]``: upper bounds on the score deficits (cells of :func:`grid`, 1 when none
+  is rejected); ``norm_upper [M]``: upper bounds on ``||f_s(x)||`` (1 without the norm).
+  Returns ``(inner [M, E], cosine [M, E], radius [M])``: the bound on ``<f_s(x'), u>`` at
+  each eps, the certified cosine (norm-aware ``B / U`` or ``B``; -1 where ``B < 0``) and
+  the radius for ``cos``. What :func:`sequential_fcsb` reports, and what
+  ``certify.verify`` re-derives a recorded row with.
+  """
   inner = 2.0 * norm.cdf(-jax.scipy.special.ndtri(jnp.clip(state_d, 1e-12, 1.0))[:, None]
                          - eps[None] / sigma) - 1.0
   if norm_aware:
@@ -745,7 +754,7 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
         out_d[img], out_n[img], out_u[img] = d[s_idx], n_up[s_idx], direction[s_idx]
         out_samples[img] = int(count[s_idx]) + int(n0)
         owner[s_idx] = -1
-  inner, cosine, radius = _finish(jnp.asarray(out_d), jnp.asarray(out_n), eps32, sigma32,
+  inner, cosine, radius = certificate_from_bounds(jnp.asarray(out_d), jnp.asarray(out_n), eps32, sigma32,
                                   jnp.float32(cos), norm_aware=bool(norm_aware))
   return SequentialCertificate(
       deficit=jnp.asarray(out_d), norm_upper=jnp.asarray(out_n), direction=jnp.asarray(out_u),

@@ -43,9 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import certify
-# The one private import: the sequential certificate's grid and its step from bounds to
-# certificate have no public name yet (tests/test_layers.py PENDING).
-from certify import _sequential
 from certify import records as records_lib
 from fsjax import cli
 
@@ -291,7 +288,7 @@ class _Checker:
     deficit, norm_upper, bad = self._bounds_of(members)
     # An anytime bound is the deficit of a grid cell (1 when no cell is rejected), and N
     # that of the pair sequence's cell through N = sqrt(2 P - 1) (1 when not norm-aware).
-    cells = np.append(np.asarray(_sequential.grid()), np.float32(1.0))
+    cells = np.append(np.asarray(certify.sequential_grid()), np.float32(1.0))
     # N = sqrt(2 P - 1) of the pair sequence's bound P (certify._norm's map).
     norms = (np.sqrt(np.clip(2.0 * cells - 1.0, 0.0, 1.0)).astype(np.float32)
              if norm_aware else np.ones(1, np.float32))
@@ -309,7 +306,7 @@ class _Checker:
     keep = np.flatnonzero(~bad)
     if not len(keep):
       return
-    inner, cosine, radius = _sequential._finish(  # pylint: disable=protected-access
+    inner, cosine, radius = certify.sequential_certificate_from_bounds(
         _padded(deficit[keep]), _padded(norm_upper[keep]), jnp.asarray(eps, jnp.float32),
         jnp.float32(sigma), jnp.float32(cos), norm_aware=bool(norm_aware))
     k = len(keep)
