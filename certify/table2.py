@@ -42,13 +42,18 @@ carry the certificate used, each certificate alone (``class_cosine`` / ``radius_
 0), ``table2.md``,
 ``table2.csv``, ``table2.png`` (certified accuracy against radius) and
 ``table2_margins.png`` (each image's margin against the margin its certificate needs)
-into the workdir.
+into the workdir, and ``table2_config.json`` beside the rows.
+
+Interrupted (Ctrl-C: it stops after the (sigma, batch) group being certified, exit status
+130) or killed, the same command resumes: it certifies only the groups missing from
+``prediction_results.jsonl`` and ends with the table and plots of an uninterrupted run.
+A workdir holding rows of another config is refused in one line (use another workdir).
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -56,6 +61,7 @@ import numpy as np
 import certify
 from certify import report
 from fsjax import batching
+from fsjax import checkpointing
 from fsjax import checks
 from fsjax import cli
 from fsjax import heads as heads_lib
@@ -63,6 +69,9 @@ from fsjax import smoothing
 from fsjax import variants as variants_lib
 
 METHODS = ("FS", "RS")  # the rows of prediction_results.jsonl
+RESULTS, CONFIG_NAME = "prediction_results.jsonl", "table2_config.json"
+# A result row's identity: what a resumed run matches against prediction_results.jsonl.
+ROW_KEY = ("sigma", "image", "method", "variant")
 # The rows of the table, per sigma: (name, row method, class field, radius field). The FS
 # rows after the first come from the same FS rows (same samples); the last is an estimate.
 PAPER = "FS paper protocol (estimate)"
@@ -118,7 +127,8 @@ def _check_heads(meta: dict, heads: dict, config, encoder_name: str) -> None:
 
 def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encoder,
                    heads: dict, sigma: float, key: jax.Array, settings: dict,
-                   variant: str = "FS", progress=None) -> list[dict]:
+                   variant: str = "FS", progress=None,
+                   batches: Sequence[int] | None = None) -> list[dict]:
   """FS and RS certificates of every image at one sigma; one row per image and method.
 
   Args:
@@ -133,6 +143,8 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     variant: the encoder variant's name, recorded in the rows.
     progress: an optional :class:`certify.report.SampleProgress`, advanced by noise
       samples x images (the padded batch) as the chunks of samples of each method finish.
+    batches: the indices of the batches to certify (a resumed run's missing ones);
+      None: all. Batch ``b`` gets the same key and rows whichever others are certified.
 
   Returns:
     Rows ``{"method", "variant", "sigma", "image", "label", "predicted_class", "radius",
@@ -143,6 +155,8 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
   mc = {k: settings[k] for k in ("n0", "n", "alpha", "chunk_size")}
   rows = []
   for b, start in enumerate(range(0, len(images), bs)):
+    if batches is not None and b not in batches:
+      continue
     x = images[start:start + bs]
     xp = batching.pad_rows(x, bs)
     k = jax.random.fold_in(key, b)
@@ -303,35 +317,62 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
 
   Returns:
     The table: one row per (sigma, method) with the certified accuracy at each radius.
+
+  Resumable (as ``certify.run``): the rows already in ``prediction_results.jsonl`` (an
+  earlier run of the same config; :func:`certify.report.check_workdir` refuses another's
+  in one line) are kept, and only the (sigma, batch) groups missing a row are certified
+  (each batch has its own key: the same rows as in one run); the table and plots are
+  built from all rows in the uninterrupted run's order, so they are the same. Ctrl-C
+  stops after the group being certified (its rows written) with
+  :class:`fsjax.cli.Interrupted`.
   """
   workdir = pathlib.Path(workdir)
   settings = prediction_settings(config)
   meta, heads = heads_lib.load_heads(workdir)
   encoder_name, encoder, params = variant or variants_lib.most_boosted(config)
   _check_heads(meta, heads, config, encoder_name)
-  report.check_workdir(config, workdir / "prediction_results.jsonl", "table2_config.json")
+  results = workdir / RESULTS
+  report.check_workdir(config, results, CONFIG_NAME)  # another config's rows: refuse now
   num_classes = len(meta["classes"])
   images, labels, _ = heads_lib.load_subset(config.test_data, num_classes=num_classes,
                                            per_class=config.prediction.test_per_class)
   labels = heads_lib.check_labels(labels, num_classes)
   key = jax.random.PRNGKey(config.seed)
   sigmas = [float(s) for s in config.certify.sigmas]
-  batches = -(-len(images) // settings["batch_size"])
+  bs = settings["batch_size"]
+  # The units of work, in the uninterrupted run's order: (sigma, batch); their rows.
+  groups = [(sigma, b) for sigma in sigmas for b in range(-(-len(images) // bs))]
+  keys = {(sigma, b): [(sigma, i, method, encoder_name) for method in METHODS
+                       for i in range(b * bs, min((b + 1) * bs, len(images)))]
+          for sigma, b in groups}
+  done = report.done_rows(results, ROW_KEY)
+  todo = [g for g in groups if not all(k in done for k in keys[g])]
+  if len(todo) < len(groups):
+    print(f"certify.table2: resuming {workdir}: {len(groups) - len(todo)} of {len(groups)} "
+          "(sigma, batch) groups are certified"
+          + ("; certifying the rest." if todo else "; nothing left to certify."), flush=True)
   # Every method draws n0 + n noise samples for each image of each (padded) batch.
-  samples = (len(sigmas) * batches * settings["batch_size"]
-             * (len(METHODS) * (settings["n0"] + settings["n"])
-                + 2 * (settings["paper_n0"] or 0)))
-  rows = []
-  with report.rows(workdir / "prediction_results.jsonl", config,
-                   config_name="table2_config.json") as write, report.SampleProgress(
-      samples, "table2") as progress:
-    for sigma in sigmas:
+  samples = len(todo) * bs * (len(METHODS) * (settings["n0"] + settings["n"])
+                              + 2 * (settings["paper_n0"] or 0))
+  fresh = {}
+  with checkpointing.lock_workdir(workdir, "certify.table2"), report.rows(
+      results, config, config_name=CONFIG_NAME) as write, cli.interruptible() as stop, \
+      report.SampleProgress(samples, "table2") as progress:
+    for finished, (sigma, b) in enumerate(todo, start=len(groups) - len(todo)):
+      if stop():  # pressed while the last group ran: its rows are written, stop here
+        raise cli.Interrupted(
+            f"certify.table2: interrupted (Ctrl-C); {finished} of "
+            f"{len(groups)} (sigma, batch) groups are certified in {results}; rerun the "
+            "same command to certify the rest.")
       k = smoothing.sigma_key(key, sigma)  # as certify.run and train.head
       for row in certify_images(params, images, labels, encoder=encoder, heads=heads[sigma],
                                 sigma=sigma, key=k, settings=settings, variant=encoder_name,
-                                progress=progress):
-        rows.append(row)
+                                progress=progress, batches=[b]):
         write(row)
+        row = report.as_read(row)  # as a resumed run reads it: the same table, bit for bit
+        fresh[tuple(row[c] for c in ROW_KEY)] = row
+  have = {**done, **fresh}
+  rows = [have[k] for g in groups for k in keys[g]]
   radii = [float(r) for r in config.prediction.radii]
   table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
   point = (f"; FS: the {settings['certificate']!r} certificate (docs/method.md 3b)"

@@ -1,6 +1,9 @@
 """certify.table2 end to end on the tiny CLIP: files, table, agreement with direct calls."""
 
 import json
+import os
+import shutil
+import signal
 
 import jax
 import ml_collections
@@ -8,9 +11,11 @@ import numpy as np
 import pytest
 
 import certify
+from certify import report
 from certify import table2
 from configs import clip_tiny
 from configs import common
+from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import heads as heads_lib
 from fsjax import variants as variants_lib
@@ -183,3 +188,47 @@ def test_labels_out_of_range_fail_clearly(result):
   with pytest.raises(ValueError, match=r"\[0, num_classes=3\)"):
     heads_lib.check_labels(np.array([0, 5]), K)
   del config
+
+
+OUTPUTS = ("table2.md", "table2.csv", "table2.png", "table2_margins.png")
+
+
+def test_interrupted_run_resumes_to_the_same_table(result, tmp_path, monkeypatch):
+  """Issue 21: a real Ctrl-C after the first (sigma, batch) group, then a kill -9 mid-row
+  (a torn last line), then the same command: the uninterrupted run's rows, table, plots."""
+  config, workdir, table, rows, variant = result
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)  # the heads of train.head
+  for name in ("prediction_results.jsonl",) + OUTPUTS:
+    (tmp_path / name).unlink()
+  calls, certify_images = [], table2.certify_images
+
+  def ctrl_c_after_the_first_group(*args, **kwargs):
+    out = certify_images(*args, **kwargs)
+    calls.append(kwargs["batches"])
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGINT)  # seen at the next safe point
+    return out
+  monkeypatch.setattr(table2, "certify_images", ctrl_c_after_the_first_group)
+  with pytest.raises(cli.Interrupted, match=r"1 of 4 \(sigma, batch\) groups are certified "
+                     r".*rerun the same command"):
+    table2.run_prediction(config, str(tmp_path), variant=variant)
+  results = tmp_path / "prediction_results.jsonl"
+  assert calls == [[0]] and not any((tmp_path / name).exists() for name in OUTPUTS)
+  assert report.read_rows(results) == rows[:2 * 4]  # FS and RS of batch 0 at sigma 0.05
+  with open(results, "a") as f:
+    f.write(json.dumps(rows[8])[:40])  # killed mid-row
+  again = table2.run_prediction(config, str(tmp_path), variant=variant)
+  assert calls == [[0], [1], [0], [1]]  # only the missing groups
+  assert again == table and report.read_rows(results) == rows
+  for name in OUTPUTS:
+    assert (tmp_path / name).read_bytes() == (workdir / name).read_bytes(), name
+
+
+def test_other_config_is_refused_and_writes_nothing(result):
+  config, workdir, _, _, variant = result
+  before = {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()}
+  other = config.copy_and_resolve_references()
+  other.prediction.radii = (0.0, 0.5)
+  with pytest.raises(ValueError, match=r"different config .*use another --workdir"):
+    table2.run_prediction(other, str(workdir), variant=variant)
+  assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
