@@ -42,8 +42,14 @@ value to within a few standard errors of B, which a tight certificate allows.
 The attack is :func:`fsjax.attacks.pgd` with the certificate's direction u given as
 ``reference`` features and ``loss="inner_product"``: the library's one PGD loop.
 
-Writes ``audit.jsonl`` (one row per image, eps, variant, reference) and ``audit.md``
-(summary, per-fraction table) into the workdir.
+Writes ``audit.jsonl`` (one row per image, eps, variant, reference), ``audit_batches.jsonl``
+(one row per audited (batch, variant): its images, pairs and uncertified images),
+``audit_config.json`` and ``audit.md`` (summary, per-fraction table) into the workdir.
+
+Interrupted (Ctrl-C: it stops after the (batch, variant) group being audited, exit status
+130) or killed, the same command resumes: it audits only the groups not marked in
+``audit_batches.jsonl`` and ends with the ``audit.md`` of an uninterrupted run. A workdir
+holding rows of another config is refused in one line (use another workdir).
 """
 
 from __future__ import annotations
@@ -59,12 +65,15 @@ import certify
 from certify import report
 from fsjax import attacks
 from fsjax import batching
+from fsjax import checkpointing
 from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
 from fsjax import variants as variants_lib
+
+RESULTS, BATCHES, CONFIG_NAME = "audit.jsonl", "audit_batches.jsonl", "audit_config.json"
 
 # Streams of randomness, folded into the seed's key: certification, attack, measurement
 # never share noise (a measurement that reused the certification samples would be biased).
@@ -497,13 +506,49 @@ def _audit_data(config):
   return data_lib.from_config(spec)
 
 
-def run(config, workdir: str) -> dict[str, Any]:
-  """Audits every variant on ``config.audit.data`` (default ``config.data``); writes files."""
+def _done_groups(workdir: pathlib.Path, batch_size: int) -> dict[tuple, tuple[dict, list]]:
+  """What an earlier run of the same config finished: ``{(batch, variant): (its
+  audit_batches.jsonl row, its audit.jsonl rows)}``.
+
+  A group is marked after its rows, so its rows are the last ``pairs`` of its rows in
+  the file, in the order they were made (a group killed between its rows and its mark
+  is audited again and appended again; the mark then follows the complete copy).
+  """
+  marks = report.done_rows(workdir / BATCHES, ("batch", "variant"))
+  if not marks:
+    return {}
+  rows = {}
+  for r in report.read_rows(workdir / RESULTS):
+    rows.setdefault((r["image"] // batch_size, r["variant"]), []).append(report.as_read(r))
+  out = {}
+  for group, mark in marks.items():
+    mine = rows.get(group, [])
+    if len(mine) >= mark["pairs"]:
+      out[group] = (mark, mine[len(mine) - mark["pairs"]:])
+  return out
+
+
+def run(config, workdir: str, *, variants: list[tuple[str, Any, Any]] | None = None
+        ) -> dict[str, Any]:
+  """Audits every variant on ``config.audit.data`` (default ``config.data``); writes files.
+
+  ``variants``: the ``fsjax.variants.encoder_variants(config)`` to audit (default: built
+  here); passing ones that are already compiled saves the compilations (an encoder is a
+  static argument, hashed by identity).
+
+  Resumable (as ``certify.run``): the (batch, variant) groups an earlier run of the same
+  config finished (``audit_batches.jsonl`` marks each, with its uncertified images, after
+  its rows; :func:`certify.report.check_workdir` refuses another config's folder in one
+  line) are not audited again, and the summary is made from all rows in the
+  uninterrupted run's order: the same ``audit.md``. Ctrl-C stops after the group being
+  audited (its rows written) with :class:`fsjax.cli.Interrupted`.
+  """
   a = audit_settings(config)
   check_audit_config(a)
   workdir = pathlib.Path(workdir)
-  report.check_workdir(config, workdir / "audit.jsonl", "audit_config.json")
-  variants = variants_lib.encoder_variants(config)
+  for name in (RESULTS, BATCHES):  # another config's rows: refuse now
+    report.check_workdir(config, workdir / name, CONFIG_NAME)
+  variants = variants or variants_lib.encoder_variants(config)
   if a.get("variants"):
     unknown = sorted(set(a.variants) - {v[0] for v in variants})
     if unknown:
@@ -512,24 +557,48 @@ def run(config, workdir: str) -> dict[str, Any]:
     variants = [v for v in variants if v[0] in a.variants]
   dataset = _audit_data(config)
   key = jax.random.PRNGKey(config.seed)
+  groups = [(b, v[0]) for b in range(len(dataset)) for v in variants]
+  done = _done_groups(workdir, dataset.batch_size)
+  todo = [g for g in groups if g not in done]
+  if len(todo) < len(groups):
+    print(f"certify.audit: resuming {workdir}: {len(groups) - len(todo)} of {len(groups)} "
+          "(batch, variant) groups are audited"
+          + ("; auditing the rest." if todo else "; nothing left to audit."), flush=True)
   rows, skipped, offset = [], collections.Counter(), 0
   # The certifications; attacks and measurements join the total as pairs are certified
   # (sequential: each image's samples join it once the image has stopped).
   certify_samples = (0 if a.get("mode") == "sequential" else
-                     len(dataset) * dataset.batch_size * len(variants) * (a.n0 + a.n))
-  with report.rows(workdir / "audit.jsonl", config,
-                   config_name="audit_config.json") as write, report.SampleProgress(
-      certify_samples, "audit") as progress:
+                     len(todo) * dataset.batch_size * (a.n0 + a.n))
+  with checkpointing.lock_workdir(workdir, "certify.audit"), report.rows(
+      workdir / RESULTS, config, config_name=CONFIG_NAME) as write, report.rows(
+          workdir / BATCHES, config, config_name=CONFIG_NAME) as mark, \
+      cli.interruptible() as stop, report.SampleProgress(certify_samples, "audit") as progress:
     for b, batch in enumerate(dataset):
       for name, encoder, params in variants:
-        batch_rows, batch_skipped = audit_images(
-            encoder, params, batch["image"], batch["label"], a,
-            jax.random.fold_in(key, b), name=name, first_index=offset,
-            pad_to=dataset.batch_size, progress=progress)
+        if (b, name) in done:
+          group_mark, group_rows = done[(b, name)]
+          batch_skipped = group_mark["skipped"]
+        else:
+          group_rows, batch_skipped = audit_images(
+              encoder, params, batch["image"], batch["label"], a,
+              jax.random.fold_in(key, b), name=name, first_index=offset,
+              pad_to=dataset.batch_size, progress=progress)
+          for r in group_rows:
+            write(r)
+          mark({"batch": b, "variant": name, "first_image": offset,
+                "images": int(batch["image"].shape[0]), "pairs": len(group_rows),
+                "skipped": batch_skipped})
+          # As a resumed run reads them back: the same summary, bit for bit.
+          group_rows = [report.as_read(r) for r in group_rows]
+          todo.remove((b, name))
+          if stop():  # pressed while this group ran: its rows are written, stop here
+            rest = "audit the rest" if todo else "write audit.md"
+            raise cli.Interrupted(
+                f"certify.audit: interrupted (Ctrl-C); {len(groups) - len(todo)} of "
+                f"{len(groups)} (batch, variant) groups are audited in "
+                f"{workdir / RESULTS}; rerun the same command to {rest}.")
         skipped.update(batch_skipped)
-        for r in batch_rows:
-          write(r)
-        rows += batch_rows
+        rows += group_rows
       offset += batch["image"].shape[0]
   summary = summarise(rows, alpha=float(a.alpha), k_sigma=float(a.k_sigma),
                       images=offset * len(variants))

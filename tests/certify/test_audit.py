@@ -1,6 +1,9 @@
 """certify.audit: a small soundness audit finds no violation; its parts check out."""
 
 import json
+import os
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +12,12 @@ import pytest
 
 import certify
 from certify import audit
+from certify import report
 from configs import clip_tiny
 from configs import common
+from fsjax import cli
 from fsjax import smoothing
+from fsjax import variants as variants_lib
 
 SIGMA = 0.25
 
@@ -143,17 +149,68 @@ def test_screen_measures_close_pairs_again(toy):
   assert np.all((measured > 0) & (measured <= 1))
 
 
-def test_end_to_end_on_tiny_clip(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_clip_audit(tmp_path_factory):
   config = clip_tiny.get_config()
   with config.unlocked():
-    config.audit.update(n0=16, n=128, measure_n=256, steps=5, eot_samples=4, batch_size=8,
+    # Two (batch, variant) groups of one image, each two (image, eps) pairs: one call.
+    config.audit.update(n0=16, n=128, measure_n=256, steps=5, eot_samples=4, batch_size=2,
                         eps_fractions=(0.5, 1.0), num_images=2, references=("mean",))
-    config.data.update(batch_size=2)
-  summary = audit.run(config, str(tmp_path))
-  rows = [json.loads(l) for l in (tmp_path / "audit.jsonl").read_text().splitlines()]
-  assert "Soundness audit" in (tmp_path / "audit.md").read_text()
+    config.data.update(batch_size=1)
+  workdir = tmp_path_factory.mktemp("audit")
+  variants = variants_lib.encoder_variants(config)  # compiled once for every run below
+  return config, workdir, audit.run(config, str(workdir), variants=variants), variants
+
+
+def test_end_to_end_on_tiny_clip(tiny_clip_audit):
+  _, workdir, summary, _ = tiny_clip_audit
+  rows = [json.loads(l) for l in (workdir / "audit.jsonl").read_text().splitlines()]
+  assert "Soundness audit" in (workdir / "audit.md").read_text()
   assert summary["pairs"] == len(rows) == 2 * summary["images_tested"]
   assert summary["violations_k_sigma"] == 0
+  marks = report.read_rows(workdir / "audit_batches.jsonl")
+  assert [(m["batch"], m["variant"], m["first_image"], m["images"]) for m in marks] == [
+      (0, "FS", 0, 1), (1, "FS", 1, 1)]
+  assert [m["pairs"] for m in marks] == [sum(r["image"] == i for r in rows) for i in (0, 1)]
+
+
+def test_interrupted_run_resumes_to_the_same_audit(tiny_clip_audit, tmp_path, monkeypatch):
+  """Issue 21: killed after the last group's rows but before its mark (a torn line after
+  them), then the same command, stopped by a real Ctrl-C while it audits that group,
+  then the same command again: the uninterrupted run's audit.md."""
+  config, workdir, summary, variants = tiny_clip_audit
+  rows = report.read_rows(workdir / "audit.jsonl")
+  for name in ("audit.jsonl", "audit_batches.jsonl", "audit_config.json"):
+    shutil.copy(workdir / name, tmp_path / name)
+  marks = (tmp_path / "audit_batches.jsonl").read_text().splitlines(keepends=True)
+  (tmp_path / "audit_batches.jsonl").write_text(marks[0] + marks[1][:25])
+  calls, audit_images = [], audit.audit_images
+
+  def ctrl_c_while_auditing(*args, **kwargs):
+    calls.append(kwargs["first_index"])
+    os.kill(os.getpid(), signal.SIGINT)  # seen once the group is audited
+    return audit_images(*args, **kwargs)
+  monkeypatch.setattr(audit, "audit_images", ctrl_c_while_auditing)
+  with pytest.raises(cli.Interrupted, match=r"2 of 2 \(batch, variant\) groups are audited "
+                     r".*rerun the same command to write audit.md"):
+    audit.run(config, str(tmp_path), variants=variants)
+  assert calls == [1] and not (tmp_path / "audit.md").exists()  # the unmarked group only
+  # Its rows are in the file twice now; the summary takes each group's rows once.
+  assert len(report.read_rows(tmp_path / "audit.jsonl")) == len(rows) + sum(
+      r["image"] == 1 for r in rows)
+  assert audit.run(config, str(tmp_path), variants=variants) == summary
+  assert calls == [1]  # nothing left to audit
+  assert (tmp_path / "audit.md").read_bytes() == (workdir / "audit.md").read_bytes()
+
+
+def test_other_config_is_refused_and_writes_nothing(tiny_clip_audit):
+  config, workdir, _, _ = tiny_clip_audit
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  other = config.copy_and_resolve_references()
+  other.audit.k_sigma = 2.0
+  with pytest.raises(ValueError, match=r"different config .*use another --workdir"):
+    audit.run(other, str(workdir))
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
 
 
 @pytest.mark.parametrize("overrides, match", [
