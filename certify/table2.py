@@ -358,12 +358,7 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   with checkpointing.lock_workdir(workdir, "certify.table2"), report.rows(
       results, config, config_name=CONFIG_NAME) as write, cli.interruptible() as stop, \
       report.SampleProgress(samples, "table2") as progress:
-    for finished, (sigma, b) in enumerate(todo, start=len(groups) - len(todo)):
-      if stop():  # pressed while the last group ran: its rows are written, stop here
-        raise cli.Interrupted(
-            f"certify.table2: interrupted (Ctrl-C); {finished} of "
-            f"{len(groups)} (sigma, batch) groups are certified in {results}; rerun the "
-            "same command to certify the rest.")
+    for finished, (sigma, b) in enumerate(todo, start=len(groups) - len(todo) + 1):
       k = smoothing.sigma_key(key, sigma)  # as certify.run and train.head
       for row in certify_images(params, images, labels, encoder=encoder, heads=heads[sigma],
                                 sigma=sigma, key=k, settings=settings, variant=encoder_name,
@@ -371,6 +366,11 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
         write(row)
         row = report.as_read(row)  # as a resumed run reads it: the same table, bit for bit
         fresh[tuple(row[c] for c in ROW_KEY)] = row
+      if stop():  # pressed while this group ran: its rows are written, stop here
+        rest = "certify the rest" if finished < len(groups) else "write the tables and plots"
+        raise cli.Interrupted(
+            f"certify.table2: interrupted (Ctrl-C); {finished} of {len(groups)} (sigma, "
+            f"batch) groups are certified in {results}; rerun the same command to {rest}.")
   have = {**done, **fresh}
   rows = [have[k] for g in groups for k in keys[g]]
   radii = [float(r) for r in config.prediction.radii]
