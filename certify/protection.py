@@ -78,17 +78,25 @@ Data (``config.protection.data``, local files only; ``source``):
 
 Writes ``protection_<task>.jsonl`` (one row per variant, attack and image: answers,
 parsed options, scores, FCS, l_inf), ``protection_<task>.md`` / ``.csv`` (the table),
-``protection_<task>_config.json`` and ``protection_<task>_<attack>.png`` (clean |
+``protection_<task>_config.json``, ``protection_<task>_examples.npz`` (the adversarial
+images the strips show) and ``protection_<task>_<attack>.png`` (clean |
 adversarial per row with its answer, framed and captioned in the colour of its judged
 outcome: red the attacker's target, green correct, orange neither | target). Progress:
 one bar in image-steps (an image answered, certified, or through one attack step), each
 stage named, first calls marked "compiling first". ``--task=timing`` writes ``timing.*``:
 per-image inference time (image in, answer out) of the smoothed MLLM for each ``n`` of
 ``timing_n`` against the unsmoothed one, in the same run (Table 7).
+
+Interrupted (Ctrl-C: it stops after the (row, attack) group being attacked, exit status
+130) or killed, the same command resumes: it attacks only the groups whose rows (and
+strip images) are missing and ends with the table and strips of an uninterrupted run.
+A workdir holding rows of another config is refused in one line (use another workdir).
+``--task=timing`` does not resume: its ratios compare timings of one run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -105,6 +113,7 @@ import certify
 from certify import report
 from fsjax import attacks
 from fsjax import batching
+from fsjax import checkpointing
 from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
@@ -116,6 +125,9 @@ instructions = tasks.instructions  # the embedded Fashion-MNIST questions
 
 TASKS = ("caption", "classify", "vqa", "timing")
 DATA_SOURCES = ("embedded", "paper")
+# A result row's identity: what a resumed run matches against protection_<task>.jsonl
+# (``attack_index``: the attack's place in --attack, folded into its keys).
+ROW_KEY = ("variant", "attack", "attack_index", "image")
 
 
 # ---------------------------------------------------------------------------------------
@@ -423,6 +435,35 @@ def _judge(c):
   return tasks.judges.get(c.judge, **options)
 
 
+class _Examples:
+  """The adversarial images the PNG strips show (the first ``config.attack.examples`` of
+  each (row, attack) group), kept in ``<stem>_examples.npz`` (rewritten atomically after
+  each group), so that a resumed run draws an uninterrupted run's strips without
+  attacking again. ``fresh``: the rows file holds no rows, so a file left here is stale."""
+
+  def __init__(self, path: pathlib.Path, *, fresh: bool):
+    self.path = path
+    self.arrays = {}
+    if not fresh and path.exists():
+      with np.load(path) as f:
+        self.arrays = {name: f[name] for name in f.files}
+
+  @staticmethod
+  def _name(r: int, k: int) -> str:
+    return f"row{r}_attack{k}"
+
+  def has(self, r: int, k: int) -> bool:
+    return self._name(r, k) in self.arrays
+
+  def get(self, r: int, k: int) -> np.ndarray:
+    return self.arrays[self._name(r, k)]
+
+  def add(self, r: int, k: int, images: np.ndarray) -> None:
+    self.arrays[self._name(r, k)] = np.asarray(images)
+    with report.replacing(self.path) as tmp, open(tmp, "wb") as f:
+      np.savez(f, **self.arrays)
+
+
 class Progress:
   """The program's one bar, in *image-steps*: an image answered (clean or adversarial),
   certified or pushed through one attack step. Each stage says what it does, and the
@@ -444,13 +485,6 @@ class Progress:
 
   def close(self) -> None:
     self.bar.close()
-
-
-def _work(rows, names, n: int, steps: int, certified: bool) -> int:
-  """The run's image-steps: per row, the clean answers (and a smoothed row's certificate),
-  then per attack its steps and the adversarial answers."""
-  smoothed = sum(isinstance(r.encoder, smoothing.SmoothedEncoder) for r in rows)
-  return len(rows) * n * (1 + len(names) * (steps + 1)) + (smoothed * n if certified else 0)
 
 
 def outcome(task: str, row: dict, threshold: float) -> str:
@@ -478,6 +512,13 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
     attack: an attack name, a comma-separated list, or ``all``.
     judge: the caption judge, overriding ``config.protection.judge`` (e.g.
       ``fsjax.tasks.LLMJudge(complete)``, the paper's GPT judge on your endpoint).
+
+  Resumable (as ``certify.run``): the (row, attack) groups whose rows (:data:`ROW_KEY`)
+  an earlier run of the same config and ``attack`` left, with their strip images, are
+  not attacked again (:func:`certify.report.check_workdir` refuses another config's
+  folder in one line); the table and strips are made from all rows, in the
+  uninterrupted run's order, so they are the same. Ctrl-C stops after the group being
+  attacked (its rows written) with :class:`fsjax.cli.Interrupted`.
   """
   check_protection_config(config)
   c = config.protection
@@ -496,7 +537,8 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
     judge = _judge(c)
   workdir = pathlib.Path(workdir)
   stem = f"protection_{task}"
-  report.check_workdir(config, workdir / f"{stem}.jsonl", f"{stem}_config.json")
+  results = workdir / f"{stem}.jsonl"
+  report.check_workdir(config, results, f"{stem}_config.json")  # another config's: refuse
   tqdm.tqdm.write(f"certify.protection: loading the MLLM ({_mllm_name(config)}) and the "
                   "rows' encoders...", file=sys.stderr)
   model, params = build_mllm(config)
@@ -508,8 +550,30 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
   prompts = prompts_of(task, questions, len(x), _caption_prompt(c))
   key = jax.random.PRNGKey(config.seed)
   n = len(x)
-  progress = Progress(_work(rows, names, n, threat.steps, bool(c.get("certify_n", 0)))
-                      + (2 * n if task == "caption" else 0))
+  # Resuming: the (row, attack) groups an earlier run of this config finished (all their
+  # rows, and their adversarial examples for the strips) are not attacked again.
+  groups = [(r, k) for r in range(len(rows)) for k in range(len(names))]
+  keys = {(r, k): [(rows[r].label, names[k], k, i) for i in range(n)] for r, k in groups}
+  done = report.done_rows(results, ROW_KEY)
+  examples = _Examples(workdir / f"{stem}_examples.npz", fresh=not done)
+  todo = [g for g in groups if not (all(key_ in done for key_ in keys[g])
+                                    and (not a.examples or examples.has(*g)))]
+  if len(todo) < len(groups):
+    tqdm.tqdm.write(f"certify.protection: resuming {workdir}: {len(groups) - len(todo)} of "
+                    f"{len(groups)} (row, attack) groups are done"
+                    + ("; attacking the rest." if todo else "; nothing left to attack."),
+                    file=sys.stderr)
+  certified = bool(c.get("certify_n", 0))
+  todo_rows = sorted({r for r, _ in todo})
+  references = None
+  if task == "caption" and len(todo) < len(groups):  # the original model's, in the rows
+    first = keys[next(g for g in groups if g not in todo)]
+    references = tuple([done[k_][field] for k_ in first]
+                       for field in ("reference_clean", "reference_target"))
+  progress = Progress(
+      len(todo) * n * (threat.steps + 1) + len(todo_rows) * n + (
+          n * sum(isinstance(rows[r].encoder, smoothing.SmoothedEncoder) for r in todo_rows)
+          if certified else 0) + (2 * n if task == "caption" and references is None else 0))
 
   def ask(z, label):
     progress.stage(label, ("answers", z.shape[1:]))
@@ -518,31 +582,30 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
     progress.done(len(out))
     return out
 
-  references = None
-  if task == "caption":  # the vanilla MLLM's captions of the clean and target images
+  if task == "caption" and references is None:  # the vanilla MLLM's captions
     original = rows[0]
     references = (ask(llm_features(model, params, original, x, a, key),
                       "original: captioning the clean images"),
                   ask(llm_features(model, params, original, t, a, key),
                       "original: captioning the target images"))
 
-  table, strips = [], {n: {} for n in names}
-  with report.rows(workdir / f"{stem}.jsonl", config,
-                   config_name=f"{stem}_config.json") as write:
-    for r, row in enumerate(rows):
+  fresh = {}
+  with checkpointing.lock_workdir(workdir, "certify.protection"), report.rows(
+      results, config, config_name=f"{stem}_config.json") as write, \
+      cli.interruptible() as stop, contextlib.closing(progress):
+    for r in todo_rows:
+      row = rows[r]
       rk = jax.random.fold_in(key, r)
       z_clean = llm_features(model, params, row, x, a, jax.random.fold_in(rk, 0))
       clean_answers = ask(z_clean, f"{row.label}: clean answers")
-      clean = score(task, clean_answers, questions, references, judge, c.threshold,
-                    np.ones(len(x)))
-      line = {"variant": row.label, "clean ACC": clean.cells()["ACC"]}
-      if isinstance(row.encoder, smoothing.SmoothedEncoder) and c.get("certify_n", 0):
+      if isinstance(row.encoder, smoothing.SmoothedEncoder) and certified:
         progress.stage(f"{row.label}: certifying the clean images ({c.certify_n0} + "
                        f"{c.certify_n} samples)", ("certificate", row.label))
       certificate = input_certificate(row, x, c, a.batch_size, jax.random.fold_in(rk, 999))
       if certificate is not None:
         progress.done(n)
-      for k, name in enumerate(names):
+      for k in [k_ for r_, k_ in todo if r_ == r]:  # a copy: todo shrinks as groups finish
+        name = names[k]
         # The same attack randomness for every row: fold in the attack, not the row.
         progress.stage(f"{row.label}: {name}, {threat.steps} steps on {n} images",
                        ("attack", row.label, name))
@@ -553,34 +616,56 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
         z_adv = llm_features(model, params, row, adv, a, jax.random.fold_in(rk, 1 + k))
         fcs = tasks.features_cosine(z_clean, z_adv)
         adv_answers = ask(z_adv, f"{row.label}: {name}, adversarial answers")
-        summary = score(task, adv_answers, questions, references, judge, c.threshold, fcs)
-        cells = summary.cells()
         bounds = None
         if certificate is not None:
           bounds = input_bounds(row, certificate, adv, x, float(c.certify_alpha))
-        cells = {"FCS": cells.pop("FCS"),
-                 "cert cos f_s": "-" if bounds is None
-                 else f"{np.mean(bounds['cert_cos_fs']):.3f}",
-                 "cert cos z_n": "-" if bounds is None
-                 else f"{np.mean(bounds['cert_cos_zn']):.3f}",
-                 **cells}
-        line.update({f"{name} {k}": v for k, v in cells.items()})
-        if task != "caption":
-          line[f"{name} unparsable"] = summary.unparsable
         linf = attacks.linf_distances(adv, x)
-        judged = []
-        for i in range(len(x)):
+        for i in range(n):
           out = image_row(task, row.label, name, i, int(data["labels"][i]), clean_answers[i],
                           adv_answers[i], float(fcs[i]), float(linf[i]),
                           questions[i] if questions else None, references, judge)
+          out["attack_index"] = k
           if bounds is not None:
-            out.update({k: float(v[i]) for k, v in bounds.items()})
-          judged.append(outcome(task, out, c.threshold))
+            out.update({key_: float(v[i]) for key_, v in bounds.items()})
           write(out)
-        strips[name][row.label] = (adv[:a.examples], adv_answers[:a.examples],
-                                   judged[:a.examples])
-      table.append(line)
-  progress.close()
+          fresh[(row.label, name, k, i)] = report.as_read(out)  # as a resumed run reads it
+        if a.examples:
+          examples.add(r, k, adv[:a.examples])
+        todo.remove((r, k))
+        if stop():  # pressed while this group ran: its rows are written, stop here
+          rest = "attack the rest" if todo else "write the table and strips"
+          raise cli.Interrupted(
+              f"certify.protection: interrupted (Ctrl-C); {len(groups) - len(todo)} of "
+              f"{len(groups)} (row, attack) groups are done in {results}; rerun the same "
+              f"command to {rest}.")
+  # The table and strips from every group's rows (the earlier run's and this one's).
+  have = {**done, **fresh}
+  table, strips = [], {name: {} for name in names}
+  for r, row in enumerate(rows):
+    mine = [[have[key_] for key_ in keys[(r, k)]] for k in range(len(names))]
+    clean = score(task, [o["answer_clean"] for o in mine[0]], questions, references, judge,
+                  c.threshold, np.ones(n))
+    line = {"variant": row.label, "clean ACC": clean.cells()["ACC"]}
+    for k, name in enumerate(names):
+      adv_rows = mine[k]
+      summary = score(task, [o["answer"] for o in adv_rows], questions, references, judge,
+                      c.threshold, [o["fcs"] for o in adv_rows])
+      cells = summary.cells()
+      bounded = "cert_cos_fs" in adv_rows[0]
+      cells = {"FCS": cells.pop("FCS"),
+               "cert cos f_s": f"{np.mean([o['cert_cos_fs'] for o in adv_rows]):.3f}"
+               if bounded else "-",
+               "cert cos z_n": f"{np.mean([o['cert_cos_zn'] for o in adv_rows]):.3f}"
+               if bounded else "-",
+               **cells}
+      line.update({f"{name} {key_}": v for key_, v in cells.items()})
+      if task != "caption":
+        line[f"{name} unparsable"] = summary.unparsable
+      if a.examples:
+        shown = adv_rows[:a.examples]
+        strips[name][row.label] = (examples.get(r, k), [o["answer"] for o in shown],
+                                   [outcome(task, o, c.threshold) for o in shown])
+    table.append(line)
   caption = (f"Table {dict(caption=3, classify=4, vqa=5)[task]} ({task}) of the MLLM "
              f"{_mllm_name(config)} on {_data_name(c.data, task)}: {len(x)} images; "
              f"{threat.describe()}; smoothed rows: sigma = {a.sigma:g}, n = {a.n}. "

@@ -2,10 +2,15 @@
 random OpenFlamingo, metrics recomputed from the jsonl rows, and the smoothed row's
 features (what each MLLM's language side consumes) against a closed form."""
 
+import contextlib
 import csv
 import dataclasses
+import io
 import json
+import os
 import re
+import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +28,7 @@ from configs import llava_tiny
 from configs import openflamingo_9b
 from configs import openflamingo_tiny
 from fsjax import attacks
+from fsjax import cli
 from fsjax import encoders
 from fsjax import flamingo
 from fsjax import mllm
@@ -68,22 +74,88 @@ def _csv(path):
     return list(csv.DictReader(f))
 
 
-def test_classification_end_to_end(tmp_path, folder, capsys):
+@pytest.fixture(scope="module")
+def classified(tmp_path_factory, folder):
+  """One classification run (two rows x two attacks), its stderr, and the MLLM and rows
+  it built: later runs in this file reuse them (and so their compilations)."""
   config = _config(folder)
-  table = protection.run(config, str(tmp_path), task="classify", attack="attackvlm,pgd")
+  workdir = tmp_path_factory.mktemp("classify")
+  built = {}
+  build_mllm, build_rows = protection.build_mllm, protection.build_rows
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(protection, "build_mllm", lambda c: built.setdefault("mllm", build_mllm(c)))
+    m.setattr(protection, "build_rows", lambda c, model, params: built.setdefault(
+        "rows", build_rows(c, model, params)))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+      table = protection.run(config, str(workdir), task="classify", attack="attackvlm,pgd")
+  return config, workdir, table, err.getvalue(), built
+
+
+def _reuse(monkeypatch, built):
+  monkeypatch.setattr(protection, "build_mllm", lambda c: built["mllm"])
+  monkeypatch.setattr(protection, "build_rows", lambda c, model, params: built["rows"])
+
+
+def test_classification_end_to_end(classified):
+  _, workdir, table, err, _ = classified
   # One honest bar: image-steps, the stages named, compilation said, and it ends full.
-  err = capsys.readouterr().err
   assert "image-step" in err and "compiling first" in err and "loading the MLLM" in err
   assert "attackvlm, 2 steps on 3 images" in err and "100%" in err
   for name in ("protection_classify.jsonl", "protection_classify.md",
                "protection_classify.csv", "protection_classify_config.json",
                "protection_classify_attackvlm.png", "protection_classify_pgd.png"):
-    assert (tmp_path / name).is_file(), name
-  rows = [json.loads(l) for l in (tmp_path / "protection_classify.jsonl").read_text().split("\n")
+    assert (workdir / name).is_file(), name
+  rows = [json.loads(l) for l in (workdir / "protection_classify.jsonl").read_text().split("\n")
           if l]
   assert [t["variant"] for t in table] == ["original", "smoothed"]
   assert len(rows) == 2 * 2 * 3  # variants x attacks x images
-  _check_classification_cells(tmp_path, rows, ("attackvlm", "pgd"))
+  assert [r["attack_index"] for r in rows] == [0, 0, 0, 1, 1, 1] * 2
+  _check_classification_cells(workdir, rows, ("attackvlm", "pgd"))
+
+
+OUTPUTS = ("protection_classify.md", "protection_classify.csv",
+           "protection_classify_attackvlm.png", "protection_classify_pgd.png")
+
+
+def test_interrupted_run_resumes_to_the_same_table(classified, tmp_path, monkeypatch):
+  """Issue 21: killed while writing the last (row, attack) group's rows (a torn line), then
+  the same command, stopped by a real Ctrl-C while it attacks that group again, then the
+  same command again: the uninterrupted run's table and strips, nothing attacked twice."""
+  config, workdir, table, _, built = classified
+  _reuse(monkeypatch, built)
+  for name in ("protection_classify.jsonl", "protection_classify_config.json",
+               "protection_classify_examples.npz"):
+    shutil.copy(workdir / name, tmp_path / name)
+  results = tmp_path / "protection_classify.jsonl"
+  lines = results.read_text().splitlines(keepends=True)
+  results.write_text("".join(lines[:-2]) + lines[-2][:30])  # smoothed, pgd: 1 of 3 rows
+  attacked, attack_images = [], attacks.attack_images
+
+  def ctrl_c_while_attacking(name, encoder, *args, **kwargs):
+    attacked.append(name)
+    os.kill(os.getpid(), signal.SIGINT)  # seen once the group is done
+    return attack_images(name, encoder, *args, **kwargs)
+  monkeypatch.setattr(attacks, "attack_images", ctrl_c_while_attacking)
+  with pytest.raises(cli.Interrupted, match=r"4 of 4 \(row, attack\) groups are done .*"
+                     r"rerun the same command to write the table and strips"):
+    protection.run(config, str(tmp_path), task="classify", attack="attackvlm,pgd")
+  assert attacked == ["pgd"] and not any((tmp_path / name).exists() for name in OUTPUTS)
+  assert protection.run(config, str(tmp_path), task="classify",
+                        attack="attackvlm,pgd") == table
+  assert attacked == ["pgd"]  # nothing left to attack
+  for name in OUTPUTS:
+    assert (tmp_path / name).read_bytes() == (workdir / name).read_bytes(), name
+
+
+def test_other_config_is_refused_and_writes_nothing(classified):
+  config, workdir, _, _, _ = classified
+  before = {p.name: p.read_bytes() for p in workdir.iterdir()}
+  other = config.copy_and_resolve_references()
+  other.protection.threshold = 0.5
+  with pytest.raises(ValueError, match=r"different config .*use another --workdir"):
+    protection.run(other, str(workdir), task="classify", attack="attackvlm,pgd")
+  assert {p.name: p.read_bytes() for p in workdir.iterdir()} == before
 
 
 def _check_classification_cells(tmp_path, rows, attacks):
@@ -260,8 +332,10 @@ def test_smoothed_row_features_equal_the_closed_form(kind):
   np.testing.assert_allclose(cos, 1.0, atol=1e-5)  # the direction is exact
   plain = protection.llm_features(model, {"vision": params}, attacks.Row(
       "original", encoder, params), x, config, jax.random.key(0))
+  # float32 exp of ~7: XLA's CPU code at the suite's --xla_backend_optimization_level=0
+  # (tests/conftest.py) is 1.2e-5 off, at level 2 within 1e-5; either is far below 6.7%.
   np.testing.assert_allclose(plain, np.exp(20.0 * x.reshape(2, -1).mean(-1))[:, None, None]
-                             * np.asarray(u)[None], rtol=1e-5)
+                             * np.asarray(u)[None], rtol=1e-4)
 
 
 def test_bad_settings_are_named(tmp_path, folder):
