@@ -93,6 +93,9 @@ def main() -> None:
   parser.add_argument("--alpha", type=float, default=1e-3)
   parser.add_argument("--chunk", type=int, default=64)
   parser.add_argument("--slots", type=int, default=8)
+  parser.add_argument("--stop", default="decision", choices=["decision", "radius"],
+                      help="sequential stop rule (radius: within --tolerance of n_max's)")
+  parser.add_argument("--tolerance", type=float, default=0.05)
   parser.add_argument("--steps-per-call", type=int, default=8,
                       help="sequential engine steps per device call")
   parser.add_argument("--fixed-images", type=int, default=None,
@@ -143,15 +146,17 @@ def main() -> None:
                f"{fixed_drawn / k:.0f}", seconds(t), f"{fixed_drawn / t['cpu']:.0f}",
                f"{fixed_rate:.2f} / {fixed_cpu_rate:.2f}", "1 / 1"])
 
-  for name, norm_aware in (("sequential, inner product", False),
-                           ("sequential, norm-aware", True)):
+  stop = "" if args.stop == "decision" else f", stop={args.stop} ({args.tolerance:g})"
+  for name, norm_aware in ((f"sequential, inner product{stop}", False),
+                           (f"sequential, norm-aware{stop}", True)):
     if ("norm-aware" if norm_aware else "inner") not in args.variants:
       continue
     common.log(f"{name}, n_max = {args.n}")
     run = functools.partial(
         certify.sequential_fcsb, params, x, encoder=encoder, sigma=args.sigma, eps=EPS,
         key=key, cos=COS, n_max=args.n, n0=args.n0, alpha=args.alpha, norm_aware=norm_aware,
-        chunk_size=args.chunk, slots=args.slots, steps_per_call=args.steps_per_call)
+        chunk_size=args.chunk, slots=args.slots, steps_per_call=args.steps_per_call,
+        stop=args.stop, tolerance=args.tolerance)
     with timed() as warm:  # one device call compiles the engine (its shapes do not
       try:                 # depend on the number of images)
         run(progress=_stop_after_one_call)
@@ -170,7 +175,8 @@ def main() -> None:
     # Radius within 5%: where both certify the largest eps they share, compare radii.
     ratio = np.asarray(seq.radius)[:k] / np.maximum(np.asarray(fixed_radius), 1e-12)
     both = (np.asarray(seq.radius)[:k] > 0) & (np.asarray(fixed_radius) > 0)
-    ratio_text = (f"{np.min(ratio[both]):.3f}-{np.max(ratio[both]):.3f}" if both.any()
+    ratio_text = (f"{np.min(ratio[both]):.3f}-{np.max(ratio[both]):.3f} "
+                  f"({np.sum(ratio[both] >= 0.95)} of {np.sum(both)} >= 0.95)" if both.any()
                   else "-")
     rate, cpu_rate = 60 * len(x) / t["wall"], 60 * len(x) / t["cpu"]
     rows.append([f"{name} ({len(x)} images)", f"{decisions[name].mean():.3f}",
@@ -186,7 +192,7 @@ def main() -> None:
         f"n (fixed) = n_max = {args.n}, n0 = {args.n0}, chunk {args.chunk}, "
         f"{args.slots} slots, {args.steps_per_call} steps per call; `python "
         f"benchmarks/sequential.py --n {args.n} --images {args.images} --fixed-images {k} "
-        f"--sigma {args.sigma}`; load average {os.getloadavg()[0]:.1f}, "
+        f"--sigma {args.sigma} --stop {args.stop}`; load average {os.getloadavg()[0]:.1f}, "
         f"{jax.devices()[0].platform}. Seconds exclude compilation (what still compiled in "
         f"brackets); rates are "
         f"wall clock / CPU time; encoder passes include chunk padding (and, sequential, "
