@@ -364,12 +364,19 @@ def test_engine_fixed_n_and_radius_stops():
   fixed = sq.sequential_fcsb({}, x, stop="never", **kw)
   star = sq.sequential_fcsb({}, x, stop="never", bets="star", **kw)
   radius = sq.sequential_fcsb({}, x, stop="radius", tolerance=0.05, **kw)
+  decision = sq.sequential_fcsb({}, x, stop="decision", **kw)
+  both = sq.sequential_fcsb({}, x, stop="decision_and_radius", tolerance=0.05, **kw)
+  # Both rules: stops no earlier than either alone, and keeps every decision it certified
+  # (a rejected cell stays rejected).
+  assert np.all(np.asarray(both.samples) >= np.maximum(np.asarray(radius.samples),
+                                                       np.asarray(decision.samples)))
+  assert np.all(np.asarray(both.certified) >= np.asarray(decision.certified))
   np.testing.assert_array_equal(np.asarray(fixed.samples), 64 + 1024)
   np.testing.assert_array_equal(np.asarray(star.samples), 64 + 1024)
   assert np.all(np.asarray(radius.samples) <= 64 + 1024)
   p = sp_norm.cdf((reds - 0.5) / SIGMA)
   exact_radius = np.maximum(SIGMA * (sp_norm.ppf(p) - sp_norm.ppf(0.75)), 0)
-  for cert in (fixed, star, radius):
+  for cert in (fixed, star, radius, both):
     assert np.all(np.asarray(cert.deficit) >= 1 - p)
     assert np.all(np.asarray(cert.radius) <= exact_radius + 1e-6)
 
