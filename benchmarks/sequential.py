@@ -93,9 +93,10 @@ def main() -> None:
   parser.add_argument("--alpha", type=float, default=1e-3)
   parser.add_argument("--chunk", type=int, default=64)
   parser.add_argument("--slots", type=int, default=8)
-  parser.add_argument("--stop", default="decision", choices=["decision", "radius"],
+  parser.add_argument("--stop", default="decision",
+                      choices=["decision", "radius", "decision_and_radius"],
                       help="sequential stop rule (radius: within --tolerance of n_max's)")
-  parser.add_argument("--tolerance", type=float, default=0.05)
+  parser.add_argument("--tolerance", type=float, default=0.03)
   parser.add_argument("--steps-per-call", type=int, default=8,
                       help="sequential engine steps per device call")
   parser.add_argument("--fixed-images", type=int, default=None,
