@@ -90,7 +90,10 @@ def test_robustness(config, trained_gsb, workdir):
 def test_audit(config, trained_gsb, workdir):
   out = workdir / "audit"
   with config.unlocked():
-    config.audit.update(variants=("FS+D+M",), steps=3, measure_n=128)
+    # The program end to end, not the audit's statistics (tests/certify/test_audit.py):
+    # one variant, one reference, two radii, two images.
+    config.audit.update(variants=("FS+D+M",), references=("mean",), eps_fractions=(0.5, 1.0),
+                        num_images=2, steps=3, measure_n=128)
   summary = audit.run(config, str(out))
   assert summary["violations_k_sigma"] == 0
   assert (out / "audit.md").read_text().startswith("# Soundness audit")
