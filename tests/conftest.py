@@ -6,6 +6,24 @@ import re
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+
+def _pin_xdist_worker() -> None:
+  """Under ``pytest -n N``, worker k runs on CPU k (mod the CPUs it may use), before jax
+  starts: XLA's CPU thread pool is sized by the process's CPU affinity, so each worker gets a
+  one-thread pool instead of N workers' pools of N threads each on N cores. Programs the
+  tests start as subprocesses inherit it."""
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+  if not worker.startswith("gw") or not hasattr(os, "sched_setaffinity"):
+    return
+  cpus = sorted(os.sched_getaffinity(0))
+  count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", len(cpus)))
+  if count > len(cpus):  # more workers than CPUs: leave the OS to share them
+    return
+  os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+
+
+_pin_xdist_worker()
+
 import jax
 import numpy as np
 from PIL import Image
