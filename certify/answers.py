@@ -28,7 +28,9 @@ of ``config.answers.radii`` (answer = label and radius >= r), the abstain rate, 
 radius, and beside them the feature certificate of the row's encoder on the same images
 (``certify.fcsb``: mean FCSB at ``feature_eps``, mean R(cos >= 0.5), mean reference;
 ``feature_n`` samples, 0 to skip). Writes ``answers.jsonl`` (one row per row, sigma and
-image: counts, pA, radius; a rerun resumes from it), ``answers.md`` / ``answers.csv``
+image: counts, pA, radius; a rerun of the same config certifies only the missing images,
+and Ctrl-C stops after the batch in progress with one line, exit status 130),
+``answers.md`` / ``answers.csv``
 (rewritten after each row and sigma), ``answers_config.json`` and ``answers.png``
 (certified answer accuracy against r per row and sigma).
 
@@ -57,6 +59,7 @@ import certify
 from certify import report
 from fsjax import attacks
 from fsjax import batching
+from fsjax import checkpointing
 from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
@@ -249,7 +252,10 @@ def run(config, workdir: str) -> list[dict]:
   done = report.done_rows(workdir / f"{STEM}.jsonl", ("row", "sigma", "image"))
   results = dict(done)
   t_start = time.time()
-  with report.rows(workdir / f"{STEM}.jsonl", config, config_name=f"{STEM}_config.json") as write:
+  total = sum(_images_of(c, label, len(x)) for label, *_ in rows) * len(c.sigmas)
+  with checkpointing.lock_workdir(workdir, "certify.answers"), report.rows(
+      workdir / f"{STEM}.jsonl", config, config_name=f"{STEM}_config.json"
+  ) as write, cli.interruptible() as stop:
     answerers = {}  # one per row, for every sigma: one compilation
     for sigma, r in _order(c, rows):
       label, encoder, vparams = rows[r]
@@ -289,6 +295,12 @@ def run(config, workdir: str) -> list[dict]:
           row.update({k: float(v[j]) for k, v in feats.items()})
           write(row)
           results[(label, float(sigma), int(i))] = row
+        if stop():  # pressed while this batch ran: its rows are written, stop here
+          bar.close()
+          raise cli.Interrupted(
+              f"certify.answers: interrupted (Ctrl-C); {len(results)} of {total} answers "
+              f"are certified in {workdir / (STEM + '.jsonl')}; rerun the same command to "
+              "certify the rest.")
       bar.close()
       table = write_outputs(config, workdir, rows, results)
   print(f"certify.answers: {time.time() - t_start:.0f} s")
@@ -393,8 +405,9 @@ def audit(config, workdir: str) -> list[dict]:
   base_key = jax.random.PRNGKey(config.seed)
   done = report.done_rows(workdir / f"{STEM}_audit.jsonl", ("row", "sigma", "image"))
   out = dict(done)
-  with report.rows(workdir / f"{STEM}_audit.jsonl", config,
-                   config_name=f"{STEM}_config.json") as write:
+  with checkpointing.lock_workdir(workdir, "certify.answers --audit"), report.rows(
+      workdir / f"{STEM}_audit.jsonl", config, config_name=f"{STEM}_config.json"
+  ) as write, cli.interruptible() as stop:
     for sigma in c.sigmas:
       skey = smoothing.sigma_key(base_key, sigma)
       for r, (label, encoder, vparams) in enumerate(rows):
@@ -442,6 +455,11 @@ def audit(config, workdir: str) -> list[dict]:
                     "flipped": bool(predicted[j] not in (certify.ABSTAIN, row["answer"]))}
             write(line)
             out[(label, float(sigma), row["image"])] = line
+          if stop():  # pressed while this batch was attacked: its rows are written
+            raise cli.Interrupted(
+                f"certify.answers --audit: interrupted (Ctrl-C); {len(out)} certified "
+                f"answers are audited in {workdir / (STEM + '_audit.jsonl')}; rerun the same "
+                "command to audit the rest.")
   table = []
   for sigma in c.sigmas:
     for label, *_ in rows:

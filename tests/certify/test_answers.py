@@ -5,6 +5,8 @@ bad inputs, and the program end to end on a tiny random LLaVA."""
 import csv
 import dataclasses
 import json
+import os
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,7 @@ from certify import answers
 from configs import common
 from configs import llava_embedded
 from configs import llava_tiny
+from fsjax import cli
 from fsjax import encoders
 from fsjax import smoothing
 
@@ -259,9 +262,24 @@ def _csv(path):
     return list(csv.DictReader(f))
 
 
-def test_program_end_to_end_and_audit(tmp_path, folder):
+def test_program_end_to_end_and_audit(tmp_path, folder, monkeypatch):
   config = _program_config(folder)
+  # A real Ctrl-C during the first batch: its rows are written, one line, then the rerun
+  # certifies the rest.
+  calls, certify_answers = [], answers.certify.certify_answers
+
+  def ctrl_c_in_the_first_batch(*args, **kwargs):
+    calls.append(kwargs["key"])
+    if len(calls) == 1:
+      os.kill(os.getpid(), signal.SIGINT)  # seen once the batch's rows are written
+    return certify_answers(*args, **kwargs)
+  monkeypatch.setattr(answers.certify, "certify_answers", ctrl_c_in_the_first_batch)
+  with pytest.raises(cli.Interrupted, match=r"certify.answers: interrupted \(Ctrl-C\); 2 of 4 "
+                     r"answers are certified in .*rerun the same command"):
+    answers.run(config, str(tmp_path))
+  assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 2
   table = answers.run(config, str(tmp_path))
+  assert len(calls) == 2  # the rerun certified only the missing batch
   assert [t["row"] for t in table] == ["original", "smoothed (FS, n=2)"]
   rows = [json.loads(l) for l in (tmp_path / "answers.jsonl").read_text().splitlines()]
   assert len(rows) == 4
