@@ -52,8 +52,50 @@ class Interrupted(KeyboardInterrupt):
   a person reads (what was saved and how to resume)."""
 
 
-# The flag of the innermost active :func:`interruptible` (shared by nested ones).
+# Ctrl-C's flag: None while no handler of ours is installed, else the SIGINTs seen. Once
+# up it stays up for the rest of the run (:func:`run`) or the outermost context, so a
+# Ctrl-C is never lost between two loops (the end of one training stage and the start of
+# the next) nor when the KeyboardInterrupt it raised outside a loop was swallowed (raised
+# inside a finalizer or a library's broad except while data and models load).
 _pressed: list[int] | None = None
+# How many interruptible() contexts are open: none, and a Ctrl-C stops at once.
+_listening = 0
+
+
+def _handler(signum, frame):
+  del frame
+  first = not _pressed
+  _pressed.append(signum)
+  if not first or not _listening:  # the user insists, or no loop will look at the flag
+    raise KeyboardInterrupt
+  print("\nCtrl-C: stopping at the next safe point, after saving (Ctrl-C again to "
+        "abort without saving)...", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _handling_ctrl_c() -> Iterator[None]:
+  """Installs :func:`_handler` with a fresh flag unless one is installed already. A
+  SIGINT that the shell set to be ignored (a background job) stays ignored; outside the
+  main thread nothing is installed (the flag stays down)."""
+  global _pressed
+  if _pressed is not None:
+    yield
+    return
+  previous = signal.getsignal(signal.SIGINT)
+  installed = False
+  if previous is not signal.SIG_IGN:
+    try:
+      signal.signal(signal.SIGINT, _handler)
+      installed = True
+    except ValueError:  # not the main thread: leave SIGINT alone
+      pass
+  _pressed = []
+  try:
+    yield
+  finally:
+    _pressed = None
+    if installed and signal.getsignal(signal.SIGINT) is _handler:
+      signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -62,40 +104,19 @@ def interruptible() -> Iterator[Callable[[], bool]]:
 
   While inside, SIGINT only sets a flag (a second Ctrl-C interrupts at once, as usual):
   an XLA compilation, a data load or a step is never cut in half, and the program saves
-  before stopping. Nested uses share one flag (a Ctrl-C while a trainer loads its data is
-  seen by the loop that starts afterwards). A SIGINT that the shell set to be ignored (a
-  background job) stays ignored; outside the main thread nothing is installed.
+  before stopping. Outside, a Ctrl-C raises KeyboardInterrupt at once, and under
+  :func:`run` it also raises the flag, which stays up: a Ctrl-C while a trainer loads its
+  data, or during the last step of one stage, is seen by the next loop that looks. Nested
+  uses share the flag.
   """
-  global _pressed
-  if _pressed is not None:  # nested: the outer handler is in charge
+  global _listening
+  with _handling_ctrl_c():
     pressed = _pressed
-    yield lambda: bool(pressed)
-    return
-  pressed: list[int] = []
-  previous = signal.getsignal(signal.SIGINT)
-
-  def handler(signum, frame):
-    if pressed:  # the second Ctrl-C: the user insists
-      signal.signal(signal.SIGINT, previous)
-      raise KeyboardInterrupt
-    pressed.append(signum)
-    print("\nCtrl-C: stopping at the next safe point, after saving (Ctrl-C again to "
-          "abort without saving)...", file=sys.stderr, flush=True)
-
-  installed = False
-  if previous is not signal.SIG_IGN:
+    _listening += 1
     try:
-      signal.signal(signal.SIGINT, handler)
-      installed = True
-    except ValueError:  # not the main thread: leave SIGINT alone
-      pass
-  _pressed = pressed
-  try:
-    yield lambda: bool(pressed)
-  finally:
-    _pressed = None
-    if installed and signal.getsignal(signal.SIGINT) is handler:
-      signal.signal(signal.SIGINT, previous)
+      yield lambda: bool(pressed)
+    finally:
+      _listening -= 1
 
 
 def interrupted_line(program: str, error: KeyboardInterrupt) -> str:
@@ -243,12 +264,16 @@ def run(main: Callable[..., object], *, workdir_help: str = "Output folder.",
       quiet()
     program = _program_name(main)
     try:
-      if pod.requested():  # a pod run: join it before anything touches a device
-        pod.initialize()
-      # No interruptible() here: a program that never looks at the flag would ignore
-      # the first Ctrl-C. Outside its loops a Ctrl-C stops at once (one line, 130).
-      main(flags.FLAGS.config, flags.FLAGS.workdir,
-           **{name: flags.FLAGS[name].value for name in extra})
+      # Outside the program's loops a Ctrl-C stops at once (one line, 130); inside, it
+      # is a flag the loop looks at. Either way the flag stays up until the end.
+      with _handling_ctrl_c():
+        if pod.requested():  # a pod run: join it before anything touches a device
+          pod.initialize()
+        main(flags.FLAGS.config, flags.FLAGS.workdir,
+             **{name: flags.FLAGS[name].value for name in extra})
+        if _pressed:  # pressed after the last point where the program looked
+          raise Interrupted(f"{program}: interrupted (Ctrl-C) as it ended; it had "
+                            "finished, and its outputs are complete.")
     except KeyboardInterrupt as e:
       if flags.FLAGS.verbose and not isinstance(e, Interrupted):
         raise

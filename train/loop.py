@@ -315,6 +315,10 @@ def run(*, what: str, desc: str, state: TrainState, total: int, batches: Iterabl
           if saved is None:
             raise cli.Interrupted(f"{what}: interrupted at step {step}; nothing is saved.")
           raise Interrupted(what, step)
+      if stop_on_interrupt and interrupted() and saved == step:
+        # Pressed during the last step, which is saved: stop here, not in a next stage
+        # (whose loop would see the flag before its first step).
+        raise Interrupted(what, step)
   finally:
     bar.close()
     if mngr is not None:

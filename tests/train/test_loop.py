@@ -1,12 +1,17 @@
 """train.loop: the pieces every trainer shares (Ctrl-C on a real training run, through
 the command line: tests/train/test_gsb.py)."""
 
+import dataclasses
 import os
 import signal
 import time
 
+import jax
+import jax.numpy as jnp
+import optax
 import pytest
 
+from fsjax import checkpointing
 from train import loop
 
 
@@ -37,3 +42,39 @@ def test_check_finite_and_config_differences(tmp_path):
   loop.check_config({"seed": 0, "lr": 1}, str(tmp_path), comparable=dict, what="toy")
   with pytest.raises(ValueError, match="config.lr: 1 in the workdir, 2 now"):
     loop.check_config({"seed": 0, "lr": 2}, str(tmp_path), comparable=dict, what="toy")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Quadratic:
+  """A loss for a one-parameter model: hashable, as :func:`loop.update_step` wants."""
+
+  def __call__(self, params, frozen, batch, key):
+    del frozen, key
+    value = jnp.sum((params["w"] - batch) ** 2)
+    return value, {}
+
+
+def test_ctrl_c_in_a_stages_last_step_stops_there(tmp_path):
+  """A Ctrl-C during the last step of a stage is saved with that step and stops the run,
+  rather than being dropped (the next stage's loop would start with a fresh flag) or
+  reported by the next stage as "before its first step; nothing to save"."""
+  optimizer = loop.Optimizer.of(optax.sgd, learning_rate=0.1)
+  state = loop.init_state({"w": jnp.zeros(2)}, optimizer)
+  total = 3
+
+  def batches():
+    for step in range(1, total + 1):
+      if step == total:  # while the last step runs
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+      yield jnp.ones(2)
+
+  mngr = checkpointing.manager(str(tmp_path), "stage")
+  try:
+    with pytest.raises(loop.Interrupted, match="saved at step 3; rerun") as e:
+      loop.run(what="toy", desc="toy", state=state, total=total, batches=batches(),
+               frozen=None, key=jax.random.key(0), loss=_Quadratic(), optimizer=optimizer,
+               fix="", examples=1, mngr=mngr)
+    assert e.value.step == total and mngr.latest_step() == total
+  finally:
+    checkpointing.close(mngr)
