@@ -297,10 +297,8 @@ def run(config, workdir: str) -> list[dict]:
           results[(label, float(sigma), int(i))] = row
         if stop():  # pressed while this batch ran: its rows are written, stop here
           bar.close()
-          raise cli.Interrupted(
-              f"certify.answers: interrupted (Ctrl-C); {len(results)} of {total} answers "
-              f"are certified in {workdir / (STEM + '.jsonl')}; rerun the same command to "
-              "certify the rest.")
+          raise cli.stopped("certify.answers", f"{len(results)} of {total} answers are "
+                            "certified", workdir / (STEM + ".jsonl"), "certify the rest")
       bar.close()
       table = write_outputs(config, workdir, rows, results)
   print(f"certify.answers: {time.time() - t_start:.0f} s")
@@ -456,10 +454,9 @@ def audit(config, workdir: str) -> list[dict]:
             write(line)
             out[(label, float(sigma), row["image"])] = line
           if stop():  # pressed while this batch was attacked: its rows are written
-            raise cli.Interrupted(
-                f"certify.answers --audit: interrupted (Ctrl-C); {len(out)} certified "
-                f"answers are audited in {workdir / (STEM + '_audit.jsonl')}; rerun the same "
-                "command to audit the rest.")
+            raise cli.stopped("certify.answers --audit",
+                              f"{len(out)} certified answers are audited",
+                              workdir / (STEM + "_audit.jsonl"), "audit the rest")
   table = []
   for sigma in c.sigmas:
     for label, *_ in rows:

@@ -593,10 +593,8 @@ def run(config, workdir: str, *, variants: list[tuple[str, Any, Any]] | None = N
           todo.remove((b, name))
           if stop():  # pressed while this group ran: its rows are written, stop here
             rest = "audit the rest" if todo else "write audit.md"
-            raise cli.Interrupted(
-                f"certify.audit: interrupted (Ctrl-C); {len(groups) - len(todo)} of "
-                f"{len(groups)} (batch, variant) groups are audited in "
-                f"{workdir / RESULTS}; rerun the same command to {rest}.")
+            raise cli.stopped("certify.audit", f"{len(groups) - len(todo)} of {len(groups)} "
+                              "(batch, variant) groups are audited", workdir / RESULTS, rest)
         skipped.update(batch_skipped)
         rows += group_rows
       offset += batch["image"].shape[0]

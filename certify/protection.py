@@ -634,10 +634,8 @@ def run(config, workdir: str, task: str | None = None, attack: str = "all", *,
         todo.remove((r, k))
         if stop():  # pressed while this group ran: its rows are written, stop here
           rest = "attack the rest" if todo else "write the table and strips"
-          raise cli.Interrupted(
-              f"certify.protection: interrupted (Ctrl-C); {len(groups) - len(todo)} of "
-              f"{len(groups)} (row, attack) groups are done in {results}; rerun the same "
-              f"command to {rest}.")
+          raise cli.stopped("certify.protection", f"{len(groups) - len(todo)} of "
+                            f"{len(groups)} (row, attack) groups are done", results, rest)
   # The table and strips from every group's rows (the earlier run's and this one's).
   have = {**done, **fresh}
   table, strips = [], {name: {} for name in names}

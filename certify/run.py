@@ -547,9 +547,8 @@ def run(config, workdir: str) -> list[dict]:
         certified = sum(len(spans[b]) for b in range(len(spans))
                         if all(k in have for g in groups if g[0] == b for k in keys[g]))
         rest = "certify the rest" if certified < images else "write the tables and plots"
-        raise cli.Interrupted(
-            f"certify.run: interrupted (Ctrl-C); {certified} of {images} images are "
-            f"certified in {results}; rerun the same command to {rest}.")
+        raise cli.stopped("certify.run", f"{certified} of {images} images are certified",
+                          results, rest)
   if not writer:
     return []
   have = {**done, **fresh}

@@ -368,9 +368,8 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
         fresh[tuple(row[c] for c in ROW_KEY)] = row
       if stop():  # pressed while this group ran: its rows are written, stop here
         rest = "certify the rest" if finished < len(groups) else "write the tables and plots"
-        raise cli.Interrupted(
-            f"certify.table2: interrupted (Ctrl-C); {finished} of {len(groups)} (sigma, "
-            f"batch) groups are certified in {results}; rerun the same command to {rest}.")
+        raise cli.stopped("certify.table2", f"{finished} of {len(groups)} (sigma, batch) "
+                          "groups are certified", results, rest)
   have = {**done, **fresh}
   rows = [have[k] for g in groups for k in keys[g]]
   radii = [float(r) for r in config.prediction.radii]

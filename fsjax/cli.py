@@ -90,10 +90,22 @@ def _handling_ctrl_c() -> Iterator[None]:
     except ValueError:  # not the main thread: leave SIGINT alone
       pass
   _pressed = []
+  previous_hook = sys.unraisablehook
+
+  def unraisable(u):
+    # The KeyboardInterrupt of a Ctrl-C that struck inside a finalizer or a gc callback
+    # (jax's _xla_gc_callback) cannot propagate; the flag keeps it, so its "Exception
+    # ignored in ..." traceback is noise.
+    if not (installed and isinstance(u.exc_value, KeyboardInterrupt)):
+      previous_hook(u)
+
+  sys.unraisablehook = unraisable
   try:
     yield
   finally:
     _pressed = None
+    if sys.unraisablehook is unraisable:
+      sys.unraisablehook = previous_hook
     if installed and signal.getsignal(signal.SIGINT) is _handler:
       signal.signal(signal.SIGINT, previous)
 
@@ -117,6 +129,14 @@ def interruptible() -> Iterator[Callable[[], bool]]:
       yield lambda: bool(pressed)
     finally:
       _listening -= 1
+
+
+def stopped(program: str, done: str, where, rest: str) -> Interrupted:
+  """What a certification program raises at a safe point after a Ctrl-C, its rows
+  written: ``"<program>: interrupted (Ctrl-C); <done> in <where>; rerun the same command
+  to <rest>."`` (``done``: "3 of 8 images are certified"; ``rest``: "certify the rest")."""
+  return Interrupted(f"{program}: interrupted (Ctrl-C); {done} in {where}; rerun the same "
+                     f"command to {rest}.")
 
 
 def interrupted_line(program: str, error: KeyboardInterrupt) -> str:

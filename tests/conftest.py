@@ -1,8 +1,11 @@
 """Shared fixtures: a tiny deterministic encoder for the smoothing and certify tests."""
 
+import atexit
 import dataclasses
 import os
 import re
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -22,7 +25,23 @@ def _pin_xdist_worker() -> None:
   os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
 
 
+def _share_compilations() -> None:
+  """One persistent XLA compilation cache for the whole session, made by the process that
+  starts first (pytest, or xdist's controller) before jax loads: the xdist workers and
+  every program a test starts (``python -m train.gsb``, the two processes of a pod run)
+  inherit it, so a computation compiled once is loaded, not compiled, by every other
+  process (the subprocess tests compile what the in-process tests already did). A
+  ``JAX_COMPILATION_CACHE_DIR`` set by the user is kept."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ or os.environ.get("PYTEST_XDIST_WORKER"):
+    return
+  path = tempfile.mkdtemp(prefix="fsjax-tests-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
 _pin_xdist_worker()
+_share_compilations()
 
 import jax
 import numpy as np
