@@ -40,8 +40,21 @@ def _share_compilations() -> None:
   atexit.register(shutil.rmtree, path, ignore_errors=True)
 
 
+def _compile_faster() -> None:
+  """LLVM at -O1 instead of XLA's default -O3 for every process of the session (inherited
+  like the cache): the suite is compile-bound (tiny models, hundreds of programs), and -O1
+  compiles them in about a third of the time while the tiny models run as fast; the
+  results were bit-identical to -O3 where checked (-O0 is not: it changes float
+  contraction, and it runs the Monte Carlo tests up to 2x slower). A
+  ``--xla_backend_optimization_level`` the user set is kept."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "--xla_backend_optimization_level" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=1").strip()
+
+
 _pin_xdist_worker()
 _share_compilations()
+_compile_faster()
 
 import jax
 import numpy as np
