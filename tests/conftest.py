@@ -112,13 +112,23 @@ def make_folder_dataset():
 _SHARED_FIXTURE = re.compile(r"""scope\s*=\s*["'](?:module|class|package)["']""")
 
 
+# The files that take longest (``--durations``; 40-210 s of one worker each), handed out
+# first, longest first, so that no worker starts one of them while the other is nearly done.
+_LONGEST_FILES = (
+    "tests/test_entry_points.py", "tests/certify/test_run.py", "tests/test_pod.py",
+    "tests/train/test_gsb.py", "tests/certify/test_sequential.py",
+    "tests/certify/test_protection.py", "tests/certify/test_feature.py",
+    "tests/train/test_llava.py", "tests/fsjax/test_llava.py", "tests/fsjax/test_gsb.py",
+    "tests/certify/test_smoothed_prediction.py", "tests/certify/test_verify.py")
+
+
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook
 def pytest_xdist_make_scheduler(config, log):
   """``-n N`` (pyproject's addopts: ``--dist loadgroup``): the tests of a file that defines a
   module- or class-scoped fixture (a trained booster, a results folder) run on one worker,
-  so that the fixture is built once, not once per worker that gets one of its tests. xdist
-  hands these files out first, larger ones first; every other test is scheduled on its own,
-  so that the workers finish together. (``xdist_group`` marks are honoured too, where
+  so that the fixture is built once, not once per worker that gets one of its tests. These
+  files are handed out first (:data:`_LONGEST_FILES` first, then by number of tests); every
+  other test is scheduled on its own, so that the workers finish together. (``xdist_group`` marks are honoured too, where
   pytest-xdist still can: pytest 9.2 drops them, pytest-dev/pytest-xdist#1386.)"""
   if config.getvalue("dist") != "loadgroup":
     return None
@@ -139,5 +149,16 @@ def pytest_xdist_make_scheduler(config, log):
     def _split_scope(self, nodeid):
       path = nodeid.split("::", 1)[0]
       return path if file_is_shared(path) else super()._split_scope(nodeid)
+
+    def _assign_work_unit(self, node):
+      if not getattr(self, "_ordered", False):  # once, before the first unit is handed out
+        first = {path: i for i, path in enumerate(_LONGEST_FILES)}
+        units = sorted(self.workqueue.items(),
+                       key=lambda unit: (first.get(unit[0].split("::", 1)[0], len(first)),
+                                         -len(unit[1])))
+        self.workqueue.clear()
+        self.workqueue.update(units)
+        self._ordered = True
+      super()._assign_work_unit(node)
 
   return FileGroupScheduling(config, log)
