@@ -102,12 +102,12 @@ def _handling_ctrl_c() -> Iterator[None]:
   sys.unraisablehook = unraisable
   try:
     yield
-  finally:
-    _pressed = None
-    if sys.unraisablehook is unraisable:
-      sys.unraisablehook = previous_hook
+  finally:  # the handler goes first: it must never run with the flag gone
     if installed and signal.getsignal(signal.SIGINT) is _handler:
       signal.signal(signal.SIGINT, previous)
+    if sys.unraisablehook is unraisable:
+      sys.unraisablehook = previous_hook
+    _pressed = None
 
 
 @contextlib.contextmanager
