@@ -97,6 +97,9 @@ def main() -> None:
                       choices=["decision", "radius", "decision_and_radius"],
                       help="sequential stop rule (radius: within --tolerance of n_max's)")
   parser.add_argument("--tolerance", type=float, default=0.03)
+  parser.add_argument("--futility", nargs="+", default=["predictive"],
+                      choices=["predictive", "confident"],
+                      help="sequential futility rules to run (when to give up a decision)")
   parser.add_argument("--steps-per-call", type=int, default=8,
                       help="sequential engine steps per device call")
   parser.add_argument("--fixed-images", type=int, default=None,
@@ -148,16 +151,16 @@ def main() -> None:
                f"{fixed_rate:.2f} / {fixed_cpu_rate:.2f}", "1 / 1"])
 
   stop = "" if args.stop == "decision" else f", stop={args.stop} ({args.tolerance:g})"
-  for name, norm_aware in ((f"sequential, inner product{stop}", False),
-                           (f"sequential, norm-aware{stop}", True)):
-    if ("norm-aware" if norm_aware else "inner") not in args.variants:
-      continue
+  runs = [(f"sequential, {variant}{stop}, {futility}", variant == "norm-aware", futility)
+          for variant in ("inner product", "norm-aware") for futility in args.futility
+          if ("norm-aware" if variant == "norm-aware" else "inner") in args.variants]
+  for name, norm_aware, futility in runs:
     common.log(f"{name}, n_max = {args.n}")
     run = functools.partial(
         certify.sequential_fcsb, params, x, encoder=encoder, sigma=args.sigma, eps=EPS,
         key=key, cos=COS, n_max=args.n, n0=args.n0, alpha=args.alpha, norm_aware=norm_aware,
         chunk_size=args.chunk, slots=args.slots, steps_per_call=args.steps_per_call,
-        stop=args.stop, tolerance=args.tolerance)
+        stop=args.stop, tolerance=args.tolerance, futility=futility)
     with timed() as warm:  # one device call compiles the engine (its shapes do not
       try:                 # depend on the number of images)
         run(progress=_stop_after_one_call)
@@ -187,13 +190,18 @@ def main() -> None:
                  f"{sum(drawn) / t['cpu']:.0f}", f"{rate:.2f} / {cpu_rate:.2f}",
                  f"{rate / fixed_rate:.1f}x / {cpu_rate / fixed_cpu_rate:.1f}x"])
     common.log(f"samples per image: {samples.tolist()}")
+    fixed_cos = np.asarray(fixed.cosine_bound if norm_aware else fixed.inner_product_bound)
+    for i, j in zip(*np.nonzero(decisions[name][:k] != base[norm_aware])):
+      common.log(f"differs: image {i}, eps {EPS[j]}: fixed n {fixed_cos[i, j]:.4f}, "
+                 f"sequential {np.asarray(seq.cosine_bound)[i, j]:.4f} after {samples[i]} "
+                 f"samples")
 
   print(f"Decisions cos >= {COS} at eps in {EPS} on {len(x)} images of the embedded default "
         f"(EfficientNet-Lite0, no booster), sigma = {args.sigma}, alpha = {args.alpha}, "
         f"n (fixed) = n_max = {args.n}, n0 = {args.n0}, chunk {args.chunk}, "
         f"{args.slots} slots, {args.steps_per_call} steps per call; `python "
         f"benchmarks/sequential.py --n {args.n} --images {args.images} --fixed-images {k} "
-        f"--sigma {args.sigma} --stop {args.stop}`; load average {os.getloadavg()[0]:.1f}, "
+        f"--sigma {args.sigma} --stop {args.stop} --futility {' '.join(args.futility)}`; load average {os.getloadavg()[0]:.1f}, "
         f"{jax.devices()[0].platform}. Seconds exclude compilation (what still compiled in "
         f"brackets); rates are "
         f"wall clock / CPU time; encoder passes include chunk padding (and, sequential, "

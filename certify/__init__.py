@@ -59,11 +59,13 @@ from certify._prediction import prototype_logit_bounds
 from certify._prediction import required_margin
 from certify._prediction import rs_certify_from_counts
 from certify._prediction import rs_predict_from_counts
+from certify._sequential import FUTILITY as SEQUENTIAL_FUTILITY
 from certify._sequential import STOPS as SEQUENTIAL_STOPS
 from certify._sequential import SequentialCertificate
 from certify._sequential import certificate_from_bounds as sequential_certificate_from_bounds
 from certify._sequential import grid as sequential_grid
 from certify._sequential import sequential_fcsb
+from certify._sequential import sequential_predict
 from certify._smoothed_prediction import PREDICTION_CERTIFICATES
 from certify._smoothed_prediction import PredictionCertificate
 from certify._smoothed_prediction import PredictionMargin

@@ -49,9 +49,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.stats import norm
 
+from certify import _bounds
 from certify import _norm
+from certify import _prediction
+from certify import _smoothed_prediction
 from fsjax import checks
 from fsjax import encoders as encoders_lib
+from fsjax import heads as heads_lib
 
 GRID = 1024
 GRID_Z = 6.0
@@ -270,6 +274,39 @@ def unreachable(state: SequenceState, thresholds: jax.Array, *, alpha: float,
   return (k < 0) | (~done & (best < math.log(1.0 / alpha)))
 
 
+# Futility rules of :func:`decide` (when to give up; neither ever certifies).
+FUTILITY = ("confident", "predictive")
+# The predictive rule: the running mean is taken this many standard errors optimistic...
+FUTILITY_Z = 3.0
+# ...and it waits for this many samples (a variance estimate worth the name).
+FUTILITY_MIN_SAMPLES = 128
+
+
+def predicted_out_of_reach(state: SequenceState, thresholds: jax.Array, *, level: float,
+                           n_max: int) -> jax.Array:
+  """Whether ``D <= threshold`` is predicted out of reach by n_max ``[..., E]``.
+
+  A bound from test martingales (the fixed-n betting bound and this sequence alike) needs
+  the wealth ``1 / level``; a bet lambda on n values of variance v at a gap g grows the
+  log-wealth by at most about ``n (lambda g - lambda^2 v / 2) <= n g^2 / (2 v)``, so at
+  n_max its width is not expected below ``sqrt(2 v log(1 / level) / n_max)`` (its leading
+  term; skewed deficits and the mixture only widen it). The rule takes the running mean
+  ``FUTILITY_Z`` standard errors *optimistic* (lower) plus that width: if even this misses
+  the threshold, a run to n_max is predicted not to certify. A prediction, not a proof:
+  an image whose running mean is ``FUTILITY_Z`` standard errors too high may be given up
+  although n_max would have certified it. Never certifies, so soundness is untouched;
+  only agreement with a run to n_max is (``benchmarks/sequential.py`` measures it;
+  Clopper-Pearson, exact for Bernoulli values, can be narrower, so this is a prediction
+  about fsjax's bounds, not about every valid one).
+  """
+  mean, var = estimates(state)
+  n = state.count[..., None]
+  sd = jnp.sqrt(var)[..., None]
+  optimistic = mean[..., None] - FUTILITY_Z * sd / jnp.sqrt(n + PRIOR_WEIGHT)
+  smallest_width = sd * math.sqrt(2.0 * math.log(1.0 / level) / n_max)
+  return (n >= FUTILITY_MIN_SAMPLES) & (optimistic + smallest_width > thresholds)
+
+
 class Decision(NamedTuple):
   """Status of a decision ``mean deficit <= threshold`` (certify when true)."""
   certified: jax.Array  # the anytime upper bound is at or below the threshold
@@ -278,19 +315,32 @@ class Decision(NamedTuple):
 
 
 def decide(state: SequenceState, thresholds: jax.Array, *, alpha: float,
-           n_max: int) -> Decision:
+           n_max: int, futility: str = "predictive") -> Decision:
   """Decisions ``D_t <= threshold`` for thresholds ``[..., E]`` (deficits).
 
-  Futile: :func:`unreachable` (a proof), or the mean is bounded above the threshold by
-  :func:`lower_deficit`, i.e. the decision is false and no valid method would certify it
-  but with probability about alpha. Futility trades samples against agreement with a
-  fixed-n run and has no effect on soundness (it never certifies).
+  Futile (``futility="confident"``): :func:`unreachable` (a proof), or the mean is
+  bounded above the threshold by :func:`lower_deficit`, i.e. the decision is false and no
+  valid method would certify it but with probability about alpha. ``"predictive"`` also
+  gives up where :func:`predicted_out_of_reach` says n_max is not expected to certify.
+  Futility trades samples against agreement with a fixed-n run and has no effect on
+  soundness (it never certifies).
   """
   upper = upper_deficit(state)[..., None]
   certified = upper <= thresholds
+  return _decision(state, certified, thresholds, alpha=alpha, n_max=n_max, futility=futility)
+
+
+def _decision(state, certified, reach, *, alpha, n_max, futility) -> Decision:
+  """Certified where ``certified``; futile where the deficit threshold ``reach`` (the most
+  lenient one the data allow) is out of reach (see :func:`decide`)."""
   low = lower_deficit(state)[..., None]
-  futile = ~certified & ((low > thresholds)
-                         | unreachable(state, thresholds, alpha=alpha, n_max=n_max))
+  # A threshold <= 0 is a proof too: D is a grid cell, > 0 (e.g. a tie in a prediction).
+  futile = (low > reach) | (reach <= 0) | unreachable(state, reach, alpha=alpha, n_max=n_max)
+  if futility == "predictive":
+    futile |= predicted_out_of_reach(state, reach, level=alpha, n_max=n_max)
+  elif futility != "confident":
+    raise ValueError(f"futility must be one of {FUTILITY}, got {futility!r}.")
+  futile &= ~certified
   return Decision(certified, futile, certified | futile)
 
 
@@ -307,23 +357,26 @@ def deficit_threshold(eps: jax.typing.ArrayLike, sigma, level: jax.typing.ArrayL
 
 
 def inner_product_decide(state: SequenceState, eps: jax.Array, sigma, cos: float, *,
-                         alpha: float, n_max: int) -> Decision:
+                         alpha: float, n_max: int, futility: str = "predictive") -> Decision:
   """Decisions "cos(f_s(x'), u) >= cos for every ||x' - x|| <= eps" ``[..., E]``, Theorem 3.2.
 
-  ``state`` bounds the deficits ``1 - h_u`` at level ``alpha``.
+  ``state`` bounds the deficits ``1 - h_u`` at level ``alpha``; ``futility`` as :func:`decide`.
   """
-  return decide(state, deficit_threshold(eps, sigma, cos), alpha=alpha, n_max=n_max)
+  return decide(state, deficit_threshold(eps, sigma, cos), alpha=alpha, n_max=n_max,
+                futility=futility)
 
 
 def norm_aware_decide(state: SequenceState, pair_state: SequenceState, eps: jax.Array,
-                      sigma, cos: float, *, alpha: float, n_max: int) -> Decision:
+                      sigma, cos: float, *, alpha: float, n_max: int,
+                      futility: str = "predictive") -> Decision:
   """The same decisions with the norm-aware certificate B / U (docs/method.md section 2c).
 
   ``state`` bounds the deficits ``1 - h_u`` and ``pair_state`` the pair values
   ``(1 + <f_a, f_b>) / 2`` (mean ``(1 + ||f_s(x)||^2) / 2``), each at level ``alpha / 2``
   (the union bound). Certified where ``D <= threshold(c U(eps))`` with U from the norm's
   upper bound. Given up where even the smallest norm the data allow (``||f_s|| >= <f_s, u>
-  >= 1 - 2 D``) leaves the deficit provably above its threshold, or out of reach.
+  >= 1 - 2 D``) leaves the deficit provably above its threshold, or out of reach;
+  ``futility="predictive"`` (:func:`decide`) also when it is predicted out of reach.
   """
   d = upper_deficit(state)[..., None]
   n_upper = _norm.norm_upper_from_pair_deficit(upper_deficit(pair_state))[..., None]
@@ -331,9 +384,7 @@ def norm_aware_decide(state: SequenceState, pair_state: SequenceState, eps: jax.
   certified = d <= deficit_threshold(eps, sigma, cos * u)
   n_low = jnp.clip(1.0 - 2.0 * d, 0.0, 1.0)
   best = deficit_threshold(eps, sigma, cos * _norm.norm_bound(n_low, eps, sigma))
-  low = lower_deficit(state)[..., None]
-  futile = ~certified & ((low > best) | unreachable(state, best, alpha=alpha / 2, n_max=n_max))
-  return Decision(certified, futile, certified | futile)
+  return _decision(state, certified, best, alpha=alpha / 2, n_max=n_max, futility=futility)
 
 
 # ---------------------------------------------------------------------------------------
@@ -360,6 +411,11 @@ class _Slots(NamedTuple):
   state: SequenceState  # [S] deficits 1 - h_u
   pair_state: SequenceState  # [S] pair values (1 + <f_a, f_b>) / 2 (norm-aware only)
   done: jax.Array       # [S] bool, finished at this step (read back by the host)
+  # Prediction tasks (set at the end of stage 1): the class, and the probit
+  # Phi^-1((1 + level) / 2) of the level the bound must clear (the task's "cos").
+  label: jax.Array      # [S] int32
+  probit: jax.Array     # [S]
+  class_counts: jax.Array  # [S, K] stage-1 votes of the linear head ("classes" only)
 
 
 def _slot_noise(key, image, chunk, shape, sigma):
@@ -372,7 +428,7 @@ def _slot_noise(key, image, chunk, shape, sigma):
                                    shape, jnp.float32)
 
 
-def _empty_slots(slots, image_shape, dim, grid_size, scales) -> _Slots:
+def _empty_slots(slots, image_shape, dim, grid_size, scales, classes=1) -> _Slots:
   zeros = jnp.zeros((slots,), jnp.float32)
   seq = init(zeros, zeros, grid_size=grid_size, scales=scales)
   return _Slots(x=jnp.zeros((slots,) + image_shape, jnp.float32),
@@ -381,14 +437,16 @@ def _empty_slots(slots, image_shape, dim, grid_size, scales) -> _Slots:
                 chunk=jnp.zeros((slots,), jnp.int32),
                 feature_sum=jnp.zeros((slots, dim), jnp.float32), stage1_sq=zeros,
                 stage1_dev=zeros, direction=jnp.zeros((slots, dim), jnp.float32),
-                state=seq, pair_state=seq, done=jnp.zeros((slots,), bool))
+                state=seq, pair_state=seq, done=jnp.zeros((slots,), bool),
+                label=jnp.zeros((slots,), jnp.int32), probit=zeros,
+                class_counts=jnp.zeros((slots, classes), jnp.float32))
 
 
 def _refill(slots: _Slots, load: jax.Array, x: jax.Array, image: jax.Array,
             index: jax.Array, *, grid_size: int, scales: tuple[float, ...]) -> _Slots:
   """Puts new images in the slots where ``load [S]`` is True (fixed shapes: no recompiles)."""
   fresh = _empty_slots(load.shape[0], x.shape[1:], slots.direction.shape[-1], grid_size,
-                       scales)
+                       scales, slots.class_counts.shape[-1])
   fresh = fresh._replace(x=x, image=image, index=index, active=load)
 
   def pick(new, old):
@@ -396,8 +454,9 @@ def _refill(slots: _Slots, load: jax.Array, x: jax.Array, image: jax.Array,
   return jax.tree.map(pick, fresh, slots)
 
 
-def _step(params, slots: _Slots, slot_of, key, sigma, eps, *, encoder, chunk_size, n0, n_max,
-          alpha, cos, norm_aware, reference, stop, tolerance, rule, scales) -> _Slots:
+def _step(params, slots: _Slots, slot_of, key, sigma, eps, head, *, encoder, chunk_size, n0,
+          n_max, alpha, cos, norm_aware, reference, stop, tolerance, futility, rule, scales,
+          task) -> _Slots:
   """One engine step: ``P = S`` chunks of samples, chunk ``p`` for slot ``slot_of[p]``.
 
   The fixed-shape jitted step: the encoder always sees ``S * chunk_size`` samples. While the
@@ -423,21 +482,41 @@ def _step(params, slots: _Slots, slot_of, key, sigma, eps, *, encoder, chunk_siz
   advance = functools.partial(
       _advance, sigma=sigma, eps=eps, chunk_size=chunk_size, n0=n0, n_max=n_max, alpha=alpha,
       cos=cos, norm_aware=norm_aware, reference=reference, stop=stop, tolerance=tolerance,
-      rule=rule, scales=scales)
+      futility=futility, rule=rule, scales=scales, task=task)
 
   def body(slots, position):
     o, f = position
     one = jax.tree.map(lambda a: a[o][None], slots)
-    new = advance(one, f[None], clean[o][None])
+    new = advance(one, f[None], clean[o][None], head)
     new = new._replace(done=one.done | new.done)
     return jax.tree.map(lambda a, b: a.at[o].set(b[0]), slots, new), None
   slots = slots._replace(done=jnp.zeros_like(slots.done))
   return jax.lax.scan(body, slots, (slot_of, feats))[0]
 
 
-def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, alpha, cos,
-             norm_aware, reference, stop, tolerance, rule, scales) -> _Slots:
-  """One chunk ``feats [S, k, D]`` for each slot (``clean [S, D]``: f(x)); see :func:`_step`."""
+# What the engine certifies (docs/method.md 2b and 3d): the feature decisions "cos >= c at
+# eps" of sequential_fcsb, or a prediction certificate of sequential_predict: FS's Theorem
+# A.3.2 on a cosine-prototype head ("prototypes") or RS's CERTIFY on a linear head
+# ("classes"), both decided at every radius of the grid.
+TASKS = ("feature", "prototypes", "classes")
+
+
+def _head_votes(feats, head):
+  """Classes of the linear head ``(kernel [D, K], bias [K])`` on unit features ``[..., D]``."""
+  kernel, bias = head
+  logits = jnp.matmul(encoders_lib.unit(feats), kernel,
+                      precision=jax.lax.Precision.HIGHEST) + bias
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def _advance(slots: _Slots, feats, clean, head, *, sigma, eps, chunk_size, n0, n_max, alpha,
+             cos, norm_aware, reference, stop, tolerance, futility, rule, scales,
+             task) -> _Slots:
+  """One chunk ``feats [S, k, D]`` for each slot (``clean [S, D]``: f(x)); see :func:`_step`.
+
+  ``head``: ``()`` for the feature task, the unit prototypes ``[K, D]`` ("prototypes") or
+  the linear head ``(kernel, bias)`` ("classes").
+  """
   k = chunk_size
   stage1_chunks = -(-n0 // k)
   in_stage1 = slots.active & (slots.chunk < stage1_chunks)
@@ -452,7 +531,12 @@ def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, 
                                                precision=jax.lax.Precision.HIGHEST)
   stage1_dev = slots.stage1_dev + jnp.sum(valid1 * clean_dev, -1)
   stage1_sq = slots.stage1_sq + jnp.sum(valid1 * clean_dev**2, -1)
-  # At the end of stage 1: fix u and the priors (both independent of stage 2).
+  class_counts = slots.class_counts
+  if task == "classes":
+    votes = jax.nn.one_hot(_head_votes(feats, head), class_counts.shape[-1])  # [S, k, K]
+    class_counts = class_counts + jnp.einsum("sk,skc->sc", valid1, votes)
+  # At the end of stage 1: fix u, the class, the level and the priors (all independent of
+  # stage 2).
   starting = slots.active & (slots.chunk == stage1_chunks - 1)
   mean_norm = jnp.linalg.norm(feature_sum, axis=-1) / n0
   m1 = stage1_dev / n0
@@ -462,6 +546,19 @@ def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, 
     center = 0.5 * (1.0 - mean_norm)
   else:  # "clean": u = f(x), the paper's reference
     u, center = clean, m1
+  label = jnp.full(slots.label.shape, -1, jnp.int32)
+  probit = jnp.broadcast_to(-jax.scipy.special.ndtri((1.0 - jnp.float32(cos)) / 2.0),
+                            slots.probit.shape)
+  if task == "prototypes":  # Theorem A.3.2: the level cos(Delta / 2) of u's margin
+    label, delta = _prediction._angle_margin(u, head)
+    # Phi^-1((1 + cos(Delta / 2)) / 2) = -Phi^-1(sin^2(Delta / 4)), digits kept (as the
+    # fixed-n radius computes it); a tie (Delta = 0) gives +inf: never certified.
+    probit = -jax.scipy.special.ndtri(jnp.sin(jnp.clip(delta, 0.0, jnp.pi) / 4.0)**2)
+  elif task == "classes":  # Cohen et al.: p_A > Phi(r / sigma), the top stage-1 class
+    label = jnp.argmax(class_counts, axis=-1).astype(jnp.int32)
+    center = 1.0 - jnp.take_along_axis(class_counts, label[:, None], axis=-1)[:, 0] / n0
+    var1 = center * (1.0 - center)
+    probit = jnp.zeros_like(probit)
   grid_size = slots.state.rejected.shape[-1]
   prior = init(center, var1, grid_size=grid_size, scales=scales)
   pair_prior = init(0.5 * (1.0 + mean_norm**2), 2.0 * var1, grid_size=grid_size,
@@ -472,13 +569,18 @@ def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, 
   direction = at_start(u, slots.direction)
   state = jax.tree.map(at_start, prior, slots.state)
   pair_state = jax.tree.map(at_start, pair_prior, slots.pair_state)
+  label = at_start(label, slots.label)
+  probit = at_start(probit, slots.probit)
 
-  # Stage 2: deficits 1 - h_u and, norm-aware, pair values; the last chunk may run past
-  # n_max (weight 0).
+  # Stage 2: deficits (1 - h_u; for "classes" whether the head's vote is not the class)
+  # and, norm-aware, pair values; the last chunk may run past n_max (weight 0).
   index2 = (slots.chunk - stage1_chunks)[:, None] * k + jnp.arange(k)
   weights = (in_stage2[:, None] & (index2 < n_max)).astype(jnp.float32)
-  deficits = 0.5 * (1.0 - jnp.einsum("skd,sd->sk", feats, direction,
-                                     precision=jax.lax.Precision.HIGHEST))
+  if task == "classes":
+    deficits = (_head_votes(feats, head) != label[:, None]).astype(jnp.float32)
+  else:
+    deficits = 0.5 * (1.0 - jnp.einsum("skd,sd->sk", feats, direction,
+                                       precision=jax.lax.Precision.HIGHEST))
   level = alpha / 2 if norm_aware else alpha
   state = update(state, deficits, weights=weights, alpha=level, active=in_stage2, rule=rule,
                  horizon=n_max)
@@ -486,9 +588,14 @@ def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, 
     pair_w = weights[:, 0::2] * weights[:, 1::2]
     pair_state = update(pair_state, _norm.pair_values(feats), weights=pair_w, alpha=level,
                         active=in_stage2, rule=rule, horizon=n_max // 2)
-    decision = norm_aware_decide(state, pair_state, eps, sigma, cos, alpha=alpha, n_max=n_max)
-  else:
-    decision = inner_product_decide(state, eps, sigma, cos, alpha=alpha, n_max=n_max)
+    decision = norm_aware_decide(state, pair_state, eps, sigma, cos, alpha=alpha, n_max=n_max,
+                                 futility=futility)
+  elif task == "feature":
+    decision = inner_product_decide(state, eps, sigma, cos, alpha=alpha, n_max=n_max,
+                                    futility=futility)
+  else:  # certified at radius r: D <= Phi(-(probit + r / sigma))
+    decision = decide(state, norm.cdf(-(probit[:, None] + eps / sigma)), alpha=alpha,
+                      n_max=n_max, futility=futility)
   if stop == "never":  # fixed n = n_max: the sequence read at n, for reporting a number
     settled = jnp.zeros_like(in_stage2)
   else:
@@ -498,25 +605,29 @@ def _advance(slots: _Slots, feats, clean, *, sigma, eps, chunk_size, n0, n_max, 
     if stop in ("radius", "decision_and_radius"):
       # Stop when continuing to n_max could add at most `tolerance` of the radius.
       settled &= _radius_settled(state, pair_state if norm_aware else None, sigma, cos,
-                                 n_max=n_max, tolerance=tolerance)
+                                 n_max=n_max, tolerance=tolerance,
+                                 probit=None if task == "feature" else probit)
   finished = in_stage2 & (settled | (state.count >= n_max))
   return _Slots(x=slots.x, image=slots.image, index=slots.index,
                 active=slots.active & ~finished,
                 chunk=slots.chunk + slots.active.astype(jnp.int32), feature_sum=feature_sum,
                 stage1_sq=stage1_sq, stage1_dev=stage1_dev, direction=direction, state=state,
-                pair_state=pair_state, done=finished)
+                pair_state=pair_state, done=finished, label=label, probit=probit,
+                class_counts=class_counts)
 
 
-def _radius_of(state, pair_state, sigma, cos, deficit=None):
+def _radius_of(state, pair_state, sigma, cos, deficit=None, probit=None):
   d = upper_deficit(state) if deficit is None else deficit
   if pair_state is None:
     z = -jax.scipy.special.ndtri(jnp.clip(d, 1e-12, 1.0))
+    if probit is not None:  # a prediction task: the level's probit per image
+      return sigma * (z - probit)
     return sigma * (z + jax.scipy.special.ndtri((1.0 - cos) / 2.0))
   n_upper = _norm.norm_upper_from_pair_deficit(upper_deficit(pair_state))
   return _norm.norm_aware_radius(d, n_upper, sigma, cos)
 
 
-def _radius_settled(state, pair_state, sigma, cos, *, n_max, tolerance):
+def _radius_settled(state, pair_state, sigma, cos, *, n_max, tolerance, probit=None):
   """The radius can grow by at most ``tolerance`` (relative) by n_max, or is provably 0.
 
   With R_t the certified radius now and R_hat the running estimate's, the certified
@@ -524,12 +635,14 @@ def _radius_settled(state, pair_state, sigma, cos, *, n_max, tolerance):
   width shrinks as 1 / sqrt(n)); stop when R_t is within ``tolerance`` of that. A
   stopping rule only (any stopping time keeps the certificate valid).
   """
-  r_now = _radius_of(state, pair_state, sigma, cos)
+  r_now = _radius_of(state, pair_state, sigma, cos, probit=probit)
   mean, _ = estimates(state)
-  r_hat = _radius_of(state, pair_state, sigma, cos, deficit=jnp.clip(mean, 1e-12, 1.0))
+  r_hat = _radius_of(state, pair_state, sigma, cos, deficit=jnp.clip(mean, 1e-12, 1.0),
+                     probit=probit)
   shrink = jnp.sqrt(state.count / n_max)
   r_end = r_hat - jnp.maximum(r_hat - r_now, 0.0) * shrink
-  hopeless = _radius_of(state, pair_state, sigma, cos, deficit=lower_deficit(state)) <= 0.0
+  hopeless = _radius_of(state, pair_state, sigma, cos, deficit=lower_deficit(state),
+                        probit=probit) <= 0.0
   return (r_now >= (1.0 - tolerance) * r_end) & (r_now > 0) | hopeless
 
 
@@ -590,14 +703,17 @@ class _Finished(NamedTuple):
   norm_upper: jax.Array  # [F] upper bound on ||f_s(x)||
   samples: jax.Array    # [F] stage-2 samples used
   direction: jax.Array  # [F, D] the reference u
+  label: jax.Array      # [F] int32 the class (prediction tasks)
+  probit: jax.Array     # [F] the level's probit (prediction tasks)
   count: jax.Array      # [] int32 rows filled
 
 
 @functools.partial(jax.jit, static_argnames=(
     "steps", "grid_size", "encoder", "chunk_size", "n0", "n_max", "alpha", "cos",
-    "norm_aware", "reference", "stop", "tolerance", "rule", "scales"))
-def _run(params, slots: _Slots, queue_x, queue_id, queue_index, queue_len, key, sigma, eps, *,
-         steps, grid_size, **step_kw) -> tuple[_Slots, jax.Array, jax.Array, _Finished]:
+    "norm_aware", "reference", "stop", "tolerance", "futility", "rule", "scales", "task"))
+def _run(params, slots: _Slots, queue_x, queue_id, queue_index, queue_len, key, sigma, eps,
+         head, *, steps, grid_size, **step_kw
+         ) -> tuple[_Slots, jax.Array, jax.Array, _Finished]:
   """Up to ``steps`` engine steps on the device, refilling slots from a queue block.
 
   ``queue_x [Q, H, W, 3]``, ``queue_id [Q]`` (noise ids), ``queue_index [Q]`` (batch
@@ -620,7 +736,9 @@ def _run(params, slots: _Slots, queue_x, queue_id, queue_index, queue_len, key, 
   empty = _Finished(index=jnp.zeros((rows,), jnp.int32), deficit=jnp.ones((rows,), jnp.float32),
                     norm_upper=jnp.ones((rows,), jnp.float32),
                     samples=jnp.zeros((rows,), jnp.float32),
-                    direction=jnp.zeros((rows, dim), jnp.float32), count=jnp.int32(0))
+                    direction=jnp.zeros((rows, dim), jnp.float32),
+                    label=jnp.zeros((rows,), jnp.int32), probit=jnp.zeros((rows,), jnp.float32),
+                    count=jnp.int32(0))
 
   def cond(carry):
     r, slots, taken, _ = carry
@@ -639,7 +757,7 @@ def _run(params, slots: _Slots, queue_x, queue_id, queue_index, queue_len, key, 
     # Running slots first, in slot order (a stable sort), then round robin over them.
     order = jnp.argsort(~running, stable=True).astype(jnp.int32)
     m = jnp.maximum(jnp.sum(running.astype(jnp.int32)), 1)
-    slots = _step(params, slots, order[jnp.arange(s) % m], key, sigma, eps, **step_kw)
+    slots = _step(params, slots, order[jnp.arange(s) % m], key, sigma, eps, head, **step_kw)
     done = slots.done
     at = jnp.where(done, out.count + jnp.cumsum(done.astype(jnp.int32)) - 1, rows)
     put = lambda buf, v: buf.at[at].set(v, mode="drop")  # noqa: E731
@@ -649,6 +767,7 @@ def _run(params, slots: _Slots, queue_x, queue_id, queue_index, queue_len, key, 
                         upper_deficit(slots.pair_state))),
                     samples=put(out.samples, slots.state.count),
                     direction=put(out.direction, slots.direction),
+                    label=put(out.label, slots.label), probit=put(out.probit, slots.probit),
                     count=out.count + jnp.sum(done.astype(jnp.int32)))
     return r + 1, slots, taken, out
 
@@ -685,7 +804,7 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
                     n_max: int = 10_000, n0: int = 100, alpha: float = 0.001,
                     norm_aware: bool = True, reference: str = "mean",
                     stop: str = "decision", tolerance: float = 0.03,
-                    chunk_size: int = 64, slots: int = DEFAULT_SLOTS,
+                    futility: str = "predictive", chunk_size: int = 64, slots: int = DEFAULT_SLOTS,
                     steps_per_call: int = DEFAULT_STEPS_PER_CALL,
                     grid_size: int = GRID, bets: str = "agrapa",
                     image_ids: jax.typing.ArrayLike | None = None,
@@ -730,6 +849,13 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
       ``"decision_and_radius"``), against the sequence's projected radius at n_max; 0.03
       keeps the radius within 5% of fixed n = 10,000's on the embedded default
       (benchmarks/sequential.py; 0.05 gave 0.94-0.955 of it).
+    futility: when a decision is given up (never certified): ``"predictive"`` (default)
+      once n_max is predicted not to certify it (:func:`predicted_out_of_reach`: the
+      running mean 3 standard errors optimistic plus the smallest width a bound on n_max
+      samples can have still misses the threshold), or as ``"confident"``, which gives up
+      only when the anytime lower bound puts the value on the wrong side of the threshold
+      (or no data could reach it by n_max): about alpha's chance of disagreeing with a run
+      to n_max, at many more samples on images near a threshold.
     chunk_size: samples per chunk (even when norm-aware).
     slots: images in flight at once.
     steps_per_call: engine steps per device call (fewer host round trips; no effect on
@@ -753,6 +879,107 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     Voracek 2024, https://arxiv.org/abs/2406.17830; Waudby-Smith & Ramdas 2023,
     https://arxiv.org/abs/2010.09686.
   """
+  checks.check_choice(reference, name="reference", choices=("clean", "mean"))
+  if isinstance(norm_aware, (bool, np.bool_)) is False:
+    raise ValueError(f"norm_aware must be True or False, got {norm_aware!r}.")
+  checks.check_in_range(cos, name="cos", low=0.0, high=1.0, meaning="the cosine level")
+  if np.ndim(cos) or float(cos) >= 1.0:
+    raise ValueError(f"cos must be one number in [0, 1), got {cos!r}.")
+  if norm_aware and chunk_size % 2:
+    raise ValueError(f"chunk_size must be even when norm_aware (the norm bound pairs "
+                     f"consecutive samples), got {chunk_size}.")
+  out = _certify_sequentially(
+      params, x, encoder=encoder, sigma=sigma, eps=eps, key=key, cos=cos, n_max=n_max, n0=n0,
+      alpha=alpha, norm_aware=norm_aware, reference=reference, stop=stop,
+      tolerance=tolerance, futility=futility, chunk_size=chunk_size, slots=slots,
+      steps_per_call=steps_per_call, grid_size=grid_size, bets=bets, image_ids=image_ids,
+      progress=progress, task="feature", head=())
+  sigma32, eps32 = jnp.float32(sigma), jnp.asarray(out["eps"])
+  inner, cosine, radius = certificate_from_bounds(
+      jnp.asarray(out["deficit"]), jnp.asarray(out["norm_upper"]), eps32, sigma32,
+      jnp.float32(cos), norm_aware=bool(norm_aware))
+  return SequentialCertificate(
+      deficit=jnp.asarray(out["deficit"]), norm_upper=jnp.asarray(out["norm_upper"]),
+      direction=jnp.asarray(out["direction"]), samples=jnp.asarray(out["samples"]),
+      eps=eps32, inner_product_bound=inner, cosine_bound=cosine, certified=cosine >= cos,
+      radius=radius, cos=float(cos), alpha=float(alpha), norm_aware=bool(norm_aware))
+
+
+PREDICTION_METHODS = ("FS", "RS")
+
+
+def sequential_predict(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, head: Any,
+                       method: str, sigma: float, radii: Sequence[float], key: jax.Array,
+                       n_max: int = 10_000, n0: int = 100, alpha: float = 0.001,
+                       stop: str = "decision", tolerance: float = 0.03,
+                       futility: str = "predictive", chunk_size: int = 64,
+                       slots: int = DEFAULT_SLOTS,
+                       steps_per_call: int = DEFAULT_STEPS_PER_CALL, grid_size: int = GRID,
+                       bets: str = "agrapa", image_ids: jax.typing.ArrayLike | None = None,
+                       progress: Any = None):
+  """Sequential prediction certificates: each image stops once "certified at r" is settled
+  for every radius r of ``radii`` (docs/method.md 3d).
+
+  The engine of :func:`sequential_fcsb` (chunks, an anytime-valid betting confidence
+  sequence, cross-image dynamic batching, noise ``fold_in(fold_in(key, id_i), j)``) with
+  a prediction as the decision:
+
+  * ``method="FS"``: Theorem A.3.2 on a cosine-prototype head (``head`` its variables; a
+    projected head certifies ``P^T f``, :func:`fsjax.heads.fs_classifier`). Stage 1 (n0
+    samples) fixes the mean direction u, the class c = argmax <u, w_k> and its margin
+    Delta; the sequence bounds h_u(x), and the prediction is certified at r iff
+    ``Phi^-1(h_LCB) - r / sigma > Phi^-1((1 + cos(Delta / 2)) / 2)``.
+  * ``method="RS"``: Cohen et al.'s CERTIFY on a linear head (``head``: variables of
+    :class:`certify.LinearHead`): stage 1's top class c_A, then the sequence bounds
+    ``p_A`` (its values are whether a sample's vote is c_A); certified at r iff
+    ``Phi^-1(p_A) > r / sigma``.
+
+  ``stop``, ``futility``, ``tolerance``, ``bets`` and the rest as in :func:`sequential_fcsb`
+  (``stop="radius"`` reports a radius close to n_max's). The certificate holds with
+  probability 1 - alpha at the data-dependent stopping time.
+
+  Returns:
+    A :class:`certify.PredictionCertificate` (bound ``"betting (sequential)"``, certificate
+    ``"cosine"`` or ``"rs"`` per image, ``samples`` n0 + the image's stage 2), class -1
+    (abstain) where not certified even at radius 0.
+  """
+  checks.check_choice(method, name="method", choices=PREDICTION_METHODS)
+  encoders_lib.check_images(x)
+  checks.check_sigma(sigma)
+  if method == "FS":
+    encoder, params, prototypes = heads_lib.fs_classifier(encoder, params, head)
+    dim = int(jax.eval_shape(lambda p, v: encoder(p, v, sigma=sigma), params,
+                             jax.ShapeDtypeStruct((1,) + np.shape(x)[1:], jnp.float32)
+                             ).shape[-1])
+    _prediction.check_prototypes(prototypes, dim)
+    task, head_arrays = "prototypes", prototypes
+  else:
+    kernel, bias = _smoothed_prediction._linear_head(head)
+    task, head_arrays = "classes", (kernel, bias)
+  out = _certify_sequentially(
+      params, x, encoder=encoder, sigma=sigma, eps=radii, key=key, cos=0.0, n_max=n_max,
+      n0=n0, alpha=alpha, norm_aware=False, reference="mean", stop=stop, tolerance=tolerance,
+      futility=futility, chunk_size=chunk_size, slots=slots, steps_per_call=steps_per_call,
+      grid_size=grid_size, bets=bets, image_ids=image_ids, progress=progress, task=task,
+      head=head_arrays)
+  z = np.asarray(_bounds.probit_of_deficit(jnp.asarray(out["deficit"])), np.float64)
+  with np.errstate(invalid="ignore"):  # a tie's probit is +inf: radius -inf, abstain
+    radius = float(sigma) * (z - out["probit"].astype(np.float64))
+  certified = np.isfinite(radius) & (radius > 0)
+  return _smoothed_prediction.PredictionCertificate(
+      np.where(certified, out["label"], _prediction.ABSTAIN).astype(np.int32),
+      np.where(certified, radius, 0.0).astype(np.float32), out["samples"],
+      np.full(len(radius), "cosine" if method == "FS" else "rs"), "betting (sequential)",
+      float(sigma), float(alpha))
+
+
+def _certify_sequentially(params, x, *, encoder, sigma, eps, key, cos, n_max, n0, alpha,
+                          norm_aware, reference, stop, tolerance, futility, chunk_size, slots,
+                          steps_per_call, grid_size, bets, image_ids, progress, task,
+                          head) -> dict[str, np.ndarray]:
+  """Checks the engine's common arguments, runs it over the images and returns, per image,
+  the bounds at its stopping time (``deficit``, ``norm_upper``), ``direction``,
+  ``samples`` (n0 included), ``label`` and ``probit`` (prediction tasks), and ``eps``."""
   encoders_lib.check_images(x)
   checks.check_sigma(sigma)
   checks.check_alpha(alpha)
@@ -763,24 +990,17 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     checks.check_positive_int(value, name=name, minimum=minimum)
   checks.check_choice(stop, name="stop", choices=STOPS)
   checks.check_choice(bets, name="bets", choices=BET_RULES)
+  checks.check_choice(futility, name="futility", choices=FUTILITY)
   if progress is not None and not callable(progress):
     raise ValueError(f"progress must be None or a callable taking the number of noise "
                      f"samples drawn, got {progress!r}.")
-  checks.check_choice(reference, name="reference", choices=("clean", "mean"))
-  if isinstance(norm_aware, (bool, np.bool_)) is False:
-    raise ValueError(f"norm_aware must be True or False, got {norm_aware!r}.")
   eps_arr = np.asarray(eps, np.float32)
   if eps_arr.ndim != 1 or eps_arr.size == 0 or not np.all(np.isfinite(eps_arr)) or np.any(
       eps_arr < 0):
-    raise ValueError(f"eps must be a non-empty list of l2 radii >= 0 (shape [E]), got {eps!r}.")
-  checks.check_in_range(cos, name="cos", low=0.0, high=1.0, meaning="the cosine level")
-  if np.ndim(cos) or float(cos) >= 1.0:
-    raise ValueError(f"cos must be one number in [0, 1), got {cos!r}.")
+    raise ValueError(f"{'eps' if task == 'feature' else 'radii'} must be a non-empty list "
+                     f"of l2 radii >= 0 (shape [E]), got {eps!r}.")
   checks.check_in_range(tolerance, name="tolerance", low=0.0, high=1.0,
                         meaning="the relative radius stop='radius' may leave")
-  if norm_aware and chunk_size % 2:
-    raise ValueError(f"chunk_size must be even when norm_aware (the norm bound pairs "
-                     f"consecutive samples), got {chunk_size}.")
 
   x = np.asarray(x, np.float32)
   batch = x.shape[0]
@@ -791,18 +1011,20 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
                      f"stream per image), got {image_ids!r}.")
   dim = int(jax.eval_shape(lambda p, v: encoder(p, v, sigma=sigma), params,
                            jax.ShapeDtypeStruct((1,) + x.shape[1:], jnp.float32)).shape[-1])
+  classes = int(head[0].shape[-1]) if task == "classes" else 1
   scales = tuple(BET_SCALES) if bets == "agrapa" else (1.0,)  # STaR: one bet, no mixture
   run = functools.partial(
-      _run, steps=int(steps_per_call), grid_size=int(grid_size), encoder=encoder, chunk_size=int(chunk_size), n0=int(n0), n_max=int(n_max),
-      alpha=float(alpha), cos=float(cos), norm_aware=bool(norm_aware), reference=reference,
-      stop=stop, tolerance=float(tolerance), rule=bets, scales=scales)
-  state = _empty_slots(slots, x.shape[1:], dim, grid_size, scales)
+      _run, steps=int(steps_per_call), grid_size=int(grid_size), encoder=encoder,
+      chunk_size=int(chunk_size), n0=int(n0), n_max=int(n_max), alpha=float(alpha),
+      cos=float(cos), norm_aware=bool(norm_aware), reference=reference, stop=stop,
+      tolerance=float(tolerance), futility=futility, rule=bets, scales=scales, task=task)
+  state = _empty_slots(slots, x.shape[1:], dim, grid_size, scales, classes)
   sigma32, eps32 = jnp.float32(sigma), jnp.asarray(eps_arr)
 
-  out_d = np.ones(batch, np.float32)
-  out_n = np.ones(batch, np.float32)
-  out_u = np.zeros((batch, dim), np.float32)
-  out_samples = np.zeros(batch, np.int32)
+  out = {"deficit": np.ones(batch, np.float32), "norm_upper": np.ones(batch, np.float32),
+         "direction": np.zeros((batch, dim), np.float32),
+         "samples": np.zeros(batch, np.int32), "label": np.full(batch, -1, np.int32),
+         "probit": np.zeros(batch, np.float32), "eps": eps_arr}
   block = int(slots) * int(steps_per_call)  # a call refills at most one slot per step each
   ids32 = ids.astype(np.int32)
   taken_total, running = 0, 0
@@ -814,22 +1036,18 @@ def sequential_fcsb(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, sigma
     queue_x[:queue.size], queue_id[:queue.size], queue_index[:queue.size] = (
         x[queue], ids32[queue], queue)
     state, taken, steps_run, fin = run(params, state, queue_x, queue_id, queue_index,
-                                       np.int32(queue.size), key, sigma32, eps32)
+                                       np.int32(queue.size), key, sigma32, eps32, head)
     taken, steps_run = int(taken), int(steps_run)
     count = int(fin.count)
     index = np.asarray(fin.index)[:count]
-    out_d[index] = np.asarray(fin.deficit)[:count]
-    out_n[index] = np.asarray(fin.norm_upper)[:count] if norm_aware else 1.0
-    out_u[index] = np.asarray(fin.direction)[:count]
-    out_samples[index] = np.asarray(fin.samples)[:count].astype(np.int32) + int(n0)
+    out["deficit"][index] = np.asarray(fin.deficit)[:count]
+    out["norm_upper"][index] = np.asarray(fin.norm_upper)[:count] if norm_aware else 1.0
+    out["direction"][index] = np.asarray(fin.direction)[:count]
+    out["samples"][index] = np.asarray(fin.samples)[:count].astype(np.int32) + int(n0)
+    out["label"][index] = np.asarray(fin.label)[:count]
+    out["probit"][index] = np.asarray(fin.probit)[:count]
     taken_total += taken
     running += taken - count
     if progress is not None and steps_run:
       progress(steps_run * int(slots) * int(chunk_size))
-  inner, cosine, radius = certificate_from_bounds(jnp.asarray(out_d), jnp.asarray(out_n), eps32, sigma32,
-                                  jnp.float32(cos), norm_aware=bool(norm_aware))
-  return SequentialCertificate(
-      deficit=jnp.asarray(out_d), norm_upper=jnp.asarray(out_n), direction=jnp.asarray(out_u),
-      samples=jnp.asarray(out_samples), eps=eps32, inner_product_bound=inner,
-      cosine_bound=cosine, certified=cosine >= cos, radius=radius, cos=float(cos),
-      alpha=float(alpha), norm_aware=bool(norm_aware))
+  return out

@@ -82,9 +82,10 @@ _CERTIFY, _ATTACK, _MEASURE = 0, 1, 2
 
 # Taken from ``config.certify`` when ``config.audit`` does not set them: the Monte Carlo
 # settings, and the mode with the sequential engine's settings (docs/method.md 2b).
-_FROM_CERTIFY = ("n0", "n", "alpha", "chunk_size", "mode", "stop", "sequential_chunk_size",
-                 "slots", "eps")
-_SEQUENTIAL_DEFAULTS = dict(mode="fixed", stop="decision", sequential_chunk_size=64, slots=8)
+_FROM_CERTIFY = ("n0", "n", "alpha", "chunk_size", "mode", "stop", "futility",
+                 "sequential_chunk_size", "slots", "eps")
+_SEQUENTIAL_DEFAULTS = dict(mode="fixed", stop="decision", futility="predictive",
+                            sequential_chunk_size=64, slots=8)
 
 
 def audit_settings(config) -> Any:
@@ -149,6 +150,8 @@ def check_audit_config(a) -> None:
                      "or 'sequential'.")
   if a.get("mode") == "sequential":
     checks.check_choice(a.stop, name="config.certify.stop", choices=certify.SEQUENTIAL_STOPS)
+    checks.check_choice(a.futility, name="config.certify.futility",
+                        choices=certify.SEQUENTIAL_FUTILITY)
     for k in ("sequential_chunk_size", "slots"):
       checks.check_positive_int(a[k], name=f"config.certify.{k}")
     eps = np.asarray(a.certify_eps if a.eps is None else a.eps, np.float64)
@@ -369,6 +372,7 @@ def _certificates(encoder, params, images, a, key, *, name, first_index, pad_to,
           params, images, encoder=encoder, sigma=sigma, eps=eps,
           key=jax.random.fold_in(key, _CERTIFY), cos=a.cos, n_max=a.n, n0=a.n0,
           alpha=a.alpha, norm_aware=False, reference=reference, stop=a.stop,
+          futility=a.futility,
           chunk_size=a.sequential_chunk_size, slots=a.slots,
           image_ids=first_index + np.arange(b))
       deficit = np.asarray(cert.deficit, np.float64)

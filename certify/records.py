@@ -185,7 +185,7 @@ def group(config, *, variant: str, params: Any, sigma_key: jax.Array, sigma: flo
          "sigma": float(sigma), "sigma_convention": SIGMA_CONVENTION, "noise": noise,
          "provenance": provenance(config, variant, params)}
   if sequential:
-    out.update(stop=c.stop, slots=int(c.slots))
+    out.update(stop=c.stop, futility=c.get("futility", "predictive"), slots=int(c.slots))
   if kind == "norm-aware":
     out["norm_aware_bound"] = c.norm_aware_bound
   return out

@@ -60,6 +60,7 @@ import certify
 from certify import records
 from certify import report
 from fsjax import checkpointing
+from fsjax import checks
 from fsjax import cli
 from fsjax import data as data_lib
 from fsjax import pod
@@ -222,7 +223,8 @@ def _sequential_rows(name, encoder, params, images, labels, config, sigma, key, 
     cert = certify.sequential_fcsb(
         params, images, encoder=encoder, sigma=sigma, eps=list(c.eps), key=key, cos=c.cos,
         n_max=c.n, n0=c.n0, alpha=c.alpha, norm_aware=norm_aware, reference=reference,
-        stop=c.stop, chunk_size=c.sequential_chunk_size, slots=c.slots, image_ids=ids)
+        stop=c.stop, futility=c.get("futility", "predictive"),
+        chunk_size=c.sequential_chunk_size, slots=c.slots, image_ids=ids)
     arrays = {k: np.asarray(getattr(cert, k)) for k in (
         "deficit", "norm_upper", "inner_product_bound", "cosine_bound", "radius", "samples")}
     for i in range(images.shape[0]):
@@ -436,6 +438,8 @@ def check_config(config) -> None:
   if mode == "sequential":
     if c.stop not in STOPS:
       raise ValueError(f"config.certify.stop must be one of {STOPS}, got {c.stop!r}.")
+    checks.check_choice(c.get("futility", "predictive"), name="config.certify.futility",
+                        choices=certify.SEQUENTIAL_FUTILITY)
     for key in ("slots", "sequential_chunk_size"):
       if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
         raise ValueError(f"config.certify.{key} must be a positive integer, got {c[key]!r}.")

@@ -186,6 +186,9 @@ def certify_config(**overrides) -> ml_collections.ConfigDict:
       # each image stops once settled (`stop`), n_max = n.
       mode="fixed",
       stop="decision",   # sequential: "decision", "radius" or "never" (n_max samples)
+      # sequential: give a decision up once n_max is predicted not to certify it
+      # ("predictive"), or only once it provably will not ("confident"; more samples).
+      futility="predictive",
       sequential_chunk_size=64,  # sequential: samples per chunk (even with norm_aware)
       slots=8,           # sequential: images in flight at once (cross-image batching)
   ))

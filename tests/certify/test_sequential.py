@@ -66,8 +66,8 @@ def _binomial(key, n, p):
   return jnp.sum(jax.random.uniform(key, p.shape + (n,)) < p[:, None], -1).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("n_max", "chunk", "grid_size"))
-def _run_bernoulli(key, mu, *, n_max, chunk, grid_size):
+@functools.partial(jax.jit, static_argnames=("n_max", "chunk", "grid_size", "futility"))
+def _run_bernoulli(key, mu, *, n_max, chunk, grid_size, futility="predictive"):
   """Sequential inner-product certificates of the 1-D half-space encoder, ``mu [R]``."""
   streams = mu.shape[0]
   k0, key = jax.random.split(key)
@@ -82,7 +82,8 @@ def _run_bernoulli(key, mu, *, n_max, chunk, grid_size):
     ones = _binomial(jax.random.fold_in(key, j), chunk, mu)
     weights = jnp.stack([chunk - ones, ones], axis=-1)
     state = sq.update(state, values, weights=weights, alpha=ALPHA, active=~done)
-    decision = sq.inner_product_decide(state, eps, SIGMA, COS, alpha=ALPHA, n_max=n_max)
+    decision = sq.inner_product_decide(state, eps, SIGMA, COS, alpha=ALPHA, n_max=n_max,
+                                       futility=futility)
     done = done | jnp.all(decision.settled, axis=-1) | (state.count >= n_max)
     counts = counts + ones
     return (state, done, counts), counts
@@ -111,6 +112,51 @@ def test_inner_product_certificates_are_sound_at_stopping_times():
   naive_failures = int(np.sum(np.any(naive < mu[None], axis=0)))
   assert stats.binomtest(naive_failures, STREAMS, ALPHA,
                          alternative="greater").pvalue < 1e-6, naive_failures
+
+
+def test_predictive_futility_saves_samples_and_rarely_gives_up_what_n_max_certifies():
+  """The same streams under both futility rules (the draws do not depend on stopping).
+
+  Giving up never certifies, and the predictive rule stops no later than the confident
+  one, so what it certifies is a subset of what the confident rule certifies (a prefix of
+  the same stream). It should lose few of those (the confident rule runs to n_max on the
+  images a run to n_max might certify) and save samples on the images near a threshold.
+  """
+  mu = jnp.asarray(_true_deficits(jax.random.PRNGKey(2), 4000))
+  runs = {f: [np.asarray(a) for a in _run_bernoulli(
+      jax.random.PRNGKey(3), mu, n_max=N_MAX, chunk=CHUNK, grid_size=GRID, futility=f)]
+      for f in sq.FUTILITY}
+  _, confident, used_c, _ = runs["confident"]
+  _, predictive, used_p, _ = runs["predictive"]
+  assert np.all(used_p <= used_c)
+  assert np.all(predictive <= confident)
+  lost = int(np.sum(confident & ~predictive))
+  assert lost <= 0.02 * np.sum(confident), (lost, int(np.sum(confident)))
+  assert used_p.mean() <= 0.85 * used_c.mean(), (used_p.mean(), used_c.mean())
+
+
+def test_predicted_out_of_reach_matches_numpy():
+  """The rule against its formula in float64: optimistic mean plus the smallest width."""
+  rng = np.random.default_rng(0)
+  values = rng.beta(2, 30, (3, 256)).astype(np.float32)
+  state = sq.init(jnp.full(3, 0.05), jnp.full(3, 0.002), grid_size=GRID)
+  state = sq.update(state, jnp.asarray(values), alpha=ALPHA)
+  thresholds = np.array([[0.02, 0.06, 0.08]] * 3, np.float32)
+  got = np.asarray(sq.predicted_out_of_reach(state, jnp.asarray(thresholds), level=ALPHA,
+                                             n_max=4000))
+  v = values.astype(np.float64)
+  w = 256 + sq.PRIOR_WEIGHT
+  mean = 0.05 + np.sum(v - 0.05, -1) / w
+  var = (sq.PRIOR_WEIGHT * 0.002 + np.sum((v - mean[:, None]) ** 2, -1)) / w
+  edge = (mean - sq.FUTILITY_Z * np.sqrt(var / w)
+          + np.sqrt(2 * var * np.log(1 / ALPHA) / 4000))
+  np.testing.assert_array_equal(got, edge[:, None] > thresholds)
+  assert got.any() and not got.all()
+  # Too few samples: never predicted.
+  few = sq.update(sq.init(jnp.full(3, 0.05), jnp.full(3, 0.002), grid_size=GRID),
+                  jnp.asarray(values[:, :64]), alpha=ALPHA)
+  assert not np.any(np.asarray(sq.predicted_out_of_reach(
+      few, jnp.asarray(thresholds), level=ALPHA, n_max=4000)))
 
 
 # The 2-D model: s_i = sign(x_i - b_i) (orthogonal unit normals), f = (s_1, s_2) / sqrt(2).
@@ -344,6 +390,7 @@ def test_engine_results_do_not_depend_on_slot_order(toy):
     (dict(image_ids=[0, 0]), "image_ids"),
     (dict(n_max=1), "n_max"),
     (dict(bets="kelly"), "bets"),
+    (dict(futility="never"), "futility"),
     (dict(progress=True), "progress"),
     (dict(steps_per_call=0), "steps_per_call"),
 ])
@@ -458,3 +505,74 @@ def test_star_bound_covers_the_mean_and_is_tighter_at_n():
   agrapa, _ = _fixed_n_bounds(jax.random.PRNGKey(5), mu, n=n, chunk=20, rule="agrapa",
                               alpha=alpha, grid_size=256)
   assert np.median(star) < np.median(np.asarray(agrapa))
+
+
+# --- Sequential prediction certificates (certify.sequential_predict) --------------------
+
+# The half-space encoder's feature is s e_1, s = sign(red - 0.5). The cosine head's third
+# prototype makes the margin pi / 2 (a level above 0); the linear head votes the sign.
+_PROTOTYPES = np.array([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
+_LINEAR = {"params": {"dense": {"kernel": np.array([[1.0, -1.0], [0.0, 0.0], [0.0, 0.0]],
+                                                   np.float32),
+                                "bias": np.zeros(2, np.float32)}}}
+
+
+def _exact_prediction_radius(reds, method):
+  """The radius each certificate gives at the *exact* scores (its own ceiling).
+
+  h_u = P(s = sign(red - 0.5)) = Phi(|red - 0.5| / sigma) for both heads (u = +-e_1 is
+  the mean direction, p_A the vote's probability); FS also pays Theorem A.3.2's level
+  Phi^-1((1 + cos(Delta / 2)) / 2) at Delta = pi / 2.
+  """
+  z = np.abs(reds - 0.5) / SIGMA
+  level = -sp_norm.ppf(np.sin(np.pi / 8) ** 2) if method == "FS" else 0.0
+  return np.maximum(SIGMA * (z - level), 0.0)
+
+
+@pytest.mark.parametrize("method", sq.PREDICTION_METHODS)
+def test_sequential_predictions_are_sound_on_the_half_space_encoder(method):
+  rng = np.random.default_rng(5)
+  reds = np.concatenate([rng.uniform(0.5, 1.0, 150), rng.uniform(0.0, 0.5, 50)])
+  head = {"params": {"prototypes": _PROTOTYPES}} if method == "FS" else _LINEAR
+  radii = [0.0, 0.05, 0.1, 0.2, 0.3]
+  alpha = 0.05
+  cert = sq.sequential_predict({}, _half_space_images(reds), encoder=_HalfSpace1D(resolution=2),
+                               head=head, method=method, sigma=SIGMA, radii=radii,
+                               key=jax.random.PRNGKey(11), n_max=2000, n0=64, chunk_size=64,
+                               alpha=alpha, grid_size=GRID)
+  exact = _exact_prediction_radius(reds, method)
+  radius, cls = np.asarray(cert.radius), np.asarray(cert.predicted_class)
+  failures = int(np.sum(radius > exact + 1e-5))
+  assert stats.binomtest(failures, len(reds), alpha, alternative="greater").pvalue > 1e-3, (
+      failures)
+  truth = np.where(reds > 0.5, 0, 1)
+  assert np.all((cls == truth) | (cls == -1))  # a certified class is the smoothed one
+  assert np.all((radius > 0) == (cls >= 0))
+  # Most images the exact scores certify with room to spare are certified.
+  clear = exact > 0.1
+  assert np.mean(cls[clear] >= 0) > 0.9, (np.mean(cls[clear] >= 0), np.sum(clear))
+  # It stops early: images whose exact radius is far from every radius of the grid (their
+  # decisions are easy) take a few chunks.
+  used = np.asarray(cert.samples)
+  level = -sp_norm.ppf(np.sin(np.pi / 8) ** 2) if method == "FS" else 0.0
+  gaps = np.abs(np.abs(reds - 0.5)[:, None] / SIGMA - level - np.asarray(radii)[None] / SIGMA)
+  far = np.min(gaps, axis=1) > 0.4  # in probits
+  assert np.sum(far) > 20 and np.median(used[far]) <= 64 + 8 * 64, np.median(used[far])
+  assert cert.bound == "betting (sequential)" and cert.is_certificate
+  assert set(np.asarray(cert.certificate)) == {"cosine" if method == "FS" else "rs"}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="XS"), "method"),
+    (dict(method="RS"), "LinearHead"),
+    (dict(radii=[]), "radii"),
+    (dict(radii=[-0.1]), "radii"),
+    (dict(head={"params": {"prototypes": _PROTOTYPES[:, :2]}}), "dimension"),
+    (dict(sigma=0.0), "sigma"),
+])
+def test_sequential_predict_rejects_bad_arguments(kwargs, match):
+  args = dict(encoder=_HalfSpace1D(resolution=2), head={"params": {"prototypes": _PROTOTYPES}},
+              method="FS", sigma=SIGMA, radii=[0.1], key=jax.random.PRNGKey(0))
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    sq.sequential_predict({}, _half_space_images(np.array([0.7, 0.8])), **args)
