@@ -7,7 +7,9 @@ its Fashion-MNIST test images, in one run:
 * fixed n: ``certify.norm_aware_fcsb(bound="betting", n=N)``, every image N samples (its
   inner product bound B is the baseline of the inner-product rows, its cosine B / U that of
   the norm-aware rows);
-* sequential: ``certify.sequential_fcsb(n_max=N)``, inner-product and norm-aware.
+* sequential: ``certify.sequential_fcsb(n_max=N)``, inner-product and norm-aware, with
+  each futility rule of ``--futility`` (``predictive``, the default, and ``confident``:
+  when a decision is given up; docs/method.md 2b).
 
 Reports the decisions each certifies, where they disagree, samples per image (median and
 mean) and certificates (images) per minute, compilation *excluded* for both (a long run
@@ -25,6 +27,7 @@ and certificates per minute of the sequential rows are over all images.
 
     python benchmarks/sequential.py                  # N = 10,000, 8 images, sigma 0.25
     python benchmarks/sequential.py --sigma 0.5 --images 32 --fixed-images 8
+    python benchmarks/sequential.py --images 32 --fixed-images 8 --futility predictive confident
 """
 
 from __future__ import annotations

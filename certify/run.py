@@ -26,7 +26,8 @@ side; its ``R`` is the norm-aware radius.
 ``config.certify.mode = "sequential"`` replaces the fixed-n Monte Carlo by
 :func:`certify.sequential_fcsb` (anytime-valid betting confidence sequences, cross-image
 dynamic batching; docs/method.md section 2b): each image stops once its decisions
-"cos >= config.certify.cos at every eps" are settled (``config.certify.stop``), or at
+"cos >= config.certify.cos at every eps" are settled (``config.certify.stop``; a decision
+is given up once n_max is predicted not to certify it, ``config.certify.futility``), or at
 ``n_max = config.certify.n``; rows are labelled ``betting (sequential)`` and record the
 samples each image used (``samples``; the table's ``samples`` column is their mean). The
 fixed-n mode (``"fixed"``, the default) is unchanged.

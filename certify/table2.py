@@ -44,6 +44,13 @@ carry the certificate used, each certificate alone (``class_cosine`` / ``radius_
 ``table2_margins.png`` (each image's margin against the margin its certificate needs)
 into the workdir, and ``table2_config.json`` beside the rows.
 
+``config.certify.mode = "sequential"`` (docs/method.md 3d) certifies FS (Theorem A.3.2)
+and RS with :func:`certify.sequential_predict` instead: each image stops once "certified
+at r" is settled for every r of ``config.prediction.radii`` (``config.certify.stop``,
+``futility``, ``sequential_chunk_size``, ``slots``), n_max = Table 2's ``n``; rows record
+the ``samples`` each image drew and the table their median and mean. The per-class
+certificate and the paper's plug-in have no sequential form, so those rows are left out.
+
 Interrupted (Ctrl-C: it stops after the (sigma, batch) group being certified, exit status
 130) or killed, the same command resumes: it certifies only the groups missing from
 ``prediction_results.jsonl`` and ends with the table and plots of an uninterrupted run.
@@ -83,8 +90,9 @@ TABLE_ROWS = (("FS", "FS", "predicted_class", "radius"),
 
 
 def prediction_settings(config) -> dict[str, Any]:
-  """``n0``, ``n``, ``alpha``, ``bound``, ``certificate``, ``paper_n0``, ``chunk_size`` and
-  ``batch_size`` of Table 2."""
+  """``n0``, ``n``, ``alpha``, ``bound``, ``certificate``, ``paper_n0``, ``chunk_size``,
+  ``batch_size`` and the mode (``config.certify``'s ``mode``, ``stop``, ``futility``,
+  ``sequential_chunk_size`` and ``slots``) of Table 2."""
   p, c = config.prediction, config.certify
   pick = lambda override, default: int(default if override is None else override)
   paper_n0 = p.get("paper_n0", 16)
@@ -92,7 +100,21 @@ def prediction_settings(config) -> dict[str, Any]:
               "alpha": float(c.alpha), "bound": str(p.get("bound", "bernstein")),
               "certificate": str(p.get("certificate", "select")),
               "paper_n0": None if paper_n0 is None else int(paper_n0),
-              "chunk_size": int(c.chunk_size), "batch_size": int(c.batch_size)}
+              "chunk_size": int(c.chunk_size), "batch_size": int(c.batch_size),
+              "mode": str(c.get("mode", "fixed"))}
+  checks.check_choice(settings["mode"], name="config.certify.mode",
+                      choices=("fixed", "sequential"))
+  if settings["mode"] == "sequential":
+    settings.update(radii=[float(r) for r in config.prediction.radii], stop=str(c.get("stop", "decision")),
+                    futility=str(c.get("futility", "predictive")),
+                    sequential_chunk_size=c.get("sequential_chunk_size", 64),
+                    slots=c.get("slots", 8))
+    checks.check_choice(settings["stop"], name="config.certify.stop",
+                        choices=certify.SEQUENTIAL_STOPS)
+    checks.check_choice(settings["futility"], name="config.certify.futility",
+                        choices=certify.SEQUENTIAL_FUTILITY)
+    for name in ("sequential_chunk_size", "slots"):
+      checks.check_positive_int(settings[name], name=f"config.certify.{name}")
   checks.check_choice(settings["bound"], name="config.prediction.bound",
                       choices=certify.BOUNDS)
   checks.check_choice(settings["certificate"], name="config.prediction.certificate",
@@ -158,6 +180,13 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
     if batches is not None and b not in batches:
       continue
     x = images[start:start + bs]
+    if settings["mode"] == "sequential":
+      rows += _sequential_rows(params, x, labels[start:start + bs], start, encoder=encoder,
+                               heads=heads, sigma=sigma, key=jax.random.fold_in(key, b),
+                               settings=settings, variant=variant, progress=progress,
+                               label=f"sigma {sigma:g}, batch {b + 1} of "
+                               f"{-(-len(images) // bs)}")
+      continue
     xp = batching.pad_rows(x, bs)
     k = jax.random.fold_in(key, b)
     out = {}
@@ -216,6 +245,49 @@ def certify_images(params: Any, images: np.ndarray, labels: np.ndarray, *, encod
   return rows
 
 
+def _sequential_rows(params, x, labels, start, *, encoder, heads, sigma, key, settings,
+                     variant, progress, label) -> list[dict]:
+  """``mode="sequential"``: FS and RS rows of one batch from
+  :func:`certify.sequential_predict`, each image stopped once "certified at r" is settled
+  for every r of ``radii`` (docs/method.md 3d). FS certifies with Theorem A.3.2 (the
+  per-class certificate and the paper's plug-in have no sequential form here). The noise
+  of image i is ``fold_in(fold_in(key, i), chunk)`` for both methods: paired, as at fixed
+  n. The progress bar's total assumed n0 + n per image; what an image did not draw is
+  taken off it.
+  """
+  n0, n = settings["n0"], settings["n"]
+  out = {}
+  for method, head in (("FS", heads["cosine"]), ("RS", heads["linear"])):
+    drawn = []
+    advance = None if progress is None else progress.task(
+        f"{label}: {method} sequential, n0 = {n0}, n_max = {n}", images=1,
+        compile_key=(method, "sequential", encoder))
+    out[method] = certify.sequential_predict(
+        params, x, encoder=encoder, head=head, method=method, sigma=sigma,
+        radii=settings["radii"], key=key, n_max=n, n0=n0, alpha=settings["alpha"],
+        stop=settings["stop"], futility=settings["futility"],
+        chunk_size=settings["sequential_chunk_size"], slots=settings["slots"],
+        image_ids=start + np.arange(len(x)),
+        progress=None if advance is None else lambda k: (drawn.append(k), advance(k)))
+    if progress is not None:
+      progress.grow(sum(drawn) - len(x) * (n0 + n))
+  rows = []
+  for method in METHODS:
+    cert = out[method]
+    for i in range(len(x)):
+      cls, label_i = int(cert.predicted_class[i]), int(labels[i])
+      rows.append({"method": method, "variant": variant, "sigma": float(sigma),
+                   "image": start + i, "label": label_i, "predicted_class": cls,
+                   "radius": float(cert.radius[i]),
+                   "certified": bool(cls != certify.ABSTAIN), "correct": bool(cls == label_i),
+                   "bound": cert.bound, "certificate": cert.is_certificate,
+                   "n0": n0, "n": n, "alpha": settings["alpha"],
+                   "certificate_used": str(cert.certificate[i]), "mode": "sequential",
+                   "stop": settings["stop"], "futility": settings["futility"],
+                   "samples": int(cert.samples[i])})
+  return rows
+
+
 def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -> list[dict]:
   """Table 2: certified accuracy at each radius, one row per (sigma, :data:`TABLE_ROWS` entry
   the rows hold), the paper protocol's estimate last."""
@@ -235,6 +307,10 @@ def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -
              "abstain": float(np.mean([r[cls_field] == certify.ABSTAIN for r in rs]))}
       # Fractions of len(rs) images: 6 digits drop float32 noise (0.65000004 -> 0.65).
       row.update({f"{float(r):g}": round(float(a), 6) for r, a in zip(radii, acc)})
+      if "samples" in rs[0]:  # sequential rows: what each image drew (n0 included)
+        used = np.array([r["samples"] for r in rs])
+        row.update({"median samples": float(np.median(used)),
+                    "mean samples": round(float(np.mean(used)), 1)})
       table.append(row)
   return table
 
@@ -352,8 +428,10 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
           "(sigma, batch) groups are certified"
           + ("; certifying the rest." if todo else "; nothing left to certify."), flush=True)
   # Every method draws n0 + n noise samples for each image of each (padded) batch.
+  # (Sequential: at most n0 + n; what an image does not draw is taken off as it stops.)
+  sequential = settings["mode"] == "sequential"
   samples = len(todo) * bs * (len(METHODS) * (settings["n0"] + settings["n"])
-                              + 2 * (settings["paper_n0"] or 0))
+                              + (0 if sequential else 2 * (settings["paper_n0"] or 0)))
   fresh = {}
   with checkpointing.lock_workdir(workdir, "certify.table2"), report.rows(
       results, config, config_name=CONFIG_NAME) as write, cli.interruptible() as stop, \
@@ -375,7 +453,7 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   radii = [float(r) for r in config.prediction.radii]
   table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
   point = (f"; FS: the {settings['certificate']!r} certificate (docs/method.md 3b)"
-           + ("" if settings["paper_n0"] is None else
+           + ("" if settings["paper_n0"] is None or sequential else
               f"; '{PAPER}': the paper's plug-in with n0 = n = {settings['paper_n0']}, an "
               "estimate, NOT a certificate")
            + (" -- FS rows are point estimates, NOT certificates"
@@ -384,9 +462,17 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
       sigma=sigmas, n0=settings["n0"], n=settings["n"], alpha=settings["alpha"],
       images=len(images), bound=f"{settings['bound']} (FS)") + f", {num_classes} classes)"
       + point)
+  if sequential:  # a whole other protocol: say so first
+    caption = ("Table 2: certified accuracy at radius r, SEQUENTIAL (docs/method.md 3d: "
+               f"each image stops once 'certified at r' is settled for every r; n0 = "
+               f"{settings['n0']}, n_max = {settings['n']}, alpha = {settings['alpha']:g}, "
+               f"stop = {settings['stop']}, futility = {settings['futility']}; anytime-valid "
+               f"betting confidence sequences; FS: Theorem A.3.2, RS: Cohen et al.; "
+               f"{len(images)} images, {num_classes} classes; samples per image include n0)")
   print(report.write_table(table, workdir, "table2", caption=caption))
   plot(table, radii, workdir / "table2.png")
-  plot_margins(rows, workdir / "table2_margins.png")
+  if not sequential:  # the margins are a fixed-n FS row's
+    plot_margins(rows, workdir / "table2_margins.png")
   return table
 
 

@@ -531,15 +531,22 @@ def _exact_prediction_radius(reds, method):
 
 @pytest.mark.parametrize("method", sq.PREDICTION_METHODS)
 def test_sequential_predictions_are_sound_on_the_half_space_encoder(method):
+  """10,000 certificates through the engine, each stopped at its own data-dependent time.
+
+  A failure is a radius above what the same certificate gives at the exact scores; the
+  binomial test checks failures <= alpha. Images sit at |red - 0.5| = sigma z, z uniform
+  in [0, 2], so many lie just beyond a decision of the radius grid.
+  """
   rng = np.random.default_rng(5)
-  reds = np.concatenate([rng.uniform(0.5, 1.0, 150), rng.uniform(0.0, 0.5, 50)])
+  side = np.where(rng.uniform(size=STREAMS) < 0.75, 1.0, -1.0)
+  reds = 0.5 + side * SIGMA * rng.uniform(0.0, 2.0, STREAMS)
   head = {"params": {"prototypes": _PROTOTYPES}} if method == "FS" else _LINEAR
   radii = [0.0, 0.05, 0.1, 0.2, 0.3]
-  alpha = 0.05
+  alpha = 0.01
   cert = sq.sequential_predict({}, _half_space_images(reds), encoder=_HalfSpace1D(resolution=2),
                                head=head, method=method, sigma=SIGMA, radii=radii,
-                               key=jax.random.PRNGKey(11), n_max=2000, n0=64, chunk_size=64,
-                               alpha=alpha, grid_size=GRID)
+                               key=jax.random.PRNGKey(11), n_max=640, n0=64, chunk_size=128,
+                               slots=64, alpha=alpha, grid_size=GRID)
   exact = _exact_prediction_radius(reds, method)
   radius, cls = np.asarray(cert.radius), np.asarray(cert.predicted_class)
   failures = int(np.sum(radius > exact + 1e-5))
@@ -550,14 +557,14 @@ def test_sequential_predictions_are_sound_on_the_half_space_encoder(method):
   assert np.all((radius > 0) == (cls >= 0))
   # Most images the exact scores certify with room to spare are certified.
   clear = exact > 0.1
-  assert np.mean(cls[clear] >= 0) > 0.9, (np.mean(cls[clear] >= 0), np.sum(clear))
+  assert np.mean(cls[clear] >= 0) > 0.75, (np.mean(cls[clear] >= 0), np.sum(clear))
   # It stops early: images whose exact radius is far from every radius of the grid (their
   # decisions are easy) take a few chunks.
   used = np.asarray(cert.samples)
   level = -sp_norm.ppf(np.sin(np.pi / 8) ** 2) if method == "FS" else 0.0
   gaps = np.abs(np.abs(reds - 0.5)[:, None] / SIGMA - level - np.asarray(radii)[None] / SIGMA)
   far = np.min(gaps, axis=1) > 0.4  # in probits
-  assert np.sum(far) > 20 and np.median(used[far]) <= 64 + 8 * 64, np.median(used[far])
+  assert np.sum(far) > 20 and np.median(used[far]) <= 64 + 2 * 128, np.median(used[far])
   assert cert.bound == "betting (sequential)" and cert.is_certificate
   assert set(np.asarray(cert.certificate)) == {"cosine" if method == "FS" else "rs"}
 

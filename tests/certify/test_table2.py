@@ -232,3 +232,54 @@ def test_other_config_is_refused_and_writes_nothing(result):
   with pytest.raises(ValueError, match=r"different config .*use another --workdir"):
     table2.run_prediction(other, str(workdir), variant=variant)
   assert {p.name: p.read_bytes() for p in workdir.iterdir() if p.is_file()} == before
+
+
+def test_sequential_mode_rows_match_direct_sequential_calls(result, tmp_path):
+  """Issue 20: ``config.certify.mode="sequential"``: FS (Theorem A.3.2) and RS rows from
+  certify.sequential_predict with the batch's key and the images' indices as noise ids (so
+  FS and RS are paired), samples per image in the rows and the table."""
+  config, workdir, _, _, variant = result
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)  # the heads of train.head
+  for name in ("prediction_results.jsonl", "table2_config.json") + OUTPUTS:
+    (tmp_path / name).unlink()
+  config = config.copy_and_resolve_references()
+  config.prediction.n = 96  # n_max
+  config.certify.update(mode="sequential", sequential_chunk_size=16, slots=2)
+  table = table2.run_prediction(config, str(tmp_path), variant=variant)
+  rows = report.read_rows(tmp_path / "prediction_results.jsonl")
+  assert len(rows) == len(SIGMAS) * 2 * K * TEST_PER_CLASS
+  assert {r["mode"] for r in rows} == {"sequential"}
+  assert {r["bound"] for r in rows} == {"betting (sequential)"}
+  assert [(r["sigma"], r["method"]) for r in table] == [
+      (s, m) for s in SIGMAS for m in ("FS", "RS")]
+  md = (tmp_path / "table2.md").read_text()
+  assert "SEQUENTIAL" in md and "median samples" in md
+  assert not (tmp_path / "table2_margins.png").exists()
+  _, encoder, params = variant
+  _, heads = heads_lib.load_heads(tmp_path)
+  images, _, _ = data_lib.load_arrays(config.test_data.name, split="test", image_size=32,
+                                      classes=range(K), per_class=TEST_PER_CLASS, seed=0)
+  bs = config.certify.batch_size
+  for sigma in SIGMAS:
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), int(round(sigma * 1e6)))
+    for b in range(2):
+      x = images[b * bs:(b + 1) * bs]
+      for method, head in (("FS", heads[sigma]["cosine"]), ("RS", heads[sigma]["linear"])):
+        cert = certify.sequential_predict(
+            params, x, encoder=encoder, head=head, method=method, sigma=sigma,
+            radii=list(config.prediction.radii), key=jax.random.fold_in(key, b), n_max=96,
+            n0=8, alpha=config.certify.alpha, chunk_size=16, slots=2,
+            image_ids=b * bs + np.arange(len(x)))
+        got = sorted((r for r in rows if r["sigma"] == sigma and r["method"] == method
+                      and b * bs <= r["image"] < (b + 1) * bs), key=lambda r: r["image"])
+        assert [r["predicted_class"] for r in got] == list(cert.predicted_class)
+        np.testing.assert_allclose([r["radius"] for r in got], cert.radius, rtol=1e-6)
+        assert [r["samples"] for r in got] == list(cert.samples)
+        assert all(8 + 16 <= r["samples"] <= 8 + 96 + 16 for r in got)
+  for row in table:
+    rs = [r for r in rows if r["sigma"] == row["sigma"] and r["method"] == row["method"]]
+    assert row["mean samples"] == pytest.approx(np.mean([r["samples"] for r in rs]), abs=0.05)
+    for radius in config.prediction.radii:
+      expected = np.mean([r["predicted_class"] == r["label"] and r["radius"] >= radius
+                          for r in rs])
+      assert row[f"{radius:g}"] == pytest.approx(expected)
