@@ -107,6 +107,9 @@ def main() -> None:
                       help="sequential engine steps per device call")
   parser.add_argument("--fixed-images", type=int, default=None,
                       help="run fixed n on the first K images only (default: all)")
+  parser.add_argument("--fixed-repeat", action="store_true",
+                      help="run fixed n once more with another key and count the decisions "
+                      "that differ between the two fixed-n runs (fixed n's own noise floor)")
   parser.add_argument("--variants", nargs="+", default=["inner", "norm-aware"],
                       choices=["inner", "norm-aware"], help="sequential variants to run")
   args = parser.parse_args()
@@ -140,6 +143,19 @@ def main() -> None:
   base_radius = {False: np.maximum(args.sigma * (z - stats.norm.ppf((1 + COS) / 2)), 0.0),
                  True: np.asarray(certify.norm_aware_radius(
                      fixed.deficit, fixed.norm_upper, args.sigma, COS))}
+  if args.fixed_repeat:  # the same program with key 1: how repeatable is fixed n itself?
+    again = certify.norm_aware_fcsb(params, x[:k], encoder=encoder, sigma=args.sigma, eps=EPS,
+                                    key=jax.random.PRNGKey(1), n=args.n, n0=args.n0,
+                                    alpha=args.alpha, bound="betting", chunk_size=args.chunk)
+    for name, first, second in (("norm-aware", fixed.cosine_bound, again.cosine_bound),
+                                ("inner product", fixed.inner_product_bound,
+                                 again.inner_product_bound)):
+      first, second = np.asarray(first), np.asarray(second)
+      differ = (first >= COS) != (second >= COS)
+      common.log(f"fixed n, key 0 vs key 1, {name}: {int(differ.sum())} of {differ.size} "
+                 "decisions differ" + "".join(
+                     f"; image {i}, eps {EPS[j]}: {first[i, j]:.4f} vs {second[i, j]:.4f}"
+                     for i, j in zip(*np.nonzero(differ))))
   samples = np.full(k, args.n0 + args.n)
   fixed_rate = 60 * k / t["wall"]
   fixed_cpu_rate = 60 * k / t["cpu"]
@@ -194,6 +210,12 @@ def main() -> None:
                  f"{rate / fixed_rate:.1f}x / {cpu_rate / fixed_cpu_rate:.1f}x"])
     common.log(f"samples per image: {samples.tolist()}")
     fixed_cos = np.asarray(fixed.cosine_bound if norm_aware else fixed.inner_product_bound)
+    # How close each fixed-n image sits to a decision: the hard images are those whose
+    # fixed-n bound is within a hair of cos at some eps (no method can match that decision
+    # cheaply).
+    gap = np.min(np.abs(fixed_cos - COS), axis=1)
+    common.log("fixed-n images, samples used / closest |fixed-n cosine - cos|: "
+               + ", ".join(f"{samples[i]} / {gap[i]:.4f}" for i in range(k)))
     for i, j in zip(*np.nonzero(decisions[name][:k] != base[norm_aware])):
       common.log(f"differs: image {i}, eps {EPS[j]}: fixed n {fixed_cos[i, j]:.4f}, "
                  f"sequential {np.asarray(seq.cosine_bound)[i, j]:.4f} after {samples[i]} "

@@ -292,7 +292,8 @@ def predicted_out_of_reach(state: SequenceState, thresholds: jax.Array, *, level
   n_max its width is not expected below ``sqrt(2 v log(1 / level) / n_max)`` (its leading
   term; skewed deficits and the mixture only widen it). The rule takes the running mean
   ``FUTILITY_Z`` standard errors *optimistic* (lower) plus that width: if even this misses
-  the threshold, a run to n_max is predicted not to certify. A prediction, not a proof:
+  the threshold (the largest grid cell at or below it: a bound of this family is a cell of
+  :func:`grid`), a run to n_max is predicted not to certify. A prediction, not a proof:
   an image whose running mean is ``FUTILITY_Z`` standard errors too high may be given up
   although n_max would have certified it. Never certifies, so soundness is untouched;
   only agreement with a run to n_max is (``benchmarks/sequential.py`` measures it;
@@ -304,7 +305,12 @@ def predicted_out_of_reach(state: SequenceState, thresholds: jax.Array, *, level
   sd = jnp.sqrt(var)[..., None]
   optimistic = mean[..., None] - FUTILITY_Z * sd / jnp.sqrt(n + PRIOR_WEIGHT)
   smallest_width = sd * math.sqrt(2.0 * math.log(1.0 / level) / n_max)
-  return (n >= FUTILITY_MIN_SAMPLES) & (optimistic + smallest_width > thresholds)
+  # The bound is a grid cell: certifying needs the largest cell <= the threshold (the
+  # fixed-n betting bound has the same grid).
+  d = grid(state.log_wealth.shape[-1])
+  first = jnp.sum(d > jnp.asarray(thresholds, jnp.float32)[..., None], axis=-1)
+  cell = jnp.where(first < d.shape[0], d[jnp.minimum(first, d.shape[0] - 1)], -1.0)
+  return (n >= FUTILITY_MIN_SAMPLES) & (optimistic + smallest_width > cell)
 
 
 class Decision(NamedTuple):

@@ -309,8 +309,8 @@ def summarise(rows: list[dict], radii, *, num_classes: int, encoder_name: str) -
       row.update({f"{float(r):g}": round(float(a), 6) for r, a in zip(radii, acc)})
       if "samples" in rs[0]:  # sequential rows: what each image drew (n0 included)
         used = np.array([r["samples"] for r in rs])
-        row.update({"median samples": float(np.median(used)),
-                    "mean samples": round(float(np.mean(used)), 1)})
+        row.update({"median samples": int(round(float(np.median(used)))),
+                    "mean samples": int(round(float(np.mean(used))))})
       table.append(row)
   return table
 

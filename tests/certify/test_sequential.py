@@ -136,7 +136,8 @@ def test_predictive_futility_saves_samples_and_rarely_gives_up_what_n_max_certif
 
 
 def test_predicted_out_of_reach_matches_numpy():
-  """The rule against its formula in float64: optimistic mean plus the smallest width."""
+  """The rule against its formula in float64: optimistic mean plus the smallest width
+  against the largest grid cell at or below the threshold."""
   rng = np.random.default_rng(0)
   values = rng.beta(2, 30, (3, 256)).astype(np.float32)
   state = sq.init(jnp.full(3, 0.05), jnp.full(3, 0.002), grid_size=GRID)
@@ -150,7 +151,9 @@ def test_predicted_out_of_reach_matches_numpy():
   var = (sq.PRIOR_WEIGHT * 0.002 + np.sum((v - mean[:, None]) ** 2, -1)) / w
   edge = (mean - sq.FUTILITY_Z * np.sqrt(var / w)
           + np.sqrt(2 * var * np.log(1 / ALPHA) / 4000))
-  np.testing.assert_array_equal(got, edge[:, None] > thresholds)
+  cells = np.asarray(sq.grid(GRID), np.float64)
+  below = np.array([[cells[cells <= t].max() for t in row] for row in thresholds])
+  np.testing.assert_array_equal(got, edge[:, None] > below)
   assert got.any() and not got.all()
   # Too few samples: never predicted.
   few = sq.update(sq.init(jnp.full(3, 0.05), jnp.full(3, 0.002), grid_size=GRID),

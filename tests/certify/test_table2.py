@@ -278,7 +278,7 @@ def test_sequential_mode_rows_match_direct_sequential_calls(result, tmp_path):
         assert all(8 + 16 <= r["samples"] <= 8 + 96 + 16 for r in got)
   for row in table:
     rs = [r for r in rows if r["sigma"] == row["sigma"] and r["method"] == row["method"]]
-    assert row["mean samples"] == pytest.approx(np.mean([r["samples"] for r in rs]), abs=0.05)
+    assert row["mean samples"] == pytest.approx(np.mean([r["samples"] for r in rs]), abs=0.5)
     for radius in config.prediction.radii:
       expected = np.mean([r["predicted_class"] == r["label"] and r["radius"] >= radius
                           for r in rs])
