@@ -19,6 +19,7 @@ from certify._answers import answer_certificate
 from certify._answers import answer_counts
 from certify._answers import answer_margin_loss
 from certify._answers import certify_answers
+from certify._answers import sequential_answers
 from certify._answers import clean_answers
 from certify._answers import mllm_answerer
 from certify._answers import option_ids

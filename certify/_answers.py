@@ -41,6 +41,7 @@ import numpy as np
 
 from certify import _feature
 from certify import _prediction
+from certify import _sequential
 from fsjax import checks
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
@@ -258,12 +259,14 @@ class AnswerCertificate(NamedTuple):
     answer: ``[B]`` the certified option, or ``ABSTAIN`` (-1) where ``pA <= 1/2``.
     radius: ``[B]`` l2 radius (pixel units) within which the smoothed answer provably
       does not change, with probability ``1 - alpha``; 0 where it abstains.
-    p_lower: ``[B]`` the Clopper-Pearson lower bound pA of the top answer's probability.
+    p_lower: ``[B]`` the lower confidence bound pA of the top answer's probability
+      (Clopper-Pearson; sequential: the anytime bound at the stop).
     top: ``[B]`` the answer the selection samples chose (also where it abstains).
-    counts0: ``[B, K]`` answer counts of the ``n0`` selection samples.
-    counts: ``[B, K]`` answer counts of the ``n`` estimation samples.
-    samples: ``[B]`` noise samples drawn per image (n0 + n).
-    bound: ``"clopper-pearson"``.
+    counts0: ``[B, K]`` answer counts of the ``n0`` selection samples (None when
+      sequential: :func:`sequential_answers`).
+    counts: ``[B, K]`` answer counts of the ``n`` estimation samples (None when sequential).
+    samples: ``[B]`` noise samples drawn per image (n0 + n; sequential: n0 + its stage 2).
+    bound: ``"clopper-pearson"`` (``"betting (sequential)"`` for :func:`sequential_answers`).
     sigma: the noise level.
     alpha: the failure probability.
   """
@@ -341,6 +344,49 @@ def certify_answers(params: Any, x: jax.typing.ArrayLike, *, answerer: OptionAns
   counts0 = _counts(params, x, key, sigma, n=n0, first_index=0, **mc)
   counts = _counts(params, x, key, sigma, n=n, first_index=n0, **mc)
   return answer_certificate(counts0, counts, sigma=sigma, alpha=alpha)
+
+
+def sequential_answers(params: Any, x: jax.typing.ArrayLike, *, answerer: OptionAnswerer,
+                       sigma: float, key: jax.Array, radii: Sequence[float] = RADII,
+                       n_max: int = 1_000, n0: int = 100,
+                       alpha: float = _feature.DEFAULT_ALPHA, stop: str = "decision",
+                       futility: str = "predictive", chunk_size: int = 16, slots: int = 8,
+                       image_ids: jax.typing.ArrayLike | None = None,
+                       progress: Any = None) -> AnswerCertificate:
+  """Certified answers, each image stopped once "certified at r" is settled for every r of
+  ``radii`` (docs/method.md 2b, 3c, 3d): the sequential engine's CERTIFY
+  (:func:`certify.sequential_predict`, ``method="RS"``) with the answerer as the base
+  classifier (its vote is the top option: an identity head on its option distribution).
+
+  Stage 1 (``n0`` samples) picks the top answer; an anytime-valid betting confidence
+  sequence bounds its probability ``pA`` from below; certified at r iff
+  ``Phi^-1(pA) > r / sigma``; abstain at ``pA <= 1/2``. Valid at the data-dependent stop
+  with probability ``1 - alpha``. Noise: sample ``j`` of image ``i`` from
+  ``fold_in(fold_in(key, i), chunk)`` (``image_ids`` name the images, default ``0..B-1``);
+  an FS-smoothed vision side takes its inner key as in :func:`certify_answers`.
+  ``stop``, ``futility``, ``chunk_size``, ``slots`` as in :func:`certify.sequential_fcsb`
+  (``slots x chunk_size`` images go through the MLLM per engine step).
+
+  Returns:
+    An :class:`AnswerCertificate` with ``counts0`` / ``counts`` None (a sequence keeps
+    running sums, not counts), ``p_lower`` the anytime bound on ``pA`` at the stop,
+    ``samples`` per image (n0 included) and bound ``"betting (sequential)"``.
+  """
+  encoders_lib.check_images(x)
+  _check_answerer(answerer, params)
+  _check_key(key)
+  k = len(answerer.options)
+  identity = {"params": {"dense": {"kernel": np.eye(k, dtype=np.float32),
+                                   "bias": np.zeros(k, np.float32)}}}
+  cert, out = _sequential.sequential_prediction(
+      _inner_params(answerer, params, key), x, encoder=answerer, head=identity, method="RS",
+      sigma=sigma, radii=radii, key=key, n_max=n_max, n0=n0, alpha=alpha, stop=stop,
+      tolerance=0.03, futility=futility, chunk_size=chunk_size, slots=slots,
+      steps_per_call=_sequential.DEFAULT_STEPS_PER_CALL, grid_size=_sequential.GRID,
+      bets="agrapa", image_ids=image_ids, progress=progress)
+  return AnswerCertificate(cert.predicted_class, cert.radius,
+                           (1.0 - out["deficit"]).astype(np.float32), out["label"], None, None,
+                           cert.samples, cert.bound, float(sigma), float(alpha))
 
 
 # ---------------------------------------------------------------------------------------

@@ -949,6 +949,18 @@ def sequential_predict(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, he
     ``"cosine"`` or ``"rs"`` per image, ``samples`` n0 + the image's stage 2), class -1
     (abstain) where not certified even at radius 0.
   """
+  return sequential_prediction(
+      params, x, encoder=encoder, head=head, method=method, sigma=sigma, radii=radii,
+      key=key, n_max=n_max, n0=n0, alpha=alpha, stop=stop, tolerance=tolerance,
+      futility=futility, chunk_size=chunk_size, slots=slots, steps_per_call=steps_per_call,
+      grid_size=grid_size, bets=bets, image_ids=image_ids, progress=progress)[0]
+
+
+def sequential_prediction(params, x, *, encoder, head, method, sigma, radii, key, n_max, n0,
+                          alpha, stop, tolerance, futility, chunk_size, slots, steps_per_call,
+                          grid_size, bets, image_ids, progress):
+  """:func:`sequential_predict` and, per image, what the engine ended with (``label``: the
+  stage-1 class even where it abstains; ``deficit``: the bound's deficit at the stop)."""
   checks.check_choice(method, name="method", choices=PREDICTION_METHODS)
   encoders_lib.check_images(x)
   checks.check_sigma(sigma)
@@ -976,7 +988,7 @@ def sequential_predict(params: Any, x: jax.typing.ArrayLike, *, encoder: Any, he
       np.where(certified, out["label"], _prediction.ABSTAIN).astype(np.int32),
       np.where(certified, radius, 0.0).astype(np.float32), out["samples"],
       np.full(len(radius), "cosine" if method == "FS" else "rs"), "betting (sequential)",
-      float(sigma), float(alpha))
+      float(sigma), float(alpha)), out
 
 
 def _certify_sequentially(params, x, *, encoder, sigma, eps, key, cos, n_max, n0, alpha,

@@ -150,7 +150,7 @@ def check_audit_config(a) -> None:
                      "or 'sequential'.")
   if a.get("mode") == "sequential":
     checks.check_choice(a.stop, name="config.certify.stop", choices=certify.SEQUENTIAL_STOPS)
-    checks.check_choice(a.futility, name="config.certify.futility",
+    checks.check_choice(a.get("futility", "predictive"), name="config.certify.futility",
                         choices=certify.SEQUENTIAL_FUTILITY)
     for k in ("sequential_chunk_size", "slots"):
       checks.check_positive_int(a[k], name=f"config.certify.{k}")
@@ -372,7 +372,7 @@ def _certificates(encoder, params, images, a, key, *, name, first_index, pad_to,
           params, images, encoder=encoder, sigma=sigma, eps=eps,
           key=jax.random.fold_in(key, _CERTIFY), cos=a.cos, n_max=a.n, n0=a.n0,
           alpha=a.alpha, norm_aware=False, reference=reference, stop=a.stop,
-          futility=a.futility,
+          futility=a.get("futility", "predictive"),
           chunk_size=a.sequential_chunk_size, slots=a.slots,
           image_ids=first_index + np.arange(b))
       deficit = np.asarray(cert.deficit, np.float64)

@@ -318,3 +318,30 @@ def test_bad_program_settings_are_named(tmp_path, folder):
       answers.run(config, str(tmp_path))
   assert not list(tmp_path.iterdir())
   assert common.answers_config().n == 1_000
+
+
+def test_sequential_answers_are_sound_and_stop_early():
+  """certify.sequential_answers on the sign MLLM (exact radius |w.x| / ||w||): over 200
+  images no more radii above the exact one than a binomial(200, alpha) allows, the right
+  answers, and far fewer samples than n_max where the answer is clear."""
+  params, w = _linear(seed=4)
+  rng = np.random.default_rng(0)
+  margins = rng.uniform(-0.45, 0.45, 200)
+  x = _images_with_margins(w, margins)
+  alpha, sigma, n_max = 0.05, 0.25, 1000
+  cert = certify.sequential_answers(params, x, answerer=_answerer(), sigma=sigma,
+                                    key=jax.random.key(7), radii=(0.0, 0.1, 0.2, 0.3),
+                                    n_max=n_max, n0=32, alpha=alpha, chunk_size=64, slots=32)
+  certified = cert.answer != certify.ABSTAIN
+  assert np.all(cert.answer[certified] == np.where(margins > 0, 0, 1)[certified])
+  over = int(np.sum(certified & (cert.radius > np.abs(margins))))
+  assert over <= stats.binom.ppf(1 - 1e-6, 200, alpha), over
+  assert np.mean(certified[np.abs(margins) > 0.15]) > 0.9
+  clear = np.abs(margins) > 0.15  # stage 1 (32 samples) picks the right answer there
+  np.testing.assert_array_equal(cert.top[clear], np.where(margins > 0, 0, 1)[clear])
+  assert cert.bound == "betting (sequential)" and cert.counts is None
+  np.testing.assert_allclose(cert.radius[certified],
+                             sigma * stats.norm.ppf(cert.p_lower[certified]), rtol=1e-4)
+  # Images far from a decision (the exact radius > 0.05 away from every r) stop early.
+  far = np.min(np.abs(np.abs(margins)[:, None] - np.array([0.0, 0.1, 0.2, 0.3])), 1) > 0.05
+  assert np.median(cert.samples[far]) <= 32 + 6 * 64 < n_max / 2
