@@ -34,6 +34,12 @@ and Ctrl-C stops after the batch in progress with one line, exit status 130),
 (rewritten after each row and sigma), ``answers_config.json`` and ``answers.png``
 (certified answer accuracy against r per row and sigma).
 
+``config.answers.mode = "sequential"`` certifies with :func:`certify.sequential_answers`
+instead: each image stops once "certified at r" is settled for every r of ``radii``
+(n_max = ``n``, an anytime-valid betting confidence sequence, docs/method.md 3d; noise
+named by the image's index in the task, so results do not depend on batching); rows keep
+``samples`` (no counts) and the table gains ``mean samples``.
+
 ``--audit`` (after a run, same workdir and config): every certified (image, radius) of the
 first ``audit_images`` images of each row is attacked with ``fsjax.attacks.pgd`` (l2, budget
 = the certified radius, white-box through the noise with ``audit_eot`` draws per step,
@@ -96,6 +102,8 @@ def check_answers_config(config) -> None:
   if not c.rows or any(r not in ROWS for r in c.rows):
     raise ValueError(f"config.answers.rows={tuple(c.rows)!r} must be a non-empty subset of "
                      f"{ROWS}.")
+  checks.check_choice(c.get("mode", "fixed"), name="config.answers.mode",
+                      choices=("fixed", "sequential"))
   if any(r < 0 for r in c.radii) or list(c.radii) != sorted(c.radii):
     raise ValueError(f"config.answers.radii={tuple(c.radii)!r} must be increasing radii >= 0.")
 
@@ -252,6 +260,7 @@ def run(config, workdir: str) -> list[dict]:
   done = report.done_rows(workdir / f"{STEM}.jsonl", ("row", "sigma", "image"))
   results = dict(done)
   t_start = time.time()
+  sequential = c.get("mode", "fixed") == "sequential"
   total = sum(_images_of(c, label, len(x)) for label, *_ in rows) * len(c.sigmas)
   with checkpointing.lock_workdir(workdir, "certify.answers"), report.rows(
       workdir / f"{STEM}.jsonl", config, config_name=f"{STEM}_config.json"
@@ -276,10 +285,20 @@ def run(config, workdir: str) -> list[dict]:
         xb = batching.pad_rows(x[idx], c.batch_size)
         bkey = jax.random.fold_in(rkey, int(idx[0]))
         t0 = time.time()
-        cert = certify.certify_answers(
-            p, xb, answerer=answerer, sigma=float(sigma), key=bkey, n0=int(c.n0),
-            n=int(c.n), alpha=float(c.alpha), chunk_size=int(c.chunk_size),
-            progress=lambda k, b=len(idx): bar.update(k * b))
+        if sequential:  # noise named by the image's index: the same whatever its batch
+          drawn = []
+          cert = certify.sequential_answers(
+              p, x[idx], answerer=answerer, sigma=float(sigma), key=rkey, radii=c.radii,
+              n_max=int(c.n), n0=int(c.n0), alpha=float(c.alpha),
+              chunk_size=int(c.chunk_size), slots=int(c.batch_size), image_ids=idx,
+              progress=lambda k: (drawn.append(k), bar.update(k)))
+          bar.total -= len(idx) * (c.n0 + c.n) - sum(drawn)  # what it did not draw
+          bar.refresh()
+        else:
+          cert = certify.certify_answers(
+              p, xb, answerer=answerer, sigma=float(sigma), key=bkey, n0=int(c.n0),
+              n=int(c.n), alpha=float(c.alpha), chunk_size=int(c.chunk_size),
+              progress=lambda k, b=len(idx): bar.update(k * b))
         seconds = (time.time() - t0) / len(idx)
         clean = certify.clean_answers(p, xb, answerer=answerer, key=bkey, sigma=float(sigma))
         feats = (_feature_columns(c, encoder, vparams, xb, float(sigma), bkey)
@@ -290,8 +309,11 @@ def run(config, workdir: str) -> list[dict]:
                  "clean_answer": int(clean[j]), "answer": int(cert.answer[j]),
                  "top": int(cert.top[j]), "p_lower": float(cert.p_lower[j]),
                  "radius": float(cert.radius[j]), "samples": int(cert.samples[j]),
-                 "counts0": cert.counts0[j].tolist(), "counts": cert.counts[j].tolist(),
                  "seconds": seconds, "batch": idx.tolist()}
+          if sequential:
+            row["mode"] = "sequential"
+          else:
+            row.update(counts0=cert.counts0[j].tolist(), counts=cert.counts[j].tolist())
           row.update({k: float(v[j]) for k, v in feats.items()})
           write(row)
           results[(label, float(sigma), int(i))] = row
@@ -330,6 +352,8 @@ def summarize(c, label: str, sigma: float, rows: list[dict]) -> dict:
   if rows and "fcsb" in rows[0]:
     out[f"FCSB@{c.feature_eps:g}"] = float(np.mean([r["fcsb"] for r in rows]))
     out["R(cos>=0.5)"] = float(np.mean([r["feature_radius"] for r in rows]))
+  if rows and rows[0].get("mode") == "sequential":  # what each image drew, n0 included
+    out["mean samples"] = float(np.mean([r["samples"] for r in rows]))
   out["s/image"] = float(np.mean([r["seconds"] for r in rows]))
   return out
 

@@ -157,6 +157,9 @@ def answers_config(**overrides) -> ml_collections.ConfigDict:
       audit_steps=20,
       audit_eot=4,
       audit_n=1_000,
+      # "fixed": n0 + n samples per image (Clopper-Pearson); "sequential": each image stops
+      # once "certified at r" is settled for every r of `radii` (n_max = n; docs/method.md 3d).
+      mode="fixed",
   ))
   c.update(overrides)
   return c

@@ -345,3 +345,28 @@ def test_sequential_answers_are_sound_and_stop_early():
   # Images far from a decision (the exact radius > 0.05 away from every r) stop early.
   far = np.min(np.abs(np.abs(margins)[:, None] - np.array([0.0, 0.1, 0.2, 0.3])), 1) > 0.05
   assert np.median(cert.samples[far]) <= 32 + 6 * 64 < n_max / 2
+
+
+def test_program_sequential_mode_matches_direct_calls(tmp_path, folder):
+  """``config.answers.mode="sequential"``: rows from certify.sequential_answers with the
+  row's key and the images' indices as noise ids; samples in the rows and the table."""
+  config = _program_config(folder)
+  config.answers.update(mode="sequential", rows=("original",), feature_n=0, n=64, n0=16)
+  table = answers.run(config, str(tmp_path))
+  rows = [json.loads(l) for l in (tmp_path / "answers.jsonl").read_text().splitlines()]
+  assert len(rows) == 2 and all(r["mode"] == "sequential" and "counts" not in r for r in rows)
+  model, params = answers.build_mllm(config)
+  label, encoder, vparams = answers.build_rows(config, model, params)[0]
+  data = answers.task_data(config)
+  answerer = answers.answerer_of(model, params, data, encoder)
+  key = jax.random.fold_in(smoothing.sigma_key(jax.random.PRNGKey(config.seed), 0.5), 0)
+  want = certify.sequential_answers(dict(params, vision=vparams), data["images"][:2],
+                                    answerer=answerer, sigma=0.5, key=key,
+                                    radii=config.answers.radii, n_max=64, n0=16,
+                                    alpha=config.answers.alpha,
+                                    chunk_size=config.answers.chunk_size,
+                                    slots=config.answers.batch_size, image_ids=np.arange(2))
+  np.testing.assert_array_equal([r["answer"] for r in rows], want.answer)
+  np.testing.assert_allclose([r["radius"] for r in rows], want.radius, rtol=1e-6)
+  assert [r["samples"] for r in rows] == list(want.samples)
+  assert table[0]["mean samples"] == pytest.approx(np.mean(want.samples))
