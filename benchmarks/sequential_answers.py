@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import certify  # noqa: E402
+from benchmarks import answers as answers_benchmark  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks.sequential import timed  # noqa: E402  (compile-excluding timer)
 
@@ -38,20 +39,10 @@ RADII = (0.0, 0.125, 0.25, 0.5, 0.75, 1.0)
 
 
 def answerer_of(checkpoint: str):
-  """The trained embedded LLaVA's classification answerer, its params and image size."""
-  from configs import llava_embedded  # pylint: disable=g-import-not-at-top
-  from fsjax import mllm  # pylint: disable=g-import-not-at-top
-  from fsjax.tasks import instructions  # pylint: disable=g-import-not-at-top
-  config = llava_embedded.get_config()
-  config.llava.checkpoint = checkpoint
-  model, params = mllm.build(config)
-  question = instructions.classify_question(0)
-  size = config.encoder.resolution
-  tokens = model.image_features(params, np.zeros((1, size, size, 3), np.float32)).shape[1]
-  tok = model.tokenizer
-  options = [tuple(tok(" " + question.answer_text(k), add_special_tokens=False)["input_ids"])
-             + (int(model.eos_token_id),) for k in range(question.num_options)]
-  answerer = certify.mllm_answerer(model, question.prompt, options, num_image_tokens=tokens)
+  """The trained embedded LLaVA's classification answerer (benchmarks/answers.py's model,
+  prompt and options), its params and image size."""
+  model, params, ids, options, size = answers_benchmark.trained_model(checkpoint)
+  answerer = certify.OptionAnswerer(model, ids, np.ones(ids.shape, bool), tuple(options))
   return answerer, params, size
 
 
