@@ -353,7 +353,7 @@ def summarize(c, label: str, sigma: float, rows: list[dict]) -> dict:
     out[f"FCSB@{c.feature_eps:g}"] = float(np.mean([r["fcsb"] for r in rows]))
     out["R(cos>=0.5)"] = float(np.mean([r["feature_radius"] for r in rows]))
   if rows and rows[0].get("mode") == "sequential":  # what each image drew, n0 included
-    out["mean samples"] = float(np.mean([r["samples"] for r in rows]))
+    out["mean samples"] = int(round(float(np.mean([r["samples"] for r in rows]))))
   out["s/image"] = float(np.mean([r["seconds"] for r in rows]))
   return out
 

@@ -369,4 +369,4 @@ def test_program_sequential_mode_matches_direct_calls(tmp_path, folder):
   np.testing.assert_array_equal([r["answer"] for r in rows], want.answer)
   np.testing.assert_allclose([r["radius"] for r in rows], want.radius, rtol=1e-6)
   assert [r["samples"] for r in rows] == list(want.samples)
-  assert table[0]["mean samples"] == pytest.approx(np.mean(want.samples))
+  assert table[0]["mean samples"] == pytest.approx(np.mean(want.samples), abs=0.5)
