@@ -538,9 +538,10 @@ def _advance(slots: _Slots, feats, clean, head, *, sigma, eps, chunk_size, n0, n
   stage1_dev = slots.stage1_dev + jnp.sum(valid1 * clean_dev, -1)
   stage1_sq = slots.stage1_sq + jnp.sum(valid1 * clean_dev**2, -1)
   class_counts = slots.class_counts
-  if task == "classes":
-    votes = jax.nn.one_hot(_head_votes(feats, head), class_counts.shape[-1])  # [S, k, K]
-    class_counts = class_counts + jnp.einsum("sk,skc->sc", valid1, votes)
+  if task == "classes":  # the head's vote per sample, for stage 1's counts and stage 2
+    votes = _head_votes(feats, head)  # [S, k]
+    class_counts = class_counts + jnp.einsum(
+        "sk,skc->sc", valid1, jax.nn.one_hot(votes, class_counts.shape[-1]))
   # At the end of stage 1: fix u, the class, the level and the priors (all independent of
   # stage 2).
   starting = slots.active & (slots.chunk == stage1_chunks - 1)
@@ -583,7 +584,7 @@ def _advance(slots: _Slots, feats, clean, head, *, sigma, eps, chunk_size, n0, n
   index2 = (slots.chunk - stage1_chunks)[:, None] * k + jnp.arange(k)
   weights = (in_stage2[:, None] & (index2 < n_max)).astype(jnp.float32)
   if task == "classes":
-    deficits = (_head_votes(feats, head) != label[:, None]).astype(jnp.float32)
+    deficits = (votes != label[:, None]).astype(jnp.float32)
   else:
     deficits = 0.5 * (1.0 - jnp.einsum("skd,sd->sk", feats, direction,
                                        precision=jax.lax.Precision.HIGHEST))

@@ -105,7 +105,8 @@ def prediction_settings(config) -> dict[str, Any]:
   checks.check_choice(settings["mode"], name="config.certify.mode",
                       choices=("fixed", "sequential"))
   if settings["mode"] == "sequential":
-    settings.update(radii=[float(r) for r in config.prediction.radii], stop=str(c.get("stop", "decision")),
+    settings.update(radii=[float(r) for r in config.prediction.radii],
+                    stop=str(c.get("stop", "decision")),
                     futility=str(c.get("futility", "predictive")),
                     sequential_chunk_size=c.get("sequential_chunk_size", 64),
                     slots=c.get("slots", 8))
@@ -428,10 +429,14 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
           "(sigma, batch) groups are certified"
           + ("; certifying the rest." if todo else "; nothing left to certify."), flush=True)
   # Every method draws n0 + n noise samples for each image of each (padded) batch.
-  # (Sequential: at most n0 + n; what an image does not draw is taken off as it stops.)
+  # Sequential: at most n0 + n per (image, method) row, no padding; what an image does not
+  # draw is taken off as it stops.
   sequential = settings["mode"] == "sequential"
-  samples = len(todo) * bs * (len(METHODS) * (settings["n0"] + settings["n"])
-                              + (0 if sequential else 2 * (settings["paper_n0"] or 0)))
+  if sequential:
+    samples = sum(len(keys[g]) for g in todo) * (settings["n0"] + settings["n"])
+  else:
+    samples = len(todo) * bs * (len(METHODS) * (settings["n0"] + settings["n"])
+                                + 2 * (settings["paper_n0"] or 0))
   fresh = {}
   with checkpointing.lock_workdir(workdir, "certify.table2"), report.rows(
       results, config, config_name=CONFIG_NAME) as write, cli.interruptible() as stop, \
@@ -453,7 +458,7 @@ def run_prediction(config, workdir: str, *, variant: tuple[str, Any, Any] | None
   radii = [float(r) for r in config.prediction.radii]
   table = summarise(rows, radii, num_classes=num_classes, encoder_name=encoder_name)
   point = (f"; FS: the {settings['certificate']!r} certificate (docs/method.md 3b)"
-           + ("" if settings["paper_n0"] is None or sequential else
+           + ("" if settings["paper_n0"] is None else
               f"; '{PAPER}': the paper's plug-in with n0 = n = {settings['paper_n0']}, an "
               "estimate, NOT a certificate")
            + (" -- FS rows are point estimates, NOT certificates"
