@@ -104,7 +104,7 @@ def certify_group(name, encoder, params, images: np.ndarray, labels: np.ndarray,
   k = smoothing.sigma_key(key, sigma)
   if c.get("mode", "fixed") == "sequential":
     yield from _sequential_rows(name, encoder, params, images, labels, config, sigma, k,
-                                first_image=first_image)
+                                first_image=first_image, progress=progress)
     return
   advance = None if progress is None else progress.task(
       f"{name}, sigma {sigma:g}: {c.n0} + {c.n} noise samples x {len(images)} images",
@@ -205,27 +205,41 @@ def _norm_aware_rows(name, encoder, params, images, labels, config, sigma, key, 
                       samples=samples, first_image=first_image, record=record)
 
 
+def sequential_kinds(c) -> list[tuple[str, bool]]:
+  """``(reference, norm_aware)`` of each sequential run per (variant, sigma, batch)."""
+  return [(ref, False) for ref in c.references] + (
+      [("mean", True)] if c.get("norm_aware") else [])
+
+
 def _sequential_rows(name, encoder, params, images, labels, config, sigma, key, *,
-                     first_image: int) -> Iterable[dict]:
+                     first_image: int, progress=None) -> Iterable[dict]:
   """``mode="sequential"``: :func:`certify.sequential_fcsb` rows, one per reference (inner
   product cosine) and, with ``norm_aware``, one norm-aware row (mean reference).
 
   Each image's noise stream is named by its index in the data (``image_ids``), so the
-  numbers do not depend on the batch an image falls in.
+  numbers do not depend on the batch an image falls in. ``progress`` (a
+  :class:`certify.report.SampleProgress` counting n0 + n per image and run) advances by
+  the samples drawn; what an image did not draw is taken off its total as it stops.
   """
   c = config.certify
   ids = first_image + np.arange(len(images))
-  kinds = [(ref, False) for ref in c.references]
-  if c.get("norm_aware"):
-    kinds.append(("mean", True))
+  kinds = sequential_kinds(c)
   record = records.group(config, variant=name, params=params, sigma_key=key, sigma=sigma,
                          first_image=first_image, images=len(images), kind="sequential")
   for reference, norm_aware in kinds:
+    drawn = []
+    advance = None if progress is None else progress.task(
+        f"{name}, sigma {sigma:g}: sequential{', norm-aware' if norm_aware else ''}, "
+        f"{reference} reference, n_max = {c.n}, {len(images)} images", images=1,
+        compile_key=(name, "sequential", norm_aware, reference))
     cert = certify.sequential_fcsb(
         params, images, encoder=encoder, sigma=sigma, eps=list(c.eps), key=key, cos=c.cos,
         n_max=c.n, n0=c.n0, alpha=c.alpha, norm_aware=norm_aware, reference=reference,
         stop=c.stop, futility=c.get("futility", "predictive"),
-        chunk_size=c.sequential_chunk_size, slots=c.slots, image_ids=ids)
+        chunk_size=c.sequential_chunk_size, slots=c.slots, image_ids=ids,
+        progress=None if advance is None else lambda k: (drawn.append(k), advance(k)))
+    if progress is not None:
+      progress.grow(sum(drawn) - len(images) * (c.n0 + c.n))
     arrays = {k: np.asarray(getattr(cert, k)) for k in (
         "deficit", "norm_upper", "inner_product_bound", "cosine_bound", "radius", "samples")}
     for i in range(images.shape[0]):
@@ -508,7 +522,9 @@ def run(config, workdir: str) -> list[dict]:
   if certified and writer:
     print(f"certify.run: resuming {workdir}: {certified} of {images} images are certified"
           + ("; certifying the rest." if todo else "; nothing left to certify."), flush=True)
-  samples = sum(len(spans[b]) for b, _, _ in mine) * (c.n0 + c.n)
+  # Sequential: at most n0 + n per image and run (sequential_kinds); the rest is taken off.
+  samples = sum(len(spans[b]) for b, _, _ in mine) * (c.n0 + c.n) * (
+      len(sequential_kinds(c)) if sequential else 1)
   # One writer: process 0 holds the workdir and appends the rows.
   lock = checkpointing.lock_workdir(workdir, "certify.run") if writer else (
       contextlib.nullcontext())
@@ -527,7 +543,7 @@ def run(config, workdir: str) -> list[dict]:
           name, encoder, params = variants[v]
           group = [report.as_read(r) for r in certify_group(
               name, encoder, params, data["image"], data["label"], config, key, sigmas[s],
-              first_image=spans[b].start, progress=None if sequential else progress)]
+              first_image=spans[b].start, progress=progress)]
           got = [tuple(r.get(k) for k in ROW_KEY) for r in group]
           if got != keys[(b, v, s)]:
             raise RuntimeError(f"certify.run: the rows of {name} at sigma {sigmas[s]:g} are "
