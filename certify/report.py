@@ -54,6 +54,7 @@ from typing import Any, Callable, Hashable, Iterator, Sequence
 import numpy as np
 import tqdm
 
+from fsjax import cli
 from fsjax import cpu
 from fsjax import tables
 
@@ -150,12 +151,15 @@ def check_workdir(config, rows_path: str | pathlib.Path, config_name: str = "con
     raise ValueError(f"{rows_path} holds rows but no {config_name} says which config made "
                      f"them: {fix}.")
   try:
-    same = json.loads(saved.read_text()) == json.loads(_config_text(config))
+    differ = cli.config_differences(json.loads(saved.read_text()),
+                                    json.loads(_config_text(config)), prefix="")
   except json.JSONDecodeError:
-    same = False
-  if not same:
+    differ = [f"{config_name} is not JSON"]
+  if differ:
+    shown = "; ".join(differ[:3]) + (f"; {len(differ) - 3} more" if len(differ) > 3 else "")
     raise ValueError(f"{rows_path.parent} holds results of a different config "
-                     f"({config_name}); appending would mix two runs: {fix}.")
+                     f"({config_name} differs: {shown}); appending would mix two runs: "
+                     f"{fix}.")
 
 
 def save_config(config, workdir: str | pathlib.Path, name: str = "config.json") -> None:

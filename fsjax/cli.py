@@ -29,7 +29,7 @@ import logging as std_logging
 import os
 import signal
 import sys
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 import warnings
 
 from absl import app
@@ -186,6 +186,23 @@ def _load_config(path: str):
     return module.get_config(arg) if arg else module.get_config()
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+_ABSENT = object()
+
+
+def config_differences(a: Any, b: Any, prefix: str = "config") -> list[str]:
+  """Every leaf where two JSON config trees differ, as ``"path: old in the workdir, new
+  now"`` (dotted paths under ``prefix``, sorted; ``absent`` for a key only one tree has,
+  ``a section`` for a whole sub-tree only one has): what a refusal to resume names."""
+  if isinstance(a, dict) and isinstance(b, dict):
+    return [d for k in sorted(set(a) | set(b), key=str)
+            for d in config_differences(a.get(k, _ABSENT), b.get(k, _ABSENT),
+                                        f"{prefix}.{k}" if prefix else str(k))]
+  if a == b:
+    return []
+  show = lambda v: "absent" if v is _ABSENT else "a section" if isinstance(v, dict) else repr(v)
+  return [f"{prefix or 'config'}: {show(a)} in the workdir, {show(b)} now"]
 
 
 def _keys(config, prefix: str = "config") -> list[str]:

@@ -139,8 +139,8 @@ def test_refused_runs_change_nothing_in_the_folder(tmp_path, make_folder_dataset
   images = make_folder_dataset(tmp_path / "images", classes=1, per_split=(("test", 4),))
   (images / "test" / "class_0" / "1.png").write_bytes(b"not a png")
   cases = {
-      "holds results of a different config (config.json); appending would mix two runs: "
-      "use another --workdir, or delete": (),
+      "holds results of a different config (config.json differs: attack: absent in the "
+      "workdir, a section now; audit: ": (),
       "/no/such/booster": ("--config.gsb.checkpoint=/no/such/booster",),
       "class_0/1.png is not a readable image": (f"--config.data.name=folder:{images}",
                                                "--config.data.split=test"),

@@ -141,16 +141,6 @@ def check_finite(what: str, step: int, metrics: Mapping[str, float], *, fix: str
       f"latest checkpoint is older. {fix}")
 
 
-def differences(a: Any, b: Any, prefix: str = "config") -> list[str]:
-  """Every leaf where two JSON-like trees differ, as ``"path: old in the workdir, new now"``."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    out = []
-    for k in sorted(set(a) | set(b)):
-      out += differences(a.get(k), b.get(k), f"{prefix}.{k}")
-    return out
-  return [] if a == b else [f"{prefix}: {a!r} in the workdir, {b!r} now"]
-
-
 def as_json(config) -> dict[str, Any]:
   """A config as plain JSON values (tuples become lists)."""
   return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
@@ -168,7 +158,7 @@ def check_config(config, workdir: str, *, comparable: Callable[[dict], dict],
     return
   with open(path) as f:
     stored = json.load(f)
-  diff = differences(comparable(stored), comparable(as_json(config)))
+  diff = cli.config_differences(comparable(stored), comparable(as_json(config)))
   if diff:
     raise ValueError(
         f"workdir {workdir} holds a {what} run started with another config, so it cannot "

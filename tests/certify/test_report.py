@@ -59,7 +59,8 @@ def test_another_config_is_refused_and_changes_nothing(tmp_path):
   with report.rows(path, _config(4)) as write:
     write({"image": 0})
   before = _files(tmp_path)
-  with pytest.raises(ValueError, match="different config .*another --workdir, or delete"):
+  with pytest.raises(ValueError, match=r"different config \(config.json differs: certify.n: "
+                     r"4 in the workdir, 8 now\); appending .*another --workdir, or delete"):
     with report.rows(path, _config(8)):
       pass
   assert _files(tmp_path) == before

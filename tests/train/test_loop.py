@@ -2,6 +2,7 @@
 the command line: tests/train/test_gsb.py)."""
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -12,6 +13,7 @@ import optax
 import pytest
 
 from fsjax import checkpointing
+from fsjax import cli
 from train import loop
 
 
@@ -36,8 +38,16 @@ def test_check_finite_and_config_differences(tmp_path):
   loop.check_finite("x", 3, {"loss": 1.0}, fix="")
   with pytest.raises(loop.NonFiniteLossError, match="x diverged at step 3: loss=nan"):
     loop.check_finite("x", 3, {"loss": float("nan")}, fix="Lower it.")
-  assert loop.differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}) == [
+  assert cli.config_differences({"a": 1, "b": {"c": 2}}, {"a": 1, "b": {"c": 3}}) == [
       "config.b.c: 2 in the workdir, 3 now"]
+  there = {"seed": 0, "certify": {"n": 4, "bounds": ["betting"], "old": 1}, "gone": {"a": 1}}
+  here = {"seed": 0, "certify": {"n": 8, "bounds": ["betting"], "futility": "predictive"}}
+  assert cli.config_differences(there, here, prefix="") == [
+      "certify.futility: absent in the workdir, 'predictive' now",
+      "certify.n: 4 in the workdir, 8 now",
+      "certify.old: 1 in the workdir, absent now",
+      "gone: a section in the workdir, absent now"]
+  assert cli.config_differences(here, json.loads(json.dumps(here))) == []
   loop.write_config({"seed": 0, "lr": 1}, str(tmp_path))
   loop.check_config({"seed": 0, "lr": 1}, str(tmp_path), comparable=dict, what="toy")
   with pytest.raises(ValueError, match="config.lr: 1 in the workdir, 2 now"):
