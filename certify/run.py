@@ -518,9 +518,8 @@ def run(config, workdir: str) -> list[dict]:
             for i in range(0, len(batches), jax.process_count())]
   mine = [g for g in todo if g[0] in pod.shard(batches)]
   fresh: dict[tuple, dict] = {}
-  certified = sum(len(spans[b]) for b in range(len(spans)) if b not in batches)
-  if certified and writer:
-    print(f"certify.run: resuming {workdir}: {certified} of {images} images are certified"
+  if len(todo) < len(groups) and writer:
+    print(f"certify.run: resuming {workdir}: {_done_line(groups, todo, spans, images)}"
           + ("; certifying the rest." if todo else "; nothing left to certify."), flush=True)
   # Sequential: at most n0 + n per image and run (sequential_kinds); the rest is taken off.
   samples = sum(len(spans[b]) for b, _, _ in mine) * (c.n0 + c.n) * (
@@ -565,11 +564,10 @@ def run(config, workdir: str) -> list[dict]:
             write(r)
       if stopped:
         have = {**done, **fresh}
-        certified = sum(len(spans[b]) for b in range(len(spans))
-                        if all(k in have for g in groups if g[0] == b for k in keys[g]))
-        rest = "certify the rest" if certified < images else "write the tables and plots"
-        raise cli.stopped("certify.run", f"{certified} of {images} images are certified",
-                          results, rest)
+        left = [g for g in groups if not all(k in have for k in keys[g])]
+        rest = "certify the rest" if left else "write the tables and plots"
+        raise cli.stopped("certify.run", _done_line(groups, left, spans, images), results,
+                          rest)
   if not writer:
     return []
   have = {**done, **fresh}
@@ -585,6 +583,21 @@ def run(config, workdir: str) -> list[dict]:
         f"{workdir / 'results.jsonl'}; plots: {workdir / 'fcsb.png'}, "
         f"{workdir / 'certified.png'}.")
   return table
+
+
+def _done_line(groups: list[tuple], left: list[tuple], spans: list[range], images: int
+               ) -> str:
+  """What is certified, for a person: whole images, and the (batch, variant, sigma) groups
+  already done among the other images (each group is saved as it finishes)."""
+  unfinished = {b for b, _, _ in left}
+  certified = sum(len(spans[b]) for b in range(len(spans)) if b not in unfinished)
+  line = f"{certified} of {images} images are certified"
+  others = [g for g in groups if g[0] in unfinished]
+  partial = len(others) - len(left)
+  if partial:
+    line += (f" ({partial} of {len(others)} variant x sigma groups of the other "
+             f"{images - certified} done)")
+  return line
 
 
 def main(config, workdir: str) -> None:

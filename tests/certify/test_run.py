@@ -374,3 +374,15 @@ def test_run_shows_one_bar_of_samples_times_images_that_reaches_its_total(result
   assert len(bars) == 1
   assert bars[0].bar.total == (8 + 32) * 2 and bars[0].bar.n == bars[0].bar.total
   assert bars[0].bar.unit == "sample"
+
+
+def test_the_interrupted_and_resuming_lines_count_groups_of_unfinished_images():
+  spans = [range(0, 4), range(4, 8)]
+  groups = [(b, v, s) for b in range(2) for v in range(2) for s in range(2)]
+  line = lambda left: run_lib._done_line(groups, left, spans, 8)  # pylint: disable=protected-access  # noqa: E731
+  assert line(groups) == "0 of 8 images are certified"
+  assert line(groups[3:]) == ("0 of 8 images are certified (3 of 8 variant x sigma groups "
+                              "of the other 8 done)")
+  assert line(groups[5:]) == ("4 of 8 images are certified (1 of 4 variant x sigma groups "
+                              "of the other 4 done)")
+  assert line([]) == "8 of 8 images are certified"
