@@ -44,7 +44,7 @@ Precision: ``dtype="bfloat16"`` stores the wide activations inside each block in
 bfloat16 and rounds the operands of the 1x1 convolutions to bfloat16; the 1x1 and
 depthwise convolutions accumulate in float32, BatchNorm computes in float32, and the
 residual stream between blocks stays float32 (the small stem convolution and the
-classifier are bfloat16 throughout, as ``nn.Conv`` / ``nn.Dense`` compute them). On a
+classifier take bfloat16 operands and accumulate in float32, :mod:`fsjax.matmul`). On a
 CPU bfloat16 pays only with AMX (:func:`fsjax.cpu.fast_bfloat16`); ``dtype="auto"``
 picks it there (and on accelerators) and float32 elsewhere. ``dtype="float32"`` matmuls
 use JAX's default precision, which is TF32 on recent NVIDIA GPUs; set
@@ -73,6 +73,7 @@ from flax import traverse_util
 
 from fsjax import cpu
 from fsjax import encoders
+from fsjax import matmul
 from fsjax import torch_pickle
 
 # MBConv stages of EfficientNet-Lite0 (= B0's, width and depth multipliers 1.0):
@@ -89,7 +90,7 @@ FEATURES = ("pooled", "tokens")
 
 # The stem conv: no bias (a BatchNorm follows); "SAME" is TF-SAME in lax (see module
 # docstring).
-_Conv = functools.partial(nn.Conv, use_bias=False, padding="SAME")
+_Conv = functools.partial(matmul.Conv, use_bias=False, padding="SAME")
 # BatchNorm always in float32, whatever the compute dtype.
 _BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, epsilon=BN_EPSILON,
                                dtype=jnp.float32)
@@ -256,7 +257,7 @@ class EfficientNetLite0(nn.Module):
     x = PointwiseConv(HEAD_CHANNELS, dtype=self.dtype, name="_conv_head")(x)
     x = jax.nn.relu6(_BatchNorm(name="_bn1")(x))
     pooled = jnp.mean(x, axis=(1, 2))
-    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="_fc")(pooled)
+    logits = matmul.Dense(self.num_classes, dtype=self.dtype, name="_fc")(pooled)
     return logits.astype(jnp.float32), {"pooled": pooled, "feature_map": x}
 
 

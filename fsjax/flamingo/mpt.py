@@ -43,6 +43,7 @@ import numpy as np
 
 from fsjax import checks
 from fsjax import decoding
+from fsjax import matmul
 
 Dtype = Any
 
@@ -158,7 +159,7 @@ class MPTAttention(nn.Module):
                ) -> tuple[jax.Array, decoding.KVCache]:
     """``x`` ``[B, T, D]``, ``mask`` bool ``[B, T, S]`` -> ``([B, T, D], cache)``."""
     cfg = self.config
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(matmul.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
     qkv = dense(3 * cfg.d_model, name="Wqkv")(x)
     if cfg.clip_qkv is not None:
       qkv = jnp.clip(qkv, -cfg.clip_qkv, cfg.clip_qkv)
@@ -180,13 +181,12 @@ class MPTAttention(nn.Module):
     for start, end in decoding.causal_blocks(t) if own else [(0, t)]:
       keys = end if own else cache.capacity  # causal: queries < end see keys < end
       qb = q if end - start == t else q[:, :, start:end]
-      logits = jnp.einsum("bhqd,bhkd->bhqk", qb, k[:, :, :keys],
-                          preferred_element_type=jnp.float32) * scale
+      logits = matmul.einsum("bhqd,bhkd->bhqk", qb, k[:, :, :keys], dtype=jnp.float32) * scale
       distance = jnp.arange(keys)[None, :] - query_positions[start:end, None]  # [T, S]
       logits = logits + slopes[:, None, None] * distance.astype(jnp.float32)[None]
       logits = jnp.where(mask[:, None, start:end, :keys], logits, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      outs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :keys]))
+      outs.append(matmul.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :keys]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
     return dense(cfg.d_model, name="out_proj")(out), cache
@@ -199,9 +199,10 @@ class MPTMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = functools.partial(nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
-    x = dense(cfg.expansion_ratio * cfg.d_model, name="up_proj")(x)
-    x = jax.nn.gelu(x, approximate=False)  # torch nn.GELU(): exact erf
+    dense = functools.partial(matmul.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    x = dense(cfg.expansion_ratio * cfg.d_model, name="up_proj",
+              dot_general=matmul.dot_general_float32)(x)  # GELU on the float32 result
+    x = jax.nn.gelu(x, approximate=False).astype(self.dtype)  # torch nn.GELU(): exact erf
     return dense(cfg.d_model, name="down_proj")(x)
 
 

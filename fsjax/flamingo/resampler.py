@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fsjax import matmul
+
 Dtype = Any
 _NEG = jnp.finfo(jnp.float32).max  # torch: masked_fill(~mask, -finfo.max)
 
@@ -36,7 +38,7 @@ def _layer_norm(name: str):
 
 
 def _dense(features: int, name: str, dtype: Dtype):
-  return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name)
+  return matmul.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class FeedForward(nn.Module):
@@ -74,10 +76,9 @@ class PerceiverAttention(nn.Module):
     q = _split_heads(_dense(inner, "to_q", self.dtype)(latents), self.heads)
     kv = _dense(2 * inner, "to_kv", self.dtype)(jnp.concatenate([x, latents], axis=-2))
     k, v = (_split_heads(y, self.heads) for y in jnp.split(kv, 2, axis=-1))
-    sim = jnp.einsum("btihd,btjhd->bthij", q * self.dim_head ** -0.5, k,
-                     preferred_element_type=jnp.float32)
+    sim = matmul.einsum("btihd,btjhd->bthij", q * self.dim_head ** -0.5, k, dtype=jnp.float32)
     attn = jax.nn.softmax(sim, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bthij,btjhd->btihd", attn, v).reshape(*latents.shape[:-1], inner)
+    out = matmul.einsum("bthij,btjhd->btihd", attn, v).reshape(*latents.shape[:-1], inner)
     return _dense(self.dim, "to_out", self.dtype)(out)
 
 
@@ -177,15 +178,14 @@ class MaskedCrossAttention(nn.Module):
     q = _split_heads(_dense(inner, "to_q", self.dtype)(x), self.heads)
     kv = _dense(2 * inner, "to_kv", self.dtype)(media.reshape(b, m * n, -1).astype(self.dtype))
     k, v = (_split_heads(y, self.heads) for y in jnp.split(kv, 2, axis=-1))
-    sim = jnp.einsum("bihd,bjhd->bhij", q * self.dim_head ** -0.5, k,
-                     preferred_element_type=jnp.float32)
+    sim = matmul.einsum("bihd,bjhd->bhij", q * self.dim_head ** -0.5, k, dtype=jnp.float32)
     media_time = jnp.repeat(jnp.arange(1, m + 1), n)  # [M * n]
     attend = text_time[:, None, :, None] == media_time[None, None, None, :]
     sim = jnp.where(attend, sim, -_NEG)
     attn = jax.nn.softmax(sim, axis=-1)
     # Text before any image sees nothing (the softmax above gave it uniform weights).
     attn = jnp.where((text_time == 0)[:, None, :, None], 0.0, attn).astype(self.dtype)
-    out = jnp.einsum("bhij,bjhd->bihd", attn, v).reshape(*x.shape[:2], inner)
+    out = matmul.einsum("bhij,bjhd->bihd", attn, v).reshape(*x.shape[:2], inner)
     return _dense(self.dim, "to_out", self.dtype)(out)
 
 

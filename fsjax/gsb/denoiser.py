@@ -36,6 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import matmul
+
 Dtype = jnp.dtype
 
 
@@ -75,16 +77,16 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array) -> jax.Array:
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm1")(x))
-    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
+    h = matmul.Conv(self.features, (3, 3), dtype=self.dtype, name="conv1")(h)
     # FiLM: a per-channel scale and shift from the sigma embedding, so that one network
     # adapts its denoising strength to the noise level (Appendix A.2.1).
-    film = nn.Dense(2 * self.features, dtype=self.dtype, name="film")(nn.silu(emb))
+    film = matmul.Dense(2 * self.features, dtype=self.dtype, name="film")(nn.silu(emb))
     scale, shift = jnp.split(film[:, None, None, :], 2, axis=-1)
     h = h * (1 + scale) + shift
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm2")(h))
-    h = nn.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
+    h = matmul.Conv(self.features, (3, 3), dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
+      x = matmul.Conv(self.features, (1, 1), dtype=self.dtype, name="skip")(x)
     return x + h
 
 
@@ -135,11 +137,11 @@ class Denoiser(nn.Module):
     x_noisy = x_noisy.astype(jnp.float32)
 
     emb = sigma_features(sigma, self.emb_dim)
-    emb = nn.Dense(4 * self.emb_dim, dtype=self.dtype, name="sigma_mlp_0")(emb)
-    emb = nn.Dense(4 * self.emb_dim, dtype=self.dtype, name="sigma_mlp_1")(nn.silu(emb))
+    emb = matmul.Dense(4 * self.emb_dim, dtype=self.dtype, name="sigma_mlp_0")(emb)
+    emb = matmul.Dense(4 * self.emb_dim, dtype=self.dtype, name="sigma_mlp_1")(nn.silu(emb))
 
     block = lambda f, name: ResBlock(f, self.num_groups, self.dtype, name=name)
-    h = nn.Conv(self.width, (3, 3), dtype=self.dtype, name="conv_in")(x_noisy)
+    h = matmul.Conv(self.width, (3, 3), dtype=self.dtype, name="conv_in")(x_noisy)
     skips = []
     levels = len(self.channel_mults)
     for i, mult in enumerate(self.channel_mults):
@@ -147,19 +149,19 @@ class Denoiser(nn.Module):
         h = block(self.width * mult, f"down_{i}_{j}")(h, emb)
       if i < levels - 1:
         skips.append(h)  # multi-scale skip connection to the same level of the decoder
-        h = nn.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
+        h = matmul.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
                     name=f"downsample_{i}")(h)
     h = block(h.shape[-1], "middle")(h, emb)
     for i in reversed(range(levels - 1)):
       f = self.width * self.channel_mults[i]
       bb, hh, ww, cc = h.shape
       h = jax.image.resize(h, (bb, 2 * hh, 2 * ww, cc), method="nearest")
-      h = nn.Conv(f, (3, 3), dtype=self.dtype, name=f"upsample_{i}")(h)
+      h = matmul.Conv(f, (3, 3), dtype=self.dtype, name=f"upsample_{i}")(h)
       h = jnp.concatenate([h, skips.pop()], axis=-1)
       for j in range(self.blocks_per_level):
         h = block(f, f"up_{i}_{j}")(h, emb)
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
     # Zero init: D starts as the identity, x_noisy + 0, and learns the correction.
-    residual = nn.Conv(3, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+    residual = matmul.Conv(3, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
                        name="conv_out")(h)
     return x_noisy + residual.astype(jnp.float32)

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import matmul
 from fsjax.gsb.denoiser import broadcast_sigma
 
 Dtype = jnp.dtype
@@ -63,9 +64,9 @@ class SigmaMLP(nn.Module):
 
   @nn.compact
   def __call__(self, sigma: jax.Array) -> jax.Array:
-    h = nn.gelu(nn.Dense(self.hidden, name="hidden")(sigma[:, None]))
+    h = nn.gelu(matmul.Dense(self.hidden, name="hidden")(sigma[:, None]))
     # Zero kernel: the output starts at its bias whatever sigma (gamma = beta = 0, a = b = 1).
-    return nn.Dense(self.features, kernel_init=nn.initializers.zeros,
+    return matmul.Dense(self.features, kernel_init=nn.initializers.zeros,
                     bias_init=nn.initializers.constant(self.bias_init_value),
                     name="out")(h)
 
@@ -117,9 +118,9 @@ class MapperBlock(BlockOptions):
 
     # 2. Parallel paths, fused (Eq. A.30): the conv path is down-weighted by 0.5.
     hidden = int(round(self.mlp_ratio * d_model))
-    mlp = nn.Dense(hidden, dtype=self.dtype, name="mlp_in")(x_tilde)
-    mlp = nn.Dense(d_model, dtype=self.dtype, name="mlp_out")(nn.gelu(mlp))
-    conv = nn.Conv(d_model, (self.kernel_size,), feature_group_count=d_model,
+    mlp = matmul.Dense(hidden, dtype=self.dtype, name="mlp_in")(x_tilde)
+    mlp = matmul.Dense(d_model, dtype=self.dtype, name="mlp_out")(nn.gelu(mlp))
+    conv = matmul.Conv(d_model, (self.kernel_size,), feature_group_count=d_model,
                    padding="SAME", dtype=self.dtype, name="dwconv")(x_tilde)
     u = mlp.astype(jnp.float32) + 0.5 * conv.astype(jnp.float32)
     if self.use_attention:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from fsjax import decoding
+from fsjax import matmul
 
 Dtype = Any
 
@@ -153,7 +154,7 @@ class LlamaAttention(nn.Module):
   def __call__(self, x, rope, mask, cache: decoding.KVCache | None, layer: int):
     cfg = self.config
     h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    dense = functools.partial(nn.Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
+    dense = functools.partial(matmul.Dense, use_bias=cfg.attention_bias, dtype=self.dtype,
                               param_dtype=jnp.float32)
     b, t, _ = x.shape
     g = h // kv
@@ -184,13 +185,13 @@ class LlamaAttention(nn.Module):
     for start, end in decoding.causal_blocks(t) if own else [(0, t)]:
       n, keys = end - start, end if own else s  # causal: queries < end see keys < end
       qb = q if n == t else q[:, :, :, start:end]
-      logits = jnp.einsum("bkqd,bksd->bkqs", qb.reshape(b, kv, g * n, hd), k[:, :, :keys],
-                          preferred_element_type=jnp.float32)
+      logits = matmul.einsum("bkqd,bksd->bkqs", qb.reshape(b, kv, g * n, hd), k[:, :, :keys],
+                             dtype=jnp.float32)
       logits = logits.reshape(b, kv, g, n, keys) * hd ** -0.5
       logits = jnp.where(mask[:, None, None, start:end, :keys], logits,
                          jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype).reshape(b, kv, g * n, keys)
-      outs.append(jnp.einsum("bkqs,bksd->bkqd", probs, v[:, :, :keys]).reshape(b, kv, g, n, hd))
+      outs.append(matmul.einsum("bkqs,bksd->bkqd", probs, v[:, :, :keys]).reshape(b, kv, g, n, hd))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, KV, g, T, D]
     out = out.reshape(b, h, t, hd).transpose(0, 2, 1, 3).reshape(b, t, h * hd)
     return dense(cfg.hidden_size, name="o_proj")(out), cache
@@ -205,9 +206,11 @@ class LlamaMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    dense = functools.partial(nn.Dense, use_bias=cfg.mlp_bias, dtype=self.dtype,
+    dense = functools.partial(matmul.Dense, use_bias=cfg.mlp_bias, dtype=self.dtype,
                               param_dtype=jnp.float32)
-    y = nn.silu(dense(cfg.intermediate_size, name="gate_proj")(x))
+    # silu on gate's float32 result, rounded once (XLA:CPU's bfloat16 sigmoid is slow).
+    gate = dense(cfg.intermediate_size, name="gate_proj", dot_general=matmul.dot_general_float32)
+    y = nn.silu(gate(x)).astype(self.dtype)
     y = y * dense(cfg.intermediate_size, name="up_proj")(x)
     return dense(cfg.hidden_size, name="down_proj")(y)
 

@@ -39,6 +39,7 @@ import numpy as np
 
 from fsjax import decoding
 from fsjax import encoders as encoders_lib
+from fsjax import matmul
 from fsjax.clip import encoder as clip_encoder
 from fsjax.clip import model as clip_model
 from fsjax.llava import llama
@@ -164,10 +165,10 @@ class Projector(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = functools.partial(nn.Dense, cfg.text_config.hidden_size, dtype=self.dtype,
+    dense = functools.partial(matmul.Dense, cfg.text_config.hidden_size, dtype=self.dtype,
                               use_bias=cfg.multimodal_projector_bias, param_dtype=jnp.float32)
-    x = dense(name="linear_1")(x.astype(self.dtype))
-    x = clip_model._ACTIVATIONS[cfg.projector_hidden_act](x)  # pylint: disable=protected-access
+    x = dense(name="linear_1", dot_general=matmul.dot_general_float32)(x.astype(self.dtype))
+    x = clip_model._ACTIVATIONS[cfg.projector_hidden_act](x).astype(self.dtype)  # pylint: disable=protected-access
     return dense(name="linear_2")(x)
 
 
