@@ -1,0 +1,85 @@
+"""fsjax.matmul: float32 accumulation, one rounding to the compute dtype, nn.* parameter trees."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fsjax import matmul
+
+
+def _bf16(shape, seed):
+  return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(jnp.bfloat16)
+
+
+def _rounded(exact: np.ndarray) -> np.ndarray:
+  """float64 numbers rounded once to bfloat16 (what float32 accumulation then a cast gives,
+  up to float32's own rounding of the sum)."""
+  return np.asarray(jnp.asarray(exact.astype(np.float32)).astype(jnp.bfloat16), np.float64)
+
+
+def test_einsum_and_dot_are_the_exact_product_rounded_once():
+  a, b = _bf16((4, 64, 96), 0), _bf16((4, 96, 32), 1)
+  exact = np.einsum("bij,bjk->bik", np.asarray(a, np.float64), np.asarray(b, np.float64))
+  got = matmul.einsum("bij,bjk->bik", a, b)
+  assert got.dtype == jnp.bfloat16
+  # Within one bfloat16 rounding of the float64 product (float32 accumulation adds ~1e-6).
+  np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=2 ** -8, atol=1e-5)
+  assert np.mean(np.asarray(got, np.float64) == _rounded(exact)) > 0.99
+  f32 = matmul.einsum("bij,bjk->bik", a, b, dtype=jnp.float32)
+  assert f32.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(f32, np.float64), exact, rtol=1e-5, atol=1e-5)
+  d = matmul.dot(a[0], b[0])
+  assert d.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(d), np.asarray(got[0]))
+
+
+@pytest.mark.parametrize("fn", ["einsum", "dense", "conv"])
+def test_the_dots_ask_xla_for_a_float32_result(fn):
+  """What makes them fast on AMX CPUs: the dot's own result type is float32."""
+  x = _bf16((2, 8, 8, 16), 2)
+  if fn == "einsum":
+    f = lambda x: matmul.einsum("bhwc,bhwd->bcd", x, x)
+  else:
+    layer = matmul.Dense(8, dtype=jnp.bfloat16) if fn == "dense" else matmul.Conv(
+        8, (3, 3), dtype=jnp.bfloat16)
+    params = layer.init(jax.random.key(0), x)
+    f = lambda x: layer.apply(params, x)
+  prim = "conv_general_dilated" if fn == "conv" else "dot_general"
+  eqns = [e for e in _equations(jax.make_jaxpr(f)(x).jaxpr) if e.primitive.name == prim]
+  assert eqns and all(e.outvars[0].aval.dtype == jnp.float32 for e in eqns), eqns
+  assert all(v.aval.dtype == jnp.bfloat16 for e in eqns for v in e.invars)
+  assert f(x).dtype == jnp.bfloat16
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, those of nested jaxprs (pjit, custom_jvp) included."""
+  for e in jaxpr.eqns:
+    yield e
+    for p in e.params.values():
+      inner = getattr(p, "jaxpr", None)
+      if inner is not None:
+        yield from _equations(getattr(inner, "jaxpr", inner))
+
+
+def test_dense_and_conv_have_nn_parameter_trees_and_float32_results_match():
+  x = jax.random.normal(jax.random.key(3), (2, 6, 6, 5))
+  for ours, theirs in ((matmul.Dense(7), nn.Dense(7)),
+                       (matmul.Conv(7, (3, 3)), nn.Conv(7, (3, 3)))):
+    params = theirs.init(jax.random.key(0), x)
+    assert (jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x))
+            == jax.tree.map(jnp.shape, params))
+    np.testing.assert_allclose(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_dot_general_float32_keeps_the_float32_result():
+  x = _bf16((3, 16), 4)
+  layer = matmul.Dense(8, dtype=jnp.bfloat16, dot_general=matmul.dot_general_float32)
+  params = layer.init(jax.random.key(0), x)
+  y = layer.apply(params, x)
+  assert y.dtype == jnp.float32
+  kernel = np.asarray(jnp.asarray(params["params"]["kernel"]).astype(jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x, np.float64) @ kernel, rtol=1e-5,
+                             atol=1e-5)
