@@ -5,9 +5,18 @@ import dataclasses
 import os
 import re
 import shutil
+import signal
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# A suite started in the background (`nohup`, `cmd &` in a script) inherits SIGINT as
+# ignored, and fsjax rightly leaves an ignored Ctrl-C alone: the tests of its Ctrl-C
+# handling would then see nothing. They test fsjax, not the caller's shell, so every test
+# process (xdist workers included; the programs they start inherit a handled SIGINT as the
+# default) gets Python's own handler back.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _pin_xdist_worker() -> None:
