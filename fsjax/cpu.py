@@ -3,10 +3,11 @@
 CPUs differ from machine to machine, and bfloat16 pays only where the CPU has it in
 hardware: with AMX (``amx_bf16``, Sapphire Rapids and later) XLA's bfloat16 matrix
 multiply runs ~3x its float32 one, provided it asks for a float32 result (a bfloat16-out
-dot is no faster than float32; :mod:`fsjax.matmul`); with ``avx512_bf16`` alone (dot-product instructions,
-no tiles) it is about as fast as float32; on an AVX2-only CPU bfloat16 is emulated
-(converted to float32 and back), slower than float32, and a large bfloat16 matmul can
-take minutes. So dtype defaults and benchmarks ask this module rather than assume.
+dot is no faster than float32; :mod:`fsjax.matmul`); with ``avx512_bf16`` alone
+(dot-product instructions, no tiles) it is about as fast as float32; on an AVX2-only CPU
+bfloat16 is emulated (converted to float32 and back), slower than float32, and a large
+bfloat16 matmul can take minutes. So dtype defaults and benchmarks ask this module rather
+than assume.
 
 Linux only (``/proc/cpuinfo``); elsewhere nothing is detected, which means float32.
 

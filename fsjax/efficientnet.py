@@ -170,8 +170,7 @@ class PointwiseConv(nn.Module):
     """``[..., C_in]`` -> ``[..., features]`` float32."""
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (1, 1, x.shape[-1], self.features), jnp.float32)
-    return jnp.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype),
-                   preferred_element_type=jnp.float32)
+    return matmul.dot(x.astype(self.dtype), kernel[0, 0].astype(self.dtype), dtype=jnp.float32)
 
 
 def preprocess(x: jax.typing.ArrayLike) -> jax.Array:

@@ -26,13 +26,18 @@ import jax
 import jax.numpy as jnp
 
 
+def _accumulator(*operands) -> jnp.dtype:
+  """float32, or the operands' own dtype where it is wider (float64 under x64)."""
+  return jnp.promote_types(jnp.result_type(*operands), jnp.float32)
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                 **kwargs) -> jax.Array:
   """``lax.dot_general`` accumulated and returned in float32, then cast to
   ``preferred_element_type`` (default: the operands' common dtype)."""
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
   out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                            preferred_element_type=jnp.float32, **kwargs)
+                            preferred_element_type=_accumulator(lhs, rhs), **kwargs)
   return out.astype(out_dtype)
 
 
@@ -45,8 +50,8 @@ dot_general_float32 = functools.partial(dot_general, preferred_element_type=jnp.
 def conv_general_dilated(lhs, rhs, *args, preferred_element_type=None, **kwargs) -> jax.Array:
   """``lax.conv_general_dilated`` accumulated in float32, returned in the operands' dtype."""
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-  out = jax.lax.conv_general_dilated(lhs, rhs, *args, preferred_element_type=jnp.float32,
-                                     **kwargs)
+  out = jax.lax.conv_general_dilated(lhs, rhs, *args,
+                                     preferred_element_type=_accumulator(lhs, rhs), **kwargs)
   return out.astype(out_dtype)
 
 
@@ -54,14 +59,14 @@ def einsum(subscripts: str, *operands, dtype=None, **kwargs) -> jax.Array:
   """``jnp.einsum`` accumulated in float32, returned in ``dtype`` (default: the operands'
   common dtype; pass ``jnp.float32`` to keep the float32 result, e.g. attention logits)."""
   out_dtype = dtype or jnp.result_type(*operands)
-  return jnp.einsum(subscripts, *operands, preferred_element_type=jnp.float32,
+  return jnp.einsum(subscripts, *operands, preferred_element_type=_accumulator(*operands),
                     **kwargs).astype(out_dtype)
 
 
 def dot(a, b, dtype=None, **kwargs) -> jax.Array:
   """``jnp.dot`` accumulated in float32, returned in ``dtype`` (default: the operands')."""
   out_dtype = dtype or jnp.result_type(a, b)
-  return jnp.dot(a, b, preferred_element_type=jnp.float32, **kwargs).astype(out_dtype)
+  return jnp.dot(a, b, preferred_element_type=_accumulator(a, b), **kwargs).astype(out_dtype)
 
 
 #: ``nn.Dense`` with float32 accumulation (same parameters, names and shapes).

@@ -312,8 +312,9 @@ class CLIPVisionEmbeddings(nn.Module):
     init = nn.initializers.normal(0.02)
     cls_emb = self.param("class_embedding", init, (cfg.hidden_size,), jnp.float32)
     p = cfg.patch_size
-    patches = matmul.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                      dtype=self.dtype, name="patch_embedding")(pixel_values.astype(self.dtype))
+    patches = matmul.Conv(cfg.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                          use_bias=False, dtype=self.dtype,
+                          name="patch_embedding")(pixel_values.astype(self.dtype))
     b = patches.shape[0]
     # Row-major over the patch grid, as torch's flatten(2) of an NCHW map.
     patches = patches.reshape(b, -1, cfg.hidden_size)

@@ -159,7 +159,8 @@ class MPTAttention(nn.Module):
                ) -> tuple[jax.Array, decoding.KVCache]:
     """``x`` ``[B, T, D]``, ``mask`` bool ``[B, T, S]`` -> ``([B, T, D], cache)``."""
     cfg = self.config
-    dense = functools.partial(matmul.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(matmul.Dense, use_bias=False, dtype=self.dtype,
+                              param_dtype=jnp.float32)
     qkv = dense(3 * cfg.d_model, name="Wqkv")(x)
     if cfg.clip_qkv is not None:
       qkv = jnp.clip(qkv, -cfg.clip_qkv, cfg.clip_qkv)
@@ -199,7 +200,8 @@ class MPTMLP(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    dense = functools.partial(matmul.Dense, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32)
+    dense = functools.partial(matmul.Dense, use_bias=False, dtype=self.dtype,
+                              param_dtype=jnp.float32)
     x = dense(cfg.expansion_ratio * cfg.d_model, name="up_proj",
               dot_general=matmul.dot_general_float32)(x)  # GELU on the float32 result
     x = jax.nn.gelu(x, approximate=False).astype(self.dtype)  # torch nn.GELU(): exact erf

@@ -150,7 +150,7 @@ class Denoiser(nn.Module):
       if i < levels - 1:
         skips.append(h)  # multi-scale skip connection to the same level of the decoder
         h = matmul.Conv(h.shape[-1], (3, 3), strides=(2, 2), dtype=self.dtype,
-                    name=f"downsample_{i}")(h)
+                        name=f"downsample_{i}")(h)
     h = block(h.shape[-1], "middle")(h, emb)
     for i in reversed(range(levels - 1)):
       f = self.width * self.channel_mults[i]
@@ -163,5 +163,5 @@ class Denoiser(nn.Module):
     h = nn.silu(nn.GroupNorm(self.num_groups, dtype=self.dtype, name="norm_out")(h))
     # Zero init: D starts as the identity, x_noisy + 0, and learns the correction.
     residual = matmul.Conv(3, (3, 3), dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                       name="conv_out")(h)
+                           name="conv_out")(h)
     return x_noisy + residual.astype(jnp.float32)

@@ -67,8 +67,8 @@ class SigmaMLP(nn.Module):
     h = nn.gelu(matmul.Dense(self.hidden, name="hidden")(sigma[:, None]))
     # Zero kernel: the output starts at its bias whatever sigma (gamma = beta = 0, a = b = 1).
     return matmul.Dense(self.features, kernel_init=nn.initializers.zeros,
-                    bias_init=nn.initializers.constant(self.bias_init_value),
-                    name="out")(h)
+                        bias_init=nn.initializers.constant(self.bias_init_value),
+                        name="out")(h)
 
 
 class BlockOptions(nn.Module):
@@ -121,7 +121,7 @@ class MapperBlock(BlockOptions):
     mlp = matmul.Dense(hidden, dtype=self.dtype, name="mlp_in")(x_tilde)
     mlp = matmul.Dense(d_model, dtype=self.dtype, name="mlp_out")(nn.gelu(mlp))
     conv = matmul.Conv(d_model, (self.kernel_size,), feature_group_count=d_model,
-                   padding="SAME", dtype=self.dtype, name="dwconv")(x_tilde)
+                       padding="SAME", dtype=self.dtype, name="dwconv")(x_tilde)
     u = mlp.astype(jnp.float32) + 0.5 * conv.astype(jnp.float32)
     if self.use_attention:
       attn = nn.MultiHeadDotProductAttention(self.num_heads, dtype=self.dtype,

@@ -295,5 +295,4 @@ class LlamaModel(nn.Module):
   def attend(self, x: jax.Array) -> jax.Array:
     """Tied LM head: ``x @ embedding.T`` with float32 accumulation -> float32 logits."""
     table = self.embed_tokens.embedding.astype(self.dtype)
-    return jnp.einsum("btd,vd->btv", x.astype(self.dtype), table,
-                      preferred_element_type=jnp.float32)
+    return matmul.einsum("btd,vd->btv", x.astype(self.dtype), table, dtype=jnp.float32)

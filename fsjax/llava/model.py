@@ -168,7 +168,8 @@ class Projector(nn.Module):
     dense = functools.partial(matmul.Dense, cfg.text_config.hidden_size, dtype=self.dtype,
                               use_bias=cfg.multimodal_projector_bias, param_dtype=jnp.float32)
     x = dense(name="linear_1", dot_general=matmul.dot_general_float32)(x.astype(self.dtype))
-    x = clip_model._ACTIVATIONS[cfg.projector_hidden_act](x).astype(self.dtype)  # pylint: disable=protected-access
+    activations = clip_model._ACTIVATIONS  # pylint: disable=protected-access
+    x = activations[cfg.projector_hidden_act](x).astype(self.dtype)
     return dense(name="linear_2")(x)
 
 
@@ -182,8 +183,8 @@ class LMHead(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.vocab_size),
                         jnp.float32)
-    return jnp.einsum("btd,dv->btv", x.astype(self.dtype), kernel.astype(self.dtype),
-                      preferred_element_type=jnp.float32)
+    return matmul.einsum("btd,dv->btv", x.astype(self.dtype), kernel.astype(self.dtype),
+                         dtype=jnp.float32)
 
 
 def merge_image_features(embeds: jax.Array, image: jax.Array, is_image: jax.Array) -> jax.Array:
