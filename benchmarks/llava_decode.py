@@ -22,10 +22,10 @@ compilation (fsjax) and a warm-up call (both):
 
 The prompt is BOS, 5 words, the image tokens, 10 words. Prints a Markdown table.
 
-On CPU, fsjax's generate/score executables are compiled with
-``fsjax.decoding.CPU_COMPILER_OPTIONS`` (XLA's own matmul rather than the YNNPACK
-fusion); the prefill attends over its own keys in causal query blocks and computes the
-rotary tables once per pass (see ``fsjax/llava/llama.py``).
+On CPU, fsjax's generate/score executables are compiled by ``fsjax.cpu.jit``: float32
+matmuls go to XLA's own (Eigen) dot, reductions to YNNPACK (``fsjax.cpu.FLOAT32_OPTIONS``);
+the prefill attends over its own keys in causal query blocks and computes the rotary
+tables once per pass (see ``fsjax/llava/llama.py``).
 """
 
 from __future__ import annotations

@@ -91,9 +91,14 @@ SIGMA = 0.25
 # so the float32 oneDNN rows are skipped for --batch > 1.
 # "eigen" turns the YNNPACK fusion off and nothing else: the dots go to XLA's own
 # (Eigen) matmul, the same as XLA_FLAGS="--xla_cpu_experimental_ynn_fusion_type=".
+# "reduce" is fsjax.cpu.FLOAT32_OPTIONS: Eigen dots, YNNPACK reductions. "fsjax" is what
+# a user gets: the public smoothed_features without an outer jit, whose fsjax.cpu.jit
+# picks the options from the matmul dtypes ("reduce" for float32, "default" otherwise).
 CPU_DOTS = {
+    "fsjax": None,
     "default": {},
     "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+    "reduce": cpu.FLOAT32_OPTIONS,
     "onednn": {"xla_cpu_experimental_ynn_fusion_type": "",
                "xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
@@ -208,7 +213,8 @@ def matmuls(size: int, *, skip_torch: bool, cpu_dots: list[str],
       a = jnp.asarray(np.random.default_rng(0).standard_normal((size, size)),
                       JAX_DTYPES[dtype])
       fn = jax.jit(lambda a, b, t=out_dtype: jnp.dot(a, b, preferred_element_type=t))
-      fn = fn.lower(a, a).compile(compiler_options=CPU_DOTS[dots])
+      options = (cpu.compiler_options({dtype}) if dots == "fsjax" else CPU_DOTS[dots])
+      fn = fn.lower(a, a).compile(compiler_options=options)
       fn(a, a).block_until_ready()
       run = lambda fn=fn, a=a: jax.block_until_ready([fn(a, a) for _ in range(iters)])
       name = f"XLA ({backend}) `jnp.dot`" + (f", {dots} dots" if backend == "cpu" else "")
@@ -283,6 +289,14 @@ def fsjax_variant(arch_name: str, dtype: str, *, n: int, batch: int, chunk: int,
   smooth = jax.jit(lambda p, x, k: smoothing.smoothed_features(
       p, x, encoder=encoder, sigma=SIGMA, n=n, key=k, chunk_size=chunk))
   name = f"fsjax {dtype}{f', {dots} dots' if dots else ''}, chunk {chunk}"
+  if dots == "fsjax":  # the public function as a user calls it: its own jit, its options
+    run = lambda: smoothing.smoothed_features(params, xj, encoder=encoder, sigma=SIGMA, n=n,
+                                              key=key, chunk_size=chunk).block_until_ready()
+    t0 = time.perf_counter()
+    run()
+    log(f"{name}: compiled and run in {time.perf_counter() - t0:.1f} s")
+    log(f"{name}: warm-up run {timed(run):.1f} s")
+    return Variant(name, dtype, run, n * batch)
   t0 = time.perf_counter()
   compiled = smooth.lower(params, xj, key).compile(compiler_options=CPU_DOTS[dots or "default"])
   log(f"{name}: compiled in {time.perf_counter() - t0:.1f} s")
@@ -480,7 +494,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="memory table from the compiled executables only, no real runs")
   p.add_argument("--peak-size", type=int, default=None,
                  help="matmul side for the peak (default 4096 on CPU, 8192 on GPU)")
-  p.add_argument("--cpu-dots", default="default,eigen,onednn",
+  p.add_argument("--cpu-dots", default="fsjax,default,eigen",
                  help="XLA:CPU dot backends for the fsjax rows and XLA matmuls, comma-separated "
                       f"subset of {','.join(CPU_DOTS)} (ignored off the CPU)")
   p.add_argument("--sections", default="peak,throughput,memory",

@@ -17,7 +17,6 @@ similarity a downstream model sees.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -27,6 +26,7 @@ import numpy as np
 from certify import _bounds
 from certify import _closed_form
 from fsjax import checks
+from fsjax import cpu
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
 
@@ -102,7 +102,7 @@ def _stage2_statistic(features, references, center, bets=None):
   return _bounds.score_statistics(scores, center, bets)
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
+@cpu.jit(static_argnames=("encoder", "n", "chunk_size"))
 def _robustness_score(params, x, key, sigma, *, encoder, n, chunk_size, reporter=None):
   clean = encoder(params, x, sigma=sigma)
   total = smoothing.monte_carlo_sum(
@@ -142,8 +142,7 @@ def gaussian_robustness_score(params: Any, x: jax.typing.ArrayLike, *,
       jnp.float32(sigma), encoder=encoder, n=int(n), chunk_size=int(chunk_size))
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("encoder", "n0", "n", "alpha", "bounds", "chunk_size"))
+@cpu.jit(static_argnames=("encoder", "n0", "n", "alpha", "bounds", "chunk_size"))
 def _score_deficits(params, x, key, sigma, *, encoder, n0, n, alpha, bounds, chunk_size,
                     reporter=None):
   """Both stages; returns ``{bound: deficit [B, 2]}`` for references (clean, mean), the

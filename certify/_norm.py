@@ -22,7 +22,6 @@ its mean gives ``N <= sqrt(2 P - 1)``.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -33,6 +32,7 @@ from jax.scipy.stats import norm
 from certify import _bounds
 from certify import _closed_form
 from fsjax import checks
+from fsjax import cpu
 from fsjax import encoders as encoders_lib
 from fsjax import smoothing
 
@@ -202,8 +202,7 @@ def _stage2_statistic(features, u, centers, bets=None):
   return _bounds.ScoreStats(*(None if v is None else drop_odd_pair(v) for v in stats))
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "n0", "n", "alpha", "bound",
-                                             "chunk_size"))
+@cpu.jit(static_argnames=("encoder", "n0", "n", "alpha", "bound", "chunk_size"))
 def _bounds_of(params, x, key, sigma, *, encoder, n0, n, alpha, bound, chunk_size):
   clean = encoder(params, x, sigma=sigma)
   def stage1_statistic(f):

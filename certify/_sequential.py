@@ -54,6 +54,7 @@ from certify import _norm
 from certify import _prediction
 from certify import _smoothed_prediction
 from fsjax import checks
+from fsjax import cpu
 from fsjax import encoders as encoders_lib
 from fsjax import heads as heads_lib
 
@@ -715,7 +716,7 @@ class _Finished(NamedTuple):
   count: jax.Array      # [] int32 rows filled
 
 
-@functools.partial(jax.jit, static_argnames=(
+@cpu.jit(static_argnames=(
     "steps", "grid_size", "encoder", "chunk_size", "n0", "n_max", "alpha", "cos",
     "norm_aware", "reference", "stop", "tolerance", "futility", "rule", "scales", "task"))
 def _run(params, slots: _Slots, queue_x, queue_id, queue_index, queue_len, key, sigma, eps,

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +25,7 @@ from certify import _bounds
 from certify import _feature
 from certify import _prediction
 from fsjax import checks
+from fsjax import cpu
 from fsjax import encoders as encoders_lib
 from fsjax import heads as heads_lib
 from fsjax import smoothing
@@ -162,8 +162,8 @@ def _plug_in_probit(mean, var, *, n, alpha, upper=False):
   return jax.scipy.special.ndtri(jnp.clip(guess, 1e-12, 1.0 - 1e-7))
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "n0", "n", "alpha", "class_alpha",
-                                             "bound", "chunk_size"))
+@cpu.jit(static_argnames=("encoder", "n0", "n", "alpha", "class_alpha", "bound",
+                          "chunk_size"))
 def _class_margin(params, x, key, sigma, prototypes, *, encoder, n0, n, alpha, class_alpha,
                   bound, chunk_size, reporter=None):
   """Both stages of the per-class and the cosine certificates from one set of samples.
@@ -383,7 +383,7 @@ def _head_counts(features, kernel, bias):
   return {"counts": jax.nn.one_hot(jnp.argmax(logits, -1), kernel.shape[-1], dtype=jnp.int32)}
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "n", "first_index", "chunk_size"))
+@cpu.jit(static_argnames=("encoder", "n", "first_index", "chunk_size"))
 def _class_counts(params, x, key, sigma, kernel, bias, *, encoder, n, first_index, chunk_size,
                   reporter=None):
   return smoothing.monte_carlo_sum(

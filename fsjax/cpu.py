@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
 CPUINFO = "/proc/cpuinfo"
 BFLOAT16_SUPPORT = ("amx", "avx512", "none")
@@ -127,3 +128,101 @@ def describe(cpu_flags: frozenset[str] | None = None, path: str = CPUINFO) -> st
   return (f"{model}, {count} usable CPUs, bfloat16: "
           f"{bfloat16_support(cpu_flags)} (amx_bf16: {'amx_bf16' in cpu_flags}, "
           f"avx512_bf16: {'avx512_bf16' in cpu_flags})")
+
+
+# ------------------------------------------------------------------------------------------
+# XLA:CPU compiler options: which library runs an executable's matmuls and reductions.
+# ------------------------------------------------------------------------------------------
+
+#: The per-compile option that lists the op kinds XLA:CPU (jax 0.10) hands to YNNPACK.
+#: jax's default sends YNNPACK its dots (one per fusion) and its reductions; ``""`` sends it
+#: nothing (XLA's own Eigen dots, reductions as XLA loops).
+YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
+
+#: XLA:CPU options of an executable whose matrix multiplies are all float32 (or wider):
+#: XLA's own (Eigen) dots, YNNPACK reductions. Measured on 2-core Xeons, one thread
+#: (``benchmarks/smoothing_throughput.py --cpu-dots``, ``benchmarks/llava_decode.py``):
+#: ViT-B/16 float32 smoothing 1.11x jax's default and 1.06x Eigen for everything (without
+#: YNNPACK, a softmax's row sums become a reduce-window tree, 3.4x slower than YNNPACK's
+#: reduction); the small LLaVA's batch-8 prefill 1.05x and decode 1.28x Eigen for
+#: everything; EfficientNet-Lite0 float32 smoothing 1.09-1.10x jax's default. With bfloat16 matmuls jax's
+#: default stays: there YNNPACK's dots use AMX tiles (Eigen's bfloat16 dot is 2.2x slower on
+#: ViT-B/16). Not for executables dominated by a wide matrix-vector product: for
+#: [8, 512] x [512, 50280] (OpenFlamingo's tied LM head) Eigen is 3x slower than YNNPACK,
+#: so OpenFlamingo's decoding keeps a plain ``jax.jit``.
+FLOAT32_OPTIONS = {YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_REDUCE"}
+
+_WIDE = ("float32", "float64")
+
+
+def matmul_dtypes(jaxpr) -> frozenset[str]:
+  """The operand dtypes of every ``dot_general`` and convolution in a (closed) jaxpr,
+  its sub-jaxprs included (loops, conditionals, nested jits, ``shard_map``)."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  found = set()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+      found.update(str(v.aval.dtype) for v in eqn.invars)
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+          found |= matmul_dtypes(sub)
+  return frozenset(found)
+
+
+def compiler_options(dtypes: frozenset[str] | set[str]) -> dict[str, str] | None:
+  """XLA:CPU options for an executable whose matmul operands have ``dtypes``
+  (:func:`matmul_dtypes`): :data:`FLOAT32_OPTIONS` when they are all float32 or float64,
+  else None (jax's default)."""
+  return dict(FLOAT32_OPTIONS) if set(dtypes) <= set(_WIDE) else None
+
+
+def jit(fn: Any = None, **jit_kwargs) -> Any:
+  """``jax.jit`` with the XLA:CPU options that suit the function's matmul dtypes.
+
+  On the CPU backend the first call with new static arguments or input dtypes traces the
+  function (``jax.jit(...).trace``; jax's trace cache does not depend on compiler options,
+  so the call reuses that trace), reads the dtypes of its matmuls (:func:`matmul_dtypes`)
+  and compiles with :func:`compiler_options`;
+  elsewhere, and inside another trace (compiler options belong to the top-level jit), it
+  is a plain ``jax.jit``. Results are the same as ``jax.jit``'s up to float32 rounding.
+  Use as ``@cpu.jit(static_argnames=...)``; ``static_argnums`` is not supported.
+  """
+  if fn is None:
+    return functools.partial(jit, **jit_kwargs)
+  if "static_argnums" in jit_kwargs:
+    raise TypeError("fsjax.cpu.jit takes static_argnames, not static_argnums.")
+  import inspect  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
+  static = jit_kwargs.get("static_argnames", ())
+  static = (static,) if isinstance(static, str) else tuple(static)
+  signature = inspect.signature(fn)
+  plain = jax.jit(fn, **jit_kwargs)
+  float32 = jax.jit(fn, compiler_options=dict(FLOAT32_OPTIONS), **jit_kwargs)
+  chosen = {}  # (static values, input dtypes) -> the jitted function to call
+
+  def pick(args, kwargs):
+    """The jitted function for these arguments (probing the matmul dtypes once per key)."""
+    leaves = jax.tree.leaves((args, kwargs))
+    if jax.default_backend() != "cpu" or any(isinstance(a, jax.core.Tracer) for a in leaves):
+      return plain
+    bound = signature.bind(*args, **kwargs).arguments
+    key = (tuple(kwargs[name] if name in kwargs else bound.get(name) for name in static),
+           tuple(str(getattr(a, "dtype", type(a).__name__)) for a in leaves))
+    if key not in chosen:
+      dtypes = matmul_dtypes(float32.trace(*args, **kwargs).jaxpr)
+      chosen[key] = float32 if compiler_options(dtypes) else plain
+    return chosen[key]
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    return pick(args, kwargs)(*args, **kwargs)
+
+  # As on a jax.jit function: lower for these arguments, and the executables compiled.
+  call.lower = lambda *args, **kwargs: pick(args, kwargs).lower(*args, **kwargs)
+  call._cache_size = (  # pylint: disable=protected-access
+      lambda: plain._cache_size() + float32._cache_size())  # pylint: disable=protected-access
+  call.jitted = {"plain": plain, "float32": float32}  # for inspection
+  call.chosen = chosen
+  return call

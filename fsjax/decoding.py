@@ -26,7 +26,6 @@ tokens. transformers returns the tokens up to that stop; here the output always 
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -37,38 +36,6 @@ from fsjax import checks
 
 PyTree = Any
 
-# XLA:CPU options of the MLLM executables: the dots go to XLA's own (Eigen) matmul instead
-# of the YNNPACK fusion, jax 0.10's default (the same as XLA_FLAGS=
-# "--xla_cpu_experimental_ynn_fusion_type="). On the project's 2-core AMD EPYC (AVX-512),
-# loaded, this made the small LLaVA's batch-8 prefill 1.2-1.5x faster (3 interleaved
-# rounds) and left batch 1 level; greedy tokens unchanged.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-def jit(fn: Callable | None = None, **jit_kwargs) -> Callable:
-  """``jax.jit`` with :data:`CPU_COMPILER_OPTIONS` on the CPU backend (none elsewhere).
-
-  The backend is read at the first call, not at import (which would initialise it), and
-  one jitted function is kept per backend. Use as ``@jit(static_argnames=...)``.
-  """
-  if fn is None:
-    return functools.partial(jit, **jit_kwargs)
-  jitted = {}
-
-  @functools.wraps(fn)
-  def call(*args, **kwargs):
-    backend = jax.default_backend()
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((args, kwargs))):
-      # Inside another jit (e.g. certify.certify_answers' chunk): compiler options are
-      # only allowed on the top-level jit, so this one is a plain nested jit.
-      backend = "nested"
-    if backend not in jitted:
-      options = dict(CPU_COMPILER_OPTIONS) if backend == "cpu" else None
-      jitted[backend] = jax.jit(fn, compiler_options=options, **jit_kwargs)
-    return jitted[backend](*args, **kwargs)
-
-  call.jitted = jitted  # backend -> the jax.jit function (for inspection)
-  return call
 # step(tokens int32 [B], cache) -> (logits [B, V], cache)
 Step = Callable[[jax.Array, PyTree], tuple[jax.Array, PyTree]]
 

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fsjax import checks
+from fsjax import cpu
 from fsjax import encoders as encoders_lib
 
 PyTree = Any
@@ -276,7 +277,7 @@ def smoothed_tokens(params: PyTree, x: jax.Array, key: jax.Array, sigma, *,
   return z.reshape((x.shape[0],) + tuple(t_d))
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
+@cpu.jit(static_argnames=("encoder", "n", "chunk_size"))
 def _smoothed_features(params, x, key, sigma, *, encoder, n, chunk_size):
   return _smoothed(params, x, key, sigma, encoder=encoder, n=n, features="mean",
                    chunk_size=chunk_size)
@@ -405,7 +406,7 @@ def _replicated_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
-@functools.partial(jax.jit, static_argnames=("encoder", "n", "chunk_size"))
+@cpu.jit(static_argnames=("encoder", "n", "chunk_size"))
 def _measure(params, x, u, key, sigma, *, encoder, n, chunk_size, reporter=None):
   # Centre the sums at the base feature's value, so the float32 variance does not cancel.
   center = jnp.sum(encoder(params, x, sigma=sigma) * u, axis=-1)

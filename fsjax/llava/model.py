@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fsjax import cpu
 from fsjax import decoding
 from fsjax import encoders as encoders_lib
 from fsjax import matmul
@@ -332,7 +333,7 @@ def _positions(valid):
   return jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
 
 
-@decoding.jit(static_argnames=("module", "projected"))
+@cpu.jit(static_argnames=("module", "projected"))
 def _forward(module, params, input_ids, valid, features, *, projected):
   logits, _ = module.apply({"params": params}, input_ids, features, _positions(valid), valid,
                            projected=projected)
@@ -356,7 +357,7 @@ def prefill(module, params, input_ids, valid, features, *, capacity, projected=F
   return logits[:, 0], cache, positions[:, -1]
 
 
-@decoding.jit(static_argnames=("module", "max_new_tokens", "projected"))
+@cpu.jit(static_argnames=("module", "max_new_tokens", "projected"))
 def _generate(module, params, input_ids, valid, features, eos_token_id, pad_token_id, *,
               max_new_tokens, projected):
   logits, cache, last = prefill(module, params, input_ids, valid, features,
@@ -374,7 +375,7 @@ def _generate(module, params, input_ids, valid, features, eos_token_id, pad_toke
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id)
 
 
-@decoding.jit(static_argnames=("module", "projected"))
+@cpu.jit(static_argnames=("module", "projected"))
 def _score_options(module, params, input_ids, valid, features, options, option_valid, *,
                    projected):
   logits, cache, last = prefill(module, params, input_ids, valid, features,

@@ -254,14 +254,3 @@ def test_flamingo_option_scores_equal_a_full_forward():
     want = sum(logp[:, k, ids.shape[1] - 1 + j, t] for j, t in enumerate(o))
     np.testing.assert_allclose(scores[:, k], want, atol=1e-4, rtol=1e-5)
 
-
-def test_jit_sends_cpu_dots_to_xla_not_ynnpack():
-  """decoding.jit = jax.jit plus CPU_COMPILER_OPTIONS on CPU: same result, no YNNPACK fusion."""
-  f = decoding.jit(lambda a, b: a @ b)
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32)
-  np.testing.assert_allclose(np.asarray(f(x, x)), np.asarray(x) @ np.asarray(x), rtol=1e-5,
-                             atol=1e-4)
-  if jax.default_backend() == "cpu":
-    ours = f.jitted["cpu"].lower(x, x).compile().as_text()
-    default = jax.jit(lambda a, b: a @ b).lower(x, x).compile().as_text()
-    assert "__ynn_fusion" in default and "__ynn_fusion" not in ours
