@@ -16,7 +16,8 @@ Prints Markdown tables, all measured in one run on one machine:
    row's compute dtype. Variants are timed in interleaved rounds, so load changes on a
    shared machine hit them alike; ratios are taken within a round, then the median over
    rounds is reported. On CPU each fsjax row is compiled for each XLA:CPU dot backend
-   of ``CPU_DOTS`` (the default YNNPACK, XLA's own Eigen matmul, and oneDNN).
+   of ``CPU_DOTS`` ("fsjax": the public function with the options fsjax.cpu.jit picks;
+   jax's default YNNPACK; XLA's own Eigen matmul; "reduce"; oneDNN).
 3. **Memory vs n**: XLA's ``memory_analysis()`` of the compiled two-stage certification
    (``certify.estimate_scores``, all bounds and references) on the tiny CLIP of
    ``configs/clip_tiny.py`` for several n:
