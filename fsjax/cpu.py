@@ -209,7 +209,7 @@ def jit(fn: Any = None, **jit_kwargs) -> Any:
       return plain
     bound = signature.bind(*args, **kwargs).arguments
     key = (tuple(kwargs[name] if name in kwargs else bound.get(name) for name in static),
-           tuple(str(getattr(a, "dtype", type(a).__name__)) for a in leaves))
+           tuple(getattr(a, "dtype", type(a)) for a in leaves))
     if key not in chosen:
       dtypes = matmul_dtypes(float32.trace(*args, **kwargs).jaxpr)
       chosen[key] = float32 if compiler_options(dtypes) else plain
