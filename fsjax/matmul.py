@@ -63,6 +63,23 @@ def einsum(subscripts: str, *operands, dtype=None, **kwargs) -> jax.Array:
                     **kwargs).astype(out_dtype)
 
 
+def softmax_einsum(subscripts: str, logits: jax.Array, v: jax.Array, dtype=None) -> jax.Array:
+  """``einsum(subscripts, softmax(logits, -1), v)`` with the softmax normalised after the
+  product: attention's output from its float32 logits.
+
+  ``exp(l - max l)`` (rounded to ``dtype``, default ``v``'s) is contracted with ``v`` in
+  float32 and the result divided by the float32 row sums: the numbers of ``jax.nn.softmax``
+  then :func:`einsum` up to rounding, with one pass less over the ``[..., Q, K]``
+  probabilities (the ``[..., Q, D]`` output is divided instead: 2-3% of ViT-B/16 smoothing
+  on CPU). The output must be ``[..., Q, D]`` over the logits' leading axes ``[..., Q]``.
+  A row masked everywhere (all logits equal) averages ``v``, as softmax does.
+  """
+  dtype = dtype or v.dtype
+  e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  out = einsum(subscripts, e.astype(dtype), v, dtype=jnp.float32)
+  return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype)
+
+
 def dot(a, b, dtype=None, **kwargs) -> jax.Array:
   """``jnp.dot`` accumulated in float32, returned in ``dtype`` (default: the operands')."""
   out_dtype = dtype or jnp.result_type(a, b)

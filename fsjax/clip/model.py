@@ -225,8 +225,7 @@ class CLIPAttention(nn.Module):
       if num_queries is not None and mask.shape[-2] != 1:
         mask = mask[..., :num_queries, :]
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = matmul.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3)
+    out = matmul.softmax_einsum("bhqk,bhkd->bhqd", logits, v).transpose(0, 2, 1, 3)
     out = out.reshape(queries.shape[:2] + (d,))
     return dense(name="out_proj")(out)
 

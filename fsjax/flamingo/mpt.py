@@ -186,8 +186,7 @@ class MPTAttention(nn.Module):
       distance = jnp.arange(keys)[None, :] - query_positions[start:end, None]  # [T, S]
       logits = logits + slopes[:, None, None] * distance.astype(jnp.float32)[None]
       logits = jnp.where(mask[:, None, start:end, :keys], logits, jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      outs.append(matmul.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :keys]))
+      outs.append(matmul.softmax_einsum("bhqk,bhkd->bhqd", logits, v[:, :, :keys]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
     out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
     return dense(cfg.d_model, name="out_proj")(out), cache

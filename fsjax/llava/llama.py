@@ -190,8 +190,9 @@ class LlamaAttention(nn.Module):
       logits = logits.reshape(b, kv, g, n, keys) * hd ** -0.5
       logits = jnp.where(mask[:, None, None, start:end, :keys], logits,
                          jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype).reshape(b, kv, g * n, keys)
-      outs.append(matmul.einsum("bkqs,bksd->bkqd", probs, v[:, :, :keys]).reshape(b, kv, g, n, hd))
+      logits = logits.reshape(b, kv, g * n, keys)
+      outs.append(matmul.softmax_einsum("bkqs,bksd->bkqd", logits, v[:, :, :keys])
+                  .reshape(b, kv, g, n, hd))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, KV, g, T, D]
     out = out.reshape(b, h, t, hd).transpose(0, 2, 1, 3).reshape(b, t, h * hd)
     return dense(cfg.hidden_size, name="o_proj")(out), cache

@@ -83,3 +83,33 @@ def test_dot_general_float32_keeps_the_float32_result():
   kernel = np.asarray(jnp.asarray(params["params"]["kernel"]).astype(jnp.bfloat16), np.float64)
   np.testing.assert_allclose(np.asarray(y), np.asarray(x, np.float64) @ kernel, rtol=1e-5,
                              atol=1e-5)
+
+
+def _softmax_attention_numpy(logits, v):
+  """float64 softmax(logits) @ v, by hand."""
+  logits, v = np.asarray(logits, np.float64), np.asarray(v, np.float64)
+  e = np.exp(logits - logits.max(-1, keepdims=True))
+  return (e / e.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
+def test_softmax_einsum_is_softmax_then_einsum(dtype, tol):
+  """Against numpy in float64, with a row masked to finfo.min but one key and a row masked
+  everywhere (softmax's uniform weights); gradients equal those of softmax then einsum."""
+  logits = 3.0 * jax.random.normal(jax.random.key(0), (2, 3, 5, 7), jnp.float32)
+  low = jnp.finfo(jnp.float32).min
+  logits = logits.at[0, 0, 1, 1:].set(low).at[1, 2, 3, :].set(low)
+  v = jax.random.normal(jax.random.key(1), (2, 3, 7, 4), jnp.float32).astype(dtype)
+  out = matmul.softmax_einsum("bhqk,bhkd->bhqd", logits, v)
+  assert out.dtype == dtype and out.shape == (2, 3, 5, 4)
+  want = _softmax_attention_numpy(logits, np.asarray(v, np.float64))
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(out[1, 2, 3], np.float64),
+                             np.asarray(v[1, 2], np.float64).mean(0), rtol=tol, atol=tol)
+  if dtype == jnp.float32:
+    ours = lambda l: jnp.sum(jnp.sin(matmul.softmax_einsum("bhqk,bhkd->bhqd", l, v)))
+    theirs = lambda l: jnp.sum(jnp.sin(jnp.einsum("bhqk,bhkd->bhqd",
+                                                  jax.nn.softmax(l, axis=-1), v)))
+    finite = 3.0 * jax.random.normal(jax.random.key(2), logits.shape)
+    np.testing.assert_allclose(jax.grad(ours)(finite), jax.grad(theirs)(finite), rtol=1e-5,
+                               atol=1e-6)
