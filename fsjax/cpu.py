@@ -11,6 +11,9 @@ than assume.
 
 Linux only (``/proc/cpuinfo``); elsewhere nothing is detected, which means float32.
 
+It also says how XLA:CPU should compile an executable: :func:`jit` is ``jax.jit`` with the
+compiler options that suit the dtypes of the function's matmuls (:data:`FLOAT32_OPTIONS`).
+
 Usage::
 
   from fsjax import cpu
@@ -19,6 +22,9 @@ Usage::
   cpu.fast_bfloat16()      # True only with AMX: bfloat16 matmuls beat float32 ones
   cpu.preferred_dtype()    # "bfloat16" on AMX CPUs and accelerators, else "float32"
   cpu.resolve_dtype("auto")  # a config's dtype as it runs: "auto" -> preferred_dtype()
+
+  @cpu.jit(static_argnames="encoder")  # jax.jit, with XLA:CPU options per matmul dtype
+  def features(params, x, *, encoder): ...
 """
 
 from __future__ import annotations
@@ -140,16 +146,17 @@ def describe(cpu_flags: frozenset[str] | None = None, path: str = CPUINFO) -> st
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 
 #: XLA:CPU options of an executable whose matrix multiplies are all float32 (or wider):
-#: XLA's own (Eigen) dots, YNNPACK reductions. Measured on 2-core Xeons, one thread
-#: (``benchmarks/smoothing_throughput.py --cpu-dots``, ``benchmarks/llava_decode.py``):
-#: ViT-B/16 float32 smoothing 1.11x jax's default and 1.06x Eigen for everything (without
-#: YNNPACK, a softmax's row sums become a reduce-window tree, 3.4x slower than YNNPACK's
-#: reduction); the small LLaVA's batch-8 prefill 1.05x and decode 1.28x Eigen for
-#: everything; EfficientNet-Lite0 float32 smoothing 1.09-1.10x jax's default. With bfloat16 matmuls jax's
-#: default stays: there YNNPACK's dots use AMX tiles (Eigen's bfloat16 dot is 2.2x slower on
-#: ViT-B/16). Not for executables dominated by a wide matrix-vector product: for
-#: [8, 512] x [512, 50280] (OpenFlamingo's tied LM head) Eigen is 3x slower than YNNPACK,
-#: so OpenFlamingo's decoding keeps a plain ``jax.jit``.
+#: XLA's own (Eigen) dots, YNNPACK reductions. Without YNNPACK at all, a softmax's row sums
+#: become a reduce-window tree, 3.4x slower than YNNPACK's reduction; with jax's default,
+#: YNNPACK's float32 dots are slower than Eigen's at the shapes of smoothing and prefill
+#: (127 against 142 GFLOP/s at [1576, 768] x [768, 768], one core). Measured on a 2-core
+#: AMX Xeon, one thread, against jax's default (README, "XLA:CPU options per executable"):
+#: ViT-B/16 float32 smoothing 1.11-1.12x, EfficientNet-Lite0 1.09-1.10x; against Eigen
+#: for everything (LLaVA's earlier setting): the small LLaVA's batch-8 prefill 1.05x and
+#: decode 1.28x. With bfloat16 matmuls jax's default stays: YNNPACK's dots are the ones on
+#: AMX tiles (Eigen's bfloat16 dot is 2.2x slower on ViT-B/16). Not for executables
+#: dominated by a wide matrix-vector product: at [8, 512] x [512, 50280] (OpenFlamingo's
+#: tied LM head) Eigen is 3x slower than YNNPACK, so OpenFlamingo keeps a plain jax.jit.
 FLOAT32_OPTIONS = {YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 _WIDE = ("float32", "float64")
@@ -183,10 +190,10 @@ def jit(fn: Any = None, **jit_kwargs) -> Any:
   On the CPU backend the first call with new static arguments or input dtypes traces the
   function (``jax.jit(...).trace``; jax's trace cache does not depend on compiler options,
   so the call reuses that trace), reads the dtypes of its matmuls (:func:`matmul_dtypes`)
-  and compiles with :func:`compiler_options`;
-  elsewhere, and inside another trace (compiler options belong to the top-level jit), it
-  is a plain ``jax.jit``. Results are the same as ``jax.jit``'s up to float32 rounding.
-  Use as ``@cpu.jit(static_argnames=...)``; ``static_argnums`` is not supported.
+  and compiles with :func:`compiler_options`. Elsewhere, and inside another trace
+  (compiler options belong to the top-level jit), it is a plain ``jax.jit``. Results are
+  the same as ``jax.jit``'s up to float32 rounding. Use as
+  ``@cpu.jit(static_argnames=...)``; ``static_argnums`` is not supported.
   """
   if fn is None:
     return functools.partial(jit, **jit_kwargs)
