@@ -10,6 +10,14 @@ layer, convolution and attention einsum of fsjax's models asks for a float32 res
 rounds it to the compute dtype itself; float32 models are unchanged (the float32 result is
 the default there).
 
+A bfloat16 dot with a *single row* (decoding one token per sequence at batch 1: every
+dense layer, the attention over the cache and the LM head) is another case: XLA:CPU has no
+bfloat16 matrix-vector kernel and rewrites the dot to float32, converting its weight; in a
+decoding loop the conversion of every weight is hoisted out of the loop, so each call
+makes a float32 copy of the model (LLaVA's bfloat16 ``generate``: 202 MB of temporaries
+for 92 MB of weights; LLaVA-1.5-7B: ~27 GB). On CPU these dots run on the row repeated
+twice (:func:`lax_dot_general`), which YNNPACK's bfloat16 kernel takes as it is.
+
 Usage::
 
   from fsjax import matmul
@@ -31,13 +39,42 @@ def _accumulator(*operands) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*operands), jnp.float32)
 
 
+def _single_row(lhs, rhs, dimension_numbers) -> int | None:
+  """The LHS dimension to repeat, for a reduced-precision dot with one LHS row on CPU."""
+  if jnp.result_type(lhs, rhs) not in (jnp.bfloat16, jnp.float16):
+    return None
+  (contracting, _), (batch, _) = dimension_numbers
+  free = [d for d in range(lhs.ndim) if d not in contracting and d not in batch]
+  if not free or any(lhs.shape[d] != 1 for d in free) or jax.default_backend() != "cpu":
+    return None
+  return free[0]
+
+
+def lax_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                    **kwargs) -> jax.Array:
+  """``lax.dot_general``, but on CPU a bfloat16 (or float16) dot whose LHS is a single row
+  (its free dimensions all of size 1) is computed on that row repeated twice, and the first
+  row of the result kept: the same numbers, without XLA:CPU's float32 rewrite of the dot
+  (module docstring). Elsewhere, and for every other dot, ``lax.dot_general`` itself."""
+  dim = _single_row(lhs, rhs, dimension_numbers)
+  if dim is not None:
+    lhs = jnp.concatenate([lhs, lhs], axis=dim)
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                            preferred_element_type=preferred_element_type, **kwargs)
+  if dim is None:
+    return out
+  (contracting, _), (batch, _) = dimension_numbers
+  position = len(batch) + sum(1 for d in range(dim) if d not in contracting and d not in batch)
+  return jax.lax.slice_in_dim(out, 0, 1, axis=position)
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                 **kwargs) -> jax.Array:
-  """``lax.dot_general`` accumulated and returned in float32, then cast to
+  """:func:`lax_dot_general` accumulated and returned in float32, then cast to
   ``preferred_element_type`` (default: the operands' common dtype)."""
   out_dtype = preferred_element_type or jnp.result_type(lhs, rhs)
-  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                            preferred_element_type=_accumulator(lhs, rhs), **kwargs)
+  out = lax_dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                        preferred_element_type=_accumulator(lhs, rhs), **kwargs)
   return out.astype(out_dtype)
 
 
@@ -56,11 +93,12 @@ def conv_general_dilated(lhs, rhs, *args, preferred_element_type=None, **kwargs)
 
 
 def einsum(subscripts: str, *operands, dtype=None, **kwargs) -> jax.Array:
-  """``jnp.einsum`` accumulated in float32, returned in ``dtype`` (default: the operands'
-  common dtype; pass ``jnp.float32`` to keep the float32 result, e.g. attention logits)."""
+  """``jnp.einsum`` (its products by :func:`lax_dot_general`) accumulated in float32,
+  returned in ``dtype`` (default: the operands' common dtype; pass ``jnp.float32`` to keep
+  the float32 result, e.g. attention logits)."""
   out_dtype = dtype or jnp.result_type(*operands)
   return jnp.einsum(subscripts, *operands, preferred_element_type=_accumulator(*operands),
-                    **kwargs).astype(out_dtype)
+                    _dot_general=lax_dot_general, **kwargs).astype(out_dtype)
 
 
 def softmax_einsum(subscripts: str, logits: jax.Array, v: jax.Array, dtype=None) -> jax.Array:

@@ -18,6 +18,7 @@ import fsjax.llava as fl
 from fsjax import mllm
 from fsjax import smoothing
 from fsjax.clip.encoder import CLIP_MEAN, CLIP_STD
+from fsjax.llava import model as llava_model
 
 IMAGE = 100  # the <image> id of the tiny configs
 
@@ -288,6 +289,36 @@ def test_bfloat16_compute_close_to_float32(tmp_path):
   l16 = model16.logits(params16, ids, model16.image_features(params16, x))
   assert l16.dtype == jnp.float32
   assert np.abs(np.asarray(l16) - l32).max() < 0.05 * np.abs(l32).max()
+
+
+def test_bfloat16_batch_one_generate_makes_no_float32_copy_of_the_model(tmp_path):
+  """On CPU a one-row bfloat16 dot, or a bfloat16 gather, was run in float32 with its
+  weight converted, and the decoding loop hoisted every conversion: a float32 copy of the
+  model per call (LLaVA-1.5-7B: 28 GB). Now: temporaries below the weights' own size, and
+  the same greedy tokens as the float32 model on this tiny one."""
+  _, path = _tiny(tmp_path, seed=9)
+  model32, params32 = fl.load(path)
+  model16, params16 = fl.load(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  rng = np.random.default_rng(9)
+  x = rng.uniform(size=(1, 28, 28, 3)).astype(np.float32)
+  ids = _prompt_ids(4, rng, batch=1)
+  feats = model16.image_features(params16, x)
+  tokens16, _ = model16.generate_ids(params16, ids, feats, max_new_tokens=4)
+  tokens32, _ = model32.generate_ids(params32, ids, model32.image_features(params32, x),
+                                     max_new_tokens=4)
+  assert np.asarray(tokens16)[0, 0] == np.asarray(tokens32)[0, 0]
+  ids16, valid = model16._check_ids(ids, None, feats, False)  # pylint: disable=protected-access
+  compiled = llava_model._generate.lower(  # pylint: disable=protected-access
+      model16.language, params16["language"], ids16, valid, feats,
+      jnp.atleast_1d(jnp.int32(model16.eos_token_id)), jnp.int32(0), max_new_tokens=4,
+      projected=False).compile()
+  weights = sum(leaf.nbytes for leaf in jax.tree.leaves(params16["language"]))
+  assert compiled.memory_analysis().temp_size_in_bytes < weights
+  # The embedding rows gathered as bit patterns are nn.Embed's rows.
+  language = model16.language.bind({"params": params16["language"]})
+  table = params16["language"]["language_model"]["embed_tokens"]["embedding"]
+  np.testing.assert_array_equal(np.asarray(language.language_model.embed(jnp.asarray(ids))),
+                                np.asarray(table[ids]))
 
 
 def test_bad_inputs(tmp_path):

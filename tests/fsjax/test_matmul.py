@@ -113,3 +113,45 @@ def test_softmax_einsum_is_softmax_then_einsum(dtype, tol):
     finite = 3.0 * jax.random.normal(jax.random.key(2), logits.shape)
     np.testing.assert_allclose(jax.grad(ours)(finite), jax.grad(theirs)(finite), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("subscripts,lhs,rhs", [
+    ("md,dn->mn", (1, 64), (64, 96)),                   # a dense layer at batch 1
+    ("btd,dv->btv", (1, 1, 64), (64, 200)),             # the LM head of one token
+    ("bkqd,bksd->bkqs", (1, 4, 1, 16), (1, 4, 40, 16)),  # attention over the cache
+    ("bkqs,bksd->bkqd", (1, 4, 1, 40), (1, 4, 40, 16)),
+    ("qbd,bdn->bqn", (1, 3, 16), (3, 16, 8)),           # free dimension before the batch
+])
+def test_single_row_bfloat16_dots_stay_bfloat16_on_cpu(subscripts, lhs, rhs):
+  """XLA:CPU rewrites a one-row bfloat16 dot to float32 (a float32 copy of the weight);
+  fsjax runs it on the row repeated twice: the same product, no conversion of the weight."""
+  a, b = _bf16(lhs, 3), _bf16(rhs, 4)
+  exact = np.einsum(subscripts, np.asarray(a, np.float64), np.asarray(b, np.float64))
+  got = matmul.einsum(subscripts, a, b, dtype=jnp.float32)
+  assert got.shape == exact.shape
+  np.testing.assert_allclose(np.asarray(got, np.float64), exact, rtol=1e-5, atol=1e-5)
+  hlo = jax.jit(lambda a, b: matmul.einsum(subscripts, a, b)).lower(a, b).compile().as_text()
+  weight = "f32[" + ",".join(map(str, rhs)) + "]"
+  assert not [line for line in hlo.splitlines() if weight in line and "convert" in line], hlo
+  # The reference: plain jnp.einsum converts the weight (what the repetition avoids).
+  plain = jax.jit(lambda a, b: jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32))
+  if jax.default_backend() == "cpu" and subscripts == "md,dn->mn":
+    assert "convert" in plain.lower(a, b).compile().as_text()
+
+
+def test_single_row_repetition_only_where_it_helps():
+  """float32 dots, dots with more than one row, and gradients are lax.dot_general's own."""
+  dims = (((1,), (0,)), ((), ()))
+  a32, b32 = jnp.ones((1, 8)), jnp.ones((8, 4))
+  dot = lambda a, b: matmul.lax_dot_general(a, b, dims)
+  ops = lambda *x: [e.primitive.name for e in _equations(jax.make_jaxpr(dot)(*x).jaxpr)]
+  assert "concatenate" not in ops(a32, b32)
+  assert "concatenate" not in ops(_bf16((2, 8), 0), _bf16((8, 4), 1))
+  one = ops(_bf16((1, 8), 0), _bf16((8, 4), 1))
+  assert ("concatenate" in one) == (jax.default_backend() == "cpu")
+  a, b = _bf16((1, 8), 5), _bf16((8, 4), 6)
+  loss = lambda a, b: jnp.sum(matmul.dot_general(a, b, dims, preferred_element_type=jnp.float32))
+  ref = lambda a, b: jnp.sum(jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
+  for got, want in zip(jax.grad(loss, (0, 1))(a, b), jax.grad(ref, (0, 1))(a, b)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-2)
