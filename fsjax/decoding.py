@@ -102,12 +102,17 @@ class KVCache:
   """Static-shape keys and values of every layer, and where the next token goes.
 
   Attributes:
-    keys: one ``[B, H_kv, S, D_head]`` array per layer (S = the static capacity in
-      tokens): heads first, the layout attention's batched matmuls read, so that no step
-      transposes the cache (a ``[B, S, H, D]`` cache cost one full re-layout of every
-      layer's keys and values per generated token). Separate buffers rather than one
-      stacked array, so that each layer's write is an in-place update of its own buffer
-      inside the decoding loop.
+    keys: one ``[B H_kv, S, D_head]`` array per layer (S = the static capacity in
+      tokens; row ``b H_kv + h`` is head h of batch row b): heads first, the layout
+      attention's batched matmuls read, so that no step transposes the cache (a ``[B, S,
+      H, D]`` cache cost one full re-layout of every layer's keys and values per generated
+      token), and with one batch axis, so that attention's batched matmuls read the
+      buffer :meth:`write` updated as it is: a ``[B, H_kv, S, D]`` buffer was reshaped
+      for them after each write, and XLA:CPU then duplicated the in-place write into both
+      users, copying every layer's keys and values three times per step (the small
+      LLaVA's batch-1 decoding: 98 -> 164 tokens/s without the copies). Separate
+      buffers rather than one stacked array, so that each layer's write is an in-place
+      update of its own buffer inside the decoding loop.
     values: same shapes as ``keys``.
     mask: bool ``[B, S]``, True where a slot holds a real token (False: empty, or a
       left-padding position of a shorter prompt).
@@ -128,29 +133,37 @@ class KVCache:
   def empty(cls, *, num_layers: int, batch: int, capacity: int, num_kv_heads: int,
             head_dim: int, dtype: Any = jnp.float32) -> "KVCache":
     """A cache of zeros with room for ``capacity`` tokens per row."""
-    shape = (batch, num_kv_heads, capacity, head_dim)
+    shape = (batch * num_kv_heads, capacity, head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
     return cls(keys=zeros(), values=zeros(), mask=jnp.zeros((batch, capacity), bool),
                index=jnp.int32(0), fresh=True)
 
   @property
   def capacity(self) -> int:
-    return self.keys[0].shape[2]
+    return self.keys[0].shape[1]
 
   def write(self, layer: int, keys: jax.Array, values: jax.Array
             ) -> tuple["KVCache", jax.Array, jax.Array]:
-    """Stores ``[B, H_kv, T, D_head]`` keys/values of ``layer`` at ``index``.
+    """Stores ``[B H_kv, T, D_head]`` keys/values of ``layer`` at ``index``.
 
-    Returns the updated cache and the layer's full keys and values ``[B, H_kv, S, D]``
-    to attend over (mask them with :meth:`attention_mask`). ``index`` is not advanced:
-    call :meth:`advance` once per forward pass, after the last layer.
+    Returns the updated cache and the layer's full keys and values ``[B H_kv, S, D]`` (the
+    buffers themselves) to attend over, with the batch axis of the attention's matmuls
+    being the buffers' first (mask them with :meth:`attention_mask`). ``index`` is not
+    advanced: call :meth:`advance` once per forward pass, after the last layer.
     """
-    at = (0, 0, self.index, 0)
+    at = (0, self.index, 0)
     k = jax.lax.dynamic_update_slice(self.keys[layer], keys.astype(self.keys[layer].dtype), at)
     v = jax.lax.dynamic_update_slice(self.values[layer], values.astype(self.values[layer].dtype),
                                      at)
     put = lambda buffers, new: buffers[:layer] + (new,) + buffers[layer + 1:]
     return self.replace(keys=put(self.keys, k), values=put(self.values, v)), k, v
+
+  def repeat(self, k: int) -> "KVCache":
+    """Each batch row's cache ``k`` times in a row: batch row ``b k + j`` is row b."""
+    rows = lambda x: jnp.repeat(x.reshape(self.mask.shape[0], -1, *x.shape[1:]), k, axis=0
+                                ).reshape(-1, *x.shape[1:])
+    return self.replace(keys=tuple(map(rows, self.keys)), values=tuple(map(rows, self.values)),
+                        mask=jnp.repeat(self.mask, k, axis=0))
 
   def attention_mask(self, valid: jax.Array) -> jax.Array:
     """Bool ``[B, T, S]``: query ``t`` of this pass may see slot ``s``.
@@ -225,9 +238,9 @@ def option_log_likelihoods(extend: Extend, logits: jax.Array, cache: PyTree, opt
     extend: the model's multi-token step, ``extend(tokens int32 [B K, T], cache) ->
       logits [B K, T, V]`` (T new tokens, all valid, after what the cache holds).
     logits: ``[B, V]`` logits of the last prompt position, from the prefill.
-    cache: the cache after the prefill, with room for ``M - 1`` more tokens. Every leaf
-      with at least one axis must have the batch as its first axis (scalars, such as
-      :class:`KVCache`'s ``index``, are shared); it is repeated K times along it.
+    cache: the cache after the prefill, with room for ``M - 1`` more tokens: a pytree of
+      :class:`KVCache` nodes (repeated by :meth:`KVCache.repeat`) and arrays, each with
+      the batch as its first axis, repeated K times along it (scalars are shared).
     options: int32 ``[K, M]``, the options' ids, right-padded.
     option_valid: bool ``[K, M]``, True on each option's real tokens (a prefix).
 
@@ -242,7 +255,11 @@ def option_log_likelihoods(extend: Extend, logits: jax.Array, cache: PyTree, opt
   if m == 1:
     return total
   # Row b * K + k of the repeated batch is (prompt b, option k).
-  repeated = jax.tree.map(lambda a: jnp.repeat(a, k, axis=0) if jnp.ndim(a) else a, cache)
+  def repeat(node):
+    if isinstance(node, KVCache):
+      return node.repeat(k)
+    return jnp.repeat(node, k, axis=0) if jnp.ndim(node) else node
+  repeated = jax.tree.map(repeat, cache, is_leaf=lambda node: isinstance(node, KVCache))
   out = extend(jnp.tile(options[:, :-1], (b, 1)), repeated)  # [B K, M - 1, V]
   logp = jax.nn.log_softmax(out.astype(jnp.float32), axis=-1)
   nxt = jnp.take_along_axis(logp, jnp.tile(options[:, 1:], (b, 1))[..., None], axis=-1)[..., 0]

@@ -169,29 +169,30 @@ class LlamaAttention(nn.Module):
     # A pass over its own keys only (no cache, or the prefill of a fresh cache: every
     # other slot is empty) is causal: its query blocks skip the masked upper triangle.
     own = cache is None or cache.fresh
+    k, v = k.reshape(b * kv, t, hd), v.reshape(b * kv, t, hd)  # the cache's [B KV, T, D]
     if cache is not None:
-      cache, k_all, v_all = cache.write(layer, k, v)  # [B, KV, S, D]: every slot of the cache
+      cache, k_all, v_all = cache.write(layer, k, v)  # [B KV, S, D]: every slot of the cache
       if own:
         mask = mask[:, :, :t]  # a fresh cache's slots [0, T) are this pass's keys
       else:
         k, v = k_all, v_all
-    s = k.shape[2]
+    s = k.shape[1]
     v = v.astype(self.dtype)
     # Query head j uses KV head j // g (transformers' repeat_kv): the g query heads of a
     # KV head and their queries form one [g T, D] block, so both products are plain
-    # batched matmuls over (B, KV) on the cache's own layout.
+    # batched matmuls over B KV on the cache's own buffers (one batch axis: see KVCache).
     q = q.reshape(b, kv, g, t, hd)
     outs = []
     for start, end in decoding.causal_blocks(t) if own else [(0, t)]:
       n, keys = end - start, end if own else s  # causal: queries < end see keys < end
       qb = q if n == t else q[:, :, :, start:end]
-      logits = matmul.einsum("bkqd,bksd->bkqs", qb.reshape(b, kv, g * n, hd), k[:, :, :keys],
-                             dtype=jnp.float32)
+      logits = matmul.einsum("nqd,nsd->nqs", qb.reshape(b * kv, g * n, hd),
+                             k if keys == s else k[:, :keys], dtype=jnp.float32)
       logits = logits.reshape(b, kv, g, n, keys) * hd ** -0.5
       logits = jnp.where(mask[:, None, None, start:end, :keys], logits,
                          jnp.finfo(jnp.float32).min)
-      logits = logits.reshape(b, kv, g * n, keys)
-      outs.append(matmul.softmax_einsum("bkqs,bksd->bkqd", logits, v[:, :, :keys])
+      logits = logits.reshape(b * kv, g * n, keys)
+      outs.append(matmul.softmax_einsum("nqs,nsd->nqd", logits, v if keys == s else v[:, :keys])
                   .reshape(b, kv, g, n, hd))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, KV, g, T, D]
     out = out.reshape(b, h, t, hd).transpose(0, 2, 1, 3).reshape(b, t, h * hd)

@@ -1,0 +1,38 @@
+"""benchmarks/llava_decode.py's prefill floor: the products it times are the model's own."""
+
+import os
+import sys
+
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "benchmarks"))
+
+import common  # noqa: E402  pylint: disable=wrong-import-position
+import llava_decode  # noqa: E402  pylint: disable=wrong-import-position
+
+import fsjax.llava as fl  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def test_weight_products_are_the_prefills_weight_matmuls():
+  """Closed form from the config: every LLaMA layer's q, k, v, o and MLP kernels on each
+  prompt row, the projector on the image tokens, the LM head on the last row."""
+  config = fl.LlavaConfig.from_hf_dict(llava_decode._hf_dict(llava_decode.SMALL))  # pylint: disable=protected-access
+  shapes = fl.language_param_shapes(config)
+  text = llava_decode.SMALL["text"]
+  hidden, mlp, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
+  batch, length, image = 2, 592, 576
+  products = llava_decode.weight_products(shapes, batch, length, image)
+  assert len(products) == 7 * layers + 2 + 1
+  flops = sum(2 * m * k * n for m, k, n in products)
+  feature = llava_decode.SMALL["vision"]["hidden_size"]
+  want = 2 * batch * (layers * length * (4 * hidden * hidden + 3 * hidden * mlp)
+                      + image * (feature * hidden + hidden * hidden)
+                      + hidden * text["vocab_size"])
+  assert flops == want
+
+
+def test_matmul_floor_times_the_products():
+  seconds = common.matmul_floor([(8, 16, 32), (1, 32, 64)], jnp.float32, reps=2)
+  assert 0 < seconds < 10
+  assert common.matmul_floor([(1, 16, 32)], jnp.bfloat16, reps=1) > 0
