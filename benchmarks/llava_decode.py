@@ -25,9 +25,10 @@ compilation (fsjax) and a warm-up call (both):
 The prompt is BOS, 5 words, the image tokens, 10 words. Prints a Markdown table.
 
 The prefill floor (``--no-floor`` to skip) is what no implementation on XLA's dot can beat
-here: the language side's weight matmuls alone (the LLaMA layers on every prompt row, the
-projector on the image tokens, the LM head on the last position), run back to back as
-fsjax runs them (``common.matmul_floor``), in the same run. A prefill ratio over torch
+here: the weight matmuls a prefill needs (``weight_products``: the LLaMA layers on every
+prompt row, but for the last layer's query, output projection and MLP, needed at the last
+position only; the projector on the image tokens; the LM head on the last position), run
+back to back as fsjax runs them (``common.matmul_floor``), in the same run. A prefill ratio over torch
 above ``torch / floor`` is out of reach on this machine, whatever the code. (Decoding has
 no such floor here: the weights of a small model stay partly in the CPU's caches between
 steps, and the weight matmuls alone in another executable ran slower than whole steps.)
@@ -126,16 +127,24 @@ def _fsjax_random(shapes, dtype, image_token=IMAGE):
 
 def weight_products(language, batch: int, length: int, image_tokens: int
                     ) -> list[tuple[int, int, int]]:
-  """``(rows, K, N)`` of the language side's weight matmuls in a prefill of ``length``
-  tokens (see ``common.matmul_floor``): the LLaMA layers on every prompt row, the projector
-  on the image tokens, the LM head on the last position (the embedding table when tied)."""
+  """``(rows, K, N)`` of the weight matmuls a prefill of ``length`` tokens needs (see
+  ``common.matmul_floor``): every LLaMA layer's keys and values on every prompt row, the
+  other projections and the MLP on every row but in the last layer (whose output is
+  needed at the last position only), the projector on the image tokens, the LM head on
+  the last position (the embedding table when tied)."""
+  last = str(max(int(k) for k in language["language_model"]["layers"]))
   products = []
   for path, w in jax.tree_util.tree_leaves_with_path(language):
     names = [getattr(k, "key", "") for k in path]
-    if names[-1] == "kernel" and len(w.shape) == 2:
-      rows = (image_tokens if "multi_modal_projector" in names else
-              1 if "lm_head" in names else length)
-      products.append((batch * rows, *w.shape))
+    if names[-1] != "kernel" or len(w.shape) != 2:
+      continue
+    if "multi_modal_projector" in names:
+      rows = image_tokens
+    elif "lm_head" in names or (last in names and not {"k_proj", "v_proj"} & set(names)):
+      rows = 1
+    else:
+      rows = length
+    products.append((batch * rows, *w.shape))
   if "lm_head" not in language:
     vocab, hidden = language["language_model"]["embed_tokens"]["embedding"].shape
     products.append((batch, hidden, vocab))
@@ -298,7 +307,7 @@ def main():
           f"decoding {df / dt:.2f}x faster (best rounds {dfb / dtb:.2f}x).")
   if floor is not None:
     shares = ", ".join(f"{name} at {100 * floor / rows[name][0]:.0f}%" for name in rows)
-    print(f"Prefill floor, the language side's weight matmuls alone as fsjax runs them "
+    print(f"Prefill floor, the weight matmuls a prefill needs, alone, as fsjax runs them "
           f"({'float32' if args.size == 'small' and args.dtype == 'float32' else 'bfloat16'}; "
           f"attention, norms and the vision tower come on top): {1e3 * floor:.1f} ms; "
           f"{shares} of its speed.", end="")

@@ -16,7 +16,8 @@ import fsjax.llava as fl  # noqa: E402  pylint: disable=wrong-import-position
 
 def test_weight_products_are_the_prefills_weight_matmuls():
   """Closed form from the config: every LLaMA layer's q, k, v, o and MLP kernels on each
-  prompt row, the projector on the image tokens, the LM head on the last row."""
+  prompt row (the last layer: k and v only, the rest on the last row), the projector on the
+  image tokens, the LM head on the last row."""
   config = fl.LlavaConfig.from_hf_dict(llava_decode._hf_dict(llava_decode.SMALL))  # pylint: disable=protected-access
   shapes = fl.language_param_shapes(config)
   text = llava_decode.SMALL["text"]
@@ -26,7 +27,9 @@ def test_weight_products_are_the_prefills_weight_matmuls():
   assert len(products) == 7 * layers + 2 + 1
   flops = sum(2 * m * k * n for m, k, n in products)
   feature = llava_decode.SMALL["vision"]["hidden_size"]
-  want = 2 * batch * (layers * length * (4 * hidden * hidden + 3 * hidden * mlp)
+  per_row = 4 * hidden * hidden + 3 * hidden * mlp  # q, k, v, o and the MLP
+  kv = 2 * hidden * hidden
+  want = 2 * batch * ((layers - 1) * length * per_row + length * kv + (per_row - kv)
                       + image * (feature * hidden + hidden * hidden)
                       + hidden * text["vocab_size"])
   assert flops == want

@@ -249,9 +249,7 @@ class LlavaLanguageModel(nn.Module):
     image = features if projected else self.multi_modal_projector(features)
     embeds = self.language_model.embed(input_ids)
     embeds = merge_image_features(embeds, image, input_ids == self.config.image_token_id)
-    hidden, cache = self.language_model(embeds, positions, valid, cache)
-    if last_only:
-      hidden = hidden[:, -1:]
+    hidden, cache = self.language_model(embeds, positions, valid, cache, last_only=last_only)
     return self._logits(hidden), cache
 
   def step(self, tokens: jax.Array, positions: jax.Array, cache: decoding.KVCache):

@@ -5,6 +5,7 @@ directory. Oracle: the PyTorch model's logits and generate(do_sample=False).
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import transformers
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import fsjax.llava as fl
+from fsjax import decoding
 from fsjax import mllm
 from fsjax import smoothing
 from fsjax.clip.encoder import CLIP_MEAN, CLIP_STD
@@ -162,6 +164,36 @@ def test_left_padded_batch_matches_generate(tmp_path):
                                pad_token_id=0)[:, ids.shape[1]:].numpy()
   tokens, steps = model.generate_ids(params, ids, features, valid=valid, max_new_tokens=16)
   np.testing.assert_array_equal(np.asarray(tokens)[:, :int(steps)], ref)
+
+
+def test_last_only_prefill_equals_the_full_pass_at_the_last_position(tmp_path):
+  """The prefill's last layer runs its query, attention and MLP on the last position only;
+  its logits and the cached keys and values are the full pass's (left padding, GQA)."""
+  _, path = _tiny(tmp_path, seed=4)
+  model, params = fl.load(path)
+  rng = np.random.default_rng(4)
+  features = model.image_features(params, rng.uniform(size=(2, 28, 28, 3)).astype(np.float32))
+  long = [1, 11, 12, 13, 14] + [IMAGE] * 4 + [15, 16]
+  short = [1, 21] + [IMAGE] * 4 + [22]
+  ids = jnp.asarray([long, [0] * (len(long) - len(short)) + short])
+  valid = ids != 0
+  positions = llava_model._positions(valid)  # pylint: disable=protected-access
+  cfg = model.language.config.text_config
+  cache = lambda: decoding.KVCache.empty(num_layers=cfg.num_hidden_layers, batch=2, capacity=16,
+                                         num_kv_heads=cfg.num_key_value_heads,
+                                         head_dim=cfg.head_dim)
+  apply = functools.partial(model.language.apply, {"params": params["language"]}, ids, features,
+                            positions, valid)
+  full, full_cache = apply(cache())
+  last, last_cache = apply(cache(), last_only=True)
+  assert last.shape == (2, 1, full.shape[-1])
+  np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), atol=1e-5,
+                             rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(last_cache), jax.tree.leaves(full_cache)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  no_cache, _ = apply(None, last_only=True)  # a plain causal pass
+  np.testing.assert_allclose(np.asarray(no_cache[:, 0]), np.asarray(full[:, -1]), atol=1e-5,
+                             rtol=1e-5)
 
 
 def test_feature_injection_matches_mm_encoder_outputs(tmp_path):
