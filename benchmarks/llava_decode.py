@@ -3,6 +3,7 @@ r"""Greedy decoding speed of fsjax.llava vs transformers (PyTorch) on the same L
   python benchmarks/llava_decode.py                    # small random LLaVA, CPU, both
   python benchmarks/llava_decode.py --quick            # < 1 minute smoke run
   python benchmarks/llava_decode.py --size 7b --skip-torch   # LLaVA-1.5-7B shapes (GPU)
+  python benchmarks/llava_decode.py --size 7b --memory       # generate's memory, compiled only
 
 "small" (default): a random LLaVA with a 336-px CLIP tower of width 64 (2 layers, 576
 image tokens) and a 4-layer LLaMA of hidden 512 (8 heads, MLP 1376, vocabulary 32064),
@@ -151,6 +152,28 @@ def weight_products(language, batch: int, length: int, image_tokens: int
   return products
 
 
+def memory_report(shapes, dtype, batch: int, new_tokens: int) -> str:
+  """The compiled ``generate``'s temporaries against its language weights, for these
+  shapes: compiled on abstract parameters, nothing allocated or run (7B shapes fit)."""
+  from fsjax.llava import model as llava_model  # pylint: disable=g-import-not-at-top
+  config = fl.LlavaConfig.from_hf_dict(_hf_dict(shapes))
+  vision = shapes["vision"]
+  feature, t = vision["hidden_size"], (vision["image_size"] // vision["patch_size"]) ** 2
+  language = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype),
+                          fl.language_param_shapes(config, feature_size=feature))
+  ids = jnp.asarray([[1] + [5] * 5 + [IMAGE] * t + [7] * 10] * batch, jnp.int32)
+  compiled = llava_model._generate.lower(  # pylint: disable=protected-access
+      llava_model.LlavaLanguageModel(config=config, dtype=dtype), language, ids,
+      jnp.ones(ids.shape, bool), jax.ShapeDtypeStruct((batch, t, feature), dtype),
+      jnp.atleast_1d(jnp.int32(2)), jnp.int32(0), max_new_tokens=new_tokens,
+      projected=False).compile()
+  weights = sum(np.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(language))
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  return (f"generate ({jnp.dtype(dtype).name}, batch {batch}, {new_tokens} new tokens) on "
+          f"{jax.default_backend()}: temporaries {temp / 1e9:.2f} GB against language weights "
+          f"{weights / 1e9:.2f} GB (compiled, not run).")
+
+
 def _timed(fn, rounds):
   out = []
   for _ in range(rounds):
@@ -175,6 +198,9 @@ def main():
                       help="option-scoring row: this many options (0: no row)")
   parser.add_argument("--option-tokens", type=int, default=4,
                       help="option-scoring row: tokens per option (= greedy tokens compared)")
+  parser.add_argument("--memory", action="store_true",
+                      help="only compile generate for these shapes (nothing allocated) and "
+                           "print its temporaries against the weights")
   parser.add_argument("--no-floor", action="store_true",
                       help="skip the prefill floor (the weight matmuls alone, "
                            "common.matmul_floor)")
@@ -185,6 +211,10 @@ def main():
   if args.quick:
     args.rounds, args.new_tokens = 3, 16
   shapes = SMALL if args.size == "small" else SEVEN_B
+  if args.memory:
+    dtype = JAX_DTYPES[args.dtype] if args.size == "small" else jnp.bfloat16
+    print(memory_report(shapes, dtype, args.batch, args.new_tokens))
+    return
   backend = jax.default_backend()
   load = os.getloadavg()[0]
   _log(f"jax {jax.__version__} on {backend}, load average {load:.2f}")
