@@ -29,10 +29,11 @@ The prefill floor (``--no-floor`` to skip) is what no implementation on XLA's do
 here: the weight matmuls a prefill needs (``weight_products``: the LLaMA layers on every
 prompt row, but for the last layer's query, output projection and MLP, needed at the last
 position only; the projector on the image tokens; the LM head on the last position), run
-back to back as fsjax runs them (``common.matmul_floor``), in the same run. A prefill ratio over torch
-above ``torch / floor`` is out of reach on this machine, whatever the code. (Decoding has
-no such floor here: the weights of a small model stay partly in the CPU's caches between
-steps, and the weight matmuls alone in another executable ran slower than whole steps.)
+back to back as fsjax runs them (``common.matmul_floor``), in the same run. A prefill
+ratio over torch above ``torch / floor`` is out of reach on this machine, whatever the
+code. (Decoding has no such floor here: the weights of a small model stay partly in the
+CPU's caches between steps, and the weight matmuls alone in another executable ran slower
+than whole steps.)
 
 On CPU, fsjax's generate/score executables are compiled by ``fsjax.cpu.jit``: float32
 matmuls go to XLA's own (Eigen) dot, reductions to YNNPACK (``fsjax.cpu.FLOAT32_OPTIONS``);

@@ -110,7 +110,7 @@ class KVCache:
       buffer :meth:`write` updated as it is: a ``[B, H_kv, S, D]`` buffer was reshaped
       for them after each write, and XLA:CPU then duplicated the in-place write into both
       users, copying every layer's keys and values three times per step (the small
-      LLaVA's batch-1 decoding: 98 -> 164 tokens/s without the copies). Separate
+      LLaVA's batch-1 decoding: 98 -> 149 tokens/s without the copies). Separate
       buffers rather than one stacked array, so that each layer's write is an in-place
       update of its own buffer inside the decoding loop.
     values: same shapes as ``keys``.

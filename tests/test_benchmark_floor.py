@@ -18,7 +18,8 @@ def test_weight_products_are_the_prefills_weight_matmuls():
   """Closed form from the config: every LLaMA layer's q, k, v, o and MLP kernels on each
   prompt row (the last layer: k and v only, the rest on the last row), the projector on the
   image tokens, the LM head on the last row."""
-  config = fl.LlavaConfig.from_hf_dict(llava_decode._hf_dict(llava_decode.SMALL))  # pylint: disable=protected-access
+  hf_dict = llava_decode._hf_dict(llava_decode.SMALL)  # pylint: disable=protected-access
+  config = fl.LlavaConfig.from_hf_dict(hf_dict)
   shapes = fl.language_param_shapes(config)
   text = llava_decode.SMALL["text"]
   hidden, mlp, layers = text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"]
