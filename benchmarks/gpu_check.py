@@ -15,7 +15,8 @@ Rows (each timed after compilation and one warm-up call, best of ``--reps`` call
   LLaMA-7B shapes), bfloat16: prefill (image -> tower -> projector -> LLaMA over the 576
   image tokens and the prompt -> first token) in tokens/s, and greedy decoding in new
   tokens/s (``(N - 1) / (t(N) - t(1))`` per row, EOS unreachable), for batch 1 and a batch
-  of noise samples (``--noise-batch``); prefill GFLOP/s from 2 x parameters x tokens.
+  of noise samples (``--noise-batch``); prefill GFLOP/s from the weight matmuls a prefill
+  needs (``llava_decode.weight_products``: attention and the vision tower not counted).
 * **option scoring**: the same model scoring 4 options of 3 tokens after the prompt
   (``Llava.option_scores``: one prefill + one batched pass), per image.
 * **answers**: noisy answers/s of the same model as the base classifier of an
@@ -202,7 +203,6 @@ def llava_rows(check: Check, s: Settings) -> None:
   model = dataclasses.replace(model, eos_token_id=vocab)  # EOS unreachable: N tokens always
   log(f"random-init LLaVA ({'tiny' if s.tiny else '7B shapes'}) in "
       f"{time.perf_counter() - t0:.1f} s")
-  n_params = sum(int(np.prod(l.shape)) for l in jax.tree.leaves(params["language"]))
   size = shapes["vision"]["image_size"]
   t = (size // shapes["vision"]["patch_size"]) ** 2
   rng = np.random.default_rng(0)
@@ -224,7 +224,9 @@ def llava_rows(check: Check, s: Settings) -> None:
 
     def prefill(b=b, length=length, full=full):
       sec = check.best(full(1))
-      return b * length / sec, "prompt tokens/s", 2 * n_params * b * length / sec / 1e9, \
+      flops = 2 * sum(m * k * n for m, k, n in llava_decode.weight_products(
+          params["language"], b, length, t))
+      return b * length / sec, "prompt tokens/s", flops / sec / 1e9, \
           "bfloat16"
 
     def decode(b=b, generate=generate):
