@@ -109,7 +109,7 @@ class KVCache:
       token), and with one batch axis, so that attention's batched matmuls read the
       buffer :meth:`write` updated as it is: a ``[B, H_kv, S, D]`` buffer was reshaped
       for them after each write, and XLA:CPU then duplicated the in-place write into both
-      users, copying every layer's keys and values three times per step (the small
+      users, copying every layer's keys and values four times per step (the small
       LLaVA's batch-1 decoding: 98 -> 149 tokens/s without the copies). Separate
       buffers rather than one stacked array, so that each layer's write is an in-place
       update of its own buffer inside the decoding loop.

@@ -158,7 +158,7 @@ def test_cache_repeat_repeats_each_batch_row():
 @pytest.mark.parametrize("batch", [1, 3])
 def test_decoding_loop_writes_the_cache_in_place(batch):
   """A one-layer attention model in greedy_decode: XLA compiles no copy of a cache buffer
-  (a [B, H, S, D] cache was copied three times per layer and step, ~40% of the small
+  (a [B, H, S, D] cache was copied four times per layer and step, ~40% of the small
   LLaVA's batch-1 decoding)."""
   h, d, s, vocab = 4, 16, 40, 50
   rng = np.random.default_rng(4)
