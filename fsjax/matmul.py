@@ -39,15 +39,16 @@ def _accumulator(*operands) -> jnp.dtype:
   return jnp.promote_types(jnp.result_type(*operands), jnp.float32)
 
 
-def _single_row(lhs, rhs, dimension_numbers) -> int | None:
-  """The LHS dimension to repeat, for a reduced-precision dot with one LHS row on CPU."""
+def _single_row(lhs, rhs, dimension_numbers) -> tuple[int, int] | None:
+  """For a reduced-precision dot with one LHS row on CPU: the LHS dimension to repeat and
+  the output dimension it becomes; else None."""
   if jnp.result_type(lhs, rhs) not in (jnp.bfloat16, jnp.float16):
     return None
   (contracting, _), (batch, _) = dimension_numbers
   free = [d for d in range(lhs.ndim) if d not in contracting and d not in batch]
   if not free or any(lhs.shape[d] != 1 for d in free) or jax.default_backend() != "cpu":
     return None
-  return free[0]
+  return free[0], len(batch)  # output dims: batch, then the LHS's free ones in order
 
 
 def lax_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
@@ -56,16 +57,12 @@ def lax_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   (its free dimensions all of size 1) is computed on that row repeated twice, and the first
   row of the result kept: the same numbers, without XLA:CPU's float32 rewrite of the dot
   (module docstring). Elsewhere, and for every other dot, ``lax.dot_general`` itself."""
-  dim = _single_row(lhs, rhs, dimension_numbers)
-  if dim is not None:
-    lhs = jnp.concatenate([lhs, lhs], axis=dim)
+  row = _single_row(lhs, rhs, dimension_numbers)
+  if row is not None:
+    lhs = jnp.concatenate([lhs, lhs], axis=row[0])
   out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                             preferred_element_type=preferred_element_type, **kwargs)
-  if dim is None:
-    return out
-  (contracting, _), (batch, _) = dimension_numbers
-  position = len(batch) + sum(1 for d in range(dim) if d not in contracting and d not in batch)
-  return jax.lax.slice_in_dim(out, 0, 1, axis=position)
+  return out if row is None else jax.lax.slice_in_dim(out, 0, 1, axis=row[1])
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,

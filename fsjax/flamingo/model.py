@@ -239,9 +239,10 @@ def init(config: FlamingoConfig, *, seed: int = 0, gate: float = 0.5,
       "latents": lambda rng, shape: rng.normal(0.0, 1.0, shape)})
 
 
-# A plain jax.jit, not fsjax.cpu.jit: on CPU the tied LM head (``wte.attend``, [B, 512] x
-# [512, 50280]) dominates a decode step, and XLA's own float32 dot runs it 3x slower than
-# YNNPACK (jax's default); FLOAT32_OPTIONS halved decode tokens/s (measured, batch 8).
+# A plain jax.jit, not fsjax.cpu.jit: on CPU the tied LM head ([B, 512] x [512, 50280],
+# fsjax.flamingo.mpt.decode) dominates a decode step, and XLA's own float32 dot runs it 3x
+# slower than YNNPACK (jax's default); FLOAT32_OPTIONS halved decode tokens/s (measured,
+# batch 8).
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_id",
                                              "pad_token_id"))
 def _generate(model, params, ids, valid, vision_tokens, *, max_new_tokens, eos_token_id,
