@@ -28,6 +28,7 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fsjax import decoding
 from fsjax import matmul
@@ -116,20 +117,28 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def rotary_tables(positions: jax.Array, head_dim: int, theta: float
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float, size: int
                   ) -> tuple[jax.Array, jax.Array]:
   """``(cos, sin)`` float32 ``[B, 1, T, D]`` of the rotary angles at ``positions`` ``[B, T]``.
 
-  transformers' LlamaRotaryEmbedding ("default" type), computed once per forward pass and
-  shared by every layer's queries and keys. The optimization barrier keeps XLA from
-  fusing cos and sin into each consumer, where they were recomputed for every head of
-  every q and k (on one loaded CPU core: ~10% of the small LLaVA's prefill before, ~3%
-  after).
+  transformers' LlamaRotaryEmbedding ("default" type), shared by every layer's queries and
+  keys. ``size``: a static bound on the positions (the cache's capacity, or T without a
+  cache); positions outside ``[0, size)`` are a caller's error.
+
+  The angles are float32 as in transformers (``inv_freq`` and ``position * inv_freq``
+  rounded to float32); their cosines and sines are a ``[size, D]`` table computed in numpy
+  (float64, rounded once) and gathered at ``positions``. Computed in the graph, XLA:CPU
+  fused ``cos`` and ``sin`` into every consumer and recomputed them per head of every query
+  and key, and once more in each causal block's key slice: 80 of each in the small LLaVA's
+  prefill (an optimization barrier does not survive XLA:CPU's pipeline). A gather fused into
+  a consumer costs a load.
   """
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-  angles = jnp.concatenate([freqs, freqs], axis=-1)[:, None, :, :]  # [B, 1, T, D]
-  return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+  exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  inv_freq = np.float32(1) / (np.float64(theta) ** exponents).astype(np.float32)  # torch's bits
+  freqs = np.arange(size, dtype=np.float32)[:, None] * inv_freq  # float32, as transformers
+  angles = np.concatenate([freqs, freqs], axis=-1).astype(np.float64)  # [size, D]
+  cos, sin = (jnp.asarray(f(angles).astype(np.float32)) for f in (np.cos, np.sin))
+  return tuple(jnp.take(table, positions, axis=0, mode="clip")[:, None] for table in (cos, sin))
 
 
 def rotary(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
@@ -314,7 +323,8 @@ class LlamaModel(nn.Module):
       mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
     else:
       mask = cache.attention_mask(valid)
-    rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta)
+    size = valid.shape[1] if cache is None else cache.capacity
+    rope = rotary_tables(positions, self.config.head_dim, self.config.rope_theta, size)
     x, new_cache = self.layers(inputs_embeds.astype(self.dtype), rope, mask, cache, last_only)
     if cache is not None:
       new_cache = new_cache.advance(valid)

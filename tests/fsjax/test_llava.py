@@ -20,6 +20,7 @@ from fsjax import decoding
 from fsjax import mllm
 from fsjax import smoothing
 from fsjax.clip.encoder import CLIP_MEAN, CLIP_STD
+from fsjax.llava import llama
 from fsjax.llava import model as llava_model
 
 IMAGE = 100  # the <image> id of the tiny configs
@@ -194,6 +195,34 @@ def test_last_only_prefill_equals_the_full_pass_at_the_last_position(tmp_path):
   no_cache, _ = apply(None, last_only=True)  # a plain causal pass
   np.testing.assert_allclose(np.asarray(no_cache[:, 0]), np.asarray(full[:, -1]), atol=1e-5,
                              rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim,theta", [(16, 500.0), (128, 10000.0)])
+def test_rotary_tables_match_transformers(head_dim, theta):
+  """The gathered cos/sin tables are transformers' LlamaRotaryEmbedding at the positions."""
+  config = transformers.LlamaConfig(hidden_size=4 * head_dim, num_attention_heads=4,
+                                    rope_theta=theta, max_position_embeddings=4096)
+  positions = np.array([[0, 1, 2, 3, 700], [0, 0, 5, 4094, 4095]])
+  ref_cos, ref_sin = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)(
+      torch.zeros(1), torch.tensor(positions))
+  cos, sin = llama.rotary_tables(jnp.asarray(positions), head_dim, theta, 4096)
+  assert cos.shape == sin.shape == (2, 1, 5, head_dim)
+  np.testing.assert_allclose(np.asarray(cos[:, 0]), ref_cos.numpy(), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(sin[:, 0]), ref_sin.numpy(), rtol=0, atol=1e-6)
+
+
+def test_prefill_computes_no_cosine_or_sine(tmp_path):
+  """The rotary angles' cos and sin come from a table: computed in the graph, XLA:CPU fused
+  them into every query's and key's rotation and recomputed them in each causal block."""
+  _, path = _tiny(tmp_path, seed=5)
+  model, params = fl.load(path)
+  rng = np.random.default_rng(5)
+  features = model.image_features(params, rng.uniform(size=(1, 28, 28, 3)).astype(np.float32))
+  ids, valid = model._check_ids(  # pylint: disable=protected-access
+      _prompt_ids(4, rng, batch=1), None, features, False)
+  hlo = llava_model.prefill.lower(model.language, params["language"], ids, valid, features,
+                                  capacity=32).compile().as_text()
+  assert " cosine(" not in hlo and " sine(" not in hlo
 
 
 def test_feature_injection_matches_mm_encoder_outputs(tmp_path):
