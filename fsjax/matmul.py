@@ -18,6 +18,10 @@ makes a float32 copy of the model (LLaVA's bfloat16 ``generate``: 202 MB of temp
 for 92 MB of weights; LLaVA-1.5-7B: ~27 GB). On CPU these dots run on the row repeated
 twice (:func:`lax_dot_general`), which YNNPACK's bfloat16 kernel takes as it is.
 
+An embedding lookup in a 16-bit table is the same kind of case: XLA:CPU gathers bfloat16
+rows in float32, and in a decoding loop it hoists the conversion of the whole table.
+:func:`take_rows` gathers the rows' bit patterns instead.
+
 Usage::
 
   from fsjax import matmul
@@ -113,6 +117,22 @@ def softmax_einsum(subscripts: str, logits: jax.Array, v: jax.Array, dtype=None)
   e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
   out = einsum(subscripts, e.astype(dtype), v, dtype=jnp.float32)
   return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(dtype)
+
+
+def take_rows(table: jax.Array, ids: jax.Array, dtype=None) -> jax.Array:
+  """``table[ids]`` cast to ``dtype`` (default the table's): an embedding lookup.
+
+  The rows are gathered in the table's own dtype and then cast (``nn.Embed`` casts the
+  table first); a 16-bit float table is gathered as its bit patterns: XLA:CPU gathers
+  bfloat16 in float32, and inside a decoding loop it hoists the conversion of the whole
+  table (a float32 copy per ``generate`` call). Ids out of range give the bit pattern
+  0xFFFF (a NaN) for 16-bit tables, as ``jnp.take``'s default fill gives NaN for others.
+  """
+  dtype = dtype or table.dtype
+  if table.dtype.itemsize == 2 and jnp.issubdtype(table.dtype, jnp.floating):
+    bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
+    return jax.lax.bitcast_convert_type(bits, table.dtype).astype(dtype)
+  return jnp.take(table, ids, axis=0).astype(dtype)
 
 
 def dot(a, b, dtype=None, **kwargs) -> jax.Array:

@@ -285,7 +285,7 @@ def decode(transformer: MPTModel, input_ids: jax.Array, cache: decoding.KVCache,
     ``(logits [B, T or 1, vocab] float32, cache advanced by T)``.
   """
   cfg = transformer.config
-  x = transformer.wte(input_ids)
+  x = matmul.take_rows(transformer.wte.embedding, input_ids, transformer.dtype)
   mask = cache.attention_mask(valid)
   for i, block in enumerate(transformer.blocks.layers):
     if before_block is not None:

@@ -284,20 +284,9 @@ class LlamaModel(nn.Module):
     self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
   def embed(self, input_ids: jax.Array) -> jax.Array:
-    """``[B, T]`` ids -> ``[B, T, hidden]`` embeddings in the compute dtype.
-
-    The rows are gathered in the table's own dtype and then cast (``nn.Embed`` casts the
-    table first); a 16-bit float table is gathered as its bit patterns: XLA:CPU gathers
-    bfloat16 in float32, and inside the decoding loop it hoists the conversion of the
-    whole table (a float32 copy, converted once per ``generate`` call).
-    """
-    table = self.embed_tokens.embedding
-    if table.dtype.itemsize == 2:
-      bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), input_ids, axis=0)
-      rows = jax.lax.bitcast_convert_type(bits, table.dtype)  # out of range: 0xFFFF, a NaN
-    else:
-      rows = jnp.take(table, input_ids, axis=0)
-    return rows.astype(self.dtype)
+    """``[B, T]`` ids -> ``[B, T, hidden]`` embeddings in the compute dtype
+    (:func:`fsjax.matmul.take_rows`: a bfloat16 table stays bfloat16 on CPU)."""
+    return matmul.take_rows(self.embed_tokens.embedding, input_ids, self.dtype)
 
   def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, valid: jax.Array,
                cache: decoding.KVCache | None = None, *, last_only: bool = False):

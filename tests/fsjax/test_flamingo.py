@@ -28,6 +28,8 @@ from configs import openflamingo_9b
 from configs import openflamingo_tiny
 from fsjax import clip as fsjax_clip
 from fsjax import flamingo
+from fsjax.flamingo import model as flamingo_model
+from fsjax.flamingo import mpt
 from fsjax import mllm
 from fsjax import smoothing
 
@@ -184,6 +186,27 @@ def test_cached_greedy_and_captions_equal_oracle_loop(models):
   expected = [" ".join(WORDS[t] for t in (row[:list(row).index(EOC)] if EOC in row else row))
               for row in ref]
   assert captions == expected and captions[1]
+
+
+def test_bfloat16_generate_gathers_the_embedding_in_bfloat16(models):
+  """A bfloat16 table gathered in float32 (nn.Embed on XLA:CPU) made the decoding loop
+  hoist a float32 copy of the whole embedding table (OpenFlamingo-9B: 824 MB) per call."""
+  _, of32, root = models
+  of = flamingo.load(root, lang_encoder=root / "mpt", vision_encoder=root / "clip",
+                     tokenizer=root / "tokenizer", dtype="bfloat16", param_dtype="bfloat16")
+  ids = of.tokenizer(["<image> w7 w8 Output:"], return_tensors="np")["input_ids"]
+  images = _images(1, 1, seed=3)
+  tokens, _ = of.generate(ids, images, max_new_tokens=3)
+  tokens32, _ = of32.generate(ids, images, max_new_tokens=3)
+  assert np.asarray(tokens)[0, 0] == np.asarray(tokens32)[0, 0]
+  ids, valid = mpt.check_prompt(ids, None, max_new_tokens=3, max_seq_len=64)
+  vision = of.vision_tokens(images)
+  hlo = flamingo_model._generate.lower(  # pylint: disable=protected-access
+      of.model, of.params, ids, valid, vision, max_new_tokens=3, eos_token_id=EOC,
+      pad_token_id=PAD).compile().as_text()
+  table = of.params["lang_encoder"]["transformer"]["wte"]["embedding"]
+  assert table.dtype == jax.numpy.bfloat16
+  assert f"f32[{table.shape[0]},{table.shape[1]}]" not in hlo
 
 
 def test_encoder_is_pluggable(models):

@@ -155,3 +155,21 @@ def test_single_row_repetition_only_where_it_helps():
   for got, want in zip(jax.grad(loss, (0, 1))(a, b), jax.grad(ref, (0, 1))(a, b)):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_take_rows_is_the_rows_of_the_table(dtype):
+  """``take_rows`` = ``table[ids]`` (numpy) cast once; a 16-bit table is never converted
+  whole (XLA:CPU gathered bfloat16 in float32, converting the table)."""
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(50, 12)), dtype)
+  ids = jnp.asarray([[3, 0, 49], [7, 7, 1]])
+  out = matmul.take_rows(table, ids, jnp.float32)
+  assert out.dtype == jnp.float32 and out.shape == (2, 3, 12)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(table, np.float32)[np.asarray(ids)])
+  assert matmul.take_rows(table, ids).dtype == dtype
+  if dtype != jnp.float32:
+    hlo = jax.jit(matmul.take_rows).lower(table, ids).compile().as_text()
+    assert "f32[50,12]" not in hlo
+    # Out of range: the bit pattern 0xFFFF, a NaN (jnp.take fills with NaN).
+    assert np.isnan(np.asarray(matmul.take_rows(table, jnp.asarray([50]), jnp.float32))).all()
