@@ -206,9 +206,11 @@ def test_rotary_tables_match_transformers(head_dim, theta):
   ref_cos, ref_sin = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(config)(
       torch.zeros(1), torch.tensor(positions))
   cos, sin = llama.rotary_tables(jnp.asarray(positions), head_dim, theta, 4096)
-  assert cos.shape == sin.shape == (2, 1, 5, head_dim)
-  np.testing.assert_allclose(np.asarray(cos[:, 0]), ref_cos.numpy(), rtol=0, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(sin[:, 0]), ref_sin.numpy(), rtol=0, atol=1e-6)
+  assert cos.shape == sin.shape == (2, 5, 1, head_dim // 2)
+  for table, ref in ((cos, ref_cos.numpy()), (sin, ref_sin.numpy())):  # ref: [B, T, D]
+    np.testing.assert_array_equal(ref[..., :head_dim // 2], ref[..., head_dim // 2:])
+    np.testing.assert_allclose(np.asarray(table[:, :, 0]), ref[..., :head_dim // 2], rtol=0,
+                               atol=1e-6)
 
 
 def test_prefill_computes_no_cosine_or_sine(tmp_path):
