@@ -219,13 +219,9 @@ class CLIPAttention(nn.Module):
     q = split(dense(name="q_proj")(queries))
     k = split(dense(name="k_proj")(x))
     v = split(dense(name="v_proj")(x))
-    logits = matmul.einsum("bhqd,bhkd->bhqk", q, k, dtype=jnp.float32)
-    logits = logits * (d // h) ** -0.5
-    if mask is not None:
-      if num_queries is not None and mask.shape[-2] != 1:
-        mask = mask[..., :num_queries, :]
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    out = matmul.softmax_einsum("bhqk,bhkd->bhqd", logits, v).transpose(0, 2, 1, 3)
+    if mask is not None and num_queries is not None and mask.shape[-2] != 1:
+      mask = mask[..., :num_queries, :]
+    out = matmul.attention(q, k, v, mask).transpose(0, 2, 1, 3)
     out = out.reshape(queries.shape[:2] + (d,))
     return dense(name="out_proj")(out)
 

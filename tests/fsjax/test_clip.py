@@ -1,6 +1,7 @@
 """Tests of fsjax.clip against the transformers PyTorch CLIP (the oracle), on tiny models."""
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -228,6 +229,28 @@ def test_vision_only_parity(inputs, tmp_path):
     assert _max_diff(h, r) <= TOL
   with pytest.raises(ValueError, match="vision-only"):
     model.apply(v, inputs[1], inputs[2], method="encode_text")
+
+
+def test_long_sequence_parity(tmp_path):
+  """257 tokens (16 x 16 patches and CLS): on CPU the attention runs one (image, head) at a
+  time (matmul.attention); every hidden state is still transformers'."""
+  config = transformers.CLIPVisionConfig(**dict(VISION, image_size=64, patch_size=4),
+                                         projection_dim=12)
+  torch.manual_seed(0)
+  hf_vision = _perturb(transformers.CLIPVisionModelWithProjection(config), seed=3)
+  hf_vision.save_pretrained(tmp_path, safe_serialization=True)
+  pixels = np.random.default_rng(3).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    out = hf_vision(torch.from_numpy(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
+  model, params = clip.load(tmp_path)
+  hidden = functools.partial(model.apply, method="vision_hidden_states")
+  assert out.hidden_states[0].shape[1] == 257
+  for h, r in zip(hidden({"params": params}, pixels), out.hidden_states, strict=True):
+    assert _max_diff(h, r) <= TOL
+  assert _max_diff(model.apply({"params": params}, pixels, method="encode_image"),
+                   out.image_embeds) <= TOL
+  hlo = jax.jit(hidden).lower({"params": params}, pixels).compile().as_text()
+  assert (" while(" in hlo) == (jax.default_backend() == "cpu")
 
 
 def test_openclip_format(hf, inputs, tmp_path):

@@ -173,3 +173,34 @@ def test_take_rows_is_the_rows_of_the_table(dtype):
     assert "f32[50,12]" not in hlo
     # Out of range: the bit pattern 0xFFFF, a NaN (jnp.take fills with NaN).
     assert np.isnan(np.asarray(matmul.take_rows(table, jnp.asarray([50]), jnp.float32))).all()
+
+
+def _attention_reference(q, k, v, mask=None):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  logits = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = np.where(mask, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bhkd->bhqd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("t,masked,looped", [(260, False, True), (260, True, False),
+                                             (20, False, False)])
+def test_attention_against_float64_numpy(t, masked, looped, monkeypatch):
+  """Long unmasked self-attention runs one (batch, head) at a time on CPU (a while loop
+  in the compiled program), everything else in one batched pass: the same numbers, and
+  the same gradients as the batched form."""
+  rng = np.random.default_rng(t)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 3, t, 8)), jnp.float32) for _ in range(3))
+  mask = jnp.asarray(np.tril(np.ones((t, t), bool)))[None, None] if masked else None
+  out = matmul.attention(q, k, v, mask)
+  np.testing.assert_allclose(np.asarray(out), _attention_reference(q, k, v, mask), atol=2e-6,
+                             rtol=2e-5)
+  hlo = jax.jit(matmul.attention).lower(q, k, v, mask).compile().as_text()
+  assert (" while(" in hlo) == looped
+  loss = lambda q, k, v: jnp.sum(matmul.attention(q, k, v, mask) ** 2)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  monkeypatch.setattr(matmul, "CPU_HEAD_LOOP_MIN_TOKENS", 10 ** 9)  # the batched form
+  batched = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(grads, batched):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
