@@ -62,11 +62,13 @@ def check_images(x: Any, *, name: str = "x") -> None:
     raise ValueError(
         f"{name} must hold floating-point pixels in [0, 1] (float32, bfloat16, float16 or "
         f"float64), got dtype {a.dtype}; for uint8 images pass x / 255.")
-  a = a.astype(np.float32)  # exact for every narrower float; numpy's reductions need it
-  if not np.all(np.isfinite(a)):
+  # float32 is exact for every narrower float (numpy's reductions need a numpy float);
+  # min and max propagate NaN and Inf, so two passes check both range and finiteness.
+  a = a.astype(np.float32, copy=False)
+  lo, hi = float(a.min()), float(a.max())
+  if not (np.isfinite(lo) and np.isfinite(hi)):
     raise ValueError(f"{name} contains NaN or Inf pixels ({int(np.sum(~np.isfinite(a)))} of "
                      f"{a.size}); certificates of such inputs are meaningless.")
-  lo, hi = float(a.min()), float(a.max())
   if lo < 0.0 or hi > 1.0:
     hint = " It looks like 0..255 pixels: divide by 255." if hi > 1.0 and hi <= 255.0 else ""
     raise ValueError(f"{name} must lie in [0, 1] pixel space, got range [{lo:.4g}, {hi:.4g}].{hint}")
