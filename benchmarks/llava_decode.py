@@ -37,8 +37,8 @@ than whole steps.)
 
 On CPU, fsjax's generate/score executables are compiled by ``fsjax.cpu.jit``: float32
 matmuls go to XLA's own (Eigen) dot, reductions to YNNPACK (``fsjax.cpu.FLOAT32_OPTIONS``);
-the prefill attends over its own keys in causal query blocks and computes the rotary
-tables once per pass (see ``fsjax/llava/llama.py``).
+the prefill attends over its own keys in causal query blocks and gathers its rotary
+cosines and sines from a table computed once (see ``fsjax/llava/llama.py``).
 """
 
 from __future__ import annotations

@@ -18,9 +18,13 @@ makes a float32 copy of the model (LLaVA's bfloat16 ``generate``: 202 MB of temp
 for 92 MB of weights; LLaVA-1.5-7B: ~27 GB). On CPU these dots run on the row repeated
 twice (:func:`lax_dot_general`), which YNNPACK's bfloat16 kernel takes as it is.
 
-An embedding lookup in a 16-bit table is the same kind of case: XLA:CPU gathers bfloat16
-rows in float32, and in a decoding loop it hoists the conversion of the whole table.
-:func:`take_rows` gathers the rows' bit patterns instead.
+Attention (:func:`attention`) is float32 logits and softmax around these matmuls; on CPU a
+long unmasked self-attention runs one (batch, head) at a time (see
+:data:`CPU_HEAD_LOOP_MIN_TOKENS`).
+
+An embedding lookup in a 16-bit table is the same kind of case as the one-row dot: XLA:CPU
+gathers bfloat16 rows in float32, and in a decoding loop it hoists the conversion of the
+whole table. :func:`take_rows` gathers the rows' bit patterns instead.
 
 Usage::
 
