@@ -139,7 +139,7 @@ def take_rows(table: jax.Array, ids: jax.Array, dtype=None) -> jax.Array:
   return jnp.take(table, ids, axis=0).astype(dtype)
 
 
-#: On CPU, self-attention over more than this many queries and keys runs one (batch, head)
+#: On CPU, self-attention over at least this many queries and keys runs one (batch, head)
 #: at a time (:func:`attention`). XLA:CPU (jax 0.10.2) compiles a batched attention into
 #: one YNNPACK fusion of both products and the softmax, which slows down 2-4x past 256
 #: keys: one core of an AMX Xeon, ``[B, H, T, 64]`` float32, all heads at once against a

@@ -130,7 +130,7 @@ def rotary_tables(positions: jax.Array, head_dim: int, theta: float, size: int
   rounded to float32); their cosines and sines are a ``[size, D/2]`` table computed in
   numpy (float64, rounded once) and gathered at ``positions``. Computed in the graph,
   XLA:CPU fused ``cos`` and ``sin`` into every consumer and recomputed them per head of
-  every query and key, and once more in each causal block's key slice: 80 of each in the
+  every query and key, and once more in each causal block's key slice: 40 of each in the
   small LLaVA's prefill (an optimization barrier does not survive XLA:CPU's pipeline). A
   gather fused into a consumer costs a load.
   """
