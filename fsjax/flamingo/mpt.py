@@ -169,7 +169,6 @@ class MPTAttention(nn.Module):
     # [B, T, D] -> [B H, T, D_head]: the cache's layout (for T = 1 a reshape, no copy).
     q, k, v = (y.reshape(b, t, h, hd).transpose(0, 2, 1, 3).reshape(b * h, t, hd)
                for y in jnp.split(qkv, 3, axis=-1))
-    query_positions = cache.index + jnp.arange(t)
     # The prefill of a fresh cache sees only its own T keys (every other slot is empty),
     # causally: its query blocks skip the masked upper triangle and the empty slots.
     own = cache.fresh
@@ -179,19 +178,16 @@ class MPTAttention(nn.Module):
     scale = cfg.softmax_scale if cfg.softmax_scale is not None else hd ** -0.5
     slopes = jnp.asarray(alibi_slopes(h, cfg.alibi_bias_max))
     v = v.astype(self.dtype)
-    outs = []
-    for start, end in decoding.causal_blocks(t) if own else [(0, t)]:
-      n, keys = end - start, end if own else cache.capacity  # causal: queries < end see keys < end
-      qb = q if n == t else q[:, start:end]
-      kb, vb = (k, v) if keys == k.shape[1] else (k[:, :keys], v[:, :keys])
-      logits = matmul.einsum("nqd,nkd->nqk", qb, kb, dtype=jnp.float32).reshape(b, h, n, keys)
-      distance = jnp.arange(keys)[None, :] - query_positions[start:end, None]  # [T, S]
+    if own:  # [B H, 1, T, D]: one query head per key/value head
+      out = decoding.causal_attention(q[:, None], k, v, mask[:, :, :t], scale=scale,
+                                      alibi_slopes=jnp.tile(slopes, b))[:, 0]
+    else:  # every slot of the cache
+      logits = matmul.einsum("nqd,nkd->nqk", q, k, dtype=jnp.float32).reshape(b, h, t, -1)
+      distance = jnp.arange(k.shape[1])[None, :] - (cache.index + jnp.arange(t))[:, None]  # [T, S]
       logits = logits * scale + slopes[:, None, None] * distance.astype(jnp.float32)[None]
-      logits = jnp.where(mask[:, None, start:end, :keys], logits, jnp.finfo(jnp.float32).min)
-      outs.append(matmul.softmax_einsum("nqk,nkd->nqd", logits.reshape(b * h, n, keys), vb)
-                  .reshape(b, h, n, hd))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-    out = out.transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
+      logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+      out = matmul.softmax_einsum("nqk,nkd->nqd", logits.reshape(b * h, t, -1), v)
+    out = out.reshape(b, h, t, hd).transpose(0, 2, 1, 3).reshape(b, t, cfg.d_model)
     return dense(cfg.d_model, name="out_proj")(out), cache
 
 

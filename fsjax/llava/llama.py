@@ -202,21 +202,14 @@ class LlamaAttention(nn.Module):
     # Query head j uses KV head j // g (transformers' repeat_kv): the g query heads of a
     # KV head and their queries form one [g T, D] block, so both products are plain
     # batched matmuls over B KV on the cache's own buffers (one batch axis: see KVCache).
-    q = q.reshape(b, kv, g, tq, hd)
-    outs = []
-    blocks = decoding.causal_blocks(t) if own and not last_only else [(t - tq, t)]
-    for start, end in blocks:
-      n, keys = end - start, end if own else s  # causal: queries < end see keys < end
-      qb = q if n == tq else q[:, :, :, start:end]
-      logits = matmul.einsum("nqd,nsd->nqs", qb.reshape(b * kv, g * n, hd),
-                             k if keys == s else k[:, :keys], dtype=jnp.float32)
-      logits = logits.reshape(b, kv, g, n, keys) * hd ** -0.5
-      rows = slice(start - (t - tq), end - (t - tq))  # the mask's rows of these queries
-      logits = jnp.where(mask[:, None, None, rows, :keys], logits, jnp.finfo(jnp.float32).min)
-      logits = logits.reshape(b * kv, g * n, keys)
-      outs.append(matmul.softmax_einsum("nqs,nsd->nqd", logits, v if keys == s else v[:, :keys])
-                  .reshape(b, kv, g, n, hd))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, KV, g, T, D]
+    q = q.reshape(b * kv, g, tq, hd)
+    if own and not last_only:
+      out = decoding.causal_attention(q, k, v, mask, scale=hd ** -0.5)
+    else:  # every query sees the keys of the cache (or, last_only, of the whole pass)
+      logits = matmul.einsum("nqd,nsd->nqs", q.reshape(b * kv, g * tq, hd), k, dtype=jnp.float32)
+      logits = logits.reshape(b, kv, g, tq, s) * hd ** -0.5
+      logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)  # [B, Tq, S]
+      out = matmul.softmax_einsum("nqs,nsd->nqd", logits.reshape(b * kv, g * tq, s), v)
     out = out.reshape(b, h, tq, hd).transpose(0, 2, 1, 3).reshape(b, tq, h * hd)
     return dense(cfg.hidden_size, name="o_proj")(out), cache
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fsjax import decoding
+from fsjax import matmul
 
 
 def _reference(table, first, *, max_new_tokens, eos, pad):
@@ -137,6 +138,51 @@ def test_fresh_cache_and_causal_blocks():
     blocks = decoding.causal_blocks(t, block=64)
     assert [s for s, _ in blocks] == [0] + [e for _, e in blocks[:-1]] and blocks[-1][1] == t
     assert all(e - s <= 64 and (e == t or (e - s) % 8 == 0) for s, e in blocks)
+
+
+def _causal_reference(q, k, v, mask, scale, slopes):
+  """float64 numpy: row n = (batch n // H_kv, key/value head n % H_kv), G query heads each."""
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  n, g, t, _ = q.shape
+  h_kv = n // mask.shape[0]
+  logits = np.einsum("ngqd,nsd->ngqs", q, k) * scale
+  if slopes is not None:
+    logits += np.asarray(slopes, np.float64)[:, None, None, None] * (
+        np.arange(t)[None, :] - np.arange(t)[:, None])
+  rows = np.repeat(np.asarray(mask), h_kv, axis=0)[:, None]  # [N, 1, T, T]
+  logits = np.where(rows, logits, -1e300)  # (a padded query sees no key: not compared)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("ngqs,nsd->ngqd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize("t,alibi", [(260, False), (260, True), (40, True)])
+def test_causal_attention_against_float64_numpy(t, alibi, monkeypatch):
+  """Causal query blocks, grouped heads, left padding and ALiBi against float64 numpy; at
+  >= 257 tokens on CPU one row at a time (a while loop in the compiled program), with the
+  numbers and gradients of the batched form."""
+  b, h_kv, g, d = 2, 2, 2, 8
+  rng = np.random.default_rng(t)
+  q = jnp.asarray(rng.normal(size=(b * h_kv, g, t, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b * h_kv, t, d)), jnp.float32) for _ in range(2))
+  valid = np.ones((b, t), bool)
+  valid[1, :5] = False  # row 1 left-padded by 5
+  mask = jnp.asarray(np.tril(np.ones((t, t), bool))[None] & valid[:, None, :])
+  slopes = jnp.asarray(rng.uniform(0.1, 1.0, b * h_kv), jnp.float32) if alibi else None
+  attend = functools.partial(decoding.causal_attention, scale=0.3, alibi_slopes=slopes,
+                             block=64)
+  out = attend(q, k, v, mask)
+  want = _causal_reference(q, k, v, mask, 0.3, slopes)
+  np.testing.assert_allclose(np.asarray(out)[:, :, 5:], want[:, :, 5:], atol=2e-6, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(out)[:2, :, :5], want[:2, :, :5], atol=2e-6, rtol=2e-5)
+  assert np.isfinite(np.asarray(out)).all()  # padded queries see no key: finite all the same
+  looped = t >= matmul.CPU_HEAD_LOOP_MIN_TOKENS and jax.default_backend() == "cpu"
+  assert (" while(" in jax.jit(attend).lower(q, k, v, mask).compile().as_text()) == looped
+  loss = lambda q, k, v: jnp.sum(attend(q, k, v, mask)[:, :, 5:] ** 2)
+  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  monkeypatch.setattr(matmul, "CPU_HEAD_LOOP_MIN_TOKENS", 10 ** 9)  # the batched form
+  np.testing.assert_allclose(np.asarray(attend(q, k, v, mask)), np.asarray(out), atol=1e-6)
+  for got, want in zip(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
 def test_cache_repeat_repeats_each_batch_row():

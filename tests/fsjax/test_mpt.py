@@ -15,11 +15,11 @@ from fsjax.flamingo import mpt
 VOCAB = 130
 
 
-def _random_mpt(tmp_path, *, n_heads=4, d_model=64, seed=0, scale=0.15):
+def _random_mpt(tmp_path, *, n_heads=4, d_model=64, seed=0, scale=0.15, max_seq_len=64):
   """A tiny MptForCausalLM with large random weights (so greedy tokens vary), saved to disk."""
   torch.manual_seed(seed)
   config = transformers.MptConfig(d_model=d_model, n_heads=n_heads, n_layers=3,
-                                  expansion_ratio=4, vocab_size=VOCAB, max_seq_len=64,
+                                  expansion_ratio=4, vocab_size=VOCAB, max_seq_len=max_seq_len,
                                   no_bias=True)
   model = transformers.MptForCausalLM(config).eval()
   with torch.no_grad():
@@ -51,6 +51,22 @@ def test_logits_match_transformers(tmp_path, n_heads, d_model):
   out = np.asarray(out)
   np.testing.assert_allclose(out[1], ref[1], atol=1e-5, rtol=0)
   np.testing.assert_allclose(out[0, 3:], ref[0, 3:], atol=1e-5, rtol=0)  # not the pad rows
+
+
+def test_long_prompt_prefill_matches_transformers(tmp_path):
+  """270 tokens: on CPU the prefill attends one (row, head) at a time in causal blocks,
+  with the ALiBi bias of each head (6 heads: interleaved slopes) and left padding."""
+  ref_model = _random_mpt(tmp_path, n_heads=6, d_model=48, max_seq_len=300, scale=0.05)
+  model, params = flamingo.load_mpt(tmp_path)
+  ids = torch.randint(0, VOCAB, (2, 270), generator=torch.Generator().manual_seed(2))
+  mask = torch.ones(2, 270, dtype=torch.long)
+  mask[0, :7] = 0
+  with torch.no_grad():
+    ref = ref_model(input_ids=ids, attention_mask=mask).logits.numpy()
+  out, _ = jax.jit(model.apply)({"params": params}, ids.numpy(), valid=mask.numpy() > 0)
+  out = np.asarray(out)
+  np.testing.assert_allclose(out[1], ref[1], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(out[0, 7:], ref[0, 7:], atol=1e-5, rtol=0)
 
 
 def test_cached_steps_equal_full_forward(tmp_path):
