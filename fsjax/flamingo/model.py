@@ -114,13 +114,16 @@ class FlamingoCache:
 
   Attributes:
     kv: the decoder's keys and values.
-    media: ``[B, M, num_latents, vis_dim]`` resampled latents of each row's images.
+    media_keys, media_values: per gated cross-attention layer (in the order of
+      :attr:`FlamingoConfig.cross_attn_layers`), ``[B, heads, M num_latents, dim_head]``:
+      the keys and values of each row's resampled images, computed once per prompt.
     media_count: int32 ``[B]``, the ``<image>`` tokens seen so far: the 1-based index of
       the image that the next tokens attend to (0: none yet).
   """
 
   kv: decoding.KVCache
-  media: jax.Array
+  media_keys: tuple[jax.Array, ...]
+  media_values: tuple[jax.Array, ...]
   media_count: jax.Array
 
 
@@ -149,11 +152,23 @@ class FlamingoLM(nn.Module):
     self.transformer = mpt.MPTModel(cfg.lang, self.dtype)
     self.gated_cross_attn_layers = _GatedLayers(cfg, self.dtype)
 
-  def __call__(self, input_ids, media, text_time, cache, valid, last_only=False):
-    blocks = dict(zip(self.config.cross_attn_layers, self.gated_cross_attn_layers.layers))
+  def media_keys_values(self, media: jax.Array) -> tuple[tuple[jax.Array, ...], ...]:
+    """``[B, M, n, vis_dim]`` latents -> ``(keys, values)``, one ``[B, heads, M n, dim_head]``
+    each per gated cross-attention layer."""
+    pairs = [layer.keys_values(media) for layer in self.gated_cross_attn_layers.layers]
+    return tuple(k for k, _ in pairs), tuple(v for _, v in pairs)
+
+  def __call__(self, input_ids, media_keys, media_values, text_time, cache, valid,
+               last_only=False):
+    cfg = self.config
+    blocks = {i: (layer, k, v) for i, layer, k, v in zip(
+        cfg.cross_attn_layers, self.gated_cross_attn_layers.layers, media_keys, media_values)}
 
     def before_block(i, x):
-      return blocks[i](x, media, text_time) if i in blocks else x
+      if i not in blocks:
+        return x
+      layer, k, v = blocks[i]
+      return layer(x, k, v, text_time, cfg.num_latents)
 
     return mpt.decode(self.transformer, input_ids, cache, valid, before_block,
                       last_only=last_only)
@@ -201,7 +216,8 @@ class Flamingo(nn.Module):
     """A fresh :class:`FlamingoCache` with room for ``capacity`` tokens per row."""
     b = vision_tokens.shape[0]
     kv = mpt.empty_cache(self.config.lang, batch=b, capacity=capacity, dtype=self.dtype)
-    return FlamingoCache(kv=kv, media=self.encode_media(vision_tokens),
+    keys, values = self.lang_encoder.media_keys_values(self.encode_media(vision_tokens))
+    return FlamingoCache(kv=kv, media_keys=keys, media_values=values,
                          media_count=jnp.zeros((b,), jnp.int32))
 
   def decode(self, input_ids: jax.Array, cache: FlamingoCache, valid: jax.Array, *,
@@ -213,8 +229,8 @@ class Flamingo(nn.Module):
     is_media = input_ids == self.config.media_token_id
     # Each token attends to its most recent image (open_flamingo: media_locations.cumsum).
     text_time = cache.media_count[:, None] + jnp.cumsum(is_media, axis=1, dtype=jnp.int32)
-    logits, kv = self.lang_encoder(input_ids, cache.media, text_time, cache.kv, valid,
-                                   last_only)
+    logits, kv = self.lang_encoder(input_ids, cache.media_keys, cache.media_values, text_time,
+                                   cache.kv, valid, last_only)
     return logits, cache.replace(kv=kv, media_count=text_time[:, -1])
 
 
