@@ -170,18 +170,24 @@ def test_causal_attention_against_float64_numpy(t, alibi, monkeypatch):
   slopes = jnp.asarray(rng.uniform(0.1, 1.0, b * h_kv), jnp.float32) if alibi else None
   attend = functools.partial(decoding.causal_attention, scale=0.3, alibi_slopes=slopes,
                              block=64)
-  out = attend(q, k, v, mask)
+
+  def compiled():  # the output and the gradients, one program each (traced afresh per call)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v, mask)[:, :, 5:] ** 2)
+    run = jax.jit(lambda q, k, v: attend(q, k, v, mask)).lower(q, k, v).compile()
+    return run, run(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  run, out, grads = compiled()
   want = _causal_reference(q, k, v, mask, 0.3, slopes)
   np.testing.assert_allclose(np.asarray(out)[:, :, 5:], want[:, :, 5:], atol=2e-6, rtol=2e-5)
   np.testing.assert_allclose(np.asarray(out)[:2, :, :5], want[:2, :, :5], atol=2e-6, rtol=2e-5)
   assert np.isfinite(np.asarray(out)).all()  # padded queries see no key: finite all the same
   looped = t >= matmul.CPU_HEAD_LOOP_MIN_TOKENS and jax.default_backend() == "cpu"
-  assert (" while(" in jax.jit(attend).lower(q, k, v, mask).compile().as_text()) == looped
-  loss = lambda q, k, v: jnp.sum(attend(q, k, v, mask)[:, :, 5:] ** 2)
-  grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  assert (" while(" in run.as_text()) == looped
   monkeypatch.setattr(matmul, "CPU_HEAD_LOOP_MIN_TOKENS", 10 ** 9)  # the batched form
-  np.testing.assert_allclose(np.asarray(attend(q, k, v, mask)), np.asarray(out), atol=1e-6)
-  for got, want in zip(grads, jax.grad(loss, argnums=(0, 1, 2))(q, k, v)):
+  run, batched, batched_grads = compiled()
+  assert " while(" not in run.as_text()
+  np.testing.assert_allclose(np.asarray(batched), np.asarray(out), atol=1e-6)
+  for got, want in zip(grads, batched_grads):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
