@@ -3,6 +3,7 @@ r"""Greedy decoding speed of fsjax.flamingo vs open_flamingo (PyTorch) on the sa
   python benchmarks/flamingo_decode.py                      # small random OpenFlamingo, CPU
   python benchmarks/flamingo_decode.py --quick              # smoke run
   taskset -c 0 python benchmarks/flamingo_decode.py --torch-threads 1 --rounds 5
+  python benchmarks/flamingo_decode.py --flops-9b --batch 8  # one 9B decoding step's GFLOP
 
 The twin of ``benchmarks/llava_decode.py``. "small": a random OpenFlamingo built by
 ``open_flamingo`` 2.0.1 around transformers' ``MptForCausalLM`` (4 layers, d_model 512, 8
@@ -46,8 +47,10 @@ from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from open_flamingo.src.utils import extend_instance  # noqa: E402
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 from fsjax import flamingo  # noqa: E402
+from fsjax.flamingo import model as flamingo_model  # noqa: E402
 from fsjax.clip.encoder import CLIP_MEAN, CLIP_STD  # noqa: E402
 
 VOCAB = 50280
@@ -128,6 +131,33 @@ def _torch_greedy(model, vision_x, ids, k):
   return torch.stack(out_tokens, 1).numpy()
 
 
+def step_gflops(config: flamingo.FlamingoConfig, *, batch: int, prompt_tokens: int = 32,
+                dtype=jnp.float32) -> float:
+  """GFLOP of one decoding step (one new token per row after a prompt with one image), by
+  XLA's cost analysis of the compiled step: shapes only, nothing allocated or run. The
+  count does not depend on the dtype, but on CPU a bfloat16 step at batch 1 runs its
+  products on the row repeated twice (``fsjax.matmul``), which doubles it: float32."""
+  model = flamingo.Flamingo(config, dtype=dtype)
+  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype),
+                        flamingo_model.param_shapes(model))
+  vision = jax.ShapeDtypeStruct((batch, 1, 256, config.vis_dim), dtype)
+  ids = jax.ShapeDtypeStruct((batch, prompt_tokens), jnp.int32)
+  ones = lambda shape: jnp.ones(shape, bool)
+
+  def prefill(params, vision, ids):
+    variables = {"params": params}
+    cache = model.apply(variables, vision, capacity=prompt_tokens + 1, method="start")
+    return model.apply(variables, ids, cache, ones(ids.shape), method="decode",
+                       last_only=True)[1]
+
+  def step(params, cache):
+    token = jnp.zeros((batch, 1), jnp.int32)
+    return model.apply({"params": params}, token, cache, ones(token.shape), method="decode")[0]
+
+  cache = jax.eval_shape(prefill, params, vision, ids)
+  return jax.jit(step).lower(params, cache).compile().cost_analysis()["flops"] / 1e9
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--batch", type=int, default=1)
@@ -138,7 +168,17 @@ def main():
   parser.add_argument("--quick", action="store_true", help="3 rounds of 16 tokens")
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads (0: torch's default)")
+  parser.add_argument("--flops-9b", action="store_true",
+                      help="print the GFLOP of one OpenFlamingo-9B decoding step at --batch "
+                           "(compiled, not run) and exit")
   args = parser.parse_args()
+  if args.flops_9b:
+    from configs import openflamingo_9b  # pylint: disable=import-outside-toplevel
+    arch = openflamingo_9b.get_config().openflamingo.architecture.to_dict()
+    gflop = step_gflops(flamingo.FlamingoConfig.from_dict(arch), batch=args.batch)
+    print(f"OpenFlamingo-9B decoding step, batch {args.batch}: {gflop:.1f} GFLOP "
+          f"({gflop / args.batch:.2f} per row; XLA's cost analysis of the compiled step, not run)")
+    return
   if args.quick:
     args.rounds, args.new_tokens = 3, 16
   if args.torch_threads:

@@ -12,6 +12,7 @@ import common  # noqa: E402  pylint: disable=wrong-import-position
 import llava_decode  # noqa: E402  pylint: disable=wrong-import-position
 
 import fsjax.llava as fl  # noqa: E402  pylint: disable=wrong-import-position
+from fsjax import flamingo as fl_flamingo  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def test_weight_products_are_the_prefills_weight_matmuls():
@@ -40,3 +41,23 @@ def test_matmul_floor_times_the_products():
   seconds = common.matmul_floor([(8, 16, 32), (1, 32, 64)], jnp.float32, reps=2)
   assert 0 < seconds < 10
   assert common.matmul_floor([(1, 16, 32)], jnp.bfloat16, reps=1) > 0
+
+
+def test_flamingo_step_gflops_counts_a_decoding_step():
+  """benchmarks/flamingo_decode.py --flops-9b: one step's count is the closed-form weight
+  products per row (MPT layers, the gated layers without the media's keys and values,
+  the tied LM head) within the elementwise work, the same per row at any batch."""
+  import flamingo_decode  # pylint: disable=import-outside-toplevel
+  from fsjax.flamingo import mpt  # pylint: disable=import-outside-toplevel
+  d, vocab, layers, inner = 256, 1000, 4, 8 * 64
+  config = fl_flamingo.FlamingoConfig(
+      lang=mpt.MPTConfig(d_model=d, n_heads=4, n_layers=layers, vocab_size=vocab,
+                         expansion_ratio=4, max_seq_len=64),
+      media_token_id=vocab - 1, eoc_token_id=vocab - 2, vis_dim=128, cross_attn_every_n_layers=2)
+  mpt_layer = 2 * (3 * d * d + d * d + 2 * 4 * d * d)  # Wqkv, out_proj, the MLP
+  gated = 2 * (2 * d * inner + 2 * 4 * d * d)  # to_q, to_out, the feed-forward
+  want = layers * mpt_layer + 2 * gated + 2 * d * vocab
+  per_row = [flamingo_decode.step_gflops(config, batch=b, prompt_tokens=8) * 1e9 / b
+             for b in (1, 3)]
+  assert abs(per_row[0] - per_row[1]) < 1e-3 * per_row[0]
+  assert want <= per_row[0] < 1.1 * want, (per_row[0], want)

@@ -223,8 +223,8 @@ def _dot_shapes(jaxpr, *, in_loop=False):
 
 def test_decoding_steps_reuse_the_media_keys_and_values(models):
   """The gated cross-attention's keys and values of the images are computed once, in the
-  prefill (FlamingoCache), not at every step as open_flamingo does (OpenFlamingo-9B's
-  batch-8 decoding step: 134.1 -> 125.5 GFLOP); the same tokens as the oracle's loop are
+  prefill (FlamingoCache), not at every step as open_flamingo does (an OpenFlamingo-9B
+  decoding step: 16.65 -> 15.57 GFLOP per row); the same tokens as the oracle's loop are
   tested above."""
   _, of, _ = models
   ids = of.tokenizer(["<image> w7 w8 Output:"], return_tensors="np")["input_ids"]
