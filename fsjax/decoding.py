@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fsjax import checks
 from fsjax import matmul
@@ -273,8 +274,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
 Extend = Callable[[jax.Array, PyTree], jax.Array]
 
 
-def pad_options(options: Sequence[Sequence[int]]) -> tuple[jax.Array, jax.Array]:
-  """Token sequences of a finite answer set -> right-padded ``(ids int32 [K, M], valid bool [K, M])``.
+def pad_options(options: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Token sequences of a finite answer set -> right-padded ``(ids int32 [K, M], valid bool [K, M])``
+  (numpy: a jitted call transfers them).
 
   Raises:
     ValueError: no options, or an option without tokens (before any jit).
@@ -287,8 +289,8 @@ def pad_options(options: Sequence[Sequence[int]]) -> tuple[jax.Array, jax.Array]
     raise ValueError(f"options {empty} have no tokens: every answer needs at least one token "
                      "id (tokenize it without special tokens).")
   m = max(len(o) for o in options)
-  ids = jnp.asarray([o + [0] * (m - len(o)) for o in options], jnp.int32)
-  valid = jnp.asarray([[True] * len(o) + [False] * (m - len(o)) for o in options])
+  ids = np.asarray([o + [0] * (m - len(o)) for o in options], np.int32)
+  valid = np.asarray([[True] * len(o) + [False] * (m - len(o)) for o in options])
   return ids, valid
 
 

@@ -140,7 +140,10 @@ class Encoder:
   def jitted_tokens(self, params: Params, x: jax.Array, *, sigma: Any = None) -> jax.Array:
     """:meth:`tokens` as one jitted call on concrete arrays: what an MLLM hands its
     language side (the smoothed encoder also re-shards its output here, once)."""
-    return _jitted_tokens(self, params, jnp.asarray(x, jnp.float32), sigma)
+    # A numpy batch goes to the jitted call as it is (one transfer, no eager conversion).
+    x = x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else jnp.asarray(
+        x, jnp.float32)
+    return _jitted_tokens(self, params, x, sigma)
 
 
 @functools.partial(jax.jit, static_argnames="encoder")

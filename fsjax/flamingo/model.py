@@ -318,7 +318,7 @@ def generate(model: Flamingo, params, input_ids, vision_tokens, attention_mask=N
   if vision_tokens.ndim != 4 or vision_tokens.shape[0] != ids.shape[0]:
     raise ValueError(f"vision_tokens must be [B={ids.shape[0]}, M, v, {cfg.vis_dim}], got shape "
                      f"{tuple(vision_tokens.shape)}.")
-  counts = np.sum(np.asarray(ids) == cfg.media_token_id, axis=1)
+  counts = np.sum(ids == cfg.media_token_id, axis=1)
   if np.any(counts > vision_tokens.shape[1]):
     raise ValueError(f"input_ids hold up to {counts.max()} <image> tokens (id "
                      f"{cfg.media_token_id}) per row but vision_tokens has only "

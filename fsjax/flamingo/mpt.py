@@ -339,7 +339,8 @@ class MPTForCausalLM(nn.Module):
 
 
 def check_prompt(input_ids, attention_mask, *, max_new_tokens: int, max_seq_len: int):
-  """Validates a left-padded prompt batch before jit; returns (ids int32, valid bool)."""
+  """Validates a left-padded prompt batch before jit; returns numpy ``(ids int32, valid
+  bool)`` (a jitted call transfers them)."""
   ids = np.asarray(input_ids)
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"input_ids must be an int array [B, T], got shape {ids.shape} dtype "
@@ -355,7 +356,7 @@ def check_prompt(input_ids, attention_mask, *, max_new_tokens: int, max_seq_len:
   if ids.shape[1] + max_new_tokens > max_seq_len:
     raise ValueError(f"prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                      f"the model's max_seq_len {max_seq_len}.")
-  return jnp.asarray(ids, jnp.int32), jnp.asarray(valid)
+  return ids.astype(np.int32, copy=False), valid
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_token_id",
