@@ -76,7 +76,7 @@ def greedy_decode(step: Step, logits: jax.Array, cache: PyTree, *, max_new_token
   batch = logits.shape[0]
 
   def choose(logits, done):
-    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # first maximum, as torch.argmax
+    token = first_argmax(logits)  # the first maximum, as torch.argmax
     token = jnp.where(done, jnp.asarray(pad_token_id, jnp.int32), token)
     return token, done | jnp.isin(token, eos)
 
@@ -97,6 +97,21 @@ def greedy_decode(step: Step, logits: jax.Array, cache: PyTree, *, max_new_token
   num_steps, _, _, tokens, _ = jax.lax.while_loop(
       cond, body, (jnp.int32(1), token, done, tokens, cache))
   return tokens, num_steps
+
+
+def first_argmax(logits: jax.Array) -> jax.Array:
+  """``jnp.argmax(logits, axis=-1)`` as int32: the index of the first maximum of each row
+  (of the first NaN if the row holds one, as ``jnp.argmax``).
+
+  Two single-output reductions (the maximum, then the smallest index holding it) instead
+  of argmax's fused (value, index) reduction, which XLA:CPU runs several times slower:
+  one core, 50280 logits, 156 against 28 us per row at batch 1 and 1,143 against 227 us
+  at batch 8 (a one-off script) -- at every greedy decoding step.
+  """
+  top = jnp.max(logits, axis=-1, keepdims=True)  # NaN if the row holds one
+  hit = (logits == top) | (jnp.isnan(logits) & jnp.isnan(top))
+  index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
 @flax.struct.dataclass

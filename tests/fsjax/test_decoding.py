@@ -55,6 +55,24 @@ def test_matches_reference_loop(eos):
   assert ref[1, 1] == 7 and np.all(ref[1, 2:] == 0)  # the early row is padded after EOS
 
 
+def test_first_argmax_is_jnp_argmax():
+  """Ties go to the first maximum, a NaN wins (its first occurrence), an all -inf row
+  gives 0, as jnp.argmax (and torch.argmax) do."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(7, 50)).astype(np.float32)
+  logits[1, [3, 9]] = 5.0  # a tie
+  logits[2, [4, 8]] = np.nan
+  logits[3] = -np.inf
+  logits[4, [0, 49]] = np.inf
+  logits[5, 49] = 9.0  # the last position
+  for x in (logits, logits.astype(jnp.bfloat16), logits[:1, :1]):
+    got = jax.jit(decoding.first_argmax)(jnp.asarray(x))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(jnp.asarray(x), -1)))
+  assert np.asarray(decoding.first_argmax(jnp.asarray(logits)))[[1, 2, 3, 4, 5]].tolist() == [
+      3, 4, 0, 0, 49]
+
+
 def test_stops_when_every_row_has_finished():
   v = 6
   table = np.zeros((v, v), np.float32)
