@@ -227,13 +227,10 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
   (:func:`causal_blocks`) attend to keys ``[0, end)`` and the masked upper triangle is
   never computed. Logits and softmax in float32 (:func:`fsjax.matmul.softmax_einsum`).
 
-  On CPU, for ``T >= fsjax.matmul.CPU_HEAD_LOOP_MIN_TOKENS``, the N rows run one after
-  the other (``lax.map``), as :func:`fsjax.matmul.attention` does: the same numbers, and
-  XLA:CPU (jax 0.10.2) otherwise compiles the blocks of many heads into YNNPACK fusions
-  that slow down past 256 keys (one core, one layer of the small LLaVA's batch-8 prefill
-  alone, 592 tokens, 64 rows: 88 against 47 ms; batch 1, 8 rows: 5.6 against 5.0 ms; the
-  whole batch-8 prefill 2.4% faster, batch 1 unchanged). Elsewhere the rows are one
-  batched pass per block.
+  Each block is one batched pass over the N rows. (Running the rows one at a time on CPU,
+  as :func:`fsjax.matmul.attention` does for long unmasked attention, made one layer of
+  the small LLaVA's batch-8 prefill alone 1.9x faster, but the whole prefill no faster:
+  810 against 808 ms at batch 8, 95.0 against 95.2 ms at batch 1.)
 
   Args:
     q: ``[N, G, T, D]``: the G query heads that share each key/value row; ``N = B H_kv``,
@@ -253,36 +250,20 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, 
     ``[N, G, T, D]``.
   """
   n, g, t, d = q.shape
-  h_kv = n // mask.shape[0]
-  blocks = causal_blocks(t, block)
-
-  def attend(q, k, v, mask, slopes):
-    """One pass over rows ``[R, G, T, D]``, ``[R, T, D]``, ``mask`` ``[R / H_kv, T, T]``
-    (or ``[1, T, T]`` for one row), ``slopes`` ``[R]`` or None."""
-    r = q.shape[0]
-    per_mask = r // mask.shape[0]
-    outs = []
-    for start, end in blocks:  # queries [start, end) see keys [0, end)
-      size = end - start
-      logits = matmul.einsum("rqd,rsd->rqs", q[:, :, start:end].reshape(r, g * size, d),
-                             k[:, :end], dtype=jnp.float32).reshape(r, g, size, end) * scale
-      if slopes is not None:
-        distance = (jnp.arange(end)[None, :] - jnp.arange(start, end)[:, None]).astype(jnp.float32)
-        logits = logits + slopes[:, None, None, None] * distance
-      logits = jnp.where(mask[:, None, None, start:end, :end],
-                         logits.reshape(-1, per_mask, g, size, end), jnp.finfo(jnp.float32).min)
-      outs.append(matmul.softmax_einsum("rqs,rsd->rqd", logits.reshape(r, g * size, end),
-                                        v[:, :end], dtype=dtype).reshape(r, g, size, -1))
-    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
-
-  if t >= matmul.CPU_HEAD_LOOP_MIN_TOKENS and jax.default_backend() == "cpu":
-    def row(args):
-      q, k, v, i = args
-      slopes = None if alibi_slopes is None else jax.lax.dynamic_slice_in_dim(alibi_slopes, i, 1)
-      mask_i = jax.lax.dynamic_slice_in_dim(mask, i // h_kv, 1)
-      return attend(q[None], k[None], v[None], mask_i, slopes)[0]
-    return jax.lax.map(row, (q, k, v, jnp.arange(n)))
-  return attend(q, k, v, mask, alibi_slopes)
+  h_kv = n // mask.shape[0]  # rows per batch row: the mask's rows are shared by them
+  outs = []
+  for start, end in causal_blocks(t, block):  # queries [start, end) see keys [0, end)
+    size = end - start
+    logits = matmul.einsum("nqd,nsd->nqs", q[:, :, start:end].reshape(n, g * size, d),
+                           k[:, :end], dtype=jnp.float32).reshape(n, g, size, end) * scale
+    if alibi_slopes is not None:
+      distance = (jnp.arange(end)[None, :] - jnp.arange(start, end)[:, None]).astype(jnp.float32)
+      logits = logits + alibi_slopes[:, None, None, None] * distance
+    logits = jnp.where(mask[:, None, None, start:end, :end],
+                       logits.reshape(-1, h_kv, g, size, end), jnp.finfo(jnp.float32).min)
+    outs.append(matmul.softmax_einsum("nqs,nsd->nqd", logits.reshape(n, g * size, end),
+                                      v[:, :end], dtype=dtype).reshape(n, g, size, -1))
+  return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
 
 
 # Extend(tokens int32 [B, T], cache) -> logits [B, T, V]: T new tokens after the cache.

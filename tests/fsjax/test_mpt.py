@@ -54,8 +54,8 @@ def test_logits_match_transformers(tmp_path, n_heads, d_model):
 
 
 def test_long_prompt_prefill_matches_transformers(tmp_path):
-  """270 tokens: on CPU the prefill attends one (row, head) at a time in causal blocks,
-  with the ALiBi bias of each head (6 heads: interleaved slopes) and left padding."""
+  """270 tokens: the prefill attends in three causal blocks, with the ALiBi bias of each
+  head (6 heads: interleaved slopes) and left padding."""
   ref_model = _random_mpt(tmp_path, n_heads=6, d_model=48, max_seq_len=300, scale=0.05)
   model, params = flamingo.load_mpt(tmp_path)
   ids = torch.randint(0, VOCAB, (2, 270), generator=torch.Generator().manual_seed(2))
