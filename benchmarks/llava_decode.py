@@ -4,6 +4,7 @@ r"""Greedy decoding speed of fsjax.llava vs transformers (PyTorch) on the same L
   python benchmarks/llava_decode.py --quick            # < 1 minute smoke run
   python benchmarks/llava_decode.py --size 7b --skip-torch   # LLaVA-1.5-7B shapes (GPU)
   python benchmarks/llava_decode.py --size 7b --memory       # generate's memory, compiled only
+  python benchmarks/llava_decode.py --batch 8 --new-tokens 16 --faults   # + page faults
 
 "small" (default): a random LLaVA with a 336-px CLIP tower of width 64 (2 layers, 576
 image tokens) and a 4-layer LLaMA of hidden 512 (8 heads, MLP 1376, vocabulary 32064),
@@ -175,6 +176,16 @@ def memory_report(shapes, dtype, batch: int, new_tokens: int) -> str:
           f"{weights / 1e9:.2f} GB (compiled, not run).")
 
 
+def faults_of(fn) -> tuple[int, float]:
+  """(minor page faults, seconds of system time) of this process during one ``fn()``
+  (``resource.getrusage``): memory a call maps afresh and touches page by page."""
+  import resource  # pylint: disable=g-import-not-at-top
+  before = resource.getrusage(resource.RUSAGE_SELF)
+  fn()
+  after = resource.getrusage(resource.RUSAGE_SELF)
+  return after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
+
+
 def _timed(fn, rounds):
   out = []
   for _ in range(rounds):
@@ -205,6 +216,9 @@ def main():
   parser.add_argument("--no-floor", action="store_true",
                       help="skip the prefill floor (the weight matmuls alone, "
                            "common.matmul_floor)")
+  parser.add_argument("--faults", action="store_true",
+                      help="also count one prefill call's minor page faults and system time "
+                           "per framework (resource.getrusage)")
   parser.add_argument("--torch-threads", type=int, default=0,
                       help="torch.set_num_threads (0: torch's default); under heavy load "
                       "torch's OpenMP loop loses more than XLA's thread pool")
@@ -302,6 +316,8 @@ def main():
   if run_torch and args.size == "small":
     same = float(np.mean(outputs[("fsjax", n)] == outputs[("torch", n)]))
 
+  faults = {name: faults_of(make(1)) for name, make in variants.items()} if args.faults else None
+
   # Option scoring vs greedy decoding of the same answers (language side only, fsjax): K
   # options of M tokens scored in one prefill + one batched pass, against greedy decoding
   # of M tokens; the greedy answer is one of the options.
@@ -351,6 +367,10 @@ def main():
   elif same is not None:  # bfloat16 roundings differ between the frameworks
     print(f"Greedy tokens equal in both ({args.dtype}; the frameworks round differently): "
           f"{100 * same:.0f}% of {outputs[('fsjax', n)].size}.")
+  if faults is not None:
+    print("Page faults of one prefill call (`resource.getrusage`): " + "; ".join(
+        f"{name} {count:,} minor faults, {1e3 * system:.0f} ms of system time"
+        for name, (count, system) in faults.items()) + ".")
   if option_row is not None:
     k, m, ts, td, tsb, tdb, greedy_wins = option_row
     print(f"\nOption scoring (fsjax, language side, batch {b}): {k} options of {m} tokens in "

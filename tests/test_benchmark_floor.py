@@ -61,3 +61,15 @@ def test_flamingo_step_gflops_counts_a_decoding_step():
              for b in (1, 3)]
   assert abs(per_row[0] - per_row[1]) < 1e-3 * per_row[0]
   assert want <= per_row[0] < 1.1 * want, (per_row[0], want)
+
+
+def test_faults_of_counts_the_pages_a_call_touches_afresh():
+  """A call that maps 64 MB afresh and writes all of it faults at least once per page
+  (checked against 2 MiB huge pages, the largest; 4 KiB pages give 512x that), more than a
+  call that touches nothing."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  touch = lambda: np.ones(16 * 1024 * 1024, np.float32).sum()  # 64 MB, mmapped by malloc
+  count, system = llava_decode.faults_of(touch)
+  assert count >= 64 * 1024 * 1024 // (2 * 1024 * 1024) and system >= 0.0
+  idle, _ = llava_decode.faults_of(lambda: None)
+  assert idle < count
