@@ -3,18 +3,18 @@ r"""How XLA:CPU's and PyTorch's float32 matmuls scale from one core to two, same
   python benchmarks/matmul_threads.py                    # the small LLaVA's prefill shapes
   python benchmarks/matmul_threads.py --cores 1,2 --shapes 592x512x512,4736x512x1376
 
-Each core count runs in its own child process pinned to that many cores
-(``os.sched_setaffinity`` before jax is imported: XLA:CPU sizes its thread pool from the
-cores a process may use; torch gets ``torch.set_num_threads``). In each child, every
-``[M, K] x [K, N]`` product runs as fsjax runs a float32 weight matmul
-(``fsjax.matmul.dot_general`` compiled by ``fsjax.cpu.jit``, i.e. XLA's own dot) and as
-``torch.mm``: 3 rounds of ``--reps`` calls per framework, the frameworks alternating
-with an idle gap and an untimed call before each block (both keep worker threads spinning
-after a parallel call, which takes cores from the other's next call); median of all
-timed calls. The table gives GFLOP/s per framework and core count, and each framework's
-gain from the extra cores: the part of a two-thread prefill ratio that the weight matmuls
-alone decide. (XLA's two-thread calls at 592 rows vary a lot from call to call: 90-320
-GFLOP/s at [592, 512] x [512, 1376] on a 2-core AMX Xeon, torch's stay near 360.)
+Every (framework, core count) runs in a child process of its own, pinned to that many
+cores (``os.sched_setaffinity`` before the framework is imported: XLA:CPU sizes its
+thread pool from the cores a process may use; torch also gets ``torch.set_num_threads``)
+and importing that framework only: both keep worker threads spinning for a while after a
+parallel call, so in one process either one's calls lose cores to the other's threads.
+In its child every ``[M, K] x [K, N]`` product runs back to back as fsjax runs a float32
+weight matmul (``fsjax.matmul.dot_general`` compiled by ``fsjax.cpu.jit``: XLA's own dot)
+or as ``torch.mm``, ``--reps`` calls after a warm-up call; a child's figure is the
+median call, the table's the median over ``--rounds`` rounds of all children (the
+children alternate, so a load change falls on all alike). The table gives GFLOP/s per
+framework and core count and each framework's gain from the extra cores: what the weight
+matmuls alone make of a two-thread prefill ratio.
 
 Default shapes: the weight products of the small LLaVA of ``llava_decode.py`` at batch 1
 (592 prompt rows) and batch 8 (4,736 rows): the q/k/v/o projections, MLP gate/up, MLP down.
@@ -33,11 +33,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DEFAULT_SHAPES = "592x512x512,592x512x1376,592x1376x512,4736x512x512,4736x512x1376"
-ROUNDS = 3
-# Idle time before each block of one framework's calls (then one untimed call): both keep
-# worker threads spinning for a while after a parallel call (torch's OpenMP, XLA's Eigen
-# pool), and the other framework's call in that window loses cores to them.
-GAP_S = 0.3
+FRAMEWORKS = ("fsjax", "torch")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -56,62 +52,65 @@ def parse_shapes(text: str) -> list[tuple[int, int, int]]:
   return shapes
 
 
-def measure(shapes: list[tuple[int, int, int]], reps: int, threads: int,
-            gap_s: float = GAP_S) -> dict[str, list[float]]:
-  """GFLOP/s of fsjax's and torch's float32 ``[M, K] x [K, N]`` per shape, in this
-  process (its cores as they are; torch on ``threads`` threads): medians of
-  ``ROUNDS x reps`` calls after a warm-up, in blocks of ``reps`` calls, the frameworks
-  alternating, ``gap_s`` idle before each block. Returns ``{"fsjax": [...], "torch": [...]}``."""
-  import torch  # pylint: disable=g-import-not-at-top
-
-  before = torch.get_num_threads()
-  torch.set_num_threads(threads)
-  try:
-    return _measure(shapes, reps, gap_s)
-  finally:
-    torch.set_num_threads(before)
-
-
-def _measure(shapes, reps, gap_s):
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+def _products(framework: str, shapes, threads: int):
+  """One zero-argument callable per shape: the framework's float32 product, run to
+  completion, on random operands."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
 
-  from fsjax import cpu  # pylint: disable=g-import-not-at-top
-  from fsjax import matmul  # pylint: disable=g-import-not-at-top
-
-  dims = (((1,), (0,)), ((), ()))
-  product = cpu.jit(lambda x, w: matmul.dot_general(x, w, dims))
   rng = np.random.default_rng(0)
-  out = {"fsjax": [], "torch": []}
-  for m, k, n in shapes:
-    x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-    xj, wj = jnp.asarray(x), jnp.asarray(w)
-    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
-    runs = {"fsjax": lambda: jax.block_until_ready(product(xj, wj)),
-            "torch": lambda: torch.mm(xt, wt)}
-    times = {name: [] for name in runs}
-    for run in runs.values():
+  operands = [(rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32))
+              for m, k, n in shapes]
+  if framework == "fsjax":
+    import jax  # pylint: disable=g-import-not-at-top
+    import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+    from fsjax import cpu  # pylint: disable=g-import-not-at-top
+    from fsjax import matmul  # pylint: disable=g-import-not-at-top
+
+    dims = (((1,), (0,)), ((), ()))
+    product = cpu.jit(lambda x, w: matmul.dot_general(x, w, dims))
+    placed = [(jnp.asarray(x), jnp.asarray(w)) for x, w in operands]
+    return [lambda x=x, w=w: jax.block_until_ready(product(x, w)) for x, w in placed]
+  if framework == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+
+    torch.set_num_threads(threads)
+    placed = [(torch.from_numpy(x), torch.from_numpy(w)) for x, w in operands]
+    return [lambda x=x, w=w: torch.mm(x, w) for x, w in placed]
+  raise ValueError(f"framework {framework!r}: one of {FRAMEWORKS}")
+
+
+def measure(framework: str, shapes: list[tuple[int, int, int]], reps: int,
+            threads: int) -> list[float]:
+  """GFLOP/s of ``framework``'s float32 ``[M, K] x [K, N]`` per shape in this process
+  (torch on ``threads`` threads, restored after): the median of ``reps`` back-to-back
+  calls after a warm-up call."""
+  before = None
+  if framework == "torch":
+    import torch  # pylint: disable=g-import-not-at-top
+    before = torch.get_num_threads()
+  try:
+    rates = []
+    for (m, k, n), run in zip(shapes, _products(framework, shapes, threads)):
       run()
-    for _ in range(ROUNDS):  # blocks of calls, frameworks alternating, an idle gap between
-      for name, run in runs.items():
-        time.sleep(gap_s)
-        run()  # untimed: wakes the framework's worker threads
-        for _ in range(reps):
-          t = time.perf_counter()
-          run()
-          times[name].append(time.perf_counter() - t)
-    for name in runs:
-      out[name].append(2 * m * k * n / statistics.median(times[name]) / 1e9)
-  return out
+      times = []
+      for _ in range(reps):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+      rates.append(2 * m * k * n / statistics.median(times) / 1e9)
+    return rates
+  finally:
+    if before is not None:
+      torch.set_num_threads(before)
 
 
 def _child(args) -> None:
-  """Pins this process to the first ``--child`` allowed cores, then measures (JSON out)."""
+  """Pins this process to the first ``--child-cores`` allowed cores, then measures one
+  framework (JSON on stdout)."""
   allowed = sorted(os.sched_getaffinity(0))
-  os.sched_setaffinity(0, allowed[:args.child])
-  print(json.dumps(measure(parse_shapes(args.shapes), args.reps, args.child)))
+  os.sched_setaffinity(0, allowed[:args.child_cores])
+  print(json.dumps(measure(args.child, parse_shapes(args.shapes), args.reps, args.child_cores)))
 
 
 def table(shapes, results: dict[int, dict[str, list[float]]]) -> str:
@@ -121,16 +120,16 @@ def table(shapes, results: dict[int, dict[str, list[float]]]) -> str:
 
   cores = sorted(results)
   header = ["[M, K] x [K, N]"] + [f"{name} {c} core{'s' if c > 1 else ''} (GFLOP/s)"
-                                  for c in cores for name in ("fsjax", "torch")]
+                                  for c in cores for name in FRAMEWORKS]
   if len(cores) > 1:
-    header += [f"fsjax gain {cores[0]} -> {cores[-1]}", f"torch gain {cores[0]} -> {cores[-1]}"]
+    header += [f"{name} gain {cores[0]} -> {cores[-1]}" for name in FRAMEWORKS]
   rows = []
   for i, (m, k, n) in enumerate(shapes):
     row = [f"[{m}, {k}] x [{k}, {n}]"]
-    row += [f"{results[c][name][i]:.0f}" for c in cores for name in ("fsjax", "torch")]
+    row += [f"{results[c][name][i]:.0f}" for c in cores for name in FRAMEWORKS]
     if len(cores) > 1:
       row += [f"{results[cores[-1]][name][i] / results[cores[0]][name][i]:.2f}x"
-              for name in ("fsjax", "torch")]
+              for name in FRAMEWORKS]
     rows.append(row)
   return markdown_table(header, rows)
 
@@ -138,17 +137,19 @@ def table(shapes, results: dict[int, dict[str, list[float]]]) -> str:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="MxKxN,... (float32)")
-  parser.add_argument("--cores", default="1,2", help="core counts, one child process each")
-  parser.add_argument("--reps", type=int, default=10,
-                      help="timed calls per product and round")
-  parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--cores", default="1,2", help="core counts to compare")
+  parser.add_argument("--reps", type=int, default=20, help="timed calls per product and child")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="rounds of all children; the table gives their median")
+  parser.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+  parser.add_argument("--child-cores", type=int, default=1, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   try:
     shapes = parse_shapes(args.shapes)
   except ValueError as e:
     parser.error(str(e))
-  if args.reps < 1:
-    parser.error("--reps must be at least 1")
+  if args.reps < 1 or args.rounds < 1:
+    parser.error("--reps and --rounds must be at least 1")
   if args.child:
     _child(args)
     return
@@ -163,18 +164,24 @@ def main(argv=None) -> None:
   cores = [c for c in cores if c <= available]
   if not cores:
     parser.error(f"--cores: this process may use {available} core(s) only")
-  results = {}
-  for c in cores:
-    child = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child", str(c), "--shapes", args.shapes,
-         "--reps", str(args.reps)], capture_output=True, text=True, check=False)
-    if child.returncode:
-      sys.exit(f"the {c}-core child failed:\n{child.stderr[-2000:]}")
-    results[c] = json.loads(child.stdout.strip().splitlines()[-1])
+  runs = {(c, name): [] for c in cores for name in FRAMEWORKS}
+  for _ in range(args.rounds):
+    for c, name in runs:
+      child = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), "--child", name, "--child-cores", str(c),
+           "--shapes", args.shapes, "--reps", str(args.reps)],
+          capture_output=True, text=True, check=False)
+      if child.returncode:
+        sys.exit(f"the {name} child on {c} core(s) failed:\n{child.stderr[-2000:]}")
+      runs[(c, name)].append(json.loads(child.stdout.strip().splitlines()[-1]))
+  results = {c: {name: [statistics.median(r[i] for r in runs[(c, name)])
+                        for i in range(len(shapes))] for name in FRAMEWORKS} for c in cores}
+  command = " ".join(["python benchmarks/matmul_threads.py"]
+                     + (sys.argv[1:] if argv is None else list(argv)))
   print(f"### float32 matmuls on 1 and more cores: fsjax (XLA:CPU) and torch\n\n"
-        f"`python benchmarks/matmul_threads.py {' '.join(sys.argv[1:] if argv is None else argv)}`;"
-        f" load average {os.getloadavg()[0]:.2f}; median of {ROUNDS} x {args.reps} calls per "
-        "product (blocks, the frameworks alternating), one child process per core count.\n")
+        f"`{command}`; load average {os.getloadavg()[0]:.2f}; one child process per "
+        f"framework and core count, {args.reps} calls each, median over {args.rounds} "
+        "rounds.\n")
   print(table(shapes, results))
   if skipped:
     print(f"\nNot run: {', '.join(map(str, skipped))} cores (this process may use {available}).")
