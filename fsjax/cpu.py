@@ -153,10 +153,11 @@ YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 #: AMX Xeon, one thread, against jax's default (benchmarks/README.md, "XLA:CPU options per
 #: executable"): ViT-B/16 float32 smoothing 1.11-1.12x, EfficientNet-Lite0 1.09-1.10x;
 #: against Eigen for everything (LLaVA's earlier setting): the small LLaVA's batch-8
-#: prefill 1.05x and decode 1.28x. With bfloat16 matmuls jax's default stays: YNNPACK's dots are the ones on
-#: AMX tiles (Eigen's bfloat16 dot is 2.2x slower on ViT-B/16). Not for executables
-#: dominated by a wide matrix-vector product: at [8, 512] x [512, 50280] (OpenFlamingo's
-#: tied LM head) Eigen is 3x slower than YNNPACK, so OpenFlamingo keeps a plain jax.jit.
+#: prefill 1.05x and decode 1.28x. With bfloat16 matmuls jax's default stays: YNNPACK's
+#: dots are the ones on AMX tiles (Eigen's bfloat16 dot is 2.2x slower on ViT-B/16). Not
+#: for executables dominated by a wide matrix-vector product: at [8, 512] x [512, 50280]
+#: (OpenFlamingo's tied LM head) Eigen is 3x slower than YNNPACK, so OpenFlamingo keeps a
+#: plain jax.jit.
 FLOAT32_OPTIONS = {YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_REDUCE"}
 
 _WIDE = ("float32", "float64")

@@ -63,8 +63,9 @@ def test_bad_arguments_are_refused_before_any_child():
   run = lambda *a: subprocess.run(
       [sys.executable, os.path.join(BENCHMARKS, "matmul_threads.py"), *a],
       capture_output=True, text=True, check=False, timeout=120)
-  for args, said in ((("--cores", "0"),  "at least 1"), (("--cores", "x"), "core counts"),
-                     (("--reps", "0"), "--reps"), (("--rounds", "0"), "--rounds"), (("--shapes", "1x2"), "--shapes")):
+  for args, said in ((("--cores", "0"), "at least 1"), (("--cores", "x"), "core counts"),
+                     (("--reps", "0"), "--reps"), (("--rounds", "0"), "--rounds"),
+                     (("--shapes", "1x2"), "--shapes")):
     done = run(*args)
     assert done.returncode == 2 and said in done.stderr, (args, done.stderr)
     assert "Traceback" not in done.stderr
