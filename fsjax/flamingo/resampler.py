@@ -44,6 +44,12 @@ def _dense(features: int, name: str | None, dtype: Dtype):
   return matmul.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
+def _heads(y: jax.Array, heads: int) -> jax.Array:
+  """``[B, j, heads dim_head]`` -> ``[B, heads, j, dim_head]``: heads first, the layout
+  attention's batched matmuls read (:func:`fsjax.matmul.attention`)."""
+  return y.reshape(*y.shape[:2], heads, y.shape[2] // heads).transpose(0, 2, 1, 3)
+
+
 class FeedForward(nn.Module):
   """``Sequential(LayerNorm, Linear(no bias), GELU, Linear(no bias))``: names 0, 1, 3."""
 
@@ -73,10 +79,7 @@ class PerceiverAttention(nn.Module):
     x = _layer_norm("norm_media")(x).astype(self.dtype)
     latents = _layer_norm("norm_latents")(latents).astype(self.dtype)
     b, t, n = latents.shape[:3]
-
-    def heads(y):  # [B, T, j, h d] -> [B T, h, j, d]: heads first, what attention's matmuls read
-      return y.reshape(b * t, y.shape[2], self.heads, self.dim_head).transpose(0, 2, 1, 3)
-
+    heads = lambda y: _heads(y.reshape(b * t, *y.shape[2:]), self.heads)  # [B T, h, j, d]
     q = heads(_dense(inner, "to_q", self.dtype)(latents))
     kv = _dense(2 * inner, "to_kv", self.dtype)(jnp.concatenate([x, latents], axis=-2))
     k, v = (heads(y) for y in jnp.split(kv, 2, axis=-1))
@@ -172,15 +175,11 @@ class MaskedCrossAttention(nn.Module):
     self.to_kv = _dense(2 * inner, None, self.dtype)
     self.to_out = _dense(self.dim, None, self.dtype)
 
-  def _heads(self, y: jax.Array) -> jax.Array:
-    """``[B, j, heads dim_head]`` -> ``[B, heads, j, dim_head]`` (what attention reads)."""
-    return y.reshape(*y.shape[:2], self.heads, self.dim_head).transpose(0, 2, 1, 3)
-
   def keys_values(self, media: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``[B, M, n, dim_visual]`` latents -> keys and values ``[B, heads, M n, dim_head]``."""
     b, m, n = media.shape[:3]
     kv = self.to_kv(media.reshape(b, m * n, -1).astype(self.dtype))
-    return tuple(self._heads(y) for y in jnp.split(kv, 2, axis=-1))
+    return tuple(_heads(y, self.heads) for y in jnp.split(kv, 2, axis=-1))
 
   def __call__(self, x: jax.Array, keys: jax.Array, values: jax.Array, text_time: jax.Array,
                num_latents: int) -> jax.Array:
@@ -198,7 +197,7 @@ class MaskedCrossAttention(nn.Module):
       ``[B, T, dim]``; zero for tokens with ``text_time == 0``.
     """
     b, t = x.shape[:2]
-    q = self._heads(self.to_q(self.norm(x.astype(jnp.float32)).astype(self.dtype)))
+    q = _heads(self.to_q(self.norm(x.astype(jnp.float32)).astype(self.dtype)), self.heads)
     media_time = jnp.arange(keys.shape[2]) // num_latents + 1  # [M n]: image 1, 1, ..., M
     attend = text_time[:, None, :, None] == media_time  # [B, 1, T, M n]
     out = matmul.attention(q, keys, values, attend, dtype=self.dtype)  # [B, heads, T, d]
